@@ -1,0 +1,66 @@
+# Fresh machine: `make demo` (tiny profile end to end) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Make variables map to CLI flags; left empty, pipeline.toml (and PROFILE) decide.
+PROFILE ?=
+CONFIG ?=
+LAYERS ?=
+SOURCE ?=
+CACHE ?=
+TOKENS ?=
+QUESTIONS ?=
+OUT ?=
+WORKERS ?=
+SET ?=
+
+common = $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)) \
+	$(if $(CACHE),--cache $(CACHE)) $(if $(LAYERS),--layers $(LAYERS)) \
+	$(foreach s,$(SET),--set $(s))
+
+.PHONY: install test demo harvest train report vllm-env bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so that nothing pulls a CUDA build on CPU machines.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+harvest: install
+	$(PY) -m harvest run $(common) $(if $(SOURCE),--source $(SOURCE)) \
+		$(if $(TOKENS),--tokens $(TOKENS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
+		$(if $(WORKERS),--workers $(WORKERS))
+
+train: install
+	$(PY) -m train run $(common) $(if $(OUT),--out $(OUT))
+
+report: install
+	$(PY) -m train report $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)) \
+		$(if $(CACHE),--cache $(CACHE)) $(if $(OUT),--out $(OUT))
+
+demo: install
+	$(MAKE) --no-print-directory harvest PROFILE=tiny
+	$(MAKE) --no-print-directory train PROFILE=tiny
+	$(MAKE) --no-print-directory report PROFILE=tiny
+
+# vLLM pins torch 2.14 and transformers <5.21: it lives in its own environment and is
+# driven as a subprocess by harvest (supergpqa.backend = "vllm").
+vllm-env:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q vllm
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf caches/tiny runs/tiny

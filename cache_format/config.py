@@ -1,0 +1,361 @@
+"""The one typed schema of `pipeline.toml`, shared by both stages.
+
+It lives beside the storage contract because both sides record it: harvest writes its
+sections into the cache's provenance, train writes `[train]` into every SAE it exports.
+Precedence is toml < `[profile.NAME]` < CLI flags / `--set section.key=value`.
+Unknown sections and keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """pipeline.toml (or a --set override) is malformed or names an unknown key."""
+
+
+@dataclass
+class ModelConfig:
+    """What harvest passes to `from_pretrained`, and where the decoder layers sit."""
+
+    name_or_path: str = "Qwen/Qwen3.6-27B"
+    revision: str = "main"
+    dtype: str = "bfloat16"  # torch dtype name without the "torch." prefix
+    device_map: str = "auto"
+    auto_class: str = "auto"  # auto | image-text-to-text | causal-lm
+    layers_path: str = ""  # dotted path to the decoder layer list; "" resolves it per family
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    tokenizer: str = ""  # "" = the model's own
+
+
+@dataclass
+class HarvestConfig:
+    """How activations are captured and laid out in the cache."""
+
+    cache: str = "caches/qwen36-27b"
+    layers: list[int] = field(default_factory=lambda: [11, 31, 55])
+    source: str = "supergpqa"  # supergpqa | corpus
+    hook: str = "resid_post"
+    batch_size: int = 2  # sequences per forward pass
+    codec: str = "blosc-zstd1"  # see cache_format.codecs; "none" stores raw
+    chunk_tokens: int = 4096  # rows per chunk (the loader's read unit)
+    shard_mib: int = 256  # target size of one shard object
+    segment_sequences: int = 256  # sequences per segment: the unit of commit and resume
+    mix_window: int = 0  # sequences permuted together at write time; 0 = write in order
+    mix_seed: int = 0
+    queue_depth: int = 8  # batches in flight between the GPU and the writer threads
+    writer_threads: int = 2
+    workers: int = 0  # dask workers (one per GPU); 0 = run in this process
+    scheduler: str = ""  # address of an existing dask scheduler
+
+
+@dataclass
+class SuperGPQAConfig:
+    """Greedy rollouts on SuperGPQA (the `000_*` card: 150 questions, seed 100)."""
+
+    dataset: str = "m-a-p/SuperGPQA"  # hub id, or a local .jsonl/.parquet in its schema
+    split: str = "train"
+    questions: int = 150
+    seed: int = 100
+    max_new_tokens: int = 16384
+    enable_thinking: bool = True
+    backend: str = "transformers"  # transformers | vllm
+    vllm_python: str = ".venv-vllm/bin/python"
+    generate_batch_size: int = 8
+    force_answer: bool = False
+
+
+@dataclass
+class CorpusSource:
+    name: str = ""
+    path: str = ""  # hub dataset id, or a local .jsonl/.parquet/.txt
+    weight: float = 1.0
+    text_field: str = "text"
+    subset: str = ""  # hub config name
+    split: str = "train"
+
+
+def _default_corpus_sources() -> list[CorpusSource]:
+    # The `001_*` card's reasoning-aware mixture.
+    return [
+        CorpusSource("fineweb-edu", "HuggingFaceFW/fineweb-edu", 0.7, "text", "sample-10BT"),
+        CorpusSource("openthoughts", "open-thoughts/OpenThoughts-114k", 0.2, "conversations"),
+        CorpusSource("openmathinstruct2", "nvidia/OpenMathInstruct-2", 0.1, "generated_solution"),
+    ]
+
+
+@dataclass
+class CorpusConfig:
+    """Packed text streams (the `001_*` card: 1024-token sequences, 70/20/10)."""
+
+    sources: list[CorpusSource] = field(default_factory=_default_corpus_sources)
+    seq_len: int = 1024
+    tokens: int = 200_000_000
+    seed: int = 0
+
+
+@dataclass
+class SweepSetting:
+    """One extra (d_sae, k) trained per layer from the same batches."""
+
+    d_sae: int = 0
+    k: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """TopK+AuxK SAE training; defaults from the `001_*` card. Key names are stable."""
+
+    cache: str = ""  # "" = [harvest].cache
+    out: str = "runs/qwen36-27b"
+    layers: list[int] = field(default_factory=list)  # [] = every layer in the cache
+    d_sae: int = 65536
+    k: int = 128
+    k_aux: int = 0  # 0 = d_model // 2
+    aux_alpha: float = 1 / 32
+    dead_tokens: int = 10_000_000  # a latent unseen for this many tokens counts as dead
+    lr: float = 2e-4  # 0 = scale with width, as sparsify does
+    lr_min: float = 6e-5
+    warmup_steps: int = 5000
+    batch_size: int = 4096  # global across ranks
+    grad_clip: float = 1.0
+    training_tokens: int = 200_000_000
+    seed: int = 0
+    checkpoint_every_tokens: int = 10_000_000
+    keep_last: int = 2
+    keep_best: int = 2
+    eval_every_tokens: int = 10_000_000
+    eval_tokens: int = 1_000_000
+    heldout_fraction: float = 0.01
+    split_seed: int = 0
+    roles: list[str] = field(default_factory=list)  # [] = thinking+answer on rollouts, all on text
+    exclude_position0: bool = False
+    exclude_special: bool = False
+    norm_outlier: float = 0.0  # drop rows with norm > this × median; 0 = keep all
+    normalize: bool = False  # scale inputs to unit mean norm; folded into exported weights
+    geometric_median_samples: int = 16384
+    sweep: list[SweepSetting] = field(default_factory=list)
+    device: str = "auto"
+    loader_threads: int = 4
+    shuffle_buffer_tokens: int = 262_144
+
+
+@dataclass
+class AnalysisConfig:
+    """Feature statistics, reverse index and loss recovered after training."""
+
+    top_examples: int = 16
+    context_tokens: int = 8
+    bootstrap: int = 200
+    permutations: int = 200
+    max_tokens: int = 1_000_000
+    loss_sequences: int = 64
+    report_features: int = 24
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    supergpqa: SuperGPQAConfig = field(default_factory=SuperGPQAConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    profile: str = ""  # the profile applied, recorded for provenance
+    source_path: str = ""  # the toml file read
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def find_config(path: str | Path | None = None) -> Path:
+    """`--config` if given, else ./pipeline.toml, else the copy shipped with the package."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist: pass --config PATH to a pipeline.toml")
+        return p
+    local = Path("pipeline.toml")
+    if local.is_file():
+        return local
+    return Path(str(resources.files("cache_format") / "pipeline.toml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    overrides: typing.Iterable[str] = (),
+    **flags: Any,
+) -> PipelineConfig:
+    """Read pipeline.toml, apply a profile, then `--set` overrides and CLI flags.
+
+    `flags` are dotted keys from CLI options (`{"harvest.layers": [1, 3]}`); None values
+    are ignored so that an absent flag never overrides the file.
+    """
+    p = find_config(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: malformed TOML ({e}); fix the file's syntax") from None
+    profiles = raw.pop("profile", {})
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{p}: [profile] must be a table of [profile.NAME] tables")
+    if profile:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"{p}: unknown profile {profile!r} (known: {known})")
+        raw = _deep_merge(raw, profiles[profile])
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    for key, value in flags.items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    cfg = _build(PipelineConfig, raw, where=str(p))
+    cfg.profile = profile or ""
+    cfg.source_path = str(p)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=VALUE (VALUE a TOML literal)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if "." not in key:
+        raise ConfigError(f"--set {item!r}: the key must name its section, e.g. train.k=32")
+    try:
+        return key, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, _BareString(text)  # typed below: accepted only where a string is expected
+
+
+class _BareString(str):
+    """An unquoted --set value; valid only for string-typed keys."""
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            known = ", ".join(sorted(n for n in names if n not in ("profile", "source_path")))
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
+        kwargs[key] = _coerce(hints[key], value, f"{where} [{key}]" if cls is PipelineConfig else f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int)) and item_tp is int:
+            value = _int_list(value, where)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if isinstance(value, _BareString) and tp is not str:
+        raise ConfigError(f"{where}: {str(value)!r} is not a TOML literal; quote strings, e.g. \"text\"")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _int_list(value: str | int, where: str) -> list[int]:
+    """`LAYERS=11,31,55` arrives as a string (or one int); accept it for int lists."""
+    if isinstance(value, int):
+        return [value]
+    try:
+        return [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{where}: expected comma-separated integers, got {value!r}") from None
+
+
+def config_options(f):
+    """The flags every stage's `run` takes: --config, --profile, --cache, --layers, --set."""
+    import click
+
+    f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="Override any pipeline.toml key with a TOML literal.")(f)
+    f = click.option("--layers", default=None, metavar="N,N,...",
+                     help="Comma-separated layer numbers, as the model counts them.")(f)
+    f = click.option("--cache", default=None, metavar="URL", help="Cache location (path or fsspec URL).")(f)
+    f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
+    f = click.option("--config", "config_path", default=None, metavar="PATH",
+                     help="pipeline.toml to read (default: ./pipeline.toml, else the packaged copy).")(f)
+    return f
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """`--layers 11,31,55` → [11, 31, 55]; None stays None (the config decides)."""
+    if text is None or text == "":
+        return None
+    try:
+        layers = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: expected comma-separated integers like 11,31,55") from None
+    if not layers or any(x < 0 for x in layers):
+        raise ConfigError(f"--layers {text!r}: layers are non-negative integers like 11,31,55")
+    return layers
