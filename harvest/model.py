@@ -1,0 +1,198 @@
+"""Load the base model and find its decoder layers.
+
+The auto class matters for Qwen3.5/3.6: `AutoModelForImageTextToText` gives
+`Qwen3_5ForConditionalGeneration` (layers at `model.model.language_model.layers`), while
+`AutoModelForCausalLM` gives the text-only `Qwen3_5ForCausalLM` (`model.model.layers`).
+Both are accepted; the class and resolved path go into the cache's provenance so that anyone
+can rebuild the exact hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_format.config import ModelConfig
+from cache_format.errors import UserError
+
+from . import tiny
+
+# Tried in order when `layers_path` is empty: Qwen3.5 multimodal, then common text stacks.
+LAYER_PATHS = (
+    "model.language_model.layers",
+    "model.model.language_model.layers",
+    "model.layers",
+    "model.model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "layers",
+)
+# model_type → preferred auto class when auto_class = "auto"
+IMAGE_TEXT_TYPES = {"qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "gemma3"}
+
+
+class ModelError(UserError):
+    """The model cannot be found, loaded, or does not have what was asked for."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    layers: torch.nn.ModuleList
+    layers_path: str
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return int(cfg.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_layers(self, layers: list[int]) -> None:
+        bad = [x for x in layers if x < 0 or x >= self.n_layers]
+        if bad:
+            raise ModelError(f"layer {bad[0]} is past the model's depth ({self.n_layers} decoder layers, "
+                             f"0..{self.n_layers - 1}); pass --layers within that range")
+
+
+def resolve_path(cfg: ModelConfig) -> tuple[str, dict]:
+    """Return (path passed to from_pretrained, provenance extras). Builds the tiny model."""
+    if cfg.name_or_path == tiny.TINY_NAME:
+        d = tiny.tiny_model_dir()
+        return str(d), {"builtin": "tiny", "weights_sha256": (d / "weights.sha256").read_text().strip(),
+                        "seed": tiny.SEED}
+    p = Path(cfg.name_or_path).expanduser()
+    looks_local = cfg.name_or_path.startswith((".", "/", "~")) or p.exists() or cfg.name_or_path.count("/") > 1
+    if looks_local:
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model path {cfg.name_or_path} does not exist or has no config.json; "
+                             "set model.name_or_path to a hub id or a saved model directory")
+        return str(p), {}
+    return cfg.name_or_path, {}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ModelError(f"model.dtype {name!r} is not a torch dtype; use bfloat16, float16 or float32")
+    return dt
+
+
+def _auto_class(cfg: ModelConfig, model_type: str):
+    import transformers as tf
+
+    choice = cfg.auto_class
+    if choice == "auto":
+        choice = "image-text-to-text" if model_type in IMAGE_TEXT_TYPES else "causal-lm"
+    if choice == "image-text-to-text":
+        return tf.AutoModelForImageTextToText
+    if choice == "causal-lm":
+        return tf.AutoModelForCausalLM
+    raise ModelError(f"model.auto_class {cfg.auto_class!r} is unknown; use auto, image-text-to-text or causal-lm")
+
+
+def find_layers(model: torch.nn.Module, layers_path: str = "") -> tuple[torch.nn.ModuleList, str]:
+    """The decoder layer list, by an explicit dotted path or the first known one that exists."""
+    candidates = (layers_path,) if layers_path else LAYER_PATHS
+    for path in candidates:
+        node: Any = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList) and len(node) > 0:
+            return node, path
+    if layers_path:
+        raise ModelError(f"model.layers_path {layers_path!r} is not a module list in {type(model).__name__}; "
+                         "fix the dotted path (e.g. model.model.layers)")
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}; set model.layers_path")
+
+
+def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
+    """Load model + tokenizer in eval mode, resolve the layers, and record provenance."""
+    import transformers as tf
+
+    path, extra = resolve_path(cfg)
+    dtype = _torch_dtype(cfg.dtype)
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if not extra:
+        kw["revision"] = cfg.revision
+    try:
+        mcfg = tf.AutoConfig.from_pretrained(path, **kw)
+    except OSError as e:
+        raise ModelError(f"cannot load model config from {cfg.name_or_path!r} ({str(e).splitlines()[0]}); "
+                         "check model.name_or_path / revision and network access") from None
+    cls = _auto_class(cfg, mcfg.model_type)
+    device_map = device or cfg.device_map
+    load_kw = dict(kw, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    if device_map and device_map != "cpu":
+        load_kw["device_map"] = device_map
+    try:
+        model = cls.from_pretrained(path, **load_kw)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load {cfg.name_or_path!r} with {cls.__name__} ({str(e).splitlines()[0]}); "
+                         "check model.auto_class and model.name_or_path") from None
+    model.eval()
+    model.requires_grad_(False)
+    tok_src = cfg.tokenizer or path
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(tok_src, **({} if extra or cfg.tokenizer else kw))
+    except OSError as e:
+        raise ModelError(f"cannot load tokenizer {tok_src!r} ({str(e).splitlines()[0]}); set model.tokenizer") from None
+    layers, layers_path = find_layers(model, cfg.layers_path)
+    prov = {
+        "name_or_path": cfg.name_or_path,
+        "revision": cfg.revision,
+        "resolved_path": path,
+        "dtype": cfg.dtype,
+        "device_map": str(device_map),
+        "class": type(model).__name__,
+        "auto_class": cls.__name__,
+        "model_type": mcfg.model_type,
+        "layers_path": layers_path,
+        "n_layers": len(layers),
+        "config_sha256": hashlib.sha256(json.dumps(mcfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
+        "commit": getattr(mcfg, "_commit_hash", None),
+        **extra,
+    }
+    lm = LoadedModel(model=model, tokenizer=tokenizer, layers=layers, layers_path=layers_path, provenance=prov)
+    prov["d_model"] = lm.d_model
+    prov["tokenizer"] = {"name_or_path": tok_src if cfg.tokenizer else cfg.name_or_path,
+                         "sha256": tokenizer_hash(tokenizer_files_of(lm))}
+    return lm
+
+
+def tokenizer_files_of(lm: LoadedModel) -> dict[str, bytes]:
+    """The tokenizer's own files (tokenizer.json + config), to store inside the cache."""
+    import tempfile
+
+    src = Path(lm.provenance["resolved_path"])
+    files = tiny.tokenizer_files(src) if src.is_dir() else {}
+    if "tokenizer.json" not in files:
+        with tempfile.TemporaryDirectory() as d:
+            lm.tokenizer.save_pretrained(d)
+            files = tiny.tokenizer_files(Path(d))
+    return files
+
+
+def tokenizer_hash(files: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode())
+        h.update(files[name])
+    return h.hexdigest()
