@@ -1,0 +1,374 @@
+"""Load the published SAE layouts of the seed cards into one `TopKSAE`.
+
+`load_sae(path, k=None)` detects the layout from the files and tensor shapes:
+
+- `000` plain state dict `.pt` (W_enc (d_in, d_sae), W_dec (d_sae, d_in)); k from the
+  name `…_k32.pt`. Encodes relu(topk((x − b_dec) @ W_enc + b_enc)).
+- `001` / sae_lens: `cfg.json` + `sae_weights.safetensors` in a directory (also this
+  project's exports), or `sae_L11_latest.safetensors` beside `sae_L11_cfg.json`. Same
+  orientation and encoding as `000`, unless the config says `apply_b_dec_to_input: false`.
+- `003` Qwen-Scope `layer{n}.sae.pt`: W_enc (d_sae, d_model), W_dec (d_model, d_sae).
+  The card encodes topk(x @ W_enc.T + b_enc) and keeps the values as they are (no ReLU,
+  no b_dec subtraction); it shows no decoder, so we decode acts @ W_dec.T + b_dec.
+- `004` `model.safetensors` + `model.metadata.json` (no code published; our assumptions):
+  keys W_enc/W_dec/b_enc/b_dec, orientation read off the bias lengths, the SAE applied to
+  (x − input_mean) / input_std with the output mapped back (the normalizer's vectors come
+  from the metadata, or from the safetensors when stored there), encoding as `000`.
+
+k comes from the file, its config or its name, else the `k` argument (an explicit `k`
+always wins: TopK SAEs are often evaluated at another k). Anything ambiguous, missing or
+corrupt raises `SAEFormatError` with one line naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_format.errors import UserError
+
+from .sae import TopKSAE
+
+WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class SAEFormatError(UserError):
+    """An SAE file or directory is missing, ambiguous or corrupt."""
+
+
+def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
+    """Any supported layout at `path` (a file or a directory) → a `TopKSAE` on the CPU.
+
+    `sae.cfg["layout"]` names the layout found; `layer`, the split and the provenance are
+    copied into `sae.cfg` when the files record them.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SAEFormatError(f"{p}: no such SAE file or directory; pass --sae PATH to a published or exported SAE")
+    layout, files = detect_layout(p)
+    loader = {"topk_pt": _load_pt, "qwen_scope": _load_pt, "sae_lens": _load_sae_lens, "metadata_json": _load_004}[layout]
+    sae = loader(files, k)
+    sae.cfg.setdefault("layout", layout)
+    sae.cfg["source_path"] = str(p)
+    sae.eval()
+    return sae
+
+
+def detect_layout(p: Path) -> tuple[str, dict[str, Path]]:
+    """(layout, the files that make it up) for a path, or a one-line refusal."""
+    if p.is_dir():
+        found = []
+        if (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file():
+            found.append(("sae_lens", {"weights": p / "sae_weights.safetensors", "cfg": p / "cfg.json"}))
+        if (p / "model.safetensors").is_file() and (p / "model.metadata.json").is_file():
+            found.append(("metadata_json", {"weights": p / "model.safetensors", "meta": p / "model.metadata.json"}))
+        if len(found) > 1:
+            raise SAEFormatError(f"{p}: holds both a sae_lens SAE and a model.safetensors SAE; pass the file you mean")
+        if found:
+            return found[0]
+        pts = sorted(p.glob("*.pt"))
+        sts = sorted(q for q in p.glob("*.safetensors"))
+        if len(pts) == 1 and not sts:
+            return detect_layout(pts[0])
+        if len(sts) == 1 and not pts:
+            return detect_layout(sts[0])
+        if not pts and not sts:
+            raise SAEFormatError(f"{p}: no SAE files (.pt, .safetensors) in this directory; pass --sae PATH to one")
+        names = ", ".join(q.name for q in (pts + sts)[:4])
+        raise SAEFormatError(f"{p}: several SAE files ({names}, ...); pass --sae PATH to one of them")
+    name = p.name
+    if name.endswith(".json"):
+        if name == "model.metadata.json":
+            return detect_layout(p.with_name("model.safetensors")) if p.with_name("model.safetensors").exists() \
+                else _missing(p, "model.safetensors")
+        if name == "cfg.json" or name.endswith("_cfg.json"):
+            weights = p.with_name("sae_weights.safetensors") if name == "cfg.json" else \
+                p.with_name(name[: -len("_cfg.json")] + "_latest.safetensors")
+            cands = [weights] + sorted(p.parent.glob(name[: -len("cfg.json")] + "*.safetensors"))
+            for w in cands:
+                if w.is_file():
+                    return "sae_lens", {"weights": w, "cfg": p}
+            return _missing(p, "its .safetensors weights")
+        raise SAEFormatError(f"{p}: a JSON file is not an SAE; pass the weights (.pt / .safetensors) or their directory")
+    if name.endswith(".safetensors"):
+        if name == "model.safetensors" and p.with_name("model.metadata.json").is_file():
+            return "metadata_json", {"weights": p, "meta": p.with_name("model.metadata.json")}
+        cfg = _sibling_cfg(p)
+        return "sae_lens", {"weights": p, **({"cfg": cfg} if cfg else {})}
+    if name.endswith(".pt") or name.endswith(".pth"):
+        return ("qwen_scope" if _QWEN_SCOPE_NAME.fullmatch(name) else "topk_pt"), {"weights": p}
+    raise SAEFormatError(f"{p}: unknown SAE file type; expected .pt, .safetensors or a directory of them")
+
+
+def _missing(p: Path, what: str):
+    raise SAEFormatError(f"{p}: {what} is missing beside it; copy the whole SAE directory")
+
+
+def _sibling_cfg(weights: Path) -> Path | None:
+    """The sae_lens config of a weights file: cfg.json, or the `001` card's `sae_L11_cfg.json`."""
+    if weights.name == "sae_weights.safetensors" and weights.with_name("cfg.json").is_file():
+        return weights.with_name("cfg.json")
+    stem = weights.name[: -len(".safetensors")]
+    best = None
+    for c in weights.parent.glob("*_cfg.json"):
+        prefix = c.name[: -len("_cfg.json")]
+        if stem == prefix or stem.startswith(prefix + "_"):
+            if best is None or len(prefix) > len(best.name):
+                best = c
+    return best
+
+
+_QWEN_SCOPE_NAME = re.compile(r"layer(\d+)\.sae\.pt")
+_K_IN_NAME = [re.compile(r"(?:^|[_\-.])k(\d+)(?=[_\-.]|$)"), re.compile(r"topk[_\-]?(\d+)", re.I), re.compile(r"L0[_\-](\d+)")]
+_LAYER_IN_NAME = [re.compile(r"(?:^|[_\-.])L(\d+)(?=[_\-.])"), re.compile(r"^layer(\d+)\.")]
+
+
+def _k_from_name(p: Path) -> int | None:
+    """`sae_L11_n4096_k32.pt` → 32; `…-W64K-L0_50/layer3.sae.pt` → 50; `…-topk64/…` → 64."""
+    for part in [p.name] + [q.name for q in p.parents][:2]:
+        for rx in _K_IN_NAME:
+            m = rx.search(part)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def _layer_from_name(p: Path) -> int | None:
+    for rx in _LAYER_IN_NAME:
+        m = rx.search(p.name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# reading tensors
+
+
+def _read_pt(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and truncation errors all mean the same to a user
+        raise SAEFormatError(f"{p}: not a readable PyTorch file ({type(e).__name__}); re-download or re-export it") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise SAEFormatError(f"{p}: holds a {type(obj).__name__}, not a state dict of SAE tensors")
+    return obj
+
+
+def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SAEFormatError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); re-download or re-export it") from None
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        out = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SAEFormatError(f"{p}: not valid JSON ({e}); re-download or re-export it") from None
+    if not isinstance(out, dict):
+        raise SAEFormatError(f"{p}: expected a JSON object")
+    return out
+
+
+def _weights(p: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    missing = [key for key in WEIGHT_KEYS if key not in tensors]
+    if missing:
+        have = ", ".join(list(tensors)[:6])
+        raise SAEFormatError(f"{p}: missing SAE tensors {', '.join(missing)} (found: {have}); not a TopK SAE file")
+    out = {}
+    for key in WEIGHT_KEYS:
+        t = tensors[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise SAEFormatError(f"{p}: {key} is not a floating-point tensor; the file is corrupt")
+        out[key] = t.float()
+    return out
+
+
+def _orient(p: Path, w: dict[str, torch.Tensor], expect: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(W_enc (d_in, d_sae), W_dec (d_sae, d_in), stored orientation) from the bias lengths.
+
+    `expect` is the orientation the layout's name implies ("000" or "qwen_scope"); it
+    settles the square case and must agree with the shapes otherwise.
+    """
+    b_enc, b_dec, W_enc, W_dec = w["b_enc"], w["b_dec"], w["W_enc"], w["W_dec"]
+    if b_enc.dim() != 1 or b_dec.dim() != 1 or W_enc.dim() != 2 or W_dec.dim() != 2:
+        raise SAEFormatError(f"{p}: tensors have the wrong rank (W_* must be 2-D, b_* 1-D); the file is corrupt")
+    d_sae, d_in = b_enc.shape[0], b_dec.shape[0]
+    sae_first = W_enc.shape == (d_sae, d_in) and W_dec.shape == (d_in, d_sae)
+    in_first = W_enc.shape == (d_in, d_sae) and W_dec.shape == (d_sae, d_in)
+    if not (sae_first or in_first):
+        raise SAEFormatError(
+            f"{p}: shapes do not fit together (W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
+            f"b_enc {d_sae}, b_dec {d_in}); the file is corrupt or not a TopK SAE"
+        )
+    if sae_first and in_first:  # d_in == d_sae: only the layout's name can tell
+        if expect is None:
+            raise SAEFormatError(f"{p}: square SAE (d_in = d_sae = {d_in}) in an unnamed layout: orientation is ambiguous; "
+                                 "rename it like the card (sae_L11_n4096_k32.pt or layer11.sae.pt)")
+        orient = expect
+    else:
+        orient = "qwen_scope" if sae_first else "000"
+        if expect is not None and expect != orient:
+            raise SAEFormatError(f"{p}: named like a {'Qwen-Scope' if expect == 'qwen_scope' else '000'} SAE but its "
+                                 f"W_enc is {tuple(W_enc.shape)}; the layout is ambiguous, rename the file")
+    if orient == "qwen_scope":
+        return W_enc.T.contiguous(), W_dec.T.contiguous(), orient
+    return W_enc, W_dec, orient
+
+
+def _build(p: Path, w: dict, W_enc, W_dec, k: int | None, *, relu: bool, subtract_b_dec: bool,
+           mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> TopKSAE:
+    d_in, d_sae = W_enc.shape
+    if k is None:
+        raise SAEFormatError(f"{p}: k is not recorded in the file, its config or its name; pass --k K")
+    if not 0 < k < d_sae:
+        raise SAEFormatError(f"{p}: k={k} must be between 1 and d_sae-1={d_sae - 1}; pass a valid --k")
+    for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", w["b_enc"]), ("b_dec", w["b_dec"])):
+        if not torch.isfinite(t).all():
+            raise SAEFormatError(f"{p}: {name} holds NaN or inf values; the file is corrupt")
+    sae = TopKSAE(d_in, d_sae, k, relu=relu, subtract_b_dec=subtract_b_dec)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_enc.copy_(w["b_enc"])
+        sae.b_dec.copy_(w["b_dec"])
+        if mean is not None:
+            sae.input_mean.copy_(_vec(p, "input_mean", mean, d_in))
+        if std is not None:
+            s = _vec(p, "input_std", std, d_in)
+            if not (s > 0).all():
+                raise SAEFormatError(f"{p}: input_std has non-positive entries; the normalizer is corrupt")
+            sae.input_scale.copy_(s)
+    return sae
+
+
+def _vec(p: Path, name: str, v: Any, d_in: int) -> torch.Tensor:
+    t = torch.as_tensor(v, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(d_in)
+    if t.numel() != d_in or not torch.isfinite(t).all():
+        raise SAEFormatError(f"{p}: {name} has {t.numel()} finite values, expected {d_in}; the normalizer is corrupt")
+    return t.clone()
+
+
+# ---------------------------------------------------------------------------------------
+# the layouts
+
+
+def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
+    p = files["weights"]
+    raw = _read_pt(p)
+    w = _weights(p, raw)
+    qs_name = _QWEN_SCOPE_NAME.fullmatch(p.name) is not None
+    k_name = re.search(r"_n(\d+)_k(\d+)", p.name)
+    expect = "qwen_scope" if qs_name else ("000" if k_name else None)
+    W_enc, W_dec, orient = _orient(p, w, expect)
+    k = k if k is not None else _k_from_name(p)
+    if orient == "qwen_scope":
+        sae = _build(p, w, W_enc, W_dec, k, relu=False, subtract_b_dec=False)
+        sae.cfg.update(layout="qwen_scope")
+    else:
+        mean, std = raw.get("input_mean"), raw.get("input_scale", raw.get("input_std"))
+        sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True, mean=mean, std=std)
+        sae.cfg.update(layout="topk_pt")
+    layer = _layer_from_name(p)
+    if layer is not None:
+        sae.cfg["layer"] = layer
+    return sae
+
+
+def _cfg_k(cfg: dict) -> int | None:
+    for key in ("k", "top_k", "topk", "k_sparsity"):
+        if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
+            return cfg[key]
+    kw = cfg.get("activation_fn_kwargs") or {}
+    if isinstance(kw, dict) and isinstance(kw.get("k"), int):
+        return kw["k"]
+    return None
+
+
+def _cfg_layer(cfg: dict) -> int | None:
+    for key in ("layer", "hook_layer"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    hook = cfg.get("hook_name") or cfg.get("hookpoint") or ""
+    m = re.search(r"(?:blocks|layers)\.(\d+)", str(hook))
+    return int(m.group(1)) if m else None
+
+
+def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
+    p = files["weights"]
+    cfg = _read_json(files["cfg"]) if "cfg" in files else {}
+    arch = str(cfg.get("architecture") or "").lower()
+    act = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "").lower()
+    if (arch and arch not in ("topk", "top_k", "batchtopk")) or (not arch and act and "topk" not in act):
+        raise SAEFormatError(f"{files['cfg']}: architecture {arch or act!r} is not a TopK SAE; only TopK SAEs are supported")
+    norm = str(cfg.get("normalize_activations", "none") or "none").lower()
+    if norm not in ("none", "null"):
+        raise SAEFormatError(f"{files['cfg']}: normalize_activations={norm!r} needs statistics the file does not hold; "
+                             "fold the normalization into the weights first")
+    w = _weights(p, _read_safetensors(p))
+    W_enc, W_dec, orient = _orient(p, w, "000")
+    for key, have in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])):
+        if key in cfg and cfg[key] != have:
+            raise SAEFormatError(f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; the pair is mismatched")
+    k = k if k is not None else (_cfg_k(cfg) or _k_from_name(p))
+    sae = _build(p, w, W_enc, W_dec, k,
+                 relu=bool(cfg.get("relu", True)),
+                 subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", cfg.get("subtract_b_dec", True))))
+    sae.cfg.update({key: v for key, v in cfg.items() if isinstance(key, str)})
+    sae.cfg["layout"] = "sae_lens"
+    sae.cfg["k"] = sae.k
+    layer = _cfg_layer(cfg)
+    if layer is None:
+        layer = _layer_from_name(p)
+    if layer is not None:
+        sae.cfg["layer"] = layer
+    return sae
+
+
+def _find_key(obj: Any, names: tuple[str, ...], depth: int = 0) -> Any:
+    """The first value stored under one of `names` anywhere in nested dicts (breadth-first)."""
+    if depth > 4 or not isinstance(obj, dict):
+        return None
+    for n in names:
+        if n in obj:
+            return obj[n]
+    for v in obj.values():
+        hit = _find_key(v, names, depth + 1)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
+    p, meta_p = files["weights"], files["meta"]
+    meta = _read_json(meta_p)
+    tensors = _read_safetensors(p)
+    w = _weights(p, tensors)
+    W_enc, W_dec, _ = _orient(p, w, None if w["b_enc"].shape != w["b_dec"].shape else "000")
+    mean = tensors.get("input_mean", _find_key(meta, ("input_mean",)))
+    std = tensors.get("input_std", _find_key(meta, ("input_std", "input_scale")))
+    if (mean is None) != (std is None):
+        raise SAEFormatError(f"{meta_p}: the normalizer has only one of input_mean / input_std; the metadata is incomplete")
+    if k is None:
+        found = _find_key(meta, ("k", "top_k", "topk", "k_sparsity"))
+        k = found if isinstance(found, int) and not isinstance(found, bool) else _k_from_name(p)
+    sub = _find_key(meta, ("apply_b_dec_to_input", "subtract_b_dec"))
+    sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub), mean=mean, std=std)
+    sae.cfg.update(layout="metadata_json", normalizer=mean is not None)
+    layer = _find_key(meta, ("layer", "hook_layer"))
+    if isinstance(layer, int):
+        sae.cfg["layer"] = layer
+    return sae
