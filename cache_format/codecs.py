@@ -1,0 +1,94 @@
+"""Codec names → zarr v3 codec chains, and the raw decode the fast read path uses.
+
+`blosc-zstd1` (the default) is blosc with zstd level 1, byte shuffle and a 1 MiB block:
+measured on residual-like bf16 it compressed best and decoded fastest (blosc's default
+block size gave 1.27× instead of 1.45×). Names:
+
+    none            no compression (raw little-endian bytes inside the shard)
+    blosc-zstdN     blosc, zstd level N (1..9), byte shuffle, 1 MiB blocks
+    blosc-lz4       blosc, lz4, byte shuffle, 1 MiB blocks
+    zstdN           plain zstd level N (no shuffle)
+"""
+
+from __future__ import annotations
+
+import re
+
+import numcodecs
+import numpy as np
+
+from .errors import UserError
+
+BLOCKSIZE = 1 << 20
+KNOWN = "none, blosc-zstd1..9, blosc-lz4, zstd1..19"
+
+
+class CodecError(UserError):
+    """An unknown codec name."""
+
+
+def zarr_compressors(name: str, typesize: int = 2) -> tuple:
+    """The zarr v3 `compressors` tuple for a codec name (empty for `none`)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return ()
+    m = re.fullmatch(r"blosc-(zstd|lz4)(\d?)", name)
+    if m and (m.group(1) == "lz4" or m.group(2)):
+        level = int(m.group(2) or 5)
+        if m.group(1) == "zstd" and not 1 <= level <= 9:
+            raise CodecError(f"codec {name!r}: zstd level must be 1..9 (known: {KNOWN})")
+        return (BloscCodec(cname=m.group(1), clevel=level, shuffle="shuffle", typesize=typesize, blocksize=BLOCKSIZE),)
+    m = re.fullmatch(r"zstd(\d{1,2})", name)
+    if m and 1 <= int(m.group(1)) <= 19:
+        return (ZstdCodec(level=int(m.group(1))),)
+    raise CodecError(f"unknown codec {name!r}; use one of: {KNOWN}")
+
+
+def check(name: str) -> str:
+    zarr_compressors(name)
+    return name
+
+
+def decoder(array_meta: dict):
+    """A `bytes → bytes` function that undoes the inner chunk codecs of a sharded array.
+
+    Reads the codec chain from the array's zarr.json, so it works for whatever codec the
+    array was written with, not just the cache default.
+    """
+    (shard,) = [c for c in array_meta["codecs"] if c["name"] == "sharding_indexed"]
+    steps = []
+    for c in shard["configuration"]["codecs"]:
+        name, cfg = c["name"], c.get("configuration", {})
+        if name == "bytes":
+            if cfg.get("endian", "little") != "little":
+                raise UserError("big-endian arrays are not supported by the fast reader")
+        elif name == "blosc":
+            steps.append(numcodecs.blosc.decompress)
+        elif name == "zstd":
+            steps.append(numcodecs.Zstd().decode)
+        elif name == "gzip":
+            steps.append(numcodecs.GZip().decode)
+        else:
+            raise UserError(f"array codec {name!r} is not supported by this reader")
+
+    def decode(buf: bytes) -> bytes:
+        for step in steps:
+            buf = step(buf)
+        return buf
+
+    return decode
+
+
+def inner_chunk_rows(array_meta: dict) -> int:
+    (shard,) = [c for c in array_meta["codecs"] if c["name"] == "sharding_indexed"]
+    return int(shard["configuration"]["chunk_shape"][0])
+
+
+def index_nbytes(chunks_per_shard: int) -> int:
+    """The shard index: (offset, nbytes) little-endian uint64 per inner chunk, then crc32c."""
+    return 16 * chunks_per_shard + 4
+
+
+def parse_index(tail: bytes, chunks_per_shard: int) -> np.ndarray:
+    return np.frombuffer(tail[: 16 * chunks_per_shard], dtype="<u8").reshape(chunks_per_shard, 2)

@@ -1,0 +1,415 @@
+"""Reading: a snapshot of the committed segments, with a fast chunk path.
+
+The reader needs no zarr: each array's zarr.json gives its codecs, each shard's index
+(at the end of the object) gives the byte range of every chunk, and numcodecs decodes
+it. That is the loader's fast path (`read_chunk`), and it is thread-safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import log
+from .bf16 import BF16, bits_to_numpy, bits_to_torch
+from .codecs import decoder, index_nbytes, inner_chunk_rows, parse_index
+from .errors import CacheError, UserError
+from .stats import RunningStats
+from .store import Location
+
+_EMPTY = np.uint64(2**64 - 1)
+_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-read")
+
+
+@dataclass
+class SegmentInfo:
+    id: str
+    row_start: int
+    n_rows: int
+    meta: dict
+    layers: list[int]
+    commit: str = ""
+    provenance: dict = field(default_factory=dict)
+
+
+class _ArrayReader:
+    """Chunk-granular reads of one sharded zarr v3 array (1-D rows or 2-D residuals)."""
+
+    def __init__(self, loc: Location, path: str, objects: dict):
+        self.loc, self.path, self.objects = loc, path, objects
+        meta = json.loads(loc.read(f"{path}/zarr.json"))
+        self.shape = tuple(meta["shape"])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        self.chunk_rows = inner_chunk_rows(meta)
+        self.per_shard = self.shard_rows // self.chunk_rows
+        self.decode = decoder(meta)
+        self.row_shape = self.shape[1:]
+        self._index: dict[int, np.ndarray | None] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.shape[0] // self.chunk_rows)
+
+    def shard_key(self, s: int) -> str:
+        return "c/" + "/".join([str(s)] + ["0"] * len(self.row_shape))
+
+    def _shard_index(self, s: int):
+        with self._lock:
+            if s in self._index:
+                return self._index[s]
+        key = self.shard_key(s)
+        obj = self.objects.get(key)
+        if obj is None:
+            idx = None  # zarr writes no object for an all-fill-value shard
+        else:
+            n = index_nbytes(self.per_shard)
+            idx = parse_index(self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"]), self.per_shard)
+        with self._lock:
+            self._index[s] = idx
+        return idx
+
+    def chunk(self, k: int) -> np.ndarray:
+        """Chunk k's rows as stored (uint16 bits for residuals)."""
+        rows = min(self.chunk_rows, self.shape[0] - k * self.chunk_rows)
+        s, j = divmod(k, self.per_shard)
+        idx = self._shard_index(s)
+        if idx is None or idx[j, 0] == _EMPTY:
+            return np.zeros((rows, *self.row_shape), self.dtype)
+        off, nb = int(idx[j, 0]), int(idx[j, 1])
+        raw = self.decode(self.loc.read_range(f"{self.path}/{self.shard_key(s)}", off, off + nb))
+        a = np.frombuffer(raw, self.dtype).reshape(self.chunk_rows, *self.row_shape)
+        return a[:rows]
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        if b <= a:
+            return np.zeros((0, *self.row_shape), self.dtype)
+        k0, k1 = a // self.chunk_rows, (b - 1) // self.chunk_rows
+        parts = list(_POOL.map(self.chunk, range(k0, k1 + 1))) if k1 > k0 else [self.chunk(k0)]
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        off = k0 * self.chunk_rows
+        return out[a - off:b - off]
+
+
+def _slice(key, n: int) -> tuple[int, int]:
+    if isinstance(key, (int, np.integer)):
+        i = int(key) + (n if key < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"row {key} out of range for {n} rows")
+        return i, i + 1
+    if not isinstance(key, slice) or key.step not in (None, 1):
+        raise UserError("index the cache with a contiguous slice [i:j] (or one row)")
+    a, b, _ = key.indices(n)
+    return a, max(a, b)
+
+
+class ResidualView:
+    """`c.residuals(layer)[i:j]` → torch.bfloat16 (j-i, d_model); `.numpy(i, j)` → ml_dtypes bf16."""
+
+    def __init__(self, cache: "Cache", layer: int):
+        self.cache, self.layer = cache, layer
+
+    def __len__(self) -> int:
+        return self.cache.n_tokens
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.cache.n_tokens, self.cache.d_model)
+
+    def bits(self, i: int, j: int) -> np.ndarray:
+        return self.cache._gather(lambda s: self.cache._array(s, self.layer), i, j, (self.cache.d_model,), np.uint16)
+
+    def numpy(self, i: int = 0, j: int | None = None) -> np.ndarray:
+        i, j = _slice(slice(i, j), self.cache.n_tokens)
+        return bits_to_numpy(self.bits(i, j))
+
+    def __getitem__(self, key):
+        i, j = _slice(key, self.cache.n_tokens)
+        out = bits_to_torch(self.bits(i, j))
+        return out[0] if isinstance(key, (int, np.integer)) else out
+
+
+class ColumnView:
+    """`c.tokens[i:j]` etc. → numpy, aligned row for row with the residuals."""
+
+    def __init__(self, cache: "Cache", name: str):
+        self.cache, self.name = cache, name
+
+    def __len__(self) -> int:
+        return self.cache.n_tokens
+
+    def __getitem__(self, key):
+        from .writer import ROW_COLUMNS
+
+        i, j = _slice(key, self.cache.n_tokens)
+        out = self.cache._gather(lambda s: self.cache._column_reader(s, self.name), i, j, (), ROW_COLUMNS[self.name])
+        return out[0] if isinstance(key, (int, np.integer)) else out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+
+class Cache:
+    """A snapshot of a cache's committed segments; `refresh()` picks up later commits."""
+
+    def __init__(self, loc: Location, root: dict | None = None):
+        self._loc = loc
+        self._root = root or log.read_root(loc)
+        self._records: dict = {}
+        self._arrays: dict = {}
+        self._lock = threading.Lock()
+        self.refresh()
+
+    # -- snapshot ----------------------------------------------------------------------
+
+    def refresh(self) -> "Cache":
+        self._records = log.load_records(self._loc, self._records)
+        st = log.replay(self._root, self._records)
+        self._state = st
+        self._segs = st.segments
+        self._by_id = {s.id: i for i, s in enumerate(self._segs)}
+        n = np.array([s.record["n_rows"] for s in self._segs], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        self._layers = [L for L in st.declared if all(L in s.layers for s in self._segs)]
+        ct = self._root["chunk_tokens"]
+        bounds = [np.arange(self._starts[i], self._starts[i + 1], ct, dtype=np.int64) for i in range(len(self._segs))]
+        self._bounds = np.concatenate(bounds + [self._starts[-1:]]).astype(np.int64)
+        self._chunk_seg = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(bounds)] + [np.zeros(0, np.int64)])
+        self._chunk_local = np.concatenate([np.arange(len(b), dtype=np.int64) for b in bounds] + [np.zeros(0, np.int64)])
+        self._fingerprint = None
+        return self
+
+    @property
+    def url(self) -> str:
+        return self._loc.url
+
+    @property
+    def d_model(self) -> int:
+        return self._root["d_model"]
+
+    @property
+    def hook(self) -> str:
+        return self._root["hook"]
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers present in every committed segment."""
+        return list(self._layers)
+
+    @property
+    def declared_layers(self) -> list[int]:
+        return list(self._state.declared)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self._root["chunk_tokens"]
+
+    @property
+    def codec(self) -> str:
+        return self._root["codec"]
+
+    @property
+    def meta(self) -> dict:
+        """The creator's meta as given, plus `cache_format`: format/code/package versions, hardware."""
+        out = json.loads(json.dumps(self._root["meta"]))
+        out["cache_format"] = dict(self._root["provenance"], codec=self.codec, chunk_tokens=self.chunk_tokens,
+                                   shard_rows=self._root["shard_rows"], hook=self.hook)
+        return out
+
+    @property
+    def segments(self) -> list[SegmentInfo]:
+        return [SegmentInfo(s.id, int(self._starts[i]), s.record["n_rows"], s.record.get("meta", {}),
+                            sorted(s.layers), s.commit, s.record.get("provenance", {}))
+                for i, s in enumerate(self._segs)]
+
+    @property
+    def retracted(self) -> list[str]:
+        return [s.id for s in self._state.retracted]
+
+    def layer_coverage(self) -> dict[int, int]:
+        """Declared layer → how many live segments hold it (partial backfills show as fewer)."""
+        return {L: sum(L in s.layers for s in self._segs) for L in self._state.declared}
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = log.cache_fingerprint(self._root, self._segs, self._layers)
+        return self._fingerprint
+
+    def layer_fingerprint(self, layer: int) -> str:
+        self._check_layer(layer)
+        return log.layer_fingerprint(self._root, self._segs, int(layer))
+
+    def _check_layer(self, layer) -> int:
+        layer = int(layer)
+        if layer not in self._layers:
+            cov = self.layer_coverage()
+            if layer in cov:
+                raise CacheError(f"layer {layer} is only in {cov[layer]} of {len(self._segs)} segments of {self.url} "
+                                 "(backfill pending); finish it with add_layer before reading it")
+            have = ", ".join(map(str, self._layers)) or "none"
+            raise CacheError(f"layer {layer} is not in the cache {self.url} (layers: {have}); harvest it first")
+        return layer
+
+    # -- rows --------------------------------------------------------------------------
+
+    def residuals(self, layer: int) -> ResidualView:
+        return ResidualView(self, self._check_layer(layer))
+
+    @property
+    def tokens(self) -> ColumnView:
+        return ColumnView(self, "tokens")
+
+    @property
+    def seq_ids(self) -> ColumnView:
+        return ColumnView(self, "seq_ids")
+
+    @property
+    def positions(self) -> ColumnView:
+        return ColumnView(self, "positions")
+
+    @property
+    def labels(self) -> ColumnView:
+        return ColumnView(self, "labels")
+
+    @property
+    def roles(self) -> ColumnView:
+        return ColumnView(self, "roles")
+
+    def _seg_index(self, segment_id: str) -> int:
+        return self._by_id[segment_id]
+
+    def _array(self, si: int, layer: int) -> _ArrayReader:
+        s = self._segs[si]
+        key = (s.id, layer)
+        with self._lock:
+            r = self._arrays.get(key)
+        if r is None:
+            e = s.layers[layer]
+            r = _ArrayReader(self._loc, e["array"], e["objects"])
+            with self._lock:
+                self._arrays[key] = r
+        return r
+
+    def _column_reader(self, si: int, name: str) -> _ArrayReader:
+        s = self._segs[si]
+        key = (s.id, name)
+        with self._lock:
+            r = self._arrays.get(key)
+        if r is None:
+            rows = s.record["rows"]
+            p = f"{name}/"
+            r = _ArrayReader(self._loc, f"{rows['path']}/{name}",
+                             {k[len(p):]: v for k, v in rows["objects"].items() if k.startswith(p)})
+            with self._lock:
+                self._arrays[key] = r
+        return r
+
+    def _segment_column(self, si: int, name: str) -> np.ndarray:
+        r = self._column_reader(si, name)
+        return r.rows(0, r.shape[0])
+
+    def _gather(self, reader_of, i: int, j: int, row_shape: tuple, dtype) -> np.ndarray:
+        if j <= i:
+            return np.zeros((0, *row_shape), dtype)
+        s0 = int(np.searchsorted(self._starts, i, side="right") - 1)
+        s1 = int(np.searchsorted(self._starts, j, side="left") - 1)
+        parts = []
+        for si in range(s0, s1 + 1):
+            a = max(i, self._starts[si]) - self._starts[si]
+            b = min(j, self._starts[si + 1]) - self._starts[si]
+            if b > a:
+                parts.append(reader_of(si).rows(int(a), int(b)))
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out.astype(dtype, copy=False)
+
+    # -- the loader's fast path ----------------------------------------------------------
+
+    def chunk_bounds(self) -> np.ndarray:
+        """Global row boundaries: rows [b[i], b[i+1]) are exactly storage chunk i, for every layer."""
+        return self._bounds.copy()
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self._bounds) - 1
+
+    def read_chunk(self, layer: int, i: int) -> np.ndarray:
+        """Chunk i of a layer as an ml_dtypes.bfloat16 array: one range read and one decode."""
+        layer = self._check_layer(layer)
+        return bits_to_numpy(self._array(int(self._chunk_seg[i]), layer).chunk(int(self._chunk_local[i])))
+
+    def read_chunk_rows(self, i: int) -> dict[str, np.ndarray]:
+        """Token-row columns of chunk i (cheap: small arrays, decoded per segment)."""
+        a, b = int(self._bounds[i]), int(self._bounds[i + 1])
+        return {n: ColumnView(self, n)[a:b] for n in ("tokens", "seq_ids", "positions", "labels", "roles")}
+
+    # -- tables, stats, tokenizer ----------------------------------------------------------
+
+    def sequences(self):
+        """The per-sequence table (pyarrow.Table): seq_id int64, token_ids list<int32>, then record fields."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .writer import sequences_table
+
+        tables = []
+        for s in self._segs:
+            q = s.record.get("sequences")
+            if q:
+                tables.append(pq.read_table(pa.BufferReader(self._loc.read(q["path"]))))
+        if not tables:
+            return sequences_table([])
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def stats(self, layer: int) -> dict:
+        """count, mean, var, std (float64 per dimension) and mean_norm, merged across segments."""
+        layer = self._check_layer(layer)
+        total = RunningStats(self.d_model)
+        for s in self._segs:
+            total.merge(RunningStats.from_json(json.loads(self._loc.read(s.layers[layer]["stats"]["path"]))))
+        return total.summary()
+
+    @functools.cached_property
+    def tokenizer_files(self) -> dict[str, bytes]:
+        from .writer import TOKENIZER_DIR
+
+        return {name: self._loc.read(f"{TOKENIZER_DIR}/{name}") for name in self._root.get("tokenizer", {})}
+
+    def tokenizer(self):
+        """A `tokenizers.Tokenizer` built offline from the cache's tokenizer.json."""
+        if "tokenizer.json" not in self.tokenizer_files:
+            raise CacheError(f"{self.url} stores no tokenizer.json; pass tokenizer_files= to create_cache")
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.tokenizer_files["tokenizer.json"].decode())
+
+    def __repr__(self) -> str:
+        return (f"Cache({self.url!r}, d_model={self.d_model}, layers={self.layers}, n_tokens={self.n_tokens}, "
+                f"segments={len(self._segs)})")
+
+
+def open_cache(url, mode: str = "r", storage_options: dict | None = None):
+    """mode "r": a Cache snapshot; mode "a": a CacheWriter to append segments or layers."""
+    loc = url if isinstance(url, Location) else Location(url, storage_options)
+    root = log.read_root(loc)
+    if mode == "r":
+        return Cache(loc, root)
+    if mode == "a":
+        if loc.http:
+            raise UserError(f"{loc.url}: HTTP caches are read-only; open with mode='r'")
+        from .writer import CacheWriter
+
+        return CacheWriter(loc, root)
+    raise UserError(f"open_cache mode {mode!r}: use 'r' to read or 'a' to append")
