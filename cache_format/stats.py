@@ -7,6 +7,7 @@ pass. `python -m cache_format stats` recomputes them from the shards with dask.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +31,14 @@ class RunningStats:
 
     def update_bits(self, bits: np.ndarray, block: int = 2048) -> None:
         for s in range(0, len(bits), block):
-            x = bits_to_float32(bits[s:s + block]).astype(np.float64)
-            n = len(x)
-            if n == 0:
-                continue
-            mean = x.mean(0)
-            m2 = ((x - mean) ** 2).sum(0)
-            norm = float(np.sqrt((x * x).sum(1)).sum())
+            with np.errstate(all="ignore"):  # NaN/inf rows are legal data; their stats become NaN/inf
+                x = bits_to_float32(bits[s:s + block]).astype(np.float64)
+                n = len(x)
+                if n == 0:
+                    continue
+                mean = x.mean(0)
+                m2 = ((x - mean) ** 2).sum(0)
+                norm = float(np.sqrt((x * x).sum(1)).sum())
             self.merge(RunningStats(self.d, n, mean, m2, norm))
 
     def merge(self, other: "RunningStats") -> "RunningStats":
@@ -46,23 +48,39 @@ class RunningStats:
             self.count, self.mean, self.m2, self.norm_sum = other.count, other.mean.copy(), other.m2.copy(), other.norm_sum
             return self
         n = self.count + other.count
+        with np.errstate(all="ignore"):
+            self._chan(other, n)
+        self.count = n
+        return self
+
+    def _chan(self, other: "RunningStats", n: int) -> None:
         delta = other.mean - self.mean
         self.mean = self.mean + delta * (other.count / n)
         self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
         self.norm_sum += other.norm_sum
-        self.count = n
-        return self
 
     def to_json(self) -> dict:
-        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "norm_sum": self.norm_sum}
+        """Vectors as base64 of little-endian float64: compact, exact, and NaN/inf-safe."""
+        return {"encoding": "float64-le-base64", "count": self.count, "mean": _b64(self.mean),
+                "m2": _b64(self.m2), "norm_sum": _b64(np.array([self.norm_sum]))}
 
     @classmethod
     def from_json(cls, j: dict) -> "RunningStats":
-        mean = np.asarray(j["mean"], np.float64)
-        return cls(len(mean), int(j["count"]), mean, np.asarray(j["m2"], np.float64), float(j["norm_sum"]))
+        mean = _unb64(j["mean"])
+        return cls(len(mean), int(j["count"]), mean, _unb64(j["m2"]), float(_unb64(j["norm_sum"])[0]))
 
     def summary(self) -> dict:
         c = max(self.count, 1)
-        var = self.m2 / c
-        return {"count": self.count, "mean": self.mean, "var": var, "std": np.sqrt(var),
+        with np.errstate(all="ignore"):
+            var = self.m2 / c
+            std = np.sqrt(var)
+        return {"count": self.count, "mean": self.mean, "var": var, "std": std,
                 "mean_norm": self.norm_sum / c}
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, "<f8").tobytes()).decode()
+
+
+def _unb64(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), "<f8").astype(np.float64)

@@ -1,0 +1,197 @@
+"""Shared fixtures: real servers on loopback and small real caches.
+
+- `http_serve(directory) -> base URL`: a threaded HTTP server that honours Range
+  (Python's http.server ignores it, and fsspec would then read garbage from shards).
+  `http_serve(directory, fail_first=N)` answers the first N requests with 503, to test retries.
+- `s3`: one moto ThreadedMotoServer per session on loopback; `s3_bucket` gives a fresh
+  bucket per test as `(url, storage_options)`.
+- `make_cache(url=None, ...) -> (url, data)`: a small real cache on disk with known
+  residuals, rows and labels (`data` holds what was written, for comparisons).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import re
+import socket
+import threading
+import uuid
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("ACTCACHE_RETRIES", "2")
+os.environ.setdefault("ACTCACHE_BACKOFF_S", "0.05")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with single-range `Range: bytes=a-b | a- | -n` support (206 replies)."""
+
+    fail_first = 0  # set per server: answer this many requests with 503 first
+    _failures = None
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def send_head(self):
+        counter = self.server.failures
+        with counter["lock"]:
+            if counter["left"] > 0:
+                counter["left"] -= 1
+                self.send_error(503, "transient test failure")
+                return None
+        path = self.translate_path(self.path)
+        if os.path.isdir(path) or not os.path.isfile(path):
+            self.send_error(404, "not found")
+            return None
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+        rng = self.headers.get("Range")
+        start, end = 0, size - 1
+        status = 200
+        if rng:
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            if not m or (not m.group(1) and not m.group(2)):
+                f.close()
+                self.send_error(416, "bad range")
+                return None
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+            else:
+                start = max(0, size - int(m.group(2)))
+            if start > end or start >= size:
+                f.close()
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.end_headers()
+                return None
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Last-Modified", email.utils.formatdate(os.fstat(f.fileno()).st_mtime, usegmt=True))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        f.seek(start)
+        self._remaining = end - start + 1
+        return f
+
+    def copyfile(self, source, outputfile):
+        left = getattr(self, "_remaining", None)
+        while left is None or left > 0:
+            buf = source.read(1 << 20 if left is None else min(1 << 20, left))
+            if not buf:
+                break
+            outputfile.write(buf)
+            if left is not None:
+                left -= len(buf)
+
+
+@pytest.fixture
+def http_serve():
+    servers = []
+
+    def serve(directory, fail_first: int = 0) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(directory)))
+        server.daemon_threads = True
+        server.failures = {"left": fail_first, "lock": threading.Lock()}
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on loopback for the session: yields its endpoint URL."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_options(endpoint: str) -> dict:
+    return {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"}, "skip_instance_cache": True}
+
+
+@pytest.fixture
+def s3_bucket(s3):
+    """A fresh bucket: yields ("s3://bucket", storage_options)."""
+    import s3fs
+
+    opts = s3_options(s3)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**opts).mkdir(name)
+    yield f"s3://{name}", opts
+
+
+def write_cache(url, d_model=16, layers=(1, 3), segments=(40, 25), chunk_tokens=8, seed=0,
+                storage_options=None, codec="blosc-zstd1", tokenizer_files=None, meta=None):
+    """A small cache with deterministic data. Returns `data`: residuals per layer (ml bf16), rows, sequences."""
+    import cache_format as cf
+    from cache_format.bf16 import BF16
+
+    rng = np.random.default_rng(seed)
+    w = cf.create_cache(url, d_model=d_model, layers=list(layers), codec=codec, chunk_tokens=chunk_tokens,
+                        shard_mib=1, tokenizer_files=tokenizer_files, storage_options=storage_options,
+                        meta=meta or {"model": {"name_or_path": "test/model", "dtype": "float32"}})
+    data = {"residuals": {L: [] for L in layers}, "rows": {k: [] for k in ("tokens", "seq_ids", "positions",
+                                                                         "labels", "roles")}, "sequences": []}
+    seq = 0
+    for si, n in enumerate(segments):
+        with w.segment(meta={"unit": si}) as seg:
+            res = {L: (rng.standard_normal((n, d_model)) * (1 + L)).astype(BF16) for L in layers}
+            seq_ids = seq + np.arange(n) // 10
+            rows = {"tokens": rng.integers(0, 1000, n).astype(np.int32), "seq_ids": seq_ids.astype(np.int64),
+                    "positions": (np.arange(n) % 10).astype(np.int32),
+                    "labels": rng.integers(-1, 2, n).astype(np.int8), "roles": rng.integers(0, 4, n).astype(np.int8)}
+            seg.append(residuals=res, **rows)
+            recs = [{"seq_id": int(s), "token_ids": rows["tokens"][seq_ids == s].tolist(), "source": f"s{si}"}
+                    for s in np.unique(seq_ids)]
+            seg.add_sequences(recs)
+            seq = int(seq_ids.max()) + 1
+        for L in layers:
+            data["residuals"][L].append(res[L])
+        for k in rows:
+            data["rows"][k].append(rows[k])
+        data["sequences"] += recs
+    data["residuals"] = {L: np.concatenate(v) for L, v in data["residuals"].items()}
+    data["rows"] = {k: np.concatenate(v) for k, v in data["rows"].items()}
+    return data
+
+
+@pytest.fixture
+def make_cache(tmp_path):
+    """Factory: make_cache(url=None, **write_cache kwargs) -> (url, data)."""
+    count = [0]
+
+    def make(url=None, **kw):
+        count[0] += 1
+        url = url or str(tmp_path / f"cache{count[0]}")
+        return url, write_cache(url, **kw)
+
+    return make
