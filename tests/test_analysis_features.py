@@ -1,0 +1,141 @@
+"""Feature statistics and the reverse index on a real cache whose labels and activations are
+known by construction: an exact ±basis SAE makes feature j's activation equal to x_j."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyarrow.parquet as pq
+import torch
+from tokenizers import Tokenizer
+
+import cache_format as cf
+from cache_format.config import AnalysisConfig
+from train.features import Split, analyze, scan
+from train.sae import TopKSAE
+from train.split import is_heldout
+
+D, LAYER, SEED, FRACTION = 16, 2, 0, 0.5
+TINY = Path(__file__).resolve().parents[1] / "harvest" / "assets" / "tiny"
+
+
+def identity_sae(d=D):
+    sae = TopKSAE(d, 2 * d, d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def residual(token, position, correct):
+    """Feature 8 + token % 8 fires at 1 + position/100; feature 0 only on correct rollouts (2.0);
+    feature 1 on every row (0.5). Everything else stays silent."""
+    x = np.zeros(D, np.float32)
+    x[8 + token % 8] = 1 + position / 100
+    x[0] = 2.0 * correct
+    x[1] = 0.5
+    return x
+
+
+@pytest.fixture(scope="module")
+def cache_url(tmp_path_factory):
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    lines = [ln for ln in (TINY / "corpus.txt").read_text().splitlines() if len(ln.split()) > 8][:40]
+    seq_ids = np.arange(100, 100 + len(lines))
+    held = is_heldout(seq_ids, SEED, FRACTION)
+    # alternate correct / wrong inside each split so both classes are held out
+    correct = np.zeros(len(lines), bool)
+    for mask in (held, ~held):
+        correct[np.flatnonzero(mask)[::2]] = True
+    url = str(tmp_path_factory.mktemp("c") / "cache")
+    w = cf.create_cache(url, d_model=D, layers=[LAYER], meta={"source": "supergpqa"}, chunk_tokens=64, shard_mib=1,
+                        tokenizer_files={"tokenizer.json": (TINY / "tokenizer.json").read_bytes()})
+    truth = []
+    with w.segment() as seg:
+        for s, line, ok in zip(seq_ids, lines, correct):
+            ids = np.asarray(tok.encode(line).ids[:40], np.int64)
+            n = len(ids)
+            pos = np.arange(n)
+            roles = np.where(pos < 3, cf.ROLE_PROMPT, np.where(pos < n - 4, cf.ROLE_THINKING, cf.ROLE_ANSWER))
+            labels = np.where(pos < 3, -1, int(ok))
+            x = np.stack([residual(int(t), int(p), bool(ok)) for t, p in zip(ids, pos)])
+            seg.append(residuals={LAYER: torch.from_numpy(x).bfloat16()}, tokens=ids, seq_ids=np.full(n, s),
+                       positions=pos, labels=labels, roles=roles)
+            seg.add_sequences([{"seq_id": int(s), "token_ids": ids.tolist(), "correct": bool(ok)}])
+            truth.append((s, ids, roles, labels))
+    return url
+
+
+def _expected_rows(url):
+    c = cf.open_cache(url)
+    seq, roles = c.seq_ids[:], c.roles[:]
+    keep = is_heldout(seq, SEED, FRACTION) & np.isin(roles, [2, 3])
+    x = c.residuals(LAYER)[:].float().numpy()
+    return c, keep, x
+
+
+def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
+    cfg = AnalysisConfig(top_examples=3, context_tokens=4, bootstrap=50, permutations=500, min_fires=2)
+    out = tmp_path / "a"
+    summary = analyze(identity_sae(), cache_url, LAYER, out, cfg, Split(SEED, FRACTION, (2, 3)), progress=False)
+    fm = pq.read_table(out / "feature_metrics.parquet").to_pandas().set_index("feature")
+    c, keep, x = _expected_rows(cache_url)
+    xs = x[keep]
+    labels = c.labels[:][keep]
+    assert summary["summary"]["tokens"] == keep.sum()
+    # fire rate, mean and max by hand from the residuals (feature j = relu(x_j) for j < 16)
+    for j in range(D):
+        on = xs[:, j] > 0
+        assert fm.loc[j, "fire_rate"] == pytest.approx(on.mean())
+        if on.any():
+            assert fm.loc[j, "max_activation"] == pytest.approx(xs[on, j].max(), rel=1e-6)
+            assert fm.loc[j, "mean_activation"] == pytest.approx(xs[on, j].mean(), rel=1e-5)
+    assert (fm.loc[D:, "fire_count"] == 0).all()  # the −basis half never fires
+    # feature 0 separates correct from wrong perfectly; feature 1 carries no signal
+    assert fm.loc[0, "auroc"] == pytest.approx(1.0) and fm.loc[0, "direction"] == "correct↑"
+    assert fm.loc[0, "seq_auroc"] == pytest.approx(1.0)
+    assert fm.loc[0, "auroc_ci_low"] == pytest.approx(1.0)
+    assert fm.loc[1, "auroc"] == pytest.approx(0.5) and fm.loc[1, "p_value"] == pytest.approx(1.0)
+    assert fm.loc[0, "fire_rate_correct"] == pytest.approx(1.0) and fm.loc[0, "fire_rate_wrong"] == 0.0
+    # A perfect split of ~20 held-out rollouts: none of 500 label shuffles (each a 2/C(n, n_pos)
+    # chance) reaches it, so p = (1 + 0) / (1 + 500); BH keeps it significant.
+    assert fm.loc[0, "p_value"] == pytest.approx(1 / 501)
+    assert fm.loc[0, "q_value"] <= 0.05
+    assert fm.loc[D, "p_value"] != fm.loc[D, "p_value"]  # dead features are not tested (NaN)
+
+    prompts = pq.read_table(out / "feature_prompts.parquet").to_pandas()
+    tok = c.tokenizer()
+    seq_tokens = {r["seq_id"]: np.asarray(r["token_ids"]) for r in c.sequences().to_pylist()}
+    assert set(prompts["feature"]) == set(fm.index[fm["fire_count"] > 0])
+    for r in prompts.to_dict("records"):
+        full = seq_tokens[r["seq_id"]]
+        p = r["position"]
+        assert full[p] == r["token_id"]
+        assert list(r["context_token_ids"]) == full[max(0, p - 4) : p + 5].tolist()
+        assert r["token"] == tok.decode([int(r["token_id"])], skip_special_tokens=False)
+        assert r["context_before"] == tok.decode(full[max(0, p - 4) : p].tolist(), skip_special_tokens=False)
+        if r["feature"] >= 8:
+            assert r["token_id"] % 8 == r["feature"] - 8  # the feature's own token
+        # the row really activates the feature by the stored amount
+        assert xs[:, r["feature"]].max() >= r["activation"] - 1e-6
+    top = prompts[prompts["rank"] == 0].set_index("feature")
+    for j in top.index:
+        assert top.loc[j, "activation"] == pytest.approx(fm.loc[j, "max_activation"], rel=1e-6)
+    stats = __import__("json").loads((out / "feature_stats.json").read_text())[f"L{LAYER}"]
+    assert len(stats["auroc"]) == 2 * D and stats["auroc"][0] == pytest.approx(1.0)
+
+
+def test_scan_is_deterministic_and_truncates(cache_url):
+    sae = identity_sae()
+    full = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), progress=False)
+    part = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), max_tokens=50, progress=False)
+    assert len(part.rows) == 50
+    np.testing.assert_array_equal(part.rows, full.rows[:50])
+    np.testing.assert_array_equal(part.idx, full.idx[:50])
+    m = full.metrics.compute()
+    assert m["variance_explained"] == pytest.approx(1.0, abs=1e-6)
+    # features 1 and 8 + token % 8 fire on every row, feature 0 on correct rows only
+    assert m["l0"] == pytest.approx(2.0 + (full.columns["labels"] == 1).mean())
