@@ -156,13 +156,17 @@ class TrainConfig:
 class AnalysisConfig:
     """Feature statistics, reverse index and loss recovered after training."""
 
-    top_examples: int = 16
-    context_tokens: int = 8
-    bootstrap: int = 200
-    permutations: int = 200
-    max_tokens: int = 1_000_000
-    loss_sequences: int = 64
-    report_features: int = 24
+    top_examples: int = 16  # reverse index: examples kept per feature
+    context_tokens: int = 8  # tokens decoded on each side of an example
+    bootstrap: int = 200  # sequence-bootstrap resamples for the AUROC CI; 0 = skip
+    permutations: int = 200  # label permutations for the p-value; 0 = skip
+    min_fires: int = 5  # features firing fewer times are not tested (no CI, p, q)
+    alpha: float = 0.05  # BH false-discovery rate for "significant"
+    max_tokens: int = 1_000_000  # held-out rows analyzed (the first ones in cache order)
+    loss_sequences: int = 64  # held-out sequences for loss recovered
+    loss_batch_size: int = 4
+    report_features: int = 24  # top features shown per SAE in the report
+    scheduler: str = ""  # dask scheduler address; "" = a LocalCluster
 
 
 @dataclass
