@@ -24,11 +24,21 @@ def run_cli(group, prog: str) -> None:
     """
     import sys
 
+    import click
+
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        group.main(prog_name=prog, standalone_mode=False)
+        rv = group.main(prog_name=prog, standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # ctx.exit(code)
+            sys.exit(rv)
+    except click.exceptions.ClickException as e:  # usage errors: click's own one-line message
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
     except UserError as e:
         if debug:
             raise

@@ -101,6 +101,10 @@ class _LayerBuffer:
             self._flush(self.shard_rows)
 
     def finish(self) -> None:
+        if self.array is None:
+            # Everything fit in one partial shard: size the shard to the data, so that a
+            # small segment does not carry the index of a full-size shard.
+            self.shard_rows = max(1, -(-self.n_pending // self.chunk_rows)) * self.chunk_rows
         self._ensure_array()
         if self.n_pending:
             self._flush(self.n_pending)

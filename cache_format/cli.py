@@ -1,0 +1,192 @@
+"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|import`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import numpy as np
+
+from . import ops
+from .errors import CacheError, UserError, run_cli
+from .reader import open_cache
+from .store import Location
+
+
+def _options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        out = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--storage-options: not valid JSON ({e}); e.g. '{{\"endpoint_url\": \"http://...\"}}'") from None
+    if not isinstance(out, dict):
+        raise UserError("--storage-options must be a JSON object")
+    return out
+
+
+so_option = click.option("--storage-options", "-o", "storage_options", default=None, metavar="JSON",
+                         help="fsspec storage options for the URL (e.g. an S3 endpoint_url).")
+
+
+@click.group()
+def cli():
+    """Inspect, check, share and maintain activation caches. Add --debug for tracebacks."""
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@so_option
+def info(url, as_json, storage_options):
+    """What a cache holds: layers, rows, segments, fingerprints, provenance."""
+    c = open_cache(url, storage_options=_options(storage_options))
+    d = ops.info(c)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, sort_keys=True))
+        return
+    model = d["meta"].get("model", {})
+    click.echo(f"cache        {d['url']}")
+    click.echo(f"fingerprint  {d['fingerprint']}")
+    if model:
+        click.echo(f"model        {model.get('name_or_path', '?')} ({model.get('dtype', '?')})")
+    click.echo(f"hook         {d['hook']}   d_model {d['d_model']}   codec {d['codec']}   "
+               f"chunk {d['chunk_tokens']} rows   shard {d['shard_rows']} rows")
+    click.echo(f"rows         {d['n_tokens']:,} in {d['n_segments']} segments"
+               + (f" ({len(d['retracted'])} retracted)" if d["retracted"] else ""))
+    for L, e in d["declared_layers"].items():
+        state = "complete" if e["complete"] else f"backfill pending: {e['segments']}/{d['n_segments']} segments"
+        ratio = f"   {e['ratio_vs_raw_bf16']:.3f}× raw bf16" if e["ratio_vs_raw_bf16"] is not None else ""
+        fp = d["layer_fingerprints"].get(L, "")[:16]
+        click.echo(f"layer {L:>4}   {state}   {e['stored_bytes'] / 2**20:,.1f} MiB{ratio}   {fp}")
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--threads", default=4, show_default=True)
+@so_option
+def verify(url, threads, storage_options):
+    """Re-hash every object against the committed manifests; non-zero exit names each bad one."""
+    c = open_cache(url, storage_options=_options(storage_options))
+    n, bad = ops.verify(c, threads)
+    for key, why in bad:
+        click.echo(f"BAD {key}: {why}")
+    if bad:
+        raise CacheError(f"verify: {len(bad)} of {n} objects are bad (first: {bad[0][0]}: {bad[0][1]}); "
+                         "retract the affected segment or re-sync it from a good copy")
+    click.echo(f"ok: {n} objects in {len(c.segments)} segments match their checksums")
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--older-than", default="24h", show_default=True, help="Grace period (s, m, h, d).")
+@click.option("--retracted", is_flag=True, help="Also delete the data of retracted segments.")
+@click.option("--dry-run", is_flag=True)
+@so_option
+def gc(url, older_than, retracted, dry_run, storage_options):
+    """Remove uncommitted leftovers of crashed writers older than the grace period."""
+    loc = Location(url, _options(storage_options))
+    doomed = ops.gc(loc, ops.parse_age(older_than), retracted=retracted, dry_run=dry_run)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} objects")
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--layers", default=None, help="Comma-separated layers (default: all).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="A dask scheduler (default: local threads).")
+@click.option("--json", "as_json", is_flag=True)
+@so_option
+def stats(url, layers, scheduler, as_json, storage_options):
+    """Per-layer mean/std/norm recomputed from the shards with dask (one task per shard)."""
+    from .config import parse_layers
+
+    so = _options(storage_options)
+    c = open_cache(url, storage_options=so)
+    res = ops.dask_stats(c, parse_layers(layers), scheduler, so)
+    out = {}
+    for L, s in res.items():
+        stored = c.stats(L)
+        out[str(L)] = {"count": s["count"], "mean_norm": s["mean_norm"],
+                       "mean_abs_mean": float(np.abs(s["mean"]).mean()), "mean_std": float(s["std"].mean()),
+                       "max_std": float(s["std"].max()),
+                       "max_abs_diff_vs_committed_mean": float(np.abs(s["mean"] - stored["mean"]).max())}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for L, s in out.items():
+        click.echo(f"layer {L:>4}  rows {s['count']:,}  mean‖x‖ {s['mean_norm']:.4g}  mean|μ| {s['mean_abs_mean']:.4g}"
+                   f"  mean σ {s['mean_std']:.4g}  max σ {s['max_std']:.4g}")
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@so_option
+@click.option("--dst-options", default=None, metavar="JSON", help="Storage options for DST (default: --storage-options).")
+def sync(src, dst, storage_options, dst_options):
+    """Copy the committed segments DST lacks from SRC, verifying every checksum."""
+    so = _options(storage_options)
+    r = ops.sync(src, dst, so, _options(dst_options) if dst_options else so)
+    fp = open_cache(dst, storage_options=_options(dst_options) if dst_options else so).fingerprint
+    click.echo(f"copied {r['segments']} segments and {r['layers']} backfilled layers "
+               f"({r['bytes'] / 2**20:,.1f} MiB); {dst} fingerprint {fp}")
+
+
+@cli.command()
+@click.argument("url")
+@click.argument("segment")
+@click.option("--reason", default="", help="Recorded in the tombstone.")
+@so_option
+def retract(url, segment, reason, storage_options):
+    """Hide a bad segment with a tombstone commit (changes the fingerprint)."""
+    w = open_cache(url, mode="a", storage_options=_options(storage_options))
+    name = w.retract(segment, reason)
+    click.echo(f"retracted {segment} (commit {name}); new fingerprint {w.snapshot().fingerprint}")
+
+
+@cli.command()
+@click.argument("url")
+@so_option
+def publish(url, storage_options):
+    """Write index.json so the cache can be read over plain HTTP (re-run after new commits)."""
+    loc = Location(url, _options(storage_options))
+    open_cache(loc)  # must be a cache
+    n = ops.publish(loc)
+    click.echo(f"published {n} commits to {url}/index.json")
+
+
+@cli.command("import")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--to", "url", required=True, help="The cache to create (or append a segment to).")
+@click.option("--map", "maps", multiple=True, metavar="KEY=LAYER", help="Which dump key is which layer.")
+@click.option("--layer", type=int, default=None, help="Layer of a single .npy array.")
+@click.option("--labels", default=None, help=".npy of per-row labels (1 correct, 0 wrong, -1 none; bools ok).")
+@click.option("--tokens", default=None, help=".npy of per-row token ids (default: -1, unknown).")
+@click.option("--seq-ids", default=None, help=".npy of per-row sequence ids (default: made up, see --seq-len).")
+@click.option("--seq-len", default=1024, show_default=True, help="Rows per made-up sequence when --seq-ids is absent.")
+@click.option("--model", default=None, help="Recorded as meta.model.name_or_path.")
+@click.option("--codec", default="blosc-zstd1", show_default=True)
+@click.option("--chunk-tokens", default=4096, show_default=True)
+@so_option
+def import_(sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, codec, chunk_tokens, storage_options):
+    """Turn an activation dump (safetensors or .npy) into a cache."""
+    mapping = {}
+    for m in maps:
+        k, _, v = m.partition("=")
+        if not v.strip().lstrip("-").isdigit():
+            raise UserError(f"--map {m!r}: expected KEY=LAYER, e.g. --map acts_L11=11")
+        mapping[k] = int(v)
+    meta = {"model": {"name_or_path": model}} if model else {}
+    r = ops.import_dump(list(sources), url, mapping, layer, labels, tokens, seq_ids, seq_len, meta,
+                        _options(storage_options), codec, chunk_tokens)
+    click.echo(f"imported {r['rows']:,} rows × {r['d_model']} at layers {r['layers']} "
+               f"({r['conversion'] or 'bf16, lossless'})" + ("; sequence ids made up" if r["made_up_seq_ids"] else ""))
+
+
+def main() -> None:
+    run_cli(cli, "python -m cache_format")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Whole-cache operations behind the CLI: verify, gc, sync, publish, stats, import, info."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import log, provenance
+from .errors import CacheError, UserError
+from .reader import Cache, _ArrayReader, open_cache
+from .stats import RunningStats
+from .store import Location
+
+
+def _bar(total: int, desc: str, unit: str = "B", disable: bool | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                file=sys.stderr, leave=False, disable=disable)
+
+
+def _objects(record_or_entry: dict, part_path: str | None = None) -> dict[str, dict]:
+    base = part_path or record_or_entry.get("path") or record_or_entry.get("array")
+    return {f"{base}/{k}": v for k, v in record_or_entry["objects"].items()}
+
+
+def segment_objects(seg) -> dict[str, dict]:
+    """Every object a live segment references (all layers, rows, sequences, stats) → {size, sha256}."""
+    r = seg.record
+    out = _objects(r["rows"])
+    for e in seg.layers.values():
+        out.update(_objects(e))
+        out[e["stats"]["path"]] = e["stats"]
+    if r.get("sequences"):
+        out[r["sequences"]["path"]] = r["sequences"]
+    return out
+
+
+def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "verify") -> list[tuple[str, str]]:
+    bad = []
+    with _bar(sum(v["size"] for v in objects.values()), desc) as bar:
+        def check(item):
+            key, want = item
+            try:
+                data = loc.read(key)
+            except FileNotFoundError:
+                return key, "missing"
+            bar.update(len(data))
+            if len(data) != want["size"]:
+                return key, f"size {len(data)} != {want['size']}"
+            if log.sha256(data) != want["sha256"]:
+                return key, "sha256 mismatch"
+            return None
+
+        with ThreadPoolExecutor(threads) as ex:
+            for res in ex.map(check, sorted(objects.items())):
+                if res:
+                    bad.append(res)
+    return bad
+
+
+def verify(cache: Cache, threads: int = 4) -> tuple[int, list[tuple[str, str]]]:
+    """Re-hash every object the live segments reference; returns (objects checked, problems)."""
+    objects = {}
+    for s in cache._segs:
+        objects.update(segment_objects(s))
+    for name, want in cache._root.get("tokenizer", {}).items():
+        objects[f"tokenizer/{name}"] = want
+    return len(objects), _hash_objects(cache._loc, objects, threads)
+
+
+def parse_age(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise UserError(f"--older-than {text!r}: use a duration like 24h, 90m, 2d or 3600s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False) -> list[str]:
+    """Delete objects no commit references (crashed writers' leftovers) older than the grace period.
+
+    The unit is a segment directory (or a backfill directory): it is removed only when its
+    newest object is older than the grace period, so a live writer's work is never touched.
+    With `retracted`, retracted segments' data goes too (their tombstones stay).
+    """
+    root = log.read_root(loc)
+    records = log.load_records(loc, {})
+    state = log.replay(root, records)
+    keep_units, dead_units = set(), set()
+    for r in records.values():
+        if r.get("kind") == "segment":
+            keep_units.add(f"segments/{r['segment']}")
+        elif r.get("kind") == "layer":
+            keep_units.add(r["entry"]["array"].split("/")[0] + "/" + "/".join(r["entry"]["array"].split("/")[1:3]))
+    if retracted:
+        for s in state.retracted:
+            dead_units.add(f"segments/{s.id}")
+    now = time.time()
+    units: dict[str, list] = {}
+    for o in loc.walk("segments"):
+        parts = o.key.split("/")
+        if len(parts) < 3:
+            continue  # segments/zarr.json
+        unit = "/".join(parts[:3]) if parts[2].startswith("backfill-") else "/".join(parts[:2])
+        units.setdefault(unit, []).append(o)
+    doomed = []
+    for unit, objs in units.items():
+        seg_unit = "/".join(unit.split("/")[:2])
+        if seg_unit in dead_units:
+            doomed += [o.key for o in objs]
+        elif unit not in keep_units and now - max(o.mtime for o in objs) >= older_than_s:
+            doomed += [o.key for o in objs]
+    for o in loc.walk(log.COMMITS):
+        if o.key.split("/")[-1].startswith(".tmp-") and now - o.mtime >= older_than_s:
+            doomed.append(o.key)
+    if not dry_run and doomed:
+        loc.delete(doomed)
+        loc.remove_empty_dirs("segments")
+    return doomed
+
+
+def publish(loc: Location) -> int:
+    """Write index.json: every commit record inline, for readers without listings (HTTP)."""
+    records = log.load_records(loc, {})
+    loc.write(log.INDEX, log.dumps({"format": provenance.FORMAT_NAME, "version": provenance.FORMAT_VERSION,
+                                    "commits": [{"name": n, "record": r} for n, r in records.items()]}))
+    return len(records)
+
+
+def _group_metadata_keys(seg, hook: str) -> list[str]:
+    keys = [f"segments/{seg.id}/zarr.json", f"segments/{seg.id}/{hook}/zarr.json", f"segments/{seg.id}/rows/zarr.json"]
+    for e in seg.layers.values():
+        parts = e["array"].split("/")
+        if parts[2].startswith("backfill-"):
+            keys += [f"segments/{seg.id}/{parts[2]}/zarr.json", f"segments/{seg.id}/{parts[2]}/{hook}/zarr.json"]
+    return keys
+
+
+def _copy(src: Location, dst: Location, objects: dict, bar) -> None:
+    def one(item):
+        key, want = item
+        data = src.read(key)
+        if want is not None and (len(data) != want["size"] or log.sha256(data) != want["sha256"]):
+            raise CacheError(f"sync: {src.url}/{key} does not match its manifest (corrupt source); "
+                             "run verify on the source and retract or re-harvest that segment")
+        dst.write(key, data)
+        bar.update(len(data))
+
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(one, sorted(objects.items())))
+
+
+def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
+    """Copy the committed segments (and backfilled layers) that DST lacks, verified, in SRC's order."""
+    src = open_cache(src_url, storage_options=src_options)
+    dloc = Location(dst_url, dst_options)
+    if dloc.http:
+        raise UserError(f"sync: {dst_url} is HTTP (read-only); sync into a local path or s3:// URL")
+    root = src._root
+    try:
+        droot = log.read_root(dloc)
+    except CacheError:
+        if dloc.exists(log.ROOT_META):
+            raise
+        droot = None
+    if droot is None:
+        for name, want in root.get("tokenizer", {}).items():
+            with _bar(0, "tokenizer") as bar:
+                _copy(src._loc, dloc, {f"tokenizer/{name}": want}, bar)
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: root}}
+        try:
+            dloc.create_exclusive(log.ROOT_META, log.dumps(doc))
+        except OSError as e:
+            raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
+        droot = log.read_root(dloc)
+    for k in ("d_model", "hook", "chunk_tokens"):
+        if droot[k] != root[k]:
+            raise UserError(f"sync: {k} differs ({root[k]} in {src_url}, {droot[k]} in {dst_url}); "
+                            "these caches cannot share segments")
+    dstate = log.replay(droot, log.load_records(dloc, {}))
+    dsegs = {s.id: s for s in dstate.segments + dstate.retracted}
+    for L in src._state.declared:
+        if L not in dstate.declared:
+            log.commit(dloc, {"kind": "add_layer", "layer": L, "provenance": provenance.record()})
+    todo_segs = [s for s in src._segs if s.id not in dsegs]
+    todo_layers = [(s, L) for s in src._segs if s.id in dsegs and not dsegs[s.id].retracted
+                   for L in s.layers if L not in dsegs[s.id].layers]
+    total = sum(sum(v["size"] for v in segment_objects(s).values()) for s in todo_segs)
+    total += sum(sum(v["size"] for v in s.layers[L]["objects"].values()) for s, L in todo_layers)
+    with _bar(total, f"sync → {dst_url}") as bar:
+        for s in todo_segs:
+            objs = segment_objects(s)
+            objs.update({k: None for k in _group_metadata_keys(s, root["hook"]) if _exists(src._loc, k)})
+            _copy(src._loc, dloc, objs, bar)
+            record = json.loads(json.dumps(s.record))
+            record["layers"] = {str(L): e for L, e in sorted(s.layers.items())}
+            record["synced_from"] = {"url": src.url, "commit": s.commit}
+            log.commit(dloc, record)
+        for s, L in todo_layers:
+            e = s.layers[L]
+            objs = _objects(e)
+            objs[e["stats"]["path"]] = e["stats"]
+            _copy(src._loc, dloc, objs, bar)
+            log.commit(dloc, {"kind": "layer", "segment": s.id, "layer": L, "entry": e,
+                              "synced_from": {"url": src.url, "commit": s.layer_commits[L]},
+                              "provenance": provenance.record()})
+    return {"segments": len(todo_segs), "layers": len(todo_layers), "bytes": total}
+
+
+def _exists(loc: Location, key: str) -> bool:
+    try:
+        return loc.exists(key) if not loc.http else bool(loc.read(key))
+    except (FileNotFoundError, OSError, UserError):
+        return False
+
+
+# -- stats with dask: one task per shard ----------------------------------------------------
+
+
+def _shard_stats(url: str, storage_options: dict | None, path: str, objects: dict, shard: int) -> dict:
+    """Decode one shard and return its RunningStats as JSON (runs on a dask worker)."""
+    r = _ArrayReader(Location(url, storage_options), path, objects)
+    st = RunningStats(r.shape[1])
+    k0 = shard * r.per_shard
+    for k in range(k0, min(k0 + r.per_shard, r.n_chunks)):
+        st.update_bits(r.chunk(k))
+    return st.to_json()
+
+
+def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | None = None,
+               storage_options: dict | None = None) -> dict[int, dict]:
+    """Recompute per-layer statistics from the shards: one dask task per shard, merged in order."""
+    import dask
+
+    layers = layers or cache.layers
+    for L in layers:
+        cache._check_layer(L)
+    tasks, owners = [], []
+    for L in layers:
+        for si, s in enumerate(cache._segs):
+            r = cache._array(si, L)
+            n_shards = -(-r.shape[0] // r.shard_rows)
+            for sh in range(n_shards):
+                tasks.append(dask.delayed(_shard_stats, pure=True)(cache.url, storage_options, r.path, r.objects, sh))
+                owners.append(L)
+    if scheduler:
+        from distributed import Client, as_completed
+
+        try:
+            client = Client(scheduler, timeout=10)
+        except (OSError, TimeoutError) as e:
+            raise UserError(f"cannot reach the dask scheduler at {scheduler} ({e}); check the address") from None
+        with client:
+            futures = client.compute(tasks)
+            index = {f.key: i for i, f in enumerate(futures)}
+            results = [None] * len(futures)
+            with _bar(len(futures), "stats", unit="shard") as bar:
+                for f in as_completed(futures):
+                    results[index[f.key]] = f.result()
+                    bar.update(1)
+    else:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr, minimum=2):
+            results = list(dask.compute(*tasks, scheduler="threads"))
+    out = {L: RunningStats(cache.d_model) for L in layers}
+    for L, j in zip(owners, results):
+        out[L].merge(RunningStats.from_json(j))
+    return {L: st.summary() for L, st in out.items()}
+
+
+# -- info -------------------------------------------------------------------------------------
+
+
+def info(cache: Cache) -> dict:
+    stored = {}
+    for L in cache.declared_layers:
+        stored[L] = sum(v["size"] for s in cache._segs if L in s.layers for v in s.layers[L]["objects"].values())
+    cov = cache.layer_coverage()
+    n_segs = len(cache._segs)
+    raw = cache.n_tokens * cache.d_model * 2
+    return {
+        "url": cache.url, "fingerprint": cache.fingerprint, "d_model": cache.d_model, "hook": cache.hook,
+        "layers": cache.layers, "n_tokens": cache.n_tokens, "n_segments": n_segs, "codec": cache.codec,
+        "chunk_tokens": cache.chunk_tokens, "shard_rows": cache._root["shard_rows"],
+        "layer_fingerprints": {str(L): cache.layer_fingerprint(L) for L in cache.layers},
+        "declared_layers": {str(L): {"segments": cov[L], "complete": cov[L] == n_segs,
+                                     "stored_bytes": stored[L],
+                                     "ratio_vs_raw_bf16": (stored[L] / raw) if raw and cov[L] == n_segs else None}
+                            for L in cache.declared_layers},
+        "retracted": cache.retracted,
+        "meta": cache.meta,
+        "segments": [{"id": s.id, "row_start": s.row_start, "n_rows": s.n_rows, "layers": s.layers,
+                      "commit": s.commit, "meta": s.meta} for s in cache.segments],
+    }
+
+
+# -- import -------------------------------------------------------------------------------------
+
+
+def _layer_of(key: str, mapping: dict[str, int]) -> int:
+    if key in mapping:
+        return mapping[key]
+    nums = re.findall(r"\d+", key)
+    if not nums:
+        raise UserError(f"import: cannot tell the layer of key {key!r}; map it with --map {key}=LAYER")
+    return int(nums[-1])
+
+
+def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = None) -> tuple[dict, str]:
+    """Arrays of an activation dump by layer (torch bf16 tensors), and the source dtype."""
+    import torch
+
+    arrays: dict[int, object] = {}
+    dtypes = set()
+    for p in paths:
+        if p.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(p, framework="pt") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    if t.ndim != 2:
+                        continue  # not a (tokens, d_model) activation matrix
+                    L = _layer_of(k, mapping)
+                    if L in arrays:
+                        raise UserError(f"import: two arrays map to layer {L}; use --map KEY=LAYER")
+                    arrays[L] = t
+                    dtypes.add(str(t.dtype).removeprefix("torch."))
+        elif p.endswith(".npy"):
+            a = np.load(p)
+            if a.ndim != 2:
+                raise UserError(f"import: {p} has shape {a.shape}; expected (tokens, d_model)")
+            key = p.rsplit("/", 1)[-1].removesuffix(".npy")
+            L = mapping.get(key, layer if layer is not None else _layer_of(key, mapping))
+            dtypes.add(str(a.dtype))
+            arrays[L] = torch.from_numpy(a.astype(np.float32) if a.dtype not in (np.float16, np.float32) else a)
+        else:
+            raise UserError(f"import: {p}: expected a .safetensors or .npy file")
+    if not arrays:
+        raise UserError("import: no (tokens, d_model) arrays found in the dump")
+    return {L: t.to(torch.bfloat16) for L, t in arrays.items()}, ",".join(sorted(dtypes))
+
+
+def import_dump(paths: list[str], url: str, mapping: dict[str, int], layer: int | None = None,
+                labels: str | None = None, tokens: str | None = None, seq_ids: str | None = None,
+                seq_len: int = 1024, meta: dict | None = None, storage_options: dict | None = None,
+                codec: str = "blosc-zstd1", chunk_tokens: int = 4096) -> dict:
+    """Turn a dump into a new cache (or a new segment of an existing one with the same layers)."""
+    from .writer import create_cache
+
+    arrays, src_dtype = load_dump(paths, mapping, layer)
+    ns = {t.shape[0] for t in arrays.values()}
+    ds = {t.shape[1] for t in arrays.values()}
+    if len(ns) != 1 or len(ds) != 1:
+        raise UserError(f"import: arrays disagree on shape ({sorted(ns)} rows, {sorted(ds)} d_model)")
+    n, d = ns.pop(), ds.pop()
+
+    def side(path, what, dtype):
+        if path is None:
+            return None
+        a = np.load(path).reshape(-1)
+        if len(a) != n:
+            raise UserError(f"import: {what} in {path} has {len(a)} values but the activations have {n} rows")
+        return a.astype(dtype)
+
+    lab = side(labels, "labels", np.int64)
+    if lab is not None and lab.dtype == bool:
+        lab = lab.astype(np.int8)
+    tok = side(tokens, "tokens", np.int32)
+    sid = side(seq_ids, "seq_ids", np.int64)
+    made_up = sid is None
+    if made_up:  # documented: consecutive blocks of seq_len rows become sequences 0, 1, 2, ...
+        sid = np.arange(n, dtype=np.int64) // seq_len
+    pos = np.zeros(n, np.int32)
+    starts = np.r_[0, np.flatnonzero(np.diff(sid)) + 1]
+    for a, b in zip(starts, np.r_[starts[1:], n]):
+        pos[a:b] = np.arange(b - a)
+    info_meta = {"source_files": paths, "source_dtype": src_dtype,
+                 "lossless": src_dtype == "bfloat16", "conversion": None if src_dtype == "bfloat16" else
+                 f"{src_dtype} → bfloat16 (round to nearest even): not lossless",
+                 "made_up_seq_ids": made_up, "seq_len": seq_len if made_up else None,
+                 "tokens_known": tok is not None}
+    try:
+        w = open_cache(url, mode="a", storage_options=storage_options)
+    except CacheError:
+        w = create_cache(url, d_model=d, layers=sorted(arrays), meta={**(meta or {}), "import": info_meta},
+                         codec=codec, chunk_tokens=chunk_tokens, storage_options=storage_options)
+    with w.segment(meta={"import": info_meta}) as seg:
+        seg.append(residuals=arrays, tokens=tok if tok is not None else np.full(n, -1, np.int32), seq_ids=sid,
+                   positions=pos, labels=lab.astype(np.int8) if lab is not None else None)
+        seqs = []
+        for a, b in zip(starts, np.r_[starts[1:], n]):
+            rec = {"seq_id": int(sid[a]), "token_ids": (tok[a:b] if tok is not None else np.zeros(0, np.int32)).tolist(),
+                   "source": "import"}
+            seqs.append(rec)
+        seg.add_sequences(seqs)
+    return {"rows": n, "d_model": d, "layers": sorted(arrays), **info_meta}
