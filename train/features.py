@@ -58,12 +58,10 @@ class Split:
     @classmethod
     def of(cls, sae: TopKSAE, default_seed: int, default_fraction: float) -> "Split":
         """The split recorded in the SAE's config (train's export), else the defaults given."""
-        cfg = sae.cfg or {}
-        split = cfg.get("split") if isinstance(cfg.get("split"), dict) else {}
-        seed = split.get("seed", cfg.get("split_seed", default_seed))
-        fraction = split.get("fraction", split.get("heldout_fraction", cfg.get("heldout_fraction", default_fraction)))
-        roles = split.get("roles", cfg.get("roles"))
-        return cls(int(seed), float(fraction), parse_roles(roles) if roles else None)
+        from .published import recorded_split
+
+        seed, fraction, roles = recorded_split(sae, default_seed, default_fraction)
+        return cls(seed, fraction, parse_roles(roles) if roles else None)
 
 
 def parse_roles(roles) -> tuple[int, ...]:
@@ -79,18 +77,12 @@ def parse_roles(roles) -> tuple[int, ...]:
 
 
 def default_roles(cache) -> tuple[int, ...] | None:
-    """Thinking+answer rows on rollout caches (the design's default), every row on text."""
-    meta = cache.meta or {}
-    source = str(meta.get("source") or (meta.get("harvest") or {}).get("source") or "")
-    if source == "supergpqa":
-        return ROLLOUT_ROLES
-    if source == "corpus":
-        return None
-    # unknown source: rollouts are recognizable by their labels
-    for i in range(min(cache.n_chunks, 4)):
-        if (cache.read_chunk_rows(i)["labels"] >= 0).any():
-            return ROLLOUT_ROLES
-    return None
+    """The loader's rule, so analysis sees the rows training saw: thinking + answer on
+    rollout caches, every row on corpus text."""
+    from .loader import default_roles as loader_default
+
+    roles = loader_default(cache)
+    return parse_roles(roles) if roles else None
 
 
 @dataclass
@@ -196,8 +188,9 @@ def scan(
     """Encode the held-out rows of `layer`, chunk by chunk in cache order, on dask.
 
     Chunks are submitted in order with a bounded number in flight; the pass stops once the
-    chunks completed in order hold `max_tokens` kept rows, and keeps exactly the first
-    `max_tokens` of them, so the result does not depend on task timing.
+    chunks completed in order hold at least `max_tokens` kept rows and keeps exactly those
+    chunks (whole chunks, so codes and metrics cover the same rows), so the result does not
+    depend on task timing.
     """
     from dask.distributed import wait
     from tqdm import tqdm
@@ -242,32 +235,20 @@ def scan(
                     fut.cancel()
                 pending = set()
     ordered = [results[i] for i in range(prefix)]
-    return _combine(c.url, layer, split, ordered, max_tokens, sae.d_sae, time.perf_counter() - t0)
+    return _combine(c.url, layer, split, ordered, sae.d_sae, time.perf_counter() - t0)
 
 
-def _combine(url, layer, split, parts: list[ChunkCodes], max_tokens: int, d_sae: int, seconds: float) -> ScanResult:
+def _combine(url, layer, split, parts: list[ChunkCodes], d_sae: int, seconds: float) -> ScanResult:
     metrics = ReconstructionMetrics(d_sae)
-    rows, cols, vals, idx = [], {}, [], []
-    total = 0
     for r in parts:
-        take = min(len(r.rows), max_tokens - total)
-        if take < len(r.rows):
-            # re-derive the metrics of a truncated chunk from its codes is impossible without x;
-            # the cut is rare (last chunk only) and the metrics then cover the whole chunk
-            pass
         metrics.merge(r.metrics)
-        rows.append(r.rows[:take])
-        for k, v in r.columns.items():
-            cols.setdefault(k, []).append(v[:take])
-        if r.vals is not None:
-            vals.append(r.vals[:take])
-            idx.append(r.idx[:take])
-        total += take
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    coded = [r for r in parts if r.vals is not None]
     return ScanResult(
-        url=url, layer=layer, split=split, rows=cat(rows, np.int64),
-        columns={k: np.concatenate(v) for k, v in cols.items()},
-        vals=np.concatenate(vals) if vals else None, idx=np.concatenate(idx) if idx else None,
+        url=url, layer=layer, split=split,
+        rows=np.concatenate([r.rows for r in parts]) if parts else np.zeros(0, np.int64),
+        columns={k: np.concatenate([r.columns[k] for r in parts]) for k in (parts[0].columns if parts else {})},
+        vals=np.concatenate([r.vals for r in coded]) if coded else None,
+        idx=np.concatenate([r.idx for r in coded]) if coded else None,
         metrics=metrics, scanned=sum(r.scanned for r in parts), seconds=seconds, chunks=len(parts),
     )
 

@@ -26,32 +26,13 @@ import numpy as np
 
 from cache_format.errors import UserError
 
+from .published import read_run
+
 REPORT_NAME = "report.html"
 METRIC_COLUMNS = ("variance_explained", "mse", "l0", "dead_fraction", "alive")
 
 
-def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(run.json as a dict, one entry per SAE with at least `name` and `dir`)."""
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
-        raise UserError(f"{run_dir}: no run.json here; run `make train` first or pass --out to a training run directory")
-    try:
-        run = json.loads(run_json.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{run_json}: not valid JSON ({e}); re-run the export") from None
-    items = run.get("saes", run.get("exports")) if isinstance(run, dict) else run
-    if isinstance(items, dict):
-        items = [dict(v, name=v.get("name", k)) for k, v in items.items()]
-    saes = []
-    for item in items or []:
-        name = item.get("name") or Path(item.get("path", "")).name
-        d = Path(item.get("path") or item.get("dir") or name)
-        if not d.is_absolute():
-            d = run_dir / d if (run_dir / d).exists() else run_dir / name
-        if d.is_file():
-            d = d.parent
-        saes.append(dict(item, name=name, dir=d))
-    return (run if isinstance(run, dict) else {"saes": run}), saes
+load_run = read_run  # (run.json, SAE entries)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,180 @@
+"""`python -m train eval | analyze | report`: the model-free steps after training.
+
+Registered into train's click group by `register(group)`. Every command takes the shared
+`--config/--profile/--set` flags so that defaults (cache, run directory, [analysis]) come
+from pipeline.toml exactly as for `train run`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from cache_format.config import PipelineConfig, load_config
+from cache_format.errors import UserError
+
+
+def _shared(f):
+    f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="Override any pipeline.toml key with a TOML literal.")(f)
+    f = click.option("--cache", default=None, metavar="URL", help="Cache location (default: the SAE's, else [harvest].cache).")(f)
+    f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
+    f = click.option("--config", "config_path", default=None, metavar="PATH", help="pipeline.toml to read.")(f)
+    return f
+
+
+def _config(config_path, profile, overrides, **flags) -> PipelineConfig:
+    return load_config(config_path, profile, overrides, **flags)
+
+
+def cache_for(sae, cfg: PipelineConfig, cache: str | None) -> str:
+    from .published import recorded_cache
+
+    return recorded_cache(sae, cache, cfg.train.cache or cfg.harvest.cache)
+
+
+def layer_for(sae, layer: int | None, path) -> int:
+    from .published import recorded_layer
+
+    return recorded_layer(sae, layer, path)
+
+
+def split_for(sae, cfg: PipelineConfig, url: str):
+    """The SAE's recorded split; roles from it, else [train].roles, else the loader's default."""
+    import cache_format as cf
+
+    from .features import Split, default_roles, parse_roles
+
+    split = Split.of(sae, cfg.train.split_seed, cfg.train.heldout_fraction)
+    if split.roles is None:
+        split.roles = parse_roles(cfg.train.roles) if cfg.train.roles else default_roles(cf.open_cache(url))
+    return split
+
+
+def _quiet_dask() -> None:
+    import logging
+
+    for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_saes(run_dir: Path) -> list[tuple[str, Path]]:
+    """(name, directory) of every SAE listed in a run's run.json."""
+    from .published import read_run
+
+    _, saes = read_run(run_dir)
+    if not saes:
+        raise UserError(f"{run_dir}/run.json lists no SAEs; re-run `make train`")
+    return [(s["name"], s["dir"]) for s in saes]
+
+
+def _fmt_metrics(m: dict) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@click.command("eval", help="Reconstruction metrics of any supported SAE on a cache's held-out rows.")
+@_shared
+@click.option("--sae", "sae_path", required=True, metavar="PATH", help="SAE file or directory (000/001/003/004 layouts, or an export).")
+@click.option("--layer", type=int, default=None, help="Cache layer to evaluate on (default: the SAE's own).")
+@click.option("--k", type=int, default=None, help="k for the TopK (default: from the file, its config or its name).")
+@click.option("--max-tokens", type=int, default=None, help="Held-out rows to evaluate (default [analysis].max_tokens).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tokens, scheduler, as_json, quiet):
+    from .features import scan
+    from .published import load_sae
+
+    cfg = _config(config_path, profile, overrides)
+    sae = load_sae(sae_path, k=k)
+    url = cache_for(sae, cfg, cache)
+    layer = layer_for(sae, layer, sae_path)
+    split = split_for(sae, cfg, url)
+    _quiet_dask()
+    res = scan(url, sae, layer, split, max_tokens=max_tokens or cfg.analysis.max_tokens, want_codes=False,
+               scheduler=scheduler or cfg.analysis.scheduler or None, progress=not quiet)
+    if res.metrics.n == 0:
+        raise UserError(f"no held-out rows of layer {layer} in {url} (split seed {split.seed}, fraction {split.fraction}); "
+                        "use a larger cache or --set train.heldout_fraction=0.1")
+    metrics = res.metrics.compute()
+    import cache_format as cf
+
+    recorded = (sae.cfg or {}).get("layer_fingerprint")
+    fp = cf.open_cache(url).layer_fingerprint(layer)
+    out = {**metrics, "layer": layer, "k": sae.k, "d_sae": sae.d_sae, "d_in": sae.d_in,
+           "layout": sae.cfg.get("layout"), "cache": url,
+           "split": {"seed": split.seed, "fraction": split.fraction, "roles": list(split.roles) if split.roles else None},
+           "layer_fingerprint": fp, "same_data_as_training": (recorded == fp) if recorded else None}
+    if as_json:
+        click.echo(json.dumps({k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in out.items()}))
+    else:
+        click.echo(f"{sae_path} @ layer {layer} ({out['layout']}, d_sae {sae.d_sae}, k {sae.k}), "
+                   f"{metrics['tokens']} held-out rows of {url}:")
+        click.echo("  " + _fmt_metrics({m: metrics[m] for m in ("variance_explained", "mse", "l0", "dead_fraction", "alive")}))
+
+
+@click.command("analyze", help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae).")
+@_shared
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Training run directory (default [train].out); with --sae, where to write.")
+@click.option("--sae", "sae_path", default=None, metavar="PATH", help="Analyze this one SAE instead of a run's.")
+@click.option("--layer", type=int, default=None, help="Cache layer (default: the SAE's own).")
+@click.option("--k", type=int, default=None, help="k for the TopK (default: from the SAE).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, as_json, quiet):
+    from .features import analyze, dask_client
+    from .published import load_sae
+
+    cfg = _config(config_path, profile, overrides)
+    if sae_path:
+        sae0 = load_sae(sae_path, k=k)
+        target = Path(out_dir) if out_dir else (Path(sae_path) if Path(sae_path).is_dir() else Path(sae_path).parent)
+        jobs = [(Path(sae_path).name, Path(sae_path), target, sae0)]
+    else:
+        run_dir = Path(out_dir or cfg.train.out)
+        jobs = [(name, d, d, None) for name, d in run_saes(run_dir)]
+    _quiet_dask()
+    summaries = {}
+    with dask_client(scheduler or cfg.analysis.scheduler or None) as client:
+        for name, src, dst, sae in jobs:
+            sae = sae or load_sae(src, k=k)
+            url = cache_for(sae, cfg, cache)
+            lay = layer_for(sae, layer, src)
+            res = analyze(sae, url, lay, dst, cfg.analysis, split_for(sae, cfg, url), client=client, progress=not quiet)
+            summaries[name] = res["summary"]
+            if not as_json:
+                s = res["summary"]
+                extra = (f", max AUROC {s['max_auroc']:.3f}, {s['significant_features']} significant (BH q ≤ {cfg.analysis.alpha})"
+                         if s.get("max_auroc") is not None else "")
+                print(f"analyze {name}: {s['tokens']} held-out tokens, {s['alive']}/{sae.d_sae} alive{extra} → {dst}",
+                      file=sys.stderr)
+    if as_json:
+        click.echo(json.dumps(summaries))
+
+
+@click.command("report", help="Write OUT/report.html: one self-contained page for a training run.")
+@_shared
+@click.option("--out", "out_dir", default=None, metavar="DIR", help="Training run directory (default [train].out).")
+@click.option("--html", "html_path", default=None, metavar="FILE", help="Where to write (default OUT/report.html).")
+def report_cmd(config_path, profile, cache, overrides, out_dir, html_path):
+    from .report import render_report
+
+    cfg = _config(config_path, profile, overrides)
+    path = render_report(Path(out_dir or cfg.train.out), html_path, n_features=cfg.analysis.report_features)
+    print(f"report: {path}", file=sys.stderr)
+    click.echo(str(path))
+
+
+def register(group: click.Group) -> None:
+    """Add eval, analyze and report to train's command group."""
+    for cmd in (eval_cmd, analyze_cmd, report_cmd):
+        group.add_command(cmd)
