@@ -46,8 +46,18 @@ def _check_json(obj, what: str) -> None:
 
 
 def _hashing_store(loc: Location):
-    """A zarr store that records (size, sha256) of every object it writes."""
-    from zarr.storage import WrapperStore
+    """A zarr store that records (size, sha256) of every object it writes.
+
+    Locally it writes through zarr's LocalStore. Remotely, zarr only sees an in-memory
+    store for metadata and every object is PUT once through the Location (with retries):
+    a segment's paths are unique to its writer, so zarr's existence checks never need
+    the network, and each shard costs exactly one request.
+    """
+    import asyncio
+
+    from zarr.storage import MemoryStore, WrapperStore
+
+    remote = not loc.local
 
     class HashingStore(WrapperStore):
         def __init__(self, store):
@@ -63,18 +73,35 @@ def _hashing_store(loc: Location):
 
         async def set(self, key, value):
             self._record(key, value)
-            await self._store.set(key, value)
+            if remote:
+                await asyncio.to_thread(loc.write, key, value.to_bytes())
+                if key.endswith("zarr.json"):
+                    await self._store.set(key, value)
+            else:
+                await self._store.set(key, value)
 
         async def set_if_not_exists(self, key, value):
             # Only parent group metadata goes through here; it is shared, so never in a manifest.
-            await self._store.set_if_not_exists(key, value)
+            if key == "zarr.json":
+                return  # the cache root: never touched by a segment writer
+            if remote:
+                if not await self._store.exists(key):
+                    await self._store.set(key, value)
+                    await asyncio.to_thread(loc.write, key, value.to_bytes())
+            else:
+                await self._store.set_if_not_exists(key, value)
 
         async def delete(self, key):
             with self.lock:
                 self.written.pop(key, None)
-            await self._store.delete(key)
+            if remote:
+                await asyncio.to_thread(loc.delete, [key])
+                if await self._store.exists(key):
+                    await self._store.delete(key)
+            else:
+                await self._store.delete(key)
 
-    return HashingStore(loc.zarr_store())
+    return HashingStore(MemoryStore() if remote else loc.zarr_store())
 
 
 class _LayerBuffer:

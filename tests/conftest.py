@@ -135,7 +135,7 @@ def s3():
 
 def s3_options(endpoint: str) -> dict:
     return {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"}, "skip_instance_cache": True}
+            "client_kwargs": {"region_name": "us-east-1"}}
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def s3_bucket(s3):
 
     opts = s3_options(s3)
     name = f"test-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(**opts).mkdir(name)
+    s3fs.S3FileSystem(**opts).call_s3("create_bucket", Bucket=name)
     yield f"s3://{name}", opts
 
 

@@ -1,0 +1,116 @@
+"""S3 (moto's standalone server on loopback) and HTTP (a Range-capable server on loopback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cache_format as cf
+from cache_format import log, ops
+from cache_format.bf16 import BF16
+from cache_format.store import Location
+from conftest import write_cache
+
+
+def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
+    url, opts = s3_bucket
+    data = write_cache(f"{url}/c", storage_options=opts)
+    c = cf.open_cache(f"{url}/c", storage_options=opts)
+    assert c.n_tokens == 65 and c.layers == [1, 3]
+    assert np.array_equal(c.residuals(3).numpy().view(np.uint16), data["residuals"][3].view(np.uint16))
+    assert np.array_equal(c.labels[:], data["rows"]["labels"])
+    # The conditional put refuses a taken commit number; listings are never stale.
+    loc = Location(f"{url}/c", opts)
+    assert not loc.create_exclusive("commits/0000000001.json", b"{}")
+    w = cf.open_cache(f"{url}/c", mode="a", storage_options=opts)
+    with w.segment() as seg:
+        seg.append(residuals={1: np.ones((3, 16), BF16), 3: np.ones((3, 16), BF16)}, tokens=np.arange(3),
+                   seq_ids=np.arange(3), positions=np.arange(3))
+    assert c.refresh().n_tokens == 68 and c.segments[-1].commit == "0000000003.json"
+    with pytest.raises(cf.UserError, match="already holds a cache"):
+        cf.create_cache(f"{url}/c", d_model=16, layers=[1], storage_options=opts)
+    n, bad = ops.verify(c)
+    assert n > 10 and bad == []
+
+
+def test_sync_local_s3_local_keeps_the_fingerprint(tmp_path, s3_bucket):
+    url, opts = s3_bucket
+    write_cache(str(tmp_path / "a"), segments=(30, 20, 9))
+    src = cf.open_cache(tmp_path / "a")
+    w = cf.open_cache(tmp_path / "a", mode="a")
+    w.retract(src.segments[1].id)
+    bf = w.add_layer(5)
+    info = bf.pending()[0]
+    s = slice(info.row_start, info.row_start + info.n_rows)
+    src.refresh()
+    bf.write(info.id, residuals=np.full((info.n_rows, 16), 2, BF16), tokens=src.tokens[s], seq_ids=src.seq_ids[s],
+             positions=src.positions[s])
+    src.refresh()
+    r = ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)
+    assert r["segments"] == 2 and r["layers"] == 0
+    mid = cf.open_cache(f"{url}/c", storage_options=opts)
+    assert mid.fingerprint == src.fingerprint and mid.layer_coverage()[5] == 1
+    ops.sync(f"{url}/c", str(tmp_path / "b"), opts, None)
+    back = cf.open_cache(tmp_path / "b")
+    assert back.fingerprint == src.fingerprint
+    assert all(back.layer_fingerprint(L) == src.layer_fingerprint(L) for L in src.layers)
+    assert np.array_equal(back.residuals(3).numpy().view(np.uint16), src.residuals(3).numpy().view(np.uint16))
+    assert ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)["segments"] == 0  # idempotent
+    # A backfill that lands later in SRC travels as a layer commit.
+    info = bf.pending()[0]
+    s = slice(info.row_start, info.row_start + info.n_rows)
+    bf.write(info.id, residuals=np.full((info.n_rows, 16), 3, BF16), tokens=src.tokens[s], seq_ids=src.seq_ids[s],
+             positions=src.positions[s])
+    assert ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)["layers"] == 1
+    assert cf.open_cache(f"{url}/c", storage_options=opts).fingerprint == src.refresh().fingerprint
+    assert 5 in src.layers
+
+
+def test_http_read_of_published_cache_matches_local(tmp_path, http_serve, make_cache):
+    url, data = make_cache(str(tmp_path / "srv" / "c"), segments=(30, 17))
+    local = cf.open_cache(url)
+    with pytest.raises(cf.CacheError, match="publish"):
+        cf.open_cache(http_serve(tmp_path / "srv") + "/c")
+    ops.publish(Location(url))
+    base = http_serve(tmp_path / "srv")
+    c = cf.open_cache(f"{base}/c")
+    assert c.fingerprint == local.fingerprint and c.n_tokens == 47 and c.layers == [1, 3]
+    for L in c.layers:
+        assert np.array_equal(c.residuals(L).numpy().view(np.uint16), local.residuals(L).numpy().view(np.uint16))
+        assert np.array_equal(c.read_chunk(L, 4).view(np.uint16), local.read_chunk(L, 4).view(np.uint16))
+    assert np.array_equal(c.seq_ids[:], data["rows"]["seq_ids"])
+    assert c.sequences().equals(local.sequences())
+    assert c.stats(1)["count"] == 47
+    n, bad = ops.verify(c)
+    assert bad == [] and n > 0
+    with pytest.raises(cf.UserError, match="read-only"):
+        cf.open_cache(f"{base}/c", mode="a")
+    # An HTTP mirror can be pulled with sync.
+    ops.sync(f"{base}/c", str(tmp_path / "copy"))
+    assert cf.open_cache(tmp_path / "copy").fingerprint == local.fingerprint
+
+
+def test_http_transient_errors_are_retried(tmp_path, http_serve, make_cache):
+    url, data = make_cache(str(tmp_path / "srv" / "c"))
+    ops.publish(Location(url))
+    c = cf.open_cache(http_serve(tmp_path / "srv", fail_first=2) + "/c")  # ACTCACHE_RETRIES=2 in conftest
+    assert np.array_equal(c.tokens[:], data["rows"]["tokens"])
+
+
+def test_unreachable_endpoints_give_a_clear_remote_error(tmp_path, make_cache):
+    from conftest import _free_port
+
+    port = _free_port()
+    with pytest.raises(cf.RemoteError, match="after 3 attempts.*reachable"):
+        cf.open_cache(f"http://127.0.0.1:{port}/c")
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "x", "secret": "y", "skip_instance_cache": True,
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    with pytest.raises(cf.RemoteError, match="reachable"):
+        cf.open_cache("s3://bucket/c", storage_options=opts)
+
+
+def test_s3_missing_bucket_is_a_clear_error(s3):
+    from conftest import s3_options
+
+    with pytest.raises(cf.UserError, match="cannot write"):
+        cf.create_cache("s3://no-such-bucket-here/c", d_model=4, layers=[0], storage_options=s3_options(s3))
