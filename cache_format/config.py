@@ -59,6 +59,7 @@ class HarvestConfig:
     writer_threads: int = 2
     workers: int = 0  # dask workers (one per GPU); 0 = run in this process
     scheduler: str = ""  # address of an existing dask scheduler
+    torch_threads: int = 0  # intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)
 
 
 @dataclass
@@ -150,6 +151,8 @@ class TrainConfig:
     device: str = "auto"
     loader_threads: int = 4
     shuffle_buffer_tokens: int = 262_144
+    torch_threads: int = 0  # intra-op threads for training; 0 = torch's default (1 is fastest for tiny shapes)
+    max_rows: int = 0  # cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all
 
 
 @dataclass

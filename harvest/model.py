@@ -155,21 +155,8 @@ def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
     except OSError as e:
         raise ModelError(f"cannot load tokenizer {tok_src!r} ({str(e).splitlines()[0]}); set model.tokenizer") from None
     layers, layers_path = find_layers(model, cfg.layers_path)
-    prov = {
-        "name_or_path": cfg.name_or_path,
-        "revision": cfg.revision,
-        "resolved_path": path,
-        "dtype": cfg.dtype,
-        "device_map": str(device_map),
-        "class": type(model).__name__,
-        "auto_class": cls.__name__,
-        "model_type": mcfg.model_type,
-        "layers_path": layers_path,
-        "n_layers": len(layers),
-        "config_sha256": hashlib.sha256(json.dumps(mcfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
-        "commit": getattr(mcfg, "_commit_hash", None),
-        **extra,
-    }
+    prov = _provenance(cfg, path, model, cls, mcfg, layers_path, len(layers), extra)
+    prov["device_map"] = str(device_map)
     lm = LoadedModel(model=model, tokenizer=tokenizer, layers=layers, layers_path=layers_path, provenance=prov)
     prov["d_model"] = lm.d_model
     prov["tokenizer"] = {"name_or_path": tok_src if cfg.tokenizer else cfg.name_or_path,
@@ -196,3 +183,62 @@ def tokenizer_hash(files: dict[str, bytes]) -> str:
         h.update(name.encode())
         h.update(files[name])
     return h.hexdigest()
+
+
+def describe_model(cfg: ModelConfig) -> dict:
+    """Class, layer path, depth, width, tokenizer and provenance without loading weights.
+
+    The driver of a run (which may fan out to dask workers) needs these to create the cache
+    and check layers; the model itself is built on the meta device, so this is cheap even
+    for a 27B model.
+    """
+    import transformers as tf
+
+    path, extra = resolve_path(cfg)
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if not extra:
+        kw["revision"] = cfg.revision
+    try:
+        mcfg = tf.AutoConfig.from_pretrained(path, **kw)
+    except OSError as e:
+        raise ModelError(f"cannot load model config from {cfg.name_or_path!r} ({str(e).splitlines()[0]}); "
+                         "check model.name_or_path / revision and network access") from None
+    _torch_dtype(cfg.dtype)
+    cls = _auto_class(cfg, mcfg.model_type)
+    with torch.device("meta"):
+        try:
+            skeleton = cls.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
+        except ValueError as e:
+            raise ModelError(f"{cls.__name__} cannot build {mcfg.model_type!r} ({str(e).splitlines()[0]}); "
+                             "set model.auto_class") from None
+    layers, layers_path = find_layers(skeleton, cfg.layers_path)
+    tok_src = cfg.tokenizer or path
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(tok_src, **({} if extra or cfg.tokenizer else kw))
+    except OSError as e:
+        raise ModelError(f"cannot load tokenizer {tok_src!r} ({str(e).splitlines()[0]}); set model.tokenizer") from None
+    lm = LoadedModel(model=skeleton, tokenizer=tokenizer, layers=layers, layers_path=layers_path,
+                     provenance={"resolved_path": path})
+    files = tokenizer_files_of(lm)
+    prov = _provenance(cfg, path, skeleton, cls, mcfg, layers_path, len(layers), extra)
+    prov["d_model"] = lm.d_model
+    prov["tokenizer"] = {"name_or_path": cfg.tokenizer or cfg.name_or_path, "sha256": tokenizer_hash(files)}
+    return {"provenance": prov, "d_model": lm.d_model, "n_layers": len(layers), "tokenizer": tokenizer,
+            "tokenizer_files": files}
+
+
+def _provenance(cfg, path, model, cls, mcfg, layers_path, n_layers, extra) -> dict:
+    return {
+        "name_or_path": cfg.name_or_path,
+        "revision": cfg.revision,
+        "resolved_path": path,
+        "dtype": cfg.dtype,
+        "class": type(model).__name__,
+        "auto_class": cls.__name__,
+        "model_type": mcfg.model_type,
+        "layers_path": layers_path,
+        "n_layers": n_layers,
+        "config_sha256": hashlib.sha256(json.dumps(mcfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
+        "commit": getattr(mcfg, "_commit_hash", None),
+        **extra,
+    }

@@ -1,0 +1,155 @@
+"""One forward pass, every requested layer, nothing past the deepest.
+
+Forward hooks on the decoder layers keep each requested layer's output (resid_post); the
+hook on the deepest one raises `_StopForward`, so the remaining layers and the LM head never
+run. Residuals go to the host as bf16 through pinned buffers with non_blocking copies and a
+CUDA event per batch, so the GPU never waits for the host; `HostBatch.ready()` waits on the
+event only when a writer thread is about to use the rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+class _StopForward(Exception):
+    """Raised from the deepest hook: the rest of the model is wasted compute."""
+
+
+@dataclass
+class HostBatch:
+    """Captured rows of one batch, on the host (possibly still in flight from the GPU)."""
+
+    residuals: dict[int, torch.Tensor]  # layer -> (rows, d_model) bf16
+    tokens: np.ndarray
+    seq_ids: np.ndarray
+    positions: np.ndarray
+    event: object = None
+
+    def ready(self) -> "HostBatch":
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self
+
+
+class LayerCapture:
+    """Hooks that capture resid_post of `layers` and stop after the deepest."""
+
+    def __init__(self, decoder_layers: torch.nn.ModuleList, layers: list[int], stop_early: bool = True):
+        self.decoder_layers = decoder_layers
+        self.layers = sorted(set(layers))
+        self.stop_early = stop_early
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> "LayerCapture":
+        deepest = self.layers[-1]
+        for layer in self.layers:
+            self._handles.append(self.decoder_layers[layer].register_forward_hook(self._hook(layer, layer == deepest)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: int, last: bool) -> Callable:
+        def hook(module, args, output):
+            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+            if last and self.stop_early:
+                raise _StopForward
+
+        return hook
+
+    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, **kw) -> dict[int, torch.Tensor]:
+        self.outputs = {}
+        try:
+            with torch.inference_mode():
+                model(input_ids=input_ids, use_cache=False, **kw)
+        except _StopForward:
+            pass
+        out, self.outputs = self.outputs, {}
+        return out
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad: causal layers (attention and the Gated DeltaNet recurrence) never look
+    ahead, so real tokens are computed exactly as unpadded and no mask is needed."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        valid[i, : len(s)] = True
+    return ids, valid
+
+
+def to_host(outputs: dict[int, torch.Tensor], valid: torch.Tensor) -> tuple[dict[int, torch.Tensor], object]:
+    """Valid rows of every layer as bf16 on the host; async (pinned + event) on CUDA."""
+    res, event = {}, None
+    for layer, h in outputs.items():
+        rows = h[valid.to(h.device)].to(torch.bfloat16)
+        if rows.device.type == "cuda":
+            buf = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            buf.copy_(rows, non_blocking=True)
+            res[layer] = buf
+        else:
+            res[layer] = rows.contiguous()
+    if any(h.device.type == "cuda" for h in outputs.values()):
+        event = torch.cuda.Event()
+        event.record()
+    return res, event
+
+
+def capture_batch(cap: LayerCapture, model, seqs: list[list[int]], seq_ids: list[int], pad_id: int,
+                  device: torch.device) -> HostBatch:
+    ids, valid = pad_batch(seqs, pad_id)
+    outputs = cap.forward(model, ids.to(device, non_blocking=True))
+    residuals, event = to_host(outputs, valid)
+    positions = np.concatenate([np.arange(len(s), dtype=np.int32) for s in seqs])
+    sids = np.concatenate([np.full(len(s), sid, dtype=np.int64) for s, sid in zip(seqs, seq_ids)])
+    tokens = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
+    return HostBatch(residuals, tokens, sids, positions, event)
+
+
+class BackgroundWriter:
+    """A thread that runs submitted jobs in order behind a bounded queue (back-pressure).
+
+    The forward loop only blocks when `depth` jobs are already waiting, i.e. when writing is
+    the bottleneck. The first error stops the thread and is re-raised to the submitter.
+    """
+
+    def __init__(self, depth: int = 8, name: str = "harvest-writer"):
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # surfaced by submit()/close()
+                    self.error = e
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

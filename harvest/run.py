@@ -1,0 +1,494 @@
+"""Plan work units, capture them into the cache, resume, scale out, add layers later.
+
+A work unit is one segment: `segment_sequences` sequences. Which sequences are already in
+the cache is read from the committed segments' meta (their `seq_ranges`), so a re-run after
+a crash or kill plans only what is missing and ends with the same set of rows as an
+uninterrupted run. Units run in this process (one background writer thread behind a bounded
+queue, so the forward loop never waits on compression or I/O) or as dask tasks, one model
+per worker process, each worker committing its own segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import cache_format as cf
+from cache_format.config import ModelConfig, PipelineConfig, _build
+from cache_format.errors import CacheError, UserError
+
+from . import data, rollouts as ro
+from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
+from .model import LoadedModel, ModelError, describe_model, load_model, tokenizer_files_of
+
+HOOK = "resid_post"
+
+
+@dataclass
+class Unit:
+    """One segment's worth of sequences."""
+
+    key: str
+    source: str
+    seq_ids: list[int]
+    token_ids: list[list[int]] = field(default_factory=list)  # corpus: packed ids; supergpqa: filled after generation
+    records: list[dict] = field(default_factory=list)  # per-sequence source fields
+    questions: list[dict] = field(default_factory=list)  # supergpqa only
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+@dataclass
+class Context:
+    """What a worker needs besides the unit: plain data, so it pickles to dask workers."""
+
+    config: dict
+    cache_url: str
+    threads: int = 0
+    device: str | None = None
+
+
+def _ranges(ids: list[int]) -> list[list[int]]:
+    """[3,4,5,9] -> [[3,6],[9,10]]: compact segment meta for resume."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def done_seq_ids(cache) -> set[int]:
+    done: set[int] = set()
+    for s in cache.segments:
+        for a, b in s.meta.get("seq_ranges", []):
+            done.update(range(a, b))
+    return done
+
+
+# ---------------------------------------------------------------------------------------
+# planning
+
+
+def source_selection(cfg: PipelineConfig) -> dict:
+    """What decides which sequences a run holds; must match to append to a cache."""
+    if cfg.harvest.source == "supergpqa":
+        s = cfg.supergpqa
+        return {"name": "supergpqa", "dataset": s.dataset, "split": s.split, "seed": s.seed,
+                "enable_thinking": s.enable_thinking, "max_new_tokens": s.max_new_tokens,
+                "force_answer": s.force_answer}
+    c = cfg.corpus
+    return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed,
+            "sources": [dataclasses.asdict(s) for s in c.sources]}
+
+
+def plan_units(cfg: PipelineConfig, tokenizer, done: set[int]) -> tuple[list[Unit], int]:
+    """Units still to do, and the total number of sequences the run wants."""
+    per = max(1, cfg.harvest.segment_sequences)
+    todo: list[tuple[int, Any]] = []
+    if cfg.harvest.source == "supergpqa":
+        qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
+        total = len(qs)
+        todo = [(i, q) for i, q in enumerate(qs) if i not in done]
+    else:
+        n_seq = math.ceil(cfg.corpus.tokens / cfg.corpus.seq_len)
+        total = n_seq
+        if len(done) < n_seq:
+            eos = data.corpus_eos(tokenizer)
+            for s in data.pack_corpus(cfg.corpus, tokenizer, eos):
+                if s.seq_index >= n_seq:
+                    break
+                if s.seq_index not in done:
+                    todo.append((s.seq_index, s))
+            if len(done | {i for i, _ in todo}) < n_seq:
+                raise data.DataError(f"the corpus sources ran out after {len(done) + len(todo)} sequences of "
+                                     f"{cfg.corpus.seq_len} tokens; lower --tokens or add sources")
+    units = []
+    for a in range(0, len(todo), per):
+        part = todo[a: a + per]
+        ids = [i for i, _ in part]
+        u = Unit(key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}", source=cfg.harvest.source, seq_ids=ids)
+        if cfg.harvest.source == "supergpqa":
+            u.questions = [q for _, q in part]
+        else:
+            import json
+
+            u.token_ids = [s.token_ids for _, s in part]
+            u.records = [{"source": "corpus", "docs": json.dumps(s.docs)} for _, s in part]
+        units.append(u)
+    return units, total
+
+
+# ---------------------------------------------------------------------------------------
+# per-process state: one model and one cache writer, reused by every unit a worker runs
+
+_STATE: dict[str, Any] = {}
+
+
+def _model(model_cfg: ModelConfig, device: str | None) -> LoadedModel:
+    key = repr((dataclasses.asdict(model_cfg), device))
+    if _STATE.get("model_key") != key:
+        _STATE["model"] = load_model(model_cfg, device=device)
+        _STATE["model_key"] = key
+    return _STATE["model"]
+
+
+def _config(ctx: Context) -> PipelineConfig:
+    return _build(PipelineConfig, {k: v for k, v in ctx.config.items() if k not in ("profile", "source_path")},
+                  "pipeline config")
+
+
+def rows_of(tokenizer, r: ro.Rollout, thinking: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Roles and labels of a rollout's tokens (prompt, then thinking until `</think>`, then answer)."""
+    n_p, n_r = len(r.prompt_ids), len(r.response_ids)
+    roles = np.empty(n_p + n_r, np.int8)
+    roles[:n_p] = cf.ROLE_PROMPT
+    end = tokenizer.convert_tokens_to_ids("</think>")
+    split = n_r
+    if not thinking:
+        split = 0
+    elif isinstance(end, int) and end >= 0 and end in r.response_ids:
+        split = r.response_ids.index(end)
+    roles[n_p: n_p + split] = cf.ROLE_THINKING
+    roles[n_p + split:] = cf.ROLE_ANSWER
+    labels = np.full(n_p + n_r, cf.LABEL_NONE, np.int8)
+    labels[n_p:] = cf.LABEL_CORRECT if r.record.get("correct") else cf.LABEL_WRONG
+    return roles, labels
+
+
+def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer) -> None:
+    """Fill supergpqa units with graded rollouts: stored ones are reused, missing ones generated."""
+    stored: dict[int, ro.Rollout] = {}
+    for u in units:
+        for r in ro.load_rollouts(cache_url, u.key) or []:
+            stored[r.seq_id] = r
+    missing = [(sid, q) for u in units for sid, q in zip(u.seq_ids, u.questions) if sid not in stored]
+    if missing:
+        backend = ro.make_backend(cfg.supergpqa, lm_factory, cfg.model)
+        made = ro.make_rollouts(missing, backend, tokenizer, cfg.supergpqa, lm_factory)
+        by_id = {r.seq_id: r for r in made}
+        for u in units:
+            new = [by_id[s] for s in u.seq_ids if s in by_id]
+            if new:
+                ro.save_rollouts(cache_url, u.key, [stored.get(s) or by_id[s] for s in u.seq_ids])
+        stored.update(by_id)
+    for u in units:
+        rs = [stored[s] for s in u.seq_ids]
+        u.token_ids = [r.token_ids for r in rs]
+        u.records = [{"source": "supergpqa", "prompt_len": len(r.prompt_ids),
+                      **{k: ("" if v is None else v) for k, v in r.record.items()}} for r in rs]
+
+
+class UnitWriter:
+    """Owns one segment in the writer thread: mixes rows within windows, appends, commits."""
+
+    def __init__(self, writer, unit: Unit, meta: dict, mix_window: int, mix_seed: int, on_rows: Callable):
+        self.seg = writer.segment(meta=meta)
+        self.seg.__enter__()
+        self.unit, self.mix_window, self.mix_seed = unit, mix_window, mix_seed
+        self.pending: list[tuple[HostBatch, np.ndarray, np.ndarray]] = []
+        self.pending_seqs = 0
+        self.on_rows = on_rows
+
+    def add(self, hb: HostBatch, roles: np.ndarray, labels: np.ndarray, n_seqs: int) -> None:
+        hb.ready()
+        if self.mix_window <= 1:
+            self._append(hb.residuals, hb.tokens, hb.seq_ids, hb.positions, roles, labels)
+            return
+        self.pending.append((hb, roles, labels))
+        self.pending_seqs += n_seqs
+        if self.pending_seqs >= self.mix_window:
+            self._flush_window()
+
+    def _flush_window(self) -> None:
+        if not self.pending:
+            return
+        hbs = self.pending
+        self.pending, self.pending_seqs = [], 0
+        res = {L: torch.cat([h.residuals[L] for h, _, _ in hbs]) for L in hbs[0][0].residuals}
+        cols = [np.concatenate(x) for x in zip(*[(h.tokens, h.seq_ids, h.positions, r, l) for h, r, l in hbs])]
+        perm = window_permutation(self.mix_seed, int(cols[1][0]), len(cols[0]))
+        t = torch.from_numpy(perm)
+        self._append({L: v[t] for L, v in res.items()}, *[c[perm] for c in cols])
+
+    def _append(self, residuals, tokens, seq_ids, positions, roles, labels) -> None:
+        self.seg.append(residuals, tokens=tokens, seq_ids=seq_ids, positions=positions, labels=labels, roles=roles)
+        self.on_rows(len(tokens), sum(v.numel() * 2 for v in residuals.values()))
+
+    def close(self) -> None:
+        self._flush_window()
+        self.seg.add_sequences([{"seq_id": s, "token_ids": list(map(int, t)), **rec}
+                                for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)])
+        self.seg.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        self.seg.__exit__(type(exc), exc, None)
+
+
+def window_permutation(seed: int, first_seq_id: int, n_rows: int) -> np.ndarray:
+    """The recorded write-time mixing: a permutation seeded by (mix_seed, first sequence id)."""
+    return np.random.default_rng([seed, first_seq_id]).permutation(n_rows)
+
+
+def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | None = None,
+                 on_rows: Callable = lambda rows, nbytes: None) -> dict:
+    """Capture one unit and commit it as one segment. Returns counts for progress."""
+    cfg = _config(ctx)
+    threads = ctx.threads or cfg.harvest.torch_threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    lm = _model(cfg.model, ctx.device)
+    if "writer" not in _STATE or _STATE.get("writer_url") != ctx.cache_url:
+        _STATE["writer"] = cf.open_cache(ctx.cache_url, mode="a")
+        _STATE["writer_url"] = ctx.cache_url
+    w = _STATE["writer"]
+    if unit.source == "supergpqa" and not unit.token_ids:
+        ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
+    layers = w.layers
+    lm.check_layers(layers)
+    own_thread = writer_thread is None
+    wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
+    meta = {"unit": unit.key, "source": unit.source, "seq_ranges": _ranges(unit.seq_ids),
+            "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
+                    "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)"}
+            if cfg.harvest.mix_window > 1 else None}
+    holder: dict = {}
+
+    def open_unit():
+        holder["uw"] = UnitWriter(w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows)
+
+    wt.submit(open_unit)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    thinking = cfg.supergpqa.enable_thinking
+    bs = max(1, cfg.harvest.batch_size)
+    with LayerCapture(lm.layers, layers) as cap:
+        for a in range(0, len(unit.seq_ids), bs):
+            seqs, sids = unit.token_ids[a: a + bs], unit.seq_ids[a: a + bs]
+            hb = capture_batch(cap, lm.model, seqs, sids, pad, lm.device)
+            if unit.source == "supergpqa":
+                rl = [rows_of(lm.tokenizer, _as_rollout(unit, a + i), thinking) for i in range(len(seqs))]
+                roles = np.concatenate([r for r, _ in rl])
+                labels = np.concatenate([l for _, l in rl])
+            else:
+                roles = np.full(len(hb.tokens), cf.ROLE_TEXT, np.int8)
+                labels = np.full(len(hb.tokens), cf.LABEL_NONE, np.int8)
+            wt.submit(lambda hb=hb, roles=roles, labels=labels, n=len(seqs): holder["uw"].add(hb, roles, labels, n))
+    wt.submit(lambda: holder["uw"].close())
+    if own_thread:
+        wt.close()
+    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids)}
+
+
+def _as_rollout(unit: Unit, i: int) -> ro.Rollout:
+    rec = unit.records[i]
+    n_p = rec["prompt_len"]
+    ids = unit.token_ids[i]
+    return ro.Rollout(unit.seq_ids[i], ids[:n_p], ids[n_p:], bool(rec.get("finished")), rec)
+
+
+def _remote_unit(unit: Unit, ctx: Context) -> dict:
+    """The dask task: pin this worker's device, set its threads, run one unit."""
+    from dask.distributed import get_worker
+
+    if torch.cuda.is_available() and ctx.device is None:
+        try:
+            idx = int(get_worker().name)
+        except (ValueError, TypeError):
+            idx = 0
+        ctx = dataclasses.replace(ctx, device=f"cuda:{idx % torch.cuda.device_count()}")
+    return process_unit(unit, ctx)
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
+    url = cfg.harvest.cache
+    try:
+        w = cf.open_cache(url, mode="a")
+    except CacheError as e:
+        if "no zarr.json" not in str(e):
+            raise
+        w = None
+    sel = source_selection(cfg)
+    if w is None:
+        meta = {"model": info["provenance"], "source": sel, "harvest": dataclasses.asdict(cfg.harvest),
+                "hook": {"site": HOOK, "meaning": "output of decoder layer N (0-based), the residual stream after it",
+                         "module_path": f"{info['provenance']['layers_path']}.N"},
+                "pipeline": cfg.to_dict()}
+        return cf.create_cache(url, d_model=info["d_model"], layers=layers, meta=meta, hook=HOOK,
+                               codec=cfg.harvest.codec, chunk_tokens=cfg.harvest.chunk_tokens,
+                               shard_mib=cfg.harvest.shard_mib, tokenizer_files=info["tokenizer_files"]), True
+    m = w.snapshot().meta
+    old, new = m.get("model", {}), info["provenance"]
+    for k in ("name_or_path", "revision", "dtype", "weights_sha256"):
+        if old.get(k) != new.get(k):
+            raise UserError(f"{url} was harvested with model.{k}={old.get(k)!r}, not {new.get(k)!r}; "
+                            "use the same model settings or another --cache")
+    if m.get("source") != sel:
+        raise UserError(f"{url} holds source {m.get('source', {}).get('name')!r} with other selection settings "
+                        f"({m.get('source')}); use the same source settings or another --cache")
+    if w.d_model != info["d_model"]:
+        raise UserError(f"{url} has d_model {w.d_model}, the model has {info['d_model']}; use another --cache")
+    return w, False
+
+
+def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """The whole `harvest run`: create or open the cache, add new layers, capture what is missing."""
+    log = log or (lambda s: None)
+    data.check_source(cfg.harvest.source)
+    layers = sorted(set(cfg.harvest.layers))
+    if not layers:
+        raise UserError("no layers given; pass --layers 11,31,55")
+    t0 = time.time()
+    if cfg.harvest.torch_threads:
+        torch.set_num_threads(cfg.harvest.torch_threads)
+    info = describe_model(cfg.model)
+    bad = [x for x in layers if x >= info["n_layers"]]
+    if bad:
+        raise ModelError(f"layer {bad[0]} is past the model's depth ({info['n_layers']} decoder layers, "
+                         f"0..{info['n_layers'] - 1}); pass --layers within that range")
+    w, created = _open_or_create(cfg, info, layers)
+    summary: dict = {"cache": cfg.harvest.cache, "created": created, "source": cfg.harvest.source}
+    snap = w.snapshot()
+    new_layers = [L for L in layers if L not in snap.declared_layers]
+    backfill = [L for L in snap.declared_layers if L not in snap.layers]  # declared by an interrupted run
+    if new_layers or backfill:
+        summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
+    done = done_seq_ids(w.snapshot())
+    units, total = plan_units(cfg, info["tokenizer"], done)
+    summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
+    log(f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; {len(units)} units to run")
+    ctx = Context(config=cfg.to_dict(), cache_url=cfg.harvest.cache)
+    if units and cfg.harvest.source == "supergpqa" and cfg.supergpqa.backend == "vllm":
+        # vLLM runs first, alone on the GPU, for every pending question; capture loads after it exits.
+        ensure_rollouts(units, cfg, cfg.harvest.cache, lambda: _model(cfg.model, None), info["tokenizer"])
+    rows = run_units(units, ctx, cfg, progress)
+    c = cf.open_cache(cfg.harvest.cache)
+    summary.update(rows_written=rows, n_tokens=c.n_tokens, layers=c.layers, segments=len(c.segments),
+                   fingerprint=c.fingerprint, seconds=round(time.time() - t0, 2))
+    return summary
+
+
+def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bool) -> int:
+    from tqdm import tqdm
+
+    est = sum(u.n_tokens for u in units) or None
+    bar = tqdm(total=est, unit="tok", unit_scale=True, desc="harvest", disable=not progress or not units,
+               dynamic_ncols=True)
+    state = {"rows": 0, "bytes": 0, "t0": time.time()}
+
+    def on_rows(n, nbytes):
+        state["rows"] += n
+        state["bytes"] += nbytes
+        bar.update(n)
+        dt = max(1e-6, time.time() - state["t0"])
+        bar.set_postfix_str(f"{state['bytes'] / dt / 1e6:.1f} MB/s")
+
+    try:
+        if not (cfg.harvest.workers or cfg.harvest.scheduler):
+            wt = BackgroundWriter(cfg.harvest.queue_depth)
+            try:
+                for u in units:
+                    process_unit(u, ctx, wt, on_rows)
+            finally:
+                wt.close()
+        else:
+            _run_dask(units, ctx, cfg, on_rows)
+    finally:
+        bar.close()
+    return state["rows"]
+
+
+def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if cfg.harvest.scheduler:
+        client = Client(cfg.harvest.scheduler)
+    else:
+        n = cfg.harvest.workers
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        ctx = dataclasses.replace(ctx, threads=cfg.harvest.torch_threads or max(1, (os.cpu_count() or 1) // n))
+    try:
+        futs = [client.submit(_remote_unit, u, ctx, key=f"harvest-{u.key}-{os.getpid()}", pure=False) for u in units]
+        sizes = {f.key: u.n_tokens for f, u in zip(futs, units)}
+        for f in as_completed(futs):
+            res = f.result()
+            on_rows(sizes[f.key] or res["rows"], 0)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---------------------------------------------------------------------------------------
+# adding a layer to rows already in the cache
+
+
+def add_layers(cfg: PipelineConfig, w, layers: list[int], progress: bool = True) -> list[int]:
+    """Backfill `layers` into every committed segment, from stored sequences: never regenerates.
+
+    Rows are rebuilt in each segment's stored order (write-time mixing included) by locating
+    every (seq_id, position) in a fresh forward over the stored token ids; the tokens are
+    checked against the stored rows before anything is written.
+    """
+    from tqdm import tqdm
+
+    lm = _model(cfg.model, None)
+    lm.check_layers(layers)
+    bfs = {L: w.add_layer(L) for L in layers}
+    pending = {L: {s.id for s in bf.pending()} for L, bf in bfs.items()}
+    snap = w.snapshot()
+    todo = [s for s in snap.segments if any(s.id in p for p in pending.values())]
+    if not todo:
+        return layers
+    seqs = snap.sequences()
+    tok_of = dict(zip(seqs.column("seq_id").to_pylist(), seqs.column("token_ids").to_pylist()))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    bs = max(1, cfg.harvest.batch_size)
+    bar = tqdm(total=sum(s.n_rows for s in todo), unit="tok", unit_scale=True, desc=f"add layers {layers}",
+               disable=not progress, dynamic_ncols=True)
+    with LayerCapture(lm.layers, layers) as cap:
+        for s in todo:
+            a, b = s.row_start, s.row_start + s.n_rows
+            sid = np.asarray(snap.seq_ids[a:b])
+            pos = np.asarray(snap.positions[a:b])
+            tokens = np.asarray(snap.tokens[a:b])
+            uniq = list(dict.fromkeys(sid.tolist()))
+            missing = [x for x in uniq if x not in tok_of]
+            if missing:
+                raise CacheError(f"segment {s.id}: sequence {missing[0]} has no stored token ids; cannot add a layer")
+            offsets, parts, off = {}, {L: [] for L in layers}, 0
+            for i in range(0, len(uniq), bs):
+                ids = uniq[i: i + bs]
+                hb = capture_batch(cap, lm.model, [tok_of[x] for x in ids], ids, pad, lm.device).ready()
+                for L in layers:
+                    parts[L].append(hb.residuals[L])
+                for x in ids:
+                    offsets[x] = off
+                    off += len(tok_of[x])
+            index = np.fromiter((offsets[x] for x in sid.tolist()), np.int64, len(sid)) + pos
+            flat_tokens = np.concatenate([np.asarray(tok_of[x], np.int64) for x in uniq])
+            if not np.array_equal(flat_tokens[index], tokens):
+                raise CacheError(f"segment {s.id}: stored sequences do not match its token rows; "
+                                 "the cache is inconsistent, run `python -m cache_format verify`")
+            t = torch.from_numpy(index)
+            for L in layers:
+                if s.id in pending[L]:
+                    bfs[L].write(s.id, residuals={L: torch.cat(parts[L])[t]}, tokens=tokens, seq_ids=sid, positions=pos)
+            bar.update(s.n_rows)
+    bar.close()
+    return layers
