@@ -21,7 +21,7 @@ common = $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)
 	$(if $(CACHE),--cache $(CACHE)) $(if $(LAYERS),--layers $(LAYERS)) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: install test demo harvest train report vllm-env bench clean
+.PHONY: install test demo harvest train report vllm-env bench bench-peers-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,15 @@ vllm-env:
 
 bench: install
 	$(PY) bench/run_all.py
+
+# The peers (SAELens, EleutherAI sparsify) live in their own environment and are driven as
+# subprocesses by bench/bench_trainer.py and bench/bench_loader_saelens.py. torch CPU goes in
+# first so that neither pulls a CUDA build; on PyPI sparsify is `eai-sparsify`.
+bench-peers-env:
+	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q --upgrade pip
+	.venv-peers/bin/pip install -q torch==2.13.0
+	.venv-peers/bin/pip install -q torch==2.13.0 sae-lens eai-sparsify
 
 clean:
 	rm -rf caches/tiny runs/tiny

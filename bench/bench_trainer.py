@@ -1,0 +1,212 @@
+"""One full TopK+AuxK training step, ours against EleutherAI sparsify and SAELens, side by side.
+
+Every side gets the same batches (one .npy written here), the same shapes, the same thread
+count, the same seed and the same fixed set of dead latents (so AuxK runs on every side at
+every step, with k_aux = d_in/2 as all three use). Each side runs in its own fresh process:
+ours in this venv, the peers in `.venv-peers` (`make bench-peers-env`), through their own
+training code (bench/peers/*.py). A step is forward, backward, optimizer step, decoder
+renormalization / parallel-gradient removal where the tool does it, and its dead-latent
+bookkeeping. The median over the timed steps (after warmup) gives tokens/s; sides run in
+interleaved, rotated rounds and each keeps its best round (the box is shared with other work).
+
+    python bench/bench_trainer.py                      # 512/8192/32 and 1024/16384/64, batch 4096
+    python bench/bench_trainer.py --shapes 512x8192x32 --sides ours,sparsify
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "bench" / "peers"
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+SIDES = {"ours": None, "sparsify": PEERS / "sparsify_step.py", "saelens": PEERS / "saelens_step.py"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--shapes", default="512x8192x32,1024x16384x64", help="d_in x d_sae x k, comma-separated")
+    p.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a row on real MiniLM hidden states (d=384, n=6144, k=32)")
+    p.add_argument("--sides", default="ours,sparsify,saelens")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--n-batches", type=int, default=4, help="distinct batches, cycled")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the best round counts")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dead-frac", type=float, default=0.1, help="fraction of latents held dead")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run our side in this process
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--aux-alpha", type=float, default=1 / 32, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def structured_gaussian(n_rows: int, d: int, seed: int) -> np.ndarray:
+    """Residual-like rows: a Zipf-weighted sparse mix of 4d unit atoms, a shared offset, noise."""
+    rng = np.random.default_rng(seed)
+    m, s = 4 * d, 16
+    atoms = rng.standard_normal((m, d), dtype=np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    p = 1.0 / np.arange(1, m + 1)
+    p /= p.sum()
+    offset = rng.standard_normal(d, dtype=np.float32)
+    out = np.empty((n_rows, d), dtype=np.float32)
+    for a in range(0, n_rows, 1024):
+        b = min(a + 1024, n_rows)
+        idx = rng.choice(m, size=(b - a, s), p=p)
+        coef = rng.exponential(1.0, size=(b - a, s)).astype(np.float32)
+        out[a:b] = np.einsum("rs,rsd->rd", coef, atoms[idx]) + offset
+        out[a:b] += 0.1 * rng.standard_normal((b - a, d), dtype=np.float32)
+    return out
+
+
+def minilm_rows(n_rows: int, seed: int) -> np.ndarray:
+    """Real residual-stream rows from the MiniLM the design names, via bench/datasets.py."""
+    import importlib.util
+
+    path = ROOT / "bench" / "datasets.py"  # loaded by path: as `datasets` it would shadow HF's
+    if not path.exists():
+        raise SystemExit(f"{path} is missing (the MiniLM loader); pass --no-minilm")
+    spec = importlib.util.spec_from_file_location("bench_datasets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return MINILM_ADAPTER(mod, n_rows, seed)
+
+
+def run_side(side: str, data: Path, d_sae: int, k: int, a: argparse.Namespace) -> dict:
+    common = ["--data", str(data), "--d-sae", str(d_sae), "--k", str(k), "--aux-alpha", str(a.aux_alpha),
+              "--dead-frac", str(a.dead_frac), "--warmup", str(a.warmup), "--steps", str(a.steps),
+              "--threads", str(a.threads), "--seed", str(a.seed)]
+    if side == "ours":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", *common]
+    else:
+        cmd = [str(PEERS_PY), str(SIDES[side]), *common]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SystemExit(f"{side} failed (exit {proc.returncode}): " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def ours_worker(a: argparse.Namespace) -> None:
+    """Our side, in a fresh process: drives train's per-step API with the peers' protocol."""
+    sys.path.insert(0, str(PEERS))
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from _common import run, setup
+
+    from train.sae import TopKSAE
+    from train.trainer import SAETrainer
+
+    data, dead = setup(a)
+    sae = TopKSAE(data.shape[2], a.d_sae, a.k)
+    trainer = SAETrainer(sae, aux_alpha=a.aux_alpha, warmup_steps=1000, total_steps=10_000)
+    trainer.init_from_sample(torch.from_numpy(np.array(data[0][:4096])))
+
+    def prepare() -> None:
+        trainer.since_fired.zero_()
+        trainer.since_fired[dead] = trainer.dead_tokens
+
+    run("ours", a, data, prepare, trainer.step)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.worker == "ours":
+        return ours_worker(a)
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    if bad := [s for s in sides if s not in SIDES]:
+        raise SystemExit(f"unknown side(s) {bad}: pick from {sorted(SIDES)}")
+    if any(s != "ours" for s in sides) and not PEERS_PY.exists():
+        raise SystemExit(f"{PEERS_PY} is missing: run make bench-peers-env (or pass --sides ours)")
+
+    shapes = []
+    for spec in a.shapes.split(","):
+        try:
+            d, n, k = (int(v) for v in spec.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"bad shape {spec!r}: write d_in x d_sae x k, e.g. 512x8192x32") from None
+        shapes.append(("gaussian+structure", d, n, k))
+    if a.minilm:
+        shapes.append(("minilm", 384, 6144, 32))
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
+        for dataset, d, n, k in shapes:
+            rows_needed = a.n_batches * a.batch
+            x = minilm_rows(rows_needed, a.seed) if dataset == "minilm" else structured_gaussian(rows_needed, d, a.seed)
+            path = Path(tmp) / f"{dataset}_{d}.npy"
+            np.save(path, x.reshape(a.n_batches, a.batch, d))
+            result = {"dataset": dataset, "d_in": d, "d_sae": n, "k": k, "batch": a.batch, "sides": {},
+                      "rounds": {s: [] for s in sides}}
+            for rnd in range(a.rounds):
+                # interleaved and rotated, so that load from other work hits every side alike
+                order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
+                for side in order:
+                    t0 = time.time()
+                    r = run_side(side, path, n, k, a)
+                    result["rounds"][side].append(r)
+                    print(f"{dataset} {d}/{n}/{k} round {rnd} {side:9s} {r['tokens_per_s']:9.0f} tokens/s "
+                          f"{r['tokens_per_cpu_s']:9.0f} tokens/cpu-s ({time.time() - t0:.0f}s wall, "
+                          f"load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+            for side, runs in result["rounds"].items():
+                result["sides"][side] = max(runs, key=lambda r: r["tokens_per_s"])  # best round
+            if "ours" in result["sides"]:
+                ours = result["sides"]["ours"]
+                result["ratio"] = {s: ours["tokens_per_s"] / v["tokens_per_s"]
+                                   for s, v in result["sides"].items() if s != "ours"}
+                result["ratio_cpu"] = {s: ours["tokens_per_cpu_s"] / v["tokens_per_cpu_s"]
+                                       for s, v in result["sides"].items() if s != "ours"}
+            rows.append(result)
+
+    report = {"machine": machine(), "threads": a.threads, "batch": a.batch, "warmup": a.warmup,
+              "steps": a.steps, "rounds": a.rounds,
+              "dead_frac": a.dead_frac, "command": " ".join(["python", "bench/bench_trainer.py", *(argv or sys.argv[1:])]),
+              "rows": rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+
+
+def machine() -> str:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def table(report: dict) -> str:
+    sides = [s for s in ("ours", "sparsify", "saelens") if any(s in r["sides"] for r in report["rows"])]
+    head = "| data | d_in/d_sae/k | " + " | ".join(f"{s} tok/s" for s in sides)
+    head += " | ours/sparsify | ours/SAELens |" if "ours" in sides else " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in report["rows"]:
+        cells = [r["dataset"], f"{r['d_in']}/{r['d_sae']}/{r['k']}"]
+        cells += [f"{r['sides'][s]['tokens_per_s']:,.0f}" if s in r["sides"] else "-" for s in sides]
+        if "ours" in sides:
+            cells += [f"{r['ratio'][s]:.2f}x ({r['ratio_cpu'][s]:.2f}x cpu)" if s in r.get("ratio", {}) else "-"
+                      for s in ("sparsify", "saelens")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
