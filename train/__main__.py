@@ -1,0 +1,6 @@
+from cache_format.errors import run_cli
+
+from .cli import cli
+
+if __name__ == "__main__":
+    run_cli(cli, "python -m train")

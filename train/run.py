@@ -1,0 +1,366 @@
+"""`train run`: one pass over the cache trains every requested SAE, with checkpoints and resume.
+
+OUT holds: `run_state.json` (which run this is), `checkpoints/`, `heldout/` (the fixed
+held-out evaluation rows, drawn once), `<name>/trajectory.jsonl` + `trajectory.png` per SAE,
+and at the end the exported SAEs and `run.json`. A killed run resumes from its last
+checkpoint and ends with the same weights as an uninterrupted one (on CPU: identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache_format.config import PipelineConfig, TrainConfig
+from cache_format.errors import CacheError, UserError
+
+from . import dist
+from .checkpoint import Checkpoints, atomic_write_text
+from .export import export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
+from .loader import ShuffledLoader, _bf16_to_torch
+from .metrics import ReconstructionMetrics
+from .sae import TopKSAE
+from .trainer import SAETrainer
+
+# keys that do not change the weights a run produces (so changing them still resumes)
+_OPERATIONAL = {"out", "device", "loader_threads", "keep_last", "keep_best", "checkpoint_every_tokens",
+                "eval_every_tokens", "cache", "layers"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    layer: int
+    d_sae: int
+    k: int
+
+    @property
+    def name(self) -> str:
+        return sae_name(self.layer, self.d_sae, self.k)
+
+
+def open_cache_or_fail(url: str):
+    import cache_format as cf
+
+    try:
+        return cf.open_cache(url)
+    except UserError:
+        raise
+    except Exception as e:
+        raise CacheError(f"{url} is not a readable cache ({type(e).__name__}: {e}); "
+                         "pass --cache with a harvested cache's URL") from None
+
+
+def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:
+    settings = [(tc.d_sae, tc.k)] + [(s.d_sae, s.k) for s in tc.sweep]
+    for d_sae, k in settings:
+        if d_sae <= 0 or k <= 0 or k >= d_sae:
+            raise UserError(f"k={k} must be between 1 and d_sae-1 (d_sae={d_sae}); lower train.k or raise train.d_sae")
+    seen, specs = set(), []
+    for layer in layers:
+        for d_sae, k in settings:
+            if (layer, d_sae, k) not in seen:
+                seen.add((layer, d_sae, k))
+                specs.append(Spec(layer, d_sae, k))
+    return specs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.world_size() > 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+class Run:
+    def __init__(self, cfg: PipelineConfig, cache_url: str, layers: list[int] | None, out: str,
+                 fresh: bool = False, progress: bool = True):
+        self.rank, self.world = dist.init_from_env()
+        self.cfg, self.tc = cfg, cfg.train
+        if self.tc.torch_threads > 0:
+            torch.set_num_threads(self.tc.torch_threads)
+        self.cache_url = cache_url
+        self.cache = open_cache_or_fail(cache_url)
+        stored = list(self.cache.layers)
+        self.layers = list(layers) if layers else (list(self.tc.layers) or stored)
+        missing = [x for x in self.layers if x not in stored]
+        if missing:
+            raise UserError(f"layer(s) {missing} not in the cache at {cache_url} (it holds {stored}); "
+                            "pass --layers with stored layers, or harvest them first")
+        self.specs = plan_specs(self.tc, self.layers)
+        self.out = Path(out)
+        self.progress = progress and self.rank == 0
+        self.device = resolve_device(self.tc.device)
+        self.fingerprints = {L: self.cache.layer_fingerprint(L) for L in self.layers}
+        self.run_id = self._run_id()
+        self.fresh = fresh
+
+    # ---- identity --------------------------------------------------------------------
+
+    def _run_id(self) -> str:
+        tc = {k: v for k, v in dataclasses.asdict(self.tc).items() if k not in _OPERATIONAL}
+        ident = {"train": tc, "layers": self.layers, "fingerprints": {str(k): v for k, v in self.fingerprints.items()}}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _claim_out(self) -> str:
+        """'new', 'resume' or 'complete'; refuses an OUT that holds another run unless fresh."""
+        state_path = self.out / "run_state.json"
+        if state_path.exists():
+            prev = json.loads(state_path.read_text())
+            if self.fresh:
+                if self.rank == 0:
+                    self._wipe(prev)
+            elif prev.get("run_id") != self.run_id:
+                raise UserError(f"{self.out} holds a different run (other settings, layers or cache data); "
+                                "pass --fresh to replace it or choose another --out")
+            elif prev.get("complete"):
+                return "complete"
+            else:
+                return "resume"
+        elif self.out.exists() and any(self.out.iterdir()) and not self.fresh:
+            if (self.out / "run.json").exists() or (self.out / "checkpoints").exists():
+                raise UserError(f"{self.out} holds files of another run; pass --fresh or choose another --out")
+        dist.barrier()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_state(complete=False)
+        dist.barrier()
+        return "new"
+
+    def _wipe(self, prev: dict) -> None:
+        for name in ["checkpoints", "heldout", *prev.get("saes", [])]:
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        for name in ("run.json", "run_state.json"):
+            (self.out / name).unlink(missing_ok=True)
+
+    def _write_state(self, complete: bool) -> None:
+        atomic_write_text(self.out / "run_state.json", json.dumps(
+            {"run_id": self.run_id, "complete": complete, "saes": [s.name for s in self.specs],
+             "cache": self.cache_url}, indent=2))
+
+    # ---- data ------------------------------------------------------------------------
+
+    def _loader(self, split: str, batch_size: int, seed: int, local: bool = False, **kw) -> ShuffledLoader:
+        """The training loader; `local` = this process reads whole batches on the CPU (eval, init)."""
+        tc = self.tc
+        sharded = split == "train" and not local
+        return ShuffledLoader(
+            self.cache, self.layers, batch_size, seed=seed, split=split, heldout_fraction=tc.heldout_fraction,
+            split_seed=tc.split_seed, roles=list(tc.roles) if tc.roles else "auto",
+            exclude_position0=tc.exclude_position0, exclude_special=tc.exclude_special,
+            norm_outlier=tc.norm_outlier, window_tokens=tc.shuffle_buffer_tokens, threads=tc.loader_threads,
+            device="cpu" if local else self.device, rank=self.rank if sharded else 0,
+            world_size=self.world if sharded else 1, max_rows=tc.max_rows if split == "train" else 0, **kw)
+
+    def _heldout(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The evaluation rows: the first eval_tokens held-out rows of a fixed order, kept in OUT/heldout."""
+        d = self.out / "heldout"
+        if not (d / "rows.npy").exists():
+            if self.tc.heldout_fraction <= 0:
+                return np.zeros(0, np.int64), {}
+            n = self.tc.eval_tokens
+            loader = self._loader("heldout", min(4096, max(n, 1)), seed=self.tc.split_seed, local=True,
+                                  max_epochs=1, drop_last=False, announce=False)
+            rows, parts = [], {L: [] for L in self.layers}
+            got = 0
+            for b in loader:
+                take = min(len(b), n - got)
+                rows.append(b.rows[:take])
+                for L in self.layers:
+                    parts[L].append(b.residuals[L][:take].to(torch.bfloat16).view(torch.int16).numpy())
+                got += take
+                if got >= n:
+                    break
+            loader.close()
+            tmp = d.with_name(".heldout.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for L in self.layers:
+                np.save(tmp / f"L{L}.npy", np.concatenate(parts[L]))
+            np.save(tmp / "rows.npy", np.concatenate(rows))
+            tmp.rename(d)
+        rows = np.load(d / "rows.npy")
+        return rows, {L: np.load(d / f"L{L}.npy", mmap_mode="r") for L in self.layers}
+
+    def _init_sample(self) -> dict[int, torch.Tensor]:
+        """geometric_median_samples train rows (another seed than training's) for b_dec and scale."""
+        n = self.tc.geometric_median_samples
+        loader = self._loader("train", min(n, 4096), seed=self.tc.seed + 7919, local=True, max_epochs=1,
+                              drop_last=False, announce=False)
+        parts = {L: [] for L in self.layers}
+        got = 0
+        for b in loader:
+            for L in self.layers:
+                parts[L].append(b.residuals[L])
+            got += len(b)
+            if got >= n:
+                break
+        loader.close()
+        return {L: torch.cat(v)[:n] for L, v in parts.items()}
+
+    # ---- the run ---------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        return math.ceil(self.tc.training_tokens / self.tc.batch_size)
+
+    def _build(self) -> dict[str, SAETrainer]:
+        tc = self.tc
+        trainers = {}
+        for s in self.specs:
+            torch.manual_seed(tc.seed * 1_000_003 + zlib.crc32(s.name.encode()))
+            sae = TopKSAE(self.cache.d_model, s.d_sae, s.k).to(self.device)
+            trainers[s.name] = SAETrainer(
+                sae, lr=tc.lr, lr_min=tc.lr_min, warmup_steps=tc.warmup_steps, total_steps=self.total_steps(),
+                k_aux=tc.k_aux or self.cache.d_model // 2, aux_alpha=tc.aux_alpha, dead_tokens=tc.dead_tokens,
+                grad_clip=tc.grad_clip)
+        return trainers
+
+    def execute(self) -> dict:
+        status = self._claim_out()
+        if status == "complete":
+            if self.rank == 0:
+                print(f"run in {self.out} is already complete ({self.tc.training_tokens} tokens per SAE); "
+                      "nothing to do (pass --fresh to train again)", file=sys.stderr)
+            return json.loads((self.out / "run.json").read_text())
+        tc = self.tc
+        ckpts = Checkpoints(self.out / "checkpoints", tc.keep_last, tc.keep_best)
+        trainers = self._build()
+        loader = self._loader("train", tc.batch_size, seed=tc.seed)
+        held_rows, held = self._heldout() if self.rank == 0 else (None, None)
+        dist.barrier()
+        latest = ckpts.latest() if status == "resume" else None
+        history: dict[str, list[dict]] = {s.name: [] for s in self.specs}
+        if latest is not None:
+            state = Checkpoints.load(latest)
+            for name, tr in trainers.items():
+                tr.load_state_dict(state["saes"][name])
+            loader.load_state_dict(state["loader"])
+            tokens = int(state["tokens"])
+            history = state["history"]
+            if self.rank == 0:
+                print(f"resuming {self.out} from {latest.name} ({tokens} tokens)", file=sys.stderr)
+        else:
+            tokens = 0
+            sample = self._init_sample()
+            for s in self.specs:
+                trainers[s.name].init_from_sample(sample[s.layer], normalize=tc.normalize)
+            del sample
+        if self.rank == 0:
+            for s in self.specs:
+                self._write_trajectory(s, history[s.name])
+
+        total = self.total_steps() * tc.batch_size
+        next_eval = self._next(tokens, tc.eval_every_tokens)
+        next_ckpt = self._next(tokens, tc.checkpoint_every_tokens)
+        bar = tqdm(total=total, initial=tokens, unit="tok", unit_scale=True, disable=not self.progress,
+                   file=sys.stderr, desc="train", dynamic_ncols=True, mininterval=1.0)
+        last: dict[str, dict] = {}
+        try:
+            while tokens < total:
+                batch = next(loader)
+                for s in self.specs:
+                    last[s.name] = trainers[s.name].step(batch.residuals[s.layer])
+                tokens += tc.batch_size
+                bar.update(tc.batch_size)
+                done = tokens >= total
+                evaluate = tokens >= next_eval or done or tokens >= next_ckpt
+                if evaluate:
+                    self._evaluate(trainers, tokens, last, history, held)
+                    next_eval = self._next(tokens, tc.eval_every_tokens)
+                if tokens >= next_ckpt or done:
+                    self._checkpoint(ckpts, trainers, loader, tokens, history)
+                    next_ckpt = self._next(tokens, tc.checkpoint_every_tokens)
+                first = next(iter(last.values()))
+                post = {"loss": f"{first['loss']:.4f}"}
+                if history[self.specs[0].name]:
+                    post["ve"] = f"{history[self.specs[0].name][-1]['variance_explained']:.3f}"
+                bar.set_postfix(post, refresh=False)
+        finally:
+            bar.close()
+            loader.close()
+        return self._export(trainers, tokens, history)
+
+    @staticmethod
+    def _next(tokens: int, every: int) -> int:
+        every = max(every, 1)
+        return (tokens // every + 1) * every
+
+    @torch.no_grad()
+    def _evaluate(self, trainers, tokens, last, history, held) -> None:
+        if self.rank == 0:
+            for s in self.specs:
+                tr = trainers[s.name]
+                row = {"tokens": tokens, "step": tr.steps, "time": time.time()}
+                if held:
+                    m = ReconstructionMetrics(s.d_sae)
+                    data = held[s.layer]
+                    for i in range(0, len(data), 4096):
+                        x = _bf16_to_torch(np.asarray(data[i:i + 4096])).float().to(self.device)
+                        vals, idx = tr.sae.encode(x)
+                        m.update(x, tr.sae.decode(vals, idx), vals, idx)
+                    metrics = m.compute()
+                    row["eval_tokens"] = metrics.pop("tokens")
+                    row.update(metrics)
+                row.update({"train_" + k: v for k, v in last.get(s.name, {}).items()})
+                row["train_dead_fraction"] = float(tr.dead_mask().float().mean())
+                history[s.name].append(row)
+                self._write_trajectory(s, history[s.name])
+        dist.barrier()
+
+    def _write_trajectory(self, s: Spec, rows: list[dict]) -> None:
+        d = self.out / s.name
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if rows and "variance_explained" in rows[-1]:
+            plot_trajectory(rows, d / "trajectory.png", s.name)
+
+    def _checkpoint(self, ckpts, trainers, loader, tokens, history) -> None:
+        if self.rank == 0:
+            scores = [h[-1]["variance_explained"] for h in history.values() if h and "variance_explained" in h[-1]]
+            state = {"run_id": self.run_id, "tokens": tokens, "loader": loader.state_dict(), "history": history,
+                     "saes": {name: tr.state_dict() for name, tr in trainers.items()}}
+            ckpts.save(state, tokens, float(np.mean(scores)) if scores else None)
+        dist.barrier()
+
+    def _export(self, trainers, tokens, history) -> dict:
+        tc = self.tc
+        run = {"run_id": self.run_id, "cache": self.cache_url, "cache_fingerprint": self.cache.fingerprint,
+               "layer_fingerprints": {str(k): v for k, v in self.fingerprints.items()}, "layers": self.layers,
+               "tokens": tokens, "complete": True, "config": dataclasses.asdict(tc),
+               "model": (self.cache.meta.get("model") or {}).get("name_or_path", ""), "saes": []}
+        if self.rank == 0:
+            meta = self.cache.meta
+            hook = getattr(self.cache, "hook", "resid_post")
+            module = (meta.get("model") or {}).get("layers_path", "")
+            for s in self.specs:
+                tr = trainers[s.name]
+                split = {"seed": tc.split_seed, "fraction": tc.heldout_fraction, "by": "seq_id hash (train.split)"}
+                norm = {"input_mean": "zeros", "input_scale": float(tr.sae.input_scale[0]), "folded": True} \
+                    if tc.normalize else {"kind": "none"}
+                cfg = sae_lens_cfg(tr.sae, layer=s.layer, hook=hook, hook_module=f"{module}.{s.layer}" if module else "",
+                                   model=run["model"], fingerprint=self.fingerprints[s.layer], tokens=tr.tokens,
+                                   split=split, normalization=norm, config=run["config"], cache_url=self.cache_url)
+                files = export_sae(tr.sae, self.out / s.name, cfg)
+                metrics = {k: v for k, v in (history[s.name][-1] if history[s.name] else {}).items()
+                           if k not in ("time",)}
+                run["saes"].append({"name": s.name, "path": s.name, "layer": s.layer, "d_sae": s.d_sae, "k": s.k,
+                                    "hook": hook, "layer_fingerprint": self.fingerprints[s.layer],
+                                    "tokens": tr.tokens, "lr": tr.peak_lr, "files": files, "metrics": metrics,
+                                    "trajectory": f"{s.name}/trajectory.jsonl"})
+            write_run_json(self.out, run)
+            self._write_state(complete=True)
+            print(f"trained {len(self.specs)} SAE(s) on {tokens} tokens each -> {self.out}/run.json", file=sys.stderr)
+        dist.barrier()
+        return run
