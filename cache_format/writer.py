@@ -530,7 +530,7 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
     if loc.http:
         raise UserError(f"{url}: HTTP is read-only; create the cache locally or on S3 and `publish` it")
     chunk_bytes = chunk_tokens * d_model * 2
-    shard_rows = max(1, round(shard_mib * 2**20 / chunk_bytes)) * chunk_tokens
+    shard_rows = max(1, round(shard_mib * 2**20 / chunk_bytes)) * chunk_tokens  # shard_mib may be fractional
     attrs = {"format": provenance.FORMAT_NAME, "format_version": provenance.FORMAT_VERSION,
              "d_model": int(d_model), "hook": hook, "layers": layers, "dtype": "bfloat16",
              "codec": codec, "chunk_tokens": int(chunk_tokens), "shard_rows": int(shard_rows),
