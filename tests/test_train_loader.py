@@ -1,0 +1,182 @@
+"""The shuffled loader on real caches: determinism, exact O(1) resume, filters, mixing, epochs."""
+
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import cache_format as cf
+from cache_format.bf16 import BF16
+from cache_format.errors import UserError
+from train.loader import ShuffledLoader
+from train.split import is_heldout
+
+
+def write_rows(url, n=3000, d=8, seq_len=50, chunk_tokens=64, layers=(0, 2), roles=None, seed=0):
+    rng = np.random.default_rng(seed)
+    w = cf.create_cache(url, d_model=d, layers=list(layers), chunk_tokens=chunk_tokens, shard_mib=1)
+    res = {L: rng.standard_normal((n, d)).astype(BF16) for L in layers}
+    seq = np.arange(n) // seq_len
+    with w.segment() as seg:
+        seg.append(residuals=res, tokens=(np.arange(n) % 97).astype(np.int32), seq_ids=seq.astype(np.int64),
+                   positions=(np.arange(n) % seq_len).astype(np.int32), labels=np.full(n, -1, np.int8),
+                   roles=np.zeros(n, np.int8) if roles is None else roles.astype(np.int8))
+    return cf.open_cache(url), res
+
+
+class SlowCache:
+    """The same cache, with chunk reads finishing in a random order (thread timing varies)."""
+
+    def __init__(self, cache, seed):
+        self._c, self._rng = cache, random.Random(seed)
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def read_chunk(self, layer, i):
+        time.sleep(self._rng.random() * 0.004)
+        return self._c.read_chunk(layer, i)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return write_rows(str(tmp_path / "c"))
+
+
+def rows_of(loader, n):
+    return [b.rows.copy() for _, b in zip(range(n), loader)]
+
+
+def test_batches_hold_the_rows_they_name_for_every_layer(cache):
+    c, res = cache
+    with ShuffledLoader(c, [0, 2], 128, seed=3, heldout_fraction=0.1, window_tokens=256, threads=3) as ld:
+        for _, b in zip(range(12), ld):
+            assert b.residuals[0].dtype == torch.float32 and b.residuals[0].shape == (128, 8)
+            for L in (0, 2):
+                assert np.array_equal(b.residuals[L].numpy(), res[L][b.rows].astype(np.float32))
+
+
+def test_deterministic_whatever_the_thread_timing(cache):
+    c, _ = cache
+    kw = dict(seed=7, heldout_fraction=0.1, window_tokens=200, max_epochs=2)
+    a = rows_of(ShuffledLoader(c, [0, 2], 100, threads=1, **kw), 1000)
+    b = rows_of(ShuffledLoader(SlowCache(c, 1), [0, 2], 100, threads=6, prefetch=1, **kw), 1000)
+    d = rows_of(ShuffledLoader(SlowCache(c, 2), [0, 2], 100, threads=3, prefetch=4, **kw), 1000)
+    assert len(a) == len(b) == len(d) > 40
+    assert all(np.array_equal(x, y) and np.array_equal(x, z) for x, y, z in zip(a, b, d))
+    other = rows_of(ShuffledLoader(c, [0, 2], 100, threads=1, **dict(kw, seed=8)), 5)
+    assert not np.array_equal(a[0], other[0])
+
+
+def test_exact_resume_in_constant_time(cache, capsys):
+    c, _ = cache
+    kw = dict(seed=1, heldout_fraction=0.1, window_tokens=300, threads=2)
+    ref = ShuffledLoader(c, [0], 96, **kw)
+    full = rows_of(ref, 120)  # past several epochs (2700 train rows / 96 per batch)
+    states = {}
+    ld = ShuffledLoader(c, [0], 96, **kw)
+    for i, b in zip(range(100), ld):
+        states[i + 1] = b.state
+    ld.close()
+    for at in (1, 37, 99):
+        fresh = ShuffledLoader(c, [0], 96, **kw)
+        reads = []
+        orig = c.read_chunk
+        c.read_chunk = lambda L, i, _o=orig: (reads.append(i), _o(L, i))[1]
+        fresh.load_state_dict(states[at])
+        got = rows_of(fresh, 120 - at)
+        c.read_chunk = orig
+        assert all(np.array_equal(x, y) for x, y in zip(got, full[at:]))
+        first_window = len(fresh.windows(states[at]["epoch"])[states[at]["window"]])
+        assert len(reads) <= 3 * first_window + 2 * (120 - at) * 96 // 64 + 10  # no replay of consumed data
+    assert "epoch 2 begins" in capsys.readouterr().err
+
+
+def test_each_epoch_visits_every_train_row_once_and_split_is_by_sequence(cache):
+    c, _ = cache
+    ld = ShuffledLoader(c, [0], 50, seed=2, heldout_fraction=0.2, split_seed=5, window_tokens=128, max_epochs=1,
+                        drop_last=False, announce=False)
+    rows = np.concatenate([b.rows for b in ld])
+    seq = np.asarray(c.seq_ids[:])
+    expect = np.flatnonzero(~is_heldout(seq, 5, 0.2))
+    assert np.array_equal(np.sort(rows), expect)
+    held = ShuffledLoader(c, [0], 50, split="heldout", heldout_fraction=0.2, split_seed=5, max_epochs=1,
+                          drop_last=False)
+    hrows = np.concatenate([b.rows for b in held])
+    assert set(seq[hrows]).isdisjoint(set(seq[rows]))
+    assert len(hrows) + len(rows) == c.n_tokens
+
+
+def test_mixing_matches_a_perfect_shuffle_of_the_window(tmp_path):
+    # rows stored sequence by sequence (60 sequences of 50): every chunk holds one sequence
+    c, _ = write_rows(str(tmp_path / "m"), n=3000, seq_len=50, chunk_tokens=50)
+    seq = np.asarray(c.seq_ids[:])
+    rng = np.random.default_rng(0)
+
+    def distinct(window):
+        ld = ShuffledLoader(c, [0], 64, seed=0, heldout_fraction=0.0, window_tokens=window, announce=False)
+        return np.mean([len(np.unique(seq[b.rows])) for _, b in zip(range(60), ld)])
+
+    def ideal(n_seq):  # 64 rows drawn at random from n_seq equal sequences
+        return np.mean([len(np.unique(rng.choice(n_seq * 50, 64, replace=False) // 50)) for _ in range(400)])
+
+    assert len(np.unique(seq[:64])) == 2  # what reading in order would give
+    assert distinct(3000) > 0.95 * ideal(60)  # the window holds everything: a perfect shuffle
+    assert distinct(1500) > 0.95 * ideal(30)  # 30 sequences per window
+
+
+def test_filters_roles_position0_norm_outliers_and_cap(tmp_path):
+    n = 2000
+    roles = np.tile(np.array([1, 1, 2, 2, 2, 3, 3, 3, 3, 3]), n // 10)
+    c, res = write_rows(str(tmp_path / "f"), n=n, roles=roles, seq_len=40)
+    ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, max_epochs=1, drop_last=False)  # auto: rollout
+    got = np.concatenate([b.rows for b in ld])
+    assert set(roles[got]) == {2, 3} and len(got) == int((roles >= 2).sum())
+    ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, roles=["prompt"], exclude_position0=True,
+                        max_epochs=1, drop_last=False)
+    got = np.concatenate([b.rows for b in ld])
+    assert set(roles[got]) == {1} and not np.any(np.asarray(c.positions[:])[got] == 0)
+    ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, roles=None, max_rows=700, max_epochs=1,
+                        drop_last=False)
+    got = np.concatenate([b.rows for b in ld])
+    assert len(got) == len(np.unique(got)) == 700 and got.max() > 1500  # a random sample, not a prefix
+
+
+def test_norm_outliers_are_dropped(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 1000, 8
+    url = str(tmp_path / "o")
+    w = cf.create_cache(url, d_model=d, layers=[1], chunk_tokens=100, shard_mib=1)
+    x = rng.standard_normal((n, d))
+    sinks = np.arange(0, n, 50)
+    x[sinks] *= 100  # attention-sink-like rows
+    with w.segment() as seg:
+        seg.append(residuals={1: x.astype(BF16)}, tokens=np.zeros(n, np.int32), seq_ids=np.arange(n) // 50,
+                   positions=np.arange(n) % 50, labels=np.full(n, -1, np.int8), roles=np.zeros(n, np.int8))
+    c = cf.open_cache(url)
+    ld = ShuffledLoader(c, [1], 50, heldout_fraction=0.0, norm_outlier=5.0, max_epochs=1, drop_last=False)
+    got = np.concatenate([b.rows for b in ld])
+    assert set(got) == set(range(n)) - set(sinks)
+
+
+def test_user_errors(cache):
+    c, _ = cache
+    with pytest.raises(UserError, match="not in the cache"):
+        ShuffledLoader(c, [5], 10)
+    with pytest.raises(UserError, match="larger than"):
+        ShuffledLoader(c, [0], 10_000, heldout_fraction=0.1)
+    with pytest.raises(UserError, match="no rows"):
+        ShuffledLoader(c, [0], 10, roles=["thinking"])
+    with pytest.raises(UserError, match="multiple"):
+        ShuffledLoader(c, [0], 10, world_size=3)
+
+
+def test_ranks_split_each_global_batch(cache):
+    c, _ = cache
+    kw = dict(seed=4, heldout_fraction=0.1, window_tokens=256)
+    whole = rows_of(ShuffledLoader(c, [0], 64, **kw), 10)
+    r0 = rows_of(ShuffledLoader(c, [0], 64, rank=0, world_size=2, **kw), 10)
+    r1 = rows_of(ShuffledLoader(c, [0], 64, rank=1, world_size=2, **kw), 10)
+    assert all(np.array_equal(w, np.concatenate([a, b])) for w, a, b in zip(whole, r0, r1))
