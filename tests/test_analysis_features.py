@@ -1,72 +1,23 @@
 """Feature statistics and the reverse index on a real cache whose labels and activations are
 known by construction: an exact ±basis SAE makes feature j's activation equal to x_j."""
 
-from pathlib import Path
+import json
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
-import torch
-from tokenizers import Tokenizer
+import pytest
 
 import cache_format as cf
 from cache_format.config import AnalysisConfig
 from train.features import Split, analyze, scan
-from train.sae import TopKSAE
 from train.split import is_heldout
 
-D, LAYER, SEED, FRACTION = 16, 2, 0, 0.5
-TINY = Path(__file__).resolve().parents[1] / "harvest" / "assets" / "tiny"
-
-
-def identity_sae(d=D):
-    sae = TopKSAE(d, 2 * d, d)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
-def residual(token, position, correct):
-    """Feature 8 + token % 8 fires at 1 + position/100; feature 0 only on correct rollouts (2.0);
-    feature 1 on every row (0.5). Everything else stays silent."""
-    x = np.zeros(D, np.float32)
-    x[8 + token % 8] = 1 + position / 100
-    x[0] = 2.0 * correct
-    x[1] = 0.5
-    return x
+from analysis_data import D, FRACTION, LAYER, SEED, identity_sae, make_cache
 
 
 @pytest.fixture(scope="module")
 def cache_url(tmp_path_factory):
-    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
-    lines = [ln for ln in (TINY / "corpus.txt").read_text().splitlines() if len(ln.split()) > 8][:40]
-    seq_ids = np.arange(100, 100 + len(lines))
-    held = is_heldout(seq_ids, SEED, FRACTION)
-    # alternate correct / wrong inside each split so both classes are held out
-    correct = np.zeros(len(lines), bool)
-    for mask in (held, ~held):
-        correct[np.flatnonzero(mask)[::2]] = True
-    url = str(tmp_path_factory.mktemp("c") / "cache")
-    w = cf.create_cache(url, d_model=D, layers=[LAYER], meta={"source": "supergpqa"}, chunk_tokens=64, shard_mib=1,
-                        tokenizer_files={"tokenizer.json": (TINY / "tokenizer.json").read_bytes()})
-    truth = []
-    with w.segment() as seg:
-        for s, line, ok in zip(seq_ids, lines, correct):
-            ids = np.asarray(tok.encode(line).ids[:40], np.int64)
-            n = len(ids)
-            pos = np.arange(n)
-            roles = np.where(pos < 3, cf.ROLE_PROMPT, np.where(pos < n - 4, cf.ROLE_THINKING, cf.ROLE_ANSWER))
-            labels = np.where(pos < 3, -1, int(ok))
-            x = np.stack([residual(int(t), int(p), bool(ok)) for t, p in zip(ids, pos)])
-            seg.append(residuals={LAYER: torch.from_numpy(x).bfloat16()}, tokens=ids, seq_ids=np.full(n, s),
-                       positions=pos, labels=labels, roles=roles)
-            seg.add_sequences([{"seq_id": int(s), "token_ids": ids.tolist(), "correct": bool(ok)}])
-            truth.append((s, ids, roles, labels))
-    return url
+    return make_cache(str(tmp_path_factory.mktemp("c") / "cache"))
 
 
 def _expected_rows(url):
@@ -124,7 +75,7 @@ def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
     top = prompts[prompts["rank"] == 0].set_index("feature")
     for j in top.index:
         assert top.loc[j, "activation"] == pytest.approx(fm.loc[j, "max_activation"], rel=1e-6)
-    stats = __import__("json").loads((out / "feature_stats.json").read_text())[f"L{LAYER}"]
+    stats = json.loads((out / "feature_stats.json").read_text())[f"L{LAYER}"]
     assert len(stats["auroc"]) == 2 * D and stats["auroc"][0] == pytest.approx(1.0)
 
 

@@ -1,0 +1,110 @@
+"""`train eval / analyze / report` and `harvest loss-recovered` on real caches and exports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cache_format as cf
+from train.analysis_cli import analyze_cmd, eval_cmd, report_cmd
+from train.export import export_sae, sae_lens_cfg, write_run_json
+
+from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
+
+NAME = "L2_n32_k16"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    url = make_cache(str(root / "cache"))
+    sae = identity_sae()
+    c = cf.open_cache(url)
+    cfg = sae_lens_cfg(sae, layer=LAYER, hook="resid_post", hook_module="", model="test",
+                       fingerprint=c.layer_fingerprint(LAYER), tokens=1000,
+                       split={"seed": SEED, "fraction": FRACTION}, normalization={}, config={}, cache_url=url)
+    out = root / "out"
+    export_sae(sae, out / NAME, cfg)
+    traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5, "l0": 2.5} for t in (100, 200, 300)]
+    (out / NAME / "trajectory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in traj))
+    write_run_json(out, {"saes": [{"name": NAME, "path": NAME, "layer": LAYER,
+                                   "metrics": {"variance_explained": 1.0, "mse": 0.0, "l0": 2.5,
+                                               "dead_fraction": 0.5, "alive": 16}}]})
+    return out, url
+
+
+def _ok(result):
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def test_eval_json_on_export_and_on_a_000_file(run_dir):
+    out, url = run_dir
+    r = _ok(CliRunner().invoke(eval_cmd, ["--sae", str(out / NAME), "--json", "--quiet"]))
+    m = json.loads(r.stdout)
+    assert m["variance_explained"] == pytest.approx(1.0, abs=1e-6)
+    assert m["mse"] == pytest.approx(0.0, abs=1e-9)
+    assert m["same_data_as_training"] is True and m["layer"] == LAYER and m["layout"] == "sae_lens"
+    assert set(m) >= {"variance_explained", "mse", "l0", "dead_fraction", "alive"}
+    # the 000 .pt beside it records neither cache nor split: pass them; same metrics
+    r = _ok(CliRunner().invoke(eval_cmd, ["--sae", str(out / NAME / f"sae_L{LAYER}_n32_k16.pt"), "--cache", url,
+                                          "--set", f"train.heldout_fraction={FRACTION}", "--json", "--quiet"]))
+    m2 = json.loads(r.stdout)
+    assert m2["layout"] == "topk_pt" and m2["l0"] == pytest.approx(m["l0"]) and m2["alive"] == m["alive"]
+
+
+def test_eval_bad_sae_is_one_line(run_dir, tmp_path):
+    bad = tmp_path / "sae_L2_n32_k16.pt"
+    bad.write_bytes(b"garbage")
+    r = CliRunner().invoke(eval_cmd, ["--sae", str(bad), "--cache", run_dir[1], "--json"])
+    assert r.exit_code != 0 and "not a readable PyTorch file" in str(r.exception)
+
+
+def test_analyze_then_report(run_dir):
+    out, _ = run_dir
+    r = _ok(CliRunner().invoke(analyze_cmd, ["--out", str(out), "--json", "--quiet",
+                                             "--set", "analysis.bootstrap=20", "--set", "analysis.permutations=50"]))
+    summary = json.loads(r.stdout)[NAME]
+    assert summary["max_auroc"] == pytest.approx(1.0) and summary["alive"] == 10  # features 0, 1 and 8..15
+    for f in ("feature_metrics.parquet", "feature_prompts.parquet", "feature_stats.json", "analysis.json"):
+        assert (out / NAME / f).is_file()
+    r = _ok(CliRunner().invoke(report_cmd, ["--out", str(out)]))
+    page = (out / "report.html").read_text()
+    assert r.stdout.strip() == str(out / "report.html")
+    assert page.count("data:image/png;base64,") >= 3  # curve + two histograms
+    assert "correct↑" in page and "<mark>" in page and NAME in page
+    assert "http://" not in page.replace("http://www.w3.org", "")  # self-contained
+
+
+@pytest.mark.slow
+def test_loss_recovered_command_on_the_tiny_model(tmp_path):
+    from harvest import tiny
+    from harvest.splice import loss_recovered_cmd
+    from tokenizers import Tokenizer
+
+    d, layer = 64, 3
+    tok = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))
+    lines = [ln for ln in (tiny.assets() / "corpus.txt").read_text().splitlines() if len(ln.split()) > 8][:12]
+    url = str(tmp_path / "cache")
+    w = cf.create_cache(url, d_model=d, layers=[layer], meta={"model": {"name_or_path": "builtin:tiny"}},
+                        chunk_tokens=64, shard_mib=1)
+    with w.segment() as seg:
+        for s, line in enumerate(lines):
+            ids = np.asarray(tok.encode(line).ids[:24], np.int64)  # one length: one batch per pass
+            n = len(ids)
+            seg.append(residuals={layer: torch.zeros(n, d, dtype=torch.bfloat16)}, tokens=ids, seq_ids=np.full(n, s),
+                       positions=np.arange(n), labels=np.full(n, -1), roles=np.zeros(n, np.int8))
+            seg.add_sequences([{"seq_id": s, "token_ids": ids.tolist()}])
+    sae = identity_sae(d)
+    cfg = {"d_in": d, "d_sae": 2 * d, "k": d, "layer": layer, "cache": url, "split": {"seed": 0, "fraction": 0.5}}
+    export_sae(sae, tmp_path / "sae", cfg)
+    r = _ok(CliRunner().invoke(loss_recovered_cmd, ["--profile", "tiny", "--sae", str(tmp_path / "sae"),
+                                                    "--out", str(tmp_path / "sae"), "--sequences", "4", "--json", "--quiet"]))
+    res = json.loads(r.stdout)["sae"]
+    assert res["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and res["layer"] == layer and res["sequences"] == 4
+    assert json.loads((tmp_path / "sae" / "loss_recovered.json").read_text())["tokens"] == res["tokens"] > 0
+    # a cache harvested from another model is refused in one line
+    r = CliRunner().invoke(loss_recovered_cmd, ["--sae", str(tmp_path / "sae"), "--json", "--quiet"])
+    assert r.exit_code != 0 and "was harvested from 'builtin:tiny'" in str(r.exception)
