@@ -84,8 +84,9 @@ class _ArrayReader:
         if idx is None or idx[j, 0] == _EMPTY:
             return np.zeros((rows, *self.row_shape), self.dtype)
         off, nb = int(idx[j, 0]), int(idx[j, 1])
-        raw = self.decode(self.loc.read_range(f"{self.path}/{self.shard_key(s)}", off, off + nb))
-        a = np.frombuffer(raw, self.dtype).reshape(self.chunk_rows, *self.row_shape)
+        nbytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        raw = self.decode(self.loc.read_range(f"{self.path}/{self.shard_key(s)}", off, off + nb), nbytes)
+        a = raw.view(self.dtype).reshape(self.chunk_rows, *self.row_shape)
         return a[:rows]
 
     def rows(self, a: int, b: int) -> np.ndarray:
