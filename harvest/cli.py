@@ -44,5 +44,14 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
               f"in {summary['cache']} ({summary['seconds']}s)", file=sys.stderr)
 
 
+def _register_splice() -> None:
+    from .splice import loss_recovered_cmd
+
+    cli.add_command(loss_recovered_cmd)
+
+
+_register_splice()
+
+
 def main() -> None:
     run_cli(cli, "harvest")
