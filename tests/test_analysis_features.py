@@ -72,6 +72,8 @@ def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
             assert r["token_id"] % 8 == r["feature"] - 8  # the feature's own token
         # the row really activates the feature by the stored amount
         assert xs[:, r["feature"]].max() >= r["activation"] - 1e-6
+    assert not prompts.duplicated(["feature", "seq_id"]).any()  # one example per sequence
+    assert prompts.groupby("feature").size().max() == cfg.top_examples
     top = prompts[prompts["rank"] == 0].set_index("feature")
     for j in top.index:
         assert top.loc[j, "activation"] == pytest.approx(fm.loc[j, "max_activation"], rel=1e-6)

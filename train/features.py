@@ -382,12 +382,21 @@ def _sequence_labels(seq_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
 # reverse index
 
 
-def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int) -> dict[str, np.ndarray]:
-    """The `per_feature` highest activations of each feature: (feature, rank, scan row, value)."""
+def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The `per_feature` highest activations of each feature: (feature, rank, scan row, value).
+
+    With `groups` (the sequence of each scan row), a feature keeps at most one example per
+    sequence, its strongest: neighbouring tokens of one text otherwise fill the whole list.
+    """
     rows, feats, v = _sparse_entries(idx, vals)
     order = np.lexsort((-v, feats))  # by feature, then activation descending
+    if groups is not None and len(order):
+        g = np.asarray(groups)[rows[order]]
+        pair = np.stack([feats[order], g], axis=1)
+        _, first = np.unique(pair, axis=0, return_index=True)
+        order = order[np.sort(first)]  # first = strongest of each (feature, sequence), order kept
     feats_o = feats[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(feats_o)) + 1]
+    starts = np.r_[0, np.flatnonzero(np.diff(feats_o)) + 1] if len(order) else np.zeros(0, np.int64)
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     top = rank < per_feature
     o = order[top]
@@ -502,7 +511,7 @@ def analyze(
     fm_seconds = time.perf_counter() - t0
     fm["n_examples"] = np.zeros(sae.d_sae, dtype=np.int32)
 
-    ex = top_examples(res.idx, res.vals, cfg.top_examples)
+    ex = top_examples(res.idx, res.vals, cfg.top_examples, groups=cols["seq_ids"])
     np.add.at(fm["n_examples"], ex["feature"], 1)
     r = ex["scan_row"]
     cache = cf.open_cache(res.url)

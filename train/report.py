@@ -135,13 +135,14 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _table(header: list[str], rows: list[list[Any]], raw_cols: tuple[int, ...] = ()) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[Any]], raw_cols: tuple[int, ...] = ()) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header or [])
     body = []
     for r in rows:
         tds = "".join(f"<td>{v if i in raw_cols else _fmt(v)}</td>" for i, v in enumerate(r))
         body.append(f"<tr>{tds}</tr>")
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    head = f"<thead><tr>{th}</tr></thead>" if header else ""
+    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
 def _json_block(title: str, obj: Any) -> str:
@@ -210,7 +211,15 @@ def _sae_section(sae: dict, n_features: int) -> str:
         parts.append("<h3>Features</h3>")
         summary = analysis.get("summary", {})
         if summary:
-            parts.append(_table(list(summary), [list(summary.values())]))
+            items = list(summary.items())
+            per_row = 4
+            grid = []
+            for i in range(0, len(items), per_row):
+                row = []
+                for key, val in items[i : i + per_row]:
+                    row += [f"<b>{html.escape(key)}</b>", _fmt(val)]
+                grid.append(row + [""] * (2 * per_row - len(row)))
+            parts.append(_table(None, grid, raw_cols=tuple(range(2 * per_row))))
         figs = [_img(fire_rate_histogram(metrics["fire_rate"].to_numpy(), name), "fire-rate histogram")]
         if "auroc" in metrics and metrics["auroc"].notna().any():
             sig = (metrics["q_value"] <= 0.05).to_numpy() if "q_value" in metrics else None

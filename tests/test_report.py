@@ -1,0 +1,85 @@
+"""The HTML report renders in headless Chromium (Debian's package) and is not blank."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cache_format as cf
+from cache_format.config import AnalysisConfig
+from train.export import export_sae, sae_lens_cfg, write_run_json
+from train.features import Split, analyze
+from train.report import render_report
+
+from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> str:
+    """Install Debian's chromium when missing (the test setup's job; CI runs as root)."""
+    if not Path(CHROMIUM).exists():
+        if shutil.which("apt-get") is None or os.geteuid() != 0:
+            pytest.skip("chromium is missing and cannot be installed here (needs apt-get as root)")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, capture_output=True, timeout=900)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rep")
+    url = make_cache(str(root / "cache"))
+    sae = identity_sae()
+    c = cf.open_cache(url)
+    name = "L2_n32_k16"
+    cfg = sae_lens_cfg(sae, layer=LAYER, hook="resid_post", hook_module="model.language_model.layers.2", model="test",
+                       fingerprint=c.layer_fingerprint(LAYER), tokens=1000, split={"seed": SEED, "fraction": FRACTION},
+                       normalization={}, config={"d_sae": 32, "k": 16}, cache_url=url)
+    out = root / "run"
+    export_sae(sae, out / name, cfg)
+    traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5} for t in (100, 200, 400)]
+    (out / name / "trajectory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in traj))
+    (out / name / "loss_recovered.json").write_text(json.dumps(
+        {"ce_clean": 2.0, "ce_sae": 2.1, "ce_zero": 6.0, "loss_recovered": 0.975, "kl_sae": 0.05, "kl_zero": 3.1, "tokens": 999}))
+    analyze(sae, url, LAYER, out / name, AnalysisConfig(bootstrap=20, permutations=50), Split(SEED, FRACTION, (2, 3)),
+            progress=False)
+    write_run_json(out, {"saes": [{"name": name, "path": name, "layer": LAYER,
+                                   "metrics": {"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.69,
+                                               "alive": 10}}]})
+    return render_report(out)
+
+
+def test_report_is_self_contained_and_complete(report):
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page and "src=\"http" not in page and "href=\"http" not in page
+    for needle in ("Final metrics", "Config and provenance", "Training curves", "Loss recovered", "0.9750",
+                   "Top ", "correct↑", "<mark>"):
+        assert needle in page, needle
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    from matplotlib.image import imread
+
+    exe = ensure_chromium()
+    shot = tmp_path / "shot.png"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), proc.stderr[-2000:]
+    img = imread(str(shot))[..., :3]
+    assert img.shape[0] >= 1000 and img.shape[1] >= 1000
+    # Not blank: plenty of non-white pixels, and colour (the plots and the highlighted tokens).
+    non_white = (img < 0.95).any(axis=-1).mean()
+    assert non_white > 0.03, non_white
+    colourful = (img.max(axis=-1) - img.min(axis=-1) > 0.2).mean()
+    assert colourful > 0.002, colourful
+    shutil.copy(shot, report.parent / "report_screenshot.png")
