@@ -38,7 +38,9 @@ def run_cmd(config_path, profile, cache, layers, overrides, out, fresh, as_json,
 def _register_extras() -> None:
     """Commands that live in other modules of train (eval, analyze, report) join this group."""
     try:
-        from . import analysis_cli  # noqa: F401  (registers its commands on `cli`)
+        from . import analysis_cli
+
+        analysis_cli.register(cli)
     except ImportError as e:
         if "analysis_cli" not in str(e):
             raise
