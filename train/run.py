@@ -307,7 +307,7 @@ class Run:
                     m = ReconstructionMetrics(s.d_sae)
                     data = held[s.layer]
                     for i in range(0, len(data), 4096):
-                        x = _bf16_to_torch(np.asarray(data[i:i + 4096])).float().to(self.device)
+                        x = _bf16_to_torch(np.array(data[i:i + 4096])).float().to(self.device)
                         vals, idx = tr.sae.encode(x)
                         m.update(x, tr.sae.decode(vals, idx), vals, idx)
                     metrics = m.compute()

@@ -1,0 +1,178 @@
+"""`train run` end to end on caches written through the public API (CliRunner and subprocesses)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cache_format.errors import UserError
+from test_train_data import write_planted
+from train.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--profile", "tiny", "--set", "train.d_sae=192", "--set", "train.k=3", "--set", "train.k_aux=16",
+        "--set", "train.batch_size=256", "--set", "train.lr=0.004", "--set", "train.lr_min=0.0004",
+        "--set", "train.dead_tokens=20000", "--set", "train.shuffle_buffer_tokens=4096",
+        "--set", "train.geometric_median_samples=1024", "--set", "train.eval_tokens=2048"]
+
+
+def run(args):
+    return CliRunner().invoke(cli, ["run", "--no-progress", *args], catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("planted") / "cache")
+    dicts, _ = write_planted(url, layers=(2, 4))
+    return url, dicts
+
+
+def recovered(sae_dir: Path, dic: np.ndarray) -> np.ndarray:
+    w = load_file(str(sae_dir / "sae_weights.safetensors"))["W_dec"]
+    w = w / w.norm(dim=1, keepdim=True)
+    return (torch.tensor(dic, dtype=torch.float32) @ w.T).max(dim=1).values.numpy()
+
+
+@pytest.mark.slow
+def test_planted_features_are_recovered_and_exported(planted, tmp_path):
+    url, dicts = planted
+    out = tmp_path / "out"
+    r = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=200000",
+             "--set", "train.eval_every_tokens=50000", "--set", "train.checkpoint_every_tokens=100000",
+             "--set", "train.sweep=[{d_sae=128, k=4}]"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    run_json = json.loads((out / "run.json").read_text())
+    names = {s["name"] for s in run_json["saes"]}
+    assert names == {"L2_n192_k3", "L2_n128_k4", "L4_n192_k3", "L4_n128_k4"}  # layers x settings, one pass
+    for layer in (2, 4):
+        cos = recovered(out / f"L{layer}_n192_k3", dicts[layer])
+        assert (cos > 0.9).mean() >= 0.9, np.sort(cos)[:10]
+        entry = next(s for s in run_json["saes"] if s["name"] == f"L{layer}_n192_k3")
+        assert entry["metrics"]["variance_explained"] > 0.85 and entry["metrics"]["l0"] <= 3
+        cfg = json.loads((out / entry["path"] / "cfg.json").read_text())
+        assert cfg["d_in"] == 32 and cfg["d_sae"] == 192 and cfg["k"] == 3 and cfg["layer"] == layer
+        assert cfg["layer_fingerprint"] == run_json["layer_fingerprints"][str(layer)]
+        assert cfg["split"]["fraction"] == 0.1 and cfg["tokens_seen"] >= 200000
+        pt = torch.load(out / entry["path"] / f"sae_L{layer}_n192_k3.pt", weights_only=True)
+        assert pt["W_enc"].shape == (32, 192) and pt["W_dec"].shape == (192, 32)
+        traj = [json.loads(x) for x in (out / entry["trajectory"]).read_text().splitlines()]
+        assert [t["tokens"] for t in traj] == sorted(t["tokens"] for t in traj) and len(traj) >= 4
+        assert {"variance_explained", "mse", "l0", "dead_fraction", "alive", "train_dead_fraction"} <= set(traj[-1])
+        assert (out / entry["path"] / "trajectory.png").stat().st_size > 1000
+    # the SAE applies to raw residuals as exported (through train.sae)
+    from train.sae import TopKSAE
+
+    sae = TopKSAE(32, 192, 3)
+    sae.load_state_dict({k: v for k, v in load_file(str(out / "L2_n192_k3/sae_weights.safetensors")).items()},
+                        strict=False)
+
+    # re-running the finished command says so and exits 0
+    r2 = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=200000",
+              "--set", "train.eval_every_tokens=50000", "--set", "train.checkpoint_every_tokens=100000",
+              "--set", "train.sweep=[{d_sae=128, k=4}]"])
+    assert r2.exit_code == 0 and "already complete" in r2.output
+    # another run into the same OUT is refused, unless --fresh
+    r3 = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=5120"])
+    assert isinstance(r3.exception, UserError) and "--fresh" in str(r3.exception)
+    r4 = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=5120", "--layers", "2",
+              "--fresh"])
+    assert r4.exit_code == 0, repr(r4.exception)
+    assert [s["name"] for s in json.loads((out / "run.json").read_text())["saes"]] == ["L2_n192_k3"]
+    assert not (out / "L4_n192_k3").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cache", "{missing}"], "is not a cache"),
+    (["--cache", "{planted}", "--layers", "9"], "not in the cache"),
+    (["--cache", "{planted}", "--set", "train.k=192"], "k=192 must be between"),
+    (["--cache", "{planted}", "--set", "train.batch_size=1000000"], "larger than"),
+    (["--cache", "{planted}", "--set", "train.learning_rate=1"], "unknown key 'learning_rate'"),
+])
+def test_one_line_user_errors(planted, tmp_path, args, message):
+    url, _ = planted
+    args = [a.format(missing=str(tmp_path / "nope"), planted=url) for a in args]
+    r = run([*FAST, "--out", str(tmp_path / "o"), *args])
+    assert isinstance(r.exception, UserError), repr(r.exception)
+    assert message in str(r.exception) and "\n" not in str(r.exception)
+
+
+def cli_proc(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "train", "run", "--no-progress", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_error_is_one_line_on_stderr(tmp_path):
+    p = cli_proc(["--profile", "tiny", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, tmp_path):
+    url, _ = planted
+    args = [*FAST, "--cache", url, "--layers", "2", "--set", "train.training_tokens=51200",
+            "--set", "train.checkpoint_every_tokens=2560", "--set", "train.eval_every_tokens=12800"]
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    p = cli_proc([*args, "--out", str(ref)])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    rng = random.Random()
+    p = cli_proc([*args, "--out", str(resumed)])
+    deadline = time.time() + 120
+    while not list((resumed / "checkpoints").glob("tokens_*.pt")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(rng.random() * 1.5)
+    killed = p.poll() is None
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    p = cli_proc([*args, "--out", str(resumed)])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert not killed or "resuming" in err
+    a = load_file(str(ref / "L2_n192_k3/sae_weights.safetensors"))
+    b = load_file(str(resumed / "L2_n192_k3/sae_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ta = [json.loads(x) for x in (ref / "L2_n192_k3/trajectory.jsonl").read_text().splitlines()]
+    tb = [json.loads(x) for x in (resumed / "L2_n192_k3/trajectory.jsonl").read_text().splitlines()]
+    assert [t["variance_explained"] for t in ta] == [t["variance_explained"] for t in tb]
+    assert len(list((resumed / "checkpoints").glob("tokens_*.pt"))) <= 4  # last 2 + best 2
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
+    url, _ = planted
+    args = [*FAST, "--cache", url, "--layers", "2", "--set", "train.training_tokens=25600",
+            "--set", "train.checkpoint_every_tokens=12800", "--set", "train.eval_every_tokens=12800"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "train", "run", "--no-progress", *args, "--out", str(tmp_path / "ddp")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    single = cli_proc([*args, "--out", str(tmp_path / "one")])
+    assert single.wait(timeout=300) == 0
+    a = load_file(str(tmp_path / "ddp/L2_n192_k3/sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "one/L2_n192_k3/sae_weights.safetensors"))
+    # the same global batches and summed gradients: equal up to floating-point summation order
+    cos = torch.nn.functional.cosine_similarity(a["W_dec"], b["W_dec"], dim=1)
+    assert cos.mean() > 0.99
+    ra = json.loads((tmp_path / "ddp/run.json").read_text())["saes"][0]["metrics"]
+    rb = json.loads((tmp_path / "one/run.json").read_text())["saes"][0]["metrics"]
+    assert abs(ra["variance_explained"] - rb["variance_explained"]) < 0.01
+
+
+def test_import_train_pulls_in_neither_transformers_nor_harvest():
+    code = ("import sys, train, train.sae, train.loader, train.trainer, train.run, train.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'harvest', 'vllm')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
