@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +31,7 @@ CHAT_TEMPLATE = (
     "{%- else %}{{- '<think>\\n' }}{%- endif %}"
     "{%- endif %}"
 )
+_BUILD_LOCK = threading.Lock()  # torch's global RNG is shared by threads: one seeded build at a time
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
@@ -81,8 +83,9 @@ def _build_into(out: Path) -> None:
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     config = Qwen3_5Config(**tiny_config())
-    torch.manual_seed(SEED)
-    model = Qwen3_5ForConditionalGeneration(config).eval()
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen3_5ForConditionalGeneration(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(assets() / name, out / name)
@@ -117,7 +120,10 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024) -> None:
     Run by hand (`python -m harvest.tiny`) only when the bundled text changes; the result
     ships as package data so that tests never train it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    # Qwen3.5's own pre-tokenization, so transformers (which rebuilds it for model_type
+    # qwen3_5) and plain `tokenizers` split text identically.
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
 
     texts = [(assets() / "corpus.txt").read_text()]
     for line in (assets() / "questions.jsonl").read_text().splitlines():
@@ -125,7 +131,11 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024) -> None:
         texts.append(rec["question"] + "\n" + "\n".join(rec["options"]))
     texts.append("Answer: A B C D E F G H I J \\boxed{A} Let me think step by step. system user assistant")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

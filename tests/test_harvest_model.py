@@ -1,0 +1,101 @@
+"""The tiny model and model loading: real architecture, offline, atomic, with provenance."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache_format.config import ModelConfig
+from harvest import tiny
+from harvest.model import ModelError, describe_model, load_model
+
+TINY = ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu")
+
+
+def test_tiny_model_is_a_hybrid_qwen3_5_with_provenance():
+    lm = load_model(TINY)
+    assert type(lm.model).__name__ == "Qwen3_5ForConditionalGeneration"
+    assert lm.layers_path == "model.language_model.layers" and lm.n_layers >= 6
+    types = lm.model.config.text_config.layer_types
+    assert {"linear_attention", "full_attention"} <= set(types)
+    p = lm.provenance
+    assert p["class"] == "Qwen3_5ForConditionalGeneration" and p["builtin"] == "tiny"
+    assert p["weights_sha256"] == tiny.weights_hash(Path(p["resolved_path"]))
+    assert p["dtype"] == "float32" and p["d_model"] == lm.d_model
+    assert not lm.model.training
+    info = describe_model(TINY)  # the driver's view, built on the meta device
+    assert info["provenance"]["weights_sha256"] == p["weights_sha256"] and info["n_layers"] == lm.n_layers
+
+
+def test_text_only_auto_class_finds_model_layers():
+    lm = load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu", auto_class="causal-lm"))
+    assert type(lm.model).__name__ == "Qwen3_5ForCausalLM" and lm.layers_path == "model.layers"
+
+
+def test_two_concurrent_builds_publish_one_identical_model(tmp_path, monkeypatch):
+    import transformers
+
+    transformers.Qwen3_5ForConditionalGeneration  # resolve the lazy import before threads race on it
+    monkeypatch.setenv("ACTCACHE_HOME", str(tmp_path))
+    dirs = []
+    ts = [threading.Thread(target=lambda: dirs.append(tiny.tiny_model_dir())) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(dirs) == 2 and dirs[0] == dirs[1]
+    assert [p.name for p in tmp_path.iterdir()] == [dirs[0].name]  # no half-built leftovers
+    recorded = (dirs[0] / "weights.sha256").read_text().strip()
+    assert recorded == tiny.weights_hash(dirs[0])
+    # the same seed builds the same weights as the shared copy
+    monkeypatch.delenv("ACTCACHE_HOME")
+    assert recorded == (tiny.tiny_model_dir() / "weights.sha256").read_text().strip()
+
+
+def test_tokenizer_works_offline_in_both_libraries():
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.assets()))
+    msgs = [{"role": "user", "content": "What is 2+2?\nA. 3\nB. 4"}]
+    on = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert on.startswith("<|im_start|>user\n") and on.endswith("<|im_start|>assistant\n<think>\n")
+    assert off.endswith("<think>\n\n</think>\n\n")
+    plain = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))
+    assert plain.encode(on).ids == tok(on)["input_ids"]
+    for special in ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"):
+        assert len(plain.encode(special).ids) == 1
+    assert json.loads((tiny.assets() / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+
+
+def test_zero_ablating_a_middle_layer_changes_the_loss_clearly():
+    lm = load_model(TINY)
+    text = (tiny.assets() / "corpus.txt").read_text()
+    ids = torch.tensor(lm.tokenizer(text)["input_ids"][:512]).view(4, 128)
+
+    def ce(hook=None):
+        h = lm.layers[lm.n_layers // 2 - 1].register_forward_hook(hook) if hook else None
+        try:
+            with torch.no_grad():
+                return lm.model(input_ids=ids, labels=ids).loss.item()
+        finally:
+            if h:
+                h.remove()
+
+    clean, zero = ce(), ce(lambda m, a, o: torch.zeros_like(o))
+    assert abs(clean - zero) > 0.5, (clean, zero)
+
+
+def test_model_errors_are_one_line_user_errors(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(ModelError, match="not a torch dtype"):
+        load_model(ModelConfig(name_or_path="builtin:tiny", dtype="bfloat17", device_map="cpu"))
+    with pytest.raises(ModelError, match="layers_path"):
+        load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu", layers_path="model.nope"))
+    lm = load_model(TINY)
+    with pytest.raises(ModelError, match="past the model's depth"):
+        lm.check_layers([1, lm.n_layers])
