@@ -157,10 +157,15 @@ def _read_json(p: Path) -> dict | None:
         return None
 
 
+def _visible(text: str) -> str:
+    """Escaped, with line breaks and tabs shown as symbols so a context stays on one line."""
+    return html.escape(text).replace("\r", "").replace("\n", "↵").replace("\t", "→")
+
+
 def _context_html(row: dict) -> str:
-    before = html.escape(str(row.get("context_before", "")))
-    tok = html.escape(str(row.get("token", "")))
-    after = html.escape(str(row.get("context_after", "")))
+    before = _visible(str(row.get("context_before", "")))
+    tok = _visible(str(row.get("token", "")))
+    after = _visible(str(row.get("context_after", "")))
     return f'<span class="ctx">{before}<mark>{tok}</mark>{after}</span>'
 
 
