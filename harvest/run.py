@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -259,6 +260,7 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
     own_thread = writer_thread is None
     wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
     meta = {"unit": unit.key, "source": unit.source, "seq_ranges": _ranges(unit.seq_ids),
+            "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
             "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
                     "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)"}
             if cfg.harvest.mix_window > 1 else None}
