@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/datasets.py (the MiniLM loader) would shadow Hugging Face `datasets` for anything we import
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 PEERS = ROOT / "bench" / "peers"
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 SIDES = {"ours": None, "sparsify": PEERS / "sparsify_step.py", "saelens": PEERS / "saelens_step.py"}
@@ -140,7 +142,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{PEERS_PY} is missing: run make bench-peers-env (or pass --sides ours)")
 
     shapes = []
-    for spec in a.shapes.split(","):
+    for spec in filter(None, (v.strip() for v in a.shapes.split(","))):
         try:
             d, n, k = (int(v) for v in spec.lower().split("x"))
         except ValueError:
@@ -177,14 +179,17 @@ def main(argv=None) -> None:
                 result["ratio_cpu"] = {s: ours["tokens_per_cpu_s"] / v["tokens_per_cpu_s"]
                                        for s, v in result["sides"].items() if s != "ours"}
             rows.append(result)
+            save(a, argv, rows)  # after every shape, so a long run that is stopped keeps its rows
+    print(table(save(a, argv, rows)))
 
+
+def save(a: argparse.Namespace, argv, rows: list) -> dict:
     report = {"machine": machine(), "threads": a.threads, "batch": a.batch, "warmup": a.warmup,
-              "steps": a.steps, "rounds": a.rounds,
-              "dead_frac": a.dead_frac, "command": " ".join(["python", "bench/bench_trainer.py", *(argv or sys.argv[1:])]),
-              "rows": rows}
+              "steps": a.steps, "rounds": a.rounds, "dead_frac": a.dead_frac,
+              "command": " ".join(["python", "bench/bench_trainer.py", *(argv or sys.argv[1:])]), "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
-    print(table(report))
+    return report
 
 
 def machine() -> str:
