@@ -50,4 +50,6 @@ def bits_to_torch(bits: np.ndarray):
 
 def bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """Exact widening: a bf16 pattern is the top half of the float32 with the same value."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = np.zeros(bits.shape, np.uint32)
+    out.view(np.uint16).reshape(*bits.shape, 2)[..., 1] = bits  # little-endian: high half
+    return out.view(np.float32)

@@ -34,7 +34,16 @@ def dumps(obj) -> bytes:
 
 
 def sha256(data: bytes) -> str:
+    """Fingerprints: sha256 of canonical JSON (small inputs)."""
     return hashlib.sha256(data).hexdigest()
+
+
+DIGEST = "blake2b"  # object checksums: BLAKE2b-256, ~3× sha256's rate on CPUs without SHA extensions
+
+
+def digest(data) -> str:
+    """The checksum of one stored object (bytes or a buffer)."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
 def read_root(loc) -> dict:
@@ -146,7 +155,7 @@ def replay(root: dict, records: dict) -> LogState:
 
 def objects_digest(objects: dict) -> str:
     """Digest of a part's objects by relative key: independent of where the part lives."""
-    return sha256("\n".join(f"{k}:{v['size']}:{v['sha256']}" for k, v in sorted(objects.items())).encode())
+    return sha256("\n".join(f"{k}:{v['size']}:{v[DIGEST]}" for k, v in sorted(objects.items())).encode())
 
 
 def layer_fingerprint(root: dict, segments: list, layer: int) -> str:
@@ -159,6 +168,6 @@ def layer_fingerprint(root: dict, segments: list, layer: int) -> str:
 def cache_fingerprint(root: dict, segments: list, layers: list) -> str:
     body = {"hook": root["hook"], "d_model": root["d_model"], "layers": layers,
             "segments": [[s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
-                          (s.record.get("sequences") or {}).get("sha256"),
+                          (s.record.get("sequences") or {}).get(DIGEST),
                           [objects_digest(s.layers[L]["objects"]) for L in layers]] for s in segments]}
     return sha256(dumps(body))

@@ -30,7 +30,7 @@ def _objects(record_or_entry: dict, part_path: str | None = None) -> dict[str, d
 
 
 def segment_objects(seg) -> dict[str, dict]:
-    """Every object a live segment references (all layers, rows, sequences, stats) → {size, sha256}."""
+    """Every object a live segment references (all layers, rows, sequences, stats) → {size, blake2b}."""
     r = seg.record
     out = _objects(r["rows"])
     for e in seg.layers.values():
@@ -53,8 +53,8 @@ def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "v
             bar.update(len(data))
             if len(data) != want["size"]:
                 return key, f"size {len(data)} != {want['size']}"
-            if log.sha256(data) != want["sha256"]:
-                return key, "sha256 mismatch"
+            if log.digest(data) != want[log.DIGEST]:
+                return key, "checksum mismatch"
             return None
 
         with ThreadPoolExecutor(threads) as ex:
@@ -145,7 +145,7 @@ def _copy(src: Location, dst: Location, objects: dict, bar) -> None:
     def one(item):
         key, want = item
         data = src.read(key)
-        if want is not None and (len(data) != want["size"] or log.sha256(data) != want["sha256"]):
+        if want is not None and (len(data) != want["size"] or log.digest(data) != want[log.DIGEST]):
             raise CacheError(f"sync: {src.url}/{key} does not match its manifest (corrupt source); "
                              "run verify on the source and retract or re-harvest that segment")
         dst.write(key, data)

@@ -29,16 +29,18 @@ class RunningStats:
         if self.m2 is None:
             self.m2 = np.zeros(self.d, np.float64)
 
-    def update_bits(self, bits: np.ndarray, block: int = 2048) -> None:
+    def update_bits(self, bits: np.ndarray, block: int = 4096) -> None:
         for s in range(0, len(bits), block):
             with np.errstate(all="ignore"):  # NaN/inf rows are legal data; their stats become NaN/inf
-                x = bits_to_float32(bits[s:s + block]).astype(np.float64)
+                x = bits_to_float32(bits[s:s + block])  # exact
                 n = len(x)
                 if n == 0:
                     continue
-                mean = x.mean(0)
-                m2 = ((x - mean) ** 2).sum(0)
-                norm = float(np.sqrt((x * x).sum(1)).sum())
+                # float64 accumulators over exact float32 values; deviations in float32
+                mean = np.add.reduce(x, axis=0, dtype=np.float64) / n
+                dev = x - mean.astype(np.float32)
+                m2 = np.add.reduce(dev * dev, axis=0, dtype=np.float64)
+                norm = float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32)).sum(dtype=np.float64))
             self.merge(RunningStats(self.d, n, mean, m2, norm))
 
     def merge(self, other: "RunningStats") -> "RunningStats":

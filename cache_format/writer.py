@@ -3,18 +3,19 @@
 A segment writer buffers rows per layer and writes only whole shards (one object each,
 never chunk by chunk into a shard), hashing every object as zarr hands it to the store.
 On a clean exit it writes the token rows, the sequences table and the per-layer running
-statistics, then commits one record that lists every object with its size and sha256.
+statistics, then commits one record that lists every object with its size and BLAKE2b-256 checksum.
 Nothing is visible before that record exists, so a killed writer leaves only unreferenced
 objects that `gc` removes after the grace period.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .store import Location
 
 ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "labels": "int8", "roles": "int8"}
 ROW_CODEC = "zstd3"
+_LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-write")
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -46,7 +48,7 @@ def _check_json(obj, what: str) -> None:
 
 
 def _hashing_store(loc: Location):
-    """A zarr store that records (size, sha256) of every object it writes.
+    """A zarr store that records (size, BLAKE2b-256) of every object it writes.
 
     Locally it writes through zarr's LocalStore. Remotely, zarr only sees an in-memory
     store for metadata and every object is PUT once through the Location (with retries):
@@ -67,9 +69,9 @@ def _hashing_store(loc: Location):
 
         def _record(self, key, value):
             view = value.as_numpy_array()
-            h = hashlib.sha256(memoryview(np.ascontiguousarray(view)).cast("B")).hexdigest()
+            h = log.digest(memoryview(np.ascontiguousarray(view)).cast("B"))
             with self.lock:
-                self.written[key] = {"size": int(view.nbytes), "sha256": h}
+                self.written[key] = {"size": int(view.nbytes), log.DIGEST: h}
 
         async def set(self, key, value):
             self._record(key, value)
@@ -308,8 +310,11 @@ class SegmentWriter:
             raise UserError("append outside its `with cache.segment():` block; rows are committed by the block")
         bits, n = _residual_bits(residuals, self.layers, self.w.d_model)
         rows = _rows(n, tokens, seq_ids, positions, labels, roles)
-        for L, b in bits.items():
-            self.buffers[L].add(b)
+        if len(bits) > 1 and n >= 1024:  # layers are independent: stats, encode and hash them in parallel
+            list(_LAYER_POOL.map(lambda kv: self.buffers[kv[0]].add(kv[1]), bits.items()))
+        else:
+            for L, b in bits.items():
+                self.buffers[L].add(b)
         self.columns.add(rows)
         self.n_rows += n
 
@@ -331,7 +336,7 @@ class SegmentWriter:
             stats_key = f"{base}/stats/{L}.json"
             data = log.dumps(buf.stats.to_json())
             loc.write(stats_key, data)
-            entry["stats"] = {"path": stats_key, "size": len(data), "sha256": log.sha256(data)}
+            entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
             layers[str(L)] = entry
         rows = _write_rows(self.store, f"{base}/rows", self.columns.arrays(), root["chunk_tokens"])
         seq = None
@@ -339,7 +344,7 @@ class SegmentWriter:
             data = _sequences_bytes(self.records)
             key = f"{base}/sequences.parquet"
             loc.write(key, data)
-            seq = {"path": key, "size": len(data), "sha256": log.sha256(data), "count": len(self.records)}
+            seq = {"path": key, "size": len(data), log.DIGEST: log.digest(data), "count": len(self.records)}
         record = {"kind": "segment", "segment": self.id, "n_rows": self.n_rows, "layers": layers, "rows": rows,
                   "sequences": seq, "meta": self.meta, "provenance": provenance.record()}
         self.committed = log.commit(loc, record)
@@ -440,7 +445,7 @@ class _BackfillSegment:
         stats_key = f"segments/{self.info.id}/backfill-{self.part}/stats/{self.bf.layer}.json"
         data = log.dumps(self.buf.stats.to_json())
         loc.write(stats_key, data)
-        entry["stats"] = {"path": stats_key, "size": len(data), "sha256": log.sha256(data)}
+        entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
         record = {"kind": "layer", "segment": self.info.id, "layer": self.bf.layer, "entry": entry,
                   "provenance": provenance.record()}
         self.committed = log.commit(loc, record)
@@ -536,7 +541,7 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
              "codec": codec, "chunk_tokens": int(chunk_tokens), "shard_rows": int(shard_rows),
              "shard_mib": shard_mib, "row_columns": ROW_COLUMNS,
              "meta": meta, "provenance": provenance.record(),
-             "tokenizer": {k: {"size": len(v), "sha256": log.sha256(v)} for k, v in tok.items()}}
+             "tokenizer": {k: {"size": len(v), log.DIGEST: log.digest(v)} for k, v in tok.items()}}
     doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: attrs}}
     try:
         if loc.exists(log.ROOT_META):

@@ -56,7 +56,7 @@ def test_verify_catches_a_flipped_byte(run, make_cache):
     open(path, "wb").write(bytes(raw))
     code, out, err = run("verify", url)
     assert code == 2
-    assert f"BAD {e['array']}/{shard}: sha256 mismatch" in out
+    assert f"BAD {e['array']}/{shard}: checksum mismatch" in out
     assert err.count("\n") == 1 and err.startswith("error: verify: 1 of") and "Traceback" not in err
 
 
@@ -91,8 +91,8 @@ def test_stats_on_a_dask_cluster(run, make_cache):
     for L in (1, 3):
         x = data["residuals"][L].astype(np.float64)
         assert d[str(L)]["count"] == 65
-        assert d[str(L)]["mean_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-9)
-        assert d[str(L)]["mean_std"] == pytest.approx(x.std(0).mean(), rel=1e-9)
+        assert d[str(L)]["mean_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
+        assert d[str(L)]["mean_std"] == pytest.approx(x.std(0).mean(), rel=1e-6)
         assert d[str(L)]["max_abs_diff_vs_committed_mean"] < 1e-12
     code, out, _ = run("stats", url, "--layers", "3")  # local threads
     assert code == 0 and "layer    3  rows 65" in out

@@ -82,8 +82,8 @@ def test_stats_merge_across_segments(make_cache):
     s = c.stats(3)
     assert s["count"] == 100
     np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-10)
-    np.testing.assert_allclose(s["mean_norm"], np.linalg.norm(x, axis=1).mean(), rtol=1e-10)
+    np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-6)
+    np.testing.assert_allclose(s["mean_norm"], np.linalg.norm(x, axis=1).mean(), rtol=1e-6)
 
 
 def test_codecs_none_and_zstd_round_trip(make_cache):

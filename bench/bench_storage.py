@@ -1,0 +1,171 @@
+"""Storage benchmark: size, write rate and read rate of the cache format, side by side.
+
+For each dataset (MiniLM hidden states; the tiny model's when harvest is installed) and
+each codec, in one run on the same data, shapes and thread count:
+
+- bytes per token per layer against raw bf16 (2·d bytes), and a bit-exact read-back check;
+- write MB/s through the segment writer (raw bf16 bytes in / wall time, commit included);
+- sequential read GB/s through `Cache.read_chunk` (the loader's path: range read + decode)
+  against the codec's raw decode rate on the very same chunk payloads, already in memory,
+  with the same threads. Files are in the page cache for both (a warm-up pass first).
+
+    .venv/bin/python bench/bench_storage.py [--tokens 65536] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cache_format as cf  # noqa: E402
+import datasets as bench_data  # noqa: E402
+from cache_format.codecs import index_nbytes, parse_index  # noqa: E402
+
+CODECS = ["blosc-zstd1", "blosc-lz4", "zstd3", "none"]
+
+
+def write(url: str, arrays: dict, codec: str, chunk_tokens: int, batch: int) -> float:
+    d = next(iter(arrays.values())).shape[1]
+    n = next(iter(arrays.values())).shape[0]
+    t0 = time.perf_counter()
+    w = cf.create_cache(url, d_model=d, layers=sorted(arrays), codec=codec, chunk_tokens=chunk_tokens,
+                        meta={"bench": "storage"})
+    with w.segment() as seg:
+        for s in range(0, n, batch):
+            e = min(n, s + batch)
+            seg.append(residuals={L: a[s:e] for L, a in arrays.items()}, tokens=np.zeros(e - s, np.int32),
+                       seq_ids=np.arange(s, e) // 256, positions=np.arange(s, e) % 256)
+    return time.perf_counter() - t0
+
+
+def payloads(c: cf.Cache, layer: int) -> list[tuple[bytes, int]]:
+    """The encoded bytes of every chunk of a layer, read straight from the shard files."""
+    out = []
+    for si in range(len(c._segs)):
+        r = c._array(si, layer)
+        for s in range(-(-r.shape[0] // r.shard_rows)):
+            key = f"{r.path}/{r.shard_key(s)}"
+            blob = open(os.path.join(c._loc.root, *key.split("/")), "rb").read()
+            idx = parse_index(blob[-index_nbytes(r.per_shard):], r.per_shard)
+            for off, nb in idx:
+                if off != 2**64 - 1:
+                    out.append((blob[int(off):int(off + nb)], r.chunk_rows * r.shape[1] * 2))
+    return out
+
+
+def rate(fn, items, threads: int, repeats: int = 3) -> float:
+    """Best-of-N seconds to map fn over items with a pool of `threads`."""
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(fn, items[: max(1, len(items) // 4)]))  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(ex.map(fn, items))
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
+    layers = sorted(arrays)
+    n, d = arrays[layers[0]].shape
+    raw = n * d * 2
+    res = {"dataset": name, "tokens": n, "d_model": d, "layers": layers, "codecs": {}}
+    for codec in CODECS:
+        url = os.path.join(tmp, f"{name}-{codec}")
+        secs = write(url, arrays, codec, args.chunk_tokens, args.batch)
+        c = cf.open_cache(url)
+        lossless = all(np.array_equal(c.residuals(L).numpy().view(np.uint16), arrays[L].view(np.uint16))
+                       for L in layers)
+        per_layer = {}
+        for L in layers:
+            stored = sum(v["size"] for s in c._segs for v in s.layers[L]["objects"].values())
+            per_layer[L] = {"bytes_per_token": stored / n, "ratio_vs_raw": stored / raw}
+        jobs = [(L, i) for L in layers for i in range(c.n_chunks)]
+        t_read = rate(lambda j: c.read_chunk(*j), jobs, args.threads)
+        decode = c._array(0, layers[0]).decode
+        blobs = [p for L in layers for p in payloads(c, L)]
+        t_dec = rate(lambda p: decode(*p), blobs, args.threads)
+        decoded = sum(nb for _, nb in blobs)
+        res["codecs"][codec] = {
+            "lossless": lossless, "layers": per_layer, "write_MBps": raw * len(layers) / secs / 1e6,
+            "read_GBps": raw * len(layers) / t_read / 1e9, "raw_decode_GBps": decoded / t_dec / 1e9,
+            "read_vs_decode": (raw * len(layers) / t_read) / (decoded / t_dec)}
+        shutil.rmtree(url)
+        print(f"  {name} {codec}: ratio {np.mean([v['ratio_vs_raw'] for v in per_layer.values()]):.3f} "
+              f"write {res['codecs'][codec]['write_MBps']:.0f} MB/s read {res['codecs'][codec]['read_GBps']:.2f} GB/s "
+              f"decode {res['codecs'][codec]['raw_decode_GBps']:.2f} GB/s", file=sys.stderr)
+    # For reference: blosc's default block size on the same chunks (size only).
+    ref = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0)
+    sizes = {}
+    for L in layers:
+        a = arrays[L].view(np.uint16)
+        sizes[L] = sum(len(ref.encode(np.ascontiguousarray(a[s:s + args.chunk_tokens])))
+                       for s in range(0, n, args.chunk_tokens)) / raw
+    res["blosc_default_blocksize_ratio"] = sizes
+    return res
+
+
+def markdown(results: list[dict], args) -> str:
+    lines = [f"Command: `.venv/bin/python bench/bench_storage.py --tokens {args.tokens} --threads {args.threads}` "
+             f"(chunk {args.chunk_tokens} rows, one segment, appends of {args.batch} rows).", "",
+             "Size (lossless = bit-exact read-back of every value):", "",
+             "| data | layer | d | " + " | ".join(CODECS) + " | blosc-zstd1, blosc's default block |",
+             "|---|---|---|" + "---|" * (len(CODECS) + 1)]
+    for r in results:
+        for L in r["layers"]:
+            cells = []
+            for cd in CODECS:
+                e = r["codecs"][cd]
+                v = e["layers"][L]
+                cells.append(f"{v['bytes_per_token']:.0f} B/tok ({v['ratio_vs_raw']:.3f}×)"
+                             + ("" if e["lossless"] else " LOSSY"))
+            lines.append(f"| {r['dataset']} | {L} | {r['d_model']} | " + " | ".join(cells)
+                         + f" | {r['blosc_default_blocksize_ratio'][L]:.3f}× |")
+    lines += ["", f"Rates ({args.threads} threads; read = `Cache.read_chunk` over every chunk of every layer, "
+                  "decode = numcodecs on the same chunk payloads already in memory):", "",
+              "| data | codec | write MB/s | read GB/s | raw decode GB/s | read / decode |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for cd in CODECS:
+            e = r["codecs"][cd]
+            lines.append(f"| {r['dataset']} | {cd} | {e['write_MBps']:.0f} | {e['read_GBps']:.2f} | "
+                         f"{e['raw_decode_GBps']:.2f} | {e['read_vs_decode']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-tokens", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8192, help="rows per append (like harvest's batches)")
+    p.add_argument("--out", default=str(bench_data.ROOT / "bench" / "results" / "storage.json"))
+    args = p.parse_args()
+    datasets = [("MiniLM-L6 (trained)", bench_data.minilm(args.tokens))]
+    tiny = bench_data.tiny(args.tokens)
+    if tiny is not None:
+        datasets.append(("tiny Qwen3.5 (random init)", tiny))
+    tmp = tempfile.mkdtemp(prefix="bench-storage-")
+    try:
+        results = [bench_dataset(name, arrays, args, tmp) for name, arrays in datasets]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
+    print(markdown(results, args))
+
+
+if __name__ == "__main__":
+    main()
