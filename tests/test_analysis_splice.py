@@ -81,7 +81,7 @@ def test_zero_output_recovers_nothing(lm, sequences):
 
 
 def test_partial_sae_matches_hand_computed(lm, sequences):
-    d, keep = lm.d_model, lm.d_model // 2
+    d, keep = lm.d_model, lm.d_model // 4  # decode only the first quarter of the dimensions
     out = loss_recovered(lm.model, lm.layers[LAYER], identity_sae(d, keep=keep), sequences, progress=False)
 
     def keep_first(h):
@@ -97,4 +97,4 @@ def test_partial_sae_matches_hand_computed(lm, sequences):
     assert out["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
     assert out["ce_sae"] == pytest.approx(ce_part, rel=1e-5)
     assert out["loss_recovered"] == pytest.approx(want, abs=1e-4)
-    assert 0.02 < abs(want - 1.0) and 0.02 < abs(want)  # genuinely partial
+    assert 0.02 < abs(want - 1.0) and 0.02 < abs(want)  # genuinely partial (≈0.9 on this model)
