@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train.kernels import encode_topk, sparse_decode
+from train.kernels import auxk_reconstruction, sparse_decode, topk_autoencode
 from train.sae import TopKSAE, geometric_median
 from train.trainer import SAETrainer, default_lr, lr_at
 
@@ -32,10 +32,10 @@ def test_sparse_kernels_match_dense_autograd(relu, sub):
               torch.randn(D, requires_grad=True), torch.randn(S, D, requires_grad=True)]
     W, be, bd, Wd = params
     dead = torch.arange(1, S, 4)
-    v, i, av, ai = encode_topk(x, W, be, bd, K, relu=relu, subtract_b_dec=sub, dead=dead, k_aux=KA)
-    recon = sparse_decode(v, i, Wd) + bd
-    err = x - recon
-    loss = err.pow(2).sum() + 0.5 * (sparse_decode(av, ai, Wd) - err.detach()).pow(2).sum()
+    recon, v, i, pre_dead = topk_autoencode(x, W, be, bd, Wd, K, relu=relu, subtract_b_dec=sub, dead=dead)
+    err = x - (recon + bd)
+    aux = auxk_reconstruction(pre_dead, dead, Wd, KA, relu=relu)
+    loss = err.pow(2).sum() + 0.5 * (aux - err.detach()).pow(2).sum()
     got = torch.autograd.grad(loss, params)
     r_recon, r_aux = dense_reference(x, W, be, bd, Wd, K, relu, sub, dead, KA)
     r_err = x - r_recon
@@ -44,7 +44,18 @@ def test_sparse_kernels_match_dense_autograd(relu, sub):
     assert torch.allclose(loss, r_loss, rtol=1e-5)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-4 * w.abs().max())
-    assert set(ai.flatten().tolist()) <= set(dead.tolist())
+
+
+def test_sparse_decode_matches_embedding_bag_autograd():
+    torch.manual_seed(0)
+    vals = torch.rand(40, 5, requires_grad=True)
+    idx = torch.randint(0, 64, (40, 5))
+    W = torch.randn(64, 8, requires_grad=True)
+    g = torch.randn(40, 8)
+    got = torch.autograd.grad(sparse_decode(vals, idx, W), [vals, W], g)
+    want = torch.autograd.grad(torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"),
+                               [vals, W], g)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
 
 
 def test_contract_shapes_conventions_and_fold():

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import dist
-from .kernels import encode_topk, sparse_decode
+from .kernels import auxk_reconstruction, topk_autoencode
 from .sae import TopKSAE, geometric_median
 
 
@@ -77,19 +77,18 @@ class SAETrainer:
         n_local = xn.shape[0]
         dead = self.dead_mask().nonzero().squeeze(1)
         n_dead = int(dead.numel())
-        vals, idx, avals, aidx = encode_topk(
-            xn, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, relu=sae.relu, subtract_b_dec=sae.subtract_b_dec,
-            dead=dead if n_dead else None, k_aux=self.k_aux, low_precision=self.low_precision)
-        x_hat = sparse_decode(vals, idx, sae.W_dec) + sae.b_dec
-        err = xn - x_hat
+        recon, vals, idx, pre_dead = topk_autoencode(
+            xn, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, sae.k, relu=sae.relu,
+            subtract_b_dec=sae.subtract_b_dec, dead=dead if n_dead else None, low_precision=self.low_precision)
+        err = xn - (recon + sae.b_dec)
         total_var = self._total_variance(xn.detach())
-        sse = err.pow(2).sum()
-        fvu = sse / total_var
+        fvu = err.pow(2).sum() / total_var
         loss = fvu
         aux = torch.zeros((), device=x.device)
         if n_dead:
             scale = min(n_dead / self.k_aux, 1.0)
-            aux = scale * (sparse_decode(avals, aidx, sae.W_dec) - err.detach()).pow(2).sum() / total_var
+            aux_recon = auxk_reconstruction(pre_dead, dead, sae.W_dec, self.k_aux, relu=sae.relu)
+            aux = scale * (aux_recon - err.detach()).pow(2).sum() / total_var
             loss = loss + self.aux_alpha * aux
 
         for p in self.params:
