@@ -1,0 +1,93 @@
+"""Resume after kill -9, and scale-out over a real dask LocalCluster."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import cache_format as cf
+from cache_format.config import load_config
+from harvest import run as hr
+
+OVERRIDES = ["corpus.seq_len=64", "harvest.segment_sequences=4", "harvest.batch_size=4", "harvest.chunk_tokens=128"]
+
+
+def cfg_for(url, tokens, **flags):
+    return load_config(None, "tiny", OVERRIDES, **{"harvest.cache": str(url), "harvest.source": "corpus",
+                                                     "harvest.layers": [1, 4], "corpus.tokens": tokens, **flags})
+
+
+def rows(url):
+    """{(seq_id, position): (token, residual rows)} of a cache, checking there are no duplicates."""
+    c = cf.open_cache(url)
+    sid, pos, tok = (np.asarray(x[:]) for x in (c.seq_ids, c.positions, c.tokens))
+    keys = list(zip(sid.tolist(), pos.tolist()))
+    assert len(set(keys)) == len(keys), "duplicate rows"
+    res = {L: c.residuals(L)[:].float() for L in c.layers}
+    return c, {k: (int(tok[i]), i) for i, k in enumerate(keys)}, res
+
+
+def assert_same_rows(url_a, url_b):
+    ca, a, ra = rows(url_a)
+    cb, b, rb = rows(url_b)
+    assert set(a) == set(b) and ca.layers == cb.layers
+    ia = np.array([a[k][1] for k in sorted(a)])
+    ib = np.array([b[k][1] for k in sorted(a)])
+    assert [a[k][0] for k in sorted(a)] == [b[k][0] for k in sorted(a)]
+    for L in ca.layers:
+        x, y = ra[L][torch.from_numpy(ia)], rb[L][torch.from_numpy(ib)]
+        rel = (x - y).norm(dim=1) / x.norm(dim=1)
+        assert rel.max() < 0.02, (L, rel.max())
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_the_rows_of_an_uninterrupted_run(tmp_path):
+    tokens = 64 * 80  # 80 sequences, 20 units
+    whole = tmp_path / "whole"
+    hr.run(cfg_for(whole, tokens), progress=False)
+
+    url = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--cache", str(url), "--source", "corpus",
+           "--layers", "1,4", "--tokens", str(tokens), "--quiet", *sum((["--set", o] for o in OVERRIDES), [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    delay = random.Random().uniform(0.0, 1.0)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the first commit, then a random moment more
+        try:
+            if cf.open_cache(str(url)).segments:
+                break
+        except cf.CacheError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    time.sleep(delay)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = cf.open_cache(str(url))
+    assert 0 < len(partial.segments) < 20 and partial.n_tokens % (4 * 64) == 0  # only whole committed units
+
+    summary = hr.run(cfg_for(url, tokens), progress=False)  # the same command again
+    assert summary["sequences_done_before"] == 4 * len(partial.segments)
+    assert_same_rows(whole, url)
+    assert cf.open_cache(str(url)).n_tokens == tokens
+
+
+@pytest.mark.slow
+def test_two_dask_workers_each_write_their_own_segments(tmp_path):
+    tokens = 64 * 16  # 4 units
+    local = tmp_path / "local"
+    hr.run(cfg_for(local, tokens), progress=False)
+    url = tmp_path / "dask"
+    summary = hr.run(cfg_for(url, tokens, **{"harvest.workers": 2}), progress=False)
+    assert summary["units"] == 4 and summary["n_tokens"] == tokens
+    c = cf.open_cache(str(url))
+    pids = {s.meta["writer"]["pid"] for s in c.segments}
+    assert len(c.segments) == 4 and len(pids) == 2 and os.getpid() not in pids
+    assert_same_rows(local, url)
