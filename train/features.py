@@ -143,7 +143,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
 
     if scheduler:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler)  # connect timeout: dask's distributed.comm.timeouts.connect
         except (OSError, TimeoutError) as e:
             raise UserError(f"cannot reach the dask scheduler at {scheduler} ({e}); check --scheduler") from None
         try:
