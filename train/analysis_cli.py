@@ -99,7 +99,7 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     split = split_for(sae, cfg, url)
     _quiet_dask()
     res = scan(url, sae, layer, split, max_tokens=max_tokens or cfg.analysis.max_tokens, want_codes=False,
-               scheduler=scheduler or cfg.analysis.scheduler or None, progress=not quiet)
+               scheduler=scheduler or cfg.analysis.scheduler or None, progress=not quiet, device=cfg.train.device)
     if res.metrics.n == 0:
         raise UserError(f"no held-out rows of layer {layer} in {url} (split seed {split.seed}, fraction {split.fraction}); "
                         "use a larger cache or --set train.heldout_fraction=0.1")
@@ -149,7 +149,8 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
             sae = sae or load_sae(src, k=k)
             url = cache_for(sae, cfg, cache)
             lay = layer_for(sae, layer, src)
-            res = analyze(sae, url, lay, dst, cfg.analysis, split_for(sae, cfg, url), client=client, progress=not quiet)
+            res = analyze(sae, url, lay, dst, cfg.analysis, split_for(sae, cfg, url), client=client, progress=not quiet,
+                          device=cfg.train.device)
             summaries[name] = res["summary"]
             if not as_json:
                 s = res["summary"]

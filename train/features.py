@@ -106,7 +106,34 @@ def _open(url: str, n_tokens: int):
     return c
 
 
-def _scan_chunk(url: str, n_tokens: int, layer: int, i: int, sae: TopKSAE, split: Split, want_codes: bool) -> ChunkCodes:
+_ON_DEVICE: dict = {}
+_ON_DEVICE_LOCK = __import__("threading").Lock()
+
+
+def resolve_device(device: str | None) -> str:
+    """"auto" → cuda when available: at d_sae 65536 the encoder is the cost, not the I/O."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _on_device(sae: TopKSAE, device: str, token: str) -> TopKSAE:
+    """One copy of the SAE per worker process, scan and device (the scattered one stays on
+    CPU). `token` is unique per scan, so a copy is never mistaken for another SAE's."""
+    if device == "cpu":
+        return sae
+    with _ON_DEVICE_LOCK:
+        if token not in _ON_DEVICE:
+            import copy
+
+            _ON_DEVICE.clear()  # one scan at a time per worker: drop the previous SAE's copy
+            _ON_DEVICE[token] = copy.deepcopy(sae).to(device).eval()
+        return _ON_DEVICE[token]
+
+
+def _scan_chunk(url: str, n_tokens: int, layer: int, i: int, sae: TopKSAE, split: Split, want_codes: bool,
+                device: str = "cpu", token: str = "") -> ChunkCodes:
+    sae = _on_device(sae, device, token)
     c = _open(url, n_tokens)
     cols = c.read_chunk_rows(i)
     keep = is_heldout(cols["seq_ids"], split.seed, split.fraction)
@@ -120,7 +147,7 @@ def _scan_chunk(url: str, n_tokens: int, layer: int, i: int, sae: TopKSAE, split
     if len(rows) == 0:
         return ChunkCodes(i, n_scanned, rows + start, kept, None, None, metrics)
     raw = c.read_chunk(layer, i)
-    x_all = torch.from_numpy(np.asarray(raw[rows], dtype=np.float32))
+    x_all = torch.from_numpy(np.asarray(raw[rows], dtype=np.float32)).to(device)
     vals_out, idx_out = [], []
     with torch.no_grad():
         for a in range(0, len(rows), ENCODE_BATCH):
@@ -128,8 +155,8 @@ def _scan_chunk(url: str, n_tokens: int, layer: int, i: int, sae: TopKSAE, split
             vals, idx = sae.encode(x)
             metrics.update(x, sae.decode(vals, idx), vals, idx)
             if want_codes:
-                vals_out.append(vals.float().numpy())
-                idx_out.append(idx.to(torch.int32).numpy())
+                vals_out.append(vals.float().cpu().numpy())
+                idx_out.append(idx.to(torch.int32).cpu().numpy())
     vals = np.concatenate(vals_out) if want_codes else None
     idx = np.concatenate(idx_out) if want_codes else None
     return ChunkCodes(i, n_scanned, rows + start, kept, vals, idx, metrics, nbytes=raw.nbytes)
@@ -184,6 +211,7 @@ def scan(
     scheduler: str | None = None,
     client=None,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> ScanResult:
     """Encode the held-out rows of `layer`, chunk by chunk in cache order, on dask.
 
@@ -202,6 +230,8 @@ def scan(
         raise UserError(f"the SAE takes d_in={sae.d_in} but the cache's d_model is {c.d_model}; pair the SAE with its cache")
     n_chunks = c.n_chunks
     sae = sae.cpu().eval()
+    device = resolve_device(device)
+    token = __import__("uuid").uuid4().hex
     t0 = time.perf_counter()
     results: dict[int, ChunkCodes] = {}
     with contextlib.ExitStack() as stack:
@@ -215,8 +245,8 @@ def scan(
         pending = set()
         while True:
             while next_chunk < n_chunks and len(pending) < in_flight and kept_prefix < max_tokens:
-                pending.add(client.submit(_scan_chunk, c.url, c.n_tokens, layer, next_chunk, sae_f, split, want_codes,
-                                          key=f"scan-{layer}-{next_chunk}-{id(results)}", pure=False))
+                pending.add(client.submit(_scan_chunk, c.url, c.n_tokens, layer, next_chunk, sae_f, split, want_codes, device, token,
+                                          key=f"scan-{layer}-{next_chunk}-{token}", pure=False))
                 next_chunk += 1
             if not pending:
                 break
@@ -497,11 +527,13 @@ def analyze(
     scheduler: str | None = None,
     client=None,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> dict[str, Any]:
     """Scan, compute feature metrics and the reverse index, write the four files; return the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = scan(url, sae, layer, split, max_tokens=cfg.max_tokens, scheduler=scheduler, client=client, progress=progress)
+    res = scan(url, sae, layer, split, max_tokens=cfg.max_tokens, scheduler=scheduler, client=client, progress=progress,
+               device=device)
     if len(res.rows) == 0:
         raise UserError(f"no held-out rows of layer {layer} in {url} (split seed {split.seed}, fraction {split.fraction}, "
                         f"roles {split.roles}); use a larger cache or --set analysis.heldout_fraction=0.1")
