@@ -40,7 +40,7 @@ test: install
 harvest: install
 	$(PY) -m harvest run $(common) $(if $(SOURCE),--source $(SOURCE)) \
 		$(if $(TOKENS),--tokens $(TOKENS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
-		$(if $(WORKERS),--workers $(WORKERS))
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 train: install
 	$(PY) -m train run $(common) $(if $(OUT),--out $(OUT))
@@ -61,10 +61,14 @@ demo: install
 	$(MAKE) --no-print-directory report PROFILE=tiny
 
 # vLLM pins torch 2.14 and transformers <5.21: it lives in its own environment and is
-# driven as a subprocess by harvest (supergpqa.backend = "vllm").
+# driven as a subprocess by harvest (supergpqa.backend = "vllm", supergpqa.vllm_python =
+# .venv-vllm/bin/python). harvest/vllm_generate.py imports only vllm, so nothing else goes in.
+VLLM ?= vllm
 vllm-env:
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
-	.venv-vllm/bin/pip install -q vllm
+	.venv-vllm/bin/pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q '$(VLLM)'
+	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'ready in .venv-vllm')"
 
 bench: install
 	$(PY) bench/run_all.py
