@@ -9,8 +9,10 @@ read-only and has no listings: readers use the `index.json` that `publish` write
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ class Location:
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         self.protocol = protocol
         self.local = protocol in ("file", "local")
+        self._mmaps: dict = {}  # local shard files mapped once: reads are views, not copies
+        self._mmap_lock = threading.Lock()
         self.http = protocol in ("http", "https")
         if self.local:
             self.root = os.path.abspath(url.split("://", 1)[1] if "://" in url else url)
@@ -101,20 +105,29 @@ class Location:
         """Bytes [start, end) of an object; thread-safe."""
         if end <= start:
             return b""
-        if self.local:
-            fd = os.open(self.path(key), os.O_RDONLY)
-            try:
-                out = os.pread(fd, end - start, start)
-            finally:
-                os.close(fd)
-            if len(out) != end - start:
-                raise CacheError(f"{self.url}/{key}: short read ({len(out)} of {end - start} bytes); run verify")
-            return out
+        if self.local:  # zero-copy: a view into the mapped (immutable) shard file
+            m = self._mmap(key)
+            if end > len(m):
+                raise CacheError(f"{self.url}/{key}: short read ({len(m) - start} of {end - start} bytes); run verify")
+            return memoryview(m)[start:end]
         out = self._retry(f"reading {key}", self.fs.cat_file, self.path(key), start=start, end=end)
         if len(out) != end - start:  # a server that ignores Range returns the whole object
             raise RemoteError(f"{self.url}/{key}: the server returned {len(out)} bytes for a {end - start}-byte "
                               "range request; serve the cache with a server that honours HTTP Range")
         return out
+
+    def _mmap(self, key: str):
+        with self._mmap_lock:
+            m = self._mmaps.get(key)
+        if m is None:
+            fd = os.open(self.path(key), os.O_RDONLY)
+            try:
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if os.fstat(fd).st_size else b""
+            finally:
+                os.close(fd)
+            with self._mmap_lock:
+                m = self._mmaps.setdefault(key, m)
+        return m
 
     def exists(self, key: str) -> bool:
         if self.local:

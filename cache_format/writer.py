@@ -147,7 +147,8 @@ class _LayerBuffer:
                 chunks=(self.chunk_rows, self.d), shards=(self.shard_rows, self.d),
                 compressors=zarr_compressors(self.codec), filters=(), fill_value=0,
                 attributes={"actcache_dtype": "bfloat16", "hook": self.hook, "layer": self.layer},
-                dimension_names=["token", "d_model"])
+                dimension_names=["token", "d_model"],
+                config={"write_empty_chunks": True})  # skips zarr's per-chunk all-fill scan (~half the write time)
 
     def _flush(self, n: int) -> None:
         self._ensure_array()
@@ -244,7 +245,8 @@ def _write_rows(store, prefix: str, cols: dict, chunk_rows: int) -> dict:
         shard = max(1, -(-n // chunk_rows)) * chunk_rows
         arr = zarr.create_array(store=store, name=f"{prefix}/{name}", shape=(n,), dtype=ROW_COLUMNS[name],
                                 chunks=(chunk_rows,), shards=(shard,), compressors=zarr_compressors(ROW_CODEC),
-                                filters=(), fill_value=0, dimension_names=["token"])
+                                filters=(), fill_value=0, dimension_names=["token"],
+                                config={"write_empty_chunks": True})
         if n:
             arr[:] = a
     p = prefix + "/"
