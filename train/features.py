@@ -36,7 +36,7 @@ from cache_format.errors import UserError
 from .metrics import ReconstructionMetrics
 from .sae import TopKSAE
 from .split import is_heldout
-from .stats import SparseAUROC, benjamini_hochberg, bootstrap_ci, permutation_pvalue
+from .stats import SparseAUROC, benjamini_hochberg, bootstrap_ci, feature_value_order, permutation_pvalue
 
 ROLLOUT_ROLES = (cf.ROLE_THINKING, cf.ROLE_ANSWER)
 ROLE_NAMES = {"text": cf.ROLE_TEXT, "prompt": cf.ROLE_PROMPT, "thinking": cf.ROLE_THINKING, "answer": cf.ROLE_ANSWER}
@@ -311,7 +311,7 @@ def feature_metrics(
     act_sum = np.bincount(feats, weights=v, minlength=d_sae)
     max_act = np.full(d_sae, np.nan)
     if len(feats):
-        order = np.lexsort((v, feats))
+        order = feature_value_order(feats, v, d_sae)
         last = np.r_[np.flatnonzero(np.diff(feats[order])), len(order) - 1]
         max_act[feats[order][last]] = v[order][last]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -419,7 +419,7 @@ def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int, groups: np
     sequence, its strongest: neighbouring tokens of one text otherwise fill the whole list.
     """
     rows, feats, v = _sparse_entries(idx, vals)
-    order = np.lexsort((-v, feats))  # by feature, then activation descending
+    order = feature_value_order(feats, v, int(feats.max()) + 1 if len(feats) else 0, descending=True)
     if groups is not None and len(order):
         g = np.asarray(groups)[rows[order]]
         pair = np.stack([feats[order], g], axis=1)
