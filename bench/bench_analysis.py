@@ -19,9 +19,8 @@ import numpy as np
 
 
 def dense_auroc_per_feature(idx, vals, labels, d_sae):
-    """The baseline: for each feature, a dense column of activations and a tie-aware rank sum."""
-    from scipy.stats import rankdata  # noqa: F401  (imported lazily: scipy ships with the env)
-
+    """The baseline: for each feature, a dense column of activations and a tie-aware rank sum
+    (average ranks of tied values, Mann-Whitney U)."""
     n = idx.shape[0]
     pos = labels.astype(bool)
     n_pos, n_neg = pos.sum(), (~pos).sum()
@@ -35,7 +34,8 @@ def dense_auroc_per_feature(idx, vals, labels, d_sae):
         sel = order[starts[f] : starts[f + 1]]
         col[:] = 0
         col[rows[sel]] = flat_vals[sel]
-        r = rankdata(col)
+        uniq, inv, counts = np.unique(col, return_inverse=True, return_counts=True)
+        r = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]  # average rank of each tie group
         out[f] = (r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return out
 
