@@ -198,7 +198,7 @@ def _command():
         lm = None
         results = {}
         for name, src, dst in targets:
-            sae = load_sae(src, k=k)
+            sae = load_sae(src, k=k, layer=layer)
             url = recorded_cache(sae, cache, cfg.train.cache or cfg.harvest.cache)
             c = cf.open_cache(url)
             lay = recorded_layer(sae, layer, src)

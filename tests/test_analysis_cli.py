@@ -108,3 +108,17 @@ def test_loss_recovered_command_on_the_tiny_model(tmp_path):
     # a cache harvested from another model is refused in one line
     r = CliRunner().invoke(loss_recovered_cmd, ["--sae", str(tmp_path / "sae"), "--json", "--quiet"])
     assert r.exit_code != 0 and "was harvested from 'builtin:tiny'" in str(r.exception)
+
+
+@pytest.mark.slow
+def test_cli_error_is_one_line_on_stderr(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "sae_L2_n32_k16.pt"
+    bad.write_bytes(b"\x00" * 64)
+    p = subprocess.run([sys.executable, "-m", "train", "eval", "--sae", str(bad), "--cache", str(tmp_path), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not a readable PyTorch file" in lines[0]

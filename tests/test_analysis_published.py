@@ -235,3 +235,22 @@ def test_detect_layout_prefers_the_sae_lens_export_in_a_run_directory(tmp_path):
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x))
+
+
+def test_repository_directory_needs_a_layer(tmp_path):
+    # Qwen-Scope ships layer0.sae.pt … layer31.sae.pt in one repository directory.
+    repo = tmp_path / f"SAE-Res-Tiny-W64-L0_{K}"
+    repo.mkdir()
+    sds = {}
+    for n in range(3):
+        sds[n] = _rand(10 + n, {"W_enc": (D_SAE, D_IN), "W_dec": (D_IN, D_SAE), "b_enc": (D_SAE,), "b_dec": (D_IN,)})
+        torch.save(sds[n], repo / f"layer{n}.sae.pt")
+    with pytest.raises(SAEFormatError, match="pass --layer N"):
+        load_sae(repo)
+    sae = load_sae(repo, layer=1)
+    assert sae.cfg["layer"] == 1 and sae.k == K
+    x = _x()
+    acts, xhat = qwen_scope_reference(sds[1], x, K)
+    _check(sae, acts, xhat, x)
+    with pytest.raises(SAEFormatError, match="no SAE file for layer 7"):
+        load_sae(repo, layer=7)

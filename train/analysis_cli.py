@@ -93,7 +93,7 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     from .published import load_sae
 
     cfg = _config(config_path, profile, overrides)
-    sae = load_sae(sae_path, k=k)
+    sae = load_sae(sae_path, k=k, layer=layer)
     url = cache_for(sae, cfg, cache)
     layer = layer_for(sae, layer, sae_path)
     split = split_for(sae, cfg, url)
@@ -136,7 +136,7 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
 
     cfg = _config(config_path, profile, overrides)
     if sae_path:
-        sae0 = load_sae(sae_path, k=k)
+        sae0 = load_sae(sae_path, k=k, layer=layer)
         target = Path(out_dir) if out_dir else (Path(sae_path) if Path(sae_path).is_dir() else Path(sae_path).parent)
         jobs = [(Path(sae_path).name, Path(sae_path), target, sae0)]
     else:

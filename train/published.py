@@ -44,16 +44,17 @@ class SAEFormatError(UserError):
     """An SAE file or directory is missing, ambiguous or corrupt."""
 
 
-def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
+def load_sae(path: str | Path, k: int | None = None, layer: int | None = None) -> TopKSAE:
     """Any supported layout at `path` (a file or a directory) → a `TopKSAE` on the CPU.
 
     `sae.cfg["layout"]` names the layout found; `layer`, the split and the provenance are
-    copied into `sae.cfg` when the files record them.
+    copied into `sae.cfg` when the files record them. A published repository directory with
+    one SAE per layer (`layer{n}.sae.pt`, `sae_L{n}_…`) needs `layer` to pick one.
     """
     p = Path(path)
     if not p.exists():
         raise SAEFormatError(f"{p}: no such SAE file or directory; pass --sae PATH to a published or exported SAE")
-    layout, files = detect_layout(p)
+    layout, files = detect_layout(p, layer)
     loader = {"topk_pt": _load_pt, "qwen_scope": _load_pt, "sae_lens": _load_sae_lens, "metadata_json": _load_004}[layout]
     sae = loader(files, k)
     sae.cfg.setdefault("layout", layout)
@@ -62,7 +63,7 @@ def load_sae(path: str | Path, k: int | None = None) -> TopKSAE:
     return sae
 
 
-def detect_layout(p: Path) -> tuple[str, dict[str, Path]]:
+def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Path]]:
     """(layout, the files that make it up) for a path, or a one-line refusal."""
     if p.is_dir():
         found = []
@@ -76,6 +77,11 @@ def detect_layout(p: Path) -> tuple[str, dict[str, Path]]:
             return found[0]
         pts = sorted(p.glob("*.pt"))
         sts = sorted(q for q in p.glob("*.safetensors"))
+        if layer is not None and len(pts) + len(sts) > 1:  # a repo with one SAE per layer
+            pts = [q for q in pts if _layer_from_name(q) == layer]
+            sts = [q for q in sts if _layer_from_name(q) == layer]
+            if not pts and not sts:
+                raise SAEFormatError(f"{p}: no SAE file for layer {layer} in this directory; pass another --layer or --sae FILE")
         if len(pts) == 1 and not sts:
             return detect_layout(pts[0])
         if len(sts) == 1 and not pts:
@@ -83,7 +89,7 @@ def detect_layout(p: Path) -> tuple[str, dict[str, Path]]:
         if not pts and not sts:
             raise SAEFormatError(f"{p}: no SAE files (.pt, .safetensors) in this directory; pass --sae PATH to one")
         names = ", ".join(q.name for q in (pts + sts)[:4])
-        raise SAEFormatError(f"{p}: several SAE files ({names}, ...); pass --sae PATH to one of them")
+        raise SAEFormatError(f"{p}: several SAE files ({names}, ...); pass --layer N or --sae PATH to one of them")
     name = p.name
     if name.endswith(".json"):
         if name == "model.metadata.json":
