@@ -161,10 +161,10 @@ class ColumnView:
 class Cache:
     """A snapshot of a cache's committed segments; `refresh()` picks up later commits."""
 
-    def __init__(self, loc: Location, root: dict | None = None):
+    def __init__(self, loc: Location, root: dict | None = None, records: dict | None = None):
         self._loc = loc
         self._root = root or log.read_root(loc)
-        self._records: dict = {}
+        self._records: dict = dict(records or {})
         self._arrays: dict = {}
         self._lock = threading.Lock()
         self.refresh()

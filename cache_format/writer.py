@@ -459,6 +459,11 @@ class CacheWriter:
     def __init__(self, loc: Location, root: dict):
         self.loc, self.root = loc, root
         self.url = loc.url
+        self._records: dict = {}  # commit records are immutable: read each once
+
+    def _replay(self) -> log.LogState:
+        self._records = log.load_records(self.loc, self._records)
+        return log.replay(self.root, self._records)
 
     @property
     def d_model(self) -> int:
@@ -471,12 +476,14 @@ class CacheWriter:
     @property
     def layers(self) -> list[int]:
         """Layers every new segment must carry (declared at create time or by add_layer)."""
-        return log.replay(self.root, log.load_records(self.loc, {})).declared
+        return self._replay().declared
 
     def snapshot(self):
+        """A fresh Cache of what is committed now."""
         from .reader import Cache
 
-        return Cache(self.loc, self.root)
+        self._replay()
+        return Cache(self.loc, self.root, records=self._records)
 
     def segment(self, meta: dict | None = None) -> SegmentWriter:
         return SegmentWriter(self, meta)

@@ -114,3 +114,46 @@ def test_s3_missing_bucket_is_a_clear_error(s3):
 
     with pytest.raises(cf.UserError, match="cannot write"):
         cf.create_cache("s3://no-such-bucket-here/c", d_model=4, layers=[0], storage_options=s3_options(s3))
+
+
+def test_server_ignoring_range_is_reported_not_misread(tmp_path, make_cache):
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    url, _ = make_cache(str(tmp_path / "srv" / "c"))
+    ops.publish(Location(url))
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tmp_path / "srv")))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = cf.open_cache(f"http://127.0.0.1:{srv.server_address[1]}/c")  # whole-object reads work
+        with pytest.raises(cf.RemoteError, match="honours HTTP Range"):
+            c.residuals(1)[0:4]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_concurrent_s3_writers_get_dense_unique_commits(s3_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, opts = s3_bucket
+    cf.create_cache(f"{url}/c", d_model=8, layers=[0], chunk_tokens=4, storage_options=opts)
+
+    def writer(wid):
+        w = cf.open_cache(f"{url}/c", mode="a", storage_options=opts)
+        for i in range(2):
+            with w.segment(meta={"w": wid, "i": i}) as seg:
+                seg.append(residuals={0: np.full((5, 8), wid, BF16)}, tokens=np.full(5, wid * 10 + i),
+                           seq_ids=np.arange(5), positions=np.arange(5))
+
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(writer, range(4)))
+    c = cf.open_cache(f"{url}/c", storage_options=opts)
+    assert [s.commit for s in c.segments] == [f"{i:010d}.json" for i in range(1, 9)]
+    assert sorted(set(c.tokens[:].tolist())) == sorted(w * 10 + i for w in range(4) for i in range(2))
+    assert c.n_tokens == 40
