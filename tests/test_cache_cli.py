@@ -42,6 +42,11 @@ def test_info_json_and_text(run, make_cache):
     assert d["declared_layers"]["3"]["complete"] and d["meta"]["model"]["name_or_path"] == "test/model"
     code, out, _ = run("info", url)
     assert code == 0 and c.fingerprint in out and "layer    3   complete" in out
+    cf.open_cache(url, mode="a").add_layer(7)  # declared, nothing backfilled yet
+    code, out, _ = run("info", url)
+    assert "layer    7   backfill pending: 0/2 segments" in out
+    assert json.loads(run("info", url, "--json")[1])["declared_layers"]["7"] == {
+        "segments": 0, "complete": False, "stored_bytes": 0, "ratio_vs_raw_bf16": None}
 
 
 def test_verify_catches_a_flipped_byte(run, make_cache):
