@@ -301,7 +301,12 @@ class SegmentWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._open = False
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                if self.committed is None:
+                    self.abandon()
+                raise
         else:
             self.abandon()
         return False
@@ -412,14 +417,23 @@ class _BackfillSegment:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self._commit()
-        else:
             try:
-                objs = self.w.loc.walk(self.buf.path)
-                self.w.loc.delete([o.key for o in objs])
-            except Exception:
-                pass
+                self._commit()
+            except BaseException:
+                if self.committed is None:
+                    self._abandon()
+                raise
+        else:
+            self._abandon()
         return False
+
+    def _abandon(self) -> None:
+        try:
+            base = f"segments/{self.info.id}/backfill-{self.part}"
+            self.w.loc.delete([o.key for o in self.w.loc.walk(base)])
+            self.w.loc.remove_empty_dirs(base)
+        except Exception:
+            pass  # gc removes whatever is left
 
     def append(self, residuals, tokens, seq_ids, positions) -> None:
         if not isinstance(residuals, dict):
