@@ -56,7 +56,7 @@ class HarvestConfig:
     mix_window: int = 0  # sequences permuted together at write time; 0 = write in order
     mix_seed: int = 0
     queue_depth: int = 8  # batches in flight between the GPU and the writer threads
-    writer_threads: int = 2
+    writer_threads: int = 2  # segments compressed/committed in parallel (each in its own thread)
     workers: int = 0  # dask workers (one per GPU); 0 = run in this process
     scheduler: str = ""  # address of an existing dask scheduler
     torch_threads: int = 0  # intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)

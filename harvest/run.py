@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -255,10 +256,22 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
     w = _STATE["writer"]
     if unit.source == "supergpqa" and not unit.token_ids:
         ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
-    layers = w.layers
-    lm.check_layers(layers)
     own_thread = writer_thread is None
     wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
+    capture_unit(lm, w, unit, cfg, wt, on_rows)
+    if own_thread:
+        wt.close()
+    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids)}
+
+
+def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: BackgroundWriter,
+                 on_rows: Callable = lambda rows, nbytes: None) -> None:
+    """Forward the unit's sequences in batches; the writer thread appends and commits its segment.
+
+    Returns once every batch is queued: the commit happens in `wt` while the caller moves on.
+    """
+    layers = w.layers
+    lm.check_layers(layers)
     meta = {"unit": unit.key, "source": unit.source, "seq_ranges": _ranges(unit.seq_ids),
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
             "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
@@ -286,9 +299,6 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
                 labels = np.full(len(hb.tokens), cf.LABEL_NONE, np.int8)
             wt.submit(lambda hb=hb, roles=roles, labels=labels, n=len(seqs): holder["uw"].add(hb, roles, labels, n))
     wt.submit(lambda: holder["uw"].close())
-    if own_thread:
-        wt.close()
-    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids)}
 
 
 def _as_rollout(unit: Unit, i: int) -> ro.Rollout:
@@ -390,8 +400,13 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
     bar = tqdm(total=est, unit="tok", unit_scale=True, desc="harvest", disable=not progress or not units,
                dynamic_ncols=True)
     state = {"rows": 0, "bytes": 0, "t0": time.time()}
+    lock = threading.Lock()
 
     def on_rows(n, nbytes):
+        with lock:
+            _count(n, nbytes)
+
+    def _count(n, nbytes):
         state["rows"] += n
         state["bytes"] += nbytes
         bar.update(n)
@@ -400,12 +415,21 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
 
     try:
         if not (cfg.harvest.workers or cfg.harvest.scheduler):
-            wt = BackgroundWriter(cfg.harvest.queue_depth)
+            # one thread per in-flight segment (a segment's rows stay in order within its thread)
+            wts = [BackgroundWriter(cfg.harvest.queue_depth, f"harvest-writer-{i}")
+                   for i in range(max(1, cfg.harvest.writer_threads))]
             try:
-                for u in units:
-                    process_unit(u, ctx, wt, on_rows)
+                for i, u in enumerate(units):
+                    process_unit(u, ctx, wts[i % len(wts)], on_rows)
             finally:
-                wt.close()
+                errors = []
+                for wt in wts:
+                    try:
+                        wt.close()
+                    except BaseException as e:
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
         else:
             _run_dask(units, ctx, cfg, on_rows)
     finally:
