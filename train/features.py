@@ -576,7 +576,7 @@ def analyze(
         "reconstruction": recon, "rows_scanned": res.scanned, "chunks": res.chunks,
         "scan_seconds": res.seconds, "stats_seconds": fm_seconds,
         "analysis_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "model": meta.get("model"), "source": meta.get("source"),
+        "model": meta.get("model"), "source": meta.get("source"), "hook": meta.get("hook"),
     })
     _write_json(out_dir / "analysis.json", analysis)
     return analysis

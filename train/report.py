@@ -259,6 +259,27 @@ def _sae_section(sae: dict, n_features: int) -> str:
     return "\n".join(parts)
 
 
+def _provenance_table(run: dict, saes: list[dict]) -> str:
+    """Where the activations came from: model, hook, source and cache, as analysis recorded them."""
+    a = next((x for x in (_read_json(s["dir"] / "analysis.json") for s in saes) if x), {}) or {}
+    model = a.get("model") if isinstance(a.get("model"), dict) else {}
+    source = a.get("source") if isinstance(a.get("source"), dict) else {}
+    hook = a.get("hook") if isinstance(a.get("hook"), dict) else {}
+    rows = [
+        ("model", model.get("name_or_path") or run.get("model")),
+        ("model class / revision", " / ".join(str(model.get(k)) for k in ("class", "revision") if model.get(k))),
+        ("weights / config hash", (model.get("weights_sha256") or model.get("commit") or model.get("config_sha256") or "")[:16]),
+        ("dtype", model.get("dtype")),
+        ("hook", hook.get("meaning") or hook.get("site")),
+        ("module path", hook.get("module_path")),
+        ("source", " ".join(str(source.get(k)) for k in ("name", "dataset") if source.get(k))),
+        ("cache", a.get("cache") or run.get("cache")),
+        ("cache fingerprint", (a.get("cache_fingerprint") or run.get("cache_fingerprint") or "")[:16]),
+    ]
+    rows = [[f"<b>{html.escape(k)}</b>", _fmt(v)] for k, v in rows if v not in (None, "")]
+    return _table(None, rows, raw_cols=(0,)) if rows else ""
+
+
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;color:#222;background:#fff}
 h1{border-bottom:3px solid #3a6ea5;padding-bottom:.2em}
@@ -300,6 +321,7 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
         "fired on the evaluated rows; loss recovered = (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>).</p>",
         _table(["SAE", "layer", "d_sae", "k", *METRIC_COLUMNS, "loss recovered", "KL", "tokens seen"], rows, raw_cols=(0,)),
         "<h2>Config and provenance</h2>",
+        _provenance_table(run, saes),
         _json_block("run.json", run),
     ]
     body += [_sae_section(s, n_features) for s in saes]
