@@ -24,6 +24,7 @@ global batch, so a run resumes identically with any number of ranks.
 
 from __future__ import annotations
 
+import collections
 import queue
 import sys
 import threading
@@ -112,7 +113,8 @@ class ShuffledLoader:
                  exclude_position0: bool = False, exclude_special: bool = False, norm_outlier: float = 0.0,
                  max_rows: int = 0, window_tokens: int = 262_144, threads: int = 4, prefetch: int = 2,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 max_epochs: int | None = None, drop_last: bool = True, announce: bool = True):
+                 max_epochs: int | None = None, drop_last: bool = True, announce: bool = True,
+                 dtype: torch.dtype = torch.float32):
         if split not in ("train", "heldout", "all"):
             raise UserError(f"split {split!r}: use train, heldout or all")
         self.cache = cache
@@ -130,6 +132,7 @@ class ShuffledLoader:
         self.device = torch.device(device)
         self.max_epochs, self.drop_last, self.announce = max_epochs, drop_last, announce
         self.norm_outlier = norm_outlier
+        self.dtype = dtype  # float32 for training; bfloat16 delivers the stored bits as they are
         if roles == "auto":
             roles = default_roles(cache)
         unknown = [r for r in (roles or []) if r not in ROLE_CODES]
@@ -203,6 +206,29 @@ class ShuffledLoader:
         bits = np.unpackbits(self.mask[b0:b1])[lo - b0 * 8: hi - b0 * 8].astype(bool)
         return lo + np.flatnonzero(bits)
 
+    def planned_rows(self, n_batches: int):
+        """The global row ids of the next `n_batches` batches, from metadata alone (no residuals read).
+
+        What the loader will yield when no norm filter is set: for planning and mixing checks at
+        scales whose residuals are not at hand.
+        """
+        epoch, window, offset = self._state["epoch"], self._state["window"], self._state["offset"]
+        pending, made = [], 0
+        while made < n_batches:
+            rows = self.window_rows(epoch, window)
+            rows = rows[self._perm(epoch, window, len(rows))][offset:]
+            offset = 0
+            while len(rows) and made < n_batches:
+                need = self.batch_size - sum(len(p) for p in pending)
+                pending.append(rows[:need])
+                rows = rows[need:]
+                if sum(len(p) for p in pending) == self.batch_size:
+                    yield np.concatenate(pending)
+                    pending, made = [], made + 1
+            window += 1
+            if window >= len(self.windows(epoch)):
+                epoch, window = epoch + 1, 0
+
     def _perm(self, epoch: int, window: int, n: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, window, 1]).permutation(n)
 
@@ -221,7 +247,7 @@ class ShuffledLoader:
         return out
 
     def _read(self, layer: int, c: int) -> np.ndarray:
-        """Eligible rows of chunk c (bf16 ndarray)."""
+        """Eligible rows of chunk c (bf16 ndarray); the batch path decodes into window buffers instead."""
         lo = int(self.bounds[c])
         arr = self.cache.read_chunk(layer, c)
         return arr[self._chunk_rows(c) - lo]
@@ -256,7 +282,7 @@ class ShuffledLoader:
             self.close()
             raise StopIteration
         rows, epoch, state, tensors = item
-        residuals = {layer: t.to(self.device, non_blocking=True) for layer, t in tensors.items()}
+        residuals = {layer: t.to(self.device, non_blocking=True).to(self.dtype) for layer, t in tensors.items()}
         if epoch > self._epoch_seen and self.announce and self.rank == 0:
             print(f"loader: epoch {epoch + 1} begins with a fresh permutation (the budget exceeds the "
                   f"{self.n_rows} rows of the {self.split} split)", file=sys.stderr)
@@ -306,22 +332,49 @@ class ShuffledLoader:
                 continue
         return False
 
+    def _read_into(self, layer: int, c: int, buf: np.ndarray, dest: np.ndarray | None, at: int) -> None:
+        """Decode chunk c's eligible rows into the window buffer: at their shuffled positions `dest`
+        (so batches are contiguous slices), or contiguously from `at` when a norm filter must run first."""
+        arr = self.cache.read_chunk(layer, c).view(np.uint16)
+        n = int(self.chunk_counts[c])
+        if n != len(arr):
+            arr = arr[self._chunk_rows(c) - int(self.bounds[c])]
+        if dest is None:
+            buf[at:at + n] = arr
+        else:
+            buf[dest] = arr
+
     def _submit_window(self, epoch: int, window: int):
         chunks = [int(c) for c in self.windows(epoch)[window]]
-        return {layer: [self._pool.submit(self._read, layer, c) for c in chunks] for layer in self.layers}
+        counts = self.chunk_counts[chunks]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n = int(starts[-1])
+        shuffle_now = self.median_norm is None
+        dest = None
+        if shuffle_now:  # window row i lands at position dest[i] of the shuffled stream
+            dest = np.empty(n, np.int64)
+            dest[self._perm(epoch, window, n)] = np.arange(n)
+        bufs = {layer: np.empty((n, self.cache.d_model), np.uint16) for layer in self.layers}
+        futures = [self._pool.submit(self._read_into, layer, c, bufs[layer],
+                                     None if dest is None else dest[starts[i]:starts[i + 1]], int(starts[i]))
+                   for layer in self.layers for i, c in enumerate(chunks)]
+        return bufs, futures, shuffle_now
 
-    def _collect_window(self, epoch: int, window: int, futures) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
-        """A window's rows in shuffled order, and its residuals (bf16 tensors, same order)."""
+    def _collect_window(self, epoch: int, window: int, submitted):
+        """A window's rows and residual bits per layer, both in shuffled order."""
+        bufs, futures, shuffled = submitted
+        for f in futures:
+            f.result()
         rows = self.window_rows(epoch, window)
-        data = {layer: _bf16_to_torch(np.concatenate([f.result() for f in fs])) for layer, fs in futures.items()}
-        if self.median_norm is not None:
-            keep = torch.ones(len(rows), dtype=torch.bool)
-            for layer, x in data.items():
-                keep &= x.float().norm(dim=1) <= self.norm_outlier * self.median_norm[layer]
-            rows = rows[keep.numpy()]
-            data = {layer: x[keep] for layer, x in data.items()}
-        perm = self._perm(epoch, window, len(rows))
-        return rows[perm], {layer: x for layer, x in data.items()}, torch.from_numpy(perm)
+        if not shuffled:  # the norm filter changes the row count, so the shuffle follows it
+            keep = np.ones(len(rows), dtype=bool)
+            for layer, buf in bufs.items():
+                for a in range(0, len(buf), 8192):
+                    x = torch.from_numpy(buf[a:a + 8192].view(np.int16)).view(torch.bfloat16).float()
+                    keep[a:a + 8192] &= (x.norm(dim=1) <= self.norm_outlier * self.median_norm[layer]).numpy()
+            perm = np.flatnonzero(keep)[self._perm(epoch, window, int(keep.sum()))]
+            return rows[perm], {layer: buf[perm] for layer, buf in bufs.items()}
+        return rows[self._perm(epoch, window, len(rows))], bufs
 
     def _produce(self, state: dict) -> None:
         try:
@@ -336,6 +389,7 @@ class ShuffledLoader:
             (self.rank + 1) * self.batch_size // self.world_size
         pending: list[tuple[np.ndarray, dict, torch.Tensor]] = []  # (rows, data, index) pieces
         pending_n = 0
+        self._inflight = collections.deque()
         nxt = self._submit_window(epoch, window)
         while not self._stop.is_set():
             cur = self._collect_window(epoch, window, nxt)
@@ -344,11 +398,11 @@ class ShuffledLoader:
             f_epoch, f_window = (epoch, window + 1) if window + 1 < n_windows else (epoch + 1, 0)
             last_epoch = self.max_epochs is not None and f_epoch >= self.max_epochs
             nxt = None if last_epoch else self._submit_window(f_epoch, f_window)
-            rows, data, perm = cur
+            rows, data = cur
             pos = offset
             while pos < len(rows) and not self._stop.is_set():
                 take = min(B - pending_n, len(rows) - pos)
-                pending.append((rows[pos:pos + take], data, perm[pos:pos + take]))
+                pending.append((rows[pos:pos + take], data, pos))
                 pending_n += take
                 pos += take
                 if pending_n == B:
@@ -365,6 +419,9 @@ class ShuffledLoader:
                     lo = self.rank * pending_n // self.world_size
                     hi = (self.rank + 1) * pending_n // self.world_size
                     self._emit(pending, lo, hi, epoch, nstate)
+                while self._inflight:
+                    if not self._flush_one():
+                        return
                 self._put(None)
                 return
             epoch, window = f_epoch, f_window
@@ -375,16 +432,34 @@ class ShuffledLoader:
         return {"epoch": f_epoch, "window": f_window, "offset": 0}
 
     def _emit(self, pieces, lo: int, hi: int, epoch: int, state: dict) -> bool:
-        """Gather this rank's slice [lo, hi) of the pending rows into fp32 tensors."""
-        rows_all = np.concatenate([p[0] for p in pieces])
-        tensors = {}
+        """Queue the assembly of this rank's slice [lo, hi) of the pending rows (done by the pool, in order)."""
+        rows = np.concatenate([p[0] for p in pieces])[lo:hi]
+        self._inflight.append((self._pool.submit(self._assemble, pieces, lo, hi), rows, epoch, state))
+        while len(self._inflight) > self.threads:
+            if not self._flush_one():
+                return False
+        return True
+
+    def _flush_one(self) -> bool:
+        fut, rows, epoch, state = self._inflight.popleft()
+        return self._put((rows, epoch, state, fut.result()))
+
+    def _assemble(self, pieces, lo: int, hi: int) -> dict[int, torch.Tensor]:
+        """This rank's rows [lo, hi) of a batch: contiguous slices of the shuffled window buffers."""
+        out = {}
         for layer in self.layers:
             parts, at = [], 0
-            for r, data, idx in pieces:
+            for r, bufs, start in pieces:
                 a, b = max(lo - at, 0), min(hi - at, len(r))
                 if a < b:
-                    parts.append(data[layer].index_select(0, idx[a:b]))
+                    parts.append(bufs[layer][start + a:start + b])
                 at += len(r)
-            x = torch.cat(parts).float()
-            tensors[layer] = x.pin_memory() if self.device.type == "cuda" else x
-        return self._put((rows_all[lo:hi], epoch, state, tensors))
+            bits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            x = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+            if self.device.type == "cuda":
+                out[layer] = x.pin_memory()  # converted to fp32 on the GPU
+            elif self.dtype == torch.bfloat16:
+                out[layer] = x
+            else:
+                out[layer] = x.to(self.dtype)
+        return out
