@@ -49,6 +49,8 @@ def sae_reconstruct(sae: TopKSAE):
     """A hook function that reconstructs hidden states (B, T, D) through `sae`, in float32."""
 
     def fn(h: torch.Tensor) -> torch.Tensor:
+        if sae.W_enc.device != h.device:  # device_map="auto" may put layer L on another GPU
+            sae.to(h.device)
         flat = h.reshape(-1, h.shape[-1])
         return sae(flat.float()).to(h.dtype).reshape(h.shape)
 
@@ -71,9 +73,25 @@ def _batches(sequences: list[np.ndarray], batch_size: int) -> Iterator[torch.Ten
             yield torch.from_numpy(np.stack(group[i : i + batch_size]))
 
 
-def _next_token_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=False).logits
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, T-1, V) in the model's dtype (float only chunk by chunk below)."""
+    return model(input_ids=ids, use_cache=False).logits[:, :-1]
+
+
+POSITION_CHUNK = 512  # positions turned into float log-probs at a time: bounds memory at vocab 248k
+
+
+def _ce_and_kl(clean: torch.Tensor, other: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
+    """(CE of clean, CE of other, KL(clean ‖ other)) summed over positions, chunk by chunk."""
+    ce_c = ce_o = kl = 0.0
+    for a in range(0, clean.shape[1], POSITION_CHUNK):
+        lc = F.log_softmax(clean[:, a : a + POSITION_CHUNK].float(), dim=-1)
+        lo = F.log_softmax(other[:, a : a + POSITION_CHUNK].float(), dim=-1)
+        t = target[:, a : a + POSITION_CHUNK].reshape(-1)
+        ce_c += float(F.nll_loss(lc.reshape(-1, lc.shape[-1]), t, reduction="sum"))
+        ce_o += float(F.nll_loss(lo.reshape(-1, lo.shape[-1]), t, reduction="sum"))
+        kl += float((lc.exp() * (lc - lo)).sum())
+    return ce_c, ce_o, kl
 
 
 @torch.no_grad()
@@ -91,8 +109,8 @@ def loss_recovered(
     token-id arrays (the held-out sequences of a cache).
     """
     sequences = list(sequences)
-    device = next(model.parameters()).device
-    sae = sae.to(device).eval()
+    device = next(model.parameters()).device  # where the embeddings (and so the input ids) live
+    sae = sae.eval()
     sums = dict(ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl_sae=0.0, kl_zero=0.0)
     n_tok = 0
     total = sum(max(len(s) - 1, 0) for s in sequences)
@@ -101,17 +119,18 @@ def loss_recovered(
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="loss recovered", disable=not progress, file=None)
     for ids in _batches(sequences, batch_size):
         ids = ids.to(device)
-        target = ids[:, 1:].reshape(-1)
-        clean = _next_token_logprobs(model, ids)
-        with replace_output(layer_module, sae_reconstruct(sae)):
-            spliced = _next_token_logprobs(model, ids)
-        with replace_output(layer_module, zero_ablate):
-            zeroed = _next_token_logprobs(model, ids)
-        p_clean = clean.exp()
-        for name, lp in (("clean", clean), ("sae", spliced), ("zero", zeroed)):
-            sums[f"ce_{name}"] += float(F.nll_loss(lp.reshape(-1, lp.shape[-1]), target, reduction="sum"))
-        sums["kl_sae"] += float((p_clean * (clean - spliced)).sum())
-        sums["kl_zero"] += float((p_clean * (clean - zeroed)).sum())
+        target = ids[:, 1:]
+        # At most two logits tensors live at once: the clean one and the current spliced one.
+        clean = _logits(model, ids)
+        for name, fn in (("sae", sae_reconstruct(sae)), ("zero", zero_ablate)):
+            with replace_output(layer_module, fn):
+                other = _logits(model, ids)
+            ce_c, ce_o, kl = _ce_and_kl(clean, other.to(clean.device), target.to(clean.device))
+            del other
+            sums[f"ce_{name}"] += ce_o
+            sums[f"kl_{name}"] += kl
+        sums["ce_clean"] += ce_c
+        del clean
         n_tok += target.numel()
         bar.update(target.numel())
     bar.close()
