@@ -158,6 +158,30 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
     return res
 
 
+def write_breakdown(arrays: dict, args) -> dict:
+    """CPU seconds of the writer's parts, each alone, against the whole writer (blosc-zstd1)."""
+    from cache_format import log
+    from cache_format.stats import RunningStats
+
+    enc = encoder("blosc-zstd1")
+    bits = [a.view(np.uint16) for a in arrays.values()]
+    parts = {
+        "blosc encode": lambda: [enc(np.ascontiguousarray(b[i:i + args.chunk_tokens]))
+                                 for b in bits for i in range(0, len(b), args.chunk_tokens)],
+        "running stats": lambda: [RunningStats(b.shape[1]).update_bits(b) for b in bits],
+        "BLAKE2b": lambda: [log.digest(b.tobytes()) for b in bits],
+    }
+    out = {name: timed(fn)[1] for name, fn in parts.items()}
+    tmp = tempfile.mkdtemp(prefix="bench-storage-")
+    try:
+        out["writer (all)"] = timed(lambda: write(os.path.join(tmp, "c"), arrays, "blosc-zstd1",
+                                                  args.chunk_tokens, args.batch))[1]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["zarr assembly + disk + rows (rest)"] = out["writer (all)"] - sum(out[k] for k in parts)
+    return out
+
+
 def markdown(results: list[dict], args) -> str:
     lines = [f"Command: `.venv/bin/python bench/bench_storage.py --tokens {args.tokens} --threads {args.threads}` "
              f"(chunk {args.chunk_tokens} rows, one segment, appends of {args.batch} rows).", "",
@@ -185,6 +209,11 @@ def markdown(results: list[dict], args) -> str:
             lines.append(f"| {r['dataset']} | {cd} | {e['write_MBps']:.0f} | {e['raw_encode_MBps']:.0f} | "
                          f"{e['write_vs_encode_cpu']:.2f} | {e['read_GBps']:.2f} | {e['raw_decode_GBps']:.2f} | "
                          f"{e['read_vs_decode']:.2f} | {e['read_vs_decode_cpu']:.2f} |")
+    b = results[0].get("write_breakdown")
+    if b:
+        mb = results[0]["tokens"] * results[0]["d_model"] * 2 * len(results[0]["layers"]) / 1e6
+        lines += ["", f"Writer CPU seconds by part, {results[0]['dataset']}, blosc-zstd1 ({mb:.0f} MB raw): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in b.items()) + "."]
     return "\n".join(lines)
 
 
@@ -203,6 +232,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-storage-")
     try:
         results = [bench_dataset(name, arrays, args, tmp) for name, arrays in datasets]
+        results[0]["write_breakdown"] = write_breakdown(datasets[0][1], args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

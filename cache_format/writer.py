@@ -31,7 +31,8 @@ from .store import Location
 
 ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "labels": "int8", "roles": "int8"}
 ROW_CODEC = "zstd3"
-_LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-write")
+_LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-layer")
+_FLUSH_POOL = ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="actcache-flush")
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -120,10 +121,11 @@ class _LayerBuffer:
         self.n_pending = 0
         self.n_written = 0
         self.array = None
+        self.inflight = None  # the previous shard's encode + write, running in the background
         self.stats = RunningStats(self.d)
 
     def add(self, bits: np.ndarray) -> None:
-        self.stats.update_bits(bits)
+        self.stats.update_bits(bits)  # overlaps with the previous shard's encode in the background
         self.pending.append(bits)
         self.n_pending += len(bits)
         while self.n_pending >= self.shard_rows:
@@ -137,6 +139,12 @@ class _LayerBuffer:
         self._ensure_array()
         if self.n_pending:
             self._flush(self.n_pending)
+        self._wait()
+
+    def _wait(self) -> None:
+        if self.inflight is not None:
+            f, self.inflight = self.inflight, None
+            f.result()  # re-raises a failed background write
 
     def _ensure_array(self):
         if self.array is None:
@@ -157,8 +165,13 @@ class _LayerBuffer:
         self.pending = [rest] if len(rest) else []
         self.n_pending = len(rest)
         s = self.n_written
-        self.array.resize((s + n, self.d))
-        self.array[s:s + n] = block
+        self._wait()  # one shard in flight per layer: bounded memory, shards land in order
+
+        def write():
+            self.array.resize((s + n, self.d))
+            self.array[s:s + n] = block
+
+        self.inflight = _FLUSH_POOL.submit(write)
         self.n_written += n
 
     def entry(self) -> dict:
@@ -359,6 +372,11 @@ class SegmentWriter:
 
     def abandon(self) -> None:
         """Best effort: delete what this writer wrote (gc catches anything left)."""
+        for buf in self.buffers.values():
+            try:
+                buf._wait()  # let a background shard write land before deleting
+            except Exception:
+                pass
         try:
             objs = self.w.loc.walk(f"segments/{self.id}")
             self.w.loc.delete([o.key for o in objs])
@@ -428,6 +446,10 @@ class _BackfillSegment:
         return False
 
     def _abandon(self) -> None:
+        try:
+            self.buf._wait()
+        except Exception:
+            pass
         try:
             base = f"segments/{self.info.id}/backfill-{self.part}"
             self.w.loc.delete([o.key for o in self.w.loc.walk(base)])
