@@ -155,8 +155,11 @@ def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[
         ids = list(tok(suffix_text + " " + L, add_special_tokens=False)["input_ids"])
         cands.append(ids[len(suffix):] if ids[: len(suffix)] == suffix else list(tok(" " + L, add_special_tokens=False)["input_ids"]))
     with torch.no_grad():
-        # score each candidate's first token from one forward; ties broken by the rest
-        logits = lm.model(input_ids=torch.tensor([prefix], device=lm.device)).logits[0, -1].float()
+        # score each candidate's first token from one forward
+        # logits_to_keep=1: only the last position goes through the LM head (a 16k-token
+        # rollout over a 248k vocabulary would otherwise materialize 16 GB of logits)
+        logits = lm.model(input_ids=torch.tensor([prefix], device=lm.device), use_cache=False,
+                          logits_to_keep=1).logits[0, -1].float()
     logp = torch.log_softmax(logits, -1)
     scores = [logp[c[0]].item() for c in cands]
     best = max(range(len(letters)), key=lambda i: scores[i])
