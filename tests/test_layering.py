@@ -17,6 +17,8 @@ FORBIDDEN = {
     "harvest": ("vllm",),  # vLLM runs in its own environment, as a subprocess
 }
 HARVEST_MAY_USE_FROM_TRAIN = ("train.sae", "train.published")
+# Run as a script by the vLLM environment's own interpreter; never imported by harvest.
+VLLM_ENTRY = Path("harvest/vllm_generate.py")
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -42,6 +44,8 @@ def sources(package: str) -> list[Path]:
 def test_no_wrong_way_imports(package):
     bad = []
     for path in sources(package):
+        if path.relative_to(ROOT) == VLLM_ENTRY:
+            continue
         for mod in imported_modules(path):
             top = mod.split(".")[0]
             if top in FORBIDDEN[package]:
@@ -59,3 +63,15 @@ def test_harvest_imports_train_only_by_submodule():
             if isinstance(node, ast.ImportFrom) and node.module == "train":
                 names = {a.name for a in node.names}
                 assert names <= {"sae", "published"}, f"{path}: from train import {names}"
+
+
+def test_vllm_entry_point_is_never_imported():
+    """It runs in a separate environment; importing it here would drag vLLM into ours."""
+    entry = VLLM_ENTRY.stem
+    for package in FORBIDDEN:
+        for path in sources(package):
+            if path.relative_to(ROOT) == VLLM_ENTRY:
+                continue
+            assert not any(m.endswith(entry) for m in imported_modules(path)), path
+    assert not any(m.split(".")[0] in ("harvest", "train", "cache_format")
+                   for m in imported_modules(ROOT / VLLM_ENTRY))
