@@ -66,6 +66,8 @@ def test_deterministic_whatever_the_thread_timing(cache):
     d = rows_of(ShuffledLoader(SlowCache(c, 2), [0, 2], 100, threads=3, prefetch=4, **kw), 1000)
     assert len(a) == len(b) == len(d) > 40
     assert all(np.array_equal(x, y) and np.array_equal(x, z) for x, y, z in zip(a, b, d))
+    plan = list(ShuffledLoader(c, [0, 2], 100, **kw).planned_rows(len(a)))  # metadata alone gives the same
+    assert all(np.array_equal(x, p) for x, p in zip(a, plan))
     other = rows_of(ShuffledLoader(c, [0, 2], 100, threads=1, **dict(kw, seed=8)), 5)
     assert not np.array_equal(a[0], other[0])
 
