@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks")
 def _by_latent(idx: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
     """Entries of a row-sparse (N, k) pattern grouped by latent: (order, token of each, bag offsets)."""
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # stable: deterministic, tokens ascending within a latent
+    order = torch.argsort(flat.to(torch.int32), stable=True)  # stable: deterministic; int32 sorts ~2x faster
     counts = torch.bincount(flat, minlength=d_sae)
     offsets = torch.zeros(d_sae, dtype=torch.int64, device=idx.device)
     torch.cumsum(counts[:-1], 0, out=offsets[1:])
