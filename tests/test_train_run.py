@@ -176,3 +176,24 @@ def test_import_train_pulls_in_neither_transformers_nor_harvest():
             "print(bad); sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_normalization_is_folded_into_the_export(planted, tmp_path):
+    import cache_format as cf
+    from train.sae import TopKSAE
+
+    url, _ = planted
+    out = tmp_path / "norm"
+    r = run([*FAST, "--cache", url, "--layers", "4", "--out", str(out), "--set", "train.normalize=true",
+             "--set", "train.training_tokens=5120", "--set", "train.eval_every_tokens=5120"])
+    assert r.exit_code == 0, repr(r.exception)
+    entry = json.loads((out / "run.json").read_text())["saes"][0]
+    cfg = json.loads((out / entry["path"] / "cfg.json").read_text())
+    assert cfg["normalization"]["folded"] and cfg["normalization"]["input_scale"] != 1.0
+    sae = TopKSAE(32, 192, 3)
+    sae.load_state_dict(load_file(str(out / entry["path"] / "sae_weights.safetensors")), strict=False)
+    rows = torch.from_numpy(np.load(out / "heldout" / "rows.npy"))
+    x = cf.open_cache(url).residuals(4)[:][rows].float()
+    with torch.no_grad():
+        ve = 1 - float(((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert ve == pytest.approx(entry["metrics"]["variance_explained"], abs=1e-4)  # raw residuals in, as trained

@@ -283,9 +283,10 @@ class ShuffledLoader:
             raise StopIteration
         rows, epoch, state, tensors = item
         residuals = {layer: t.to(self.device, non_blocking=True).to(self.dtype) for layer, t in tensors.items()}
-        if epoch > self._epoch_seen and self.announce and self.rank == 0:
+        if epoch > self._epoch_seen and self.announce and self.rank == 0 and (epoch == 1 or (epoch + 1) % 10 == 0):
+            more = "; further epochs are announced every 10th" if epoch == 1 else ""
             print(f"loader: epoch {epoch + 1} begins with a fresh permutation (the budget exceeds the "
-                  f"{self.n_rows} rows of the {self.split} split)", file=sys.stderr)
+                  f"{self.n_rows} rows of the {self.split} split{more})", file=sys.stderr)
         self._epoch_seen = max(self._epoch_seen, epoch)
         self._state = state
         return Batch(residuals, rows, epoch, dict(state))
