@@ -83,4 +83,4 @@ bench-peers-env:
 	.venv-peers/bin/pip install -q torch==2.13.0 sae-lens eai-sparsify
 
 clean:
-	rm -rf caches/tiny runs/tiny
+	rm -rf caches/tiny caches/tiny.rollouts runs/tiny

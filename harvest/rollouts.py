@@ -200,9 +200,9 @@ def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(rollouts_dir(cache_url))
-    fs.makedirs(root, exist_ok=True)
-    body = "".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode()
     final = f"{root}/{key}.jsonl"
+    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+    body = "".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode()
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem):

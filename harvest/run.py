@@ -171,8 +171,15 @@ def rows_of(tokenizer, r: ro.Rollout, thinking: bool) -> tuple[np.ndarray, np.nd
 def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer) -> None:
     """Fill supergpqa units with graded rollouts: stored ones are reused, missing ones generated."""
     stored: dict[int, ro.Rollout] = {}
+    # sidecar files are keyed by what decides a rollout, so changed settings never reuse them
+    import hashlib
+    import json
+
+    sel = json.dumps([source_selection(cfg), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype],
+                     sort_keys=True)
+    tag = hashlib.sha256(sel.encode()).hexdigest()[:12]
     for u in units:
-        for r in ro.load_rollouts(cache_url, u.key) or []:
+        for r in ro.load_rollouts(cache_url, f"{tag}/{u.key}") or []:
             stored[r.seq_id] = r
     missing = [(sid, q) for u in units for sid, q in zip(u.seq_ids, u.questions) if sid not in stored]
     if missing:
@@ -182,7 +189,7 @@ def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_f
         for u in units:
             new = [by_id[s] for s in u.seq_ids if s in by_id]
             if new:
-                ro.save_rollouts(cache_url, u.key, [stored.get(s) or by_id[s] for s in u.seq_ids])
+                ro.save_rollouts(cache_url, f"{tag}/{u.key}", [stored.get(s) or by_id[s] for s in u.seq_ids])
         stored.update(by_id)
     for u in units:
         rs = [stored[s] for s in u.seq_ids]

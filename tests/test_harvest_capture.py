@@ -130,3 +130,23 @@ def test_capture_stops_after_the_deepest_layer(lm):
         for h in hs:
             h.remove()
     assert sorted(out) == [1, 3] and ran == [0, 1, 2, 3]
+
+
+def test_generated_rollouts_are_never_generated_again(tmp_path, lm):
+    import shutil
+
+    url = tmp_path / "gen"
+    flags = {"harvest.layers": [1], "supergpqa.questions": 4}
+    hr.run(tiny_cfg(url, **flags), progress=False)
+    first = cf.open_cache(url).sequences().to_pylist()
+    shutil.rmtree(url)  # as if the process died after generating, before any commit
+    # a backend that cannot run: any generation attempt would fail with a UserError
+    cfg = tiny_cfg(url, **flags, **{"supergpqa.backend": "vllm", "supergpqa.vllm_python": str(tmp_path / "none")})
+    hr.run(cfg, progress=False)
+    again = cf.open_cache(url).sequences().to_pylist()
+    assert [s["token_ids"] for s in again] == [s["token_ids"] for s in first]
+    # changed generation settings do not reuse them
+    cfg = tiny_cfg(tmp_path / "other", **flags, **{"supergpqa.backend": "vllm", "supergpqa.max_new_tokens": 5,
+                                                   "supergpqa.vllm_python": str(tmp_path / "none")})
+    with pytest.raises(cf.UserError, match="make vllm-env"):
+        hr.run(cfg, progress=False)
