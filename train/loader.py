@@ -171,6 +171,7 @@ class ShuffledLoader:
         self._queue = None
         self._stop = threading.Event()
         self._pool = None
+        self._assembly = None
 
     # ---- plan ------------------------------------------------------------------------
 
@@ -295,6 +296,8 @@ class ShuffledLoader:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
+        # batches are assembled by their own threads, so they never queue behind the next window's reads
+        self._assembly = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-batch")
         self._thread = threading.Thread(target=self._produce, args=(dict(self._state),), daemon=True,
                                         name="loader-batches")
         self._thread.start()
@@ -308,9 +311,10 @@ class ShuffledLoader:
                 except queue.Empty:
                     self._thread.join(timeout=0.05)
             self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._assembly):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._assembly = None
 
     def __enter__(self):
         return self
@@ -435,7 +439,7 @@ class ShuffledLoader:
     def _emit(self, pieces, lo: int, hi: int, epoch: int, state: dict) -> bool:
         """Queue the assembly of this rank's slice [lo, hi) of the pending rows (done by the pool, in order)."""
         rows = np.concatenate([p[0] for p in pieces])[lo:hi]
-        self._inflight.append((self._pool.submit(self._assemble, pieces, lo, hi), rows, epoch, state))
+        self._inflight.append((self._assembly.submit(self._assemble, pieces, lo, hi), rows, epoch, state))
         while len(self._inflight) > self.threads:
             if not self._flush_one():
                 return False
