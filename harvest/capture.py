@@ -31,12 +31,46 @@ class HostBatch:
     seq_ids: np.ndarray
     positions: np.ndarray
     event: object = None
+    pool: "PinnedPool | None" = None
 
     def ready(self) -> "HostBatch":
+        """Wait for the copies (in the writer thread), then free the pinned staging buffers.
+
+        The rows are copied once more into pageable memory so that the pinned buffers can be
+        reused at once; the writer may hold rows until a whole shard is full.
+        """
         if self.event is not None:
             self.event.synchronize()
             self.event = None
+            if self.pool is not None:
+                staged, self.residuals = self.residuals, {L: t.clone() for L, t in self.residuals.items()}
+                for t in staged.values():
+                    self.pool.put(t)
         return self
+
+
+class PinnedPool:
+    """Reusable page-locked staging buffers: cudaHostAlloc per batch costs more than the copy."""
+
+    def __init__(self):
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def get(self, rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+        need = rows * d
+        with self.lock:
+            for i, buf in enumerate(self.free):
+                if buf.dtype == dtype and buf.numel() >= need:
+                    base = self.free.pop(i)
+                    break
+            else:
+                base = torch.empty(max(need, 1), dtype=dtype, pin_memory=True)
+        return base[:need].view(rows, d)
+
+    def put(self, t: torch.Tensor) -> None:
+        base = t._base if t._base is not None else t
+        with self.lock:
+            self.free.append(base)
 
 
 class LayerCapture:
@@ -91,32 +125,50 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, valid
 
 
-def to_host(outputs: dict[int, torch.Tensor], valid: torch.Tensor) -> tuple[dict[int, torch.Tensor], object]:
-    """Valid rows of every layer as bf16 on the host; async (pinned + event) on CUDA."""
+DEFAULT_POOL = PinnedPool()  # per process; grows to the buffers in flight (bounded by the queue)
+
+
+def to_host(outputs: dict[int, torch.Tensor], valid: torch.Tensor,
+            pool: PinnedPool | None = None) -> tuple[dict[int, torch.Tensor], object]:
+    """Valid rows of every layer as bf16 on the host; asynchronous on CUDA.
+
+    The row index comes from the host-side mask, so selecting rows never makes the GPU
+    report a size back (boolean indexing on the device would sync the stream every batch).
+    """
     res, event = {}, None
+    idx = valid.reshape(-1).nonzero().squeeze(1)
+    cuda = any(h.device.type == "cuda" for h in outputs.values())
+    if cuda:
+        dev = next(iter(outputs.values())).device
+        idx_dev = idx.pin_memory().to(dev, non_blocking=True)
+        pool = pool or DEFAULT_POOL
     for layer, h in outputs.items():
-        rows = h[valid.to(h.device)].to(torch.bfloat16)
-        if rows.device.type == "cuda":
-            buf = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        flat = h.reshape(-1, h.shape[-1])
+        if cuda:
+            rows = flat.index_select(0, idx_dev.to(h.device, non_blocking=True)).to(torch.bfloat16)
+            buf = pool.get(rows.shape[0], rows.shape[1], torch.bfloat16)
             buf.copy_(rows, non_blocking=True)
             res[layer] = buf
         else:
-            res[layer] = rows.contiguous()
-    if any(h.device.type == "cuda" for h in outputs.values()):
+            res[layer] = flat.index_select(0, idx).to(torch.bfloat16).contiguous()
+    if cuda:
         event = torch.cuda.Event()
         event.record()
     return res, event
 
 
 def capture_batch(cap: LayerCapture, model, seqs: list[list[int]], seq_ids: list[int], pad_id: int,
-                  device: torch.device) -> HostBatch:
+                  device: torch.device, pool: PinnedPool | None = None) -> HostBatch:
     ids, valid = pad_batch(seqs, pad_id)
+    if device.type == "cuda":
+        ids = ids.pin_memory()
     outputs = cap.forward(model, ids.to(device, non_blocking=True))
-    residuals, event = to_host(outputs, valid)
+    pool = pool or DEFAULT_POOL
+    residuals, event = to_host(outputs, valid, pool)
     positions = np.concatenate([np.arange(len(s), dtype=np.int32) for s in seqs])
     sids = np.concatenate([np.full(len(s), sid, dtype=np.int64) for s, sid in zip(seqs, seq_ids)])
     tokens = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
-    return HostBatch(residuals, tokens, sids, positions, event)
+    return HostBatch(residuals, tokens, sids, positions, event, pool if event is not None else None)
 
 
 class BackgroundWriter:

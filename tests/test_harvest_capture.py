@@ -150,3 +150,25 @@ def test_generated_rollouts_are_never_generated_again(tmp_path, lm):
                                                    "supergpqa.vllm_python": str(tmp_path / "none")})
     with pytest.raises(cf.UserError, match="make vllm-env"):
         hr.run(cfg, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines)")
+def test_cuda_async_copies_match_the_cpu_capture(lm):
+    import copy
+
+    from harvest.capture import PinnedPool, capture_batch
+
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    with LayerCapture(lm.layers, [1, 3]) as cap:
+        want = capture_batch(cap, lm.model, seqs, [0, 1], 0, torch.device("cpu")).ready()
+    gpu = copy.deepcopy(lm.model).cuda()
+    layers = gpu.model.language_model.layers
+    pool = PinnedPool()
+    with LayerCapture(layers, [1, 3]) as cap:
+        got = capture_batch(cap, gpu, seqs, [0, 1], 0, torch.device("cuda"), pool)
+        assert got.event is not None and all(t.is_pinned() for t in got.residuals.values())
+        got.ready()
+    assert len(pool.free) == 2  # staging buffers came back for reuse
+    for L in (1, 3):
+        cos = torch.nn.functional.cosine_similarity(got.residuals[L].float(), want.residuals[L].float(), dim=1)
+        assert cos.min() > 0.999
