@@ -14,8 +14,8 @@ _LAZY = {
     "Batch": "train.loader",
     "is_heldout": "train.split",
     "ReconstructionMetrics": "train.metrics",
-    "Trainer": "train.trainer",
-    "SAEState": "train.trainer",
+    "SAETrainer": "train.trainer",
+    "Run": "train.run",
 }
 
 __all__ = sorted(_LAZY)
