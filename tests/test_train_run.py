@@ -172,6 +172,7 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
 
 def test_import_train_pulls_in_neither_transformers_nor_harvest():
     code = ("import sys, train, train.sae, train.loader, train.trainer, train.run, train.cli; "
+            "[getattr(train, n) for n in train.__all__]; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'harvest', 'vllm')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
