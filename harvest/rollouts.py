@@ -214,6 +214,22 @@ def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
         fs.pipe_file(final, body)  # object stores publish a PUT atomically
 
 
+def load_all_rollouts(cache_url: str, tag: str) -> dict[int, Rollout]:
+    """Every stored rollout under `tag`, by seq_id, whatever unit first generated it."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(rollouts_dir(cache_url))
+    out: dict[int, Rollout] = {}
+    if not fs.exists(f"{root}/{tag}"):
+        return out
+    for path in sorted(fs.glob(f"{root}/{tag}/*.jsonl")):
+        for line in fs.cat_file(path).decode().splitlines():
+            if line.strip():
+                r = Rollout(**json.loads(line))
+                out[r.seq_id] = r
+    return out
+
+
 def load_rollouts(cache_url: str, key: str) -> list[Rollout] | None:
     import fsspec
 

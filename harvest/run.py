@@ -11,6 +11,8 @@ per worker process, each worker committing its own segments.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import socket
@@ -23,12 +25,12 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format.config import ModelConfig, PipelineConfig, _build
+from cache_format.config import ModelConfig, PipelineConfig
 from cache_format.errors import CacheError, UserError
 
 from . import data, rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
-from .model import LoadedModel, ModelError, describe_model, load_model, tokenizer_files_of
+from .model import LoadedModel, ModelError, describe_model, load_model
 
 HOOK = "resid_post"
 
@@ -51,9 +53,9 @@ class Unit:
 
 @dataclass
 class Context:
-    """What a worker needs besides the unit: plain data, so it pickles to dask workers."""
+    """What a worker needs besides the unit (dataclasses: it pickles to dask workers)."""
 
-    config: dict
+    config: PipelineConfig
     cache_url: str
     threads: int = 0
     device: str | None = None
@@ -123,8 +125,6 @@ def plan_units(cfg: PipelineConfig, tokenizer, done: set[int]) -> tuple[list[Uni
         if cfg.harvest.source == "supergpqa":
             u.questions = [q for _, q in part]
         else:
-            import json
-
             u.token_ids = [s.token_ids for _, s in part]
             u.records = [{"source": "corpus", "docs": json.dumps(s.docs)} for _, s in part]
         units.append(u)
@@ -143,11 +143,6 @@ def _model(model_cfg: ModelConfig, device: str | None) -> LoadedModel:
         _STATE["model"] = load_model(model_cfg, device=device)
         _STATE["model_key"] = key
     return _STATE["model"]
-
-
-def _config(ctx: Context) -> PipelineConfig:
-    return _build(PipelineConfig, {k: v for k, v in ctx.config.items() if k not in ("profile", "source_path")},
-                  "pipeline config")
 
 
 def rows_of(tokenizer, r: ro.Rollout, thinking: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -170,17 +165,12 @@ def rows_of(tokenizer, r: ro.Rollout, thinking: bool) -> tuple[np.ndarray, np.nd
 
 def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer) -> None:
     """Fill supergpqa units with graded rollouts: stored ones are reused, missing ones generated."""
-    stored: dict[int, ro.Rollout] = {}
     # sidecar files are keyed by what decides a rollout, so changed settings never reuse them
-    import hashlib
-    import json
-
     sel = json.dumps([source_selection(cfg), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype],
                      sort_keys=True)
     tag = hashlib.sha256(sel.encode()).hexdigest()[:12]
-    for u in units:
-        for r in ro.load_rollouts(cache_url, f"{tag}/{u.key}") or []:
-            stored[r.seq_id] = r
+    wanted = {s for u in units for s in u.seq_ids}
+    stored: dict[int, ro.Rollout] = {sid: r for sid, r in ro.load_all_rollouts(cache_url, tag).items() if sid in wanted}
     missing = [(sid, q) for u in units for sid, q in zip(u.seq_ids, u.questions) if sid not in stored]
     if missing:
         backend = ro.make_backend(cfg.supergpqa, lm_factory, cfg.model)
@@ -252,7 +242,7 @@ def window_permutation(seed: int, first_seq_id: int, n_rows: int) -> np.ndarray:
 def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | None = None,
                  on_rows: Callable = lambda rows, nbytes: None) -> dict:
     """Capture one unit and commit it as one segment. Returns counts for progress."""
-    cfg = _config(ctx)
+    cfg = ctx.config
     threads = ctx.threads or cfg.harvest.torch_threads
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -268,7 +258,8 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
     capture_unit(lm, w, unit, cfg, wt, on_rows)
     if own_thread:
         wt.close()
-    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids)}
+    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),
+            "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2}
 
 
 def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: BackgroundWriter,
@@ -389,7 +380,7 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     units, total = plan_units(cfg, info["tokenizer"], done)
     summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
     log(f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; {len(units)} units to run")
-    ctx = Context(config=cfg.to_dict(), cache_url=cfg.harvest.cache)
+    ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
     if units and cfg.harvest.source == "supergpqa" and cfg.supergpqa.backend == "vllm":
         # vLLM runs first, alone on the GPU, for every pending question; capture loads after it exits.
         ensure_rollouts(units, cfg, cfg.harvest.cache, lambda: _model(cfg.model, None), info["tokenizer"])
@@ -460,7 +451,7 @@ def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> 
         sizes = {f.key: u.n_tokens for f, u in zip(futs, units)}
         for f in as_completed(futs):
             res = f.result()
-            on_rows(sizes[f.key] or res["rows"], 0)
+            on_rows(sizes[f.key] or res["rows"], res["bytes"])
     finally:
         client.close()
         if cluster is not None:
