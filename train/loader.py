@@ -28,7 +28,7 @@ import collections
 import queue
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -439,7 +439,12 @@ class ShuffledLoader:
     def _emit(self, pieces, lo: int, hi: int, epoch: int, state: dict) -> bool:
         """Queue the assembly of this rank's slice [lo, hi) of the pending rows (done by the pool, in order)."""
         rows = np.concatenate([p[0] for p in pieces])[lo:hi]
-        self._inflight.append((self._assembly.submit(self._assemble, pieces, lo, hi), rows, epoch, state))
+        if len(pieces) == 1 and self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            fut = Future()  # a zero-copy slice: no thread hand-off needed
+            fut.set_result(self._assemble(pieces, lo, hi))
+        else:
+            fut = self._assembly.submit(self._assemble, pieces, lo, hi)
+        self._inflight.append((fut, rows, epoch, state))
         while len(self._inflight) > self.threads:
             if not self._flush_one():
                 return False
