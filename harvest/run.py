@@ -358,6 +358,9 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     """The whole `harvest run`: create or open the cache, add new layers, capture what is missing."""
     log = log or (lambda s: None)
     data.check_source(cfg.harvest.source)
+    if cfg.harvest.hook != HOOK:
+        raise UserError(f"harvest.hook {cfg.harvest.hook!r}: only {HOOK!r} (the output of decoder layer N) is "
+                        "captured so far; set harvest.hook = \"resid_post\"")
     layers = sorted(set(cfg.harvest.layers))
     if not layers:
         raise UserError("no layers given; pass --layers 11,31,55")
