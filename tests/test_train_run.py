@@ -104,6 +104,7 @@ def test_one_line_user_errors(planted, tmp_path, args, message):
     r = run([*FAST, "--out", str(tmp_path / "o"), *args])
     assert isinstance(r.exception, UserError), repr(r.exception)
     assert message in str(r.exception) and "\n" not in str(r.exception)
+    assert not (tmp_path / "o" / "run_state.json").exists()  # a refused run leaves OUT untouched
 
 
 def cli_proc(args, **kw):

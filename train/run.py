@@ -228,16 +228,16 @@ class Run:
         return trainers
 
     def execute(self) -> dict:
+        tc = self.tc
+        loader = self._loader("train", tc.batch_size, seed=tc.seed)  # validates before OUT is touched
         status = self._claim_out()
         if status == "complete":
             if self.rank == 0:
                 print(f"run in {self.out} is already complete ({self.tc.training_tokens} tokens per SAE); "
                       "nothing to do (pass --fresh to train again)", file=sys.stderr)
             return json.loads((self.out / "run.json").read_text())
-        tc = self.tc
         ckpts = Checkpoints(self.out / "checkpoints", tc.keep_last, tc.keep_best)
         trainers = self._build()
-        loader = self._loader("train", tc.batch_size, seed=tc.seed)
         held_rows, held = self._heldout() if self.rank == 0 else (None, None)
         dist.barrier()
         latest = ckpts.latest() if status == "resume" else None
