@@ -91,3 +91,16 @@ def test_two_dask_workers_each_write_their_own_segments(tmp_path):
     pids = {s.meta["writer"]["pid"] for s in c.segments}
     assert len(c.segments) == 4 and len(pids) == 2 and os.getpid() not in pids
     assert_same_rows(local, url)
+
+
+def test_an_existing_scheduler_runs_the_units(tmp_path):
+    from dask.distributed import LocalCluster
+
+    tokens = 64 * 8  # 2 units
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster:
+        summary = hr.run(cfg_for(tmp_path / "sched", tokens, **{"harvest.scheduler": cluster.scheduler_address}),
+                         progress=False)
+    assert summary["units"] == 2 and summary["n_tokens"] == tokens
+    local = tmp_path / "local"
+    hr.run(cfg_for(local, tokens), progress=False)
+    assert_same_rows(local, tmp_path / "sched")
