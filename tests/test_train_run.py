@@ -132,14 +132,14 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, 
     deadline = time.time() + 120
     while not list((resumed / "checkpoints").glob("tokens_*.pt")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    time.sleep(rng.random() * 1.0)
-    killed = p.poll() is None
+    time.sleep(rng.random() * 0.2)  # a random moment after the first checkpoint, mid-run
+    assert p.poll() is None, "the run finished before it could be killed"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     p = cli_proc([*args, "--out", str(resumed)])
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert not killed or "resuming" in err
+    assert "resuming" in err
     a = load_file(str(ref / "L2_n192_k3/sae_weights.safetensors"))
     b = load_file(str(resumed / "L2_n192_k3/sae_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
