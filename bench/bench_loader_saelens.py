@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--buffer-tokens", type=int, default=81_920, help="SAELens mixing buffer (its documented 80k)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, and our loader's decode threads")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--window-tokens", type=int, default=0,
+                   help="our shuffle window (0: the loader's default); 81920 matches SAELens' buffer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sides", default="ours,saelens")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader_saelens.json")
@@ -79,8 +81,9 @@ def ours_worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     cache = cf.open_cache(a.cache)
+    window = {"window_tokens": a.window_tokens} if a.window_tokens else {}
     loader = ShuffledLoader(cache, layers=[0], batch_size=a.batch, seed=a.seed, split="all",
-                            threads=a.threads, announce=False)
+                            threads=a.threads, announce=False, **window)
     n_batches = a.tokens // a.batch
     checksum = 0.0
     for i in range(n_batches):
@@ -148,7 +151,7 @@ def main(argv=None) -> None:
             for side in sides[rnd % len(sides):] + sides[:rnd % len(sides)]:
                 if side == "ours":
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--cache", ours_url,
-                           "--d", str(a.d), *common]
+                           "--d", str(a.d), "--window-tokens", str(a.window_tokens), *common]
                 else:
                     cmd = [str(PEERS_PY), str(SAELENS), "--cache", sl_dir, "--context", str(a.context),
                            "--d-in", str(a.d), "--buffer-tokens", str(a.buffer_tokens), *common]
