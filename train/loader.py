@@ -172,6 +172,7 @@ class ShuffledLoader:
         self._stop = threading.Event()
         self._pool = None
         self._assembly = None
+        self._free: dict[int, list[np.ndarray]] = {}
 
     # ---- plan ------------------------------------------------------------------------
 
@@ -359,11 +360,25 @@ class ShuffledLoader:
         if shuffle_now:  # window row i lands at position dest[i] of the shuffled stream
             dest = np.empty(n, np.int64)
             dest[self._perm(epoch, window, n)] = np.arange(n)
-        bufs = {layer: np.empty((n, self.cache.d_model), np.uint16) for layer in self.layers}
+        bufs = {layer: self._buffer(layer, n) for layer in self.layers}
         futures = [self._pool.submit(self._read_into, layer, c, bufs[layer],
                                      None if dest is None else dest[starts[i]:starts[i + 1]], int(starts[i]))
                    for layer in self.layers for i, c in enumerate(chunks)]
         return bufs, futures, shuffle_now
+
+    def _buffer(self, layer: int, n: int) -> np.ndarray:
+        """A window buffer of n rows, reusing a released one: fresh pages cost a fault and a zeroing each."""
+        free = self._free.setdefault(layer, [])
+        for i, base in enumerate(free):
+            if len(base) >= n:
+                return free.pop(i)[:n]
+        return np.empty((n + n // 8, self.cache.d_model), np.uint16)[:n]
+
+    def _release(self, data: dict) -> None:
+        for layer, view in data.items():
+            free = self._free.setdefault(layer, [])
+            if len(free) < 2:
+                free.append(view.base if view.base is not None else view)
 
     def _collect_window(self, epoch: int, window: int, submitted):
         """A window's rows and residual bits per layer, both in shuffled order."""
@@ -396,8 +411,17 @@ class ShuffledLoader:
         pending_n = 0
         self._inflight = collections.deque()
         nxt = self._submit_window(epoch, window)
+        # fp32 (or pinned) batches are copies, so a window's buffers can be reused once it is cut;
+        # bf16 CPU batches are views into them and keep them alive instead
+        recycle = self.dtype != torch.bfloat16 or self.device.type == "cuda"
+        previous = None
         while not self._stop.is_set():
             cur = self._collect_window(epoch, window, nxt)
+            if recycle and previous is not None and all(p[1] is not previous for p in pending):
+                for fut, *_ in self._inflight:  # no batch still reads the old buffers
+                    fut.result()
+                self._release(previous)
+            previous = cur[1] if self.median_norm is None else None
             n_windows = len(self.windows(epoch))
             # prefetch the following window while this one is cut into batches
             f_epoch, f_window = (epoch, window + 1) if window + 1 < n_windows else (epoch + 1, 0)
