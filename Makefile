@@ -70,8 +70,13 @@ vllm-env:
 	.venv-vllm/bin/pip install -q '$(VLLM)'
 	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'ready in .venv-vllm')"
 
+# Each script measures one comparison side by side and prints where it wrote its results;
+# docs/benchmarks.md records the numbers. The trainer and SAELens-loader comparisons need
+# `make bench-peers-env` first.
+BENCHES ?= storage harvest loader trainer loader_saelens analysis
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	set -e; for b in $(BENCHES); do echo "== bench/bench_$$b.py"; $(PY) bench/bench_$$b.py; done
 
 # The peers (SAELens, EleutherAI sparsify) live in their own environment and are driven as
 # subprocesses by bench/bench_trainer.py and bench/bench_loader_saelens.py. torch CPU goes in
