@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import log
-from .bf16 import BF16, bits_to_numpy, bits_to_torch
+from .bf16 import bits_to_numpy, bits_to_torch
 from .codecs import decoder, index_nbytes, inner_chunk_rows, parse_index
 from .errors import CacheError, UserError
 from .stats import RunningStats

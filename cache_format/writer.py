@@ -10,7 +10,6 @@ objects that `gc` removes after the grace period.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading

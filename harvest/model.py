@@ -75,7 +75,7 @@ def resolve_path(cfg: ModelConfig) -> tuple[str, dict]:
     if cfg.name_or_path == tiny.TINY_NAME:
         d = tiny.tiny_model_dir()
         return str(d), {"builtin": "tiny", "weights_sha256": (d / "weights.sha256").read_text().strip(),
-                        "seed": tiny.SEED}
+                        "seed": tiny.SEED, "build": tiny.build_info(d)}
     p = Path(cfg.name_or_path).expanduser()
     looks_local = cfg.name_or_path.startswith((".", "/", "~")) or p.exists() or cfg.name_or_path.count("/") > 1
     if looks_local:
@@ -123,12 +123,11 @@ def find_layers(model: torch.nn.Module, layers_path: str = "") -> tuple[torch.nn
     raise ModelError(f"cannot find the decoder layers of {type(model).__name__}; set model.layers_path")
 
 
-def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
-    """Load model + tokenizer in eval mode, resolve the layers, and record provenance."""
+def _model_config(cfg: ModelConfig):
+    """Resolve the path and read the transformers config: what loading and describing share."""
     import transformers as tf
 
     path, extra = resolve_path(cfg)
-    dtype = _torch_dtype(cfg.dtype)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if not extra:
         kw["revision"] = cfg.revision
@@ -137,6 +136,15 @@ def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
     except OSError as e:
         raise ModelError(f"cannot load model config from {cfg.name_or_path!r} ({str(e).splitlines()[0]}); "
                          "check model.name_or_path / revision and network access") from None
+    return path, extra, kw, mcfg
+
+
+def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
+    """Load model + tokenizer in eval mode, resolve the layers, and record provenance."""
+    import transformers as tf
+
+    path, extra, kw, mcfg = _model_config(cfg)
+    dtype = _torch_dtype(cfg.dtype)
     cls = _auto_class(cfg, mcfg.model_type)
     device_map = device or cfg.device_map
     load_kw = dict(kw, dtype=dtype, attn_implementation=cfg.attn_implementation)
@@ -194,15 +202,7 @@ def describe_model(cfg: ModelConfig) -> dict:
     """
     import transformers as tf
 
-    path, extra = resolve_path(cfg)
-    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if not extra:
-        kw["revision"] = cfg.revision
-    try:
-        mcfg = tf.AutoConfig.from_pretrained(path, **kw)
-    except OSError as e:
-        raise ModelError(f"cannot load model config from {cfg.name_or_path!r} ({str(e).splitlines()[0]}); "
-                         "check model.name_or_path / revision and network access") from None
+    path, extra, kw, mcfg = _model_config(cfg)
     _torch_dtype(cfg.dtype)
     cls = _auto_class(cfg, mcfg.model_type)
     with torch.device("meta"):

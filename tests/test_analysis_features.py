@@ -35,7 +35,6 @@ def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
     fm = pq.read_table(out / "feature_metrics.parquet").to_pandas().set_index("feature")
     c, keep, x = _expected_rows(cache_url)
     xs = x[keep]
-    labels = c.labels[:][keep]
     assert summary["summary"]["tokens"] == keep.sum()
     # fire rate, mean and max by hand from the residuals (feature j = relu(x_j) for j < 16)
     for j in range(D):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from cache_format import log, ops
+from cache_format import ops
 from cache_format.bf16 import BF16
 from cache_format.store import Location
 from conftest import write_cache
