@@ -1,9 +1,11 @@
-"""The embedded tiny model: a random-init Qwen3.5-architecture model built offline.
+"""The embedded tiny model: a small Qwen3.5-architecture language model built offline.
 
 `make demo` and the tests need a model of the real architecture class
 (`Qwen3_5ForConditionalGeneration`, Gated DeltaNet + full attention layers) without any
-download. Its config and tokenizer ship as package data; the weights are drawn from a fixed
-seed on first use and renamed into a user cache directory in one step, so two workers that
+download. Its config, tokenizer and training text ship as package data. On first use the
+weights are drawn from a fixed seed and then trained for a few seconds on the bundled text
+(a pure random init predicts worse than uniform, which turns loss recovered upside down),
+and the result is renamed into a user cache directory in one step, so two workers that
 build it at the same time never see a half-written model.
 """
 
@@ -31,7 +33,22 @@ CHAT_TEMPLATE = (
     "{%- else %}{{- '<think>\\n' }}{%- endif %}"
     "{%- endif %}"
 )
-_BUILD_LOCK = threading.Lock()  # torch's global RNG is shared by threads: one seeded build at a time
+_BUILD_LOCK = threading.Lock()  # torch's global RNG and thread count are process-wide: one build at a time
+# The build's training recipe. Every field is part of the cache directory's key and of the
+# recorded provenance; one thread and a seeded batch order make the weights hash reproducible
+# on a given machine. ~25 s on one core of a shared 2-core box.
+RECIPE = {
+    "version": 2,            # 1 was the untrained random init
+    "steps": 120,
+    "batch": 4,
+    "seq_len": 128,
+    "lr": 1e-2,
+    "warmup": 10,            # linear warmup, then cosine decay to 10%
+    "weight_decay": 0.01,
+    "clip": 1.0,
+    "threads": 1,
+    "questions": "even",     # chat renderings of the even-numbered questions only
+}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
@@ -54,12 +71,13 @@ def tiny_config() -> dict:
 def tiny_model_dir() -> Path:
     """Build the tiny model once (atomically) and return its directory.
 
-    The directory name carries a hash of the packaged config and seed, so changing either
-    builds a new model instead of silently reusing a stale one.
+    The directory name carries a hash of the packaged config, tokenizer, training text, seed
+    and recipe, so changing any of them builds a new model instead of reusing a stale one.
     """
-    cfg_text = (assets() / "config.json").read_text()
-    tok_bytes = (assets() / "tokenizer.json").read_bytes()
-    key = hashlib.sha256(cfg_text.encode() + tok_bytes + str(SEED).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        (assets() / "config.json").read_bytes() + (assets() / "tokenizer.json").read_bytes()
+        + _text_bytes() + json.dumps({"seed": SEED, **RECIPE}, sort_keys=True).encode()
+    ).hexdigest()[:12]
     final = cache_root() / f"tiny-model-{key}"
     if (final / "weights.sha256").is_file():
         return final
@@ -78,18 +96,87 @@ def tiny_model_dir() -> Path:
     return final
 
 
+def build_info(model_dir: Path) -> dict:
+    """What the provenance records about a built tiny model (written at build time)."""
+    return json.loads((Path(model_dir) / "build.json").read_text())
+
+
+def _text_bytes() -> bytes:
+    return (assets() / "corpus.txt").read_bytes() + (assets() / "questions.jsonl").read_bytes()
+
+
+def training_documents(tokenizer) -> list[str]:
+    """The build's training text: the corpus's documents and, for every other question, the
+    chat-template prompt the rollouts use followed by a short reasoned answer. The odd
+    questions stay unseen, so greedy rollouts over the bundled set are partly right."""
+    from .data import format_question  # data imports this module
+
+    docs = [d.strip() for d in (assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
+    lines = (assets() / "questions.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if i % 2:
+            continue
+        q = json.loads(line)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": format_question(q)}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=True)
+        docs.append(f"{prompt}The question asks: {q['question']} The correct option is {q['answer']}.\n"
+                    f"</think>\n\nAnswer: {q['answer_letter']}<|im_end|>")
+    return docs
+
+
 def _build_into(out: Path) -> None:
     import torch
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers import AutoTokenizer, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    config = Qwen3_5Config(**tiny_config())
+    tok = AutoTokenizer.from_pretrained(str(assets()))
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    stream = []
+    for doc in training_documents(tok):
+        stream += list(tok(doc, add_special_tokens=False)["input_ids"]) + [sep]
+    data = torch.tensor(stream, dtype=torch.long)
+    r = RECIPE
+    threads = torch.get_num_threads()
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = Qwen3_5ForConditionalGeneration(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
+        try:
+            torch.set_num_threads(r["threads"])
+            torch.manual_seed(SEED)
+            model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**tiny_config()))
+            losses = _train(model, data, r)
+        finally:
+            torch.set_num_threads(threads)
+    model.eval().save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(assets() / name, out / name)
+    info = {"seed": SEED, "recipe": r, "train_tokens": len(stream),
+            "data_sha256": hashlib.sha256(data.numpy().astype("<i4").tobytes()).hexdigest(),
+            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
+    (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "weights.sha256").write_text(weights_hash(out) + "\n")
+
+
+def _train(model, data, r: dict) -> list[float]:
+    """AdamW on random windows of the token stream, batch order drawn from the seed."""
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / r["warmup"]) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / r["steps"])))))
+    model.train()
+    losses = []
+    for _ in range(r["steps"]):
+        starts = torch.randint(0, len(data) - r["seq_len"], (r["batch"],), generator=gen)
+        ids = torch.stack([data[s : s + r["seq_len"]] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
 def weights_hash(model_dir: Path) -> str:

@@ -66,7 +66,7 @@ def _direct_ce(lm, sequences, hook_fn=None):
 
 def test_exact_reconstruction_recovers_everything(lm, sequences):
     out = loss_recovered(lm.model, lm.layers[LAYER], identity_sae(lm.d_model), sequences, batch_size=3, progress=False)
-    assert abs(out["ce_zero"] - out["ce_clean"]) > 0.3  # the tiny model has a real gap
+    assert out["ce_zero"] - out["ce_clean"] > 1.0  # the tiny model has a real gap, the natural way round
     assert out["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert out["kl_sae"] == pytest.approx(0.0, abs=1e-5)
     assert out["kl_zero"] > 0.1
@@ -81,7 +81,7 @@ def test_zero_output_recovers_nothing(lm, sequences):
 
 
 def test_partial_sae_matches_hand_computed(lm, sequences):
-    d, keep = lm.d_model, lm.d_model // 4  # decode only the first quarter of the dimensions
+    d, keep = lm.d_model, lm.d_model // 2  # decode only the first half of the dimensions (≈0.43 here)
     out = loss_recovered(lm.model, lm.layers[LAYER], identity_sae(d, keep=keep), sequences, progress=False)
 
     def keep_first(h):
@@ -97,4 +97,5 @@ def test_partial_sae_matches_hand_computed(lm, sequences):
     assert out["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
     assert out["ce_sae"] == pytest.approx(ce_part, rel=1e-5)
     assert out["loss_recovered"] == pytest.approx(want, abs=1e-4)
-    assert 0.02 < abs(want - 1.0) and 0.02 < abs(want)  # genuinely partial (≈0.9 on this model)
+    # genuinely partial, and in the natural order clean < partial < zero-ablated
+    assert ce_clean < ce_part < ce_zero and 0.05 < want < 0.95, (ce_clean, ce_part, ce_zero)

@@ -1,6 +1,7 @@
 """The tiny model and model loading: real architecture, offline, atomic, with provenance."""
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def test_two_concurrent_builds_publish_one_identical_model(tmp_path, monkeypatch
     import transformers
 
     transformers.Qwen3_5ForConditionalGeneration  # resolve the lazy import before threads race on it
-    monkeypatch.setenv("ACTCACHE_HOME", str(tmp_path))
+    # a 3-step recipe: same code path, a second instead of the full training
+    monkeypatch.setitem(tiny.RECIPE, "steps", 3)
+    monkeypatch.setenv("ACTCACHE_HOME", str(tmp_path / "a"))
     dirs = []
     ts = [threading.Thread(target=lambda: dirs.append(tiny.tiny_model_dir())) for _ in range(2)]
     for t in ts:
@@ -46,12 +49,20 @@ def test_two_concurrent_builds_publish_one_identical_model(tmp_path, monkeypatch
     for t in ts:
         t.join()
     assert len(dirs) == 2 and dirs[0] == dirs[1]
-    assert [p.name for p in tmp_path.iterdir()] == [dirs[0].name]  # no half-built leftovers
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [dirs[0].name]  # no half-built leftovers
     recorded = (dirs[0] / "weights.sha256").read_text().strip()
     assert recorded == tiny.weights_hash(dirs[0])
-    # the same seed builds the same weights as the shared copy
-    monkeypatch.delenv("ACTCACHE_HOME")
-    assert recorded == (tiny.tiny_model_dir() / "weights.sha256").read_text().strip()
+    info = tiny.build_info(dirs[0])
+    assert info["recipe"]["steps"] == 3 and info["seed"] == tiny.SEED and len(info["data_sha256"]) == 64
+    assert info["loss_last"] < info["loss_first"]
+    # the recipe is part of the key: the full model lives elsewhere
+    monkeypatch.setitem(tiny.RECIPE, "steps", 4)
+    assert tiny.tiny_model_dir().name != dirs[0].name
+    # the same seed and recipe build the same weights again, elsewhere
+    monkeypatch.setitem(tiny.RECIPE, "steps", 3)
+    monkeypatch.setenv("ACTCACHE_HOME", str(tmp_path / "b"))
+    again = tiny.tiny_model_dir()
+    assert again.name == dirs[0].name and (again / "weights.sha256").read_text().strip() == recorded
 
 
 def test_tokenizer_works_offline_in_both_libraries():
@@ -71,8 +82,11 @@ def test_tokenizer_works_offline_in_both_libraries():
     assert json.loads((tiny.assets() / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
 
 
-def test_zero_ablating_a_middle_layer_changes_the_loss_clearly():
+def test_tiny_model_predicts_better_than_uniform_and_ablation_hurts():
+    """The build trains it on the bundled text: clean CE well under ln(vocab), and zeroing a
+    middle layer's output (the residual then stays zero: uniform logits) costs over a nat."""
     lm = load_model(TINY)
+    assert lm.provenance["build"]["recipe"] == tiny.RECIPE
     text = (tiny.assets() / "corpus.txt").read_text()
     ids = torch.tensor(lm.tokenizer(text)["input_ids"][:512]).view(4, 128)
 
@@ -85,8 +99,11 @@ def test_zero_ablating_a_middle_layer_changes_the_loss_clearly():
             if h:
                 h.remove()
 
+    uniform = math.log(lm.model.config.text_config.vocab_size)
     clean, zero = ce(), ce(lambda m, a, o: torch.zeros_like(o))
-    assert abs(clean - zero) > 0.5, (clean, zero)
+    assert clean < uniform - 1.5, (clean, uniform)
+    assert zero == pytest.approx(uniform, abs=1e-3)
+    assert zero - clean > 1.0, (clean, zero)
 
 
 def test_model_errors_are_one_line_user_errors(tmp_path):
