@@ -2,6 +2,7 @@
 
 import random
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -182,3 +183,29 @@ def test_ranks_split_each_global_batch(cache):
     r0 = rows_of(ShuffledLoader(c, [0], 64, rank=0, world_size=2, **kw), 10)
     r1 = rows_of(ShuffledLoader(c, [0], 64, rank=1, world_size=2, **kw), 10)
     assert all(np.array_equal(w, np.concatenate([a, b])) for w, a, b in zip(whole, r0, r1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batches_are_window_views_that_stay_valid_while_held(cache, dtype):
+    # CPU batches are zero-copy slices of reused window buffers: a buffer is only reused once no
+    # batch views it, so batches kept by the consumer keep their values, and dropped ones free it
+    c, res = cache
+    kw = dict(seed=5, heldout_fraction=0.0, window_tokens=300, max_epochs=3, dtype=dtype, announce=False)
+    held = list(ShuffledLoader(c, [0, 2], 100, **kw))
+    assert len(held) == 90 and held[0].residuals[0].dtype == dtype
+    for b in held:
+        for L in (0, 2):
+            assert np.array_equal(b.residuals[L].float().numpy(), res[L][b.rows].astype(np.float32))
+    ld = ShuffledLoader(c, [0, 2], 100, **kw)
+    buffers = []  # weak references: holding the buffers would stop their reuse
+
+    def note():
+        for base in [b for v in ld._bases.values() for b in v]:
+            if not any(r() is base for r in buffers):
+                buffers.append(weakref.ref(base))
+
+    for _ in ld:  # a consumer that drops each batch for the next
+        note()
+    # reused, not one per window and layer (54 here): two per layer, plus at most one per layer and
+    # epoch when an epoch's last window (up to 1.5x the others) outgrows them
+    assert len(ld.windows(0)) * 3 * 2 > 50 and len(buffers) <= 2 * 2 + 2 * 3

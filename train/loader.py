@@ -24,11 +24,10 @@ global batch, so a run resumes identically with any number of ranks.
 
 from __future__ import annotations
 
-import collections
 import queue
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,8 +170,7 @@ class ShuffledLoader:
         self._queue = None
         self._stop = threading.Event()
         self._pool = None
-        self._assembly = None
-        self._free: dict[int, list[np.ndarray]] = {}
+        self._bases: dict[int, list[np.ndarray]] = {}  # per layer: the window buffers (at most two live)
 
     # ---- plan ------------------------------------------------------------------------
 
@@ -297,8 +295,6 @@ class ShuffledLoader:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
-        # batches are assembled by their own threads, so they never queue behind the next window's reads
-        self._assembly = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-batch")
         self._thread = threading.Thread(target=self._produce, args=(dict(self._state),), daemon=True,
                                         name="loader-batches")
         self._thread.start()
@@ -312,10 +308,9 @@ class ShuffledLoader:
                 except queue.Empty:
                     self._thread.join(timeout=0.05)
             self._thread = None
-        for pool in (self._pool, self._assembly):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = self._assembly = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
     def __enter__(self):
         return self
@@ -338,6 +333,38 @@ class ShuffledLoader:
                 continue
         return False
 
+    # ---- window buffers --------------------------------------------------------------
+    # CPU batches are zero-copy slices of a window buffer, so the decode workers write each row
+    # once, straight into its shuffled position and in the delivered dtype: bf16 bits as stored,
+    # or for float32 the bf16 bits into the high halves of float32 words whose low halves stay
+    # zero (exact: a bf16 is the top half of the float32 with the same value).
+
+    @property
+    def _wide(self) -> bool:
+        return self.dtype == torch.float32 and self.device.type == "cpu"
+
+    def _buffer(self, layer: int, n: int, force: bool) -> np.ndarray | None:
+        """A window buffer of n rows: a released one that no batch still views, else a new one while
+        fewer than two exist (the loader's memory is two windows per layer), else None (try later)
+        unless `force`. Reuse matters: fresh pages cost a fault and a zeroing per row."""
+        bases = self._bases.setdefault(layer, [])
+        for base in bases:
+            if len(base) >= n and sys.getrefcount(base) <= 3:  # held only by `bases`, `base` and the call
+                return base[:n]
+        if len(bases) >= 2 and not force:
+            return None
+        if len(bases) >= 2:  # a consumer keeps old batches alive: they keep their buffer, we let go of it
+            del bases[0]
+        m, d = n + n // 8, self.cache.d_model
+        bases.append(np.zeros((m, d, 2), np.uint16) if self._wide else np.empty((m, d), np.uint16))
+        return bases[-1][:n]
+
+    def _tensor(self, bits: np.ndarray) -> torch.Tensor:
+        """Window rows as a tensor of the window's dtype (float32 if wide, else bfloat16), no copy."""
+        if bits.ndim == 3:
+            return torch.from_numpy(bits.view(np.float32)[..., 0])
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
     def _read_into(self, layer: int, c: int, buf: np.ndarray, dest: np.ndarray | None, at: int) -> None:
         """Decode chunk c's eligible rows into the window buffer: at their shuffled positions `dest`
         (so batches are contiguous slices), or contiguously from `at` when a norm filter must run first."""
@@ -345,40 +372,32 @@ class ShuffledLoader:
         n = int(self.chunk_counts[c])
         if n != len(arr):
             arr = arr[self._chunk_rows(c) - int(self.bounds[c])]
+        target = buf[..., 1] if buf.ndim == 3 else buf
         if dest is None:
-            buf[at:at + n] = arr
+            target[at:at + n] = arr
         else:
-            buf[dest] = arr
+            target[dest] = arr
 
-    def _submit_window(self, epoch: int, window: int):
+    def _submit_window(self, epoch: int, window: int, force: bool = True):
+        """Start decoding a window into buffers; None if no buffer is free yet (and not `force`)."""
         chunks = [int(c) for c in self.windows(epoch)[window]]
         counts = self.chunk_counts[chunks]
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         n = int(starts[-1])
+        bufs = {}
+        for layer in self.layers:
+            bufs[layer] = self._buffer(layer, n, force)
+            if bufs[layer] is None:
+                return None
         shuffle_now = self.median_norm is None
         dest = None
         if shuffle_now:  # window row i lands at position dest[i] of the shuffled stream
             dest = np.empty(n, np.int64)
             dest[self._perm(epoch, window, n)] = np.arange(n)
-        bufs = {layer: self._buffer(layer, n) for layer in self.layers}
         futures = [self._pool.submit(self._read_into, layer, c, bufs[layer],
                                      None if dest is None else dest[starts[i]:starts[i + 1]], int(starts[i]))
                    for layer in self.layers for i, c in enumerate(chunks)]
         return bufs, futures, shuffle_now
-
-    def _buffer(self, layer: int, n: int) -> np.ndarray:
-        """A window buffer of n rows, reusing a released one: fresh pages cost a fault and a zeroing each."""
-        free = self._free.setdefault(layer, [])
-        for i, base in enumerate(free):
-            if len(base) >= n:
-                return free.pop(i)[:n]
-        return np.empty((n + n // 8, self.cache.d_model), np.uint16)[:n]
-
-    def _release(self, data: dict) -> None:
-        for layer, view in data.items():
-            free = self._free.setdefault(layer, [])
-            if len(free) < 2:
-                free.append(view.base if view.base is not None else view)
 
     def _collect_window(self, epoch: int, window: int, submitted):
         """A window's rows and residual bits per layer, both in shuffled order."""
@@ -390,11 +409,13 @@ class ShuffledLoader:
             keep = np.ones(len(rows), dtype=bool)
             for layer, buf in bufs.items():
                 for a in range(0, len(buf), 8192):
-                    x = torch.from_numpy(buf[a:a + 8192].view(np.int16)).view(torch.bfloat16).float()
+                    x = self._tensor(buf[a:a + 8192]).float()
                     keep[a:a + 8192] &= (x.norm(dim=1) <= self.norm_outlier * self.median_norm[layer]).numpy()
             perm = np.flatnonzero(keep)[self._perm(epoch, window, int(keep.sum()))]
             return rows[perm], {layer: buf[perm] for layer, buf in bufs.items()}
         return rows[self._perm(epoch, window, len(rows))], bufs
+
+    # ---- the producer thread ---------------------------------------------------------
 
     def _produce(self, state: dict) -> None:
         try:
@@ -407,29 +428,23 @@ class ShuffledLoader:
         batches, seen = state["batches"], state["rows"]
         B, lo_r, hi_r = self.batch_size, self.rank * self.batch_size // self.world_size, \
             (self.rank + 1) * self.batch_size // self.world_size
-        pending: list[tuple[np.ndarray, dict, torch.Tensor]] = []  # (rows, data, index) pieces
+        pending: list[tuple[np.ndarray, dict, int]] = []  # (rows, data, start) pieces of the next batch
         pending_n = 0
-        self._inflight = collections.deque()
-        nxt = self._submit_window(epoch, window)
-        # fp32 (or pinned) batches are copies, so a window's buffers can be reused once it is cut;
-        # bf16 CPU batches are views into them and keep them alive instead
-        recycle = self.dtype != torch.bfloat16 or self.device.type == "cuda"
-        previous = None
+        cur, nxt = self._submit_window(epoch, window), None
         while not self._stop.is_set():
-            cur = self._collect_window(epoch, window, nxt)
-            if recycle and previous is not None and all(p[1] is not previous for p in pending):
-                for fut, *_ in self._inflight:  # no batch still reads the old buffers
-                    fut.result()
-                self._release(previous)
-            previous = cur[1] if self.median_norm is None else None
-            n_windows = len(self.windows(epoch))
-            # prefetch the following window while this one is cut into batches
-            f_epoch, f_window = (epoch, window + 1) if window + 1 < n_windows else (epoch + 1, 0)
+            f_epoch, f_window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
             last_epoch = self.max_epochs is not None and f_epoch >= self.max_epochs
-            nxt = None if last_epoch else self._submit_window(f_epoch, f_window)
-            rows, data = cur
+            # the following window is decoded while this one is cut, into the buffer of the one
+            # before as soon as no batch views it any more (the consumer has moved past it)
+            wanted = not last_epoch
+            if wanted:
+                nxt = self._submit_window(f_epoch, f_window, force=False)
+            rows, data = self._collect_window(epoch, window, cur)
+            cur = None
             pos = offset
             while pos < len(rows) and not self._stop.is_set():
+                if wanted and nxt is None:
+                    nxt = self._submit_window(f_epoch, f_window, force=False)
                 take = min(B - pending_n, len(rows) - pos)
                 pending.append((rows[pos:pos + take], data, pos))
                 pending_n += take
@@ -448,11 +463,10 @@ class ShuffledLoader:
                     lo = self.rank * pending_n // self.world_size
                     hi = (self.rank + 1) * pending_n // self.world_size
                     self._emit(pending, lo, hi, epoch, nstate)
-                while self._inflight:
-                    if not self._flush_one():
-                        return
                 self._put(None)
                 return
+            del rows, data
+            cur, nxt = nxt or self._submit_window(f_epoch, f_window), None
             epoch, window = f_epoch, f_window
 
     def _advance(self, epoch, window, pos, n, f_epoch, f_window) -> dict:
@@ -461,25 +475,13 @@ class ShuffledLoader:
         return {"epoch": f_epoch, "window": f_window, "offset": 0}
 
     def _emit(self, pieces, lo: int, hi: int, epoch: int, state: dict) -> bool:
-        """Queue the assembly of this rank's slice [lo, hi) of the pending rows (done by the pool, in order)."""
+        """Hand over this rank's slice [lo, hi) of the pending rows."""
         rows = np.concatenate([p[0] for p in pieces])[lo:hi]
-        if len(pieces) == 1 and self.dtype == torch.bfloat16 and self.device.type == "cpu":
-            fut = Future()  # a zero-copy slice: no thread hand-off needed
-            fut.set_result(self._assemble(pieces, lo, hi))
-        else:
-            fut = self._assembly.submit(self._assemble, pieces, lo, hi)
-        self._inflight.append((fut, rows, epoch, state))
-        while len(self._inflight) > self.threads:
-            if not self._flush_one():
-                return False
-        return True
-
-    def _flush_one(self) -> bool:
-        fut, rows, epoch, state = self._inflight.popleft()
-        return self._put((rows, epoch, state, fut.result()))
+        return self._put((rows, epoch, state, self._assemble(pieces, lo, hi)))
 
     def _assemble(self, pieces, lo: int, hi: int) -> dict[int, torch.Tensor]:
-        """This rank's rows [lo, hi) of a batch: contiguous slices of the shuffled window buffers."""
+        """This rank's rows [lo, hi) of a batch: a slice of the shuffled window buffer (a copy only
+        for a batch that spans two windows, or pinned for a GPU)."""
         out = {}
         for layer in self.layers:
             parts, at = [], 0
@@ -488,16 +490,11 @@ class ShuffledLoader:
                 if a < b:
                     parts.append(bufs[layer][start + a:start + b])
                 at += len(r)
-            bits = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            x = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+            x = self._tensor(parts[0] if len(parts) == 1 else np.concatenate(parts))
             if self.device.type == "cuda":
-                out[layer] = x.pin_memory()  # converted to fp32 on the GPU
-            elif self.dtype == torch.bfloat16:
+                out[layer] = x.pin_memory()  # converted to the training dtype on the GPU
+            elif x.dtype == self.dtype:
                 out[layer] = x
-            elif self.dtype == torch.float32:  # exact: a bf16's bits are the high half of its fp32
-                wide = np.empty(bits.shape, np.uint32)
-                np.left_shift(bits, 16, out=wide, dtype=np.uint32)  # one thread, no OpenMP fan-out
-                out[layer] = torch.from_numpy(wide.view(np.float32))
             else:
                 out[layer] = x.to(self.dtype)
         return out
