@@ -36,10 +36,10 @@ CHAT_TEMPLATE = (
 _BUILD_LOCK = threading.Lock()  # torch's global RNG and thread count are process-wide: one build at a time
 # The build's training recipe. Every field is part of the cache directory's key and of the
 # recorded provenance; one thread and a seeded batch order make the weights hash reproducible
-# on a given machine. ~25 s on one core of a shared 2-core box.
+# on a given machine. ~30 s on one core of a shared 2-core box.
 RECIPE = {
     "version": 2,            # 1 was the untrained random init
-    "steps": 120,
+    "steps": 90,
     "batch": 4,
     "seq_len": 128,
     "lr": 1e-2,

@@ -81,7 +81,7 @@ def test_zero_output_recovers_nothing(lm, sequences):
 
 
 def test_partial_sae_matches_hand_computed(lm, sequences):
-    d, keep = lm.d_model, lm.d_model // 2  # decode only the first half of the dimensions (≈0.43 here)
+    d, keep = lm.d_model, lm.d_model // 2  # decode only the first half of the dimensions (≈0.48 here)
     out = loss_recovered(lm.model, lm.layers[LAYER], identity_sae(d, keep=keep), sequences, progress=False)
 
     def keep_first(h):
