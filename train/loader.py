@@ -9,8 +9,8 @@ The plan is a pure function of (seed, epoch), so batches do not depend on thread
 
 The loader's position is therefore (epoch, window, offset), and resuming re-reads one window:
 the cost is independent of how much was consumed. Background threads decode the chunks of the
-current and the next window (prefetch) while another thread cuts and converts batches, so at
-most two windows per layer are in memory.
+current and the next window (prefetch) straight into shuffled window buffers of the delivered
+dtype, so a CPU batch is a slice of one (no copy); two buffers per layer are reused.
 
 Rows enter a window only if they pass the filters: the train/held-out split (hashed sequence
 id, `train.split`), the roles (thinking + answer by default on rollout caches, everything on
