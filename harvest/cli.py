@@ -54,4 +54,4 @@ _register_splice()
 
 
 def main() -> None:
-    run_cli(cli, "harvest")
+    run_cli(cli, "python -m harvest")
