@@ -27,6 +27,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -399,11 +400,16 @@ class ShuffledLoader:
                    for layer in self.layers for i, c in enumerate(chunks)]
         return bufs, futures, shuffle_now
 
-    def _collect_window(self, epoch: int, window: int, submitted):
-        """A window's rows and residual bits per layer, both in shuffled order."""
+    def _collect_window(self, epoch: int, window: int, submitted, poll=lambda: None):
+        """A window's rows and residual bits per layer, both in shuffled order; `poll` runs while waiting."""
         bufs, futures, shuffled = submitted
         for f in futures:
-            f.result()
+            while not self._stop.is_set():
+                try:
+                    f.result(timeout=0.002)
+                    break
+                except TimeoutError:
+                    poll()
         rows = self.window_rows(epoch, window)
         if not shuffled:  # the norm filter changes the row count, so the shuffle follows it
             keep = np.ones(len(rows), dtype=bool)
@@ -434,17 +440,21 @@ class ShuffledLoader:
         while not self._stop.is_set():
             f_epoch, f_window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
             last_epoch = self.max_epochs is not None and f_epoch >= self.max_epochs
-            # the following window is decoded while this one is cut, into the buffer of the one
-            # before as soon as no batch views it any more (the consumer has moved past it)
-            wanted = not last_epoch
-            if wanted:
-                nxt = self._submit_window(f_epoch, f_window, force=False)
-            rows, data = self._collect_window(epoch, window, cur)
+            # the following window is decoded into the buffer of the one before as soon as no batch
+            # views it any more: the last batch of a window is a copy, so that happens when the
+            # consumer takes it, and the decoders move on while this window still decodes
+
+            def want_next():
+                nonlocal nxt
+                if not last_epoch and nxt is None:
+                    nxt = self._submit_window(f_epoch, f_window, force=False)
+
+            want_next()
+            rows, data = self._collect_window(epoch, window, cur, want_next)
             cur = None
             pos = offset
             while pos < len(rows) and not self._stop.is_set():
-                if wanted and nxt is None:
-                    nxt = self._submit_window(f_epoch, f_window, force=False)
+                want_next()
                 take = min(B - pending_n, len(rows) - pos)
                 pending.append((rows[pos:pos + take], data, pos))
                 pending_n += take
@@ -453,7 +463,7 @@ class ShuffledLoader:
                     nstate = self._advance(epoch, window, pos, len(rows), f_epoch, f_window)
                     batches, seen = batches + 1, seen + B
                     nstate.update(batches=batches, rows=seen)
-                    if not self._emit(pending, lo_r, hi_r, epoch, nstate):
+                    if not self._emit(pending, lo_r, hi_r, epoch, nstate, copy=pos == len(rows)):
                         return
                     pending, pending_n = [], 0
             offset = 0
@@ -466,7 +476,13 @@ class ShuffledLoader:
                 self._put(None)
                 return
             del rows, data
-            cur, nxt = nxt or self._submit_window(f_epoch, f_window), None
+            while nxt is None and not self._stop.is_set():  # the consumer is still on the window before
+                want_next()
+                if nxt is None and self._queue.empty():  # ...and keeps its batches: they keep that buffer
+                    nxt = self._submit_window(f_epoch, f_window)
+                elif nxt is None:
+                    time.sleep(0.001)
+            cur, nxt = nxt, None
             epoch, window = f_epoch, f_window
 
     def _advance(self, epoch, window, pos, n, f_epoch, f_window) -> dict:
@@ -474,14 +490,14 @@ class ShuffledLoader:
             return {"epoch": epoch, "window": window, "offset": pos}
         return {"epoch": f_epoch, "window": f_window, "offset": 0}
 
-    def _emit(self, pieces, lo: int, hi: int, epoch: int, state: dict) -> bool:
+    def _emit(self, pieces, lo: int, hi: int, epoch: int, state: dict, copy: bool = False) -> bool:
         """Hand over this rank's slice [lo, hi) of the pending rows."""
         rows = np.concatenate([p[0] for p in pieces])[lo:hi]
-        return self._put((rows, epoch, state, self._assemble(pieces, lo, hi)))
+        return self._put((rows, epoch, state, self._assemble(pieces, lo, hi, copy)))
 
-    def _assemble(self, pieces, lo: int, hi: int) -> dict[int, torch.Tensor]:
-        """This rank's rows [lo, hi) of a batch: a slice of the shuffled window buffer (a copy only
-        for a batch that spans two windows, or pinned for a GPU)."""
+    def _assemble(self, pieces, lo: int, hi: int, copy: bool) -> dict[int, torch.Tensor]:
+        """This rank's rows [lo, hi) of a batch: a slice of the shuffled window buffer (a copy for
+        a window's last batch, a batch that spans two windows, or pinned for a GPU)."""
         out = {}
         for layer in self.layers:
             parts, at = [], 0
@@ -493,8 +509,8 @@ class ShuffledLoader:
             x = self._tensor(parts[0] if len(parts) == 1 else np.concatenate(parts))
             if self.device.type == "cuda":
                 out[layer] = x.pin_memory()  # converted to the training dtype on the GPU
-            elif x.dtype == self.dtype:
-                out[layer] = x
-            else:
+            elif x.dtype != self.dtype:
                 out[layer] = x.to(self.dtype)
+            else:
+                out[layer] = x.clone() if copy and len(parts) == 1 else x
         return out
