@@ -444,7 +444,7 @@ class ShuffledLoader:
             # views it any more: the last batch of a window is a copy, so that happens when the
             # consumer takes it, and the decoders move on while this window still decodes
 
-            def want_next():
+            def want_next(f_epoch=f_epoch, f_window=f_window, last_epoch=last_epoch):
                 nonlocal nxt
                 if not last_epoch and nxt is None:
                     nxt = self._submit_window(f_epoch, f_window, force=False)
