@@ -340,19 +340,26 @@ def _int_list(value: str | int, where: str) -> list[int]:
         raise ConfigError(f"{where}: expected comma-separated integers, got {value!r}") from None
 
 
-def config_options(f):
-    """The flags every stage's `run` takes: --config, --profile, --cache, --layers, --set."""
+def config_options(f=None, *, layers: bool = True, cache_help: str = "Cache location (path or fsspec URL)."):
+    """The flags every stage's commands take: --config, --profile, --cache, [--layers,] --set.
+
+    Use bare (`@config_options`) or configured (`@config_options(layers=False, cache_help=...)`).
+    """
     import click
 
-    f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="Override any pipeline.toml key with a TOML literal.")(f)
-    f = click.option("--layers", default=None, metavar="N,N,...",
-                     help="Comma-separated layer numbers, as the model counts them.")(f)
-    f = click.option("--cache", default=None, metavar="URL", help="Cache location (path or fsspec URL).")(f)
-    f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
-    f = click.option("--config", "config_path", default=None, metavar="PATH",
-                     help="pipeline.toml to read (default: ./pipeline.toml, else the packaged copy).")(f)
-    return f
+    def wrap(f):
+        f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                         help="Override any pipeline.toml key with a TOML literal.")(f)
+        if layers:
+            f = click.option("--layers", default=None, metavar="N,N,...",
+                             help="Comma-separated layer numbers, as the model counts them.")(f)
+        f = click.option("--cache", default=None, metavar="URL", help=cache_help)(f)
+        f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
+        f = click.option("--config", "config_path", default=None, metavar="PATH",
+                         help="pipeline.toml to read (default: ./pipeline.toml, else the packaged copy).")(f)
+        return f
+
+    return wrap(f) if f is not None else wrap
 
 
 def parse_layers(text: str | None) -> list[int] | None:

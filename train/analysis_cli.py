@@ -14,17 +14,11 @@ from pathlib import Path
 
 import click
 
-from cache_format.config import PipelineConfig, load_config
+from cache_format.config import PipelineConfig, config_options, load_config
 from cache_format.errors import UserError
 
 
-def _shared(f):
-    f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="Override any pipeline.toml key with a TOML literal.")(f)
-    f = click.option("--cache", default=None, metavar="URL", help="Cache location (default: the SAE's, else [harvest].cache).")(f)
-    f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
-    f = click.option("--config", "config_path", default=None, metavar="PATH", help="pipeline.toml to read.")(f)
-    return f
+_shared = config_options(layers=False, cache_help="Cache location (default: the SAE's, else [harvest].cache).")
 
 
 def _config(config_path, profile, overrides, **flags) -> PipelineConfig:
