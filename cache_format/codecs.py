@@ -51,10 +51,11 @@ def check(name: str) -> str:
 
 
 def decoder(array_meta: dict):
-    """A function `(encoded bytes, decoded size) → writable uint8 array` for a sharded array.
+    """A function `(encoded bytes, decoded size, out=None) → writable uint8 array` for a sharded array.
 
     Reads the codec chain from the array's zarr.json, so it works for whatever codec the
-    array was written with. Blosc and zstd decode straight into a fresh buffer (no copy).
+    array was written with. Blosc and zstd decode straight into `out` (a caller's reused
+    buffer of exactly the decoded size) or a fresh one: no copy either way.
     """
     (shard,) = [c for c in array_meta["codecs"] if c["name"] == "sharding_indexed"]
     steps = []
@@ -68,8 +69,8 @@ def decoder(array_meta: dict):
         else:
             raise UserError(f"array codec {name!r} is not supported by this reader")
 
-    def decode(buf: bytes, nbytes: int) -> np.ndarray:
-        out = np.empty(nbytes, np.uint8)
+    def decode(buf: bytes, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(nbytes, np.uint8) if out is None else out
         if not steps:
             out[:] = np.frombuffer(buf, np.uint8)
         elif steps == ["blosc"]:

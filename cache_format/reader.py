@@ -76,18 +76,31 @@ class _ArrayReader:
             self._index[s] = idx
         return idx
 
-    def chunk(self, k: int) -> np.ndarray:
-        """Chunk k's rows as stored (uint16 bits for residuals)."""
+    def chunk(self, k: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk k's rows as stored (uint16 bits for residuals); into `out` (rows of this chunk) if given.
+
+        A full chunk decodes straight into `out`; an edge chunk (stored padded to the chunk
+        shape) or an all-fill one is decoded or made aside and copied."""
         rows = min(self.chunk_rows, self.shape[0] - k * self.chunk_rows)
+        if out is not None and (out.shape != (rows, *self.row_shape) or out.dtype.itemsize != self.dtype.itemsize
+                                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous {(rows, *self.row_shape)} array of {self.dtype}")
         s, j = divmod(k, self.per_shard)
         idx = self._shard_index(s)
         if idx is None or idx[j, 0] == _EMPTY:
-            return np.zeros((rows, *self.row_shape), self.dtype)
-        off, nb = int(idx[j, 0]), int(idx[j, 1])
-        nbytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        raw = self.decode(self.loc.read_range(f"{self.path}/{self.shard_key(s)}", off, off + nb), nbytes)
-        a = raw.view(self.dtype).reshape(self.chunk_rows, *self.row_shape)
-        return a[:rows]
+            a = np.zeros((rows, *self.row_shape), self.dtype)
+        else:
+            off, nb = int(idx[j, 0]), int(idx[j, 1])
+            nbytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+            blob = self.loc.read_range(f"{self.path}/{self.shard_key(s)}", off, off + nb)
+            if out is not None and rows == self.chunk_rows:
+                self.decode(blob, nbytes, out.reshape(-1).view(np.uint8))
+                return out
+            a = self.decode(blob, nbytes).view(self.dtype).reshape(self.chunk_rows, *self.row_shape)[:rows]
+        if out is None:
+            return a
+        out.view(self.dtype)[...] = a
+        return out
 
     def rows(self, a: int, b: int) -> np.ndarray:
         if b <= a:
@@ -346,10 +359,14 @@ class Cache:
     def n_chunks(self) -> int:
         return len(self._bounds) - 1
 
-    def read_chunk(self, layer: int, i: int) -> np.ndarray:
-        """Chunk i of a layer as an ml_dtypes.bfloat16 array: one range read and one decode."""
+    def read_chunk(self, layer: int, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk i of a layer as an ml_dtypes.bfloat16 array: one range read and one decode.
+
+        `out` (a C-contiguous (rows, d_model) array of 2-byte items, e.g. a slice of a reused
+        buffer) receives the decoded rows without an allocation or a copy; it is returned as bf16."""
         layer = self._check_layer(layer)
-        return bits_to_numpy(self._array(int(self._chunk_seg[i]), layer).chunk(int(self._chunk_local[i])))
+        arr = self._array(int(self._chunk_seg[i]), layer)
+        return bits_to_numpy(arr.chunk(int(self._chunk_local[i]), None if out is None else out.view(np.uint16)))
 
     def read_chunk_rows(self, i: int) -> dict[str, np.ndarray]:
         """Token-row columns of chunk i (cheap: small arrays, decoded per segment)."""

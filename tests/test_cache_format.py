@@ -56,6 +56,14 @@ def test_round_trip_rows_sequences_meta_and_chunks(make_cache):
     for i in range(len(b) - 1):
         for L in c.layers:
             assert np.array_equal(c.read_chunk(L, i).view(np.uint16), data["residuals"][L][b[i]:b[i + 1]].view(np.uint16))
+    # decoding into a caller's buffer: full chunks in place, edge chunks (the 1- and 3-row ones) aside
+    buf = np.full((b[-1] + 5, 16), 7, np.uint16)
+    for i in range(len(b) - 1):
+        got = c.read_chunk(3, i, out=buf[b[i]:b[i + 1]])
+        assert got.dtype == ml_dtypes.bfloat16 and np.shares_memory(got, buf)
+    assert np.array_equal(buf[:b[-1]], data["residuals"][3].view(np.uint16)) and (buf[b[-1]:] == 7).all()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        c.read_chunk(3, 0, out=buf[:7])
     segs = c.segments
     assert [(s.row_start, s.n_rows, s.meta["unit"], s.layers) for s in segs] == [(0, 40, 0, [1, 3]), (40, 25, 1, [1, 3]),
                                                                                    (65, 3, 2, [1, 3])]
