@@ -2,7 +2,6 @@
 
 import random
 import time
-import weakref
 
 import numpy as np
 import pytest
@@ -36,9 +35,9 @@ class SlowCache:
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def read_chunk(self, layer, i):
+    def read_chunk(self, layer, i, out=None):
         time.sleep(self._rng.random() * 0.004)
-        return self._c.read_chunk(layer, i)
+        return self._c.read_chunk(layer, i, out=out)
 
 
 @pytest.fixture
@@ -87,7 +86,7 @@ def test_exact_resume_in_constant_time(cache, capsys):
         fresh = ShuffledLoader(c, [0], 96, **kw)
         reads = []
         orig = c.read_chunk
-        c.read_chunk = lambda L, i, _o=orig: (reads.append(i), _o(L, i))[1]
+        c.read_chunk = lambda L, i, out=None, _o=orig: (reads.append(i), _o(L, i, out=out))[1]
         fresh.load_state_dict(states[at])
         got = rows_of(fresh, 120 - at)
         c.read_chunk = orig
@@ -186,26 +185,40 @@ def test_ranks_split_each_global_batch(cache):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_batches_are_window_views_that_stay_valid_while_held(cache, dtype):
-    # CPU batches are zero-copy slices of reused window buffers: a buffer is only reused once no
-    # batch views it, so batches kept by the consumer keep their values, and dropped ones free it
+def test_batches_own_their_rows_and_two_buffers_per_layer_are_reused(cache, dtype):
+    # windows decode into two reused buffers per layer and batches are gathered out of them, so
+    # batches a consumer keeps stay intact while the buffers are overwritten by later windows
     c, res = cache
     kw = dict(seed=5, heldout_fraction=0.0, window_tokens=300, max_epochs=3, dtype=dtype, announce=False)
-    held = list(ShuffledLoader(c, [0, 2], 100, **kw))
+    ld = ShuffledLoader(c, [0, 2], 100, **kw)
+    buffers = set()
+    held = []
+    for b in ld:
+        held.append(b)
+        buffers |= {id(x) for v in ld._slots.values() for x in v if x is not None}
     assert len(held) == 90 and held[0].residuals[0].dtype == dtype
     for b in held:
         for L in (0, 2):
             assert np.array_equal(b.residuals[L].float().numpy(), res[L][b.rows].astype(np.float32))
-    ld = ShuffledLoader(c, [0, 2], 100, **kw)
-    buffers = []  # weak references: holding the buffers would stop their reuse
+    assert len(ld.windows(0)) * 3 * 2 > 50  # 54 windows x layers were served ...
+    assert len(buffers) <= 2 * 2 + 2 * 3  # ... from two buffers per layer, grown at most once per epoch
 
-    def note():
-        for base in [b for v in ld._bases.values() for b in v]:
-            if not any(r() is base for r in buffers):
-                buffers.append(weakref.ref(base))
 
-    for _ in ld:  # a consumer that drops each batch for the next
-        note()
-    # reused, not one per window and layer (54 here): two per layer, plus at most one per layer and
-    # epoch when an epoch's last window (up to 1.5x the others) outgrows them
-    assert len(ld.windows(0)) * 3 * 2 > 50 and len(buffers) <= 2 * 2 + 2 * 3
+def test_sparse_chunks_are_compacted_and_partial_chunks_decode_right(tmp_path):
+    # the held-out split keeps ~10% of each chunk: compacted rather than decoded whole; the
+    # cache's last chunk is partial (3000 = 46 x 64 + 56 rows) and decodes aside
+    c, res = write_rows(str(tmp_path / "s"), n=3000, seq_len=5, chunk_tokens=64)
+    ld = ShuffledLoader(c, [0, 2], 64, split="heldout", heldout_fraction=0.1, window_tokens=128, max_epochs=1,
+                        drop_last=False, announce=False)
+    plan, n, rows, _ = ld._layout(0, 0)
+    assert all(local is not None for _, _, local in plan) and n == len(rows)  # compacted: the buffer holds only them
+    got = list(ld)
+    for b in got:
+        for L in (0, 2):
+            assert np.array_equal(b.residuals[L].numpy(), res[L][b.rows].astype(np.float32))
+    assert sorted(np.concatenate([b.rows for b in got])) == list(np.flatnonzero(is_heldout(np.arange(3000) // 5, 0, 0.1)))
+    train = ShuffledLoader(c, [0], 64, heldout_fraction=0.1, window_tokens=3000, max_epochs=1, drop_last=False,
+                           announce=False)
+    assert all(local is None for _, _, local in train._layout(0, 0)[0])  # dense: decoded whole, in place
+    rows = np.concatenate([b.rows for b in train])
+    assert rows.max() >= 2944 and len(rows) == 3000 - len(np.concatenate([b.rows for b in got]))
