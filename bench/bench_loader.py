@@ -8,11 +8,13 @@
      converts there) and as fp32 (what a CPU trainer consumes: + the conversion).
    Each side makes --epochs passes over the shards (the loader: that many epochs from its
    construction, start-up and first window included; its time to the first batch is reported).
+   The loader skips the held-out split (--heldout, 1% as in training) whose rows it decodes too.
    Datasets: real MiniLM hidden states (d=384, `bench/datasets.py`) and Gaussian rows at d=1024.
    Sides alternate over rounds (order rotated each round); the medians are reported.
 2. Mixing: distinct sequences per batch of 4096 against a perfect shuffle (4096 rows drawn at
    random from the train split), at width 5120 within 8 GiB per layer: the loader holds two
-   windows of bf16 rows, so a window is at most 8 GiB / (2 * 5120 * 2 B) = 419,430 rows.
+   window buffers of bf16 rows and about 4 batches in flight, so a window buffer holds at most
+   (8 GiB - 4 * 4096 * 5120 * 2 B) / (2 * 5120 * 2 B) = 411,238 rows (`ShuffledLoader.buffer_rows`).
    - at scale (100k sequences of 1024 tokens, 102M rows): the loader's plan over row metadata
      alone (`ShuffledLoader.planned_rows`), with and without harvest's write-time mixing;
    - confirmed on a small real cache written with the same write-time mixing, where the
@@ -44,8 +46,12 @@ import cache_format as cf  # noqa: E402
 from cache_format.bf16 import BF16  # noqa: E402
 from train.loader import ShuffledLoader  # noqa: E402
 
-WIDTH, BUDGET = 5120, 8 * 2**30
-WINDOW_AT_WIDTH = BUDGET // (2 * WIDTH * 2)  # rows per window: two windows of bf16 rows per layer
+WIDTH, BUDGET, BATCH = 5120, 8 * 2**30, 4096
+IN_FLIGHT = 4  # batches the loader holds besides its windows: the prefetch queue (2), one being gathered, one out
+WINDOW_AT_WIDTH = (BUDGET - IN_FLIGHT * BATCH * WIDTH * 2) // (2 * WIDTH * 2)  # rows per window buffer, two per layer
+# eligible rows per window: held-out rows (1%, up to 3% in a window) stay in the decoded chunks, and a
+# window overshoots its target by up to one chunk
+WINDOW_TOKENS = int(WINDOW_AT_WIDTH * 0.96) - 4096
 
 
 def harvest_order(n_seqs: int, seq_len: int, mix_window: int, seed: int = 0) -> np.ndarray:
@@ -90,20 +96,22 @@ def mixing_at_scale(a) -> list[dict]:
         meta = RowMetadata(seq, 4096)
         t0 = time.perf_counter()
         ld = ShuffledLoader(meta, [0], 4096, seed=0, heldout_fraction=0.01, roles=None,
-                            window_tokens=WINDOW_AT_WIDTH - 4096, announce=False)
+                            window_tokens=WINDOW_TOKENS, announce=False)
         batches = list(ld.planned_rows(a.batches))
         plan_s = time.perf_counter() - t0
         train_rows = np.flatnonzero(np.unpackbits(ld.mask)[: meta.n_tokens].astype(bool))
         got = distinct_per_batch(batches, seq)
         ideal = perfect_shuffle(train_rows, seq, 4096, 20)
-        win = max(int(ld.chunk_counts[w].sum()) for w in ld.windows(0))
+        win = ld.buffer_rows(0)
+        gib = (2 * win + IN_FLIGHT * BATCH) * WIDTH * 2 / 2**30
+        assert win <= WINDOW_AT_WIDTH, f"window buffers of {win} rows exceed the budget"
         out.append({"rows": meta.n_tokens, "sequences": a.scale_seqs, "mix_window_seqs": mix,
-                    "window_rows_max": win, "window_gib_at_5120": round(2 * win * WIDTH * 2 / 2**30, 2),
+                    "window_buffer_rows": win, "loader_gib_per_layer_at_5120": round(gib, 2),
                     "distinct_per_batch": round(got, 1), "perfect_shuffle": round(ideal, 1),
                     "ratio": round(got / ideal, 3), "plan_seconds": round(plan_s, 1)})
         print(f"mixing at scale: mix_window={mix:4d} seqs  loader {got:7.1f}  perfect {ideal:7.1f}  "
-              f"-> {got / ideal:.1%}  (window <= {win} rows = {out[-1]['window_gib_at_5120']} GiB/layer at 5120 "
-              f"for two windows)", flush=True)
+              f"-> {got / ideal:.1%}  (window buffers of {win} rows: {gib:.2f} GiB per layer at 5120 with "
+              f"{IN_FLIGHT} batches in flight)", flush=True)
         del seq, meta, ld, batches, train_rows
     return out
 
@@ -121,7 +129,7 @@ def mixing_real(a, tmp: Path) -> dict:
                  seq_ids=seq, positions=np.zeros(n, np.int32), labels=np.full(n, -1, np.int8),
                  roles=np.zeros(n, np.int8))
     c = cf.open_cache(url)
-    kw = dict(seed=0, heldout_fraction=0.01, roles=None, window_tokens=(WINDOW_AT_WIDTH - 4096) // 16,
+    kw = dict(seed=0, heldout_fraction=0.01, roles=None, window_tokens=WINDOW_TOKENS // 16,
               announce=False, threads=a.threads)
     batch = 4096 // 16
     plan = list(ShuffledLoader(c, [0], batch, **kw).planned_rows(a.batches))
@@ -154,10 +162,10 @@ def raw_decode(c, threads: int, passes: int) -> tuple[float, float, float]:
     return rows / (time.perf_counter() - t0), rows / (time.process_time() - c0), 0.0
 
 
-def loader_rate(c, threads: int, dtype, window: int, epochs: int) -> tuple[float, float, float]:
+def loader_rate(c, threads: int, dtype, window: int, epochs: int, heldout: float) -> tuple[float, float, float]:
     """(rows per wall second, rows per CPU second, seconds to the first batch), from construction."""
     t0, c0 = time.perf_counter(), time.process_time()
-    ld = ShuffledLoader(c, [0], 4096, seed=0, heldout_fraction=0.0, roles=None, window_tokens=window,
+    ld = ShuffledLoader(c, [0], 4096, seed=0, heldout_fraction=heldout, roles=None, window_tokens=window,
                         threads=threads, max_epochs=epochs, drop_last=False, announce=False, dtype=dtype)
     rows, first = 0, 0.0
     for b in ld:
@@ -189,8 +197,8 @@ def throughput(a, tmp: Path) -> list[dict]:
         write_cache(url, x, 256)
         c = cf.open_cache(url)
         sides = {"raw": lambda: raw_decode(c, a.threads, a.epochs),
-                 "loader_bf16": lambda: loader_rate(c, a.threads, torch.bfloat16, a.window, a.epochs),
-                 "loader_fp32": lambda: loader_rate(c, a.threads, torch.float32, a.window, a.epochs)}
+                 "loader_bf16": lambda: loader_rate(c, a.threads, torch.bfloat16, a.window, a.epochs, a.heldout),
+                 "loader_fp32": lambda: loader_rate(c, a.threads, torch.float32, a.window, a.epochs, a.heldout)}
         wall = {k: [] for k in sides}
         cpu = {k: [] for k in sides}
         first = {k: [] for k in sides}
@@ -204,6 +212,7 @@ def throughput(a, tmp: Path) -> list[dict]:
         med = {k: float(np.median(v)) for k, v in wall.items()}
         mcpu = {k: float(np.median(v)) for k, v in cpu.items()}
         out.append({"data": name, "rows": len(x), "d": x.shape[1], "threads": a.threads, "window_rows": a.window,
+                    "heldout_fraction": a.heldout,
                     "epochs": a.epochs, "rounds": a.rounds, "statistic": "median over rounds",
                     "first_batch_s": {k: round(float(np.median(first[k])), 3) for k in ("loader_bf16", "loader_fp32")},
                     "raw_decode_rows_s": round(med["raw"]), "loader_bf16_rows_s": round(med["loader_bf16"]),
@@ -228,6 +237,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=262144, help="rows per throughput dataset")
     p.add_argument("--window", type=int, default=32768, help="the loader's shuffle window (rows)")
+    p.add_argument("--heldout", type=float, default=0.01,
+                   help="held-out fraction the loader skips (train.heldout_fraction's default): its rows are decoded too")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=4,
                    help="passes over the shards per side: a trainer's steady state, start-up included once")
