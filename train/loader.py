@@ -28,6 +28,7 @@ import mmap
 import queue
 import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -491,19 +492,35 @@ def _as_bf16(bits: np.ndarray) -> torch.Tensor:
 
 class _Recycler:
     """Batch arrays handed out again once nothing views them any more: a fresh 8-40 MiB array costs
-    a page fault and a zeroing per page, about a tenth of a batch's decode."""
+    a page fault and a zeroing per page, about a tenth of a batch's decode. Every user gets its
+    own view of the array and the recycler keeps weak references to those views (reference
+    counts would be a CPython detail)."""
 
     def __init__(self, keep: int):
-        self.keep, self.arrays = keep, []
+        self.keep, self.entries = keep, []  # [array, weak references to the views lent out]
 
-    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        for a in self.arrays:
-            # referenced only by this list, the loop and getrefcount's argument: no batch views it
-            if a.shape == shape and a.dtype == dtype and sys.getrefcount(a) <= 3:
-                return a
-        self.arrays = self.arrays[-(self.keep - 1):] if self.keep > 1 else []
-        self.arrays.append(np.empty(shape, dtype))
-        return self.arrays[-1]
+    def lend(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A view of a free array of this shape and dtype (uninitialized), held until the view dies."""
+        for a, views in self.entries:
+            if a.shape == shape and a.dtype == dtype and all(r() is None for r in views):
+                views.clear()
+                return self.view(a, views)
+        self.entries = self.entries[-(self.keep - 1):] if self.keep > 1 else []
+        self.entries.append((np.empty(shape, dtype), []))
+        return self.view(*self.entries[-1])
+
+    @staticmethod
+    def view(a: np.ndarray, views: list, dtype=None, rows: slice = slice(None)) -> np.ndarray:
+        v = (a.view(dtype) if dtype is not None else a.view())[rows]
+        views.append(weakref.ref(v))
+        return v
+
+    def keep_for(self, lent: np.ndarray, dtype, rows: slice) -> np.ndarray:
+        """Rows of a lent array as a new view for a consumer (torch keeps exactly this object alive)."""
+        for a, views in self.entries:
+            if lent.base is a:
+                return self.view(a, views, dtype, rows)
+        raise AssertionError("keep_for on an array this recycler did not lend")
 
 
 class _Building:
@@ -516,7 +533,7 @@ class _Building:
         if loader.device.type == "cuda":  # gathered into pinned memory, converted on the GPU
             self.out = {layer: torch.empty(shape, dtype=torch.bfloat16, pin_memory=True) for layer in loader.layers}
         else:
-            self.out = {layer: loader._arrays.get(shape, np.uint16) for layer in loader.layers}
+            self.out = {layer: loader._arrays.lend(shape, np.uint16) for layer in loader.layers}
         self.rows: list[np.ndarray] = []
         self.n = 0
 
@@ -539,10 +556,12 @@ class _Building:
         ld = self.loader
         out = {}
         for layer, t in self.out.items():
-            t = t[lo - self.lo:hi - self.lo]
             if isinstance(t, np.ndarray):
-                t = _as_bf16(t)
+                bits = ld._arrays.keep_for(t, np.int16, slice(lo - self.lo, hi - self.lo))  # lent to the batch
+                t = torch.from_numpy(bits).view(torch.bfloat16)
                 if ld.dtype != torch.bfloat16:
-                    t = torch.from_numpy(ld._arrays.get(tuple(t.shape), np.float32)).copy_(t)
+                    t = torch.from_numpy(ld._arrays.lend(tuple(t.shape), np.float32)).copy_(t)
+            else:
+                t = t[lo - self.lo:hi - self.lo]
             out[layer] = t
         return rows, epoch, state, out
