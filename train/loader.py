@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache_format.bf16 import bits_to_torch
 from cache_format.errors import UserError
 
 from .split import heldout_score
@@ -52,11 +53,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-def _bf16_to_torch(arr: np.ndarray) -> torch.Tensor:
-    """An ml_dtypes bfloat16 ndarray as a torch.bfloat16 tensor, without a copy."""
-    return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
 
 
 def _chunk_bounds(cache) -> np.ndarray:
@@ -198,8 +194,7 @@ class ShuffledLoader:
 
     def window_rows(self, epoch: int, window: int) -> np.ndarray:
         """Global row ids of a window's eligible rows before the norm filter, in plan order."""
-        parts = [self._chunk_rows(c) for c in self.windows(epoch)[window]]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._layout(epoch, window)[2]
 
     def _chunk_rows(self, c: int) -> np.ndarray:
         lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
@@ -341,8 +336,9 @@ class ShuffledLoader:
     # one decoding. A chunk whose rows mostly pass the filters is decoded whole, so the filters
     # cost nothing; a sparse one (say on the held-out split) is decoded aside and its eligible
     # rows compacted, so a buffer never holds more than twice its window's rows. A batch is then
-    # one gather of its shuffled rows (`torch.index_select`) into a tensor of its own: the one
-    # copy the shuffle needs. Batches never view the buffers, so consumers may keep them.
+    # one gather of its shuffled rows (`np.take`; into pinned memory for a GPU) into arrays of its
+    # own, recycled once the consumer drops the batch: the one copy the shuffle needs. Batches
+    # never view the buffers, so consumers may keep them.
 
     _DENSE = 0.5  # decode a chunk whole into the window when at least this share of its rows is eligible
 
@@ -372,7 +368,8 @@ class ShuffledLoader:
             rows.append(r)
             pos.append(at + (r - lo if dense else np.arange(len(r))))
             at += stored if dense else len(r)
-        return plan, at, np.concatenate(rows), np.concatenate(pos)
+        empty = np.zeros(0, np.int64)
+        return plan, at, np.concatenate(rows or [empty]), np.concatenate(pos or [empty])
 
     def _decode_into(self, layer: int, c: int, dest: np.ndarray, local: np.ndarray | None) -> None:
         if local is None:
@@ -404,7 +401,7 @@ class ShuffledLoader:
         if self.median_norm is not None:  # the norm filter changes the row count, so the shuffle follows it
             keep = np.ones(len(rows), dtype=bool)
             for layer, buf in win.buffers.items():
-                t = _as_bf16(buf)
+                t = bits_to_torch(buf)
                 norms = torch.cat([t[a:a + 8192].float().norm(dim=1) for a in range(0, len(t), 8192)])
                 keep &= (norms[torch.from_numpy(pos)] <= self.norm_outlier * self.median_norm[layer]).numpy()
             rows, pos = rows[keep], pos[keep]
@@ -466,12 +463,16 @@ class ShuffledLoader:
             epoch, window = f_epoch, f_window
 
 
+@dataclass
 class _Window:
     """A window being decoded into its slot's buffers: the eligible rows and their buffer positions."""
 
-    def __init__(self, epoch, window, buffers, futures, rows, pos):
-        self.epoch, self.window, self.buffers, self.futures = epoch, window, buffers, futures
-        self.rows, self.pos = rows, pos
+    epoch: int
+    window: int
+    buffers: dict[int, np.ndarray]
+    futures: list
+    rows: np.ndarray
+    pos: np.ndarray
 
 
 def _window_array(shape: tuple[int, int]) -> np.ndarray:
@@ -484,10 +485,6 @@ def _window_array(shape: tuple[int, int]) -> np.ndarray:
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(m, np.uint16).reshape(shape)  # the array keeps the mapping alive
-
-
-def _as_bf16(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
 
 class _Recycler:
@@ -546,7 +543,7 @@ class _Building:
                 if isinstance(out, np.ndarray):  # numpy's gather: one thread, no OpenMP pool spinning
                     np.take(buf, pos[a:b], axis=0, out=out, mode="clip")  # "raise" would buffer
                 else:
-                    torch.index_select(_as_bf16(buf), 0, torch.from_numpy(pos[a:b]), out=out)
+                    torch.index_select(bits_to_torch(buf), 0, torch.from_numpy(pos[a:b]), out=out)
         self.rows.append(rows)
         self.n += len(rows)
 

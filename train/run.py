@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_format.bf16 import bits_to_torch
 from cache_format.config import PipelineConfig, TrainConfig
 from cache_format.errors import CacheError, UserError
 
 from . import dist
 from .checkpoint import Checkpoints, atomic_write_text
 from .export import export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
-from .loader import ShuffledLoader, _bf16_to_torch
+from .loader import ShuffledLoader
 from .metrics import ReconstructionMetrics
 from .sae import TopKSAE
 from .trainer import SAETrainer
@@ -307,7 +308,7 @@ class Run:
                     m = ReconstructionMetrics(s.d_sae)
                     data = held[s.layer]
                     for i in range(0, len(data), 4096):
-                        x = _bf16_to_torch(np.array(data[i:i + 4096])).float().to(self.device)
+                        x = bits_to_torch(np.array(data[i:i + 4096])).float().to(self.device)
                         vals, idx = tr.sae.encode(x)
                         m.update(x, tr.sae.decode(vals, idx), vals, idx)
                     metrics = m.compute()
