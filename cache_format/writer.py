@@ -287,7 +287,26 @@ def sequences_table(records: list[dict]):
     return table
 
 
-class SegmentWriter:
+class _CommitOnExit:
+    """Commits when the `with` block exits cleanly; abandons what was written when it raises, or
+    when the commit itself fails before its record landed."""
+
+    committed: str | None = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                if self.committed is None:
+                    self.abandon()
+                raise
+        else:
+            self.abandon()
+        return False
+
+
+class SegmentWriter(_CommitOnExit):
     """One writer's rows, committed atomically when the `with` block exits cleanly."""
 
     def __init__(self, writer: "CacheWriter", meta: dict | None):
@@ -312,16 +331,7 @@ class SegmentWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._open = False
-        if exc_type is None:
-            try:
-                self.commit()
-            except BaseException:
-                if self.committed is None:
-                    self.abandon()
-                raise
-        else:
-            self.abandon()
-        return False
+        return super().__exit__(exc_type, exc, tb)
 
     def append(self, residuals, tokens=None, seq_ids=None, positions=None, labels=None, roles=None) -> None:
         """Add N rows: residuals {layer: N×d bf16} plus the aligned token-row columns."""
@@ -409,7 +419,7 @@ class LayerBackfill:
         return s.committed
 
 
-class _BackfillSegment:
+class _BackfillSegment(_CommitOnExit):
     def __init__(self, bf: LayerBackfill, segment_id: str):
         w = bf.w
         self.bf, self.w = bf, w
@@ -432,19 +442,7 @@ class _BackfillSegment:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self._commit()
-            except BaseException:
-                if self.committed is None:
-                    self._abandon()
-                raise
-        else:
-            self._abandon()
-        return False
-
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         try:
             self.buf._wait()
         except Exception:
@@ -472,7 +470,7 @@ class _BackfillSegment:
         self.buf.add(bits[self.bf.layer])
         self.n = e
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
         if self.n != self.info.n_rows:
             raise UserError(f"backfill of segment {self.info.id}: got {self.n} rows, the segment has "
                             f"{self.info.n_rows}; nothing was committed")
