@@ -1,11 +1,18 @@
 """The shuffled loader against the codec's raw decode rate, and its mixing against a perfect shuffle.
 
-1. Throughput, side by side in one run on the same shards with the same threads:
+1. Throughput, side by side in one run on the same shards with the same decode threads T:
    - raw decode: every chunk of the layer read and decoded (`Cache.read_chunk`) by a pool of
      T threads, nothing else: the ceiling for any reader of this cache;
-   - the loader: `train.ShuffledLoader` over the same cache with T threads, shuffled batches of
-     4096 rows, delivered as bf16 (the stored bits: what a GPU run moves to the device and
-     converts there) and as fp32 (what a CPU trainer consumes: + the conversion).
+   - the loader: `train.ShuffledLoader` over the same cache with T decode threads (plus its own
+     producer thread, which gathers the batches), shuffled batches of 4096 rows, delivered as
+     bf16 (the stored bits: what a GPU run moves to the device and converts there) and as fp32
+     (what a CPU trainer consumes: + the conversion);
+   - the gather alone: one thread copying shuffled rows of a decoded window into batches, the
+     one copy per row a row-level shuffle needs. When the T decode threads already occupy every
+     core, that copy competes with them, and the loader is bounded by
+     1 / (1 + raw / (T * gather)) of raw decode ("copy-bound ceiling").
+   T runs over --threads (default 1 and 2: on this 2-core box, T=1 leaves a core for the
+   shuffle as a GPU host's spare cores do; T=2 puts every core on decoding).
    Each side makes --epochs passes over the shards (the loader: that many epochs from its
    construction, start-up and first window included; its time to the first batch is reported).
    The loader skips the held-out split (--heldout, 1% as in training) whose rows it decodes too.
@@ -130,7 +137,7 @@ def mixing_real(a, tmp: Path) -> dict:
                  roles=np.zeros(n, np.int8))
     c = cf.open_cache(url)
     kw = dict(seed=0, heldout_fraction=0.01, roles=None, window_tokens=WINDOW_TOKENS // 16,
-              announce=False, threads=a.threads)
+              announce=False, threads=max(int(t) for t in str(a.threads).split(",")))
     batch = 4096 // 16
     plan = list(ShuffledLoader(c, [0], batch, **kw).planned_rows(a.batches))
     ld = ShuffledLoader(c, [0], batch, **kw)
@@ -174,10 +181,24 @@ def loader_rate(c, threads: int, dtype, window: int, epochs: int, heldout: float
     return rows / (time.perf_counter() - t0), rows / (time.process_time() - c0), first
 
 
+def gather_rate(c, window: int, passes: int) -> tuple[float, float, float]:
+    """(rows per wall second, per CPU second, 0): one thread gathering shuffled batches of 4096 rows
+    out of a decoded window (`np.take`, as the loader does): the cost of the shuffle's one copy."""
+    n = min(window, c.n_tokens)
+    win = np.concatenate([c.read_chunk(0, i).view(np.uint16) for i in range(-(-n // c.chunk_tokens))])[:n]
+    out = np.empty((4096, c.d_model), np.uint16)
+    t0, c0, rows = time.perf_counter(), time.process_time(), 0
+    for p in range(passes * max(1, c.n_tokens // n)):
+        perm = np.random.default_rng(p).permutation(n)
+        for a in range(0, n - 4095, 4096):
+            np.take(win, perm[a:a + 4096], axis=0, out=out, mode="clip")
+            rows += 4096
+    return rows / (time.perf_counter() - t0), rows / (time.process_time() - c0), 0.0
+
+
 def throughput(a, tmp: Path) -> list[dict]:
     import torch
 
-    torch.set_num_threads(a.threads)
     datasets = []
     if a.minilm:
         try:
@@ -191,50 +212,58 @@ def throughput(a, tmp: Path) -> list[dict]:
             print(f"MiniLM unavailable ({e}); Gaussian only", file=sys.stderr)
     rng = np.random.default_rng(0)
     datasets.append(("Gaussian d=1024", rng.standard_normal((a.rows, 1024)).astype(np.float32)))
+    threads = [int(t) for t in str(a.threads).split(",")]
     out = []
     for name, x in datasets:
         url = str(tmp / name.split()[0].lower())
         write_cache(url, x, 256)
         c = cf.open_cache(url)
-        sides = {"raw": lambda: raw_decode(c, a.threads, a.epochs),
-                 "loader_bf16": lambda: loader_rate(c, a.threads, torch.bfloat16, a.window, a.epochs, a.heldout),
-                 "loader_fp32": lambda: loader_rate(c, a.threads, torch.float32, a.window, a.epochs, a.heldout)}
-        wall = {k: [] for k in sides}
-        cpu = {k: [] for k in sides}
-        first = {k: [] for k in sides}
+        sides = {"gather": lambda: gather_rate(c, a.window, a.epochs)}
+        for t in threads:
+            sides[f"raw_T{t}"] = lambda t=t: raw_decode(c, t, a.epochs)
+            sides[f"loader_bf16_T{t}"] = lambda t=t: loader_rate(c, t, torch.bfloat16, a.window, a.epochs, a.heldout)
+            sides[f"loader_fp32_T{t}"] = lambda t=t: loader_rate(c, t, torch.float32, a.window, a.epochs, a.heldout)
+        wall, cpu, first = ({k: [] for k in sides} for _ in range(3))
         for r in range(a.rounds):
-            names = list(sides)[r % 3:] + list(sides)[:r % 3]  # rotate the order each round
+            names = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]  # rotate the order each round
             for side in names:
+                torch.set_num_threads(max(threads) if side == "gather" else int(side.rsplit("T", 1)[1]))
                 w, per_cpu, f = sides[side]()
                 wall[side].append(w)
                 cpu[side].append(per_cpu)
                 first[side].append(f)
         med = {k: float(np.median(v)) for k, v in wall.items()}
         mcpu = {k: float(np.median(v)) for k, v in cpu.items()}
-        out.append({"data": name, "rows": len(x), "d": x.shape[1], "threads": a.threads, "window_rows": a.window,
-                    "heldout_fraction": a.heldout,
-                    "epochs": a.epochs, "rounds": a.rounds, "statistic": "median over rounds",
-                    "first_batch_s": {k: round(float(np.median(first[k])), 3) for k in ("loader_bf16", "loader_fp32")},
-                    "raw_decode_rows_s": round(med["raw"]), "loader_bf16_rows_s": round(med["loader_bf16"]),
-                    "loader_fp32_rows_s": round(med["loader_fp32"]),
-                    "ratio_bf16": round(med["loader_bf16"] / med["raw"], 3),
-                    "ratio_fp32": round(med["loader_fp32"] / med["raw"], 3),
-                    "rounds_rows_s": {k: [round(v) for v in vs] for k, vs in wall.items()},
-                    "rows_per_cpu_s": {k: round(v) for k, v in mcpu.items()},
-                    "cpu_ratio_bf16": round(mcpu["loader_bf16"] / mcpu["raw"], 3),
-                    "cpu_ratio_fp32": round(mcpu["loader_fp32"] / mcpu["raw"], 3)})
-        print(f"{name:26s} raw decode {med['raw']:>9,.0f} rows/s | loader bf16 {med['loader_bf16']:>9,.0f} "
-              f"({med['loader_bf16'] / med['raw']:.0%}) | loader fp32 {med['loader_fp32']:>9,.0f} "
-              f"({med['loader_fp32'] / med['raw']:.0%}) | per CPU-second: bf16 "
-              f"{mcpu['loader_bf16'] / mcpu['raw']:.0%}, fp32 {mcpu['loader_fp32'] / mcpu['raw']:.0%} of raw "
-              f"(medians of {a.rounds} rounds); first batch bf16 {np.median(first['loader_bf16']):.2f}s, "
-              f"fp32 {np.median(first['loader_fp32']):.2f}s", flush=True)
+        for t in threads:
+            raw, bf, fp = med[f"raw_T{t}"], med[f"loader_bf16_T{t}"], med[f"loader_fp32_T{t}"]
+            ceiling = 1 / (1 + raw / (t * med["gather"])) if t >= os.cpu_count() else 1.0
+            out.append({"data": name, "rows": len(x), "d": x.shape[1], "threads": t, "cores": os.cpu_count(),
+                        "window_rows": a.window, "heldout_fraction": a.heldout, "epochs": a.epochs,
+                        "rounds": a.rounds, "statistic": "median over rounds",
+                        "first_batch_s": {k: round(float(np.median(first[f"{k}_T{t}"])), 3)
+                                          for k in ("loader_bf16", "loader_fp32")},
+                        "raw_decode_rows_s": round(raw), "loader_bf16_rows_s": round(bf),
+                        "loader_fp32_rows_s": round(fp), "gather_rows_s": round(med["gather"]),
+                        "ratio_bf16": round(bf / raw, 3), "ratio_fp32": round(fp / raw, 3),
+                        "copy_bound_ceiling": round(ceiling, 3),
+                        "rounds_rows_s": {k: [round(v) for v in vs] for k, vs in wall.items()
+                                          if k == "gather" or k.endswith(f"_T{t}")},
+                        "rows_per_cpu_s": {k: round(v) for k, v in mcpu.items() if k == "gather" or k.endswith(f"_T{t}")},
+                        "cpu_ratio_bf16": round(mcpu[f"loader_bf16_T{t}"] / mcpu[f"raw_T{t}"], 3),
+                        "cpu_ratio_fp32": round(mcpu[f"loader_fp32_T{t}"] / mcpu[f"raw_T{t}"], 3)})
+            print(f"{name:24s} T={t}: raw decode {raw:>9,.0f} rows/s | loader bf16 {bf:>9,.0f} ({bf / raw:.0%}) | "
+                  f"fp32 {fp:>9,.0f} ({fp / raw:.0%}) | per CPU-second bf16 "
+                  f"{mcpu[f'loader_bf16_T{t}'] / mcpu[f'raw_T{t}']:.0%}, fp32 "
+                  f"{mcpu[f'loader_fp32_T{t}'] / mcpu[f'raw_T{t}']:.0%} | copy-bound ceiling {ceiling:.0%} "
+                  f"(gather {med['gather']:,.0f} rows/s on one thread) | first batch "
+                  f"{np.median(first[f'loader_bf16_T{t}']):.2f}s; medians of {a.rounds} rounds", flush=True)
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="1,2",
+                   help="decode threads T (comma list), the same for raw decode and the loader")
     p.add_argument("--rows", type=int, default=262144, help="rows per throughput dataset")
     p.add_argument("--window", type=int, default=32768, help="the loader's shuffle window (rows)")
     p.add_argument("--heldout", type=float, default=0.01,
