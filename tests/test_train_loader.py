@@ -175,13 +175,59 @@ def test_user_errors(cache):
         ShuffledLoader(c, [0], 10, world_size=3)
 
 
-def test_ranks_split_each_global_batch(cache):
+class CountingCache(SlowCache):
+    """The same cache, recording which chunks are decoded."""
+
+    def __init__(self, cache):
+        super().__init__(cache, 0)
+        self.decoded = []
+
+    def read_chunk(self, layer, i, out=None):
+        self.decoded.append(i)
+        return self._c.read_chunk(layer, i, out=out)
+
+
+def test_ranks_divide_the_chunks_and_together_visit_the_split_once(cache):
     c, _ = cache
-    kw = dict(seed=4, heldout_fraction=0.1, window_tokens=256)
-    whole = rows_of(ShuffledLoader(c, [0], 64, **kw), 10)
-    r0 = rows_of(ShuffledLoader(c, [0], 64, rank=0, world_size=2, **kw), 10)
-    r1 = rows_of(ShuffledLoader(c, [0], 64, rank=1, world_size=2, **kw), 10)
-    assert all(np.array_equal(w, np.concatenate([a, b])) for w, a, b in zip(whole, r0, r1))
+    kw = dict(seed=4, heldout_fraction=0.1, window_tokens=256, max_epochs=1, announce=False)
+    one = CountingCache(c)
+    single = ShuffledLoader(one, [0], 64, **kw)
+    list(single)
+    train_rows = np.flatnonzero(np.unpackbits(single.mask)[:c.n_tokens])
+    ranks = [CountingCache(c), CountingCache(c)]
+    per_rank = [[b.rows.copy() for b in ShuffledLoader(rc, [0], 64, rank=r, world_size=2, **kw)]
+                for r, rc in enumerate(ranks)]
+    assert all(len(x) == 32 for rows in per_rank for x in rows)  # batch_size is global
+    # each rank decodes only its own chunks: between them, every chunk once, as one process does
+    assert not set(ranks[0].decoded) & set(ranks[1].decoded)
+    assert sorted(ranks[0].decoded + ranks[1].decoded) == sorted(one.decoded)
+    got = np.concatenate([np.concatenate(rows) for rows in per_rank])
+    assert len(np.unique(got)) == len(got)  # no row twice in the epoch, across ranks
+    assert set(got) <= set(train_rows) and len(got) > len(train_rows) - 2 * 32  # but each rank's last partial batch
+    # a global batch (both ranks' slices of one step) draws from the whole window, as one process's does
+    seq = np.asarray(c.seq_ids[:])
+    distinct = [len(np.unique(seq[np.concatenate([a, b])])) for a, b in zip(*per_rank)]
+    alone = [len(np.unique(seq[b])) for b in ShuffledLoader(c, [0], 64, **kw).planned_rows(len(distinct))]
+    assert np.mean(distinct) >= 0.9 * np.mean(alone)
+
+
+def test_rank_states_resume_exactly_and_refuse_another_world_size(cache):
+    c, _ = cache
+    kw = dict(seed=6, heldout_fraction=0.1, window_tokens=256, announce=False, world_size=2)
+    ref = [rows_of(ShuffledLoader(c, [0], 64, rank=r, **kw), 30) for r in range(2)]
+    states = []
+    for r in range(2):
+        ld = ShuffledLoader(c, [0], 64, rank=r, **kw)
+        states.append([b.state for _, b in zip(range(17), ld)][-1])
+        ld.close()
+    for r in range(2):
+        fresh = ShuffledLoader(c, [0], 64, rank=r, **kw)
+        fresh.load_state_dict({"ranks": states})
+        assert all(np.array_equal(x, y) for x, y in zip(rows_of(fresh, 13), ref[r][17:]))
+    with pytest.raises(UserError, match="written by 2 ranks"):
+        ShuffledLoader(c, [0], 64, seed=6, heldout_fraction=0.1).load_state_dict({"ranks": states})
+    with pytest.raises(UserError, match="fewer than the 64 ranks"):
+        ShuffledLoader(c, [0], 64, world_size=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

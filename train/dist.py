@@ -1,5 +1,6 @@
-"""Data parallel over torch.distributed: every rank trains the same SAEs on its slice of each
-global batch, and gradients are summed so that N ranks compute what one process would.
+"""Data parallel over torch.distributed: every rank trains the same SAEs on its own share of the
+data (the loader divides each window's chunks among ranks), and gradients are summed so that N
+ranks take one step on the global batch of their N slices.
 
 Launch with `torchrun --nproc-per-node N -m train run ...` (gloo on CPU, nccl on GPUs).
 """
@@ -46,6 +47,15 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -18,8 +18,12 @@ corpus text), optional exclusion of position 0, special tokens and norm outliers
 optional cap that keeps a random sample of rows. Metadata filters are planned up front into
 a row bitmask; the norm filter is applied per window as the rows are decoded.
 
-With several ranks every rank follows the same global plan and takes its slice of each
-global batch, so a run resumes identically with any number of ranks.
+With N ranks the epoch's windows are the same, and each rank takes every N-th chunk of the
+epoch's order (its share of every window), shuffles its share and yields batches of
+batch_size / N rows from it. A rank decodes only its own chunks, so N ranks divide the decode
+(no rank reads what another does), and a global batch (the N slices of one step) draws from the
+whole window as one process's batch would. The position is per rank; a run resumes exactly with
+the same number of ranks.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ _META_SLICE = 1 << 20  # rows of metadata read at once while planning
 @dataclass
 class Batch:
     residuals: dict[int, torch.Tensor]  # layer -> (rows, d_model) float32 on the loader's device
-    rows: np.ndarray  # global row indices (int64), this rank's slice
+    rows: np.ndarray  # global row indices (int64), this rank's batch_size / world_size of them
     epoch: int
     state: dict  # the loader state right after this batch (what a checkpoint saves)
 
@@ -122,6 +126,8 @@ class ShuffledLoader:
                             "pass --layers with stored layers or harvest them first")
         if batch_size <= 0 or batch_size % world_size:
             raise UserError(f"batch_size {batch_size} must be a positive multiple of the {world_size} ranks")
+        if world_size > 1 and not drop_last:
+            raise ValueError("drop_last=False is for single-process loaders: ranks must yield equal batches")
         self.batch_size, self.seed, self.split = batch_size, seed, split
         self.rank, self.world_size = rank, world_size
         self.window_tokens = max(window_tokens, batch_size)
@@ -162,6 +168,9 @@ class ShuffledLoader:
         if drop_last and batch_size > self.n_rows:
             raise UserError(f"batch_size {batch_size} is larger than the {self.n_rows} rows of the {split} split; "
                             "lower train.batch_size or harvest more tokens")
+        if int((self.chunk_counts > 0).sum()) < world_size:
+            raise UserError(f"the {split} split spans {int((self.chunk_counts > 0).sum())} cache chunks, fewer than "
+                            f"the {world_size} ranks that divide them; use fewer ranks or a larger cache")
         self.median_norm = self._median_norms() if norm_outlier > 0 else None
 
         self._state = {"epoch": 0, "window": 0, "offset": 0, "batches": 0, "rows": 0}
@@ -177,7 +186,8 @@ class ShuffledLoader:
     # ---- plan ------------------------------------------------------------------------
 
     def windows(self, epoch: int) -> list[np.ndarray]:
-        """The chunk ids of each shuffle window in `epoch` (deterministic in seed and epoch)."""
+        """The chunk ids of this rank's share of each shuffle window in `epoch` (deterministic in
+        seed, epoch and the number of ranks)."""
         if epoch not in self._plans:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_counts))
             order = order[self.chunk_counts[order] > 0]
@@ -187,7 +197,11 @@ class ShuffledLoader:
             total = int(cum[-1]) if len(cum) else 0
             m = max(1, -(-total // self.window_tokens))
             cuts = np.unique(np.searchsorted(cum, np.arange(1, m) * (total / m), side="left") + 1)
-            wins = [w for w in np.split(order, cuts) if len(w)]
+            wins = np.split(order, cuts)
+            if self.world_size > 1:  # every N-th chunk of the epoch's order is this rank's
+                mine = np.arange(len(order)) % self.world_size == self.rank
+                wins = [w[k] for w, k in zip(wins, np.split(mine, cuts))]
+            wins = [w for w in wins if len(w)]
             self._plans = {e: w for e, w in self._plans.items() if e >= epoch - 1}  # current and previous
             self._plans[epoch] = wins
         return self._plans[epoch]
@@ -204,7 +218,7 @@ class ShuffledLoader:
         return lo + np.flatnonzero(bits)
 
     def planned_rows(self, n_batches: int):
-        """The global row ids of the next `n_batches` batches, from metadata alone (no residuals read).
+        """The global row ids of this rank's next `n_batches` batches, from metadata alone (no residuals read).
 
         What the loader will yield when no norm filter is set: for planning and mixing checks at
         scales whose residuals are not at hand.
@@ -216,18 +230,24 @@ class ShuffledLoader:
             rows = rows[self._perm(epoch, window, len(rows))][offset:]
             offset = 0
             while len(rows) and made < n_batches:
-                need = self.batch_size - sum(len(p) for p in pending)
+                need = self.local_batch - sum(len(p) for p in pending)
                 pending.append(rows[:need])
                 rows = rows[need:]
-                if sum(len(p) for p in pending) == self.batch_size:
+                if sum(len(p) for p in pending) == self.local_batch:
                     yield np.concatenate(pending)
                     pending, made = [], made + 1
             window += 1
             if window >= len(self.windows(epoch)):
                 epoch, window = epoch + 1, 0
 
+    @property
+    def local_batch(self) -> int:
+        """Rows of this rank's batches."""
+        return self.batch_size // self.world_size
+
     def _perm(self, epoch: int, window: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, window, 1]).permutation(n)
+        ranks = [self.world_size, self.rank] if self.world_size > 1 else []
+        return np.random.default_rng([self.seed, epoch, window, 1, *ranks]).permutation(n)
 
     def _median_norms(self) -> dict[int, float]:
         """Median row norm per layer, from the first chunks of a fixed order (seed-independent)."""
@@ -252,10 +272,20 @@ class ShuffledLoader:
     # ---- state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Position after the last batch handed out; `load_state_dict` resumes exactly there."""
-        return dict(self._state, seed=self.seed, batch_size=self.batch_size, n_rows=self.n_rows)
+        """This rank's position after the last batch handed out; `load_state_dict` resumes exactly there."""
+        return dict(self._state, seed=self.seed, batch_size=self.batch_size, n_rows=self.n_rows,
+                    rank=self.rank, world_size=self.world_size)
 
     def load_state_dict(self, state: dict) -> None:
+        """One rank's state, or {"ranks": [every rank's state]} (what a data-parallel checkpoint holds)."""
+        if "ranks" in state:
+            if len(state["ranks"]) != self.world_size:
+                raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks and this run has "
+                                f"{self.world_size}; resume with the same number of processes or start over with --fresh")
+            state = state["ranks"][self.rank]
+        if state.get("world_size", 1) != self.world_size:
+            raise UserError(f"the saved loader state belongs to a run of {state.get('world_size', 1)} ranks, not "
+                            f"{self.world_size}; resume with the same number of processes or start over with --fresh")
         if state.get("seed", self.seed) != self.seed or state.get("n_rows", self.n_rows) != self.n_rows:
             raise UserError("the saved loader state belongs to another seed or cache selection; "
                             "re-run with the original settings or start over with --fresh")
@@ -286,7 +316,7 @@ class ShuffledLoader:
                   f"{self.n_rows} rows of the {self.split} split{more})", file=sys.stderr)
         self._epoch_seen = max(self._epoch_seen, epoch)
         self._state = state
-        return Batch(residuals, rows, epoch, dict(state))
+        return Batch(residuals, rows, epoch, self.state_dict())
 
     def _start(self) -> None:
         self._stop.clear()
@@ -419,11 +449,7 @@ class ShuffledLoader:
     def _produce_loop(self, state: dict) -> None:
         epoch, window, offset = state["epoch"], state["window"], state["offset"]
         batches, seen = state["batches"], state["rows"]
-        B = self.batch_size
-        lo_r, hi_r = self.rank * B // self.world_size, (self.rank + 1) * B // self.world_size
-        # with drop_last off a last partial batch is split among ranks by its own size, so every
-        # position is gathered (only local loaders, one rank, use it in practice)
-        span = (lo_r, hi_r) if self.drop_last else (0, B)
+        B = self.local_batch
         building: _Building | None = None
         slot = 0
         cur = self._decode(epoch, window, slot)
@@ -437,16 +463,16 @@ class ShuffledLoader:
             p = offset
             while p < len(rows) and not self._stop.is_set():
                 if building is None:
-                    building = _Building(self, span)
+                    building = _Building(self, B)
                 take = min(B - building.n, len(rows) - p)
                 building.add(rows[p:p + take], cur.buffers, pos[p:p + take])
                 p += take
                 if building.n == B:
                     nstate = {"epoch": epoch, "window": window, "offset": p} if p < len(rows) else \
                         {"epoch": f_epoch, "window": f_window, "offset": 0}
-                    batches, seen = batches + 1, seen + B
+                    batches, seen = batches + 1, seen + self.batch_size
                     nstate.update(batches=batches, rows=seen)
-                    if not self._put(building.result(lo_r, hi_r, epoch, nstate)):
+                    if not self._put(building.result(epoch, nstate)):
                         return
                     building = None
             offset = 0
@@ -454,8 +480,7 @@ class ShuffledLoader:
                 if building is not None and building.n and not self.drop_last and not self._stop.is_set():
                     n = building.n
                     nstate = {"epoch": f_epoch, "window": 0, "offset": 0, "batches": batches + 1, "rows": seen + n}
-                    self._put(building.result(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size,
-                                              epoch, nstate))
+                    self._put(building.result(epoch, nstate))
                 self._put(None)
                 return
             del rows, pos
@@ -521,12 +546,11 @@ class _Recycler:
 
 
 class _Building:
-    """A batch being gathered, piece by piece as windows are served, for the global positions
-    [span) of the batch (this rank's slice, or all of it when a last partial batch may come)."""
+    """A batch being gathered, piece by piece as windows are served."""
 
-    def __init__(self, loader: ShuffledLoader, span: tuple[int, int]):
-        self.loader, (self.lo, self.hi) = loader, span
-        shape = (self.hi - self.lo, loader.cache.d_model)
+    def __init__(self, loader: ShuffledLoader, size: int):
+        self.loader = loader
+        shape = (size, loader.cache.d_model)
         if loader.device.type == "cuda":  # gathered into pinned memory, converted on the GPU
             self.out = {layer: torch.empty(shape, dtype=torch.bfloat16, pin_memory=True) for layer in loader.layers}
         else:
@@ -535,30 +559,26 @@ class _Building:
         self.n = 0
 
     def add(self, rows: np.ndarray, buffers: dict[int, np.ndarray], pos: np.ndarray) -> None:
-        a, b = max(self.lo - self.n, 0), min(self.hi - self.n, len(rows))
-        if a < b:
-            at = self.n + a - self.lo
-            for layer, buf in buffers.items():
-                out = self.out[layer][at:at + b - a]
-                if isinstance(out, np.ndarray):  # numpy's gather: one thread, no OpenMP pool spinning
-                    np.take(buf, pos[a:b], axis=0, out=out, mode="clip")  # "raise" would buffer
-                else:
-                    torch.index_select(bits_to_torch(buf), 0, torch.from_numpy(pos[a:b]), out=out)
+        for layer, buf in buffers.items():
+            out = self.out[layer][self.n:self.n + len(rows)]
+            if isinstance(out, np.ndarray):  # numpy's gather: one thread, no OpenMP pool spinning
+                np.take(buf, pos, axis=0, out=out, mode="clip")  # "raise" would buffer
+            else:
+                torch.index_select(bits_to_torch(buf), 0, torch.from_numpy(pos), out=out)
         self.rows.append(rows)
         self.n += len(rows)
 
-    def result(self, lo: int, hi: int, epoch: int, state: dict):
-        """The queue item for this rank's rows [lo, hi) of the batch (float32 on the CPU when asked)."""
-        rows = np.concatenate(self.rows)[lo:hi]
-        ld = self.loader
+    def result(self, epoch: int, state: dict):
+        """The queue item for the rows gathered so far (float32 on the CPU when asked)."""
+        ld, n = self.loader, self.n
         out = {}
         for layer, t in self.out.items():
             if isinstance(t, np.ndarray):
-                bits = ld._arrays.keep_for(t, np.int16, slice(lo - self.lo, hi - self.lo))  # lent to the batch
+                bits = ld._arrays.keep_for(t, np.int16, slice(0, n))  # lent to the batch
                 t = torch.from_numpy(bits).view(torch.bfloat16)
                 if ld.dtype != torch.bfloat16:
                     t = torch.from_numpy(ld._arrays.lend(tuple(t.shape), np.float32)).copy_(t)
             else:
-                t = t[lo - self.lo:hi - self.lo]
+                t = t[:n]
             out[layer] = t
-        return rows, epoch, state, out
+        return np.concatenate(self.rows), epoch, state, out

@@ -328,9 +328,10 @@ class Run:
             plot_trajectory(rows, d / "trajectory.png", s.name)
 
     def _checkpoint(self, ckpts, trainers, loader, tokens, history) -> None:
+        loader_states = dist.all_gather_object(loader.state_dict())  # every rank reads its own chunks
         if self.rank == 0:
             scores = [h[-1]["variance_explained"] for h in history.values() if h and "variance_explained" in h[-1]]
-            state = {"run_id": self.run_id, "tokens": tokens, "loader": loader.state_dict(), "history": history,
+            state = {"run_id": self.run_id, "tokens": tokens, "loader": {"ranks": loader_states}, "history": history,
                      "saes": {name: tr.state_dict() for name, tr in trainers.items()}}
             ckpts.save(state, tokens, float(np.mean(scores)) if scores else None)
         dist.barrier()
