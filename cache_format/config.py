@@ -149,7 +149,7 @@ class TrainConfig:
     geometric_median_samples: int = 16384
     sweep: list[SweepSetting] = field(default_factory=list)
     device: str = "auto"
-    loader_threads: int = 4
+    loader_threads: int = 0  # decode threads; 0 = the cores this rank may use less one, 1 to 16
     shuffle_buffer_tokens: int = 262_144
     torch_threads: int = 0  # intra-op threads for training; 0 = torch's default (1 is fastest for tiny shapes)
     max_rows: int = 0  # cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all

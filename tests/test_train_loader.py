@@ -1,5 +1,6 @@
 """The shuffled loader on real caches: determinism, exact O(1) resume, filters, mixing, epochs."""
 
+import os
 import random
 import time
 
@@ -268,3 +269,15 @@ def test_sparse_chunks_are_compacted_and_partial_chunks_decode_right(tmp_path):
     assert all(local is None for _, _, local in train._layout(0, 0)[0])  # dense: decoded whole, in place
     rows = np.concatenate([b.rows for b in train])
     assert rows.max() >= 2944 and len(rows) == 3000 - len(np.concatenate([b.rows for b in got]))
+
+
+def test_decode_threads_default_to_this_ranks_cores_less_one(cache, monkeypatch):
+    from train.loader import auto_threads
+
+    c, _ = cache
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert ShuffledLoader(c, [0], 64).threads == auto_threads() == max(1, min(16, cores - 1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))  # many ranks on this host: one thread each
+    assert auto_threads() == 1
+    assert ShuffledLoader(c, [0], 64, threads=3).threads == 3

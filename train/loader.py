@@ -29,6 +29,7 @@ the same number of ranks.
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import sys
 import threading
@@ -57,6 +58,17 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def auto_threads() -> int:
+    """Decode threads when none are set: the cores this process may use (its share when torchrun
+    starts several on a host) less one for the batch gather and the trainer, 1 to 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cores - 1))
 
 
 def _chunk_bounds(cache) -> np.ndarray:
@@ -112,7 +124,7 @@ class ShuffledLoader:
     def __init__(self, cache, layers, batch_size: int, seed: int = 0, split: str = "train", *,
                  heldout_fraction: float = 0.01, split_seed: int = 0, roles: list[str] | None | str = "auto",
                  exclude_position0: bool = False, exclude_special: bool = False, norm_outlier: float = 0.0,
-                 max_rows: int = 0, window_tokens: int = 262_144, threads: int = 4, prefetch: int = 2,
+                 max_rows: int = 0, window_tokens: int = 262_144, threads: int = 0, prefetch: int = 2,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                  max_epochs: int | None = None, drop_last: bool = True, announce: bool = True,
                  dtype: torch.dtype = torch.float32):
@@ -131,7 +143,7 @@ class ShuffledLoader:
         self.batch_size, self.seed, self.split = batch_size, seed, split
         self.rank, self.world_size = rank, world_size
         self.window_tokens = max(window_tokens, batch_size)
-        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.threads, self.prefetch = (threads if threads > 0 else auto_threads()), max(1, prefetch)
         self.device = torch.device(device)
         self.max_epochs, self.drop_last, self.announce = max_epochs, drop_last, announce
         self.norm_outlier = norm_outlier
