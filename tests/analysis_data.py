@@ -1,6 +1,7 @@
 """Shared test data for the analysis tests: a cache whose activations and labels are known by
 construction, and an exact ±basis SAE (feature j's activation is relu(x_j))."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,21 @@ def make_cache(url: str, n_seqs: int = 40) -> str:
     return url
 
 
+
+
+def exported_run(root: Path, *, name: str = "L2_n32_k16", hook_module: str = "", config: dict | None = None,
+                 trajectory: list[dict], metrics: dict) -> tuple[Path, str, TopKSAE]:
+    """A training run's OUT as `train run` leaves it, around the identity SAE on a fresh cache:
+    the export, its trajectory.jsonl and run.json; (OUT, cache url, sae)."""
+    from train.export import export_sae, sae_lens_cfg, write_run_json
+
+    url = make_cache(str(root / "cache"))
+    sae = identity_sae()
+    cfg = sae_lens_cfg(sae, layer=LAYER, hook="resid_post", hook_module=hook_module, model="test",
+                       fingerprint=cf.open_cache(url).layer_fingerprint(LAYER), tokens=1000,
+                       split={"seed": SEED, "fraction": FRACTION}, normalization={}, config=config or {}, cache_url=url)
+    out = root / "run"
+    export_sae(sae, out / name, cfg)
+    (out / name / "trajectory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trajectory))
+    write_run_json(out, {"saes": [{"name": name, "path": name, "layer": LAYER, "metrics": metrics}]})
+    return out, url, sae

@@ -9,29 +9,18 @@ from click.testing import CliRunner
 
 import cache_format as cf
 from train.analysis_cli import analyze_cmd, eval_cmd, report_cmd
-from train.export import export_sae, sae_lens_cfg, write_run_json
+from train.export import export_sae
 
-from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
+from analysis_data import FRACTION, LAYER, exported_run, identity_sae
 
 NAME = "L2_n32_k16"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    url = make_cache(str(root / "cache"))
-    sae = identity_sae()
-    c = cf.open_cache(url)
-    cfg = sae_lens_cfg(sae, layer=LAYER, hook="resid_post", hook_module="", model="test",
-                       fingerprint=c.layer_fingerprint(LAYER), tokens=1000,
-                       split={"seed": SEED, "fraction": FRACTION}, normalization={}, config={}, cache_url=url)
-    out = root / "out"
-    export_sae(sae, out / NAME, cfg)
     traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5, "l0": 2.5} for t in (100, 200, 300)]
-    (out / NAME / "trajectory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in traj))
-    write_run_json(out, {"saes": [{"name": NAME, "path": NAME, "layer": LAYER,
-                                   "metrics": {"variance_explained": 1.0, "mse": 0.0, "l0": 2.5,
-                                               "dead_fraction": 0.5, "alive": 16}}]})
+    out, url, _ = exported_run(tmp_path_factory.mktemp("run"), name=NAME, trajectory=traj,
+                               metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.5, "alive": 16})
     return out, url
 
 

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import cache_format as cf
 from cache_format.config import AnalysisConfig
-from train.export import export_sae, sae_lens_cfg, write_run_json
 from train.features import Split, analyze
 from train.report import render_report
 
-from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
+from analysis_data import FRACTION, LAYER, SEED, exported_run
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -32,25 +30,16 @@ def ensure_chromium() -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rep")
-    url = make_cache(str(root / "cache"))
-    sae = identity_sae()
-    c = cf.open_cache(url)
     name = "L2_n32_k16"
-    cfg = sae_lens_cfg(sae, layer=LAYER, hook="resid_post", hook_module="model.language_model.layers.2", model="test",
-                       fingerprint=c.layer_fingerprint(LAYER), tokens=1000, split={"seed": SEED, "fraction": FRACTION},
-                       normalization={}, config={"d_sae": 32, "k": 16}, cache_url=url)
-    out = root / "run"
-    export_sae(sae, out / name, cfg)
     traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5} for t in (100, 200, 400)]
-    (out / name / "trajectory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in traj))
+    out, url, sae = exported_run(tmp_path_factory.mktemp("rep"), name=name,
+                                 hook_module="model.language_model.layers.2", config={"d_sae": 32, "k": 16},
+                                 trajectory=traj, metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5,
+                                                           "dead_fraction": 0.69, "alive": 10})
     (out / name / "loss_recovered.json").write_text(json.dumps(
         {"ce_clean": 2.0, "ce_sae": 2.1, "ce_zero": 6.0, "loss_recovered": 0.975, "kl_sae": 0.05, "kl_zero": 3.1, "tokens": 999}))
     analyze(sae, url, LAYER, out / name, AnalysisConfig(bootstrap=20, permutations=50), Split(SEED, FRACTION, (2, 3)),
             progress=False)
-    write_run_json(out, {"saes": [{"name": name, "path": name, "layer": LAYER,
-                                   "metrics": {"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.69,
-                                               "alive": 10}}]})
     return render_report(out)
 
 

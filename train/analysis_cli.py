@@ -49,6 +49,24 @@ def split_for(sae, cfg: PipelineConfig, url: str):
     return split
 
 
+def _sae_options(cmd):
+    """--layer, --k, --scheduler and --quiet: how commands that scan a cache with an SAE are pointed."""
+    for opt in reversed([
+        click.option("--layer", type=int, default=None, help="Cache layer (default: the SAE's own)."),
+        click.option("--k", type=int, default=None, help="k for the TopK (default: from the file, its config or its name)."),
+        click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster)."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]):
+        cmd = opt(cmd)
+    return cmd
+
+
+def _where(sae, cfg: PipelineConfig, cache: str | None, layer: int | None, path):
+    """(cache url, layer, split) an SAE is scanned on: the options, else what the SAE recorded."""
+    url = cache_for(sae, cfg, cache)
+    return url, layer_for(sae, layer, path), split_for(sae, cfg, url)
+
+
 def _quiet_dask() -> None:
     import logging
 
@@ -76,21 +94,16 @@ def _fmt_metrics(m: dict) -> str:
 @click.command("eval", help="Reconstruction metrics of any supported SAE on a cache's held-out rows.")
 @_shared
 @click.option("--sae", "sae_path", required=True, metavar="PATH", help="SAE file or directory (000/001/003/004 layouts, or an export).")
-@click.option("--layer", type=int, default=None, help="Cache layer to evaluate on (default: the SAE's own).")
-@click.option("--k", type=int, default=None, help="k for the TopK (default: from the file, its config or its name).")
+@_sae_options
 @click.option("--max-tokens", type=int, default=None, help="Held-out rows to evaluate (default [analysis].max_tokens).")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tokens, scheduler, as_json, quiet):
     from .features import scan
     from .published import load_sae
 
     cfg = _config(config_path, profile, overrides)
     sae = load_sae(sae_path, k=k, layer=layer)
-    url = cache_for(sae, cfg, cache)
-    layer = layer_for(sae, layer, sae_path)
-    split = split_for(sae, cfg, url)
+    url, layer, split = _where(sae, cfg, cache, layer, sae_path)
     _quiet_dask()
     res = scan(url, sae, layer, split, max_tokens=max_tokens or cfg.analysis.max_tokens, want_codes=False,
                scheduler=scheduler or cfg.analysis.scheduler or None, progress=not quiet, device=cfg.train.device)
@@ -119,11 +132,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Training run directory (default [train].out); with --sae, where to write.")
 @click.option("--sae", "sae_path", default=None, metavar="PATH", help="Analyze this one SAE instead of a run's.")
-@click.option("--layer", type=int, default=None, help="Cache layer (default: the SAE's own).")
-@click.option("--k", type=int, default=None, help="k for the TopK (default: from the SAE).")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster).")
+@_sae_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, as_json, quiet):
     from .features import analyze, dask_client
     from .published import load_sae
@@ -141,9 +151,8 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
     with dask_client(scheduler or cfg.analysis.scheduler or None) as client:
         for name, src, dst, sae in jobs:
             sae = sae or load_sae(src, k=k)
-            url = cache_for(sae, cfg, cache)
-            lay = layer_for(sae, layer, src)
-            res = analyze(sae, url, lay, dst, cfg.analysis, split_for(sae, cfg, url), client=client, progress=not quiet,
+            url, lay, split = _where(sae, cfg, cache, layer, src)
+            res = analyze(sae, url, lay, dst, cfg.analysis, split, client=client, progress=not quiet,
                           device=cfg.train.device)
             summaries[name] = res["summary"]
             if not as_json:
