@@ -63,19 +63,46 @@ class HarvestConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine's knobs (`[supergpqa.vllm]`), passed through to `vllm.LLM(...)`."""
+
+    python: str = ".venv-vllm/bin/python"  # the interpreter of `make vllm-env`
+    tensor_parallel_size: int = 1  # GPUs one engine spans (27B in bf16 fits one 80 GB GPU)
+    max_model_len: int = 0  # 0 = the longest prompt plus max_new_tokens
+    gpu_memory_utilization: float = 0.9  # share of each GPU vLLM may take (weights + KV cache)
+    max_num_seqs: int = 0  # concurrent sequences; 0 = vLLM's default
+    enforce_eager: bool = False  # skip CUDA graph capture (slower decode, faster start)
+
+
+PROMPT_FORMATS = ("supergpqa", "answer-line")
+
+
+@dataclass
 class SuperGPQAConfig:
     """Greedy rollouts on SuperGPQA (the `000_*` card: 150 questions, seed 100)."""
 
     dataset: str = "m-a-p/SuperGPQA"  # hub id, or a local .jsonl/.parquet in its schema
+    revision: str = "main"  # hub revision; resolved to its commit and recorded in the cache
     split: str = "train"
     questions: int = 150
     seed: int = 100
-    max_new_tokens: int = 16384
+    max_new_tokens: int = 32768  # SuperGPQA's reasoning-model budget
     enable_thinking: bool = True
+    prompt_format: str = "supergpqa"  # supergpqa = its official zero-shot prompt; answer-line = the old format
     backend: str = "transformers"  # transformers | vllm
-    vllm_python: str = ".venv-vllm/bin/python"
-    generate_batch_size: int = 8
-    force_answer: bool = False
+    generate_batch_size: int = 8  # transformers backend: prompts per generate() call (and per save)
+    questions_per_unit: int = 16  # rollouts per work unit (segment): the unit of capture, resume and WORKERS
+    force_answer: bool = True  # no answer found: append the answer prefix, take the likeliest valid letter
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self):
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"supergpqa.prompt_format {self.prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
+        for key in ("max_new_tokens", "generate_batch_size", "questions_per_unit"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"supergpqa.{key} = {getattr(self, key)}: must be at least 1")
+        if self.questions < 0:
+            raise ConfigError(f"supergpqa.questions = {self.questions}: must be 0 or more")
 
 
 @dataclass
@@ -117,8 +144,12 @@ class SweepSetting:
 
 @dataclass
 class TrainConfig:
-    """TopK+AuxK SAE training; defaults from the `001_*` card. Key names are stable."""
+    """TopK+AuxK SAE training; defaults from the `001_*` card. Key names are stable.
 
+    A recipe (`[recipes.NAME]`) is applied under the keys set in `[train]`: see `recipe`.
+    """
+
+    recipe: str = "auto"  # auto (by the cache's source: rollouts or corpus) | rollouts | corpus | none
     cache: str = ""  # "" = [harvest].cache
     out: str = "runs/qwen36-27b"
     layers: list[int] = field(default_factory=list)  # [] = every layer in the cache
@@ -133,6 +164,7 @@ class TrainConfig:
     batch_size: int = 4096  # global across ranks
     grad_clip: float = 1.0
     training_tokens: int = 200_000_000
+    epochs: float = 0.0  # > 0: the budget is epochs × the train split's rows (after max_rows); wins over training_tokens
     seed: int = 0
     checkpoint_every_tokens: int = 10_000_000
     keep_last: int = 2
@@ -155,6 +187,36 @@ class TrainConfig:
     max_rows: int = 0  # cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all
 
 
+RECIPES = ("rollouts", "corpus")
+
+
+def _rollouts_recipe() -> dict[str, Any]:
+    # The `000_*` card: n=4096, k=32, Adam 3e-4, batch 4096, 20 epochs of <= 200k rows per layer.
+    # Sized for a ~1000-step run: warmup 5%, and a dead threshold (~120 steps) that AuxK reaches.
+    return {"d_sae": 4096, "k": 32, "k_aux": 512, "aux_alpha": 1 / 32, "lr": 3e-4, "lr_min": 3e-4, "warmup_steps": 50,
+            "batch_size": 4096, "epochs": 20.0, "max_rows": 200_000, "dead_tokens": 500_000,
+            "checkpoint_every_tokens": 1_000_000, "eval_every_tokens": 500_000, "eval_tokens": 1_000_000,
+            "heldout_fraction": 0.1}
+
+
+@dataclass
+class RecipesConfig:
+    """Per-source training recipes: partial `[train]` tables, applied under `[train]`'s own keys."""
+
+    rollouts: dict[str, Any] = field(default_factory=_rollouts_recipe)  # SuperGPQA rollouts: the 000 card
+    corpus: dict[str, Any] = field(default_factory=dict)  # packed corpus: the 001 card (= TrainConfig's defaults)
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(TrainConfig)
+        for name in RECIPES:
+            table = getattr(self, name)
+            for key, value in table.items():
+                if key not in hints or key in ("recipe", "cache", "out", "layers"):
+                    raise ConfigError(f"recipes.{name}: {key!r} is not a recipe key (any [train] key but "
+                                      "recipe, cache, out and layers)")
+                table[key] = _coerce(hints[key], value, f"recipes.{name}.{key}")
+
+
 @dataclass
 class AnalysisConfig:
     """Feature statistics, reverse index and loss recovered after training."""
@@ -165,7 +227,8 @@ class AnalysisConfig:
     permutations: int = 200  # label permutations for the p-value; 0 = skip
     min_fires: int = 5  # features firing fewer times are not tested (no CI, p, q)
     alpha: float = 0.05  # BH false-discovery rate for "significant"
-    max_tokens: int = 1_000_000  # held-out rows analyzed (the first ones in cache order)
+    max_tokens: int = 1_000_000  # rows analyzed (the first ones in cache order)
+    rows: str = "auto"  # heldout | train | all; auto = all labeled rows on rollouts (as the 000 card), else heldout
     loss_sequences: int = 64  # held-out sequences for loss recovered
     loss_batch_size: int = 4
     report_features: int = 24  # top features shown per SAE in the report
@@ -179,9 +242,11 @@ class PipelineConfig:
     supergpqa: SuperGPQAConfig = field(default_factory=SuperGPQAConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipes: RecipesConfig = field(default_factory=RecipesConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     profile: str = ""  # the profile applied, recorded for provenance
     source_path: str = ""  # the toml file read
+    train_keys_set: list[str] = field(default_factory=list)  # [train] keys the toml, profile or flags set
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,10 +299,22 @@ def load_config(
     for key, value in flags.items():
         if value is not None:
             _set_dotted(raw, key, value)
+    for internal in _INTERNAL:
+        if internal in raw:
+            raise ConfigError(f"{p}: unknown section {internal!r}")
     cfg = _build(PipelineConfig, raw, where=str(p))
     cfg.profile = profile or ""
     cfg.source_path = str(p)
+    cfg.train_keys_set = sorted((raw.get("train") or {}).keys())
     return cfg
+
+
+_INTERNAL = ("profile", "source_path", "train_keys_set")
+
+
+def build_section(cls: type, raw: dict, where: str) -> Any:
+    """A section's dataclass from a plain table, with the same checks as pipeline.toml's."""
+    return _build(cls, raw, where)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -285,7 +362,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            known = ", ".join(sorted(n for n in names if n not in ("profile", "source_path")))
+            known = ", ".join(sorted(n for n in names if n not in _INTERNAL))
             raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
         kwargs[key] = _coerce(hints[key], value, f"{where} [{key}]" if cls is PipelineConfig else f"{where}.{key}")
     return cls(**kwargs)
@@ -295,6 +372,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int)) and item_tp is int:
