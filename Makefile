@@ -61,7 +61,7 @@ demo: install
 	$(MAKE) --no-print-directory report PROFILE=tiny
 
 # vLLM pins torch 2.14 and transformers <5.21: it lives in its own environment and is
-# driven as a subprocess by harvest (supergpqa.backend = "vllm", supergpqa.vllm_python =
+# driven as a subprocess by harvest (supergpqa.backend = "vllm", [supergpqa.vllm] python =
 # .venv-vllm/bin/python). harvest/vllm_generate.py imports only vllm, so nothing else goes in.
 VLLM ?= vllm
 vllm-env:

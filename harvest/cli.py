@@ -42,6 +42,11 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
     else:
         print(f"harvest: {summary['n_tokens']} rows, layers {summary['layers']}, {summary['segments']} segments "
               f"in {summary['cache']} ({summary['seconds']}s)", file=sys.stderr)
+        if "outcomes" in summary:
+            o = summary["outcomes"]
+            print(f"harvest: {o['rollouts']} rollouts, {o['correct']} correct; no answer in {o['thinking_unclosed']} "
+                  f"(thinking never closed) + {o['no_answer']} (closed, no answer found); {o['forced']} forced",
+                  file=sys.stderr)
 
 
 def _register_splice() -> None:

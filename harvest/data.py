@@ -38,8 +38,8 @@ def check_source(name: str) -> str:
 # SuperGPQA
 
 
-def _read_records(path: str, split: str = "train", what: str = "dataset") -> list[dict]:
-    """Rows of a local .jsonl/.json/.parquet file, or of a hub dataset split."""
+def _read_records(path: str, split: str = "train", what: str = "dataset", revision: str | None = None) -> list[dict]:
+    """Rows of a local .jsonl/.json/.parquet file, or of a hub dataset split at `revision`."""
     p = Path(path).expanduser()
     if p.suffix in (".jsonl", ".json", ".parquet") or p.exists():
         if not p.is_file():
@@ -60,7 +60,7 @@ def _read_records(path: str, split: str = "train", what: str = "dataset") -> lis
     try:
         import datasets
 
-        return list(datasets.load_dataset(path, split=split))
+        return list(datasets.load_dataset(path, split=split, revision=revision or None))
     except Exception as e:  # the hub raises many types; the user needs one line
         raise DataError(f"cannot load dataset {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                         "give a local .jsonl/.parquet path or check network access") from None
@@ -69,7 +69,7 @@ def _read_records(path: str, split: str = "train", what: str = "dataset") -> lis
 def load_questions(cfg: SuperGPQAConfig) -> list[dict]:
     """All questions, validated against SuperGPQA's schema (options A–J, gold letter)."""
     path = str(tiny.assets() / "questions.jsonl") if cfg.dataset == tiny.TINY_NAME else cfg.dataset
-    rows = _read_records(path, cfg.split)
+    rows = _read_records(path, cfg.split, revision=cfg.revision)
     for i, r in enumerate(rows):
         missing = [k for k in QUESTION_FIELDS if k not in r]
         if missing:
@@ -90,7 +90,18 @@ def select_questions(rows: list[dict], n: int, seed: int) -> list[dict]:
     return [rows[i] for i in order[: min(n, len(rows))]]
 
 
-def format_question(q: dict) -> str:
+# SuperGPQA's official zero-shot prompt (its eval's `zero-shot` template): instruction first,
+# then the question and `A) option` lines. The letter list is fixed at A-J, as there.
+SUPERGPQA_INSTRUCTION = ("Answer the following multiple choice question. There is only one correct answer. "
+                         "The last line of your response should be in the format 'Answer: $LETTER' (without quotes), "
+                         "where LETTER is one of A, B, C, D, E, F, G, H, I, or J.")
+
+
+def format_question(q: dict, prompt_format: str = "supergpqa") -> str:
+    """The user turn: `supergpqa` (official zero-shot) or `answer-line` (this project's first format)."""
+    if prompt_format == "supergpqa":
+        opts = "\n".join(f"{LETTERS[i]}) {o}" for i, o in enumerate(q["options"]))
+        return f"{SUPERGPQA_INSTRUCTION}\n\n{q['question']}\n{opts}"
     opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(q["options"]))
     letters = LETTERS[: len(q["options"])]
     return (f"{q['question']}\n\n{opts}\n\n"
@@ -98,25 +109,26 @@ def format_question(q: dict) -> str:
             f"on the last line as 'Answer: X'.")
 
 
-def prompt_ids(tokenizer, q: dict, enable_thinking: bool) -> list[int]:
+def prompt_ids(tokenizer, q: dict, enable_thinking: bool, prompt_format: str = "supergpqa") -> list[int]:
     """The chat-template generation prefix (`<think>` included when thinking is on)."""
-    msgs = [{"role": "user", "content": format_question(q)}]
+    msgs = [{"role": "user", "content": format_question(q, prompt_format)}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def question_record(q: dict) -> dict:
-    """The source fields a sequence row carries."""
-    return {
-        "uuid": str(q["uuid"]),
-        "discipline": str(q.get("discipline", "")),
-        "field": str(q.get("field", "")),
-        "subfield": str(q.get("subfield", "")),
-        "difficulty": str(q.get("difficulty", "")),
-        "gold": str(q["answer_letter"]),
-        "n_options": len(q["options"]),
-    }
+    """The source fields a sequence row carries: every column of the dataset, plus `gold`.
+
+    Lists and tables (`options`) are stored as JSON text, so that every row of the sequences
+    table has one type per column whatever the dataset holds.
+    """
+    rec = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else ("" if v is None else v))
+           for k, v in q.items()}
+    rec.update(uuid=str(q["uuid"]), gold=str(q["answer_letter"]), n_options=len(q["options"]))
+    for k in ("discipline", "field", "subfield", "difficulty"):
+        rec[k] = str(q.get(k, ""))
+    return rec
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""Greedy SuperGPQA rollouts: generate, grade, optionally force an answer.
+"""Greedy SuperGPQA rollouts: generate (saving as they finish), grade, force missing answers.
 
-Two backends behind one call, `generate(prompts) -> [(response_ids, finished)]`:
-transformers' `generate` (CPU, tests, small runs) and vLLM, which cannot share this
-environment (it pins another torch/transformers) and so runs as a subprocess in its own
-venv, reads token-id prompts from a file, writes responses to a file and exits before the
-capture model is loaded. Prompts are tokenized here, so both backends see identical ids.
-Rollouts are stored once (a sidecar file per work unit, then the cache's sequences table)
-and never regenerated.
+Two backends behind one call, `generate(prompts, max_new_tokens, stop_ids, on_done)`, where
+`on_done(i, response_ids, finished)` is called as each prompt finishes: transformers'
+`generate` (CPU, tests, small runs) and vLLM, which cannot share this environment (it pins
+another torch/transformers) and so runs as one subprocess in its own venv
+(`vllm_generate.py`) that streams each finished request back through a file. Prompts are
+tokenized here, so both backends see identical ids.
+
+Generations are saved as they finish (sidecar files beside the cache), so a crash loses at
+most one generation batch and a re-run continues; grading and forced answers are saved per
+work unit once the capture model is loaded. Nothing stored is ever regenerated.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,9 +31,10 @@ from cache_format.config import SuperGPQAConfig
 from cache_format.errors import UserError
 
 from . import data
-from .grading import LETTERS, THINK_END, grade
+from .grading import LETTERS, NO_ANSWER, THINK_END, grade
 
 ANSWER_PREFIX = "Answer:"
+OnDone = Callable[[int, list, bool], None]
 
 
 @dataclass
@@ -36,25 +43,35 @@ class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
     finished: bool  # ended with an end-of-turn token (not cut by max_new_tokens)
-    record: dict = field(default_factory=dict)  # question fields + grading
+    record: dict = field(default_factory=dict)  # question fields, generator, then grading
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
+    @property
+    def graded(self) -> bool:
+        return "correct" in self.record
+
 
 class TransformersBackend:
-    """`model.generate`, greedy, batched with left padding."""
+    """`model.generate`, greedy, batched with left padding; each batch is reported when done."""
 
     name = "transformers"
 
     def __init__(self, lm, batch_size: int = 8):
         self.lm, self.batch_size = lm, batch_size
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[tuple[list[int], bool]]:
+    def info(self) -> dict:
+        import transformers
+
+        return {"backend": self.name, "backend_version": transformers.__version__,
+                "backend_params": json.dumps({"batch_size": self.batch_size})}
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                 on_done: OnDone) -> None:
         tok, model = self.lm.tokenizer, self.lm.model
         pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
-        out: list[tuple[list[int], bool]] = []
         for i in range(0, len(prompts), self.batch_size):
             batch = prompts[i: i + self.batch_size]
             width = max(len(p) for p in batch)
@@ -67,60 +84,92 @@ class TransformersBackend:
                 gen = model.generate(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                                      pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-            for row in gen[:, width:].tolist():
+            for j, row in enumerate(gen[:, width:].tolist()):
                 resp, finished = [], False
                 for t in row:
+                    resp.append(t)
                     if t in stop_ids:
-                        resp.append(t)
                         finished = True
                         break
-                    resp.append(t)
-                out.append((resp, finished))
-        return out
+                on_done(i + j, resp, finished)
 
 
 class VLLMBackend:
-    """vLLM in its own interpreter (`make vllm-env`): prompts in, responses out, via files."""
+    """vLLM in its own interpreter (`make vllm-env`): one subprocess for every pending prompt,
+    streaming each finished request back through a file that is polled here."""
 
     name = "vllm"
+    poll_s = 0.5
 
-    def __init__(self, python: str, model_path: str, revision: str, dtype: str, extra: dict | None = None):
-        if not Path(python).is_file():
-            raise UserError(f"supergpqa.vllm_python {python} does not exist; run `make vllm-env` on the GPU "
+    def __init__(self, cfg: SuperGPQAConfig, model_path: str, revision: str, dtype: str):
+        v = cfg.vllm
+        if not Path(v.python).is_file():
+            raise UserError(f"supergpqa.vllm.python {v.python} does not exist; run `make vllm-env` on the GPU "
                             "machine or set supergpqa.backend = \"transformers\"")
-        self.python, self.model_path, self.revision, self.dtype = python, model_path, revision, dtype
-        self.extra = extra or {}
+        self.python = v.python
+        self.engine = {"model": model_path, "revision": revision, "dtype": dtype,
+                       "tensor_parallel_size": v.tensor_parallel_size, "gpu_memory_utilization": v.gpu_memory_utilization,
+                       "max_model_len": v.max_model_len, "max_num_seqs": v.max_num_seqs,
+                       "enforce_eager": v.enforce_eager}
+        self.version = ""
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[tuple[list[int], bool]]:
+    def info(self) -> dict:
+        return {"backend": self.name, "backend_version": self.version, "backend_params": json.dumps(self.engine)}
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                 on_done: OnDone) -> None:
         script = Path(__file__).with_name("vllm_generate.py")
+        if not self.engine["max_model_len"]:  # room for the longest prompt and the whole budget
+            self.engine["max_model_len"] = max(len(p) for p in prompts) + max_new_tokens
         with tempfile.TemporaryDirectory(prefix="harvest-vllm-") as d:
             req, res = Path(d) / "requests.jsonl", Path(d) / "responses.jsonl"
             with open(req, "w") as f:
                 for i, p in enumerate(prompts):
                     f.write(json.dumps({"id": i, "prompt_ids": p}) + "\n")
-            params = {"model": self.model_path, "revision": self.revision, "dtype": self.dtype,
-                      "max_new_tokens": max_new_tokens, "stop_ids": stop_ids, **self.extra}
+            params = {**self.engine, "max_new_tokens": max_new_tokens, "stop_ids": stop_ids}
             cmd = [self.python, str(script), "--requests", str(req), "--out", str(res), "--params", json.dumps(params)]
-            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-            if proc.returncode != 0:
-                raise UserError(f"the vLLM generation subprocess failed (exit {proc.returncode}); see its output "
-                                f"above, or set supergpqa.backend = \"transformers\"")
-            got = {}
-            with open(res) as f:
-                for line in f:
-                    r = json.loads(line)
-                    got[r["id"]] = (r["response_ids"], r["finished"])
-        return [got[i] for i in range(len(prompts))]
+            proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+            done: set[int] = set()
+            offset = 0
+            while True:
+                exited = proc.poll() is not None
+                offset = self._drain(res, offset, done, on_done)
+                if exited:
+                    break
+                time.sleep(self.poll_s)
+        if proc.returncode != 0:
+            raise UserError(f"the vLLM generation subprocess failed (exit {proc.returncode}) after {len(done)} of "
+                            f"{len(prompts)} rollouts, which are saved; see its output above, then re-run to continue")
+        if len(done) != len(prompts):
+            raise UserError(f"the vLLM subprocess returned {len(done)} of {len(prompts)} rollouts; re-run to continue")
+
+    def _drain(self, path: Path, offset: int, done: set[int], on_done: OnDone) -> int:
+        """Hand over every complete line written since `offset`; returns the new offset."""
+        if not path.exists():
+            return offset
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].splitlines():
+            r = json.loads(line)
+            if "vllm_version" in r:
+                self.version = r["vllm_version"]
+                self.engine.update(r.get("engine", {}))
+            elif r["id"] not in done:
+                done.add(r["id"])
+                on_done(r["id"], r["response_ids"], r["finished"])
+        return offset + end
 
 
-def make_backend(cfg: SuperGPQAConfig, lm_factory, model_cfg) -> object:
+def make_backend(cfg: SuperGPQAConfig, lm_factory, model_cfg):
     if cfg.backend == "transformers":
         return TransformersBackend(lm_factory(), cfg.generate_batch_size)
     if cfg.backend == "vllm":
         from .model import resolve_path
 
         path, _ = resolve_path(model_cfg)
-        return VLLMBackend(cfg.vllm_python, path, model_cfg.revision, model_cfg.dtype)
+        return VLLMBackend(cfg, path, model_cfg.revision, model_cfg.dtype)
     raise UserError(f"supergpqa.backend {cfg.backend!r} is unknown; use transformers or vllm")
 
 
@@ -135,12 +184,56 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+def generate_rollouts(questions: list[tuple[int, dict]], backend, tokenizer, cfg: SuperGPQAConfig,
+                      save: Callable[[list[Rollout]], None], progress: bool = True) -> list[Rollout]:
+    """Generate (ungraded) rollouts for (seq_id, question) pairs, saving them as they finish.
+
+    `save` receives each finished group: a transformers batch, or what vLLM streamed back
+    since the last poll. A progress bar shows questions done, generated tokens/s and an ETA.
+    """
+    from tqdm import tqdm
+
+    prompts = [data.prompt_ids(tokenizer, q, cfg.enable_thinking, cfg.prompt_format) for _, q in questions]
+    made: list[Rollout] = []
+    pending: list[Rollout] = []
+    bar = tqdm(total=len(questions), unit="q", desc="generate", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr, mininterval=1.0)
+    stats = {"tokens": 0, "t0": time.perf_counter(), "saved": time.perf_counter()}
+    group = getattr(backend, "batch_size", 8)
+
+    def on_done(i: int, resp: list, finished: bool) -> None:
+        seq_id, q = questions[i]
+        r = Rollout(seq_id, prompts[i], list(resp), bool(finished), {**data.question_record(q)})
+        pending.append(r)
+        made.append(r)
+        stats["tokens"] += len(resp)
+        bar.update(1)
+        bar.set_postfix_str(f"{stats['tokens'] / max(1e-6, time.perf_counter() - stats['t0']):.0f} tok/s")
+        if len(pending) >= group or time.perf_counter() - stats["saved"] > 2.0:
+            flush()
+
+    def flush() -> None:
+        if pending:
+            info = backend.info()
+            for r in pending:
+                r.record.update(info)
+            save(list(pending))
+            pending.clear()
+        stats["saved"] = time.perf_counter()
+
+    try:
+        backend.generate(prompts, cfg.max_new_tokens, stop_ids(tokenizer), on_done)
+    finally:
+        flush()  # whatever finished before a crash is kept
+        bar.close()
+    return made
+
+
 def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[str, list[int]]:
     """Append the answer prefix and take the most likely valid letter (one forward pass).
 
-    Returns the letter and the suffix token ids (closing `</think>` if the thinking never
-    closed, then `Answer: X`), which are appended to the response so the captured sequence
-    contains the forced answer; the rollout records `forced = True`.
+    Returns the letter and the new response ids (closing `</think>` if the thinking never
+    closed, then `Answer: X`), so the captured sequence contains the forced answer.
     """
     tok = lm.tokenizer
     text = tok.decode(rollout.response_ids, skip_special_tokens=False)
@@ -155,9 +248,8 @@ def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[
         ids = list(tok(suffix_text + " " + L, add_special_tokens=False)["input_ids"])
         cands.append(ids[len(suffix):] if ids[: len(suffix)] == suffix else list(tok(" " + L, add_special_tokens=False)["input_ids"]))
     with torch.no_grad():
-        # score each candidate's first token from one forward
-        # logits_to_keep=1: only the last position goes through the LM head (a 16k-token
-        # rollout over a 248k vocabulary would otherwise materialize 16 GB of logits)
+        # logits_to_keep=1: only the last position goes through the LM head (a 32k-token
+        # rollout over a 248k vocabulary would otherwise materialize 32 GB of logits)
         logits = lm.model(input_ids=torch.tensor([prefix], device=lm.device), use_cache=False,
                           logits_to_keep=1).logits[0, -1].float()
     logp = torch.log_softmax(logits, -1)
@@ -166,45 +258,55 @@ def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[
     return letters[best], resp + suffix + cands[best]
 
 
-def make_rollouts(questions: list[tuple[int, dict]], backend, tokenizer, cfg: SuperGPQAConfig,
-                  lm_factory=None) -> list[Rollout]:
-    """Generate and grade rollouts for (seq_id, question) pairs."""
-    prompts = [data.prompt_ids(tokenizer, q, cfg.enable_thinking) for _, q in questions]
-    stops = stop_ids(tokenizer)
-    outs = backend.generate(prompts, cfg.max_new_tokens, stops)
-    rollouts = []
-    for (seq_id, q), p, (resp, finished) in zip(questions, prompts, outs):
-        text = tokenizer.decode(resp, skip_special_tokens=False)
-        g = grade(text, len(q["options"]), q["answer_letter"], cfg.enable_thinking)
-        r = Rollout(seq_id, p, list(resp), finished, {**data.question_record(q)})
-        rec = {"parsed": g.parsed, "correct": g.correct, "truncated": g.truncated, "finished": finished,
-               "forced": False, "response_text": text}
-        if g.parsed is None and cfg.force_answer:
-            letter, new_resp = force_answer(lm_factory(), r, len(q["options"]), cfg.enable_thinking)
-            r.response_ids = new_resp
-            rec.update(parsed=letter, correct=letter == q["answer_letter"], forced=True)
-        r.record.update(rec)
-        rollouts.append(r)
-    return rollouts
+def grade_rollout(r: Rollout, tokenizer, cfg: SuperGPQAConfig, lm_factory=None) -> Rollout:
+    """Grade in place; with `force_answer`, a rollout without an answer gets the likeliest letter.
+
+    The record says why an answer was missing (`missing`: thinking_unclosed or no_answer)
+    and whether the letter was `forced`.
+    """
+    text = tokenizer.decode(r.response_ids, skip_special_tokens=False)
+    n = int(r.record["n_options"])
+    g = grade(text, n, r.record["gold"], cfg.enable_thinking)
+    rec = {"parsed": g.parsed, "correct": g.correct, "truncated": g.truncated, "missing": g.missing,
+           "finished": r.finished, "forced": False, "response_text": text}
+    if g.parsed is None and cfg.force_answer:
+        letter, r.response_ids = force_answer(lm_factory(), r, n, cfg.enable_thinking)
+        rec.update(parsed=letter, correct=letter == r.record["gold"], forced=True)
+    r.record.update(rec)
+    return r
+
+
+def outcome_counts(records: list[dict]) -> dict[str, int]:
+    """How a set of graded rollouts ended: correct, wrong, forced, and why answers were missing."""
+    return {"rollouts": len(records), "correct": sum(bool(r.get("correct")) for r in records),
+            "finished": sum(bool(r.get("finished")) for r in records),
+            "thinking_unclosed": sum(r.get("missing") == "thinking_unclosed" for r in records),
+            "no_answer": sum(r.get("missing") == NO_ANSWER for r in records),
+            "forced": sum(bool(r.get("forced")) for r in records)}
 
 
 # ---------------------------------------------------------------------------------------
-# storage: one sidecar file per work unit, so a crash after generation never regenerates
+# storage: sidecar files beside the cache, so a crash after generation never regenerates
 
 
 def rollouts_dir(cache_url: str) -> str:
     return cache_url.rstrip("/") + ".rollouts"
 
 
-def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
+def _fs(cache_url: str):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(rollouts_dir(cache_url))
+    return fsspec.core.url_to_fs(rollouts_dir(cache_url))
+
+
+def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
+    """Write one sidecar file `key`.jsonl atomically (temp + rename locally; one PUT remotely)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = _fs(cache_url)
     final = f"{root}/{key}.jsonl"
     fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
     body = "".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode()
-    from fsspec.implementations.local import LocalFileSystem
-
     if isinstance(fs, LocalFileSystem):
         tmp = f"{final}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -214,27 +316,22 @@ def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
         fs.pipe_file(final, body)  # object stores publish a PUT atomically
 
 
-def load_all_rollouts(cache_url: str, tag: str) -> dict[int, Rollout]:
-    """Every stored rollout under `tag`, by seq_id, whatever unit first generated it."""
-    import fsspec
+def save_generated(cache_url: str, tag: str, rollouts: list[Rollout]) -> None:
+    """One file per finished group, named uniquely: groups from several workers never collide."""
+    first = min(r.seq_id for r in rollouts)
+    save_rollouts(cache_url, f"{tag}/generated/{first:08d}-{uuid.uuid4().hex[:8]}", rollouts)
 
-    fs, root = fsspec.core.url_to_fs(rollouts_dir(cache_url))
+
+def load_all_rollouts(cache_url: str, tag: str) -> dict[int, Rollout]:
+    """Every stored rollout under `tag`, by seq_id: graded ones win over bare generations."""
+    fs, root = _fs(cache_url)
     out: dict[int, Rollout] = {}
     if not fs.exists(f"{root}/{tag}"):
         return out
-    for path in sorted(fs.glob(f"{root}/{tag}/*.jsonl")):
+    for path in sorted(p for p in fs.find(f"{root}/{tag}") if p.endswith(".jsonl")):
         for line in fs.cat_file(path).decode().splitlines():
             if line.strip():
                 r = Rollout(**json.loads(line))
-                out[r.seq_id] = r
+                if r.graded or r.seq_id not in out:
+                    out[r.seq_id] = r
     return out
-
-
-def load_rollouts(cache_url: str, key: str) -> list[Rollout] | None:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(rollouts_dir(cache_url))
-    path = f"{root}/{key}.jsonl"
-    if not fs.exists(path):
-        return None
-    return [Rollout(**json.loads(line)) for line in fs.cat_file(path).decode().splitlines() if line.strip()]

@@ -1,6 +1,7 @@
 """Plan work units, capture them into the cache, resume, scale out, add layers later.
 
-A work unit is one segment: `segment_sequences` sequences. Which sequences are already in
+A work unit is one segment: `segment_sequences` corpus sequences, or
+`supergpqa.questions_per_unit` rollouts. Which sequences are already in
 the cache is read from the committed segments' meta (their `seq_ranges`), so a re-run after
 a crash or kill plans only what is missing and ends with the same set of rows as an
 uninterrupted run. Units run in this process (one background writer thread behind a bounded
@@ -88,9 +89,9 @@ def source_selection(cfg: PipelineConfig) -> dict:
     """What decides which sequences a run holds; must match to append to a cache."""
     if cfg.harvest.source == "supergpqa":
         s = cfg.supergpqa
-        return {"name": "supergpqa", "dataset": s.dataset, "split": s.split, "seed": s.seed,
-                "enable_thinking": s.enable_thinking, "max_new_tokens": s.max_new_tokens,
-                "force_answer": s.force_answer}
+        return {"name": "supergpqa", "dataset": s.dataset, "revision": s.revision, "split": s.split,
+                "seed": s.seed, "enable_thinking": s.enable_thinking, "max_new_tokens": s.max_new_tokens,
+                "prompt_format": s.prompt_format, "force_answer": s.force_answer}
     c = cfg.corpus
     return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed,
             "sources": [dataclasses.asdict(s) for s in c.sources]}
@@ -101,6 +102,7 @@ def plan_units(cfg: PipelineConfig, tokenizer, done: set[int]) -> tuple[list[Uni
     per = max(1, cfg.harvest.segment_sequences)
     todo: list[tuple[int, Any]] = []
     if cfg.harvest.source == "supergpqa":
+        per = cfg.supergpqa.questions_per_unit
         qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
         total = len(qs)
         todo = [(i, q) for i, q in enumerate(qs) if i not in done]
@@ -163,26 +165,38 @@ def rows_of(tokenizer, r: ro.Rollout, thinking: bool) -> tuple[np.ndarray, np.nd
     return roles, labels
 
 
-def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer) -> None:
-    """Fill supergpqa units with graded rollouts: stored ones are reused, missing ones generated."""
-    # sidecar files are keyed by what decides a rollout, so changed settings never reuse them
+def rollout_tag(cfg: PipelineConfig) -> str:
+    """Sidecar files are keyed by what decides a rollout, so changed settings never reuse them."""
     sel = json.dumps([source_selection(cfg), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype],
                      sort_keys=True)
-    tag = hashlib.sha256(sel.encode()).hexdigest()[:12]
-    wanted = {s for u in units for s in u.seq_ids}
-    stored: dict[int, ro.Rollout] = {sid: r for sid, r in ro.load_all_rollouts(cache_url, tag).items() if sid in wanted}
+    return hashlib.sha256(sel.encode()).hexdigest()[:12]
+
+
+def generate_missing(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer,
+                     progress: bool = True) -> int:
+    """Generate the units' rollouts that no sidecar holds yet, saving them as they finish."""
+    tag = rollout_tag(cfg)
+    stored = ro.load_all_rollouts(cache_url, tag)
     missing = [(sid, q) for u in units for sid, q in zip(u.seq_ids, u.questions) if sid not in stored]
     if missing:
         backend = ro.make_backend(cfg.supergpqa, lm_factory, cfg.model)
-        made = ro.make_rollouts(missing, backend, tokenizer, cfg.supergpqa, lm_factory)
-        by_id = {r.seq_id: r for r in made}
-        for u in units:
-            new = [by_id[s] for s in u.seq_ids if s in by_id]
-            if new:
-                ro.save_rollouts(cache_url, f"{tag}/{u.key}", [stored.get(s) or by_id[s] for s in u.seq_ids])
-        stored.update(by_id)
+        ro.generate_rollouts(missing, backend, tokenizer, cfg.supergpqa,
+                             lambda rs: ro.save_generated(cache_url, tag, rs), progress=progress)
+    return len(missing)
+
+
+def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer,
+                    progress: bool = False) -> None:
+    """Fill supergpqa units with graded rollouts: stored ones are reused, missing ones generated,
+    ungraded ones graded (forcing an answer needs the model) and saved per unit."""
+    tag = rollout_tag(cfg)
+    generate_missing(units, cfg, cache_url, lm_factory, tokenizer, progress)
+    stored = ro.load_all_rollouts(cache_url, tag)
     for u in units:
         rs = [stored[s] for s in u.seq_ids]
+        if not all(r.graded for r in rs):
+            rs = [r if r.graded else ro.grade_rollout(r, tokenizer, cfg.supergpqa, lm_factory) for r in rs]
+            ro.save_rollouts(cache_url, f"{tag}/graded/{u.key}", rs)
         u.token_ids = [r.token_ids for r in rs]
         u.records = [{"source": "supergpqa", "prompt_len": len(r.prompt_ids),
                       **{k: ("" if v is None else v) for k, v in r.record.items()}} for r in rs]
@@ -275,6 +289,9 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
             "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
                     "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)"}
             if cfg.harvest.mix_window > 1 else None}
+    if unit.source == "supergpqa" and unit.records:
+        meta["generation"] = {k: unit.records[0].get(k, "") for k in ("backend", "backend_version", "backend_params")}
+        meta["outcomes"] = ro.outcome_counts(unit.records)
     holder: dict = {}
 
     def open_unit():
@@ -384,13 +401,20 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
     log(f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; {len(units)} units to run")
     ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
-    if units and cfg.harvest.source == "supergpqa" and cfg.supergpqa.backend == "vllm":
-        # vLLM runs first, alone on the GPU, for every pending question; capture loads after it exits.
-        ensure_rollouts(units, cfg, cfg.harvest.cache, lambda: _model(cfg.model, None), info["tokenizer"])
+    fanned_out = bool(cfg.harvest.workers or cfg.harvest.scheduler)
+    if units and cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out):
+        # Every pending question is generated first, behind one progress bar: vLLM alone on the
+        # GPU (capture loads after it exits), or this process's model. Dask workers running the
+        # transformers backend generate their own units instead.
+        summary["generated"] = generate_missing(units, cfg, cfg.harvest.cache, lambda: _model(cfg.model, None),
+                                                info["tokenizer"], progress)
     rows = run_units(units, ctx, cfg, progress)
     c = cf.open_cache(cfg.harvest.cache)
     summary.update(rows_written=rows, n_tokens=c.n_tokens, layers=c.layers, segments=len(c.segments),
                    fingerprint=c.fingerprint, seconds=round(time.time() - t0, 2))
+    if cfg.harvest.source == "supergpqa":
+        summary["outcomes"] = ro.outcome_counts(
+            [r for r in c.sequences().to_pylist() if r.get("source") == "supergpqa"])
     return summary
 
 

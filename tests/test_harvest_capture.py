@@ -143,13 +143,13 @@ def test_generated_rollouts_are_never_generated_again(tmp_path, lm):
     first = cf.open_cache(url).sequences().to_pylist()
     shutil.rmtree(url)  # as if the process died after generating, before any commit
     # a backend that cannot run: any generation attempt would fail with a UserError
-    cfg = tiny_cfg(url, **flags, **{"supergpqa.backend": "vllm", "supergpqa.vllm_python": str(tmp_path / "none")})
+    cfg = tiny_cfg(url, **flags, **{"supergpqa.backend": "vllm", "supergpqa.vllm.python": str(tmp_path / "none")})
     hr.run(cfg, progress=False)
     again = cf.open_cache(url).sequences().to_pylist()
     assert [s["token_ids"] for s in again] == [s["token_ids"] for s in first]
     # changed generation settings do not reuse them
     cfg = tiny_cfg(tmp_path / "other", **flags, **{"supergpqa.backend": "vllm", "supergpqa.max_new_tokens": 5,
-                                                   "supergpqa.vllm_python": str(tmp_path / "none")})
+                                                   "supergpqa.vllm.python": str(tmp_path / "none")})
     with pytest.raises(cf.UserError, match="make vllm-env"):
         hr.run(cfg, progress=False)
 

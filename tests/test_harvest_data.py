@@ -65,8 +65,17 @@ def test_questions_by_seed_extend_and_validate(tmp_path):
     bad.write_text(json.dumps({**rows[0], "answer_letter": "J"}) + "\n")
     with pytest.raises(data.DataError, match="not one of its options"):
         data.load_questions(SuperGPQAConfig(dataset=str(bad)))
-    prompt = data.format_question(rows[0])
+    prompt = data.format_question(rows[0], "answer-line")
     assert "A. " in prompt and "Answer: X" in prompt
+    # the default is SuperGPQA's official zero-shot prompt: instruction first, then `A) option` lines
+    official = data.format_question(rows[0])
+    assert official.startswith("Answer the following multiple choice question.")
+    assert official.endswith("\n".join(f"{'ABCDEFGHIJ'[i]}) {o}" for i, o in enumerate(rows[0]["options"])))
+    assert f"\n\n{rows[0]['question']}\nA) " in official
+    # every column of the dataset travels into the sequence record
+    rec = data.question_record({**rows[0], "is_calculation": True})
+    assert rec["is_calculation"] is True and rec["question"] == rows[0]["question"]
+    assert json.loads(rec["options"]) == rows[0]["options"] and rec["gold"] == rows[0]["answer_letter"]
 
 
 def test_a_saved_llama_style_model_loads_by_path_with_its_layers(tmp_path):
