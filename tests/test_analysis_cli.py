@@ -65,6 +65,27 @@ def test_analyze_then_report(run_dir):
     assert page.count("data:image/png;base64,") >= 3  # curve + two histograms
     assert "correct↑" in page and "<mark>" in page and NAME in page
     assert "http://" not in page.replace("http://www.w3.org", "")  # self-contained
+    assert "all labeled rows" in page  # the report says which rows the statistics cover
+
+
+def test_analyze_rows_default_to_every_labeled_row_on_rollouts(run_dir, tmp_path):
+    import numpy as np
+
+    import cache_format as cf
+
+    out, url = run_dir
+    counts = {}
+    for rows in ("auto", "heldout", "train", "all"):
+        r = _ok(CliRunner().invoke(analyze_cmd, ["--sae", str(out / NAME), "--out", str(tmp_path / rows), "--rows", rows,
+                                                 "--json", "--quiet", "--set", "analysis.bootstrap=0",
+                                                 "--set", "analysis.permutations=0"]))
+        counts[rows] = json.loads(r.stdout)[NAME]["tokens"]
+        a = json.loads((tmp_path / rows / "analysis.json").read_text())
+        assert a["split"]["rows"] == ("all" if rows == "auto" else rows) and a["split"]["labeled"] == (rows == "auto")
+    c = cf.open_cache(url)
+    roles, labels = np.asarray(c.roles[:]), np.asarray(c.labels[:])
+    assert counts["auto"] == int((np.isin(roles, [2, 3]) & (labels >= 0)).sum())
+    assert counts["heldout"] + counts["train"] == counts["all"] and 0 < counts["heldout"] < counts["auto"]
 
 
 @pytest.mark.slow

@@ -221,3 +221,24 @@ def test_normalization_is_folded_into_the_export(planted, tmp_path):
     with torch.no_grad():
         ve = 1 - float(((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
     assert ve == pytest.approx(entry["metrics"]["variance_explained"], abs=1e-4)  # raw residuals in, as trained
+
+
+def test_too_few_heldout_sequences_is_one_line_and_run_json_counts_the_split(make_cache, tmp_path):
+    from train.split import is_heldout
+
+    url, data = make_cache(segments=(400, 400), d_model=16)  # 80 sequences of 10 rows
+    r = run([*FAST, "--cache", url, "--out", str(tmp_path / "few"), "--set", "train.heldout_fraction=0.01",
+             "--set", "train.training_tokens=512"])
+    assert r.exit_code != 0 and "sequences are held out" in str(r.exception)
+    assert "raise train.heldout_fraction" in str(r.exception) and not (tmp_path / "few").exists()
+    out = tmp_path / "ok"
+    r = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.heldout_fraction=0.3",
+             "--set", "train.training_tokens=512", "--set", "train.batch_size=128"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    run_json = json.loads((out / "run.json").read_text())
+    sid, roles = np.asarray(data["rows"]["seq_ids"]), np.asarray(data["rows"]["roles"])
+    held = is_heldout(sid, 0, 0.3) & np.isin(roles, [2, 3])  # thinking + answer: the cache has rollout roles
+    assert run_json["recipe"]["name"] == "corpus"  # no recorded source: the 001 recipe, under the profile's keys
+    for s in run_json["saes"]:
+        assert s["split"]["heldout_sequences"] == len(np.unique(sid[held])) >= 8
+        assert s["split"]["heldout_tokens"] == int(held.sum()) and s["split"]["fraction"] == 0.3

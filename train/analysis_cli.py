@@ -37,15 +37,27 @@ def layer_for(sae, layer: int | None, path) -> int:
     return recorded_layer(sae, layer, path)
 
 
-def split_for(sae, cfg: PipelineConfig, url: str):
-    """The SAE's recorded split; roles from it, else [train].roles, else the loader's default."""
+def split_for(sae, cfg: PipelineConfig, url: str, rows: str = "heldout"):
+    """The SAE's recorded split; roles from it, else [train].roles, else the loader's default.
+
+    `rows` picks the side: heldout, train or all; `auto` is every labeled row on a rollout
+    cache (the 000 card's AUROC ran over all its 200k tokens) and the held-out rows otherwise.
+    """
     import cache_format as cf
 
-    from .features import Split, default_roles, parse_roles
+    from .features import ROW_SETS, Split, default_roles, parse_roles
 
+    if rows not in (*ROW_SETS, "auto"):
+        raise UserError(f"--rows {rows!r}: use heldout, train, all or auto")
     split = Split.of(sae, cfg.train.split_seed, cfg.train.heldout_fraction)
+    cache_roles = None
+    if split.roles is None or rows == "auto":
+        cache_roles = default_roles(cf.open_cache(url))
     if split.roles is None:
-        split.roles = parse_roles(cfg.train.roles) if cfg.train.roles else default_roles(cf.open_cache(url))
+        split.roles = parse_roles(cfg.train.roles) if cfg.train.roles else cache_roles
+    rollouts = cache_roles is not None
+    split.rows = ("all" if rollouts else "heldout") if rows == "auto" else rows
+    split.labeled = rows == "auto" and rollouts
     return split
 
 
@@ -61,10 +73,10 @@ def _sae_options(cmd):
     return cmd
 
 
-def _where(sae, cfg: PipelineConfig, cache: str | None, layer: int | None, path):
+def _where(sae, cfg: PipelineConfig, cache: str | None, layer: int | None, path, rows: str = "heldout"):
     """(cache url, layer, split) an SAE is scanned on: the options, else what the SAE recorded."""
     url = cache_for(sae, cfg, cache)
-    return url, layer_for(sae, layer, path), split_for(sae, cfg, url)
+    return url, layer_for(sae, layer, path), split_for(sae, cfg, url, rows)
 
 
 def _quiet_dask() -> None:
@@ -133,8 +145,10 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
               help="Training run directory (default [train].out); with --sae, where to write.")
 @click.option("--sae", "sae_path", default=None, metavar="PATH", help="Analyze this one SAE instead of a run's.")
 @_sae_options
+@click.option("--rows", type=click.Choice(["auto", "heldout", "train", "all"]), default=None,
+              help="Rows to analyze (default [analysis].rows; auto = every labeled row on rollouts, else held-out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
-def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, as_json, quiet):
+def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, rows, as_json, quiet):
     from .features import analyze, dask_client
     from .published import load_sae
 
@@ -151,7 +165,7 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
     with dask_client(scheduler or cfg.analysis.scheduler or None) as client:
         for name, src, dst, sae in jobs:
             sae = sae or load_sae(src, k=k)
-            url, lay, split = _where(sae, cfg, cache, layer, src)
+            url, lay, split = _where(sae, cfg, cache, layer, src, rows or cfg.analysis.rows)
             res = analyze(sae, url, lay, dst, cfg.analysis, split, client=client, progress=not quiet,
                           device=cfg.train.device)
             summaries[name] = res["summary"]
@@ -159,7 +173,7 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
                 s = res["summary"]
                 extra = (f", max AUROC {s['max_auroc']:.3f}, {s['significant_features']} significant (BH q ≤ {cfg.analysis.alpha})"
                          if s.get("max_auroc") is not None else "")
-                print(f"analyze {name}: {s['tokens']} held-out tokens, {s['alive']}/{sae.d_sae} alive{extra} → {dst}",
+                print(f"analyze {name}: {s['tokens']} {split.describe()}, {s['alive']}/{sae.d_sae} alive{extra} → {dst}",
                       file=sys.stderr)
     if as_json:
         click.echo(json.dumps(summaries))

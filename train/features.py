@@ -47,13 +47,37 @@ ENCODE_BATCH = 4096
 # the streaming pass
 
 
+ROW_SETS = ("heldout", "train", "all")
+
+
 @dataclass
 class Split:
-    """Which rows are evaluated: held-out sequences (by hash) with the given roles."""
+    """Which rows are scanned: a side of the sequence split (by hash), with the given roles."""
 
     seed: int = 0
     fraction: float = 0.01
     roles: tuple[int, ...] | None = None  # None = every role
+    rows: str = "heldout"  # heldout | train | all: which side of the split
+    labeled: bool = False  # keep only rows with a correctness label (label >= 0)
+
+    def keep(self, cols: dict) -> np.ndarray:
+        """Mask of the rows of a chunk's columns that this split scans."""
+        held = is_heldout(cols["seq_ids"], self.seed, self.fraction)
+        keep = {"heldout": held, "train": ~held, "all": np.ones_like(held)}[self.rows]
+        if self.roles is not None:
+            keep &= np.isin(cols["roles"], self.roles)
+        if self.labeled:
+            keep &= cols["labels"] >= 0
+        return keep
+
+    def describe(self) -> str:
+        """What the rows are, in words (for errors and the report)."""
+        side = {"heldout": "held-out", "train": "train-split", "all": "all"}[self.rows]
+        return f"{side}{' labeled' if self.labeled else ''} rows (split seed {self.seed}, fraction {self.fraction:g})"
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "fraction": self.fraction, "roles": list(self.roles) if self.roles else None,
+                "rows": self.rows, "labeled": self.labeled}
 
     @classmethod
     def of(cls, sae: TopKSAE, default_seed: int, default_fraction: float) -> "Split":
@@ -136,9 +160,7 @@ def _scan_chunk(url: str, n_tokens: int, layer: int, i: int, sae: TopKSAE, split
     sae = _on_device(sae, device, token)
     c = _open(url, n_tokens)
     cols = c.read_chunk_rows(i)
-    keep = is_heldout(cols["seq_ids"], split.seed, split.fraction)
-    if split.roles is not None:
-        keep &= np.isin(cols["roles"], split.roles)
+    keep = split.keep(cols)
     start = int(c.chunk_bounds()[i])
     metrics = ReconstructionMetrics(sae.d_sae)
     n_scanned = len(cols["seq_ids"])
@@ -535,8 +557,8 @@ def analyze(
     res = scan(url, sae, layer, split, max_tokens=cfg.max_tokens, scheduler=scheduler, client=client, progress=progress,
                device=device)
     if len(res.rows) == 0:
-        raise UserError(f"no held-out rows of layer {layer} in {url} (split seed {split.seed}, fraction {split.fraction}, "
-                        f"roles {split.roles}); use a larger cache or --set analysis.heldout_fraction=0.1")
+        raise UserError(f"no {split.describe()} of layer {layer} in {url} (roles {split.roles}); "
+                        "use a larger cache, or --rows all")
     cols = res.columns
     t0 = time.perf_counter()
     fm, summary = feature_metrics(res.idx, res.vals, cols["seq_ids"], cols["labels"], sae.d_sae, cfg, seed=split.seed)
@@ -572,8 +594,7 @@ def analyze(
         "layer_fingerprint": cache.layer_fingerprint(layer),
         "sae_fingerprint": (sae.cfg or {}).get("layer_fingerprint") or (sae.cfg or {}).get("fingerprint"),
         "sae_layout": (sae.cfg or {}).get("layout"), "sae_source": (sae.cfg or {}).get("source_path"),
-        "split": {"seed": split.seed, "fraction": split.fraction, "roles": list(split.roles) if split.roles else None},
-        "reconstruction": recon, "rows_scanned": res.scanned, "chunks": res.chunks,
+        "split": split.as_dict(), "rows": split.describe(), "reconstruction": recon, "rows_scanned": res.scanned, "chunks": res.chunks,
         "scan_seconds": res.seconds, "stats_seconds": fm_seconds,
         "analysis_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "model": meta.get("model"), "source": meta.get("source"), "hook": meta.get("hook"),

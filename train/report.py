@@ -66,7 +66,7 @@ def fire_rate_histogram(fire_rate: np.ndarray, title: str) -> str:
         bins = np.logspace(np.log10(lo), np.log10(max(alive.max(), lo * 10)), 40)
         ax.hist(alive, bins=bins, color="#3a6ea5")
         ax.set_xscale("log")
-    ax.set_xlabel("fire rate (fraction of held-out tokens)")
+    ax.set_xlabel("fire rate (fraction of analyzed tokens)")
     ax.set_ylabel("features")
     ax.set_title(f"{title}: fire rate ({dead} never fired)")
     return _png(fig)
@@ -214,6 +214,9 @@ def _sae_section(sae: dict, n_features: int) -> str:
     if fm_path.is_file():
         metrics = pq.read_table(fm_path).to_pandas()
         parts.append("<h3>Features</h3>")
+        if analysis.get("rows"):
+            parts.append(f"<p class=note>Computed over {html.escape(str(analysis['rows']))}; "
+                         "confidence intervals resample whole sequences.</p>")
         summary = analysis.get("summary", {})
         if summary:
             items = list(summary.items())

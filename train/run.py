@@ -27,12 +27,13 @@ from cache_format.bf16 import bits_to_torch
 from cache_format.config import PipelineConfig, TrainConfig
 from cache_format.errors import CacheError, UserError
 
-from . import dist
+from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
 from .export import export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
-from .loader import ShuffledLoader
+from .loader import ROLE_CODES, ShuffledLoader, default_roles
 from .metrics import ReconstructionMetrics
 from .sae import TopKSAE
+from .split import MIN_HELDOUT_SEQUENCES, split_counts
 from .trainer import SAETrainer
 
 # keys that do not change the weights a run produces (so changing them still resumes)
@@ -89,11 +90,12 @@ class Run:
     def __init__(self, cfg: PipelineConfig, cache_url: str, layers: list[int] | None, out: str,
                  fresh: bool = False, progress: bool = True):
         self.rank, self.world = dist.init_from_env()
-        self.cfg, self.tc = cfg, cfg.train
-        if self.tc.torch_threads > 0:
-            torch.set_num_threads(self.tc.torch_threads)
         self.cache_url = cache_url
         self.cache = open_cache_or_fail(cache_url)
+        self.cfg = cfg
+        self.tc, self.recipe = recipe.resolve(cfg, self.cache.meta or {})
+        if self.tc.torch_threads > 0:
+            torch.set_num_threads(self.tc.torch_threads)
         stored = list(self.cache.layers)
         self.layers = list(layers) if layers else (list(self.tc.layers) or stored)
         missing = [x for x in self.layers if x not in stored]
@@ -228,9 +230,29 @@ class Run:
                 grad_clip=tc.grad_clip)
         return trainers
 
-    def execute(self) -> dict:
+    def _check_split(self) -> dict:
+        """Count both sides of the split; too few held-out sequences is a one-line error."""
         tc = self.tc
-        loader = self._loader("train", tc.batch_size, seed=tc.seed)  # validates before OUT is touched
+        roles = list(tc.roles) if tc.roles else default_roles(self.cache)
+        codes = None if roles is None else [ROLE_CODES[r] for r in roles if r in ROLE_CODES]
+        counts = split_counts(self.cache, tc.split_seed, tc.heldout_fraction, codes)
+        if tc.heldout_fraction > 0 and counts["heldout_sequences"] < MIN_HELDOUT_SEQUENCES:
+            raise UserError(
+                f"only {counts['heldout_sequences']} of {counts['sequences']} sequences are held out "
+                f"(train.heldout_fraction={tc.heldout_fraction:g}, train.split_seed={tc.split_seed}); at least "
+                f"{MIN_HELDOUT_SEQUENCES} are needed to validate: raise train.heldout_fraction")
+        return counts
+
+    def execute(self) -> dict:
+        self.split = self._check_split()
+        loader = self._loader("train", self.tc.batch_size, seed=self.tc.seed)  # validates before OUT is touched
+        tokens = recipe.budget(self.tc, loader.n_rows)
+        tc, notes = recipe.fit_to_run(dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens)
+        self.tc = tc
+        self.train_rows = loader.n_rows
+        if self.rank == 0:
+            fitted = f"; fitted to this cache: {', '.join(notes)}" if notes else ""
+            print(f"train: {recipe.describe(tc, self.recipe, loader.n_rows, self.split)}{fitted}", file=sys.stderr)
         status = self._claim_out()
         if status == "complete":
             if self.rank == 0:
@@ -341,6 +363,8 @@ class Run:
         run = {"run_id": self.run_id, "cache": self.cache_url, "cache_fingerprint": self.cache.fingerprint,
                "layer_fingerprints": {str(k): v for k, v in self.fingerprints.items()}, "layers": self.layers,
                "tokens": tokens, "complete": True, "config": dataclasses.asdict(tc),
+               "recipe": {"name": self.recipe, "card": recipe.CARDS.get(self.recipe, ""), "epochs": tc.epochs,
+                          "training_tokens": tc.training_tokens, "train_rows": self.train_rows},
                "model": (self.cache.meta.get("model") or {}).get("name_or_path", ""), "saes": []}
         if self.rank == 0:
             meta = self.cache.meta
@@ -348,7 +372,9 @@ class Run:
             module = (meta.get("model") or {}).get("layers_path", "")
             for s in self.specs:
                 tr = trainers[s.name]
-                split = {"seed": tc.split_seed, "fraction": tc.heldout_fraction, "by": "seq_id hash (train.split)"}
+                split = {"seed": tc.split_seed, "fraction": tc.heldout_fraction, "by": "seq_id hash (train.split)",
+                         "heldout_sequences": self.split["heldout_sequences"],
+                         "heldout_tokens": self.split["heldout_tokens"], "sequences": self.split["sequences"]}
                 norm = {"input_mean": "zeros", "input_scale": float(tr.sae.input_scale[0]), "folded": True} \
                     if tc.normalize else {"kind": "none"}
                 cfg = sae_lens_cfg(tr.sae, layer=s.layer, hook=hook, hook_module=f"{module}.{s.layer}" if module else "",
@@ -360,7 +386,7 @@ class Run:
                 run["saes"].append({"name": s.name, "path": s.name, "layer": s.layer, "d_sae": s.d_sae, "k": s.k,
                                     "hook": hook, "layer_fingerprint": self.fingerprints[s.layer],
                                     "tokens": tr.tokens, "lr": tr.peak_lr, "files": files, "metrics": metrics,
-                                    "trajectory": f"{s.name}/trajectory.jsonl"})
+                                    "split": split, "trajectory": f"{s.name}/trajectory.jsonl"})
             write_run_json(self.out, run)
             self._write_state(complete=True)
             print(f"trained {len(self.specs)} SAE(s) on {tokens} tokens each -> {self.out}/run.json", file=sys.stderr)

@@ -34,3 +34,26 @@ def is_heldout(seq_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction {fraction} must be in [0, 1)")
     return heldout_score(seq_ids, seed) < fraction
+
+
+MIN_HELDOUT_SEQUENCES = 8
+
+
+def split_counts(cache, seed: int, fraction: float, role_codes=None, slice_rows: int = 1 << 22) -> dict:
+    """Sequences and rows on each side of the split (rows after the role filter), read in slices."""
+    seqs, held_seqs, held_rows, train_rows = [], [], 0, 0
+    n = cache.n_tokens
+    for lo in range(0, n, slice_rows):
+        hi = min(n, lo + slice_rows)
+        sid = np.asarray(cache.seq_ids[lo:hi])
+        keep = np.ones(len(sid), bool) if role_codes is None else np.isin(np.asarray(cache.roles[lo:hi]), role_codes)
+        held = is_heldout(sid, seed, fraction)
+        seqs.append(np.unique(sid[keep]))
+        held_seqs.append(np.unique(sid[keep & held]))
+        held_rows += int((keep & held).sum())
+        train_rows += int((keep & ~held).sum())
+    uniq = np.unique(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64)
+    held_uniq = np.unique(np.concatenate(held_seqs)) if held_seqs else np.zeros(0, np.int64)
+    return {"sequences": int(len(uniq)), "heldout_sequences": int(len(held_uniq)), "heldout_tokens": held_rows,
+            "train_sequences": int(len(uniq) - len(held_uniq)), "train_tokens": train_rows,
+            "seed": seed, "fraction": fraction}
