@@ -1,4 +1,4 @@
-"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|import`."""
+"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|import|upgrade`."""
 
 from __future__ import annotations
 
@@ -181,6 +181,21 @@ def import_(sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, 
                         _options(storage_options), codec, chunk_tokens)
     click.echo(f"imported {r['rows']:,} rows × {r['d_model']} at layers {r['layers']} "
                f"({r['conversion'] or 'bf16, lossless'})" + ("; sequence ids made up" if r["made_up_seq_ids"] else ""))
+
+
+@cli.command()
+@click.argument("url")
+@so_option
+def upgrade(url, storage_options):
+    """Add chunk digests and a chained log to a cache written by format 1 (nothing is rewritten)."""
+    from .upgrade import upgrade as run_upgrade
+
+    r = run_upgrade(Location(url, _options(storage_options)))
+    if r["commit"] is None:
+        click.echo(f"{url} is up to date: every chunk has a digest and every record is chained")
+        return
+    click.echo(f"upgraded {url}: chunk digests for {r['objects']} shard objects, {r['records']} format-1 records "
+               f"pinned (commit {r['commit']})")
 
 
 def main() -> None:

@@ -175,6 +175,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
         doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: root}}
         try:
             dloc.create_exclusive(log.ROOT_META, log.dumps(doc))
+            dloc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(root)))
         except OSError as e:
             raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
         droot = log.read_root(dloc)

@@ -32,6 +32,10 @@ class ReadOnlyError(UserError):
     """A write was attempted on a read-only location (HTTP)."""
 
 
+class ShortRead(ConnectionError):
+    """A body shorter than asked for (truncated response, reset mid-body): transient, retried."""
+
+
 @dataclass
 class ObjectInfo:
     key: str
@@ -95,22 +99,46 @@ class Location:
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, fresh: bool = False, size: int | None = None) -> bytes:
+        """A whole object. `size` (when the manifest knows it) turns a short body into a retry;
+        `fresh` is a re-read after a failed check (locally: not through a cached mapping)."""
         if self.local:
             with open(self.path(key), "rb") as f:
                 return f.read()
-        return self._retry(f"reading {key}", self.fs.cat_file, self.path(key))
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of an object; thread-safe."""
+        def cat():
+            out = self.fs.cat_file(self.path(key))
+            if size is not None and len(out) < size:
+                raise ShortRead(f"got {len(out)} of {size} bytes")
+            return out
+
+        return self._retry(f"reading {key}", cat)
+
+    def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
+        """Bytes [start, end) of an object; thread-safe. A short body is retried like a 5xx."""
         if end <= start:
             return b""
         if self.local:  # zero-copy: a view into the mapped (immutable) shard file
-            m = self._mmap(key)
-            if end > len(m):
-                raise CacheError(f"{self.url}/{key}: short read ({len(m) - start} of {end - start} bytes); run verify")
-            return memoryview(m)[start:end]
-        out = self._retry(f"reading {key}", self.fs.cat_file, self.path(key), start=start, end=end)
+            if fresh:  # re-read from the file itself, and map it anew next time
+                with self._mmap_lock:
+                    self._mmaps.pop(key, None)
+                with open(self.path(key), "rb") as f:
+                    out = os.pread(f.fileno(), end - start, start)
+            else:
+                m = self._mmap(key)
+                out = memoryview(m)[start:min(end, len(m))]
+            if len(out) != end - start:
+                raise CacheError(f"{self.url}/{key}: short read ({len(out)} of {end - start} bytes); the object "
+                                 "is truncated: run `python -m cache_format verify`")
+            return out
+
+        def cat():
+            out = self.fs.cat_file(self.path(key), start=start, end=end)
+            if len(out) < end - start:
+                raise ShortRead(f"got {len(out)} of {end - start} bytes")
+            return out
+
+        out = self._retry(f"reading {key}", cat)
         if len(out) != end - start:  # a server that ignores Range returns the whole object
             raise RemoteError(f"{self.url}/{key}: the server returned {len(out)} bytes for a {end - start}-byte "
                               "range request; serve the cache with a server that honours HTTP Range")

@@ -10,6 +10,7 @@ objects that `gc` removes after the grace period.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import log, provenance
+from . import integrity, log, provenance
 from .bf16 import to_bits
 from .codecs import check as check_codec
 from .codecs import zarr_compressors
@@ -65,13 +66,23 @@ def _hashing_store(loc: Location):
         def __init__(self, store):
             super().__init__(store)
             self.written: dict[str, dict] = {}
+            self.per_shard: dict[str, int] = {}  # array path → inner chunks per shard
             self.lock = threading.Lock()
 
         def _record(self, key, value):
-            view = value.as_numpy_array()
-            h = log.digest(memoryview(np.ascontiguousarray(view)).cast("B"))
+            view = memoryview(np.ascontiguousarray(value.as_numpy_array())).cast("B")
+            entry = {"size": int(view.nbytes), log.DIGEST: log.digest(view)}
+            if key.endswith("/zarr.json"):
+                m = integrity.per_shard_of(json.loads(bytes(view)))
+                if m:
+                    with self.lock:
+                        self.per_shard[key[: -len("/zarr.json")]] = m
+            elif "/c/" in key:
+                m = self.per_shard.get(key.rsplit("/c/", 1)[0])
+                if m:  # what readers check every chunk against
+                    entry["chunks"] = integrity.shard_chunk_digests(view, m, key)
             with self.lock:
-                self.written[key] = {"size": int(view.nbytes), log.DIGEST: h}
+                self.written[key] = entry
 
         async def set(self, key, value):
             self._record(key, value)
@@ -493,9 +504,10 @@ class CacheWriter:
         self.loc, self.root = loc, root
         self.url = loc.url
         self._records: dict = {}  # commit records are immutable: read each once
+        self._checked: set = set()  # ...and check each one's chain once
 
     def _replay(self) -> log.LogState:
-        self._records = log.load_records(self.loc, self._records)
+        self._records = log.load_records(self.loc, self._records, self.root, self._checked)
         return log.replay(self.root, self._records)
 
     @property
@@ -516,7 +528,7 @@ class CacheWriter:
         from .reader import Cache
 
         self._replay()
-        return Cache(self.loc, self.root, records=self._records)
+        return Cache(self.loc, self.root, records=self._records, checked=self._checked)
 
     def segment(self, meta: dict | None = None) -> SegmentWriter:
         return SegmentWriter(self, meta)
@@ -593,6 +605,7 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
             loc.write(f"{TOKENIZER_DIR}/{name}", data)
         if not loc.create_exclusive(log.ROOT_META, log.dumps(doc)):
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
+        loc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(attrs)))
     except UserError:
         raise
     except OSError as e:
