@@ -86,6 +86,9 @@ class CorpusSource:
     text_field: str = "text"
     subset: str = ""  # hub config name
     split: str = "train"
+    # Hub sources only: a branch, tag or commit; "" = the default branch. Resolved to a commit
+    # at first use and recorded in every segment, so a resume reads the same dataset version.
+    revision: str = ""
 
 
 def _default_corpus_sources() -> list[CorpusSource]:
@@ -105,6 +108,8 @@ class CorpusConfig:
     seq_len: int = 1024
     tokens: int = 200_000_000
     seed: int = 0
+    mix: str = "tokens"  # weights are token shares ("tokens") or per-document draw odds ("documents")
+    tokenizer_threads: int = 0  # background tokenization pool; 0 = min(4, cores)
 
 
 @dataclass

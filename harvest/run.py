@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
-import math
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import cache_format as cf
 from cache_format.config import ModelConfig, PipelineConfig
 from cache_format.errors import CacheError, UserError
 
-from . import data, rollouts as ro
+from . import corpus_plan, data, gpu, rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
 from .model import LoadedModel, ModelError, describe_model, load_model
 
@@ -45,6 +46,7 @@ class Unit:
     token_ids: list[list[int]] = field(default_factory=list)  # corpus: packed ids; supergpqa: filled after generation
     records: list[dict] = field(default_factory=list)  # per-sequence source fields
     questions: list[dict] = field(default_factory=list)  # supergpqa only
+    meta: dict = field(default_factory=dict)  # extra segment meta (corpus: planner state, rows by source)
 
     @property
     def n_tokens(self) -> int:
@@ -92,43 +94,30 @@ def source_selection(cfg: PipelineConfig) -> dict:
                 "enable_thinking": s.enable_thinking, "max_new_tokens": s.max_new_tokens,
                 "force_answer": s.force_answer}
     c = cfg.corpus
-    return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed,
-            "sources": [dataclasses.asdict(s) for s in c.sources]}
+    # a source's revision is checked against the commit its segments recorded (harvest.revisions)
+    return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed, "mix": c.mix,
+            "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "revision"} for s in c.sources]}
 
 
-def plan_units(cfg: PipelineConfig, tokenizer, done: set[int]) -> tuple[list[Unit], int]:
-    """Units still to do, and the total number of sequences the run wants."""
+def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=()) -> tuple[list[Unit], int]:
+    """Units still to do, and the total number of sequences the run wants.
+
+    Corpus units are planned lazily while they run (`harvest.corpus_plan`), restarting from
+    the planner state the committed `segments` recorded.
+    """
+    if cfg.harvest.source == "corpus":
+        units = corpus_plan.PlannedUnits(cfg, tokenizer, done, segments, Unit)
+        return units, units.n_seq
     per = max(1, cfg.harvest.segment_sequences)
-    todo: list[tuple[int, Any]] = []
-    if cfg.harvest.source == "supergpqa":
-        qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
-        total = len(qs)
-        todo = [(i, q) for i, q in enumerate(qs) if i not in done]
-    else:
-        n_seq = math.ceil(cfg.corpus.tokens / cfg.corpus.seq_len)
-        total = n_seq
-        if len(done) < n_seq:
-            eos = data.corpus_eos(tokenizer)
-            for s in data.pack_corpus(cfg.corpus, tokenizer, eos):
-                if s.seq_index >= n_seq:
-                    break
-                if s.seq_index not in done:
-                    todo.append((s.seq_index, s))
-            if len(done | {i for i, _ in todo}) < n_seq:
-                raise data.DataError(f"the corpus sources ran out after {len(done) + len(todo)} sequences of "
-                                     f"{cfg.corpus.seq_len} tokens; lower --tokens or add sources")
+    qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
+    todo: list[tuple[int, Any]] = [(i, q) for i, q in enumerate(qs) if i not in done]
     units = []
     for a in range(0, len(todo), per):
         part = todo[a: a + per]
         ids = [i for i, _ in part]
-        u = Unit(key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}", source=cfg.harvest.source, seq_ids=ids)
-        if cfg.harvest.source == "supergpqa":
-            u.questions = [q for _, q in part]
-        else:
-            u.token_ids = [s.token_ids for _, s in part]
-            u.records = [{"source": "corpus", "docs": json.dumps(s.docs)} for _, s in part]
-        units.append(u)
-    return units, total
+        units.append(Unit(key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}", source=cfg.harvest.source, seq_ids=ids,
+                          questions=[q for _, q in part]))
+    return units, len(qs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,6 +236,11 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     lm = _model(cfg.model, ctx.device)
+    if not _STATE.get("kernel_note_said"):
+        _STATE["kernel_note_said"] = True
+        note = gpu.reference_kernel_note(lm.model, lm.device)
+        if note:
+            print(note, file=sys.stderr)
     if "writer" not in _STATE or _STATE.get("writer_url") != ctx.cache_url:
         _STATE["writer"] = cf.open_cache(ctx.cache_url, mode="a")
         _STATE["writer_url"] = ctx.cache_url
@@ -274,7 +268,7 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
             "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
                     "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)"}
-            if cfg.harvest.mix_window > 1 else None}
+            if cfg.harvest.mix_window > 1 else None, **unit.meta}
     holder: dict = {}
 
     def open_unit():
@@ -310,13 +304,25 @@ def _remote_unit(unit: Unit, ctx: Context) -> dict:
     """The dask task: pin this worker's device, set its threads, run one unit."""
     from dask.distributed import get_worker
 
-    if torch.cuda.is_available() and ctx.device is None:
-        try:
-            idx = int(get_worker().name)
-        except (ValueError, TypeError):
-            idx = 0
-        ctx = dataclasses.replace(ctx, device=f"cuda:{idx % torch.cuda.device_count()}")
+    if ctx.device is None:
+        worker = get_worker()
+        device = getattr(worker, "actcache_device", None)  # set by pin_worker_devices when the run started
+        if device is None:  # a worker that joined later: a numeric name is its slot, else slot 0
+            device = gpu.device_for(int(worker.name) if str(worker.name).isdigit() else 0)
+        ctx = dataclasses.replace(ctx, device=device)
     return process_unit(unit, ctx)
+
+
+def _pin_device(slots: dict[str, int], dask_worker=None) -> str | None:
+    dask_worker.actcache_device = gpu.device_for(slots.get(dask_worker.address, 0))
+    return dask_worker.actcache_device
+
+
+def pin_worker_devices(client) -> dict[str, str | None]:
+    """Give every worker of the cluster its own GPU (its slot among the workers of its host),
+    whatever the workers' names; a worker started with one GPU in CUDA_VISIBLE_DEVICES keeps it."""
+    slots = gpu.worker_slots(client.scheduler_info()["workers"])
+    return client.run(_pin_device, slots)
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,8 +386,10 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     if new_layers or backfill:
         summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
     done = done_seq_ids(w.snapshot())
-    units, total = plan_units(cfg, info["tokenizer"], done)
+    units, total = plan_units(cfg, info["tokenizer"], done, w.snapshot().segments)
     summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
+    if isinstance(units, corpus_plan.PlannedUnits):  # where the streams restarted: no re-tokenizing before it
+        summary["planned_from_sequence"] = units.resumed_from
     log(f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; {len(units)} units to run")
     ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
     if units and cfg.harvest.source == "supergpqa" and cfg.supergpqa.backend == "vllm":
@@ -397,7 +405,7 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
 def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bool) -> int:
     from tqdm import tqdm
 
-    est = sum(u.n_tokens for u in units) or None
+    est = getattr(units, "n_tokens", None) or sum(u.n_tokens for u in units) or None
     bar = tqdm(total=est, unit="tok", unit_scale=True, desc="harvest", disable=not progress or not units,
                dynamic_ncols=True)
     state = {"rows": 0, "bytes": 0, "t0": time.time()}
@@ -450,11 +458,24 @@ def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> 
         client = Client(cluster)
         ctx = dataclasses.replace(ctx, threads=cfg.harvest.torch_threads or max(1, (os.cpu_count() or 1) // n))
     try:
-        futs = [client.submit(_remote_unit, u, ctx, key=f"harvest-{u.key}-{os.getpid()}", pure=False) for u in units]
-        sizes = {f.key: u.n_tokens for f, u in zip(futs, units)}
-        for f in as_completed(futs):
+        pin_worker_devices(client)
+        sizes: dict[str, int] = {}
+
+        def submit(u: Unit):
+            f = client.submit(_remote_unit, u, ctx, key=f"harvest-{u.key}-{os.getpid()}", pure=False)
+            sizes[f.key] = u.n_tokens
+            return f
+
+        # a bounded number of units in flight: corpus units are planned as the run goes
+        todo = iter(units)
+        limit = 2 * max(1, len(client.scheduler_info()["workers"]))
+        running = as_completed([submit(u) for u in itertools.islice(todo, limit)])
+        for f in running:
             res = f.result()
-            on_rows(sizes[f.key] or res["rows"], res["bytes"])
+            on_rows(sizes.pop(f.key) or res["rows"], res["bytes"])
+            u = next(todo, None)
+            if u is not None:
+                running.add(submit(u))
     finally:
         client.close()
         if cluster is not None:
