@@ -54,6 +54,13 @@ def info(url, as_json, storage_options):
                f"chunk {d['chunk_tokens']} rows   shard {d['shard_rows']} rows")
     click.echo(f"rows         {d['n_tokens']:,} in {d['n_segments']} segments"
                + (f" ({len(d['retracted'])} retracted)" if d["retracted"] else ""))
+    if d["rows_by_source"]:
+        total = sum(d["rows_by_source"].values())
+        weights = {s.get("name") or s.get("path"): s.get("weight") for s in d["meta"].get("source", {}).get("sources", [])}
+        wsum = sum(w for w in weights.values() if w) or 1
+        click.echo("sources      " + "   ".join(
+            f"{name} {n / total:.1%}" + (f" (weight {weights[name] / wsum:.0%})" if weights.get(name) else "")
+            for name, n in sorted(d["rows_by_source"].items(), key=lambda kv: -kv[1])) + "  of rows")
     for L, e in d["declared_layers"].items():
         state = "complete" if e["complete"] else f"backfill pending: {e['segments']}/{d['n_segments']} segments"
         ratio = f"   {e['ratio_vs_raw_bf16']:.3f}× raw bf16" if e["ratio_vs_raw_bf16"] is not None else ""

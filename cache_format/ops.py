@@ -278,6 +278,15 @@ def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | N
 # -- info -------------------------------------------------------------------------------------
 
 
+def rows_by_source(cache: Cache) -> dict[str, int]:
+    """Rows per corpus source, summed from the segments' `rows_by_source` meta (a mixture's measured shares)."""
+    out: dict[str, int] = {}
+    for s in cache.segments:
+        for name, n in (s.meta.get("rows_by_source") or {}).items():
+            out[name] = out.get(name, 0) + int(n)
+    return out
+
+
 def info(cache: Cache) -> dict:
     stored = {}
     for L in cache.declared_layers:
@@ -295,6 +304,7 @@ def info(cache: Cache) -> dict:
                                      "ratio_vs_raw_bf16": (stored[L] / raw) if raw and cov[L] == n_segs else None}
                             for L in cache.declared_layers},
         "retracted": cache.retracted,
+        "rows_by_source": rows_by_source(cache),
         "meta": cache.meta,
         "segments": [{"id": s.id, "row_start": s.row_start, "n_rows": s.n_rows, "layers": s.layers,
                       "commit": s.commit, "meta": s.meta} for s in cache.segments],

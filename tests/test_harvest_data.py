@@ -217,3 +217,33 @@ def test_hub_revisions_resolve_once_then_resume_reuses_the_recorded_commit(tmp_p
     assert revisions.pin([CorpusSource("web", "org/web", revision="v2")], [])[0]["commit"] == "b" * 40
     with pytest.raises(UserError, match="cannot resolve the revision 'nope'"):
         revisions.pin([CorpusSource("web", "org/web", revision="nope")], [])
+
+
+def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_report(tmp_path):
+    from click.testing import CliRunner
+
+    from analysis_data import exported_run
+    from cache_format.cli import cli
+    from cache_format.config import load_config
+    from harvest import run as hr
+    from train.report import render_report
+
+    srcs = uneven_sources(tmp_path)
+    table = ", ".join(f'{{name="{s.name}", path="{s.path}", weight={w}}}' for s, w in zip(srcs, (0.1, 0.7, 0.2)))
+    url = str(tmp_path / "mix")
+    cfg = load_config(None, "tiny", [f"corpus.sources=[{table}]", "harvest.segment_sequences=64",
+                                     "harvest.batch_size=64"],
+                      **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 256 * 128})
+    hr.run(cfg, progress=False)
+    out = CliRunner().invoke(cli, ["info", url, "--json"])
+    rows = json.loads(out.output)["rows_by_source"]
+    assert sum(rows.values()) == 256 * 128
+    for name, want in (("long", 0.7), ("mid", 0.2), ("short", 0.1)):
+        assert abs(rows[name] / (256 * 128) - want) < 0.02, rows
+    text = CliRunner().invoke(cli, ["info", url]).output
+    assert "sources      long 70." in text and "(weight 70%)" in text, text
+    run_dir, _, _ = exported_run(tmp_path / "r", trajectory=[], metrics={})
+    run = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**run, "cache": url}))
+    page = render_report(run_dir).read_text()
+    assert "source token shares" in page and f"long {rows['long'] / (256 * 128):.1%}" in page
