@@ -89,11 +89,12 @@ def verify(url, threads, storage_options):
 @click.option("--older-than", default="24h", show_default=True, help="Grace period (s, m, h, d).")
 @click.option("--retracted", is_flag=True, help="Also delete the data of retracted segments.")
 @click.option("--dry-run", is_flag=True)
+@click.option("--force", is_flag=True, help="Allow --older-than below 1h (leased segments are still kept).")
 @so_option
-def gc(url, older_than, retracted, dry_run, storage_options):
-    """Remove uncommitted leftovers of crashed writers older than the grace period."""
+def gc(url, older_than, retracted, dry_run, force, storage_options):
+    """Remove uncommitted leftovers of crashed writers older than the grace period (never leased ones)."""
     loc = Location(url, _options(storage_options))
-    doomed = ops.gc(loc, ops.parse_age(older_than), retracted=retracted, dry_run=dry_run)
+    doomed = ops.gc(loc, ops.parse_age(older_than), retracted=retracted, dry_run=dry_run, force=force)
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} objects")
 
 

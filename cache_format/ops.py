@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import log, provenance
+from . import leases, log, provenance
 from .errors import CacheError, UserError
 from .reader import Cache, _ArrayReader, open_cache
 from .stats import RunningStats
@@ -81,13 +81,21 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
-def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False) -> list[str]:
+MIN_GRACE_S = 3600  # below this, gc needs force=True (--force)
+
+
+def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False,
+       force: bool = False) -> list[str]:
     """Delete objects no commit references (crashed writers' leftovers) older than the grace period.
 
     The unit is a segment directory (or a backfill directory): it is removed only when its
-    newest object is older than the grace period, so a live writer's work is never touched.
+    newest object is older than the grace period and it holds no fresh writer lease
+    (leases.py), so a live writer's work is never touched, whatever the grace period.
     With `retracted`, retracted segments' data goes too (their tombstones stay).
     """
+    if older_than_s < MIN_GRACE_S and not force:
+        raise UserError(f"gc --older-than {older_than_s:g}s is under an hour: a slow writer's uncommitted work "
+                        "could go (leased segments are always kept); add --force if you mean it")
     root = log.read_root(loc)
     records = log.load_records(loc, {})
     state = log.replay(root, records)
@@ -113,7 +121,9 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
         seg_unit = "/".join(unit.split("/")[:2])
         if seg_unit in dead_units:
             doomed += [o.key for o in objs]
-        elif unit not in keep_units and now - max(o.mtime for o in objs) >= older_than_s:
+        elif unit in keep_units or any(o.key.endswith(f"/{leases.LEASE}") and leases.fresh(o.mtime, now) for o in objs):
+            continue  # committed, or a live writer's (its lease is fresh)
+        elif now - max(o.mtime for o in objs) >= older_than_s:
             doomed += [o.key for o in objs]
     for o in loc.walk(log.COMMITS):
         if o.key.split("/")[-1].startswith(".tmp-") and now - o.mtime >= older_than_s:
