@@ -247,3 +247,19 @@ def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_repo
     (run_dir / "run.json").write_text(json.dumps({**run, "cache": url}))
     page = render_report(run_dir).read_text()
     assert "source token shares" in page and f"long {rows['long'] / (256 * 128):.1%}" in page
+
+
+def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_they_filled(tmp_path):
+    import cache_format as cf
+    from cache_format.config import load_config
+    from harvest import run as hr
+
+    (tmp_path / "few.txt").write_text("\n\n".join(f"a short document, number {i}." for i in range(200)))
+    url = str(tmp_path / "out")
+    cfg = load_config(None, "tiny", [f'corpus.sources=[{{name="few", path="{tmp_path / "few.txt"}"}}]',
+                                     "harvest.segment_sequences=8", "harvest.batch_size=8"],
+                      **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 10**6})
+    with pytest.raises(data.DataError, match=r"ran out after \d+ sequences of 128 tokens; lower --tokens"):
+        hr.run(cfg, progress=False)
+    c = cf.open_cache(url)
+    assert c.n_tokens > 0 and c.n_tokens % (8 * 128) == 0
