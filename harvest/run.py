@@ -5,7 +5,8 @@ the cache is read from the committed segments' meta (their `seq_ranges`), so a r
 a crash or kill plans only what is missing and ends with the same set of rows as an
 uninterrupted run. Units run in this process (one background writer thread behind a bounded
 queue, so the forward loop never waits on compression or I/O) or as dask tasks, one model
-per worker process, each worker committing its own segments.
+per worker process, each worker writing its own segments' objects. Either way commits land in
+plan order (cache_format.ordering), so identical runs commit identical logs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import cache_format as cf
 from cache_format.config import ModelConfig, PipelineConfig
 from cache_format.errors import CacheError, UserError
+from cache_format.ordering import CommitOrder
 
 from . import corpus_plan, data, gpu, rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
@@ -180,8 +182,10 @@ def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_f
 class UnitWriter:
     """Owns one segment in the writer thread: mixes rows within windows, appends, commits."""
 
-    def __init__(self, writer, unit: Unit, meta: dict, mix_window: int, mix_seed: int, on_rows: Callable):
-        self.seg = writer.segment(meta=meta)
+    def __init__(self, writer, unit: Unit, meta: dict, mix_window: int, mix_seed: int, on_rows: Callable,
+                 turn=None, defer: bool = False):
+        # turn: commit in plan order (cache_format.ordering); defer: leave the record to the coordinator
+        self.seg = writer.segment(meta=meta, turn=turn, defer=defer)
         self.seg.__enter__()
         self.unit, self.mix_window, self.mix_seed = unit, mix_window, mix_seed
         self.pending: list[tuple[HostBatch, np.ndarray, np.ndarray]] = []
@@ -189,6 +193,13 @@ class UnitWriter:
         self.on_rows = on_rows
 
     def add(self, hb: HostBatch, roles: np.ndarray, labels: np.ndarray, n_seqs: int) -> None:
+        try:
+            self._add(hb, roles, labels, n_seqs)
+        except BaseException as e:  # abandon now: later segments must not wait for this one's turn
+            self.abort(e)
+            raise
+
+    def _add(self, hb: HostBatch, roles: np.ndarray, labels: np.ndarray, n_seqs: int) -> None:
         hb.ready()
         if self.mix_window <= 1:
             self._append(hb.residuals, hb.tokens, hb.seq_ids, hb.positions, roles, labels)
@@ -214,10 +225,14 @@ class UnitWriter:
         self.on_rows(len(tokens), sum(v.numel() * 2 for v in residuals.values()))
 
     def close(self) -> None:
-        self._flush_window()
-        self.seg.add_sequences([{"seq_id": s, "token_ids": list(map(int, t)), **rec}
-                                for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)])
-        self.seg.__exit__(None, None, None)
+        try:
+            self._flush_window()
+            self.seg.add_sequences([{"seq_id": s, "token_ids": list(map(int, t)), **rec}
+                                    for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)])
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self.seg.__exit__(None, None, None)  # commits in its turn (or abandons, releasing the turn)
 
     def abort(self, exc: BaseException) -> None:
         self.seg.__exit__(type(exc), exc, None)
@@ -229,8 +244,9 @@ def window_permutation(seed: int, first_seq_id: int, n_rows: int) -> np.ndarray:
 
 
 def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | None = None,
-                 on_rows: Callable = lambda rows, nbytes: None) -> dict:
-    """Capture one unit and commit it as one segment. Returns counts for progress."""
+                 on_rows: Callable = lambda rows, nbytes: None, turn=None, defer: bool = False) -> dict:
+    """Capture one unit and commit it as one segment (in `turn`'s place in the plan; or, with
+    `defer`, return its prepared record for the coordinator to commit). Returns counts for progress."""
     cfg = ctx.config
     threads = ctx.threads or cfg.harvest.torch_threads
     if threads and torch.get_num_threads() != threads:
@@ -249,15 +265,18 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
         ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
     own_thread = writer_thread is None
     wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
-    capture_unit(lm, w, unit, cfg, wt, on_rows)
+    holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer)
     if own_thread:
         wt.close()
-    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),
-            "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2}
+    out = {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),
+           "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2}
+    if defer:
+        out["record"] = holder["uw"].seg.prepared
+    return out
 
 
 def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: BackgroundWriter,
-                 on_rows: Callable = lambda rows, nbytes: None) -> None:
+                 on_rows: Callable = lambda rows, nbytes: None, turn=None, defer: bool = False) -> dict:
     """Forward the unit's sequences in batches; the writer thread appends and commits its segment.
 
     Returns once every batch is queued: the commit happens in `wt` while the caller moves on.
@@ -272,7 +291,7 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
     holder: dict = {}
 
     def open_unit():
-        holder["uw"] = UnitWriter(w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows)
+        holder["uw"] = UnitWriter(w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows, turn, defer)
 
     wt.submit(open_unit)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -291,6 +310,7 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
                 labels = np.full(len(hb.tokens), cf.LABEL_NONE, np.int8)
             wt.submit(lambda hb=hb, roles=roles, labels=labels, n=len(seqs): holder["uw"].add(hb, roles, labels, n))
     wt.submit(lambda: holder["uw"].close())
+    return holder  # holder["uw"].seg: the segment, once `wt` has run the jobs
 
 
 def _as_rollout(unit: Unit, i: int) -> ro.Rollout:
@@ -310,7 +330,7 @@ def _remote_unit(unit: Unit, ctx: Context) -> dict:
         if device is None:  # a worker that joined later: a numeric name is its slot, else slot 0
             device = gpu.device_for(int(worker.name) if str(worker.name).isdigit() else 0)
         ctx = dataclasses.replace(ctx, device=device)
-    return process_unit(unit, ctx)
+    return process_unit(unit, ctx, defer=True)  # the coordinator commits it in plan order
 
 
 def _pin_device(slots: dict[str, int], dask_worker=None) -> str | None:
@@ -427,9 +447,13 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
             # one thread per in-flight segment (a segment's rows stay in order within its thread)
             wts = [BackgroundWriter(cfg.harvest.queue_depth, f"harvest-writer-{i}")
                    for i in range(max(1, cfg.harvest.writer_threads))]
+            order = CommitOrder()  # writers write in parallel; commits land in plan order
             try:
                 for i, u in enumerate(units):
-                    process_unit(u, ctx, wts[i % len(wts)], on_rows)
+                    process_unit(u, ctx, wts[i % len(wts)], on_rows, turn=order.turn(i))
+            except BaseException:
+                order.abort()  # units still waiting for their turn abandon: the committed set stays a prefix
+                raise
             finally:
                 errors = []
                 for wt in wts:
@@ -469,13 +493,29 @@ def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> 
         # a bounded number of units in flight: corpus units are planned as the run goes
         todo = iter(units)
         limit = 2 * max(1, len(client.scheduler_info()["workers"]))
-        running = as_completed([submit(u) for u in itertools.islice(todo, limit)])
+        # workers write their segments' objects; this process commits the records in plan order
+        w = cf.open_cache(ctx.cache_url, mode="a")
+        turn_of: dict[str, int] = {}
+        ready: dict[int, dict] = {}
+        next_turn = 0
+
+        def submit_next(u: Unit):
+            f = submit(u)
+            turn_of[f.key] = len(turn_of)
+            return f
+
+        running = as_completed([submit_next(u) for u in itertools.islice(todo, limit)])
         for f in running:
             res = f.result()
+            w.adopt(res["record"])  # keep its lease alive while it waits for its turn
+            ready[turn_of[f.key]] = res["record"]
+            while next_turn in ready:
+                w.commit_prepared(ready.pop(next_turn))
+                next_turn += 1
             on_rows(sizes.pop(f.key) or res["rows"], res["bytes"])
             u = next(todo, None)
             if u is not None:
-                running.add(submit(u))
+                running.add(submit_next(u))
     finally:
         client.close()
         if cluster is not None:
