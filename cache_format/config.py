@@ -132,8 +132,10 @@ class TrainConfig:
     k_aux: int = 0  # 0 = d_model // 2
     aux_alpha: float = 1 / 32
     dead_tokens: int = 10_000_000  # a latent unseen for this many tokens counts as dead
+    aux_norm: str = "residual"  # AuxK loss over the residual error's variance (OpenAI) | "total" (sparsify's)
     lr: float = 2e-4  # 0 = scale with width, as sparsify does
     lr_min: float = 6e-5
+    lr_schedule: str = "cosine"  # after warmup: "cosine" decays to lr_min, "constant" holds lr
     warmup_steps: int = 5000
     batch_size: int = 4096  # global across ranks
     grad_clip: float = 1.0
@@ -157,6 +159,8 @@ class TrainConfig:
     loader_threads: int = 0  # decode threads; 0 = the cores this rank may use less one, 1 to 16
     shuffle_buffer_tokens: int = 262_144
     torch_threads: int = 0  # intra-op threads for training; 0 = torch's default (1 is fastest for tiny shapes)
+    log: str = "none"  # experiment log of each SAE's trajectory: "none" | "tensorboard" | "wandb"
+    log_dir: str = ""  # where the log writes; "" = OUT/logs (wandb follows WANDB_MODE, e.g. offline)
     max_rows: int = 0  # cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all
 
 
@@ -242,7 +246,36 @@ def load_config(
     cfg = _build(PipelineConfig, raw, where=str(p))
     cfg.profile = profile or ""
     cfg.source_path = str(p)
+    _check_ranges(cfg, p)
     return cfg
+
+
+# (section.key, lowest allowed value, whether the bound itself is allowed): values a run could
+# not use are refused before any work, in one line, instead of an empty or untrained result.
+_RANGES = [("harvest.batch_size", 1, True), ("harvest.segment_sequences", 1, True), ("harvest.chunk_tokens", 1, True),
+           ("harvest.shard_mib", 0, False), ("harvest.queue_depth", 1, True), ("harvest.writer_threads", 1, True),
+           ("harvest.workers", 0, True), ("harvest.mix_window", 0, True), ("harvest.torch_threads", 0, True),
+           ("supergpqa.questions", 1, True), ("supergpqa.max_new_tokens", 1, True),
+           ("supergpqa.generate_batch_size", 1, True), ("corpus.tokens", 1, True), ("corpus.seq_len", 2, True),
+           ("train.d_sae", 1, True), ("train.k", 1, True), ("train.k_aux", 0, True), ("train.aux_alpha", 0, True),
+           ("train.dead_tokens", 1, True), ("train.lr", 0, True), ("train.lr_min", 0, True),
+           ("train.warmup_steps", 0, True), ("train.batch_size", 1, True), ("train.grad_clip", 0, True),
+           ("train.training_tokens", 1, True), ("train.checkpoint_every_tokens", 0, True),
+           ("train.keep_last", 0, True), ("train.keep_best", 0, True), ("train.eval_every_tokens", 0, True),
+           ("train.eval_tokens", 0, True), ("train.heldout_fraction", 0, True), ("train.norm_outlier", 0, True),
+           ("train.loader_threads", 0, True), ("train.shuffle_buffer_tokens", 0, True), ("train.max_rows", 0, True)]
+
+
+def _check_ranges(cfg: PipelineConfig, path) -> None:
+    for key, low, inclusive in _RANGES:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < low or (v == low and not inclusive):
+            bound = f"at least {low}" if inclusive else f"above {low}"
+            raise ConfigError(f"{key} = {v} must be {bound}; fix it in {path} or with --set {key}=VALUE")
+    if cfg.train.heldout_fraction >= 1:
+        raise ConfigError(f"train.heldout_fraction = {cfg.train.heldout_fraction} must be below 1 (a share of the "
+                          f"sequences, e.g. 0.01); fix it in {path} or with --set train.heldout_fraction=VALUE")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -341,20 +341,27 @@ def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = Non
     dtypes = set()
     for p in paths:
         if p.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(p, framework="pt") as f:
-                for k in f.keys():
-                    t = f.get_tensor(k)
-                    if t.ndim != 2:
-                        continue  # not a (tokens, d_model) activation matrix
-                    L = _layer_of(k, mapping)
-                    if L in arrays:
-                        raise UserError(f"import: two arrays map to layer {L}; use --map KEY=LAYER")
-                    arrays[L] = t
-                    dtypes.add(str(t.dtype).removeprefix("torch."))
+            try:
+                with safe_open(p, framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"import: {p} is not a readable safetensors file ({e}); is it truncated? "
+                                "re-export or re-download it") from None
+            for k, t in tensors.items():
+                if t.ndim != 2:
+                    continue  # not a (tokens, d_model) activation matrix
+                L = _layer_of(k, mapping)
+                if L in arrays:
+                    raise UserError(f"import: two arrays map to layer {L}; use --map KEY=LAYER")
+                arrays[L] = t
+                dtypes.add(str(t.dtype).removeprefix("torch."))
         elif p.endswith(".npy"):
-            a = np.load(p)
+            try:
+                a = np.load(p)
+            except (OSError, ValueError, EOFError) as e:
+                raise UserError(f"import: {p} is not a readable .npy file ({e}); is it truncated?") from None
             if a.ndim != 2:
                 raise UserError(f"import: {p} has shape {a.shape}; expected (tokens, d_model)")
             key = p.rsplit("/", 1)[-1].removesuffix(".npy")

@@ -230,8 +230,10 @@ class Location:
                 with open(tmp, "wb") as f:
                     f.write(data)
                 os.replace(tmp, p)
-            except BaseException:
+            except BaseException as e:
                 _unlink(tmp)
+                if isinstance(e, OSError):
+                    raise self.write_error(key, e) from None
                 raise
             return
         self._retry(f"writing {key}", self.fs.pipe_file, self.path(key), data)
@@ -247,10 +249,14 @@ class Location:
             p = self.path(key)
             self._mkdirs(os.path.dirname(p))
             tmp = f"{os.path.dirname(p)}/.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                _unlink(tmp)
+                raise self.write_error(key, e) from None
             try:
                 os.link(tmp, p)
                 return True
@@ -265,6 +271,11 @@ class Location:
             return False
         self.write(key, data)
         return True
+
+    def write_error(self, key: str, e: OSError) -> UserError:
+        """One line for a refused or failed local write (a full disk, a read-only mount)."""
+        return UserError(f"cannot write {self.path(key)} ({e.strerror or e}); free some space or choose a "
+                         "writable location, then re-run (committed segments are kept)")
 
     def _s3_put_if_absent(self, key: str, data: bytes) -> bool:
         bucket, _, path = self.path(key).partition("/")

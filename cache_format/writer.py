@@ -91,7 +91,10 @@ def _hashing_store(loc: Location):
                 if key.endswith("zarr.json"):
                     await self._store.set(key, value)
             else:
-                await self._store.set(key, value)
+                try:
+                    await self._store.set(key, value)
+                except OSError as e:  # a full disk: one line naming the object, not zarr's traceback
+                    raise loc.write_error(key, e) from None
 
         async def set_if_not_exists(self, key, value):
             # Only parent group metadata goes through here; it is shared, so never in a manifest.
@@ -646,6 +649,9 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
         if loc.exists(log.ROOT_META):
             log.read_root(loc)  # raises "not a cache" for a foreign zarr.json
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
+        if loc.local and os.path.isdir(loc.root) and os.listdir(loc.root):
+            raise UserError(f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
+                            "(nothing there was changed)")
         for name, data in tok.items():
             loc.write(f"{TOKENIZER_DIR}/{name}", data)
         if not loc.create_exclusive(log.ROOT_META, log.dumps(doc)):
