@@ -22,7 +22,7 @@ common = $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)
 	$(if $(CACHE),--cache $(CACHE)) $(if $(LAYERS),--layers $(LAYERS)) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: install test demo harvest train report vllm-env bench bench-peers-env clean
+.PHONY: install gpu-kernels test demo harvest train report vllm-env bench bench-peers-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,20 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned, so that nothing pulls a CUDA build on CPU machines.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(MAKE) --no-print-directory gpu-kernels
 	touch $@
 
 install: $(STAMP)
+
+# On a CUDA machine (`python -m harvest.gpu detect`; ACTCACHE_CUDA=1|0 overrides it) also the
+# fast Gated DeltaNet kernels: without them 48 of Qwen3.6-27B's 64 layers run torch's reference
+# code. causal-conv1d compiles against the installed torch, hence no build isolation.
+GPU_KERNELS ?= flash-linear-attention causal-conv1d
+PIP_GPU ?= $(PY) -m pip install -q --no-build-isolation
+gpu-kernels:
+	@if [ "$$($(PY) -m harvest.gpu detect)" = cuda ]; then \
+		echo "CUDA found: installing $(GPU_KERNELS)"; $(PIP_GPU) $(GPU_KERNELS); \
+	else echo "no CUDA here: $(GPU_KERNELS) not installed (torch's reference kernels)"; fi
 
 test: install
 	$(PY) -m pytest

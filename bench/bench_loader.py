@@ -131,9 +131,13 @@ def mixing_real(a, tmp: Path) -> dict:
     url = str(tmp / "mixing")
     w = cf.create_cache(url, d_model=d, layers=[0], chunk_tokens=4096 // 16, shard_mib=1)
     rng = np.random.default_rng(0)
+    o = np.argsort(seq, kind="stable")  # each row's position within its sequence: (seq_id, position) is unique
+    starts = np.r_[0, np.flatnonzero(np.diff(seq[o])) + 1]
+    pos = np.empty(n, np.int32)
+    pos[o] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     with w.segment() as s:
         s.append(residuals={0: rng.standard_normal((n, d)).astype(BF16)}, tokens=np.zeros(n, np.int32),
-                 seq_ids=seq, positions=np.zeros(n, np.int32), labels=np.full(n, -1, np.int8),
+                 seq_ids=seq, positions=pos, labels=np.full(n, -1, np.int8),
                  roles=np.zeros(n, np.int8))
     c = cf.open_cache(url)
     kw = dict(seed=0, heldout_fraction=0.01, roles=None, window_tokens=WINDOW_TOKENS // 16,

@@ -2,15 +2,17 @@
 
 Every side gets the same batches (one .npy written here), the same shapes, the same thread
 count, the same seed and the same fixed set of dead latents (so AuxK runs on every side at
-every step, with k_aux = d_in/2 as all three use). Each side runs in its own fresh process:
+every step, with k_aux = d_in/2 as all three use), at each of several dead fractions: many
+latents are dead early in training and at late layers, and AuxK's cost grows with them. Each side runs in its own fresh process:
 ours in this venv, the peers in `.venv-peers` (`make bench-peers-env`), through their own
 training code (bench/peers/*.py). A step is forward, backward, optimizer step, decoder
 renormalization / parallel-gradient removal where the tool does it, and its dead-latent
 bookkeeping. The median over the timed steps (after warmup) gives tokens/s; sides run in
 interleaved, rotated rounds and each keeps its best round (the box is shared with other work).
 
-    python bench/bench_trainer.py                      # 512/8192/32 and 1024/16384/64, batch 4096
-    python bench/bench_trainer.py --shapes 512x8192x32 --sides ours,sparsify
+    python bench/bench_trainer.py                      # 512/8192/32 and 1024/16384/64, batch 4096,
+                                                       # 10%, 50% and 90% of the latents dead
+    python bench/bench_trainer.py --shapes 512x8192x32 --sides ours,sparsify --dead-fracs 0.5
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the best round counts")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dead-frac", type=float, default=0.1, help="fraction of latents held dead")
+    p.add_argument("--dead-fracs", default="0.1,0.5,0.9", help="fractions of latents held dead, comma-separated")
+    p.add_argument("--dead-frac", type=float, default=0.1, help=argparse.SUPPRESS)  # internal: one worker's
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run our side in this process
@@ -154,15 +157,18 @@ def main(argv=None) -> None:
     if a.minilm:
         shapes.append(("minilm", 384, 6144, 32))
 
+    fracs = [float(v) for v in a.dead_fracs.split(",") if v.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
-        for dataset, d, n, k in shapes:
+        for (dataset, d, n, k), frac in ((s, f) for s in shapes for f in fracs):
+            a.dead_frac = frac
             rows_needed = a.n_batches * a.batch
-            x = minilm_rows(rows_needed, a.seed) if dataset == "minilm" else structured_gaussian(rows_needed, d, a.seed)
             path = Path(tmp) / f"{dataset}_{d}.npy"
-            np.save(path, x.reshape(a.n_batches, a.batch, d))
-            result = {"dataset": dataset, "d_in": d, "d_sae": n, "k": k, "batch": a.batch, "sides": {},
-                      "rounds": {s: [] for s in sides}}
+            if not path.exists():
+                x = minilm_rows(rows_needed, a.seed) if dataset == "minilm" else structured_gaussian(rows_needed, d, a.seed)
+                np.save(path, x.reshape(a.n_batches, a.batch, d))
+            result = {"dataset": dataset, "d_in": d, "d_sae": n, "k": k, "batch": a.batch, "dead_frac": frac,
+                      "sides": {}, "rounds": {s: [] for s in sides}}
             for rnd in range(a.rounds):
                 # interleaved and rotated, so that load from other work hits every side alike
                 order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
@@ -170,7 +176,7 @@ def main(argv=None) -> None:
                     t0 = time.time()
                     r = run_side(side, path, n, k, a)
                     result["rounds"][side].append(r)
-                    print(f"{dataset} {d}/{n}/{k} round {rnd} {side:9s} {r['tokens_per_s']:9.0f} tokens/s "
+                    print(f"{dataset} {d}/{n}/{k} dead {frac:.0%} round {rnd} {side:9s} {r['tokens_per_s']:9.0f} tokens/s "
                           f"{r['tokens_per_cpu_s']:9.0f} tokens/cpu-s ({time.time() - t0:.0f}s wall, "
                           f"load {os.getloadavg()[0]:.1f})", file=sys.stderr)
             for side, runs in result["rounds"].items():
@@ -188,7 +194,7 @@ def main(argv=None) -> None:
 
 def save(a: argparse.Namespace, argv, rows: list) -> dict:
     report = {"machine": machine(), "threads": a.threads, "batch": a.batch, "warmup": a.warmup,
-              "steps": a.steps, "rounds": a.rounds, "dead_frac": a.dead_frac,
+              "steps": a.steps, "rounds": a.rounds, "dead_fracs": a.dead_fracs,
               "command": " ".join(["python", "bench/bench_trainer.py", *(argv or sys.argv[1:])]), "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
@@ -203,16 +209,21 @@ def machine() -> str:
 
 def table(report: dict) -> str:
     sides = [s for s in ("ours", "sparsify", "saelens") if any(s in r["sides"] for r in report["rows"])]
-    head = "| data | d_in/d_sae/k | " + " | ".join(f"{s} tok/s" for s in sides)
+    head = "| data | d_in/d_sae/k | dead | " + " | ".join(f"{s} tok/s" for s in sides)
     head += " | ours/sparsify | ours/SAELens |" if "ours" in sides else " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["rows"]:
-        cells = [r["dataset"], f"{r['d_in']}/{r['d_sae']}/{r['k']}"]
+        cells = [r["dataset"], f"{r['d_in']}/{r['d_sae']}/{r['k']}", f"{r.get('dead_frac', 0.1):.0%}"]
         cells += [f"{r['sides'][s]['tokens_per_s']:,.0f}" if s in r["sides"] else "-" for s in sides]
         if "ours" in sides:
             cells += [f"{r['ratio'][s]:.2f}x ({r['ratio_cpu'][s]:.2f}x cpu)" if s in r.get("ratio", {}) else "-"
                       for s in ("sparsify", "saelens")]
         lines.append("| " + " | ".join(cells) + " |")
+    worst = [(r["ratio"][s], r) for r in report["rows"] for s in ("sparsify",) if s in r.get("ratio", {})]
+    if worst:
+        w, r = min(worst, key=lambda t: t[0])
+        lines.append(f"\nworst ours/sparsify: {w:.2f}x ({r['dataset']} {r['d_in']}/{r['d_sae']}/{r['k']}, "
+                     f"{r['dead_frac']:.0%} dead)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|import`."""
+"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|import|upgrade`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,13 @@ def info(url, as_json, storage_options):
                f"chunk {d['chunk_tokens']} rows   shard {d['shard_rows']} rows")
     click.echo(f"rows         {d['n_tokens']:,} in {d['n_segments']} segments"
                + (f" ({len(d['retracted'])} retracted)" if d["retracted"] else ""))
+    if d["rows_by_source"]:
+        total = sum(d["rows_by_source"].values())
+        weights = {s.get("name") or s.get("path"): s.get("weight") for s in d["meta"].get("source", {}).get("sources", [])}
+        wsum = sum(w for w in weights.values() if w) or 1
+        click.echo("sources      " + "   ".join(
+            f"{name} {n / total:.1%}" + (f" (weight {weights[name] / wsum:.0%})" if weights.get(name) else "")
+            for name, n in sorted(d["rows_by_source"].items(), key=lambda kv: -kv[1])) + "  of rows")
     for L, e in d["declared_layers"].items():
         state = "complete" if e["complete"] else f"backfill pending: {e['segments']}/{d['n_segments']} segments"
         ratio = f"   {e['ratio_vs_raw_bf16']:.3f}× raw bf16" if e["ratio_vs_raw_bf16"] is not None else ""
@@ -82,11 +89,12 @@ def verify(url, threads, storage_options):
 @click.option("--older-than", default="24h", show_default=True, help="Grace period (s, m, h, d).")
 @click.option("--retracted", is_flag=True, help="Also delete the data of retracted segments.")
 @click.option("--dry-run", is_flag=True)
+@click.option("--force", is_flag=True, help="Allow --older-than below 1h (leased segments are still kept).")
 @so_option
-def gc(url, older_than, retracted, dry_run, storage_options):
-    """Remove uncommitted leftovers of crashed writers older than the grace period."""
+def gc(url, older_than, retracted, dry_run, force, storage_options):
+    """Remove uncommitted leftovers of crashed writers older than the grace period (never leased ones)."""
     loc = Location(url, _options(storage_options))
-    doomed = ops.gc(loc, ops.parse_age(older_than), retracted=retracted, dry_run=dry_run)
+    doomed = ops.gc(loc, ops.parse_age(older_than), retracted=retracted, dry_run=dry_run, force=force)
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} objects")
 
 
@@ -181,6 +189,21 @@ def import_(sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, 
                         _options(storage_options), codec, chunk_tokens)
     click.echo(f"imported {r['rows']:,} rows × {r['d_model']} at layers {r['layers']} "
                f"({r['conversion'] or 'bf16, lossless'})" + ("; sequence ids made up" if r["made_up_seq_ids"] else ""))
+
+
+@cli.command()
+@click.argument("url")
+@so_option
+def upgrade(url, storage_options):
+    """Add chunk digests and a chained log to a cache written by format 1 (nothing is rewritten)."""
+    from .upgrade import upgrade as run_upgrade
+
+    r = run_upgrade(Location(url, _options(storage_options)))
+    if r["commit"] is None:
+        click.echo(f"{url} is up to date: every chunk has a digest and every record is chained")
+        return
+    click.echo(f"upgraded {url}: chunk digests for {r['objects']} shard objects, {r['records']} format-1 records "
+               f"pinned (commit {r['commit']})")
 
 
 def main() -> None:

@@ -113,6 +113,9 @@ class CorpusSource:
     text_field: str = "text"
     subset: str = ""  # hub config name
     split: str = "train"
+    # Hub sources only: a branch, tag or commit; "" = the default branch. Resolved to a commit
+    # at first use and recorded in every segment, so a resume reads the same dataset version.
+    revision: str = ""
 
 
 def _default_corpus_sources() -> list[CorpusSource]:
@@ -132,6 +135,8 @@ class CorpusConfig:
     seq_len: int = 1024
     tokens: int = 200_000_000
     seed: int = 0
+    mix: str = "tokens"  # weights are token shares ("tokens") or per-document draw odds ("documents")
+    tokenizer_threads: int = 0  # background tokenization pool; 0 = min(4, cores)
 
 
 @dataclass
@@ -158,8 +163,10 @@ class TrainConfig:
     k_aux: int = 0  # 0 = d_model // 2
     aux_alpha: float = 1 / 32
     dead_tokens: int = 10_000_000  # a latent unseen for this many tokens counts as dead
+    aux_norm: str = "residual"  # AuxK loss over the residual error's variance (OpenAI) | "total" (sparsify's)
     lr: float = 2e-4  # 0 = scale with width, as sparsify does
     lr_min: float = 6e-5
+    lr_schedule: str = "cosine"  # after warmup: "cosine" decays to lr_min, "constant" holds lr
     warmup_steps: int = 5000
     batch_size: int = 4096  # global across ranks
     grad_clip: float = 1.0
@@ -184,6 +191,8 @@ class TrainConfig:
     loader_threads: int = 0  # decode threads; 0 = the cores this rank may use less one, 1 to 16
     shuffle_buffer_tokens: int = 262_144
     torch_threads: int = 0  # intra-op threads for training; 0 = torch's default (1 is fastest for tiny shapes)
+    log: str = "none"  # experiment log of each SAE's trajectory: "none" | "tensorboard" | "wandb"
+    log_dir: str = ""  # where the log writes; "" = OUT/logs (wandb follows WANDB_MODE, e.g. offline)
     max_rows: int = 0  # cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all
 
 
@@ -193,7 +202,8 @@ RECIPES = ("rollouts", "corpus")
 def _rollouts_recipe() -> dict[str, Any]:
     # The `000_*` card: n=4096, k=32, Adam 3e-4, batch 4096, 20 epochs of <= 200k rows per layer.
     # Sized for a ~1000-step run: warmup 5%, and a dead threshold (~120 steps) that AuxK reaches.
-    return {"d_sae": 4096, "k": 32, "k_aux": 512, "aux_alpha": 1 / 32, "lr": 3e-4, "lr_min": 3e-4, "warmup_steps": 50,
+    return {"d_sae": 4096, "k": 32, "k_aux": 512, "aux_alpha": 1 / 32, "lr": 3e-4, "lr_schedule": "constant",
+            "warmup_steps": 50,
             "batch_size": 4096, "epochs": 20.0, "max_rows": 200_000, "dead_tokens": 500_000,
             "checkpoint_every_tokens": 1_000_000, "eval_every_tokens": 500_000, "eval_tokens": 1_000_000,
             "heldout_fraction": 0.1}
@@ -306,6 +316,7 @@ def load_config(
     cfg.profile = profile or ""
     cfg.source_path = str(p)
     cfg.train_keys_set = sorted((raw.get("train") or {}).keys())
+    _check_ranges(cfg, p)
     return cfg
 
 
@@ -315,6 +326,43 @@ _INTERNAL = ("profile", "source_path", "train_keys_set")
 def build_section(cls: type, raw: dict, where: str) -> Any:
     """A section's dataclass from a plain table, with the same checks as pipeline.toml's."""
     return _build(cls, raw, where)
+
+
+# (section.key, lowest allowed value, whether the bound itself is allowed): values a run could
+# not use are refused before any work, in one line, instead of an empty or untrained result.
+_RANGES = [("harvest.batch_size", 1, True), ("harvest.segment_sequences", 1, True), ("harvest.chunk_tokens", 1, True),
+           ("harvest.shard_mib", 0, False), ("harvest.queue_depth", 1, True), ("harvest.writer_threads", 1, True),
+           ("harvest.workers", 0, True), ("harvest.mix_window", 0, True), ("harvest.torch_threads", 0, True),
+           ("supergpqa.questions", 1, True), ("supergpqa.max_new_tokens", 1, True),
+           ("supergpqa.generate_batch_size", 1, True), ("corpus.tokens", 1, True), ("corpus.seq_len", 2, True),
+           ("train.d_sae", 1, True), ("train.k", 1, True), ("train.k_aux", 0, True), ("train.aux_alpha", 0, True),
+           ("train.dead_tokens", 1, True), ("train.lr", 0, True), ("train.lr_min", 0, True),
+           ("train.warmup_steps", 0, True), ("train.batch_size", 1, True), ("train.grad_clip", 0, True),
+           ("train.training_tokens", 1, True), ("train.checkpoint_every_tokens", 0, True),
+           ("train.keep_last", 0, True), ("train.keep_best", 0, True), ("train.eval_every_tokens", 0, True),
+           ("train.eval_tokens", 0, True), ("train.heldout_fraction", 0, True), ("train.norm_outlier", 0, True),
+           ("train.loader_threads", 0, True), ("train.shuffle_buffer_tokens", 0, True), ("train.max_rows", 0, True),
+           ("train.epochs", 0, True)]
+
+
+def _check_ranges(cfg: PipelineConfig, path) -> None:
+    for section in {key.split(".")[0] for key, _, _ in _RANGES}:
+        check_ranges(section, getattr(cfg, section), f"fix it in {path} or with --set")
+
+
+def check_ranges(section: str, values: Any, fix: str) -> None:
+    """Refuse a section's values that a run could not use (train also checks the recipe it resolved)."""
+    for key, low, inclusive in _RANGES:
+        sec, name = key.split(".")
+        if sec != section:
+            continue
+        v = getattr(values, name)
+        if v < low or (v == low and not inclusive):
+            bound = f"at least {low}" if inclusive else f"above {low}"
+            raise ConfigError(f"{key} = {v} must be {bound}; {fix} {key}=VALUE")
+    if section == "train" and values.heldout_fraction >= 1:
+        raise ConfigError(f"train.heldout_fraction = {values.heldout_fraction} must be below 1 (a share of the "
+                          f"sequences, e.g. 0.01); {fix} train.heldout_fraction=VALUE")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

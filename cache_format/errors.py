@@ -50,5 +50,6 @@ def run_cli(group, prog: str) -> None:
     except OSError as e:
         if debug:
             raise
-        print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}); check the path and free space", file=sys.stderr)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}; check the path and free space", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,14 @@ come back in commit order and a commit never shifts rows that were visible befor
     layer      a backfilled layer for an existing segment
     add_layer  declares a layer that segments committed from now on must carry
     retract    a tombstone that hides a segment
+    root       record 0: the digest of the root attributes (format 2)
+    upgrade    chunk digests for segments written by format 1, and the digests of the records before it
+
+Records are hash-chained (format 2): each carries `prev`, the digest of the record before
+it, and `digest`, the sha256 of its own canonical JSON without `digest`; record 0 pins the
+root attributes. Readers check the chain of every record they load and refuse a damaged
+log in one line, so an edited record, a removed one or an edited root never changes
+what is read without notice.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from .errors import CacheError
 from .provenance import FORMAT_NAME, FORMAT_VERSION
 
 COMMITS = "commits"
+ROOT_RECORD = "0000000000.json"
 INDEX = "index.json"
 ROOT_META = "zarr.json"
 _NAME = re.compile(r"^\d{10}\.json$")
@@ -64,28 +73,110 @@ def read_root(loc) -> dict:
     return attrs
 
 
+def record_digest(r: dict) -> str:
+    """The digest a successor chains to: the record's own, or (format 1) that of its canonical JSON."""
+    return r["digest"] if "digest" in r else sha256(dumps(r))
+
+
+def root_digest(root: dict) -> str:
+    return sha256(dumps(root))
+
+
+def seal(record: dict, prev: str | None) -> dict:
+    """The record as stored: chained to its predecessor and carrying its own digest."""
+    body = {k: v for k, v in record.items() if k not in ("prev", "digest")}
+    body["prev"] = prev
+    body["digest"] = sha256(dumps(body))
+    return body
+
+
+def root_record(root: dict) -> dict:
+    return seal({"kind": "root", "root": root_digest(root)}, None)
+
+
+def damaged(url: str, name: str, why: str) -> CacheError:
+    return CacheError(f"{url}: the commit log is damaged at {COMMITS}/{name} ({why}); nothing was read: restore "
+                      "that record from a good copy of the cache (or re-sync it), then run `python -m cache_format verify`")
+
+
+def check_log(url: str, root: dict, records: dict, checked: set | None = None) -> None:
+    """Check the chain of every record not in `checked` (names already found good); raise `damaged`."""
+    names = list(records)
+    checked = checked if checked is not None else set()
+    v2 = root.get("format_version", 1) >= 2
+    if v2 and (not names or names[0] != ROOT_RECORD):
+        raise damaged(url, ROOT_RECORD, "the root record is missing")
+    pins: dict = {}
+    for i, name in enumerate(names):
+        r = records[name]
+        if r.get("kind") == "upgrade":
+            pins = r.get("pinned", {})
+            legacy = {n for n in names[:i] if "digest" not in records[n]}
+            if not legacy <= set(pins) or not set(pins) <= set(names[:i]):
+                raise damaged(url, name, "the records before the upgrade differ from those it pinned")
+        if name in checked:
+            continue
+        if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
+            raise damaged(url, name, "not a commit record")
+        if "digest" in r:
+            body = {k: v for k, v in r.items() if k != "digest"}
+            if sha256(dumps(body)) != r["digest"]:
+                raise damaged(url, name, "its content does not match its digest: it was edited")
+            want = record_digest(records[names[i - 1]]) if i else None
+            if r.get("prev") != want:
+                raise damaged(url, name, "it does not follow the record before it: a record was edited, removed "
+                                         "or inserted")
+        elif v2:
+            raise damaged(url, name, "it carries no digest")
+        if r.get("kind") in ("root", "upgrade") and r.get("root") != root_digest(root):
+            raise damaged(url, name, "the root zarr.json attributes were changed after the cache was created")
+    for name, d in pins.items():
+        if record_digest(records[name]) != d:
+            raise damaged(url, name, "its content does not match the digest the upgrade pinned: it was edited")
+    checked.update(names)
+
+
+def _parse(url: str, name: str, raw) -> dict:
+    try:
+        r = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError too
+        raise damaged(url, name, f"not valid UTF-8 JSON: {type(e).__name__}") from None
+    if not isinstance(r, dict):
+        raise damaged(url, name, "not a JSON object")
+    return r
+
+
 def list_commits(loc) -> tuple[list[str], dict]:
     """Commit names in order, and records already known (HTTP's index carries them inline)."""
     if loc.http:
         try:
-            index = json.loads(loc.read(INDEX))
+            index = _parse(loc.url, INDEX, loc.read(INDEX))
         except FileNotFoundError:
             raise CacheError(f"{loc.url} has no index.json; run `python -m cache_format publish` on the "
                              "cache before serving it over HTTP") from None
-        recs = {c["name"]: c["record"] for c in index["commits"]}
+        try:
+            recs = {c["name"]: c["record"] for c in index["commits"]}
+        except (KeyError, TypeError):
+            raise damaged(loc.url, INDEX, "not a published index") from None
         return sorted(recs), recs
     return [n for n in loc.list(COMMITS) if _NAME.match(n)], {}
 
 
-def load_records(loc, known: dict) -> dict:
-    """All commit records by name; `known` ones (immutable) are not re-read."""
+def load_records(loc, known: dict, root: dict | None = None, checked: set | None = None) -> dict:
+    """All commit records by name, their chain checked against `root` (read if not given);
+    `known` ones (immutable) are not re-read, names in `checked` not re-hashed."""
     names, inline = list_commits(loc)
     out = {n: known[n] for n in names if n in known}
     out.update({n: r for n, r in inline.items() if n not in out})
     missing = [n for n in names if n not in out]
 
     def read(n):
-        return n, json.loads(loc.read(f"{COMMITS}/{n}"))
+        try:
+            return n, _parse(loc.url, n, loc.read(f"{COMMITS}/{n}"))
+        except CacheError:
+            if loc.local:
+                raise
+            return n, _parse(loc.url, n, loc.read(f"{COMMITS}/{n}", fresh=True))  # a torn transfer: once more
 
     if missing:
         if loc.local or len(missing) < 4:
@@ -94,19 +185,22 @@ def load_records(loc, known: dict) -> dict:
             with ThreadPoolExecutor(16) as ex:
                 got = list(ex.map(read, missing))
         out.update(dict(got))
-    return dict(sorted(out.items()))
+    out = dict(sorted(out.items()))
+    check_log(loc.url, root if root is not None else read_root(loc), out, checked)
+    return out
 
 
 def commit(loc, record: dict) -> str:
-    """Create the record at the next free number; retry upward on a lost race."""
-    data = dumps(record)
+    """Create the record at the next free number, chained to the record before it; on a lost
+    race, chain to the winner and try the number after it."""
     names, _ = list_commits(loc)
-    n = int(names[-1][:10]) + 1 if names else 1
+    prev_name = names[-1] if names else None
     for _ in range(100_000):
-        name = f"{n:010d}.json"
-        if loc.create_exclusive(f"{COMMITS}/{name}", data):
+        prev = record_digest(_parse(loc.url, prev_name, loc.read(f"{COMMITS}/{prev_name}"))) if prev_name else None
+        name = f"{int(prev_name[:10]) + 1 if prev_name else 1:010d}.json"
+        if loc.create_exclusive(f"{COMMITS}/{name}", dumps(seal(record, prev))):
             return name
-        n += 1
+        prev_name = name
     raise CacheError(f"{loc.url}: could not find a free commit number")  # pragma: no cover
 
 
@@ -149,8 +243,31 @@ def replay(root: dict, records: dict) -> LogState:
         elif kind == "retract":
             if r["segment"] in segs:
                 segs[r["segment"]].retracted = True
+        elif kind == "upgrade":
+            for s in segs.values():
+                _attach_chunks(s, r.get("chunks", {}))
     live = [s for s in segs.values() if not s.retracted]
     return LogState(live, [s for s in segs.values() if s.retracted], sorted(declared))
+
+
+def _with_chunks(part: dict, key: str, chunks: dict) -> dict:
+    got = chunks.get(part[key])
+    if not got:
+        return part
+    objs = {k: ({**v, "chunks": got[k]} if k in got and "chunks" not in v else v) for k, v in part["objects"].items()}
+    return {**part, "objects": objs}
+
+
+def _attach_chunks(s: SegmentState, chunks: dict) -> None:
+    """An upgrade's chunk digests, attached to copies of the segment's entries (records stay as stored)."""
+    s.layers = {L: _with_chunks(e, "array", chunks) for L, e in s.layers.items()}
+    s.record = {**s.record, "rows": _with_chunks(s.record["rows"], "path", chunks)}
+
+
+def unverified_parts(s: SegmentState) -> int:
+    """Shard objects of a segment that carry no chunk digests (written by format 1, not upgraded)."""
+    parts = [s.record["rows"]] + list(s.layers.values())
+    return sum(1 for p in parts for k, v in p["objects"].items() if "/c/" in f"/{k}" and "chunks" not in v)
 
 
 def objects_digest(objects: dict) -> str:
@@ -158,16 +275,20 @@ def objects_digest(objects: dict) -> str:
     return sha256("\n".join(f"{k}:{v['size']}:{v[DIGEST]}" for k, v in sorted(objects.items())).encode())
 
 
+# Fingerprints list the segments sorted by their content, so they do not depend on the order
+# in which the segments were committed (a resumed harvest has an uninterrupted one's).
+
+
 def layer_fingerprint(root: dict, segments: list, layer: int) -> str:
     body = {"hook": root["hook"], "layer": layer, "d_model": root["d_model"],
-            "segments": [[s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
-                          objects_digest(s.layers[layer]["objects"])] for s in segments]}
+            "segments": sorted([s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
+                                objects_digest(s.layers[layer]["objects"])] for s in segments)}
     return sha256(dumps(body))
 
 
 def cache_fingerprint(root: dict, segments: list, layers: list) -> str:
     body = {"hook": root["hook"], "d_model": root["d_model"], "layers": layers,
-            "segments": [[s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
-                          (s.record.get("sequences") or {}).get(DIGEST),
-                          [objects_digest(s.layers[L]["objects"]) for L in layers]] for s in segments]}
+            "segments": sorted([s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
+                                (s.record.get("sequences") or {}).get(DIGEST) or "",
+                                [objects_digest(s.layers[L]["objects"]) for L in layers]] for s in segments)}
     return sha256(dumps(body))

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import log, provenance
+from . import leases, log, provenance
 from .errors import CacheError, UserError
 from .reader import Cache, _ArrayReader, open_cache
 from .stats import RunningStats
@@ -81,13 +81,21 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
-def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False) -> list[str]:
+MIN_GRACE_S = 3600  # below this, gc needs force=True (--force)
+
+
+def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False,
+       force: bool = False) -> list[str]:
     """Delete objects no commit references (crashed writers' leftovers) older than the grace period.
 
     The unit is a segment directory (or a backfill directory): it is removed only when its
-    newest object is older than the grace period, so a live writer's work is never touched.
+    newest object is older than the grace period and it holds no fresh writer lease
+    (leases.py), so a live writer's work is never touched, whatever the grace period.
     With `retracted`, retracted segments' data goes too (their tombstones stay).
     """
+    if older_than_s < MIN_GRACE_S and not force:
+        raise UserError(f"gc --older-than {older_than_s:g}s is under an hour: a slow writer's uncommitted work "
+                        "could go (leased segments are always kept); add --force if you mean it")
     root = log.read_root(loc)
     records = log.load_records(loc, {})
     state = log.replay(root, records)
@@ -113,7 +121,9 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
         seg_unit = "/".join(unit.split("/")[:2])
         if seg_unit in dead_units:
             doomed += [o.key for o in objs]
-        elif unit not in keep_units and now - max(o.mtime for o in objs) >= older_than_s:
+        elif unit in keep_units or any(o.key.endswith(f"/{leases.LEASE}") and leases.fresh(o.mtime, now) for o in objs):
+            continue  # committed, or a live writer's (its lease is fresh)
+        elif now - max(o.mtime for o in objs) >= older_than_s:
             doomed += [o.key for o in objs]
     for o in loc.walk(log.COMMITS):
         if o.key.split("/")[-1].startswith(".tmp-") and now - o.mtime >= older_than_s:
@@ -175,6 +185,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
         doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: root}}
         try:
             dloc.create_exclusive(log.ROOT_META, log.dumps(doc))
+            dloc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(root)))
         except OSError as e:
             raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
         droot = log.read_root(dloc)
@@ -277,6 +288,15 @@ def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | N
 # -- info -------------------------------------------------------------------------------------
 
 
+def rows_by_source(cache: Cache) -> dict[str, int]:
+    """Rows per corpus source, summed from the segments' `rows_by_source` meta (a mixture's measured shares)."""
+    out: dict[str, int] = {}
+    for s in cache.segments:
+        for name, n in (s.meta.get("rows_by_source") or {}).items():
+            out[name] = out.get(name, 0) + int(n)
+    return out
+
+
 def info(cache: Cache) -> dict:
     stored = {}
     for L in cache.declared_layers:
@@ -294,6 +314,7 @@ def info(cache: Cache) -> dict:
                                      "ratio_vs_raw_bf16": (stored[L] / raw) if raw and cov[L] == n_segs else None}
                             for L in cache.declared_layers},
         "retracted": cache.retracted,
+        "rows_by_source": rows_by_source(cache),
         "meta": cache.meta,
         "segments": [{"id": s.id, "row_start": s.row_start, "n_rows": s.n_rows, "layers": s.layers,
                       "commit": s.commit, "meta": s.meta} for s in cache.segments],
@@ -320,20 +341,27 @@ def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = Non
     dtypes = set()
     for p in paths:
         if p.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(p, framework="pt") as f:
-                for k in f.keys():
-                    t = f.get_tensor(k)
-                    if t.ndim != 2:
-                        continue  # not a (tokens, d_model) activation matrix
-                    L = _layer_of(k, mapping)
-                    if L in arrays:
-                        raise UserError(f"import: two arrays map to layer {L}; use --map KEY=LAYER")
-                    arrays[L] = t
-                    dtypes.add(str(t.dtype).removeprefix("torch."))
+            try:
+                with safe_open(p, framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"import: {p} is not a readable safetensors file ({e}); is it truncated? "
+                                "re-export or re-download it") from None
+            for k, t in tensors.items():
+                if t.ndim != 2:
+                    continue  # not a (tokens, d_model) activation matrix
+                L = _layer_of(k, mapping)
+                if L in arrays:
+                    raise UserError(f"import: two arrays map to layer {L}; use --map KEY=LAYER")
+                arrays[L] = t
+                dtypes.add(str(t.dtype).removeprefix("torch."))
         elif p.endswith(".npy"):
-            a = np.load(p)
+            try:
+                a = np.load(p)
+            except (OSError, ValueError, EOFError) as e:
+                raise UserError(f"import: {p} is not a readable .npy file ({e}); is it truncated?") from None
             if a.ndim != 2:
                 raise UserError(f"import: {p} has shape {a.shape}; expected (tokens, d_model)")
             key = p.rsplit("/", 1)[-1].removesuffix(".npy")

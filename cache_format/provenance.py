@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 FORMAT_NAME = "actcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunk digests, a hash-chained commit log
 
 
 def now_iso() -> str:

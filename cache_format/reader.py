@@ -2,7 +2,9 @@
 
 The reader needs no zarr: each array's zarr.json gives its codecs, each shard's index
 (at the end of the object) gives the byte range of every chunk, and numcodecs decodes
-it. That is the loader's fast path (`read_chunk`), and it is thread-safe.
+it. That is the loader's fast path (`read_chunk`), and it is thread-safe. Everything it
+serves is checked first (see integrity.py): the shard index's CRC32C, each chunk's
+digest, and the BLAKE2b of every small object.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import log
+from . import integrity, log
 from .bf16 import bits_to_numpy, bits_to_torch
 from .codecs import decoder, index_nbytes, inner_chunk_rows, parse_index
 from .errors import CacheError, UserError
@@ -43,7 +46,7 @@ class _ArrayReader:
 
     def __init__(self, loc: Location, path: str, objects: dict):
         self.loc, self.path, self.objects = loc, path, objects
-        meta = json.loads(loc.read(f"{path}/zarr.json"))
+        meta = json.loads(integrity.read_checked(loc, f"{path}/zarr.json", objects.get("zarr.json"), log.digest))
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
@@ -71,7 +74,13 @@ class _ArrayReader:
             idx = None  # zarr writes no object for an all-fill-value shard
         else:
             n = index_nbytes(self.per_shard)
-            idx = parse_index(self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"]), self.per_shard)
+            for attempt in range(2):
+                tail = self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"], fresh=attempt > 0)
+                if integrity.index_ok(tail, self.per_shard):
+                    break
+            else:
+                raise integrity.fail(self.loc.url, f"{self.path}/{key}", "the shard index fails its CRC32C")
+            idx = parse_index(tail, self.per_shard)
         with self._lock:
             self._index[s] = idx
         return idx
@@ -92,7 +101,7 @@ class _ArrayReader:
         else:
             off, nb = int(idx[j, 0]), int(idx[j, 1])
             nbytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-            blob = self.loc.read_range(f"{self.path}/{self.shard_key(s)}", off, off + nb)
+            blob = self._blob(s, j, off, nb)
             if out is not None and rows == self.chunk_rows:
                 self.decode(blob, nbytes, out.reshape(-1).view(np.uint8))
                 return out
@@ -101,6 +110,16 @@ class _ArrayReader:
             return a
         out.view(self.dtype)[...] = a
         return out
+
+    def _blob(self, s: int, j: int, off: int, nb: int):
+        """Chunk j of shard s's encoded bytes, checked against its committed digest (re-read once)."""
+        key = f"{self.path}/{self.shard_key(s)}"
+        want = self.objects.get(self.shard_key(s), {}).get("chunks")
+        for attempt in range(2):
+            blob = self.loc.read_range(key, off, off + nb, fresh=attempt > 0)
+            if want is None or (j < len(want) and want[j] == integrity.chunk_digest(blob)):
+                return blob
+        raise integrity.fail(self.loc.url, key, f"inner chunk {j} does not match its digest")
 
     def rows(self, a: int, b: int) -> np.ndarray:
         if b <= a:
@@ -174,10 +193,12 @@ class ColumnView:
 class Cache:
     """A snapshot of a cache's committed segments; `refresh()` picks up later commits."""
 
-    def __init__(self, loc: Location, root: dict | None = None, records: dict | None = None):
+    def __init__(self, loc: Location, root: dict | None = None, records: dict | None = None,
+                 checked: set | None = None):
         self._loc = loc
         self._root = root or log.read_root(loc)
         self._records: dict = dict(records or {})
+        self._checked: set = set(checked or ())
         self._arrays: dict = {}
         self._lock = threading.Lock()
         self.refresh()
@@ -185,8 +206,9 @@ class Cache:
     # -- snapshot ----------------------------------------------------------------------
 
     def refresh(self) -> "Cache":
-        self._records = log.load_records(self._loc, self._records)
+        self._records = log.load_records(self._loc, self._records, self._root, self._checked)
         st = log.replay(self._root, self._records)
+        _note_unverified(self._loc.url, st.segments)
         self._state = st
         self._segs = st.segments
         self._by_id = {s.id: i for i, s in enumerate(self._segs)}
@@ -386,7 +408,7 @@ class Cache:
         for s in self._segs:
             q = s.record.get("sequences")
             if q:
-                tables.append(pq.read_table(pa.BufferReader(self._loc.read(q["path"]))))
+                tables.append(pq.read_table(pa.BufferReader(integrity.read_checked(self._loc, q["path"], q, log.digest))))
         if not tables:
             return sequences_table([])
         return pa.concat_tables(tables, promote_options="permissive")
@@ -396,14 +418,16 @@ class Cache:
         layer = self._check_layer(layer)
         total = RunningStats(self.d_model)
         for s in self._segs:
-            total.merge(RunningStats.from_json(json.loads(self._loc.read(s.layers[layer]["stats"]["path"]))))
+            st = s.layers[layer]["stats"]
+            total.merge(RunningStats.from_json(json.loads(integrity.read_checked(self._loc, st["path"], st, log.digest))))
         return total.summary()
 
     @functools.cached_property
     def tokenizer_files(self) -> dict[str, bytes]:
         from .writer import TOKENIZER_DIR
 
-        return {name: self._loc.read(f"{TOKENIZER_DIR}/{name}") for name in self._root.get("tokenizer", {})}
+        return {name: integrity.read_checked(self._loc, f"{TOKENIZER_DIR}/{name}", want, log.digest)
+                for name, want in self._root.get("tokenizer", {}).items()}
 
     def tokenizer(self):
         """A `tokenizers.Tokenizer` built offline from the cache's tokenizer.json."""
@@ -416,6 +440,19 @@ class Cache:
     def __repr__(self) -> str:
         return (f"Cache({self.url!r}, d_model={self.d_model}, layers={self.layers}, n_tokens={self.n_tokens}, "
                 f"segments={len(self._segs)})")
+
+
+_NOTED: set = set()
+
+
+def _note_unverified(url: str, segments: list) -> None:
+    """Once per process and cache: say in one line that some chunks cannot be verified."""
+    n = sum(1 for s in segments if log.unverified_parts(s))
+    if n and url not in _NOTED:
+        _NOTED.add(url)
+        print(f"note: {n} of {len(segments)} segments of {url} have no chunk digests (written by cache format 1), "
+              f"so their chunks are read unchecked; add them with `python -m cache_format upgrade {url}`",
+              file=sys.stderr)
 
 
 def open_cache(url, mode: str = "r", storage_options: dict | None = None):

@@ -32,6 +32,10 @@ class ReadOnlyError(UserError):
     """A write was attempted on a read-only location (HTTP)."""
 
 
+class ShortRead(ConnectionError):
+    """A body shorter than asked for (truncated response, reset mid-body): transient, retried."""
+
+
 @dataclass
 class ObjectInfo:
     key: str
@@ -95,22 +99,46 @@ class Location:
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, fresh: bool = False, size: int | None = None) -> bytes:
+        """A whole object. `size` (when the manifest knows it) turns a short body into a retry;
+        `fresh` is a re-read after a failed check (locally: not through a cached mapping)."""
         if self.local:
             with open(self.path(key), "rb") as f:
                 return f.read()
-        return self._retry(f"reading {key}", self.fs.cat_file, self.path(key))
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of an object; thread-safe."""
+        def cat():
+            out = self.fs.cat_file(self.path(key))
+            if size is not None and len(out) < size:
+                raise ShortRead(f"got {len(out)} of {size} bytes")
+            return out
+
+        return self._retry(f"reading {key}", cat)
+
+    def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
+        """Bytes [start, end) of an object; thread-safe. A short body is retried like a 5xx."""
         if end <= start:
             return b""
         if self.local:  # zero-copy: a view into the mapped (immutable) shard file
-            m = self._mmap(key)
-            if end > len(m):
-                raise CacheError(f"{self.url}/{key}: short read ({len(m) - start} of {end - start} bytes); run verify")
-            return memoryview(m)[start:end]
-        out = self._retry(f"reading {key}", self.fs.cat_file, self.path(key), start=start, end=end)
+            if fresh:  # re-read from the file itself, and map it anew next time
+                with self._mmap_lock:
+                    self._mmaps.pop(key, None)
+                with open(self.path(key), "rb") as f:
+                    out = os.pread(f.fileno(), end - start, start)
+            else:
+                m = self._mmap(key)
+                out = memoryview(m)[start:min(end, len(m))]
+            if len(out) != end - start:
+                raise CacheError(f"{self.url}/{key}: short read ({len(out)} of {end - start} bytes); the object "
+                                 "is truncated: run `python -m cache_format verify`")
+            return out
+
+        def cat():
+            out = self.fs.cat_file(self.path(key), start=start, end=end)
+            if len(out) < end - start:
+                raise ShortRead(f"got {len(out)} of {end - start} bytes")
+            return out
+
+        out = self._retry(f"reading {key}", cat)
         if len(out) != end - start:  # a server that ignores Range returns the whole object
             raise RemoteError(f"{self.url}/{key}: the server returned {len(out)} bytes for a {end - start}-byte "
                               "range request; serve the cache with a server that honours HTTP Range")
@@ -202,8 +230,10 @@ class Location:
                 with open(tmp, "wb") as f:
                     f.write(data)
                 os.replace(tmp, p)
-            except BaseException:
+            except BaseException as e:
                 _unlink(tmp)
+                if isinstance(e, OSError):
+                    raise self.write_error(key, e) from None
                 raise
             return
         self._retry(f"writing {key}", self.fs.pipe_file, self.path(key), data)
@@ -219,10 +249,14 @@ class Location:
             p = self.path(key)
             self._mkdirs(os.path.dirname(p))
             tmp = f"{os.path.dirname(p)}/.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                _unlink(tmp)
+                raise self.write_error(key, e) from None
             try:
                 os.link(tmp, p)
                 return True
@@ -237,6 +271,11 @@ class Location:
             return False
         self.write(key, data)
         return True
+
+    def write_error(self, key: str, e: OSError) -> UserError:
+        """One line for a refused or failed local write (a full disk, a read-only mount)."""
+        return UserError(f"cannot write {self.path(key)} ({e.strerror or e}); free some space or choose a "
+                         "writable location, then re-run (committed segments are kept)")
 
     def _s3_put_if_absent(self, key: str, data: bytes) -> bool:
         bucket, _, path = self.path(key).partition("/")

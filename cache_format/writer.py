@@ -10,6 +10,7 @@ objects that `gc` removes after the grace period.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import log, provenance
+from . import integrity, leases, log, provenance
 from .bf16 import to_bits
 from .codecs import check as check_codec
 from .codecs import zarr_compressors
@@ -65,13 +66,23 @@ def _hashing_store(loc: Location):
         def __init__(self, store):
             super().__init__(store)
             self.written: dict[str, dict] = {}
+            self.per_shard: dict[str, int] = {}  # array path → inner chunks per shard
             self.lock = threading.Lock()
 
         def _record(self, key, value):
-            view = value.as_numpy_array()
-            h = log.digest(memoryview(np.ascontiguousarray(view)).cast("B"))
+            view = memoryview(np.ascontiguousarray(value.as_numpy_array())).cast("B")
+            entry = {"size": int(view.nbytes), log.DIGEST: log.digest(view)}
+            if key.endswith("/zarr.json"):
+                m = integrity.per_shard_of(json.loads(bytes(view)))
+                if m:
+                    with self.lock:
+                        self.per_shard[key[: -len("/zarr.json")]] = m
+            elif "/c/" in key:
+                m = self.per_shard.get(key.rsplit("/c/", 1)[0])
+                if m:  # what readers check every chunk against
+                    entry["chunks"] = integrity.shard_chunk_digests(view, m, key)
             with self.lock:
-                self.written[key] = {"size": int(view.nbytes), log.DIGEST: h}
+                self.written[key] = entry
 
         async def set(self, key, value):
             self._record(key, value)
@@ -80,7 +91,10 @@ def _hashing_store(loc: Location):
                 if key.endswith("zarr.json"):
                     await self._store.set(key, value)
             else:
-                await self._store.set(key, value)
+                try:
+                    await self._store.set(key, value)
+                except OSError as e:  # a full disk: one line naming the object, not zarr's traceback
+                    raise loc.write_error(key, e) from None
 
         async def set_if_not_exists(self, key, value):
             # Only parent group metadata goes through here; it is shared, so never in a manifest.
@@ -249,6 +263,16 @@ class _ColumnSink:
         return {k: (np.concatenate(v) if v else np.zeros(0, ROW_COLUMNS[k])) for k, v in self.parts.items()}
 
 
+def _refuse_duplicates(cols: dict) -> None:
+    """A (seq_id, position) pair locates one row: a segment holding one twice is refused."""
+    key = (cols["seq_ids"].astype(np.int64) << 32) | (cols["positions"].astype(np.int64) & 0xFFFFFFFF)
+    if len(key) and len(np.unique(key)) != len(key):
+        k = np.sort(key)
+        d = k[1:][k[1:] == k[:-1]][0]
+        raise UserError(f"append: row (seq_id {int(d >> 32)}, position {int(d & 0xFFFFFFFF)}) was appended twice "
+                        "to one segment; each (seq_id, position) must be one row (nothing was committed)")
+
+
 def _write_rows(store, prefix: str, cols: dict, chunk_rows: int) -> dict:
     import zarr
 
@@ -309,9 +333,11 @@ class _CommitOnExit:
 class SegmentWriter(_CommitOnExit):
     """One writer's rows, committed atomically when the `with` block exits cleanly."""
 
-    def __init__(self, writer: "CacheWriter", meta: dict | None):
+    def __init__(self, writer: "CacheWriter", meta: dict | None, turn=None, defer: bool = False):
         _check_json(meta or {}, "segment meta")
         self.w = writer
+        self.turn, self.defer = turn, defer  # an ordering.Turn: commit only after the segments before it
+        self.prepared: dict | None = None  # defer: the record, for CacheWriter.commit_prepared
         self.id = _new_id()
         self.meta = dict(meta or {})
         self.layers = writer.layers
@@ -327,6 +353,7 @@ class SegmentWriter(_CommitOnExit):
 
     def __enter__(self) -> "SegmentWriter":
         self._open = True
+        leases.hold(self.w.loc, f"segments/{self.id}")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -355,9 +382,11 @@ class SegmentWriter(_CommitOnExit):
             _check_json(r, "a sequence record")
             self.records.append(dict(r))
 
-    def commit(self) -> str:
+    def commit(self) -> str | None:
         loc, root = self.w.loc, self.w.root
         base = f"segments/{self.id}"
+        cols = self.columns.arrays()
+        _refuse_duplicates(cols)
         layers = {}
         for L, buf in self.buffers.items():
             buf.finish()
@@ -367,7 +396,7 @@ class SegmentWriter(_CommitOnExit):
             loc.write(stats_key, data)
             entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
             layers[str(L)] = entry
-        rows = _write_rows(self.store, f"{base}/rows", self.columns.arrays(), root["chunk_tokens"])
+        rows = _write_rows(self.store, f"{base}/rows", cols, root["chunk_tokens"])
         seq = None
         if self.records:
             data = _sequences_bytes(self.records)
@@ -376,11 +405,23 @@ class SegmentWriter(_CommitOnExit):
             seq = {"path": key, "size": len(data), log.DIGEST: log.digest(data), "count": len(self.records)}
         record = {"kind": "segment", "segment": self.id, "n_rows": self.n_rows, "layers": layers, "rows": rows,
                   "sequences": seq, "meta": self.meta, "provenance": provenance.record()}
+        if self.defer:  # the caller commits it in its place (objects stay leased until it does)
+            self.prepared = record
+            leases.KEEPER.release_keep(loc, f"segments/{self.id}")
+            return None
+        if self.turn is not None:
+            self.turn.wait()
         self.committed = log.commit(loc, record)
+        if self.turn is not None:
+            self.turn.done()
+        leases.release(loc, f"segments/{self.id}")
         return self.committed
 
     def abandon(self) -> None:
         """Best effort: delete what this writer wrote (gc catches anything left)."""
+        if self.turn is not None:
+            self.turn.fail()
+        leases.release(self.w.loc, f"segments/{self.id}")
         for buf in self.buffers.values():
             try:
                 buf._wait()  # let a background shard write land before deleting
@@ -440,9 +481,15 @@ class _BackfillSegment(_CommitOnExit):
         self.committed = None
 
     def __enter__(self):
+        leases.hold(self.w.loc, self._unit)
         return self
 
+    @property
+    def _unit(self) -> str:
+        return f"segments/{self.info.id}/backfill-{self.part}"
+
     def abandon(self) -> None:
+        leases.release(self.w.loc, self._unit)
         try:
             self.buf._wait()
         except Exception:
@@ -484,6 +531,7 @@ class _BackfillSegment(_CommitOnExit):
         record = {"kind": "layer", "segment": self.info.id, "layer": self.bf.layer, "entry": entry,
                   "provenance": provenance.record()}
         self.committed = log.commit(loc, record)
+        leases.release(loc, self._unit)
 
 
 class CacheWriter:
@@ -493,9 +541,10 @@ class CacheWriter:
         self.loc, self.root = loc, root
         self.url = loc.url
         self._records: dict = {}  # commit records are immutable: read each once
+        self._checked: set = set()  # ...and check each one's chain once
 
     def _replay(self) -> log.LogState:
-        self._records = log.load_records(self.loc, self._records)
+        self._records = log.load_records(self.loc, self._records, self.root, self._checked)
         return log.replay(self.root, self._records)
 
     @property
@@ -516,10 +565,21 @@ class CacheWriter:
         from .reader import Cache
 
         self._replay()
-        return Cache(self.loc, self.root, records=self._records)
+        return Cache(self.loc, self.root, records=self._records, checked=self._checked)
 
-    def segment(self, meta: dict | None = None) -> SegmentWriter:
-        return SegmentWriter(self, meta)
+    def segment(self, meta: dict | None = None, turn=None, defer: bool = False) -> SegmentWriter:
+        """A new segment. `turn` (ordering.CommitOrder.turn(k)) makes it commit in plan order;
+        `defer` leaves its record in `seg.prepared` for `commit_prepared` (e.g. by a coordinator)."""
+        return SegmentWriter(self, meta, turn, defer)
+
+    def adopt(self, record: dict) -> None:
+        """Keep a prepared segment's lease alive here until `commit_prepared`."""
+        leases.hold(self.loc, f"segments/{record['segment']}")
+
+    def commit_prepared(self, record: dict) -> str:
+        name = log.commit(self.loc, record)
+        leases.release(self.loc, f"segments/{record['segment']}")
+        return name
 
     def add_layer(self, layer: int) -> LayerBackfill:
         """Declare `layer` (new segments must then carry it) and return its backfill helper."""
@@ -589,10 +649,14 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
         if loc.exists(log.ROOT_META):
             log.read_root(loc)  # raises "not a cache" for a foreign zarr.json
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
+        if loc.local and os.path.isdir(loc.root) and os.listdir(loc.root):
+            raise UserError(f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
+                            "(nothing there was changed)")
         for name, data in tok.items():
             loc.write(f"{TOKENIZER_DIR}/{name}", data)
         if not loc.create_exclusive(log.ROOT_META, log.dumps(doc)):
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
+        loc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(attrs)))
     except UserError:
         raise
     except OSError as e:

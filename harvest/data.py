@@ -6,15 +6,13 @@ layer added later sees exactly the same sequences.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
-from cache_format.config import CorpusConfig, CorpusSource, SuperGPQAConfig
+from cache_format.config import CorpusSource, SuperGPQAConfig
 from cache_format.errors import UserError
 
 from . import tiny
@@ -132,42 +130,107 @@ def question_record(q: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# corpus
+# corpus: every reader streams (nothing holds a whole file) and can skip documents by count
 
 
-def _texts_of(src: CorpusSource, seed: int) -> Iterator[str]:
-    """Documents of one source, in a seeded order for local files, streamed for the hub."""
+def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = "") -> Iterator[str]:
+    """Documents of one source after the first `skip`, in a fixed order for the seed.
+
+    Local files keep their order; the hub is streamed through a seeded shuffle buffer, so a
+    resume replays (reads, never tokenizes) the documents it skips; `builtin:tiny` cycles.
+    """
     if src.path == tiny.TINY_NAME:
         docs = [d.strip() for d in (tiny.assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
-        rng = random.Random(seed)
-        while True:  # the bundled corpus is small: cycle it in fresh seeded orders
-            order = list(range(len(docs)))
-            rng.shuffle(order)
-            for i in order:
-                yield docs[i]
+        yield from itertools.islice(_cycle_shuffled(docs, seed), skip, None)
+        return
     p = Path(src.path).expanduser()
-    if p.suffix == ".txt" or (p.exists() and p.suffix not in (".jsonl", ".json", ".parquet")):
+    if p.suffix in (".txt", ".jsonl", ".json", ".parquet") or p.exists():
         if not p.is_file():
             raise DataError(f"corpus source {src.name!r}: file {src.path} does not exist; fix corpus.sources path")
-        for d in p.read_text().split("\n\n"):
-            if d.strip():
-                yield d.strip()
-        return
-    if p.suffix in (".jsonl", ".json", ".parquet"):
-        rows = _read_records(src.path, src.split, what=f"corpus source {src.name!r}")
-        for i, r in enumerate(rows):
-            yield _field_text(r, src, i)
+        if src.revision:
+            raise DataError(f"corpus source {src.name!r}: revision {src.revision!r} applies to hub datasets only; "
+                            "remove it for the local file")
+        if p.suffix == ".parquet":
+            yield from _parquet_texts(p, src, skip)
+        elif p.suffix in (".jsonl", ".json"):
+            yield from itertools.islice(_jsonl_texts(p, src), skip, None)
+        else:
+            yield from itertools.islice(_txt_docs(p), skip, None)
         return
     try:
         import datasets
 
-        ds = datasets.load_dataset(src.path, src.subset or None, split=src.split, streaming=True)
+        ds = datasets.load_dataset(src.path, src.subset or None, split=src.split, streaming=True,
+                                   revision=revision or src.revision or None)
         ds = ds.shuffle(seed=seed, buffer_size=10_000)
     except Exception as e:
         raise DataError(f"corpus source {src.name!r}: cannot stream {src.path!r} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the id or use a local file") from None
-    for i, r in enumerate(ds):
-        yield _field_text(r, src, i)
+    for i, r in enumerate(itertools.islice(ds, skip, None)):
+        yield _field_text(r, src, skip + i)
+
+
+def _cycle_shuffled(docs: list[str], seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    while True:  # the bundled corpus is small: cycle it in fresh seeded orders
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        for i in order:
+            yield docs[i]
+
+
+def _txt_docs(p: Path) -> Iterator[str]:
+    """Documents separated by blank lines, read line by line."""
+    lines: list[str] = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if line.strip("\n"):
+                lines.append(line)
+                continue
+            doc = "".join(lines).strip()
+            lines = []
+            if doc:
+                yield doc
+    doc = "".join(lines).strip()
+    if doc:
+        yield doc
+
+
+def _jsonl_texts(p: Path, src: CorpusSource) -> Iterator[str]:
+    with open(p, encoding="utf-8") as f:
+        n = 0
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{p}:{i + 1}: not valid JSON; the file must be JSON lines") from None
+            yield _field_text(r, src, n)
+            n += 1
+
+
+def _parquet_texts(p: Path, src: CorpusSource, skip: int) -> Iterator[str]:
+    """One column in record batches; whole row groups before `skip` are not even read."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(p)
+    if src.text_field not in f.schema_arrow.names:
+        raise DataError(f"corpus source {src.name!r}: {p} has no column {src.text_field!r}; "
+                        f"set text_field (columns: {', '.join(f.schema_arrow.names)})")
+    groups, n = [], 0
+    for g in range(f.num_row_groups):
+        rows = f.metadata.row_group(g).num_rows
+        if n + rows <= skip:
+            n += rows
+            continue
+        groups.append(g)
+    i = n
+    for batch in f.iter_batches(batch_size=1024, row_groups=groups, columns=[src.text_field]):
+        for v in batch.column(0).to_pylist():
+            if i >= skip:
+                yield _field_text({src.text_field: v}, src, i)
+            i += 1
 
 
 def _field_text(r: dict, src: CorpusSource, i: int) -> str:
@@ -178,52 +241,6 @@ def _field_text(r: dict, src: CorpusSource, i: int) -> str:
     if isinstance(v, list):  # chat-style conversations: join the turns' text
         v = "\n\n".join(t.get("value") or t.get("content") or "" if isinstance(t, dict) else str(t) for t in v)
     return str(v)
-
-
-@dataclass
-class PackedSequence:
-    seq_index: int
-    token_ids: list[int]
-    docs: list[tuple[str, int]]  # (source name, document index) of every piece in it
-
-
-def pack_corpus(cfg: CorpusConfig, tokenizer, eos_id: int) -> Iterator[PackedSequence]:
-    """Fixed-length sequences from a weighted mixture, documents separated by EOS.
-
-    Deterministic by `cfg.seed`: the source of each next document is a seeded weighted draw,
-    and each source's documents come in a seeded order. Documents are split across sequence
-    boundaries (standard packing), so no token is wasted on padding.
-    """
-    if not cfg.sources:
-        raise DataError("corpus.sources is empty; add at least one [[corpus.sources]] table")
-    weights = np.array([s.weight for s in cfg.sources], dtype=float)
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise DataError("corpus.sources weights must be non-negative and not all zero")
-    weights = weights / weights.sum()
-    rng = np.random.default_rng(cfg.seed)
-    streams = [_texts_of(s, cfg.seed + 1 + i) for i, s in enumerate(cfg.sources)]
-    doc_counts = [0] * len(streams)
-    live = list(range(len(streams)))
-    buf: list[int] = []
-    owners: list[tuple[str, int]] = []
-    n = 0
-    while live:
-        w = weights[live] / weights[live].sum()
-        k = live[int(rng.choice(len(live), p=w))]
-        try:
-            text = next(streams[k])
-        except StopIteration:
-            live.remove(k)
-            continue
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos_id]
-        owners.append((cfg.sources[k].name or cfg.sources[k].path, doc_counts[k]))
-        doc_counts[k] += 1
-        buf.extend(ids)
-        while len(buf) >= cfg.seq_len:
-            yield PackedSequence(n, buf[: cfg.seq_len], list(owners))
-            n += 1
-            buf = buf[cfg.seq_len:]
-            owners = owners[-1:] if buf else []
 
 
 def corpus_eos(tokenizer) -> int:

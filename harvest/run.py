@@ -6,17 +6,19 @@ the cache is read from the committed segments' meta (their `seq_ranges`), so a r
 a crash or kill plans only what is missing and ends with the same set of rows as an
 uninterrupted run. Units run in this process (one background writer thread behind a bounded
 queue, so the forward loop never waits on compression or I/O) or as dask tasks, one model
-per worker process, each worker committing its own segments.
+per worker process, each worker writing its own segments' objects. Either way commits land in
+plan order (cache_format.ordering), so identical runs commit identical logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
-import math
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,8 +30,9 @@ import torch
 import cache_format as cf
 from cache_format.config import ModelConfig, PipelineConfig
 from cache_format.errors import CacheError, UserError
+from cache_format.ordering import CommitOrder
 
-from . import data, rollouts as ro
+from . import corpus_plan, data, gpu, rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
 from .model import LoadedModel, ModelError, describe_model, load_model
 
@@ -46,6 +49,7 @@ class Unit:
     token_ids: list[list[int]] = field(default_factory=list)  # corpus: packed ids; supergpqa: filled after generation
     records: list[dict] = field(default_factory=list)  # per-sequence source fields
     questions: list[dict] = field(default_factory=list)  # supergpqa only
+    meta: dict = field(default_factory=dict)  # extra segment meta (corpus: planner state, rows by source)
 
     @property
     def n_tokens(self) -> int:
@@ -93,44 +97,31 @@ def source_selection(cfg: PipelineConfig) -> dict:
                 "seed": s.seed, "enable_thinking": s.enable_thinking, "max_new_tokens": s.max_new_tokens,
                 "prompt_format": s.prompt_format, "force_answer": s.force_answer}
     c = cfg.corpus
-    return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed,
-            "sources": [dataclasses.asdict(s) for s in c.sources]}
+    # a source's revision is checked against the commit its segments recorded (harvest.revisions)
+    return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed, "mix": c.mix,
+            "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "revision"} for s in c.sources]}
 
 
-def plan_units(cfg: PipelineConfig, tokenizer, done: set[int]) -> tuple[list[Unit], int]:
-    """Units still to do, and the total number of sequences the run wants."""
+def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=()) -> tuple[list[Unit], int]:
+    """Units still to do, and the total number of sequences the run wants.
+
+    Corpus units are planned lazily while they run (`harvest.corpus_plan`), restarting from
+    the planner state the committed `segments` recorded.
+    """
+    if cfg.harvest.source == "corpus":
+        units = corpus_plan.PlannedUnits(cfg, tokenizer, done, segments, Unit)
+        return units, units.n_seq
     per = max(1, cfg.harvest.segment_sequences)
-    todo: list[tuple[int, Any]] = []
-    if cfg.harvest.source == "supergpqa":
-        per = cfg.supergpqa.questions_per_unit
-        qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
-        total = len(qs)
-        todo = [(i, q) for i, q in enumerate(qs) if i not in done]
-    else:
-        n_seq = math.ceil(cfg.corpus.tokens / cfg.corpus.seq_len)
-        total = n_seq
-        if len(done) < n_seq:
-            eos = data.corpus_eos(tokenizer)
-            for s in data.pack_corpus(cfg.corpus, tokenizer, eos):
-                if s.seq_index >= n_seq:
-                    break
-                if s.seq_index not in done:
-                    todo.append((s.seq_index, s))
-            if len(done | {i for i, _ in todo}) < n_seq:
-                raise data.DataError(f"the corpus sources ran out after {len(done) + len(todo)} sequences of "
-                                     f"{cfg.corpus.seq_len} tokens; lower --tokens or add sources")
+    per = cfg.supergpqa.questions_per_unit  # rollout units have their own size (corpus: segment_sequences)
+    qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
+    todo: list[tuple[int, Any]] = [(i, q) for i, q in enumerate(qs) if i not in done]
     units = []
     for a in range(0, len(todo), per):
         part = todo[a: a + per]
         ids = [i for i, _ in part]
-        u = Unit(key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}", source=cfg.harvest.source, seq_ids=ids)
-        if cfg.harvest.source == "supergpqa":
-            u.questions = [q for _, q in part]
-        else:
-            u.token_ids = [s.token_ids for _, s in part]
-            u.records = [{"source": "corpus", "docs": json.dumps(s.docs)} for _, s in part]
-        units.append(u)
-    return units, total
+        units.append(Unit(key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}", source=cfg.harvest.source, seq_ids=ids,
+                          questions=[q for _, q in part]))
+    return units, len(qs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,8 +196,10 @@ def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_f
 class UnitWriter:
     """Owns one segment in the writer thread: mixes rows within windows, appends, commits."""
 
-    def __init__(self, writer, unit: Unit, meta: dict, mix_window: int, mix_seed: int, on_rows: Callable):
-        self.seg = writer.segment(meta=meta)
+    def __init__(self, writer, unit: Unit, meta: dict, mix_window: int, mix_seed: int, on_rows: Callable,
+                 turn=None, defer: bool = False):
+        # turn: commit in plan order (cache_format.ordering); defer: leave the record to the coordinator
+        self.seg = writer.segment(meta=meta, turn=turn, defer=defer)
         self.seg.__enter__()
         self.unit, self.mix_window, self.mix_seed = unit, mix_window, mix_seed
         self.pending: list[tuple[HostBatch, np.ndarray, np.ndarray]] = []
@@ -214,6 +207,13 @@ class UnitWriter:
         self.on_rows = on_rows
 
     def add(self, hb: HostBatch, roles: np.ndarray, labels: np.ndarray, n_seqs: int) -> None:
+        try:
+            self._add(hb, roles, labels, n_seqs)
+        except BaseException as e:  # abandon now: later segments must not wait for this one's turn
+            self.abort(e)
+            raise
+
+    def _add(self, hb: HostBatch, roles: np.ndarray, labels: np.ndarray, n_seqs: int) -> None:
         hb.ready()
         if self.mix_window <= 1:
             self._append(hb.residuals, hb.tokens, hb.seq_ids, hb.positions, roles, labels)
@@ -239,10 +239,14 @@ class UnitWriter:
         self.on_rows(len(tokens), sum(v.numel() * 2 for v in residuals.values()))
 
     def close(self) -> None:
-        self._flush_window()
-        self.seg.add_sequences([{"seq_id": s, "token_ids": list(map(int, t)), **rec}
-                                for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)])
-        self.seg.__exit__(None, None, None)
+        try:
+            self._flush_window()
+            self.seg.add_sequences([{"seq_id": s, "token_ids": list(map(int, t)), **rec}
+                                    for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)])
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self.seg.__exit__(None, None, None)  # commits in its turn (or abandons, releasing the turn)
 
     def abort(self, exc: BaseException) -> None:
         self.seg.__exit__(type(exc), exc, None)
@@ -254,13 +258,19 @@ def window_permutation(seed: int, first_seq_id: int, n_rows: int) -> np.ndarray:
 
 
 def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | None = None,
-                 on_rows: Callable = lambda rows, nbytes: None) -> dict:
-    """Capture one unit and commit it as one segment. Returns counts for progress."""
+                 on_rows: Callable = lambda rows, nbytes: None, turn=None, defer: bool = False) -> dict:
+    """Capture one unit and commit it as one segment (in `turn`'s place in the plan; or, with
+    `defer`, return its prepared record for the coordinator to commit). Returns counts for progress."""
     cfg = ctx.config
     threads = ctx.threads or cfg.harvest.torch_threads
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     lm = _model(cfg.model, ctx.device)
+    if not _STATE.get("kernel_note_said"):
+        _STATE["kernel_note_said"] = True
+        note = gpu.reference_kernel_note(lm.model, lm.device)
+        if note:
+            print(note, file=sys.stderr)
     if "writer" not in _STATE or _STATE.get("writer_url") != ctx.cache_url:
         _STATE["writer"] = cf.open_cache(ctx.cache_url, mode="a")
         _STATE["writer_url"] = ctx.cache_url
@@ -269,15 +279,18 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
         ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
     own_thread = writer_thread is None
     wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
-    capture_unit(lm, w, unit, cfg, wt, on_rows)
+    holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer)
     if own_thread:
         wt.close()
-    return {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),
-            "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2}
+    out = {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),
+           "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2}
+    if defer:
+        out["record"] = holder["uw"].seg.prepared
+    return out
 
 
 def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: BackgroundWriter,
-                 on_rows: Callable = lambda rows, nbytes: None) -> None:
+                 on_rows: Callable = lambda rows, nbytes: None, turn=None, defer: bool = False) -> dict:
     """Forward the unit's sequences in batches; the writer thread appends and commits its segment.
 
     Returns once every batch is queued: the commit happens in `wt` while the caller moves on.
@@ -288,14 +301,14 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
             "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
                     "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)"}
-            if cfg.harvest.mix_window > 1 else None}
+            if cfg.harvest.mix_window > 1 else None, **unit.meta}
     if unit.source == "supergpqa" and unit.records:
         meta["generation"] = {k: unit.records[0].get(k, "") for k in ("backend", "backend_version", "backend_params")}
         meta["outcomes"] = ro.outcome_counts(unit.records)
     holder: dict = {}
 
     def open_unit():
-        holder["uw"] = UnitWriter(w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows)
+        holder["uw"] = UnitWriter(w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows, turn, defer)
 
     wt.submit(open_unit)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -314,6 +327,7 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
                 labels = np.full(len(hb.tokens), cf.LABEL_NONE, np.int8)
             wt.submit(lambda hb=hb, roles=roles, labels=labels, n=len(seqs): holder["uw"].add(hb, roles, labels, n))
     wt.submit(lambda: holder["uw"].close())
+    return holder  # holder["uw"].seg: the segment, once `wt` has run the jobs
 
 
 def _as_rollout(unit: Unit, i: int) -> ro.Rollout:
@@ -327,13 +341,25 @@ def _remote_unit(unit: Unit, ctx: Context) -> dict:
     """The dask task: pin this worker's device, set its threads, run one unit."""
     from dask.distributed import get_worker
 
-    if torch.cuda.is_available() and ctx.device is None:
-        try:
-            idx = int(get_worker().name)
-        except (ValueError, TypeError):
-            idx = 0
-        ctx = dataclasses.replace(ctx, device=f"cuda:{idx % torch.cuda.device_count()}")
-    return process_unit(unit, ctx)
+    if ctx.device is None:
+        worker = get_worker()
+        device = getattr(worker, "actcache_device", None)  # set by pin_worker_devices when the run started
+        if device is None:  # a worker that joined later: a numeric name is its slot, else slot 0
+            device = gpu.device_for(int(worker.name) if str(worker.name).isdigit() else 0)
+        ctx = dataclasses.replace(ctx, device=device)
+    return process_unit(unit, ctx, defer=True)  # the coordinator commits it in plan order
+
+
+def _pin_device(slots: dict[str, int], dask_worker=None) -> str | None:
+    dask_worker.actcache_device = gpu.device_for(slots.get(dask_worker.address, 0))
+    return dask_worker.actcache_device
+
+
+def pin_worker_devices(client) -> dict[str, str | None]:
+    """Give every worker of the cluster its own GPU (its slot among the workers of its host),
+    whatever the workers' names; a worker started with one GPU in CUDA_VISIBLE_DEVICES keeps it."""
+    slots = gpu.worker_slots(client.scheduler_info()["workers"])
+    return client.run(_pin_device, slots)
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,8 +423,10 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     if new_layers or backfill:
         summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
     done = done_seq_ids(w.snapshot())
-    units, total = plan_units(cfg, info["tokenizer"], done)
+    units, total = plan_units(cfg, info["tokenizer"], done, w.snapshot().segments)
     summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
+    if isinstance(units, corpus_plan.PlannedUnits):  # where the streams restarted: no re-tokenizing before it
+        summary["planned_from_sequence"] = units.resumed_from
     log(f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; {len(units)} units to run")
     ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
     fanned_out = bool(cfg.harvest.workers or cfg.harvest.scheduler)
@@ -421,7 +449,7 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
 def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bool) -> int:
     from tqdm import tqdm
 
-    est = sum(u.n_tokens for u in units) or None
+    est = getattr(units, "n_tokens", None) or sum(u.n_tokens for u in units) or None
     bar = tqdm(total=est, unit="tok", unit_scale=True, desc="harvest", disable=not progress or not units,
                dynamic_ncols=True)
     state = {"rows": 0, "bytes": 0, "t0": time.time()}
@@ -443,9 +471,13 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
             # one thread per in-flight segment (a segment's rows stay in order within its thread)
             wts = [BackgroundWriter(cfg.harvest.queue_depth, f"harvest-writer-{i}")
                    for i in range(max(1, cfg.harvest.writer_threads))]
+            order = CommitOrder()  # writers write in parallel; commits land in plan order
             try:
                 for i, u in enumerate(units):
-                    process_unit(u, ctx, wts[i % len(wts)], on_rows)
+                    process_unit(u, ctx, wts[i % len(wts)], on_rows, turn=order.turn(i))
+            except BaseException:
+                order.abort()  # units still waiting for their turn abandon: the committed set stays a prefix
+                raise
             finally:
                 errors = []
                 for wt in wts:
@@ -474,11 +506,40 @@ def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> 
         client = Client(cluster)
         ctx = dataclasses.replace(ctx, threads=cfg.harvest.torch_threads or max(1, (os.cpu_count() or 1) // n))
     try:
-        futs = [client.submit(_remote_unit, u, ctx, key=f"harvest-{u.key}-{os.getpid()}", pure=False) for u in units]
-        sizes = {f.key: u.n_tokens for f, u in zip(futs, units)}
-        for f in as_completed(futs):
+        pin_worker_devices(client)
+        sizes: dict[str, int] = {}
+
+        def submit(u: Unit):
+            f = client.submit(_remote_unit, u, ctx, key=f"harvest-{u.key}-{os.getpid()}", pure=False)
+            sizes[f.key] = u.n_tokens
+            return f
+
+        # a bounded number of units in flight: corpus units are planned as the run goes
+        todo = iter(units)
+        limit = 2 * max(1, len(client.scheduler_info()["workers"]))
+        # workers write their segments' objects; this process commits the records in plan order
+        w = cf.open_cache(ctx.cache_url, mode="a")
+        turn_of: dict[str, int] = {}
+        ready: dict[int, dict] = {}
+        next_turn = 0
+
+        def submit_next(u: Unit):
+            f = submit(u)
+            turn_of[f.key] = len(turn_of)
+            return f
+
+        running = as_completed([submit_next(u) for u in itertools.islice(todo, limit)])
+        for f in running:
             res = f.result()
-            on_rows(sizes[f.key] or res["rows"], res["bytes"])
+            w.adopt(res["record"])  # keep its lease alive while it waits for its turn
+            ready[turn_of[f.key]] = res["record"]
+            while next_turn in ready:
+                w.commit_prepared(ready.pop(next_turn))
+                next_turn += 1
+            on_rows(sizes.pop(f.key) or res["rows"], res["bytes"])
+            u = next(todo, None)
+            if u is not None:
+                running.add(submit_next(u))
     finally:
         client.close()
         if cluster is not None:

@@ -72,7 +72,7 @@ def test_gc_retract_publish_sync(run, make_cache, tmp_path):
     open(f"{url}/segments/20200101T000000-deadbeef0000/resid_post/1/c/0/0", "wb").write(b"x" * 100)
     code, out, _ = run("gc", url, "--older-than", "1h", "--dry-run")
     assert code == 0 and "would remove 0 objects" in out  # just written: inside the grace period
-    code, out, _ = run("gc", url, "--older-than", "0s")
+    code, out, _ = run("gc", url, "--older-than", "0s", "--force")
     assert code == 0 and "removed 1 objects" in out and not os.path.exists(f"{url}/segments/20200101T000000-deadbeef0000")
     code, out, _ = run("retract", url, c.segments[1].id, "--reason", "bad")
     c2 = cf.open_cache(url)

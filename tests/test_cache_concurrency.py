@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -33,7 +34,7 @@ WRITER = textwrap.dedent("""
                 n = rows // 3
                 tok = wid * 10**6 + i * 10**3 + part * n + np.arange(n)
                 x = (np.random.default_rng(tok[0]).standard_normal((n, 32))).astype(BF16)
-                seg.append(residuals={2: x}, tokens=tok, seq_ids=np.full(n, wid * 1000 + i), positions=np.arange(n))
+                seg.append(residuals={2: x}, tokens=tok, seq_ids=np.full(n, wid * 1000 + i), positions=part * n + np.arange(n))
                 if n_segs == -2 and i == 1 and part == 2:  # hang mid-segment, shards already flushed
                     print("hang", flush=True)
                     import time; time.sleep(600)
@@ -78,14 +79,19 @@ def test_writer_killed_mid_segment_leaves_a_readable_cache(tmp_path, seed):
     assert bad == []
     fp = c.fingerprint
     loc = Location(str(url))
-    leftovers = ops.gc(loc, older_than_s=0, dry_run=True)
+    leases = glob.glob(str(url / "segments" / "*" / ".lease"))
+    if seed == "hang":  # the killed writer's lease is fresh for 10 minutes: gc keeps its work even at 0s
+        assert len(leases) == 1 and ops.gc(loc, older_than_s=0, dry_run=True, force=True) == []
+    for lease in leases:  # ...then it goes stale
+        os.utime(lease, (time.time() - 660, time.time() - 660))
+    leftovers = ops.gc(loc, older_than_s=0, dry_run=True, force=True)
     committed = set(ops.segment_objects(c._segs[0]) if segs else {})
     assert not committed & set(leftovers)
     if seed == "hang":
         assert len(segs) == 1 and any("/resid_post/2/c/" in k for k in leftovers)  # unreferenced shards
     assert ops.gc(loc, older_than_s=3600) == []  # within the grace period nothing goes
-    ops.gc(loc, older_than_s=0)
-    assert ops.gc(loc, older_than_s=0, dry_run=True) == []
+    ops.gc(loc, older_than_s=0, force=True)
+    assert ops.gc(loc, older_than_s=0, dry_run=True, force=True) == []
     c2 = cf.open_cache(url)
     assert c2.fingerprint == fp and ops.verify(c2)[1] == []
 

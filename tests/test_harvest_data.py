@@ -1,5 +1,6 @@
 """Sources: the corpus packer over local files, question selection, and other model families."""
 
+import itertools
 import json
 from collections import Counter
 
@@ -8,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cache_format.config import CorpusConfig, CorpusSource, ModelConfig, SuperGPQAConfig
-from harvest import data, tiny
+from harvest import corpus_plan, data, tiny
 from harvest.model import load_model
 
 
@@ -34,26 +35,97 @@ def test_packing_is_a_deterministic_weighted_mixture_with_eos_separators(tmp_pat
     cfg = CorpusConfig(sources=local_sources(tmp_path), seq_len=32, tokens=0, seed=3)
     eos = data.corpus_eos(tok)
     assert eos == tok.convert_tokens_to_ids("<|endoftext|>")
-    seqs = list(data.pack_corpus(cfg, tok, eos))
-    again = list(data.pack_corpus(cfg, tok, eos))
-    assert [s.token_ids for s in seqs] == [s.token_ids for s in again]
+    seqs = list(corpus_plan.pack_corpus(cfg, tok, eos))
+    again = list(corpus_plan.pack_corpus(cfg, tok, eos))
+    assert [s.token_ids.tolist() for s in seqs] == [s.token_ids.tolist() for s in again]
     assert all(len(s.token_ids) == 32 for s in seqs) and [s.seq_index for s in seqs] == list(range(len(seqs)))
-    flat = [t for s in seqs for t in s.token_ids]
+    flat = [t for s in seqs for t in s.token_ids.tolist()]
     assert flat.count(eos) >= 100  # every document ends with the separator
     first = Counter(name for s in seqs[: len(seqs) // 3] for name, _ in s.docs)
     assert first["a"] > first["b"] > first["c"]  # early on, the draw follows the weights
-    other = list(data.pack_corpus(CorpusConfig(sources=cfg.sources, seq_len=32, seed=4), tok, eos))
-    assert [s.token_ids for s in other] != [s.token_ids for s in seqs]
+    other = list(corpus_plan.pack_corpus(CorpusConfig(sources=cfg.sources, seq_len=32, seed=4), tok, eos))
+    assert [s.token_ids.tolist() for s in other] != [s.token_ids.tolist() for s in seqs]
+
+
+def uneven_sources(tmp_path):
+    """Long documents at weight 0.7, middling at 0.2, short at 0.1 (OpenThoughts-like skew the other way too)."""
+    (tmp_path / "short.txt").write_text("\n\n".join(f"short note {i}." for i in range(3000)))
+    with open(tmp_path / "long.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": " ".join(f"long trace {i} step {j} holds." for j in range(60))}) + "\n")
+    pq.write_table(pa.table({"text": [f"middle row {i}: " + "a prime has two divisors. " * 4 for i in range(2000)]}),
+                   tmp_path / "mid.parquet", row_group_size=100)
+    return [CorpusSource("short", str(tmp_path / "short.txt"), 0.1), CorpusSource("long", str(tmp_path / "long.jsonl"), 0.7),
+            CorpusSource("mid", str(tmp_path / "mid.parquet"), 0.2)]
+
+
+def shares(seqs):
+    rows = Counter()
+    for s in seqs:
+        rows.update(s.rows)
+    total = sum(rows.values())
+    return {k: v / total for k, v in rows.items()}
+
+
+def test_weights_are_token_shares_and_per_document_draws_stay_an_option(tmp_path, tok):
+    srcs = uneven_sources(tmp_path)
+    srcs = [srcs[1], srcs[2], srcs[0]]  # 70 long / 20 middling / 10 short
+    cfg = CorpusConfig(sources=srcs, seq_len=64, seed=0)
+    seqs = list(itertools.islice(corpus_plan.pack_corpus(cfg, tok, data.corpus_eos(tok)), 600))
+    got = shares(seqs)
+    for name, want in (("long", 0.7), ("mid", 0.2), ("short", 0.1)):
+        assert abs(got[name] - want) < 0.02, got
+    per_doc = CorpusConfig(sources=srcs, seq_len=64, seed=0, mix="documents")
+    got = shares(itertools.islice(corpus_plan.pack_corpus(per_doc, tok, data.corpus_eos(tok)), 600))
+    assert got["long"] > 0.85, got  # a per-document draw over-weights long documents
+    with pytest.raises(data.DataError, match="corpus.mix"):
+        next(corpus_plan.pack_corpus(CorpusConfig(sources=srcs, mix="words"), tok, 0))
+
+
+def test_a_planner_restarted_from_a_recorded_state_continues_exactly(tmp_path, tok):
+    import json as js
+
+    cfg = CorpusConfig(sources=uneven_sources(tmp_path) + [CorpusSource("tiny", "builtin:tiny", 0.3)], seq_len=48, seed=5)
+    eos = data.corpus_eos(tok)
+    p = corpus_plan.CorpusPlanner(cfg, tok, eos, threads=2)
+    states, seqs = {}, []
+    for i in range(120):
+        seqs.append(p.next_sequence())
+        states[i + 1] = js.loads(js.dumps(p.state()))  # what a segment's meta holds
+    p.close()
+    opened = [m for m, st in states.items() if st["open"] and st["open"][2] > 0]
+    assert opened, "no boundary fell inside a document"
+    for m in (1, opened[0], opened[-1], 77):
+        q = corpus_plan.CorpusPlanner(cfg, tok, eos, state=states[m], threads=1)
+        again = [q.next_sequence() for _ in range(120 - m)]
+        q.close()
+        assert [s.seq_index for s in again] == list(range(m, 120))
+        assert [s.token_ids.tolist() for s in again] == [s.token_ids.tolist() for s in seqs[m:]]
+        assert [s.docs for s in again] == [s.docs for s in seqs[m:]]
+
+
+def test_local_readers_stream_and_skip_by_document(tmp_path):
+    srcs = {s.name: s for s in uneven_sources(tmp_path)}
+    (tmp_path / "gaps.txt").write_text("one\nline two\n\n\n\nthree  \n\n four\n")
+    assert list(data.iter_documents(CorpusSource("g", str(tmp_path / "gaps.txt")), 0)) == ["one\nline two", "three", "four"]
+    for name in ("short", "long", "mid"):
+        whole = list(data.iter_documents(srcs[name], 0))
+        assert list(data.iter_documents(srcs[name], 0, skip=250)) == whole[250:]
+    assert len(list(data.iter_documents(srcs["mid"], 0, skip=1999))) == 1  # parquet: skipped row groups unread
+    with pytest.raises(data.DataError, match="no column 'body'"):
+        next(data.iter_documents(CorpusSource("m", srcs["mid"].path, text_field="body"), 0))
+    with pytest.raises(data.DataError, match="hub datasets only"):
+        next(data.iter_documents(CorpusSource("m", srcs["mid"].path, revision="v1"), 0))
 
 
 def test_corpus_source_errors_are_one_line(tmp_path, tok):
     bad = CorpusConfig(sources=[CorpusSource("b", str(tmp_path / "missing.txt"))])
     with pytest.raises(data.DataError, match="does not exist"):
-        next(data.pack_corpus(bad, tok, 0))
+        next(corpus_plan.pack_corpus(bad, tok, 0))
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hi"}) + "\n")
     bad = CorpusConfig(sources=[CorpusSource("x", str(tmp_path / "x.jsonl"))])
     with pytest.raises(data.DataError, match="no field 'text'"):
-        next(data.pack_corpus(bad, tok, 0))
+        next(corpus_plan.pack_corpus(bad, tok, 0))
 
 
 def test_questions_by_seed_extend_and_validate(tmp_path):
@@ -91,3 +163,112 @@ def test_a_saved_llama_style_model_loads_by_path_with_its_layers(tmp_path):
     lm = load_model(ModelConfig(name_or_path=str(tmp_path / "llama"), dtype="float32", device_map="cpu"))
     assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.layers_path == "model.layers"
     assert lm.n_layers == 3 and lm.d_model == 32 and lm.provenance["resolved_path"] == str(tmp_path / "llama")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A loopback server answering the hub's dataset-info API: {repo: {revision: sha}}."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import unquote
+
+    commits = {"org/web": {"": "a" * 40, "main": "a" * 40, "v2": "b" * 40}}
+    asked = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            parts = unquote(self.path.split("?")[0]).split("/")  # /api/datasets/org/web[/revision/REV]
+            repo, rev = "/".join(parts[3:5]), parts[6] if len(parts) > 6 else ""
+            asked.append((repo, rev))
+            sha = commits.get(repo, {}).get(rev)
+            body = json.dumps({"id": repo, "sha": sha} if sha else {"error": "not found"}).encode()
+            self.send_response(200 if sha else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield commits, asked
+    server.shutdown()
+
+
+def test_hub_revisions_resolve_once_then_resume_reuses_the_recorded_commit(tmp_path, fake_hub):
+    import numpy as np
+    import torch
+
+    import cache_format as cf
+    from cache_format.errors import UserError
+    from harvest import revisions
+
+    commits, asked = fake_hub
+    local = CorpusSource("local", str(tmp_path / "a.txt"))
+    hub = CorpusSource("web", "org/web")
+    pins = revisions.pin([local, hub], [])
+    assert pins == {1: {"requested": "", "commit": "a" * 40}} and asked == [("org/web", "")]
+    # a segment records the pins; the upstream branch moves; a resume keeps the recorded commit
+    w = cf.create_cache(str(tmp_path / "c"), d_model=4, layers=[0], meta={"model": {"name_or_path": "t"}})
+    with w.segment(meta={"plan": {"next_seq": 1, "revisions": {"web": pins[1]}}}) as seg:
+        seg.append({0: torch.zeros(2, 4, dtype=torch.bfloat16)}, tokens=np.zeros(2, np.int32), seq_ids=np.zeros(2, np.int64),
+                   positions=np.arange(2, dtype=np.int32))
+    commits["org/web"][""] = "c" * 40
+    segs = cf.open_cache(str(tmp_path / "c")).segments
+    assert revisions.pin([hub], segs)[0]["commit"] == "a" * 40 and len(asked) == 1
+    assert revisions.pin([CorpusSource("web", "org/web", revision="a" * 40)], segs)[0]["commit"] == "a" * 40
+    with pytest.raises(UserError, match="harvested at revision 'main'.*not 'v2'"):
+        revisions.pin([CorpusSource("web", "org/web", revision="v2")], segs)
+    assert revisions.pin([CorpusSource("web", "org/web", revision="v2")], [])[0]["commit"] == "b" * 40
+    with pytest.raises(UserError, match="cannot resolve the revision 'nope'"):
+        revisions.pin([CorpusSource("web", "org/web", revision="nope")], [])
+
+
+def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_report(tmp_path):
+    from click.testing import CliRunner
+
+    from analysis_data import exported_run
+    from cache_format.cli import cli
+    from cache_format.config import load_config
+    from harvest import run as hr
+    from train.report import render_report
+
+    srcs = uneven_sources(tmp_path)
+    table = ", ".join(f'{{name="{s.name}", path="{s.path}", weight={w}}}' for s, w in zip(srcs, (0.1, 0.7, 0.2)))
+    url = str(tmp_path / "mix")
+    cfg = load_config(None, "tiny", [f"corpus.sources=[{table}]", "harvest.segment_sequences=64",
+                                     "harvest.batch_size=64"],
+                      **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 256 * 128})
+    hr.run(cfg, progress=False)
+    out = CliRunner().invoke(cli, ["info", url, "--json"])
+    rows = json.loads(out.output)["rows_by_source"]
+    assert sum(rows.values()) == 256 * 128
+    for name, want in (("long", 0.7), ("mid", 0.2), ("short", 0.1)):
+        assert abs(rows[name] / (256 * 128) - want) < 0.02, rows
+    text = CliRunner().invoke(cli, ["info", url]).output
+    assert "sources      long 70." in text and "(weight 70%)" in text, text
+    run_dir, _, _ = exported_run(tmp_path / "r", trajectory=[], metrics={})
+    run = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**run, "cache": url}))
+    page = render_report(run_dir).read_text()
+    assert "source token shares" in page and f"long {rows['long'] / (256 * 128):.1%}" in page
+
+
+def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_they_filled(tmp_path):
+    import cache_format as cf
+    from cache_format.config import load_config
+    from harvest import run as hr
+
+    (tmp_path / "few.txt").write_text("\n\n".join(f"a short document, number {i}." for i in range(200)))
+    url = str(tmp_path / "out")
+    cfg = load_config(None, "tiny", [f'corpus.sources=[{{name="few", path="{tmp_path / "few.txt"}"}}]',
+                                     "harvest.segment_sequences=8", "harvest.batch_size=8"],
+                      **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 10**6})
+    with pytest.raises(data.DataError, match=r"ran out after \d+ sequences of 128 tokens; lower --tokens"):
+        hr.run(cfg, progress=False)
+    c = cf.open_cache(url)
+    assert c.n_tokens > 0 and c.n_tokens % (8 * 128) == 0

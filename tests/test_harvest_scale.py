@@ -76,7 +76,11 @@ def test_resume_after_kill_9_gives_the_rows_of_an_uninterrupted_run(tmp_path):
     summary = hr.run(cfg_for(url, tokens), progress=False)  # the same command again
     assert summary["sequences_done_before"] == 4 * len(partial.segments)
     assert_same_rows(whole, url)
-    assert cf.open_cache(str(url)).n_tokens == tokens
+    resumed, uninterrupted = cf.open_cache(str(url)), cf.open_cache(str(whole))
+    assert resumed.n_tokens == tokens
+    # commits land in plan order, so the killed run committed a prefix and the resumed one the rest
+    assert [s.meta["unit"] for s in resumed.segments] == [s.meta["unit"] for s in uninterrupted.segments]
+    assert resumed.fingerprint == uninterrupted.fingerprint
 
 
 @pytest.mark.slow
@@ -91,6 +95,23 @@ def test_two_dask_workers_each_write_their_own_segments(tmp_path):
     pids = {s.meta["writer"]["pid"] for s in c.segments}
     assert len(c.segments) == 4 and len(pids) == 2 and os.getpid() not in pids
     assert_same_rows(local, url)
+    # the workers write; this process commits in plan order, whichever worker finished first
+    assert [s.meta["unit"] for s in c.segments] == [s.meta["unit"] for s in cf.open_cache(str(local)).segments]
+    again = tmp_path / "dask2"
+    hr.run(cfg_for(again, tokens, **{"harvest.workers": 2}), progress=False)
+    assert cf.open_cache(str(again)).fingerprint == c.fingerprint
+
+
+def test_two_writer_threads_commit_in_plan_order_and_give_identical_caches(tmp_path):
+    tokens = 64 * 24  # 6 units over 2 writer threads
+    caches = []
+    for name in ("a", "b"):
+        hr.run(cfg_for(tmp_path / name, tokens, **{"harvest.writer_threads": 2}), progress=False)
+        caches.append(cf.open_cache(str(tmp_path / name)))
+    a, b = caches
+    units = [s.meta["unit"] for s in a.segments]
+    assert units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0])) == [s.meta["unit"] for s in b.segments]
+    assert a.fingerprint == b.fingerprint and np.array_equal(a.tokens[:], b.tokens[:])
 
 
 def test_an_existing_scheduler_runs_the_units(tmp_path):

@@ -27,8 +27,10 @@ FAST = ["--profile", "tiny", "--set", "train.d_sae=192", "--set", "train.k=3", "
         "--set", "train.geometric_median_samples=1024", "--set", "train.eval_tokens=2048"]
 
 
-PLANTED = ["--set", "train.training_tokens=160000", "--set", "train.eval_every_tokens=40000",
-           "--set", "train.checkpoint_every_tokens=80000", "--set", "train.sweep=[{d_sae=128, k=4}]"]
+# 20 epochs of the 16k-row planted cache: AuxK normalized by the residual's variance recovers
+# every feature here (two seeds measured); sparsify's total-variance normalization gets 97.9%
+PLANTED = ["--set", "train.training_tokens=320000", "--set", "train.eval_every_tokens=80000",
+           "--set", "train.checkpoint_every_tokens=160000", "--set", "train.sweep=[{d_sae=128, k=4}]"]
 
 
 def run(args):
@@ -59,13 +61,14 @@ def test_planted_features_are_recovered_and_exported(planted, tmp_path):
     assert names == {"L2_n192_k3", "L2_n128_k4", "L4_n192_k3", "L4_n128_k4"}  # layers x settings, one pass
     for layer in (2, 4):
         cos = recovered(out / f"L{layer}_n192_k3", dicts[layer])
-        assert (cos > 0.9).mean() >= 0.9, np.sort(cos)[:10]
+        assert (cos > 0.9).mean() >= 0.99, np.sort(cos)[:10]
         entry = next(s for s in run_json["saes"] if s["name"] == f"L{layer}_n192_k3")
-        assert entry["metrics"]["variance_explained"] > 0.85 and entry["metrics"]["l0"] <= 3
+        assert entry["metrics"]["variance_explained"] >= 0.92 and entry["metrics"]["l0"] <= 3
         cfg = json.loads((out / entry["path"] / "cfg.json").read_text())
         assert cfg["d_in"] == 32 and cfg["d_sae"] == 192 and cfg["k"] == 3 and cfg["layer"] == layer
         assert cfg["layer_fingerprint"] == run_json["layer_fingerprints"][str(layer)]
-        assert cfg["split"]["fraction"] == 0.1 and cfg["tokens_seen"] >= 160000
+        assert cfg["split"]["fraction"] == 0.1 and cfg["tokens_seen"] >= 320000
+        assert cfg["metadata"]["prepend_bos"] is False and cfg["cache"] == str(Path(url).resolve())
         pt = torch.load(out / entry["path"] / f"sae_L{layer}_n192_k3.pt", weights_only=True)
         assert pt["W_enc"].shape == (32, 192) and pt["W_dec"].shape == (192, 32)
         traj = [json.loads(x) for x in (out / entry["trajectory"]).read_text().splitlines()]

@@ -13,14 +13,24 @@ from pathlib import Path
 
 import torch
 
+from cache_format.errors import UserError
+
 
 def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary name, then rename; a failed write (a full disk: torch reports it as a
+    RuntimeError) removes the temporary file and is one line naming the file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise UserError(f"cannot write {path} ({why}); free some space or choose another --out, then re-run "
+                        "to resume from the last checkpoint") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

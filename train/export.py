@@ -1,4 +1,4 @@
-"""Export: `OUT/run.json` and, per SAE, `OUT/<name>/` in the sae_lens layout plus the `000_*` file.
+"""Export: `OUT/run.json` and, per SAE, `OUT/<name>/` in the SAELens 6 layout plus the `000_*` file.
 
 Normalization is folded into the weights first, so every exported file takes raw residuals.
 The trajectory plot (variance explained and dead latents against tokens) is drawn here too.
@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cache_format.errors import UserError
+
 from .checkpoint import atomic_write_text
 from .sae import TopKSAE
 
 RUN_JSON_VERSION = 1
+SAE_LENS_FORMAT = "6.0.0"  # the SAELens config generation cfg.json follows (checked against 6.54)
 
 
 def sae_name(layer: int, d_sae: int, k: int) -> str:
@@ -24,6 +27,9 @@ def sae_name(layer: int, d_sae: int, k: int) -> str:
 
 def export_sae(sae: TopKSAE, out_dir: Path, cfg: dict) -> dict[str, str]:
     """Write cfg.json + sae_weights.safetensors + sae_L{layer}_n{d_sae}_k{k}.pt; return the file names."""
+    if not sae.relu:
+        raise UserError(f"cannot export {out_dir.name} in the SAELens layout: it has no ReLU, and SAELens' topk "
+                        "applies one (abstopk ranks by magnitude), so its codes would differ; keep its .pt file instead")
     out_dir.mkdir(parents=True, exist_ok=True)
     folded = sae.folded()
     weights = {n: t.detach().float().cpu().contiguous() for n, t in folded.weights().items()}
@@ -34,29 +40,72 @@ def export_sae(sae: TopKSAE, out_dir: Path, cfg: dict) -> dict[str, str]:
     return {"cfg": "cfg.json", "safetensors": "sae_weights.safetensors", "pt": pt_name}
 
 
+def absolute_url(url: str) -> str:
+    """A cache location that resolves from anywhere: URLs as given, local paths made absolute."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return str(Path(url.removeprefix("file://")).expanduser().resolve())
+
+
+def context_size(cache) -> int | None:
+    """Tokens per sequence: the corpus' packing length, else the longest stored sequence (rollouts)."""
+    seq_len = ((cache.meta or {}).get("source") or {}).get("seq_len")
+    if isinstance(seq_len, int):
+        return seq_len
+    try:
+        lengths = cache.sequences().column("token_ids").to_pylist()
+    except Exception:  # a cache without a sequences table (an import) does not know
+        return None
+    return max((len(t) for t in lengths), default=None)
+
+
 def sae_lens_cfg(sae: TopKSAE, *, layer: int, hook: str, hook_module: str, model: str, fingerprint: str,
-                 tokens: int, split: dict, normalization: dict, config: dict, cache_url: str) -> dict:
-    """sae_lens' cfg.json keys (architecture, d_in, d_sae, hook_name, ...) plus this project's provenance."""
+                 tokens: int, split: dict, normalization: dict, config: dict, cache_url: str,
+                 source: dict | None = None, context: int | None = None) -> dict:
+    """A SAELens 6.x cfg.json (its TopKSAEConfig fields and `metadata` block) plus this project's provenance.
+
+    SAELens reads the top-level fields it knows and the `metadata` block, and ignores the rest,
+    so our own keys (layer, fingerprint, split, train_config, ...) ride beside them. Without a
+    metadata block carrying a 6.x `sae_lens_version`, SAELens would treat the file as a pre-6.0
+    config and default `prepend_bos` to True; harvest never prepends a BOS (Qwen has none).
+    """
+    cache = absolute_url(cache_url)
+    site = "resid_post" if hook in ("", "resid_post") else hook
     return {
+        # SAELens TopKSAEConfig (architecture "topk": top-k of the pre-activations, then ReLU)
         "architecture": "topk",
-        "activation_fn": "topk",
-        "activation_fn_kwargs": {"k": sae.k},
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "k": sae.k,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": sae.subtract_b_dec,
-        "relu": sae.relu,
         "normalize_activations": "none",  # any normalization is folded into the weights
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,  # the decoder rows are unit norm
+        "metadata": {
+            "sae_lens_version": SAE_LENS_FORMAT,
+            "sae_lens_training_version": None,  # trained by this project, not by SAELens
+            "model_name": model,
+            "hook_name": f"blocks.{layer}.hook_{site}",
+            "hf_hook_name": hook_module,
+            "prepend_bos": False,
+            "context_size": context,
+            "dataset_path": cache,
+            "exclude_special_tokens": bool(config.get("exclude_special", False)),
+        },
+        # this project's fields (SAELens ignores them)
+        "activation_fn": "topk",
+        "activation_fn_kwargs": {"k": sae.k},
+        "relu": sae.relu,
         "normalization": normalization,
-        "model_name": model,
-        "hook_name": hook_module or f"{hook}/{layer}",
         "hook_site": hook,
+        "hook_module": hook_module,
         "hook_layer": layer,
         "layer": layer,
         "layer_fingerprint": fingerprint,
-        "cache": cache_url,
+        "cache": cache,
+        "source": source or {},
         "split": split,
         "tokens_seen": tokens,
         "training_tokens": tokens,

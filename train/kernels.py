@@ -7,11 +7,12 @@ outer products. Here both are computed as `embedding_bag` over the active entrie
 latent (one sort, shared by the two), the gradient of the codes is one sampled dot product per
 active entry, and the only dense product left is the forward encoder matmul.
 
-AuxK is different: k_aux (d_in/2) entries per row among the dead latents are a dense block,
-not a sparse one, so the pass also returns the dead latents' pre-activations (N, n_dead) and
-the AuxK reconstruction is an ordinary dense matmul on that compact block. Its gradient flows
-back into the encoder too, so dead latents' encoder columns move (sparsify's fused encoder
-drops that gradient).
+AuxK is sparse the same way: the top k_aux (d_in/2) pre-activations among the dead latents
+are taken in the same pass (a top-k over the dead columns, or over all of them with the alive
+masked when most are dead), decoded with the same embedding_bag, and their entries join the
+main ones in the one sort of the backward. Nothing in the step is (N, n_dead) dense beyond
+that top-k, so its cost stays flat as the dead fraction grows. The AuxK gradient reaches the
+dead latents' encoder columns and decoder rows (sparsify's fused encoder drops the former).
 """
 
 from __future__ import annotations
@@ -53,66 +54,95 @@ def _entry_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
 
 class _TopKAutoencode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, low_precision):
+    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, k_aux, low_precision):
         bias = b_enc - b_dec @ W_enc if subtract_b_dec else b_enc
         if low_precision:
             pre = torch.addmm(bias.to(torch.bfloat16), x.to(torch.bfloat16), W_enc.to(torch.bfloat16)).float()
         else:
             pre = torch.addmm(bias, x, W_enc)
         vals, idx = pre.topk(k, dim=-1, sorted=False)
-        pre_dead = pre.index_select(1, dead) if dead is not None else pre.new_empty(x.shape[0], 0)
+        n_dead = 0 if dead is None else dead.numel()
+        ka = min(k_aux, n_dead)
+        if ka:
+            aux_vals, aux_idx = _dead_topk(pre, dead, ka)
+        else:
+            aux_vals, aux_idx = vals.new_empty(x.shape[0], 0), idx.new_empty(x.shape[0], 0)
         del pre
         if relu:
-            vals = F.relu(vals)
+            vals, aux_vals = F.relu(vals), F.relu(aux_vals)
         recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, dead if dead is not None else idx.new_empty(0))
+        aux_recon = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_vals, mode="sum") if ka \
+            else recon.new_zeros(recon.shape)
+        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx)
         ctx.relu, ctx.subtract_b_dec = relu, subtract_b_dec
         ctx.mark_non_differentiable(idx)
-        return recon, vals, idx, pre_dead
+        return recon, vals, idx, aux_recon
 
     @staticmethod
-    def backward(ctx, g_recon, g_vals, _g_idx, g_dead):
-        x, W_enc, b_dec, W_dec, vals, idx, dead = ctx.saved_tensors
+    def backward(ctx, g_recon, g_vals, _g_idx, g_aux):
+        x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        n, k = idx.shape
         d_sae = W_enc.shape[1]
-        order, token, offsets = _by_latent(idx, d_sae)
-        g_W_dec = None
         gv = torch.zeros_like(vals) if g_vals is None else g_vals.clone()
         if g_recon is not None:
             g_recon = g_recon.contiguous()
             gv += _entry_dots(idx, g_recon, W_dec)
-            g_W_dec = _transposed_product(order, token, offsets, vals, g_recon)
+        if g_aux is None or aux_idx.shape[1] == 0:  # the AuxK entries carry no gradient
+            aux_vals, aux_idx = aux_vals[:, :0], aux_idx[:, :0]
+            g_aux = None
+        ka = aux_idx.shape[1]
+        if ka:
+            g_aux = g_aux.contiguous()
+            gav = _entry_dots(aux_idx, g_aux, W_dec)
+        else:
+            gav = aux_vals
         if ctx.relu:
             gv *= vals > 0
-        colsum = torch.zeros(d_sae, device=x.device, dtype=gv.dtype).index_add_(0, idx.reshape(-1), gv.reshape(-1))
-        g_W_enc = _transposed_product(order, token, offsets, gv, x).T.contiguous()  # (d_in, d_sae)
-        if g_dead is not None and dead.numel():
-            g_W_enc.index_add_(1, dead, x.T @ g_dead)
-            colsum.index_add_(0, dead, g_dead.sum(0))
+            gav = gav * (aux_vals > 0)
+        # the k main and k_aux dead entries of each row, grouped by latent with one sort
+        all_idx = torch.cat([idx, aux_idx], 1) if ka else idx
+        order, token, offsets = _by_latent(all_idx, d_sae)
+        g_all = torch.cat([gv, gav], 1) if ka else gv
+        colsum = torch.zeros(d_sae, device=x.device, dtype=gv.dtype).index_add_(0, all_idx.reshape(-1),
+                                                                              g_all.reshape(-1))
+        g_W_enc = _transposed_product(order, token, offsets, g_all, x).T.contiguous()  # (d_in, d_sae)
+        g_W_dec = None
+        if g_recon is not None or ka:
+            # decoder rows: main entries pair with g_recon's rows, AuxK entries with g_aux's (rows n + N)
+            dense = g_recon if g_recon is not None else x.new_zeros(x.shape)
+            if ka:
+                token = token + n * (torch.remainder(order, k + ka) >= k)
+                dense = torch.cat([dense, g_aux])
+            w_all = torch.cat([vals, aux_vals], 1) if ka else vals
+            g_W_dec = _transposed_product(order, token, offsets, w_all, dense)
         g_b_dec = None
         if ctx.subtract_b_dec:
             g_W_enc.sub_(torch.outer(b_dec, colsum))
             g_b_dec = -(W_enc @ colsum)
-        return None, g_W_enc, colsum, g_b_dec, g_W_dec, None, None, None, None, None
+        return None, g_W_enc, colsum, g_b_dec, g_W_dec, None, None, None, None, None, None
+
+
+def _dead_topk(pre: Tensor, dead: Tensor, ka: int) -> tuple[Tensor, Tensor]:
+    """The top `ka` pre-activations among the `dead` latent ids per row: (vals, global ids)."""
+    if 2 * dead.numel() <= pre.shape[1]:  # few dead: top-k over the compact block of their columns
+        v, local = pre.index_select(1, dead).topk(ka, dim=-1, sorted=False)
+        return v, dead[local]
+    alive = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device)
+    alive[dead] = False
+    return pre.masked_fill_(alive, float("-inf")).topk(ka, dim=-1, sorted=False)  # pre is not needed after
 
 
 def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, *,
-                    relu: bool = True, subtract_b_dec: bool = True, dead: Tensor | None = None,
+                    relu: bool = True, subtract_b_dec: bool = True, dead: Tensor | None = None, k_aux: int = 0,
                     low_precision: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(recon without b_dec, top vals, top idx, pre-activations of the `dead` latent ids).
+    """(recon without b_dec, top vals, top idx, AuxK recon from the top k_aux of the `dead` latent ids).
 
     x is already normalized; with `subtract_b_dec` the pre-activation is (x - b_dec) @ W_enc + b_enc.
-    `low_precision` runs the matmul in bf16 (GPU autocast); parameters and grads stay fp32.
+    The AuxK recon (zeros without dead latents) has no b_dec either: it predicts the residual error.
+    `low_precision` runs the encoder matmul in bf16 (GPU autocast); parameters and grads stay fp32.
     """
-    return _TopKAutoencode.apply(x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, low_precision)
-
-
-def auxk_reconstruction(pre_dead: Tensor, dead: Tensor, W_dec: Tensor, k_aux: int, relu: bool = True) -> Tensor:
-    """sum over the top k_aux dead latents of act * decoder row, as a dense product on the dead block."""
-    vals, local = pre_dead.topk(min(k_aux, pre_dead.shape[1]), dim=-1, sorted=False)
-    if relu:
-        vals = F.relu(vals)
-    codes = torch.zeros_like(pre_dead).scatter(1, local, vals)
-    return codes @ W_dec.index_select(0, dead)
+    return _TopKAutoencode.apply(x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, k_aux,
+                                 low_precision)
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -7,6 +7,11 @@
 - `001` / sae_lens: `cfg.json` + `sae_weights.safetensors` in a directory (also this
   project's exports), or `sae_L11_latest.safetensors` beside `sae_L11_cfg.json`. Same
   orientation and encoding as `000`, unless the config says `apply_b_dec_to_input: false`.
+  SAELens 6 configs keep hook_name and the rest in a `metadata` block, read as well. With
+  `rescale_acts_by_decoder_norm: true` SAELens scales the pre-activations by each decoder
+  row's norm before the top-k and divides it out in the decoder; that is folded into the
+  weights on load (W_enc and b_enc times the norms, W_dec rows over them), so the codes and
+  the reconstruction are SAELens' own.
 - `003` Qwen-Scope `layer{n}.sae.pt`: W_enc (d_sae, d_model), W_dec (d_model, d_sae).
   The card encodes topk(x @ W_enc.T + b_enc) and keeps the values as they are (no ReLU,
   no b_dec subtraction); it shows no decoder, so we decode acts @ W_dec.T + b_dec.
@@ -298,6 +303,14 @@ def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
     return sae
 
 
+def _fold_decoder_norm(p: Path, W_enc, W_dec, w: dict):
+    """SAELens' rescale_acts_by_decoder_norm as plain TopK weights: the same codes, the same output."""
+    norm = W_dec.norm(dim=1)
+    if not (norm > 0).all():
+        raise SAEFormatError(f"{p}: rescale_acts_by_decoder_norm is set but a decoder row is zero; the file is corrupt")
+    return W_enc * norm[None, :], W_dec / norm[:, None], dict(w, b_enc=w["b_enc"] * norm)
+
+
 def _cfg_k(cfg: dict) -> int | None:
     for key in ("k", "top_k", "topk", "k_sparsity"):
         if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
@@ -312,7 +325,8 @@ def _cfg_layer(cfg: dict) -> int | None:
     for key in ("layer", "hook_layer"):
         if isinstance(cfg.get(key), int):
             return cfg[key]
-    hook = cfg.get("hook_name") or cfg.get("hookpoint") or ""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = cfg.get("hook_name") or cfg.get("hookpoint") or meta.get("hook_name") or meta.get("hf_hook_name") or ""
     m = re.search(r"(?:blocks|layers)\.(\d+)", str(hook))
     return int(m.group(1)) if m else None
 
@@ -334,6 +348,8 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
         if key in cfg and cfg[key] != have:
             raise SAEFormatError(f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; the pair is mismatched")
     k = k if k is not None else (_cfg_k(cfg) or _k_from_name(p))
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
     sae = _build(p, w, W_enc, W_dec, k,
                  relu=bool(cfg.get("relu", True)),
                  subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", cfg.get("subtract_b_dec", True))))

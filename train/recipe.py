@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cache_format.config import RECIPES, PipelineConfig, TrainConfig, build_section
+from cache_format.config import RECIPES, PipelineConfig, TrainConfig, build_section, check_ranges
 from cache_format.errors import UserError
 
 CARDS = {"rollouts": "the 000 card", "corpus": "the 001 card", "none": "no recipe"}
@@ -48,7 +48,9 @@ def resolve(cfg: PipelineConfig, cache_meta: dict) -> tuple[TrainConfig, str]:
     merged.update(explicit)
     merged["recipe"] = name
     merged["sweep"] = [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in merged["sweep"]]
-    return build_section(TrainConfig, merged, "train"), name
+    tc = build_section(TrainConfig, merged, "train")
+    check_ranges("train", tc, f"fix [recipes.{name}] or use --set")
+    return tc, name
 
 
 def budget(tc: TrainConfig, train_rows: int) -> int:

@@ -262,6 +262,21 @@ def _sae_section(sae: dict, n_features: int) -> str:
     return "\n".join(parts)
 
 
+def _source_shares(url: str | None) -> str | None:
+    """A corpus mixture's measured token shares, from the cache's segments (None when unreadable)."""
+    if not url:
+        return None
+    try:
+        from cache_format.ops import rows_by_source
+        from cache_format.reader import open_cache
+
+        rows = rows_by_source(open_cache(url))
+    except Exception:  # the report renders from the run directory even where the cache is gone
+        return None
+    total = sum(rows.values())
+    return " · ".join(f"{k} {v / total:.1%}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1])) or None
+
+
 def _provenance_table(run: dict, saes: list[dict]) -> str:
     """Where the activations came from: model, hook, source and cache, as analysis recorded them."""
     a = next((x for x in (_read_json(s["dir"] / "analysis.json") for s in saes) if x), {}) or {}
@@ -277,6 +292,7 @@ def _provenance_table(run: dict, saes: list[dict]) -> str:
         ("module path", hook.get("module_path")),
         ("source", " ".join(str(source.get(k)) for k in ("name", "dataset") if source.get(k))),
         ("cache", a.get("cache") or run.get("cache")),
+        ("source token shares", _source_shares(a.get("cache") or run.get("cache"))),
         ("cache fingerprint", (a.get("cache_fingerprint") or run.get("cache_fingerprint") or "")[:16]),
     ]
     rows = [[f"<b>{html.escape(k)}</b>", _fmt(v)] for k, v in rows if v not in (None, "")]

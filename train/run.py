@@ -29,16 +29,17 @@ from cache_format.errors import CacheError, UserError
 
 from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
-from .export import export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
+from .explog import ExperimentLog, check_kind, open_log
+from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
 from .loader import ROLE_CODES, ShuffledLoader, default_roles
 from .metrics import ReconstructionMetrics
 from .sae import TopKSAE
 from .split import MIN_HELDOUT_SEQUENCES, split_counts
-from .trainer import SAETrainer
+from .trainer import AUX_NORMS, SAETrainer
 
 # keys that do not change the weights a run produces (so changing them still resumes)
 _OPERATIONAL = {"out", "device", "loader_threads", "keep_last", "keep_best", "checkpoint_every_tokens",
-                "eval_every_tokens", "cache", "layers"}
+                "eval_every_tokens", "cache", "layers", "log", "log_dir"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Run:
         self.fingerprints = {L: self.cache.layer_fingerprint(L) for L in self.layers}
         self.run_id = self._run_id()
         self.fresh = fresh
+        self.explog: ExperimentLog = ExperimentLog()  # train.log's writer, opened by execute on rank 0
 
     # ---- identity --------------------------------------------------------------------
 
@@ -225,9 +227,10 @@ class Run:
             torch.manual_seed(tc.seed * 1_000_003 + zlib.crc32(s.name.encode()))
             sae = TopKSAE(self.cache.d_model, s.d_sae, s.k).to(self.device)
             trainers[s.name] = SAETrainer(
-                sae, lr=tc.lr, lr_min=tc.lr_min, warmup_steps=tc.warmup_steps, total_steps=self.total_steps(),
+                sae, lr=tc.lr, lr_min=tc.lr_min if tc.lr_schedule == "cosine" else None,  # None: hold lr
+                warmup_steps=tc.warmup_steps, total_steps=self.total_steps(),
                 k_aux=tc.k_aux or self.cache.d_model // 2, aux_alpha=tc.aux_alpha, dead_tokens=tc.dead_tokens,
-                grad_clip=tc.grad_clip)
+                grad_clip=tc.grad_clip, aux_norm=tc.aux_norm)
         return trainers
 
     def _check_split(self) -> dict:
@@ -253,6 +256,11 @@ class Run:
         if self.rank == 0:
             fitted = f"; fitted to this cache: {', '.join(notes)}" if notes else ""
             print(f"train: {recipe.describe(tc, self.recipe, loader.n_rows, self.split)}{fitted}", file=sys.stderr)
+        if tc.aux_norm not in AUX_NORMS:
+            raise UserError(f"train.aux_norm={tc.aux_norm!r} is not one of {', '.join(AUX_NORMS)}")
+        if tc.lr_schedule not in ("cosine", "constant"):
+            raise UserError(f"train.lr_schedule={tc.lr_schedule!r} is not one of cosine, constant")
+        check_kind(tc.log)
         status = self._claim_out()
         if status == "complete":
             if self.rank == 0:
@@ -287,6 +295,9 @@ class Run:
         total = self.total_steps() * tc.batch_size
         next_eval = self._next(tokens, tc.eval_every_tokens)
         next_ckpt = self._next(tokens, tc.checkpoint_every_tokens)
+        if self.rank == 0:
+            self.explog = open_log(tc.log, Path(tc.log_dir) if tc.log_dir else self.out / "logs", self.out.name,
+                                   {"train": dataclasses.asdict(tc), "run_id": self.run_id, "cache": self.cache_url})
         bar = tqdm(total=total, initial=tokens, unit="tok", unit_scale=True, disable=not self.progress,
                    file=sys.stderr, desc="train", dynamic_ncols=True, mininterval=1.0)
         last: dict[str, dict] = {}
@@ -295,6 +306,7 @@ class Run:
                 batch = next(loader)
                 for s in self.specs:
                     last[s.name] = trainers[s.name].step(batch.residuals[s.layer])
+                    self.explog.train_step(s.name, trainers[s.name].tokens, last[s.name])
                 tokens += tc.batch_size
                 bar.update(tc.batch_size)
                 done = tokens >= total
@@ -312,6 +324,7 @@ class Run:
                 bar.set_postfix(post, refresh=False)
         finally:
             bar.close()
+            self.explog.close()
             loader.close()
         return self._export(trainers, tokens, history)
 
@@ -336,6 +349,7 @@ class Run:
                     metrics = m.compute()
                     row["eval_tokens"] = metrics.pop("tokens")
                     row.update(metrics)
+                    self.explog.heldout(s.name, tr.tokens, metrics)
                 row.update({"train_" + k: v for k, v in last.get(s.name, {}).items()})
                 row["train_dead_fraction"] = float(tr.dead_mask().float().mean())
                 history[s.name].append(row)
@@ -360,7 +374,7 @@ class Run:
 
     def _export(self, trainers, tokens, history) -> dict:
         tc = self.tc
-        run = {"run_id": self.run_id, "cache": self.cache_url, "cache_fingerprint": self.cache.fingerprint,
+        run = {"run_id": self.run_id, "cache": absolute_url(self.cache_url), "cache_fingerprint": self.cache.fingerprint,
                "layer_fingerprints": {str(k): v for k, v in self.fingerprints.items()}, "layers": self.layers,
                "tokens": tokens, "complete": True, "config": dataclasses.asdict(tc),
                "recipe": {"name": self.recipe, "card": recipe.CARDS.get(self.recipe, ""), "epochs": tc.epochs,
@@ -370,6 +384,7 @@ class Run:
             meta = self.cache.meta
             hook = getattr(self.cache, "hook", "resid_post")
             module = (meta.get("model") or {}).get("layers_path", "")
+            context = context_size(self.cache)
             for s in self.specs:
                 tr = trainers[s.name]
                 split = {"seed": tc.split_seed, "fraction": tc.heldout_fraction, "by": "seq_id hash (train.split)",
@@ -379,7 +394,8 @@ class Run:
                     if tc.normalize else {"kind": "none"}
                 cfg = sae_lens_cfg(tr.sae, layer=s.layer, hook=hook, hook_module=f"{module}.{s.layer}" if module else "",
                                    model=run["model"], fingerprint=self.fingerprints[s.layer], tokens=tr.tokens,
-                                   split=split, normalization=norm, config=run["config"], cache_url=self.cache_url)
+                                   split=split, normalization=norm, config=run["config"], cache_url=self.cache_url,
+                                   source=meta.get("source"), context=context)
                 files = export_sae(tr.sae, self.out / s.name, cfg)
                 metrics = {k: v for k, v in (history[s.name][-1] if history[s.name] else {}).items()
                            if k not in ("time",)}

@@ -4,11 +4,19 @@
 AuxK, backward, cross-rank gradient sum, parallel-gradient removal, clipping, Adam, decoder
 renormalization, dead counters). The run loop (`train.run`) and the benchmarks call it as is.
 
-Loss (per batch, as sparsify and OpenAI's TopK paper): fvu = sum ||x - x_hat||^2 / sum ||x - mean||^2,
-plus aux_alpha * the same normalized error of the AuxK reconstruction of the residual from the
-top k_aux dead latents, scaled by min(n_dead / k_aux, 1). A latent is dead when it has not
-fired for `dead_tokens` tokens. With several ranks, the batch variance and the gradients are
-summed across ranks, so N ranks take the step one process would on the global batch.
+Loss (per batch): fvu = sum ||x - x_hat||^2 / sum ||x - mean||^2, plus aux_alpha * the AuxK
+loss: the squared error of the residual e = x - x_hat as reconstructed from the top k_aux dead
+latents. `aux_norm` says what that error is divided by:
+
+- "residual" (default, OpenAI's `sparse_autoencoder`): sum ||e - mean(e)||^2, the variance of
+  the error it predicts, so the aux loss stays O(1) however small the residual has become.
+- "total" (EleutherAI sparsify): the batch's total variance sum ||x - mean||^2, times
+  min(n_dead / k_aux, 1). As the fit improves the residual shrinks and so does this loss, so
+  dead latents get less and less pull; measured here it recovers fewer planted features.
+
+A latent is dead when it has not fired for `dead_tokens` tokens. With several ranks, the
+variances and the gradients are summed across ranks, so N ranks take the step one process
+would on the global batch.
 """
 
 from __future__ import annotations
@@ -18,9 +26,14 @@ import math
 import torch
 from torch import Tensor
 
+from cache_format.errors import UserError
+
 from . import dist
-from .kernels import auxk_reconstruction, topk_autoencode
+from .kernels import topk_autoencode
 from .sae import TopKSAE, geometric_median
+
+
+AUX_NORMS = ("residual", "total")
 
 
 def default_lr(d_sae: int) -> float:
@@ -40,8 +53,11 @@ def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> floa
 class SAETrainer:
     def __init__(self, sae: TopKSAE, *, lr: float = 0.0, lr_min: float | None = None, warmup_steps: int = 0,
                  total_steps: int = 1, k_aux: int | None = None, aux_alpha: float = 1 / 32,
-                 dead_tokens: int = 10_000_000, grad_clip: float = 1.0, low_precision: bool | None = None):
-        self.sae = sae
+                 dead_tokens: int = 10_000_000, grad_clip: float = 1.0, low_precision: bool | None = None,
+                 aux_norm: str = "residual"):
+        if aux_norm not in AUX_NORMS:
+            raise ValueError(f"aux_norm={aux_norm!r}: pick one of {AUX_NORMS}")
+        self.sae, self.aux_norm = sae, aux_norm
         self.peak_lr = lr or default_lr(sae.d_sae)
         self.lr_min = self.peak_lr if lr_min is None else min(lr_min, self.peak_lr)
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
@@ -77,18 +93,21 @@ class SAETrainer:
         n_local = xn.shape[0]
         dead = self.dead_mask().nonzero().squeeze(1)
         n_dead = int(dead.numel())
-        recon, vals, idx, pre_dead = topk_autoencode(
-            xn, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, sae.k, relu=sae.relu,
-            subtract_b_dec=sae.subtract_b_dec, dead=dead if n_dead else None, low_precision=self.low_precision)
+        recon, vals, idx, aux_recon = topk_autoencode(
+            xn, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, sae.k, relu=sae.relu, subtract_b_dec=sae.subtract_b_dec,
+            dead=dead if n_dead else None, k_aux=self.k_aux, low_precision=self.low_precision)
         err = xn - (recon + sae.b_dec)
         total_var = self._total_variance(xn.detach())
         fvu = err.pow(2).sum() / total_var
         loss = fvu
         aux = torch.zeros((), device=x.device)
         if n_dead:
-            scale = min(n_dead / self.k_aux, 1.0)
-            aux_recon = auxk_reconstruction(pre_dead, dead, sae.W_dec, self.k_aux, relu=sae.relu)
-            aux = scale * (aux_recon - err.detach()).pow(2).sum() / total_var
+            e = err.detach()
+            sq = (aux_recon - e).pow(2).sum()
+            if self.aux_norm == "residual":
+                aux = (sq / self._total_variance(e)).nan_to_num(0.0)
+            else:
+                aux = min(n_dead / self.k_aux, 1.0) * sq / total_var
             loss = loss + self.aux_alpha * aux
 
         for p in self.params:
@@ -131,9 +150,14 @@ class SAETrainer:
 
     def state_dict(self) -> dict:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "since_fired": self.since_fired,
-                "steps": self.steps, "tokens": self.tokens, "peak_lr": self.peak_lr}
+                "steps": self.steps, "tokens": self.tokens, "peak_lr": self.peak_lr, "aux_norm": self.aux_norm}
 
     def load_state_dict(self, state: dict) -> None:
+        """Refuses a state trained with another AuxK normalization (older states were "total")."""
+        saved = state.get("aux_norm", "total")
+        if saved != self.aux_norm:
+            raise UserError(f"this checkpoint was trained with train.aux_norm={saved!r}, not {self.aux_norm!r}; "
+                            f"resume with --set train.aux_norm='{saved}' or pass --fresh")
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.since_fired.copy_(state["since_fired"])
