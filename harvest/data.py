@@ -64,10 +64,11 @@ def _read_records(path: str, split: str = "train", what: str = "dataset", revisi
                         "give a local .jsonl/.parquet path or check network access") from None
 
 
-def load_questions(cfg: SuperGPQAConfig) -> list[dict]:
-    """All questions, validated against SuperGPQA's schema (options A–J, gold letter)."""
+def load_questions(cfg: SuperGPQAConfig, commit: str | None = None) -> list[dict]:
+    """All questions, validated against SuperGPQA's schema (options A–J, gold letter); a hub
+    dataset is read at `commit` (the cache's pin) when given, else at `cfg.revision`."""
     path = str(tiny.assets() / "questions.jsonl") if cfg.dataset == tiny.TINY_NAME else cfg.dataset
-    rows = _read_records(path, cfg.split, revision=cfg.revision)
+    rows = _read_records(path, cfg.split, revision=commit or cfg.revision)
     for i, r in enumerate(rows):
         missing = [k for k in QUESTION_FIELDS if k not in r]
         if missing:

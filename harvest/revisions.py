@@ -17,9 +17,23 @@ from cache_format.errors import UserError
 from . import tiny
 
 
+def is_hub_path(path: str) -> bool:
+    p = Path(path).expanduser()
+    return path != tiny.TINY_NAME and p.suffix not in (".txt", ".jsonl", ".json", ".parquet") and not p.exists()
+
+
 def is_hub(src: CorpusSource) -> bool:
-    p = Path(src.path).expanduser()
-    return src.path != tiny.TINY_NAME and p.suffix not in (".txt", ".jsonl", ".json", ".parquet") and not p.exists()
+    return is_hub_path(src.path)
+
+
+def pin_dataset(path: str, requested: str, recorded: dict | None) -> dict | None:
+    """{requested, commit} of a hub dataset (None for a local file): what the cache recorded,
+    else resolved now. A different requested revision is refused by the source selection."""
+    if not is_hub_path(path):
+        return None
+    if recorded and recorded.get("commit"):
+        return recorded
+    return {"requested": requested, "commit": resolve(path, requested)}
 
 
 def resolve(path: str, revision: str) -> str:

@@ -32,7 +32,7 @@ from cache_format.config import ModelConfig, PipelineConfig
 from cache_format.errors import CacheError, UserError
 from cache_format.ordering import CommitOrder
 
-from . import corpus_plan, data, gpu, rollouts as ro
+from . import corpus_plan, data, gpu, revisions, rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
 from .model import LoadedModel, ModelError, describe_model, load_model
 
@@ -102,7 +102,8 @@ def source_selection(cfg: PipelineConfig) -> dict:
             "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "revision"} for s in c.sources]}
 
 
-def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=()) -> tuple[list[Unit], int]:
+def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=(),
+               dataset_commit: str | None = None) -> tuple[list[Unit], int]:
     """Units still to do, and the total number of sequences the run wants.
 
     Corpus units are planned lazily while they run (`harvest.corpus_plan`), restarting from
@@ -113,7 +114,8 @@ def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=()) -> t
         return units, units.n_seq
     per = max(1, cfg.harvest.segment_sequences)
     per = cfg.supergpqa.questions_per_unit  # rollout units have their own size (corpus: segment_sequences)
-    qs = data.select_questions(data.load_questions(cfg.supergpqa), cfg.supergpqa.questions, cfg.supergpqa.seed)
+    qs = data.select_questions(data.load_questions(cfg.supergpqa, dataset_commit), cfg.supergpqa.questions,
+                               cfg.supergpqa.seed)
     todo: list[tuple[int, Any]] = [(i, q) for i, q in enumerate(qs) if i not in done]
     units = []
     for a in range(0, len(todo), per):
@@ -380,6 +382,8 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
                 "hook": {"site": HOOK, "meaning": "output of decoder layer N (0-based), the residual stream after it",
                          "module_path": f"{info['provenance']['layers_path']}.N"},
                 "pipeline": cfg.to_dict()}
+        if cfg.harvest.source == "supergpqa":  # a hub dataset is pinned to its commit at first use
+            meta["dataset_revision"] = revisions.pin_dataset(cfg.supergpqa.dataset, cfg.supergpqa.revision, None)
         return cf.create_cache(url, d_model=info["d_model"], layers=layers, meta=meta, hook=HOOK,
                                codec=cfg.harvest.codec, chunk_tokens=cfg.harvest.chunk_tokens,
                                shard_mib=cfg.harvest.shard_mib, tokenizer_files=info["tokenizer_files"]), True
@@ -423,7 +427,8 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     if new_layers or backfill:
         summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
     done = done_seq_ids(w.snapshot())
-    units, total = plan_units(cfg, info["tokenizer"], done, w.snapshot().segments)
+    pin = (w.snapshot().meta.get("dataset_revision") or {}) if cfg.harvest.source == "supergpqa" else {}
+    units, total = plan_units(cfg, info["tokenizer"], done, w.snapshot().segments, pin.get("commit"))
     summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
     if isinstance(units, corpus_plan.PlannedUnits):  # where the streams restarted: no re-tokenizing before it
         summary["planned_from_sequence"] = units.resumed_from

@@ -272,3 +272,17 @@ def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_the
         hr.run(cfg, progress=False)
     c = cf.open_cache(url)
     assert c.n_tokens > 0 and c.n_tokens % (8 * 128) == 0
+
+
+def test_a_hub_supergpqa_is_pinned_to_its_commit_and_a_local_file_is_not(fake_hub, tmp_path):
+    from harvest import revisions
+
+    commits, asked = fake_hub
+    commits["m-a-p/SuperGPQA"] = {"main": "d" * 40}
+    pin = revisions.pin_dataset("m-a-p/SuperGPQA", "main", None)
+    assert pin == {"requested": "main", "commit": "d" * 40} and asked[-1] == ("m-a-p/SuperGPQA", "main")
+    commits["m-a-p/SuperGPQA"]["main"] = "e" * 40  # upstream moves: the cache's record wins
+    assert revisions.pin_dataset("m-a-p/SuperGPQA", "main", pin)["commit"] == "d" * 40 and len(asked) == 1
+    local = tmp_path / "q.jsonl"
+    local.write_text("")
+    assert revisions.pin_dataset(str(local), "main", None) is None and revisions.pin_dataset("builtin:tiny", "", None) is None
