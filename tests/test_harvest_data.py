@@ -263,3 +263,11 @@ def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_the
         hr.run(cfg, progress=False)
     c = cf.open_cache(url)
     assert c.n_tokens > 0 and c.n_tokens % (8 * 128) == 0
+
+
+def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
+    docs = [d.strip() for d in (tiny.assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
+    docs += ["", "  spaces  and\ttabs\n", "émigré naïve 東京 🙂", "<|endoftext|> inside"]
+    got = corpus_plan.batch_tokenizer(tok, 7)(docs)
+    want = [tok(d, add_special_tokens=False)["input_ids"] + [7] for d in docs]
+    assert [g.tolist() for g in got] == want
