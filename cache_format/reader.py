@@ -206,7 +206,13 @@ class Cache:
     # -- snapshot ----------------------------------------------------------------------
 
     def refresh(self) -> "Cache":
-        self._records = log.load_records(self._loc, self._records, self._root, self._checked)
+        try:
+            self._records = log.load_records(self._loc, self._records, self._root, self._checked)
+        except CacheError:
+            if self._loc.local:
+                raise
+            # a torn or corrupted transfer of the log (HTTP's index.json): once more from the store
+            self._records = log.load_records(self._loc, self._records, self._root, self._checked)
         st = log.replay(self._root, self._records)
         _note_unverified(self._loc.url, st.segments)
         self._state = st
@@ -458,9 +464,19 @@ def _note_unverified(url: str, segments: list) -> None:
 def open_cache(url, mode: str = "r", storage_options: dict | None = None):
     """mode "r": a Cache snapshot; mode "a": a CacheWriter to append segments or layers."""
     loc = url if isinstance(url, Location) else Location(url, storage_options)
-    root = log.read_root(loc)
+    try:
+        root = log.read_root(loc)
+    except CacheError:
+        if loc.local:
+            raise
+        root = log.read_root(loc)  # a torn transfer of zarr.json reads as "not a cache": once more
     if mode == "r":
-        return Cache(loc, root)
+        try:
+            return Cache(loc, root)
+        except CacheError:
+            if loc.local:
+                raise
+            return Cache(loc, log.read_root(loc))  # root and log re-read: a corrupted transfer of either
     if mode == "a":
         if loc.http:
             raise UserError(f"{loc.url}: HTTP caches are read-only; open with mode='r'")
