@@ -76,7 +76,7 @@ class _ArrayReader:
             n = index_nbytes(self.per_shard)
             for attempt in range(2):
                 tail = self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"], fresh=attempt > 0)
-                if integrity.index_ok(tail, self.per_shard):
+                if not integrity.CHECK_READS or integrity.index_ok(tail, self.per_shard):
                     break
             else:
                 raise integrity.fail(self.loc.url, f"{self.path}/{key}", "the shard index fails its CRC32C")
@@ -117,7 +117,7 @@ class _ArrayReader:
         want = self.objects.get(self.shard_key(s), {}).get("chunks")
         for attempt in range(2):
             blob = self.loc.read_range(key, off, off + nb, fresh=attempt > 0)
-            if want is None or (j < len(want) and want[j] == integrity.chunk_digest(blob)):
+            if want is None or not integrity.CHECK_READS or (j < len(want) and want[j] == integrity.chunk_digest(blob)):
                 return blob
         raise integrity.fail(self.loc.url, key, f"inner chunk {j} does not match its digest")
 
