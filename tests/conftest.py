@@ -46,6 +46,15 @@ class RangeHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass
 
+    def _choose_fault(self, counter):
+        """The first answer to each distinct request fails (rotating kinds); bench_faults draws at random."""
+        faults = counter.get("faults")
+        key = (self.command, self.path, self.headers.get("Range"))
+        if faults and key not in counter["seen"]:
+            counter["seen"].add(key)
+            return faults[len(counter["seen"]) % len(faults)]
+        return None
+
     def send_head(self):
         counter = self.server.failures
         with counter["lock"]:
@@ -53,12 +62,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 counter["left"] -= 1
                 self.send_error(503, "transient test failure")
                 return None
-            self._fault = None
-            faults = counter.get("faults")
-            key = (self.command, self.path, self.headers.get("Range"))
-            if faults and key not in counter["seen"]:
-                counter["seen"].add(key)
-                self._fault = faults[len(counter["seen"]) % len(faults)]
+            self._fault = self._choose_fault(counter)
+            if self._fault:
                 counter["injected"][self._fault] = counter["injected"].get(self._fault, 0) + 1
         if self._fault == "500":
             self.send_error(500, "injected failure")
