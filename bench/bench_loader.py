@@ -29,6 +29,10 @@
 
     python bench/bench_loader.py                 # everything (a few minutes on 2 cores)
     python bench/bench_loader.py --skip-scale    # without the 102M-row plan
+    python bench/bench_loader.py --digest-cost-only   # 3. what checking every read costs the loader
+3. Digest cost: the loader's CPU-seconds per row with every read checked (cache format 2's
+   shard-index CRC32C and per-chunk XXH3) against the same loader with the checks off, over
+   interleaved rounds (target: at most 5%).
 """
 
 from __future__ import annotations
@@ -264,6 +268,62 @@ def throughput(a, tmp: Path) -> list[dict]:
     return out
 
 
+def digest_cost(a, tmp: Path) -> dict:
+    """What checking every read costs the loader: CPU-seconds per row with the checks (shard-index
+    CRC32C + per-chunk XXH3, cache format 2) against the same loader with them off, over
+    interleaved rounds (order alternated), medians. Target: at most 5%."""
+    import torch
+
+    from cache_format import integrity
+
+    x = np.random.default_rng(1).standard_normal((a.rows, 1024)).astype(np.float32)
+    url = str(tmp / "digest")
+    write_cache(url, x, 256)
+    c = cf.open_cache(url)
+    t = min(int(v) for v in str(a.threads).split(","))
+    torch.set_num_threads(t)
+    cpu = {"checked": [], "unchecked": []}
+    wall = {"checked": [], "unchecked": []}
+    for r in range(a.rounds):
+        for side in (("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked")):
+            integrity.CHECK_READS = side == "checked"
+            try:
+                w, per_cpu, _ = loader_rate(cf.open_cache(url), t, torch.bfloat16, a.window, a.epochs, a.heldout)
+            finally:
+                integrity.CHECK_READS = True
+            cpu[side].append(1 / per_cpu)
+            wall[side].append(w)
+    med = {k: float(np.median(v)) for k, v in cpu.items()}
+    rounds_cost = [a_ / b_ - 1 for a_, b_ in zip(cpu["checked"], cpu["unchecked"])]
+    cost = float(np.median(rounds_cost))
+    # The same cost accounted directly, robust to a busy box: thread CPU time of the checks alone
+    # (every chunk's XXH3 and its shard's index CRC32C, as a read does them) per row.
+    arr = c._array(0, 0)
+    blobs = []
+    for k in range(arr.n_chunks):
+        s, j = divmod(k, arr.per_shard)
+        idx = arr._shard_index(s)
+        blobs.append(c._loc.read_range(f"{arr.path}/{arr.shard_key(s)}", int(idx[j, 0]), int(idx[j, 0] + idx[j, 1])))
+    n_idx = 16 * arr.per_shard + 4
+    tail = bytes(c._loc.read_range(f"{arr.path}/{arr.shard_key(0)}", arr.objects[arr.shard_key(0)]["size"] - n_idx,
+                                   arr.objects[arr.shard_key(0)]["size"]))
+    t0 = time.thread_time()
+    for _ in range(5):
+        for b in blobs:
+            integrity.chunk_digest(b)
+            integrity.index_ok(tail, arr.per_shard)
+    check_s_per_row = (time.thread_time() - t0) / 5 / c.n_tokens
+    accounted = check_s_per_row / med["unchecked"]
+    print(f"digest cost (Gaussian d=1024, {a.rows} rows, T={t}): {cost:+.2%} CPU-seconds per row (median of "
+          f"{a.rounds} interleaved rounds; per round {', '.join(f'{v:+.1%}' for v in rounds_cost)}); the checks "
+          f"alone: {accounted:.2%} of the loader's CPU-seconds; target <= 5%", flush=True)
+    return {"data": "Gaussian d=1024", "rows": a.rows, "threads": t, "rounds": a.rounds, "epochs": a.epochs,
+            "cpu_s_per_mrow": {k: round(v * 1e6, 3) for k, v in med.items()},
+            "loader_rows_s": {k: round(float(np.median(v))) for k, v in wall.items()},
+            "cost_median_of_rounds": round(cost, 4), "cost_per_round": [round(v, 4) for v in rounds_cost],
+            "checks_alone_share_of_loader_cpu": round(accounted, 5), "chunks": c.n_chunks}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1,2",
@@ -281,12 +341,23 @@ def main(argv=None) -> None:
     p.add_argument("--mix-windows", default="0,256,1024", help="harvest.mix_window values (sequences) at scale")
     p.add_argument("--mix-window", type=int, default=1024, help="harvest.mix_window of the real cache (scaled /16)")
     p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--digest-cost-only", action="store_true",
+                   help="only the cost of checking every read (loader with and without the checks)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
     a = p.parse_args(argv)
     result = {"command": " ".join(["python", "bench/bench_loader.py", *(argv or sys.argv[1:])]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
               "load_avg": os.getloadavg()[0]}
+    if a.digest_cost_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {**result, "digest_cost": digest_cost(a, Path(tmp))}
+        out = a.out.with_name("loader_digest_cost.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
+        result["digest_cost"] = digest_cost(a, Path(tmp))
         result["throughput"] = throughput(a, Path(tmp))
         result["mixing_real"] = mixing_real(a, Path(tmp))
     if not a.skip_scale:

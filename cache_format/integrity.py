@@ -17,6 +17,7 @@ import xxhash
 
 from .errors import CacheError
 
+CHECK_READS = True  # bench/bench_loader.py turns it off to measure what the checks cost; nothing else should
 CHUNK_DIGEST = "xxh3_64"  # name recorded in the format docs; the key in a manifest entry is "chunks"
 _EMPTY = 2**64 - 1
 

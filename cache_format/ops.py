@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import leases, log, provenance
-from .errors import CacheError, UserError
+from .errors import CacheError, RemoteError, UserError
 from .reader import Cache, _ArrayReader, open_cache
 from .stats import RunningStats
-from .store import Location
+from .store import Location, ShortRead
 
 
 def _bar(total: int, desc: str, unit: str = "B", disable: bool | None = None):
@@ -46,16 +46,25 @@ def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "v
     with _bar(sum(v["size"] for v in objects.values()), desc) as bar:
         def check(item):
             key, want = item
-            try:
-                data = loc.read(key)
-            except FileNotFoundError:
-                return key, "missing"
+            for attempt in range(2):  # a mismatch is re-read once: a torn transfer is not a bad object
+                try:
+                    data = loc.read(key, fresh=attempt > 0, size=want["size"])
+                except FileNotFoundError:
+                    return key, "missing"
+                except RemoteError as e:
+                    if not isinstance(e.__cause__, ShortRead):
+                        raise
+                    data = b""  # shorter than its manifest on every attempt
+                if len(data) != want["size"]:
+                    why = f"size {len(data)} != {want['size']}"
+                elif log.digest(data) != want[log.DIGEST]:
+                    why = "checksum mismatch"
+                else:
+                    why = None
+                if why is None:
+                    break
             bar.update(len(data))
-            if len(data) != want["size"]:
-                return key, f"size {len(data)} != {want['size']}"
-            if log.digest(data) != want[log.DIGEST]:
-                return key, "checksum mismatch"
-            return None
+            return None if why is None else (key, why)
 
         with ThreadPoolExecutor(threads) as ex:
             for res in ex.map(check, sorted(objects.items())):

@@ -37,6 +37,10 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+class SourcesExhausted(data.DataError):
+    """Every corpus source ended before the run's --tokens."""
+
+
 class TokenizedStream:
     """One source's documents, tokenized ahead in batches on a shared pool, handed out in order."""
 
@@ -65,18 +69,29 @@ class TokenizedStream:
 
 
 def batch_tokenizer(tokenizer, eos: int) -> Callable[[list[str]], list[np.ndarray]]:
-    """`tokenizer(list_of_texts)` with one tokenizer copy per pool thread (the fast tokenizer
-    reconfigures itself on every call, which is not safe to share across threads)."""
+    """One call per batch of texts, each followed by `eos`; one tokenizer copy per pool thread.
+
+    A fast tokenizer is called through its Rust backend's `encode_batch_fast` (the same ids as
+    `tokenizer(list_of_texts)`, without the character offsets nobody here reads: 1.6x faster
+    measured, and the GIL is released while it runs). Others go through `tokenizer(texts)`.
+    """
     import copy
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if hasattr(backend, "encode_batch_fast") else None
     local = threading.local()
 
     def tokenize(texts: list[str]) -> list[np.ndarray]:
         tok = getattr(local, "tok", None)
-        if tok is None:
+        if spec is not None:
+            if tok is None:
+                from tokenizers import Tokenizer
+
+                tok = local.tok = Tokenizer.from_str(spec)
+            return [np.array([*e.ids, eos], dtype=np.int32) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        if tok is None:  # the python tokenizers reconfigure themselves per call: not shareable
             tok = local.tok = copy.deepcopy(tokenizer)
-        out = tok(texts, add_special_tokens=False)["input_ids"]
-        return [np.array([*ids, eos], dtype=np.int32) for ids in out]
+        return [np.array([*ids, eos], dtype=np.int32) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
     return tokenize
 
@@ -165,7 +180,7 @@ class CorpusPlanner:
             self.docs[k] += 1
             self.mixer.taken[k] += len(ids)
             return
-        raise data.DataError(f"the corpus sources ran out after {self.next_seq} sequences of {self.seq_len} "
+        raise SourcesExhausted(f"the corpus sources ran out after {self.next_seq} sequences of {self.seq_len} "
                              "tokens; lower --tokens or add sources")
 
     def next_sequence(self) -> PackedSequence:
@@ -202,10 +217,8 @@ def pack_corpus(cfg: CorpusConfig, tokenizer, eos: int, state: dict | None = Non
         while True:
             try:
                 yield p.next_sequence()
-            except data.DataError as e:
-                if "ran out" in str(e):
-                    return
-                raise
+            except SourcesExhausted:
+                return
     finally:
         p.close()
 
@@ -239,6 +252,7 @@ class PlannedUnits:
         self.state = resume_state(segments, done) if missing else None
         self.pins = revisions.pin(c.sources, segments) if missing else {}
         self.resumed_from = self.state["next_seq"] if self.state else 0
+        self.error: data.DataError | None = None  # set when the sources ran out before n_seq
 
     def __len__(self) -> int:
         return self.n_units
@@ -252,7 +266,11 @@ class PlannedUnits:
         block: list[PackedSequence] = []
         try:
             while planner.next_seq < self.n_seq:
-                s = planner.next_sequence()
+                try:
+                    s = planner.next_sequence()
+                except SourcesExhausted as e:  # not a unit's failure: the run commits what it has, then says so
+                    self.error = e
+                    return
                 if s.seq_index not in self.done:
                     block.append(s)
                 if (s.seq_index + 1) % self.per and s.seq_index + 1 < self.n_seq:

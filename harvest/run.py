@@ -442,6 +442,8 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
         summary["generated"] = generate_missing(units, cfg, cfg.harvest.cache, lambda: _model(cfg.model, None),
                                                 info["tokenizer"], progress)
     rows = run_units(units, ctx, cfg, progress)
+    if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
+        raise units.error
     c = cf.open_cache(cfg.harvest.cache)
     summary.update(rows_written=rows, n_tokens=c.n_tokens, layers=c.layers, segments=len(c.segments),
                    fingerprint=c.fingerprint, seconds=round(time.time() - t0, 2))

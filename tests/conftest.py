@@ -3,6 +3,10 @@
 - `http_serve(directory) -> base URL`: a threaded HTTP server that honours Range
   (Python's http.server ignores it, and fsspec would then read garbage from shards).
   `http_serve(directory, fail_first=N)` answers the first N requests with 503, to test retries.
+  `http_serve(directory, faults=FAULTS)` makes the first answer to every distinct request
+  (path + Range) fail, rotating through FAULTS: "500", "drop" (close without a reply),
+  "truncate" (full Content-Length, half the body, then close), "short" (a Content-Length and
+  body of half the range) and "flip" (one byte changed); the re-request is answered correctly.
 - `s3`: one moto ThreadedMotoServer per session on loopback; `s3_bucket` gives a fresh
   bucket per test as `(url, storage_options)`.
 - `make_cache(url=None, ...) -> (url, data)`: a small real cache on disk with known
@@ -42,6 +46,15 @@ class RangeHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass
 
+    def _choose_fault(self, counter):
+        """The first answer to each distinct request fails (rotating kinds); bench_faults draws at random."""
+        faults = counter.get("faults")
+        key = (self.command, self.path, self.headers.get("Range"))
+        if faults and key not in counter["seen"]:
+            counter["seen"].add(key)
+            return faults[len(counter["seen"]) % len(faults)]
+        return None
+
     def send_head(self):
         counter = self.server.failures
         with counter["lock"]:
@@ -49,6 +62,15 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 counter["left"] -= 1
                 self.send_error(503, "transient test failure")
                 return None
+            self._fault = self._choose_fault(counter)
+            if self._fault:
+                counter["injected"][self._fault] = counter["injected"].get(self._fault, 0) + 1
+        if self._fault == "500":
+            self.send_error(500, "injected failure")
+            return None
+        if self._fault == "drop":
+            self.close_connection = True
+            return None
         path = self.translate_path(self.path)
         if os.path.isdir(path) or not os.path.isfile(path):
             self.send_error(404, "not found")
@@ -76,10 +98,13 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 self.end_headers()
                 return None
             status = 206
+        length = end - start + 1
+        if self._fault == "short" and length > 1:
+            end, length = start + length // 2 - 1, length // 2
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Content-Length", str(length))
         self.send_header("Last-Modified", email.utils.formatdate(os.fstat(f.fileno()).st_mtime, usegmt=True))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -90,6 +115,16 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile):
         left = getattr(self, "_remaining", None)
+        fault = getattr(self, "_fault", None)
+        if fault in ("truncate", "flip") and left:
+            body = bytearray(source.read(left))
+            if fault == "flip":
+                body[len(body) // 2] ^= 0x20
+                outputfile.write(bytes(body))
+            else:
+                outputfile.write(bytes(body[: len(body) // 2]))
+                self.close_connection = True
+            return
         while left is None or left > 0:
             buf = source.read(1 << 20 if left is None else min(1 << 20, left))
             if not buf:
@@ -103,15 +138,89 @@ class RangeHandler(SimpleHTTPRequestHandler):
 def http_serve():
     servers = []
 
-    def serve(directory, fail_first: int = 0) -> str:
+    def serve(directory, fail_first: int = 0, faults: tuple = ()) -> str:
         server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(directory)))
         server.daemon_threads = True
-        server.failures = {"left": fail_first, "lock": threading.Lock()}
+        server.failures = {"left": fail_first, "lock": threading.Lock(), "faults": tuple(faults), "seen": set(),
+                           "injected": {}}
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
+        serve.injected = server.failures["injected"]  # fault kind → how many were injected
         return f"http://127.0.0.1:{server.server_address[1]}"
 
     yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+class FaultProxy(RangeHandler):
+    """Forwards every request to `server.target` (e.g. moto's S3); the first GET of each distinct
+    path + Range fails once with the next of `server.faults`, like `http_serve(faults=...)`."""
+
+    def _forward(self):
+        import http.client
+
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else None
+        fault = None
+        if self.command == "GET":
+            counter = self.server.failures
+            with counter["lock"]:
+                key = (self.path, self.headers.get("Range"))
+                if key not in counter["seen"]:
+                    counter["seen"].add(key)
+                    fault = counter["faults"][len(counter["seen"]) % len(counter["faults"])]
+                    counter["injected"][fault] = counter["injected"].get(fault, 0) + 1
+        if fault == "500":
+            self.send_error(500, "injected failure")
+            return
+        if fault == "drop":
+            self.close_connection = True
+            return
+        conn = http.client.HTTPConnection(*self.server.target, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        if fault == "short" and len(data) > 1:
+            data = data[: len(data) // 2]
+        if fault == "flip" and data:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x20
+            data = bytes(data)
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data) * 2 if fault == "truncate" else len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        if fault == "truncate":
+            self.close_connection = True
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+
+@pytest.fixture
+def fault_proxy():
+    """fault_proxy("http://host:port", faults) -> the proxy's URL; `.injected` counts the faults."""
+    servers = []
+
+    def start(target: str, faults: tuple) -> str:
+        host, port = target.split("://", 1)[1].split(":")
+        server = ThreadingHTTPServer(("127.0.0.1", 0), FaultProxy)
+        server.daemon_threads = True
+        server.target = (host, int(port))
+        server.failures = {"left": 0, "lock": threading.Lock(), "faults": tuple(faults), "seen": set(), "injected": {}}
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        start.injected = server.failures["injected"]
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
     for s in servers:
         s.shutdown()
         s.server_close()

@@ -286,3 +286,11 @@ def test_a_hub_supergpqa_is_pinned_to_its_commit_and_a_local_file_is_not(fake_hu
     local = tmp_path / "q.jsonl"
     local.write_text("")
     assert revisions.pin_dataset(str(local), "main", None) is None and revisions.pin_dataset("builtin:tiny", "", None) is None
+
+
+def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
+    docs = [d.strip() for d in (tiny.assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
+    docs += ["", "  spaces  and\ttabs\n", "émigré naïve 東京 🙂", "<|endoftext|> inside"]
+    got = corpus_plan.batch_tokenizer(tok, 7)(docs)
+    want = [tok(d, add_special_tokens=False)["input_ids"] + [7] for d in docs]
+    assert [g.tolist() for g in got] == want

@@ -1,0 +1,328 @@
+"""Fault figures on the tiny profile: crashes, corrupted bytes and a flaky server.
+
+1. kill -9 of `harvest run` at N points, then the same command again: rows, commit order and
+   fingerprint against an uninterrupted run of the same command.
+2. kill -9 of `train run` at N points (after its first checkpoint), then the same command again:
+   exported weights (bit for bit) and run.json's layer fingerprint against an uninterrupted run.
+3. Byte flips, one at a time at random offsets of residual shards, row columns, stats and
+   sequences: caught by a read of everything (IntegrityError) and by `verify`; edits to commit
+   records and to the root: refused by readers and by `verify`.
+4. A flaky HTTP server (Range-capable, loopback) that truncates, drops, returns 500, shortens
+   and flips the bytes of a share of its answers at random: full reads and `train run` over it
+   against local.
+
+    python bench/bench_faults.py                       # N=3 kill points each (a few minutes on 2 cores)
+    python bench/bench_faults.py --kills 5 --flips 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))
+os.environ.setdefault("ACTCACHE_BACKOFF_S", "0.02")
+
+import cache_format as cf  # noqa: E402
+from cache_format import integrity, ops  # noqa: E402
+from cache_format.store import Location  # noqa: E402
+
+HARVEST = [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--source", "corpus", "--layers", "1,4",
+           "--quiet", "--set", "corpus.seq_len=64", "--set", "harvest.segment_sequences=4",
+           "--set", "harvest.batch_size=4", "--set", "harvest.chunk_tokens=128"]
+TRAIN = [sys.executable, "-m", "train", "run", "--profile", "tiny", "--no-progress", "--layers", "1",
+         "--set", "train.d_sae=128", "--set", "train.k=4", "--set", "train.batch_size=256",
+         "--set", "train.geometric_median_samples=512", "--set", "train.shuffle_buffer_tokens=4096",
+         "--set", "train.eval_tokens=1024", "--set", "train.checkpoint_every_tokens=4096",
+         "--set", "train.eval_every_tokens=4096"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def _summary(url: str) -> dict:
+    c = cf.open_cache(url)
+    return {"fingerprint": c.fingerprint, "units": [s.meta["unit"] for s in c.segments],
+            "tokens": np.asarray(c.tokens[:]), "seq_ids": np.asarray(c.seq_ids[:]), "n": c.n_tokens}
+
+
+def _same_cache(a: dict, b: dict) -> dict:
+    rows = sorted(zip(a["seq_ids"].tolist(), a["tokens"].tolist())) == sorted(zip(b["seq_ids"].tolist(), b["tokens"].tolist()))
+    return {"rows": rows, "order": bool(np.array_equal(a["tokens"], b["tokens"]) and a["units"] == b["units"]),
+            "fingerprint": a["fingerprint"] == b["fingerprint"]}
+
+
+def _wait_for(pred, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def harvest_kills(tmp: Path, n: int, tokens: int, rng: random.Random) -> dict:
+    ref = str(tmp / "h_ref")
+    t0 = time.time()
+    subprocess.run([*HARVEST, "--cache", ref, "--tokens", str(tokens)], env=ENV, check=True, stderr=subprocess.DEVNULL)
+    dur = time.time() - t0
+    want = _summary(ref)
+    out = []
+    for i in range(n):
+        url = str(tmp / f"h_kill{i}")
+        p = subprocess.Popen([*HARVEST, "--cache", url, "--tokens", str(tokens)], env=ENV, stderr=subprocess.DEVNULL)
+
+        target = rng.randrange(1, len(want["units"]) - 1)  # kill once this many segments are committed
+
+        def committed():
+            try:
+                return len(cf.open_cache(url).segments) >= target
+            except cf.CacheError:
+                return False
+
+        _wait_for(committed, p)
+        time.sleep(rng.uniform(0, 0.2))
+        killed = p.poll() is None
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        before = len(cf.open_cache(url).segments)
+        subprocess.run([*HARVEST, "--cache", url, "--tokens", str(tokens)], env=ENV, check=True, stderr=subprocess.DEVNULL)
+        got = _same_cache(_summary(url), want)
+        out.append({"killed_mid_run": killed, "segments_before_resume": before, **got})
+        print(f"harvest kill {i + 1}/{n}: {before} of {len(want['units'])} segments committed when killed; "
+              f"rows {got['rows']}, order {got['order']}, fingerprint {got['fingerprint']}", flush=True)
+    return {"points": n, "tokens": tokens, "uninterrupted_s": round(dur, 1), "runs": out,
+            "identical_rows": sum(r["rows"] for r in out), "identical_order": sum(r["order"] for r in out),
+            "identical_fingerprint": sum(r["fingerprint"] for r in out)}
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    w = {}
+    for sae in sorted(p for p in out.iterdir() if (p / "sae_weights.safetensors").exists()):
+        w[sae.name] = {k: v.numpy() for k, v in load_file(str(sae / "sae_weights.safetensors")).items()}
+    run = json.loads((out / "run.json").read_text())
+    return {"weights": w, "fingerprints": [run.get("cache_fingerprint"), run.get("layer_fingerprints")]}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a["weights"].keys() == b["weights"].keys() and all(
+        all(np.array_equal(a["weights"][s][k], b["weights"][s][k]) for k in a["weights"][s]) for s in a["weights"])
+
+
+def train_kills(tmp: Path, cache: str, n: int, tokens: int, rng: random.Random) -> dict:
+    args = [*TRAIN, "--cache", cache, "--set", f"train.training_tokens={tokens}"]
+    ref = tmp / "t_ref"
+    t0 = time.time()
+    subprocess.run([*args, "--out", str(ref)], env=ENV, check=True, stderr=subprocess.DEVNULL)
+    dur = time.time() - t0
+    want = _weights(ref)
+    out = []
+    for i in range(n):
+        o = tmp / f"t_kill{i}"
+        p = subprocess.Popen([*args, "--out", str(o)], env=ENV, stderr=subprocess.DEVNULL)
+        every = 4096
+        target = every * rng.randrange(1, max(2, tokens // every - 1))  # kill once a checkpoint at this count exists
+
+        def reached():
+            return any(int(f.stem.split("_")[1]) >= target for f in o.glob("**/checkpoints/tokens_*.json"))
+
+        _wait_for(reached, p)
+        time.sleep(rng.uniform(0, 0.2))
+        killed = p.poll() is None
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        subprocess.run([*args, "--out", str(o)], env=ENV, check=True, stderr=subprocess.DEVNULL)
+        got = _weights(o)
+        same, fp = _same_weights(got, want), got["fingerprints"] == want["fingerprints"]
+        out.append({"killed_mid_run": killed, "identical_weights": same, "identical_fingerprint": fp})
+        print(f"train kill {i + 1}/{n}: killed mid-run {killed}; weights identical {same}, run.json fingerprint {fp}",
+              flush=True)
+    return {"points": n, "training_tokens": tokens, "uninterrupted_s": round(dur, 1), "runs": out,
+            "identical_weights": sum(r["identical_weights"] for r in out),
+            "identical_fingerprint": sum(r["identical_fingerprint"] for r in out)}
+
+
+def _read_all(c) -> None:
+    for L in c.layers:
+        c.residuals(L)[:]
+        c.stats(L)
+    for name in ("tokens", "seq_ids", "positions", "labels", "roles"):
+        getattr(c, name)[:]
+    c.sequences()
+
+
+def flips(tmp: Path, cache: str, n: int, rng: random.Random) -> dict:
+    import shutil
+
+    url = str(tmp / "flips")
+    shutil.copytree(cache, url)
+    c = cf.open_cache(url)
+    objs = {}
+    for s in c._segs:
+        objs.update(ops.segment_objects(s))
+    keys = sorted(k for k in objs if not k.endswith("zarr.json"))
+    kinds = {"residual shard": [k for k in keys if "/resid_post/" in k and "/c/" in k],
+             "row column": [k for k in keys if "/rows/" in k], "stats": [k for k in keys if "/stats/" in k],
+             "sequences": [k for k in keys if k.endswith(".parquet")]}
+    res = {}
+    for kind, pool in kinds.items():
+        caught_read = caught_verify = total = 0
+        for _ in range(n if kind == "residual shard" else max(2, n // 4)):
+            key = rng.choice(pool)
+            path = os.path.join(url, *key.split("/"))
+            off = rng.randrange(os.path.getsize(path))
+            raw = bytearray(open(path, "rb").read())
+            raw[off] ^= 1 << rng.randrange(8)
+            open(path, "wb").write(bytes(raw))
+            total += 1
+            try:
+                _read_all(cf.open_cache(url))
+            except integrity.IntegrityError:
+                caught_read += 1
+            caught_verify += bool(ops.verify(cf.open_cache(url))[1])
+            shutil.copyfile(os.path.join(cache, *key.split("/")), path)  # restore it for the next flip
+        res[kind] = {"flips": total, "caught_by_reads": caught_read, "caught_by_verify": caught_verify}
+        print(f"byte flips in {kind}: {caught_read}/{total} caught by reads, {caught_verify}/{total} by verify",
+              flush=True)
+    edits = {"n_rows - 1": (b'"n_rows":', None), "kind": (b'"kind":"segment"', b'"kind":"segmenx"'),
+             "root layers": None, "non-UTF-8 byte": (None, None)}
+    log_res = {}
+    for name, how in edits.items():
+        work = str(tmp / f"edit-{len(log_res)}")
+        shutil.copytree(cache, work)
+        if name == "root layers":
+            p = os.path.join(work, "zarr.json")
+            d = json.loads(open(p).read())
+            d["attributes"]["actcache"]["layers"] = d["attributes"]["actcache"]["layers"][:-1]
+            open(p, "w").write(json.dumps(d))
+        else:
+            p = os.path.join(work, "commits", "0000000001.json")
+            raw = open(p, "rb").read()
+            if name == "n_rows - 1":
+                d = json.loads(raw)
+                d["n_rows"] -= 1
+                raw = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+            elif name == "kind":
+                raw = raw.replace(*how)
+            else:
+                raw = raw[:40] + b"\xff" + raw[41:]
+            open(p, "wb").write(raw)
+        try:
+            cf.open_cache(work)
+            refused = False
+        except cf.CacheError as e:
+            refused = "\n" not in str(e)
+        v = subprocess.run([sys.executable, "-m", "cache_format", "verify", work], env=ENV, capture_output=True, text=True)
+        verify_caught = v.returncode == 2 and v.stderr.strip().count("\n") == 0 and "Traceback" not in v.stderr
+        log_res[name] = {"refused_by_readers_in_one_line": refused, "caught_by_verify_in_one_line": verify_caught}
+        print(f"edit {name}: readers refuse {refused}, verify catches {verify_caught}", flush=True)
+    return {"objects": res, "log_and_root": log_res}
+
+
+def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int, rng: random.Random) -> dict:
+    from conftest import RangeHandler
+
+    class Flaky(RangeHandler):
+        def _choose_fault(self, counter):
+            x = rng.random()
+            for kind, p in rates.items():
+                if x < p:
+                    return kind
+                x -= p
+            return None
+
+    import shutil
+
+    site = tmp / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(cache, site / "c")
+    ops.publish(Location(str(site / "c")))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Flaky, directory=str(site)))
+    server.daemon_threads = True
+    server.failures = {"left": 0, "lock": threading.Lock(), "injected": {}}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/c"
+    local = cf.open_cache(cache)
+    want = {L: local.residuals(L).numpy().view(np.uint16) for L in local.layers}
+    same = loud = wrong = 0
+    for _ in range(runs):
+        try:
+            c = cf.open_cache(url)
+            got = {L: c.residuals(L).numpy().view(np.uint16) for L in c.layers}
+            ok = all(np.array_equal(got[L], want[L]) for L in want) and np.array_equal(c.tokens[:], local.tokens[:])
+            same, wrong = same + ok, wrong + (not ok)
+        except cf.UserError as e:  # a one-line error naming the object: loud, never wrong data
+            loud += "\n" not in str(e)
+    print(f"flaky server ({rates}): of {runs} full reads {same} identical to local, {loud} failed in one line, "
+          f"{wrong} silently wrong; injected {server.failures['injected']}", flush=True)
+    tr = []
+    if train_runs:
+        args = [*TRAIN, "--set", "train.training_tokens=8192"]
+        ref = tmp / "f_ref"
+        subprocess.run([*args, "--cache", cache, "--out", str(ref)], env=ENV, check=True, stderr=subprocess.DEVNULL)
+        want_w = _weights(ref)
+        env = dict(ENV, ACTCACHE_RETRIES="8")
+        for i in range(train_runs):
+            o = tmp / f"f_http{i}"
+            p = subprocess.run([*args, "--cache", url, "--out", str(o)], env=env, capture_output=True, text=True)
+            ok = p.returncode == 0
+            tr.append({"exit": p.returncode, "identical_weights": ok and _same_weights(_weights(o), want_w),
+                       "traceback": "Traceback" in p.stderr, "last_line": (p.stderr.strip().splitlines() or [""])[-1]})
+            print(f"train run over the flaky server {i + 1}/{train_runs}: exit {p.returncode}, "
+                  f"identical weights {tr[-1]['identical_weights']}" + ("" if ok else f" ({tr[-1]['last_line']})"),
+                  flush=True)
+    server.shutdown()
+    return {"rates": rates, "read_runs": runs, "identical_reads": int(same), "reads_failed_in_one_line": loud,
+            "reads_silently_wrong": wrong, "injected": dict(server.failures["injected"]), "train_runs": tr,
+            "train_identical": sum(r["identical_weights"] for r in tr),
+            "train_failed_in_one_line": sum(r["exit"] == 2 and not r["traceback"] for r in tr),
+            "train_silently_wrong": sum(r["exit"] == 0 and not r["identical_weights"] for r in tr)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=3, help="kill -9 points for harvest and for train")
+    p.add_argument("--tokens", type=int, default=64 * 48, help="harvest rows (12 segments of 4 sequences)")
+    p.add_argument("--train-tokens", type=int, default=40960)
+    p.add_argument("--flips", type=int, default=28, help="byte flips in residual shards (a quarter as many elsewhere)")
+    p.add_argument("--flaky-runs", type=int, default=10)
+    p.add_argument("--flaky-train-runs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
+    a = p.parse_args(argv)
+    rng = random.Random(a.seed)
+    result = {"command": " ".join(["python", "bench/bench_faults.py", *(argv or sys.argv[1:])]),
+              "load_avg": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        result["harvest_kill9"] = harvest_kills(tmp, a.kills, a.tokens, rng)
+        cache = str(tmp / "h_ref")
+        result["train_kill9"] = train_kills(tmp, cache, a.kills, a.train_tokens, rng)
+        result["byte_flips"] = flips(tmp, cache, a.flips, rng)
+        rates = {"truncate": 0.05, "flip": 0.01, "drop": 0.01, "500": 0.01, "short": 0.01}
+        result["flaky_http"] = flaky_server(tmp, cache, a.flaky_runs, rates, a.flaky_train_runs, rng)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
