@@ -73,20 +73,32 @@ def _batches(sequences: list[np.ndarray], batch_size: int) -> Iterator[torch.Ten
             yield torch.from_numpy(np.stack(group[i : i + batch_size]))
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits (B, T-1, V) in the model's dtype (float only chunk by chunk below)."""
-    return model(input_ids=ids, use_cache=False).logits[:, :-1]
-
-
 POSITION_CHUNK = 512  # positions turned into float log-probs at a time: bounds memory at vocab 248k
 
 
-def _ce_and_kl(clean: torch.Tensor, other: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
+def _head(model: torch.nn.Module):
+    """(decoder stack, LM head) when the model exposes them, so logits are made chunk by chunk:
+    full logits of one 33k-token rollout over a 248k vocabulary are 16 GB in bf16."""
+    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if base is None or base is model or head is None:
+        return None
+    return base, head
+
+
+def _final(model: torch.nn.Module, parts, ids: torch.Tensor) -> torch.Tensor:
+    """What predicts each next token: final hidden states (B, T-1, d), or logits without a head split."""
+    if parts is None:
+        return model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return parts[0](input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+
+
+def _ce_and_kl(parts, clean: torch.Tensor, other: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
     """(CE of clean, CE of other, KL(clean ‖ other)) summed over positions, chunk by chunk."""
+    head = (lambda h: h) if parts is None else parts[1]
     ce_c = ce_o = kl = 0.0
     for a in range(0, clean.shape[1], POSITION_CHUNK):
-        lc = F.log_softmax(clean[:, a : a + POSITION_CHUNK].float(), dim=-1)
-        lo = F.log_softmax(other[:, a : a + POSITION_CHUNK].float(), dim=-1)
+        lc = F.log_softmax(head(clean[:, a : a + POSITION_CHUNK]).float(), dim=-1)
+        lo = F.log_softmax(head(other[:, a : a + POSITION_CHUNK]).float(), dim=-1)
         t = target[:, a : a + POSITION_CHUNK].reshape(-1)
         ce_c += float(F.nll_loss(lc.reshape(-1, lc.shape[-1]), t, reduction="sum"))
         ce_o += float(F.nll_loss(lo.reshape(-1, lo.shape[-1]), t, reduction="sum"))
@@ -117,15 +129,17 @@ def loss_recovered(
     if total == 0:
         raise UserError("no held-out sequence has two or more tokens; raise analysis.loss_sequences or use a larger cache")
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="loss recovered", disable=not progress, file=None)
+    parts = _head(model)
     for ids in _batches(sequences, batch_size):
         ids = ids.to(device)
         target = ids[:, 1:]
-        # At most two logits tensors live at once: the clean one and the current spliced one.
-        clean = _logits(model, ids)
+        # At most two hidden-state tensors live at once (the clean one and the current spliced
+        # one); logits exist only POSITION_CHUNK positions at a time.
+        clean = _final(model, parts, ids)
         for name, fn in (("sae", sae_reconstruct(sae)), ("zero", zero_ablate)):
             with replace_output(layer_module, fn):
-                other = _logits(model, ids)
-            ce_c, ce_o, kl = _ce_and_kl(clean, other.to(clean.device), target.to(clean.device))
+                other = _final(model, parts, ids)
+            ce_c, ce_o, kl = _ce_and_kl(parts, clean, other.to(clean.device), target.to(clean.device))
             del other
             sums[f"ce_{name}"] += ce_o
             sums[f"kl_{name}"] += kl

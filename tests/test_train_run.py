@@ -30,7 +30,8 @@ FAST = ["--profile", "tiny", "--set", "train.d_sae=192", "--set", "train.k=3", "
 # 20 epochs of the 16k-row planted cache: AuxK normalized by the residual's variance recovers
 # every feature here (two seeds measured); sparsify's total-variance normalization gets 97.9%
 PLANTED = ["--set", "train.training_tokens=320000", "--set", "train.eval_every_tokens=80000",
-           "--set", "train.checkpoint_every_tokens=160000", "--set", "train.sweep=[{d_sae=128, k=4}]"]
+           "--set", "train.checkpoint_every_tokens=160000", "--set", "train.sweep=[{d_sae=128, k=4}]",
+           "--set", "train.heldout_fraction=0.1"]  # the planted set's own split, not the demo profile's
 
 
 def run(args):
