@@ -248,6 +248,7 @@ class PlannedUnits:
         self.done = done
         missing = [i for i in range(self.n_seq) if i not in done]
         self.n_units = len({i // self.per for i in missing})
+        self.n_missing = len(missing)
         self.n_tokens = len(missing) * c.seq_len
         self.state = resume_state(segments, done) if missing else None
         self.pins = revisions.pin(c.sources, segments) if missing else {}
@@ -258,7 +259,10 @@ class PlannedUnits:
         return self.n_units
 
     def _generate(self) -> Iterator[Any]:
+        if not self.n_missing:  # a complete cache (or adding a layer to one) reads no source at all
+            return
         c = self.cfg.corpus
+        left = self.n_missing
         commits = {i: p["commit"] for i, p in self.pins.items()}
         recorded = {c.sources[i].name or c.sources[i].path: p for i, p in self.pins.items()}
         planner = CorpusPlanner(c, self.tokenizer, data.corpus_eos(self.tokenizer), self.state, commits,
@@ -276,8 +280,11 @@ class PlannedUnits:
                 if (s.seq_index + 1) % self.per and s.seq_index + 1 < self.n_seq:
                     continue
                 if block:
+                    left -= len(block)
                     yield self._unit(block, {**planner.state(), "revisions": recorded})
                 block = []
+                if not left:  # nothing after this is missing: stop streaming
+                    return
         finally:
             planner.close()
 

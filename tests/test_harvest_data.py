@@ -294,3 +294,25 @@ def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
     got = corpus_plan.batch_tokenizer(tok, 7)(docs)
     want = [tok(d, add_special_tokens=False)["input_ids"] + [7] for d in docs]
     assert [g.tolist() for g in got] == want
+
+
+def test_a_complete_corpus_cache_reads_no_source_on_rerun_or_when_a_layer_is_added(tmp_path):
+    import cache_format as cf
+    from cache_format.config import load_config
+    from harvest import run as hr
+
+    src = tmp_path / "docs.txt"
+    src.write_text("\n\n".join(f"document {i} says something about the number {i * 7}." for i in range(400)))
+    url = str(tmp_path / "out")
+
+    def cfg(layers):
+        return load_config(None, "tiny", [f'corpus.sources=[{{name="docs", path="{src}"}}]',
+                                          "harvest.segment_sequences=4", "harvest.batch_size=8"],
+                           **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": layers,
+                              "corpus.tokens": 8 * 128})
+    first = hr.run(cfg([0]), progress=False)
+    src.unlink()  # a source that is gone cannot be streamed: nothing may try
+    again = hr.run(cfg([0]), progress=False)
+    assert again["units"] == 0 and again["n_tokens"] == first["n_tokens"] == 8 * 128
+    added = hr.run(cfg([2]), progress=False)
+    assert added["added_layers"] == [2] and added["units"] == 0 and cf.open_cache(url).layers == [0, 2]
