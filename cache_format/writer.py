@@ -1,4 +1,4 @@
-"""Writing: create a cache, append segments, backfill a layer.
+"""Writing: create a cache, append segments (backfill.py adds a layer; parts.py holds the pieces).
 
 A segment writer buffers rows per layer and writes only whole shards (one object each,
 never chunk by chunk into a shard), hashing every object as zarr hands it to the store.
@@ -10,10 +10,8 @@ objects that `gc` removes after the grace period.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -21,18 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import integrity, leases, log, provenance
-from .bf16 import to_bits
+from . import leases, log, provenance
+from .backfill import LayerBackfill
 from .codecs import check as check_codec
-from .codecs import zarr_compressors
 from .errors import CacheError, UserError
-from .stats import RunningStats
+from .parts import (ROW_COLUMNS, _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits, _rows, _sequences_bytes,
+                    _write_rows, sequences_table)
 from .store import Location
 
-ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "labels": "int8", "roles": "int8"}
-ROW_CODEC = "zstd3"
+__all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table"]
 _LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-layer")
-_FLUSH_POOL = ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="actcache-flush")
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -46,207 +42,6 @@ def _check_json(obj, what: str) -> None:
         log.dumps(obj)
     except (TypeError, ValueError) as e:
         raise UserError(f"{what} must be JSON-serializable ({e}); pass plain dicts, lists, str, int, float, bool") from None
-
-
-def _hashing_store(loc: Location):
-    """A zarr store that records (size, BLAKE2b-256) of every object it writes.
-
-    Locally it writes through zarr's LocalStore. Remotely, zarr only sees an in-memory
-    store for metadata and every object is PUT once through the Location (with retries):
-    a segment's paths are unique to its writer, so zarr's existence checks never need
-    the network, and each shard costs exactly one request.
-    """
-    import asyncio
-
-    from zarr.storage import MemoryStore, WrapperStore
-
-    remote = not loc.local
-
-    class HashingStore(WrapperStore):
-        def __init__(self, store):
-            super().__init__(store)
-            self.written: dict[str, dict] = {}
-            self.per_shard: dict[str, int] = {}  # array path → inner chunks per shard
-            self.lock = threading.Lock()
-
-        def _record(self, key, value):
-            view = memoryview(np.ascontiguousarray(value.as_numpy_array())).cast("B")
-            entry = {"size": int(view.nbytes), log.DIGEST: log.digest(view)}
-            if key.endswith("/zarr.json"):
-                m = integrity.per_shard_of(json.loads(bytes(view)))
-                if m:
-                    with self.lock:
-                        self.per_shard[key[: -len("/zarr.json")]] = m
-            elif "/c/" in key:
-                m = self.per_shard.get(key.rsplit("/c/", 1)[0])
-                if m:  # what readers check every chunk against
-                    entry["chunks"] = integrity.shard_chunk_digests(view, m, key)
-            with self.lock:
-                self.written[key] = entry
-
-        async def set(self, key, value):
-            self._record(key, value)
-            if remote:
-                await asyncio.to_thread(loc.write, key, value.to_bytes())
-                if key.endswith("zarr.json"):
-                    await self._store.set(key, value)
-            else:
-                try:
-                    await self._store.set(key, value)
-                except OSError as e:  # a full disk: one line naming the object, not zarr's traceback
-                    raise loc.write_error(key, e) from None
-
-        async def set_if_not_exists(self, key, value):
-            # Only parent group metadata goes through here; it is shared, so never in a manifest.
-            if key == "zarr.json":
-                return  # the cache root: never touched by a segment writer
-            if remote:
-                if not await self._store.exists(key):
-                    await self._store.set(key, value)
-                    await asyncio.to_thread(loc.write, key, value.to_bytes())
-            else:
-                await self._store.set_if_not_exists(key, value)
-
-        async def delete(self, key):
-            with self.lock:
-                self.written.pop(key, None)
-            if remote:
-                await asyncio.to_thread(loc.delete, [key])
-                if await self._store.exists(key):
-                    await self._store.delete(key)
-            else:
-                await self._store.delete(key)
-
-    return HashingStore(MemoryStore() if remote else loc.zarr_store())
-
-
-class _LayerBuffer:
-    """Rows of one layer on their way into one sharded array, written a whole shard at a time."""
-
-    def __init__(self, store, path: str, layer: int, root: dict, hook: str):
-        self.store, self.path, self.layer = store, path, layer
-        self.d = root["d_model"]
-        self.shard_rows = root["shard_rows"]
-        self.chunk_rows = root["chunk_tokens"]
-        self.codec = root["codec"]
-        self.hook = hook
-        self.pending: list[np.ndarray] = []
-        self.n_pending = 0
-        self.n_written = 0
-        self.array = None
-        self.inflight = None  # the previous shard's encode + write, running in the background
-        self.stats = RunningStats(self.d)
-
-    def add(self, bits: np.ndarray) -> None:
-        self.stats.update_bits(bits)  # overlaps with the previous shard's encode in the background
-        self.pending.append(bits)
-        self.n_pending += len(bits)
-        while self.n_pending >= self.shard_rows:
-            self._flush(self.shard_rows)
-
-    def finish(self) -> None:
-        if self.array is None:
-            # Everything fit in one partial shard: size the shard to the data, so that a
-            # small segment does not carry the index of a full-size shard.
-            self.shard_rows = max(1, -(-self.n_pending // self.chunk_rows)) * self.chunk_rows
-        self._ensure_array()
-        if self.n_pending:
-            self._flush(self.n_pending)
-        self._wait()
-
-    def _wait(self) -> None:
-        if self.inflight is not None:
-            f, self.inflight = self.inflight, None
-            f.result()  # re-raises a failed background write
-
-    def _ensure_array(self):
-        if self.array is None:
-            import zarr
-
-            self.array = zarr.create_array(
-                store=self.store, name=self.path, shape=(0, self.d), dtype="uint16",
-                chunks=(self.chunk_rows, self.d), shards=(self.shard_rows, self.d),
-                compressors=zarr_compressors(self.codec), filters=(), fill_value=0,
-                attributes={"actcache_dtype": "bfloat16", "hook": self.hook, "layer": self.layer},
-                dimension_names=["token", "d_model"],
-                config={"write_empty_chunks": True})  # skips zarr's per-chunk all-fill scan (~half the write time)
-
-    def _flush(self, n: int) -> None:
-        self._ensure_array()
-        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        block, rest = data[:n], data[n:]
-        self.pending = [rest] if len(rest) else []
-        self.n_pending = len(rest)
-        s = self.n_written
-        self._wait()  # one shard in flight per layer: bounded memory, shards land in order
-
-        def write():
-            self.array.resize((s + n, self.d))
-            self.array[s:s + n] = block
-
-        self.inflight = _FLUSH_POOL.submit(write)
-        self.n_written += n
-
-    def entry(self) -> dict:
-        prefix = self.path + "/"
-        objects = {k[len(prefix):]: v for k, v in self.store.written.items() if k.startswith(prefix)}
-        return {"array": self.path, "n_rows": self.n_written, "objects": objects}
-
-
-def _as_numpy(x, dtype: str, what: str) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise UserError(f"{what}: expected a 1-D array, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise UserError(f"{what}: expected integers, got {a.dtype}")
-    out = a.astype(dtype)
-    if a.size and not np.array_equal(out, a):
-        raise UserError(f"{what}: values do not fit {dtype}")
-    return out
-
-
-def _rows(n_expected, tokens, seq_ids, positions, labels, roles) -> dict[str, np.ndarray]:
-    cols = {"tokens": tokens, "seq_ids": seq_ids, "positions": positions, "labels": labels, "roles": roles}
-    out = {}
-    for name, x in cols.items():
-        if x is None:
-            if name in ("labels", "roles"):
-                out[name] = np.full(n_expected, -1 if name == "labels" else 0, np.int8)
-                continue
-            raise UserError(f"append: {name} is required (one value per residual row)")
-        out[name] = _as_numpy(x, ROW_COLUMNS[name], name)
-        if len(out[name]) != n_expected:
-            raise UserError(f"append: {name} has {len(out[name])} rows but the residuals have {n_expected}; "
-                            "pass one value per row")
-    if out["roles"].size and (out["roles"].min() < 0 or out["roles"].max() > 3):
-        raise UserError("append: roles must be 0 text, 1 prompt, 2 thinking or 3 answer")
-    if out["labels"].size and (out["labels"].min() < -1 or out["labels"].max() > 1):
-        raise UserError("append: labels must be 1 correct, 0 wrong or -1 none")
-    return out
-
-
-def _residual_bits(residuals, layers: list[int], d: int, what: str = "append") -> tuple[dict, int]:
-    if not isinstance(residuals, dict):
-        raise UserError(f"{what}: residuals must be a dict {{layer: N×d_model bf16}}")
-    got = {int(k) for k in residuals}
-    if got != set(layers):
-        missing, extra = sorted(set(layers) - got), sorted(got - set(layers))
-        raise UserError(f"{what}: residuals must cover exactly layers {layers}"
-                        + (f"; missing {missing}" if missing else "") + (f"; not in the cache {extra}" if extra else "")
-                        + (" (add a layer with add_layer first)" if extra else ""))
-    out, n = {}, None
-    for k, x in residuals.items():
-        bits = to_bits(x, f"residuals[{k}]")
-        if bits.ndim != 2 or bits.shape[1] != d:
-            raise UserError(f"{what}: residuals[{k}] has shape {tuple(bits.shape)} but the cache's d_model is {d}; "
-                            "d_model mismatch: append to a cache made for this model")
-        if n is not None and len(bits) != n:
-            raise UserError(f"{what}: layers have different row counts ({n} vs {len(bits)})")
-        n = len(bits)
-        out[int(k)] = bits
-    return out, n or 0
 
 
 class _ColumnSink:
@@ -271,63 +66,6 @@ def _refuse_duplicates(cols: dict) -> None:
         d = k[1:][k[1:] == k[:-1]][0]
         raise UserError(f"append: row (seq_id {int(d >> 32)}, position {int(d & 0xFFFFFFFF)}) was appended twice "
                         "to one segment; each (seq_id, position) must be one row (nothing was committed)")
-
-
-def _write_rows(store, prefix: str, cols: dict, chunk_rows: int) -> dict:
-    import zarr
-
-    for name, a in cols.items():
-        n = len(a)
-        shard = max(1, -(-n // chunk_rows)) * chunk_rows
-        arr = zarr.create_array(store=store, name=f"{prefix}/{name}", shape=(n,), dtype=ROW_COLUMNS[name],
-                                chunks=(chunk_rows,), shards=(shard,), compressors=zarr_compressors(ROW_CODEC),
-                                filters=(), fill_value=0, dimension_names=["token"],
-                                config={"write_empty_chunks": True})
-        if n:
-            arr[:] = a
-    p = prefix + "/"
-    return {"path": prefix, "objects": {k[len(p):]: v for k, v in store.written.items() if k.startswith(p)}}
-
-
-def _sequences_bytes(records: list[dict]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = sequences_table(records)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue().to_pybytes()
-
-
-def sequences_table(records: list[dict]):
-    import pyarrow as pa
-
-    if not records:
-        return pa.table({"seq_id": pa.array([], pa.int64()), "token_ids": pa.array([], pa.list_(pa.int32()))})
-    table = pa.Table.from_pylist(records)
-    table = table.set_column(table.schema.get_field_index("seq_id"), "seq_id", table["seq_id"].cast(pa.int64()))
-    table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
-                             table["token_ids"].cast(pa.list_(pa.int32())))
-    return table
-
-
-class _CommitOnExit:
-    """Commits when the `with` block exits cleanly; abandons what was written when it raises, or
-    when the commit itself fails before its record landed."""
-
-    committed: str | None = None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            try:
-                self.commit()
-            except BaseException:
-                if self.committed is None:
-                    self.abandon()
-                raise
-        else:
-            self.abandon()
-        return False
 
 
 class SegmentWriter(_CommitOnExit):
@@ -433,105 +171,6 @@ class SegmentWriter(_CommitOnExit):
             self.w.loc.remove_empty_dirs(f"segments/{self.id}")
         except Exception:
             pass
-
-
-class LayerBackfill:
-    """Adds one layer to rows already committed, segment by segment, each atomically.
-
-    The caller re-runs the model over each pending segment's rows in the same order and
-    hands them back with their tokens, seq_ids and positions, which must match the stored
-    rows exactly; anything else is refused, so a layer can never be misaligned.
-    """
-
-    def __init__(self, writer: "CacheWriter", layer: int):
-        self.w, self.layer = writer, int(layer)
-
-    def pending(self) -> list:
-        """Committed segments that lack this layer, in commit order."""
-        c = self.w.snapshot()
-        return [s for s in c.segments if self.layer not in s.layers]
-
-    def segment(self, segment_id: str) -> "_BackfillSegment":
-        return _BackfillSegment(self, segment_id)
-
-    def write(self, segment_id: str, residuals, tokens, seq_ids, positions) -> str:
-        with self.segment(segment_id) as s:
-            s.append(residuals, tokens=tokens, seq_ids=seq_ids, positions=positions)
-        return s.committed
-
-
-class _BackfillSegment(_CommitOnExit):
-    def __init__(self, bf: LayerBackfill, segment_id: str):
-        w = bf.w
-        self.bf, self.w = bf, w
-        self.cache = w.snapshot()
-        infos = {s.id: s for s in self.cache.segments}
-        if segment_id not in infos:
-            raise CacheError(f"segment {segment_id!r} is not a committed segment of {w.url}; see `info`")
-        self.info = infos[segment_id]
-        if bf.layer in self.info.layers:
-            raise UserError(f"segment {segment_id} already has layer {bf.layer}")
-        self.stored = {k: self.cache._segment_column(self.cache._seg_index(segment_id), k)
-                       for k in ("tokens", "seq_ids", "positions")}
-        self.store = _hashing_store(w.loc)
-        self.part = uuid.uuid4().hex[:12]
-        path = f"segments/{segment_id}/backfill-{self.part}/{w.root['hook']}/{bf.layer}"
-        self.buf = _LayerBuffer(self.store, path, bf.layer, w.root, w.root["hook"])
-        self.n = 0
-        self.committed = None
-
-    def __enter__(self):
-        leases.hold(self.w.loc, self._unit)
-        return self
-
-    @property
-    def _unit(self) -> str:
-        return f"segments/{self.info.id}/backfill-{self.part}"
-
-    def abandon(self) -> None:
-        leases.release(self.w.loc, self._unit)
-        try:
-            self.buf._wait()
-        except Exception:
-            pass
-        try:
-            base = f"segments/{self.info.id}/backfill-{self.part}"
-            self.w.loc.delete([o.key for o in self.w.loc.walk(base)])
-            self.w.loc.remove_empty_dirs(base)
-        except Exception:
-            pass  # gc removes whatever is left
-
-    def append(self, residuals, tokens, seq_ids, positions) -> None:
-        if not isinstance(residuals, dict):
-            residuals = {self.bf.layer: residuals}
-        bits, n = _residual_bits(residuals, [self.bf.layer], self.w.d_model, "backfill")
-        s, e = self.n, self.n + n
-        if e > self.info.n_rows:
-            raise UserError(f"backfill of segment {self.info.id}: {e} rows exceed its {self.info.n_rows}; "
-                            "the rows must match the segment exactly")
-        for name, x in (("tokens", tokens), ("seq_ids", seq_ids), ("positions", positions)):
-            got = _as_numpy(x, ROW_COLUMNS[name], name)
-            if len(got) != n or not np.array_equal(got, self.stored[name][s:e]):
-                raise UserError(f"backfill of segment {self.info.id}: {name} of rows {s}..{e} differ from the "
-                                "stored rows; re-run over the same rows in the same order (misaligned layer refused)")
-        self.buf.add(bits[self.bf.layer])
-        self.n = e
-
-    def commit(self) -> None:
-        if self.n != self.info.n_rows:
-            raise UserError(f"backfill of segment {self.info.id}: got {self.n} rows, the segment has "
-                            f"{self.info.n_rows}; nothing was committed")
-        self.buf.finish()
-        entry = self.buf.entry()
-        loc = self.w.loc
-        stats_key = f"segments/{self.info.id}/backfill-{self.part}/stats/{self.bf.layer}.json"
-        data = log.dumps(self.buf.stats.to_json())
-        loc.write(stats_key, data)
-        entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
-        record = {"kind": "layer", "segment": self.info.id, "layer": self.bf.layer, "entry": entry,
-                  "provenance": provenance.record()}
-        self.committed = log.commit(loc, record)
-        leases.release(loc, self._unit)
 
 
 class CacheWriter:
