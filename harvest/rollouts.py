@@ -131,12 +131,17 @@ class VLLMBackend:
             proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
             done: set[int] = set()
             offset = 0
-            while True:
-                exited = proc.poll() is not None
-                offset = self._drain(res, offset, done, on_done)
-                if exited:
-                    break
-                time.sleep(self.poll_s)
+            try:
+                while True:
+                    exited = proc.poll() is not None
+                    offset = self._drain(res, offset, done, on_done)
+                    if exited:
+                        break
+                    time.sleep(self.poll_s)
+            finally:  # a failed save or Ctrl-C here must not leave vLLM holding the GPU
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if proc.returncode != 0:
             raise UserError(f"the vLLM generation subprocess failed (exit {proc.returncode}) after {len(done)} of "
                             f"{len(prompts)} rollouts, which are saved; see its output above, then re-run to continue")

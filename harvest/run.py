@@ -135,8 +135,13 @@ _STATE: dict[str, Any] = {}
 def _model(model_cfg: ModelConfig, device: str | None) -> LoadedModel:
     key = repr((dataclasses.asdict(model_cfg), device))
     if _STATE.get("model_key") != key:
-        _STATE["model"] = load_model(model_cfg, device=device)
+        lm = _STATE["model"] = load_model(model_cfg, device=device)
         _STATE["model_key"] = key
+        if not _STATE.get("kernel_note_said"):  # said at the first load, before any generation
+            note = gpu.reference_kernel_note(lm.model, lm.device)
+            if note:
+                _STATE["kernel_note_said"] = True
+                print(note, file=sys.stderr)
     return _STATE["model"]
 
 
@@ -268,11 +273,6 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     lm = _model(cfg.model, ctx.device)
-    if not _STATE.get("kernel_note_said"):
-        _STATE["kernel_note_said"] = True
-        note = gpu.reference_kernel_note(lm.model, lm.device)
-        if note:
-            print(note, file=sys.stderr)
     if "writer" not in _STATE or _STATE.get("writer_url") != ctx.cache_url:
         _STATE["writer"] = cf.open_cache(ctx.cache_url, mode="a")
         _STATE["writer_url"] = ctx.cache_url

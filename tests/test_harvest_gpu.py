@@ -24,8 +24,10 @@ def test_make_install_adds_the_fast_kernels_only_where_cuda_is_detected():
     assert on.returncode == 0 and "pip-install flash-linear-attention causal-conv1d" in on.stdout, on
     off = make("gpu-kernels", "PIP_GPU=echo pip-install", ACTCACHE_CUDA="0")
     assert off.returncode == 0 and "pip-install" not in off.stdout and "not installed" in off.stdout, off
-    dry = make("-n", "-W", "pyproject.toml", "install", "PIP_GPU=echo pip-install", ACTCACHE_CUDA="1")
-    assert "pip-install flash-linear-attention" in dry.stdout  # the install recipe runs the detection
+    dry = make("-n", "-W", "pyproject.toml", "install", ACTCACHE_CUDA="1")
+    assert "gpu-kernels" in dry.stdout  # the install recipe runs the detection step
+    failing = make("gpu-kernels", "PIP_GPU=false", ACTCACHE_CUDA="1")  # a kernel that cannot build
+    assert failing.returncode == 0 and "could not install" in failing.stdout, failing
     for value, want in (("1", "cuda"), ("0", "cpu")):
         out = subprocess.run([sys.executable, "-m", "harvest.gpu", "detect"], capture_output=True, text=True,
                              env={**os.environ, "ACTCACHE_CUDA": value})
