@@ -39,7 +39,10 @@ def test_recipe_keys_yield_to_train_keys_and_set(tmp_path):
     # a small cache gets the recipe's warmup and dead threshold fitted to it, never the typed ones
     tc, _ = resolve(load_config(p), rollout)
     fitted, notes = fit_to_run(tc, [], 40_960)
-    assert fitted.warmup_steps == 1 and fitted.dead_tokens == 10_240 and len(notes) == 2
+    assert fitted.warmup_steps == 2 and fitted.dead_tokens == 10_240 and len(notes) == 2
+    # the cards' own runs are left as they are: the 001 card's 5000 warmup steps of 48,829
+    corpus, _ = resolve(load_config(), {"source": {"name": "corpus"}})
+    assert fit_to_run(corpus, [], 200_000_000)[0] == corpus
     assert fit_to_run(tc, ["warmup_steps", "dead_tokens"], 40_960)[0] == tc
     for bad, msg in [("[recipes.rollouts]\nout = 'x'", "not a recipe key"), ("[recipes.rollouts]\nk = 'x'", "integer"),
                      ("[recipes.other]\nk = 2", "unknown key 'other'")]:

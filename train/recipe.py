@@ -65,14 +65,15 @@ def fit_to_run(tc: TrainConfig, explicit: list[str], tokens: int) -> tuple[Train
 
     A recipe is sized for its card's run (the 000 card: ~1000 steps). On a smaller cache its
     warmup would outlast the run and no latent could ever count as dead, so AuxK would never
-    fire: warmup is capped at 10% of the steps and the dead threshold at a quarter of the
-    tokens. Keys you set yourself are never changed.
+    fire: warmup and the dead threshold are each capped at a quarter of the run (the cards'
+    own runs are well inside that: the 001 card's warmup is 10% of its steps). Keys you set
+    yourself are never changed.
     """
     steps = max(1, math.ceil(tokens / tc.batch_size))
     notes, changes = [], {}
-    if "warmup_steps" not in explicit and tc.warmup_steps > steps // 10:
-        changes["warmup_steps"] = steps // 10
-        notes.append(f"warmup {tc.warmup_steps} -> {steps // 10} steps (the run has {steps})")
+    if "warmup_steps" not in explicit and tc.warmup_steps > steps // 4:
+        changes["warmup_steps"] = steps // 4
+        notes.append(f"warmup {tc.warmup_steps} -> {steps // 4} steps (the run has {steps})")
     dead_cap = max(tc.batch_size, tokens // 4)
     if "dead_tokens" not in explicit and tc.dead_tokens > dead_cap:
         changes["dead_tokens"] = dead_cap
