@@ -109,6 +109,8 @@ def check_log(url: str, root: dict, records: dict, checked: set | None = None) -
     pins: dict = {}
     for i, name in enumerate(names):
         r = records[name]
+        if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
+            raise damaged(url, name, "not a commit record")
         if r.get("kind") == "upgrade":
             pins = r.get("pinned", {})
             legacy = {n for n in names[:i] if "digest" not in records[n]}
@@ -116,8 +118,6 @@ def check_log(url: str, root: dict, records: dict, checked: set | None = None) -
                 raise damaged(url, name, "the records before the upgrade differ from those it pinned")
         if name in checked:
             continue
-        if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
-            raise damaged(url, name, "not a commit record")
         if "digest" in r:
             body = {k: v for k, v in r.items() if k != "digest"}
             if sha256(dumps(body)) != r["digest"]:
