@@ -8,9 +8,9 @@ latent (one sort, shared by the two), the gradient of the codes is one sampled d
 active entry, and the only dense product left is the forward encoder matmul.
 
 AuxK is sparse the same way: the top k_aux (d_in/2) pre-activations among the dead latents
-are taken in the same pass (a top-k over the dead columns, or over all of them with the alive
-masked when most are dead), decoded with the same embedding_bag, and their entries join the
-main ones in the one sort of the backward. Nothing in the step is (N, n_dead) dense beyond
+are taken in the same pass (the encoder runs with the dead latents' columns first, so theirs
+are a leading slice of every row), decoded with the same embedding_bag, and their entries join
+the main ones in the one sort of the backward. Nothing in the step is (N, n_dead) dense beyond
 that top-k, so its cost stays flat as the dead fraction grows. The AuxK gradient reaches the
 dead latents' encoder columns and decoder rows (sparsify's fused encoder drops the former).
 """
@@ -56,15 +56,21 @@ class _TopKAutoencode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, k_aux, low_precision):
         bias = b_enc - b_dec @ W_enc if subtract_b_dec else b_enc
-        if low_precision:
-            pre = torch.addmm(bias.to(torch.bfloat16), x.to(torch.bfloat16), W_enc.to(torch.bfloat16)).float()
-        else:
-            pre = torch.addmm(bias, x, W_enc)
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
         n_dead = 0 if dead is None else dead.numel()
         ka = min(k_aux, n_dead)
+        W, perm = W_enc, None
+        if ka:  # encode with the dead latents' columns first: their pre-activations are one slice
+            perm = _dead_first(dead, W_enc.shape[1])
+            W, bias = W_enc.index_select(1, perm), bias.index_select(0, perm)
+        if low_precision:
+            pre = torch.addmm(bias.to(torch.bfloat16), x.to(torch.bfloat16), W.to(torch.bfloat16)).float()
+        else:
+            pre = torch.addmm(bias, x, W)
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
         if ka:
-            aux_vals, aux_idx = _dead_topk(pre, dead, ka)
+            idx = perm[idx]
+            aux_vals, local = pre[:, :n_dead].topk(ka, dim=-1, sorted=False)
+            aux_idx = dead[local]
         else:
             aux_vals, aux_idx = vals.new_empty(x.shape[0], 0), idx.new_empty(x.shape[0], 0)
         del pre
@@ -122,14 +128,16 @@ class _TopKAutoencode(torch.autograd.Function):
         return None, g_W_enc, colsum, g_b_dec, g_W_dec, None, None, None, None, None, None
 
 
-def _dead_topk(pre: Tensor, dead: Tensor, ka: int) -> tuple[Tensor, Tensor]:
-    """The top `ka` pre-activations among the `dead` latent ids per row: (vals, global ids)."""
-    if 2 * dead.numel() <= pre.shape[1]:  # few dead: top-k over the compact block of their columns
-        v, local = pre.index_select(1, dead).topk(ka, dim=-1, sorted=False)
-        return v, dead[local]
-    alive = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device)
-    alive[dead] = False
-    return pre.masked_fill_(alive, float("-inf")).topk(ka, dim=-1, sorted=False)  # pre is not needed after
+def _dead_first(dead: Tensor, d_sae: int) -> Tensor:
+    """A permutation of the latent ids with the `dead` ones first (then the live ones, in order).
+
+    Encoding with W_enc's columns in this order makes the dead latents' pre-activations a
+    leading slice of each row, so their top-k needs no (N, n_dead) gather: the one copy is of
+    W_enc's columns (d_in x d_sae, far smaller than N x n_dead at batch 4096).
+    """
+    live = torch.ones(d_sae, dtype=torch.bool, device=dead.device)
+    live[dead] = False
+    return torch.cat([dead, live.nonzero().squeeze(1)])
 
 
 def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, *,
