@@ -45,9 +45,9 @@ class _ArrayReader:
     def shard_key(self, s: int) -> str:
         return "c/" + "/".join([str(s)] + ["0"] * len(self.row_shape))
 
-    def _shard_index(self, s: int):
+    def _shard_index(self, s: int, fresh: bool = False):
         with self._lock:
-            if s in self._index:
+            if s in self._index and not fresh:
                 return self._index[s]
         key = self.shard_key(s)
         obj = self.objects.get(key)
@@ -56,7 +56,8 @@ class _ArrayReader:
         else:
             n = index_nbytes(self.per_shard)
             for attempt in range(2):
-                tail = self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"], fresh=attempt > 0)
+                tail = self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"],
+                                           fresh=fresh or attempt > 0)
                 if not integrity.CHECK_READS or integrity.index_ok(tail, self.per_shard):
                     break
             else:
@@ -77,6 +78,11 @@ class _ArrayReader:
             raise ValueError(f"out must be a C-contiguous {(rows, *self.row_shape)} array of {self.dtype}")
         s, j = divmod(k, self.per_shard)
         idx = self._shard_index(s)
+        if idx is not None and idx[j, 0] == _EMPTY and self._recorded(s, j):
+            idx = self._shard_index(s, fresh=True)  # the index says absent, the commit recorded bytes
+            if idx[j, 0] == _EMPTY:
+                raise integrity.fail(self.loc.url, f"{self.path}/{self.shard_key(s)}",
+                                     f"the shard index marks inner chunk {j} absent, but it was written")
         if idx is None or idx[j, 0] == _EMPTY:
             a = np.zeros((rows, *self.row_shape), self.dtype)
         else:
@@ -91,6 +97,11 @@ class _ArrayReader:
             return a
         out.view(self.dtype)[...] = a
         return out
+
+    def _recorded(self, s: int, j: int) -> bool:
+        """Whether the committed manifest holds a digest for inner chunk j of shard s (it was written)."""
+        want = self.objects.get(self.shard_key(s), {}).get("chunks")
+        return bool(integrity.CHECK_READS and want is not None and j < len(want) and want[j] is not None)
 
     def _blob(self, s: int, j: int, off: int, nb: int):
         """Chunk j of shard s's encoded bytes, checked against its committed digest (re-read once)."""
