@@ -33,8 +33,12 @@ def run_cli(group, prog: str) -> None:
         rv = group.main(prog_name=prog, standalone_mode=False)
         if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # ctx.exit(code)
             sys.exit(rv)
-    except click.exceptions.ClickException as e:  # usage errors: click's own one-line message
-        e.show()
+    except click.exceptions.UsageError as e:  # a missing argument, an unknown option: one line too
+        where = e.ctx.command_path if e.ctx is not None else prog
+        print(f"error: {e.format_message()} (see {where} --help)", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         print("aborted", file=sys.stderr)

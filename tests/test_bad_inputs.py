@@ -72,6 +72,10 @@ def world(tmp_path_factory):
 CASES = [
     # python -m cache_format
     ("cache_format", ["info", "{d}/nope"], "is not a cache"),
+    ("cache_format", ["info"], "Missing argument 'URL'"),
+    ("cache_format", ["info", "{cache}", "--no-such-flag"], "No such option '--no-such-flag'"),
+    ("train", ["run", "--no-such-flag"], "No such option '--no-such-flag'"),
+    ("harvest", ["run", "--tokens", "many"], "'many' is not a valid integer"),
     ("cache_format", ["info", "{d}/foreign"], "not an actcache cache"),
     ("cache_format", ["info", "{damaged}"], "commit log is damaged"),
     ("cache_format", ["verify", "{damaged}"], "not valid UTF-8 JSON"),
