@@ -104,6 +104,16 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
     if older_than_s < MIN_GRACE_S and not force:
         raise UserError(f"gc --older-than {older_than_s:g}s is under an hour: a slow writer's uncommitted work "
                         "could go (leased segments are always kept); add --force if you mean it")
+    # List the objects first, then read the log: a writer that commits (and drops its lease)
+    # between the two is then seen as committed, never as an unleased leftover.
+    now = time.time()
+    units: dict[str, list] = {}
+    for o in loc.walk("segments"):
+        parts = o.key.split("/")
+        if len(parts) < 3:
+            continue  # segments/zarr.json
+        unit = "/".join(parts[:3]) if parts[2].startswith("backfill-") else "/".join(parts[:2])
+        units.setdefault(unit, []).append(o)
     root = log.read_root(loc)
     records = log.load_records(loc, {})
     state = log.replay(root, records)
@@ -116,14 +126,6 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
     if retracted:
         for s in state.retracted:
             dead_units.add(f"segments/{s.id}")
-    now = time.time()
-    units: dict[str, list] = {}
-    for o in loc.walk("segments"):
-        parts = o.key.split("/")
-        if len(parts) < 3:
-            continue  # segments/zarr.json
-        unit = "/".join(parts[:3]) if parts[2].startswith("backfill-") else "/".join(parts[:2])
-        units.setdefault(unit, []).append(o)
     doomed = []
     for unit, objs in units.items():
         seg_unit = "/".join(unit.split("/")[:2])

@@ -38,6 +38,36 @@ def test_gc_at_zero_seconds_keeps_a_live_writers_segment_and_its_commit_is_good(
     assert not os.path.exists(f"{url}/segments/{seg.id}/.lease")  # released at commit
 
 
+def test_gc_racing_a_commit_never_deletes_what_just_committed(tmp_path, monkeypatch):
+    from cache_format import log
+
+    url = str(tmp_path / "c")
+    w = cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4, shard_mib=1 / 2**15)
+    loc = Location(url)
+    read_log, committed, doomed = threading.Event(), threading.Event(), []
+    real = log.load_records
+
+    def load_then_wait(*a, **kw):  # the writer commits (and drops its lease) right after gc read the log
+        out = real(*a, **kw)
+        if threading.current_thread() is gc:  # the writer's own commit reads the log too
+            read_log.set()
+            committed.wait(10)
+        return out
+
+    monkeypatch.setattr(log, "load_records", load_then_wait)
+    gc = threading.Thread(target=lambda: doomed.extend(ops.gc(loc, older_than_s=0, force=True)))
+    with w.segment() as seg:
+        seg.append({1: np.ones((12, 8), BF16)}, **_rows(12, 0))
+        seg.buffers[1]._wait()
+        gc.start()
+        read_log.wait(10)
+    committed.set()
+    gc.join(10)
+    monkeypatch.setattr(log, "load_records", real)
+    c = cf.open_cache(url)
+    assert doomed == [] and c.n_tokens == 12 and ops.verify(c)[1] == []
+
+
 def test_a_stale_lease_does_not_protect_a_dead_writers_leftovers(tmp_path):
     url = str(tmp_path / "c")
     w = cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4, shard_mib=1 / 2**15)
