@@ -113,6 +113,8 @@ def check_log(url: str, root: dict, records: dict, checked: set | None = None) -
             raise damaged(url, name, "not a commit record")
         if r.get("kind") == "upgrade":
             pins = r.get("pinned", {})
+            if not isinstance(pins, dict) or not all(isinstance(d, str) for d in pins.values()):
+                raise damaged(url, name, "its table of pinned records is not a table of digests")
             legacy = {n for n in names[:i] if "digest" not in records[n]}
             if not legacy <= set(pins) or not set(pins) <= set(names[:i]):
                 raise damaged(url, name, "the records before the upgrade differ from those it pinned")

@@ -207,6 +207,16 @@ def test_a_format_1_cache_opens_says_so_in_one_line_and_upgrade_adds_digests(mak
     edit_file(rec, b'"n_rows":40', b'"n_rows":39')
     with pytest.raises(cf.CacheError, match="damaged at commits/0000000001.json"):
         cf.open_cache(url)
+    edit_file(rec, b'"n_rows":39', b'"n_rows":40')
+    cf.open_cache(url)
+    upgrade = os.path.join(url, "commits", sorted(os.listdir(os.path.join(url, "commits")))[-1])
+    raw = open(upgrade, "rb").read()
+    doc = json.loads(raw)
+    assert doc["kind"] == "upgrade"
+    doc["pinned"] = 5  # an edit that breaks the record's shape: one line, no traceback
+    open(upgrade, "wb").write(log.dumps(doc))
+    with pytest.raises(cf.CacheError, match="damaged at commits/.*pinned records"):
+        cf.open_cache(url)
 
 
 def test_fingerprints_do_not_depend_on_commit_order(tmp_path):
