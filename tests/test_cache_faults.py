@@ -101,3 +101,15 @@ def test_every_read_over_a_faulty_s3_matches_local(tmp_path, s3_bucket, s3, faul
     remote = cf.open_cache(f"{url}/c", storage_options=flaky)
     _same(_everything(cf.open_cache(local)), _everything(remote))
     assert ops.verify(remote)[1] == [] and sum(fault_proxy.injected.values()) >= 20, fault_proxy.injected
+
+
+def test_sync_from_a_faulty_server_retries_and_copies_exactly(tmp_path, http_serve):
+    url = str(tmp_path / "c")
+    write_cache(url, segments=(40, 25), chunk_tokens=8, tokenizer_files={"tokenizer.json": b'{"x": 1}'})
+    ops.publish(Location(url))
+    base = http_serve(tmp_path, faults=FAULTS)
+    dst = str(tmp_path / "copy")
+    got = ops.sync(f"{base}/c", dst)
+    assert got["segments"] == 2 and http_serve.injected
+    _same(_everything(cf.open_cache(url)), _everything(cf.open_cache(dst)))
+    assert not [p for p in Location(dst).walk("segments") if p.key.endswith("/.lease")]  # released after each copy
