@@ -60,11 +60,13 @@ class _ColumnSink:
 
 def _refuse_duplicates(cols: dict) -> None:
     """A (seq_id, position) pair locates one row: a segment holding one twice is refused."""
-    key = (cols["seq_ids"].astype(np.int64) << 32) | (cols["positions"].astype(np.int64) & 0xFFFFFFFF)
-    if len(key) and len(np.unique(key)) != len(key):
-        k = np.sort(key)
-        d = k[1:][k[1:] == k[:-1]][0]
-        raise UserError(f"append: row (seq_id {int(d >> 32)}, position {int(d & 0xFFFFFFFF)}) was appended twice "
+    pairs = np.stack([cols["seq_ids"].astype(np.int64), cols["positions"].astype(np.int64)], axis=1)
+    if not len(pairs):
+        return
+    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+    if len(uniq) != len(pairs):
+        sid, pos = uniq[np.argmax(counts > 1)]
+        raise UserError(f"append: row (seq_id {int(sid)}, position {int(pos)}) was appended twice "
                         "to one segment; each (seq_id, position) must be one row (nothing was committed)")
 
 
