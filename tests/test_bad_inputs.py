@@ -153,8 +153,29 @@ def test_a_bad_input_is_one_line_and_exit_2(world, prog, args, phrase, monkeypat
     assert "Traceback" not in err
 
 
+def test_a_refused_write_is_one_line_and_keeps_the_source(world, monkeypatch, capsys):
+    """A write the OS refuses (EACCES: root ignores chmod, so the refusal is injected at the rename)."""
+    import errno
+
+    real = os.replace
+
+    def refuse(src, dst, *a, **kw):
+        if "/refused/" in str(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr(sys, "argv", ["python -m cache_format", "sync", world["cache"], f"{world['d']}/refused"])
+    with pytest.raises(SystemExit) as e:
+        run_cli(_group("cache_format"), "python -m cache_format")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: cannot write"), err
+    assert "Permission denied" in err[0] and "writable location" in err[0]
+    assert cf.open_cache(world["cache"]).fingerprint == world["fp"]
+
+
 def test_the_table_is_big_enough_and_nothing_committed_was_lost(world):
-    assert len(CASES) + len(MAKE_CASES) + 2 >= 40  # + the two full-disk cases below
+    assert len(CASES) + len(MAKE_CASES) + 3 >= 40  # + the refused write above and the two full-disk cases below
     c = cf.open_cache(world["cache"])
     assert c.fingerprint == world["fp"] and sorted(os.listdir(os.path.join(world["cache"], "commits"))) == world["commits"]
     assert cf.open_cache(world["cache"]).n_tokens == 30
