@@ -304,3 +304,23 @@ def make_cache(tmp_path):
         return url, write_cache(url, **kw)
 
     return make
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """`python -m cache_format ARGS` in-process, through run_cli: (exit code, stdout, stderr)."""
+    import sys
+
+    from cache_format.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["python -m cache_format", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -12,24 +12,8 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["python -m cache_format", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def test_info_json_and_text(run, make_cache):

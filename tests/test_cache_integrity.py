@@ -12,7 +12,6 @@ import pytest
 
 import cache_format as cf
 from cache_format import integrity, log
-from cache_format.cli import main
 
 
 def flip(path, offset: int) -> None:
@@ -32,22 +31,6 @@ def edit_file(path, old: bytes, new: bytes) -> None:
 def shard_path(url, c, layer=1, si=0) -> str:
     e = c._segs[si].layers[layer]
     return os.path.join(url, e["array"], "c", "0", "0")
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """`python -m cache_format ARGS` in-process, through run_cli: (exit code, stdout, stderr)."""
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["python -m cache_format", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def downgrade_to_v1(url) -> None:
