@@ -130,6 +130,9 @@ def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=(),
 # per-process state: one model and one cache writer, reused by every unit a worker runs
 
 _STATE: dict[str, Any] = {}
+# One model per process, hooked by one capture at a time: a dask worker with several threads
+# (or several in-process workers) would otherwise mix two units' residuals in the same hooks.
+_MODEL_LOCK = threading.RLock()
 
 
 def _model(model_cfg: ModelConfig, device: str | None) -> LoadedModel:
@@ -272,16 +275,17 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
     threads = ctx.threads or cfg.harvest.torch_threads
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    lm = _model(cfg.model, ctx.device)
-    if "writer" not in _STATE or _STATE.get("writer_url") != ctx.cache_url:
-        _STATE["writer"] = cf.open_cache(ctx.cache_url, mode="a")
-        _STATE["writer_url"] = ctx.cache_url
-    w = _STATE["writer"]
-    if unit.source == "supergpqa" and not unit.token_ids:
-        ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
     own_thread = writer_thread is None
     wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
-    holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer)
+    with _MODEL_LOCK:
+        lm = _model(cfg.model, ctx.device)
+        if "writer" not in _STATE or _STATE.get("writer_url") != ctx.cache_url:
+            _STATE["writer"] = cf.open_cache(ctx.cache_url, mode="a")
+            _STATE["writer_url"] = ctx.cache_url
+        w = _STATE["writer"]
+        if unit.source == "supergpqa" and not unit.token_ids:
+            ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
+        holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer)
     if own_thread:
         wt.close()
     out = {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -125,3 +126,64 @@ def test_an_existing_scheduler_runs_the_units(tmp_path):
     local = tmp_path / "local"
     hr.run(cfg_for(local, tokens), progress=False)
     assert_same_rows(local, tmp_path / "sched")
+
+
+def test_a_later_unit_that_finishes_first_still_commits_after_the_earlier_one(tmp_path, monkeypatch):
+    """Force the race: unit 0's commit is held until unit 1 is ready to commit, so without the
+    plan-order turn unit 1 would take the first commit number."""
+    from cache_format.writer import SegmentWriter
+
+    first_unit: list[str] = []
+    second_ready = threading.Event()
+    original = SegmentWriter.commit
+
+    def commit(self):
+        unit = self.meta.get("unit")
+        if not first_unit:
+            first_unit.append(unit)
+        if unit == first_unit[0]:
+            assert second_ready.wait(60), "the second unit never reached its commit"
+            time.sleep(0.3)  # ample time for an unordered commit of the second unit to land first
+        else:
+            second_ready.set()
+        return original(self)
+
+    monkeypatch.setattr(SegmentWriter, "commit", commit)
+    url = tmp_path / "raced"
+    hr.run(cfg_for(url, 64 * 8, **{"harvest.writer_threads": 2}), progress=False)  # 2 units, one per thread
+    units = [s.meta["unit"] for s in cf.open_cache(str(url)).segments]
+    assert units[0] == first_unit[0] and len(units) == 2
+    assert units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0]))
+
+
+_SECOND_DONE = threading.Event()
+
+
+def _held_remote_unit(unit, ctx):
+    """hr._remote_unit, but the first unit's result waits until the second's has returned
+    (module level so that dask's in-process workers can unpickle it by reference)."""
+    out = _ORIGINAL_REMOTE_UNIT(unit, ctx)
+    if unit.seq_ids[0] == 0:
+        assert _SECOND_DONE.wait(60), "the second unit never finished"
+    else:
+        _SECOND_DONE.set()
+    return out
+
+
+_ORIGINAL_REMOTE_UNIT = hr._remote_unit
+
+
+def test_dask_units_that_finish_out_of_order_still_commit_in_plan_order(tmp_path, monkeypatch):
+    """The same race on the dask path: the coordinator sees the second unit's result first."""
+    from dask.distributed import LocalCluster
+
+    _SECOND_DONE.clear()
+    monkeypatch.setattr(hr, "_remote_unit", _held_remote_unit)
+    url = tmp_path / "raced"
+    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster:
+        hr.run(cfg_for(url, 64 * 8, **{"harvest.scheduler": cluster.scheduler_address}), progress=False)
+    units = [s.meta["unit"] for s in cf.open_cache(str(url)).segments]
+    assert len(units) == 2 and units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0]))
+    # two workers in one process share one hooked model: captures take turns, rows are not mixed
+    hr.run(cfg_for(tmp_path / "local", 64 * 8), progress=False)
+    assert_same_rows(tmp_path / "local", url)
