@@ -9,7 +9,7 @@ import cache_format as cf
 from cache_format import ops
 from cache_format.bf16 import BF16
 from cache_format.store import Location
-from conftest import write_cache
+from support import write_cache
 
 
 def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
