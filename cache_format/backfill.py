@@ -6,9 +6,10 @@ import uuid
 
 import numpy as np
 
-from . import leases, log, provenance
+from . import layout, leases, log, provenance
 from .errors import CacheError, UserError
-from .parts import ROW_COLUMNS, _as_numpy, _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits
+from .layout import ROW_COLUMNS
+from .parts import _as_numpy, _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits
 
 
 class LayerBackfill:
@@ -51,7 +52,7 @@ class _BackfillSegment(_CommitOnExit):
                        for k in ("tokens", "seq_ids", "positions")}
         self.store = _hashing_store(w.loc)
         self.part = uuid.uuid4().hex[:12]
-        path = f"segments/{segment_id}/backfill-{self.part}/{w.root['hook']}/{bf.layer}"
+        path = layout.layer_array(layout.backfill_dir(segment_id, self.part), w.root["hook"], bf.layer)
         self.buf = _LayerBuffer(self.store, path, bf.layer, w.root, w.root["hook"])
         self.n = 0
         self.committed = None
@@ -62,7 +63,7 @@ class _BackfillSegment(_CommitOnExit):
 
     @property
     def _unit(self) -> str:
-        return f"segments/{self.info.id}/backfill-{self.part}"
+        return layout.backfill_dir(self.info.id, self.part)
 
     def abandon(self) -> None:
         leases.release(self.w.loc, self._unit)
@@ -71,7 +72,7 @@ class _BackfillSegment(_CommitOnExit):
         except Exception:
             pass
         try:
-            base = f"segments/{self.info.id}/backfill-{self.part}"
+            base = self._unit
             self.w.loc.delete([o.key for o in self.w.loc.walk(base)])
             self.w.loc.remove_empty_dirs(base)
         except Exception:
@@ -100,7 +101,7 @@ class _BackfillSegment(_CommitOnExit):
         self.buf.finish()
         entry = self.buf.entry()
         loc = self.w.loc
-        stats_key = f"segments/{self.info.id}/backfill-{self.part}/stats/{self.bf.layer}.json"
+        stats_key = layout.stats_key(self._unit, self.bf.layer)
         data = log.dumps(self.buf.stats.to_json())
         loc.write(stats_key, data)
         entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}

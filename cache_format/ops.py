@@ -8,7 +8,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import integrity, leases, log, provenance
+from . import integrity, layout, leases, log, provenance
 from .errors import CacheError, RemoteError, UserError
 from .importer import import_dump, load_dump  # noqa: F401  (the CLI's `import` lives in importer.py)
 from .reader import Cache, _ArrayReader, open_cache
@@ -78,7 +78,7 @@ def verify(cache: Cache, threads: int = 4) -> tuple[int, list[tuple[str, str]]]:
     for s in cache._segs:
         objects.update(segment_objects(s))
     for name, want in cache._root.get("tokenizer", {}).items():
-        objects[f"tokenizer/{name}"] = want
+        objects[layout.tokenizer_key(name)] = want
     return len(objects), _hash_objects(cache._loc, objects, threads)
 
 
@@ -108,11 +108,10 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
     # between the two is then seen as committed, never as an unleased leftover.
     now = time.time()
     units: dict[str, list] = {}
-    for o in loc.walk("segments"):
-        parts = o.key.split("/")
-        if len(parts) < 3:
+    for o in loc.walk(layout.SEGMENTS):
+        unit = layout.unit_of(o.key)
+        if unit is None:
             continue  # segments/zarr.json
-        unit = "/".join(parts[:3]) if parts[2].startswith("backfill-") else "/".join(parts[:2])
         units.setdefault(unit, []).append(o)
     root = log.read_root(loc)
     records = log.load_records(loc, {})
@@ -120,15 +119,15 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
     keep_units, dead_units = set(), set()
     for r in records.values():
         if r.get("kind") == "segment":
-            keep_units.add(f"segments/{r['segment']}")
+            keep_units.add(layout.segment_dir(r["segment"]))
         elif r.get("kind") == "layer":
             keep_units.add(r["entry"]["array"].split("/")[0] + "/" + "/".join(r["entry"]["array"].split("/")[1:3]))
     if retracted:
         for s in state.retracted:
-            dead_units.add(f"segments/{s.id}")
+            dead_units.add(layout.segment_dir(s.id))
     doomed = []
     for unit, objs in units.items():
-        seg_unit = "/".join(unit.split("/")[:2])
+        seg_unit = layout.segment_of_unit(unit)
         if seg_unit in dead_units:
             doomed += [o.key for o in objs]
         elif unit in keep_units or any(o.key.endswith(f"/{leases.LEASE}") and leases.fresh(o.mtime, now) for o in objs):
@@ -140,7 +139,7 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
             doomed.append(o.key)
     if not dry_run and doomed:
         loc.delete(doomed)
-        loc.remove_empty_dirs("segments")
+        loc.remove_empty_dirs(layout.SEGMENTS)
     return doomed
 
 
@@ -153,11 +152,12 @@ def publish(loc: Location) -> int:
 
 
 def _group_metadata_keys(seg, hook: str) -> list[str]:
-    keys = [f"segments/{seg.id}/zarr.json", f"segments/{seg.id}/{hook}/zarr.json", f"segments/{seg.id}/rows/zarr.json"]
+    base = layout.segment_dir(seg.id)
+    keys = [f"{base}/zarr.json", f"{base}/{hook}/zarr.json", f"{layout.rows_dir(base)}/zarr.json"]
     for e in seg.layers.values():
         parts = e["array"].split("/")
-        if parts[2].startswith("backfill-"):
-            keys += [f"segments/{seg.id}/{parts[2]}/zarr.json", f"segments/{seg.id}/{parts[2]}/{hook}/zarr.json"]
+        if parts[2].startswith(layout.BACKFILL_PREFIX):
+            keys += [f"{base}/{parts[2]}/zarr.json", f"{base}/{parts[2]}/{hook}/zarr.json"]
     return keys
 
 
@@ -190,7 +190,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
     if droot is None:
         for name, want in root.get("tokenizer", {}).items():
             with _bar(0, "tokenizer") as bar:
-                _copy(src._loc, dloc, {f"tokenizer/{name}": want}, bar)
+                _copy(src._loc, dloc, {layout.tokenizer_key(name): want}, bar)
         doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: root}}
         try:
             dloc.create_exclusive(log.ROOT_META, log.dumps(doc))
@@ -216,7 +216,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
         for s in todo_segs:  # each copy holds a writer lease, so gc on DST leaves it alone
             objs = segment_objects(s)
             objs.update({k: None for k in _group_metadata_keys(s, root["hook"]) if _exists(src._loc, k)})
-            unit = f"segments/{s.id}"
+            unit = layout.segment_dir(s.id)
             leases.hold(dloc, unit)
             try:
                 _copy(src._loc, dloc, objs, bar)
@@ -230,8 +230,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
             e = s.layers[L]
             objs = _objects(e)
             objs[e["stats"]["path"]] = e["stats"]
-            parts = e["array"].split("/")
-            unit = "/".join(parts[:3]) if len(parts) > 2 and parts[2].startswith("backfill-") else f"segments/{s.id}"
+            unit = layout.unit_of(e["array"]) or layout.segment_dir(s.id)
             leases.hold(dloc, unit)
             try:
                 _copy(src._loc, dloc, objs, bar)

@@ -21,9 +21,9 @@ from .bf16 import to_bits
 from .codecs import zarr_compressors
 from .errors import UserError
 from .stats import RunningStats
+from .layout import ROW_COLUMNS, sequences_table
 from .store import Location
 
-ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "labels": "int8", "roles": "int8"}
 ROW_CODEC = "zstd3"
 _FLUSH_POOL = ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="actcache-flush")
 
@@ -253,18 +253,6 @@ def _sequences_bytes(records: list[dict]) -> bytes:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
-
-
-def sequences_table(records: list[dict]):
-    import pyarrow as pa
-
-    if not records:
-        return pa.table({"seq_id": pa.array([], pa.int64()), "token_ids": pa.array([], pa.list_(pa.int32()))})
-    table = pa.Table.from_pylist(records)
-    table = table.set_column(table.schema.get_field_index("seq_id"), "seq_id", table["seq_id"].cast(pa.int64()))
-    table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
-                             table["token_ids"].cast(pa.list_(pa.int32())))
-    return table
 
 
 class _CommitOnExit:

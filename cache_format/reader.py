@@ -20,9 +20,9 @@ from . import integrity, log
 from .arrays import _ArrayReader
 from .bf16 import bits_to_numpy, bits_to_torch
 from .errors import CacheError, UserError
+from .layout import ROW_COLUMNS, sequences_table, tokenizer_key
 from .stats import RunningStats
 from .store import Location
-
 
 
 @dataclass
@@ -84,8 +84,6 @@ class ColumnView:
         return self.cache.n_tokens
 
     def __getitem__(self, key):
-        from .writer import ROW_COLUMNS
-
         i, j = _slice(key, self.cache.n_tokens)
         out = self.cache._gather(lambda s: self.cache._column_reader(s, self.name), i, j, (), ROW_COLUMNS[self.name])
         return out[0] if isinstance(key, (int, np.integer)) else out
@@ -313,8 +311,6 @@ class Cache:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .writer import sequences_table
-
         tables = []
         for s in self._segs:
             q = s.record.get("sequences")
@@ -335,9 +331,7 @@ class Cache:
 
     @functools.cached_property
     def tokenizer_files(self) -> dict[str, bytes]:
-        from .writer import TOKENIZER_DIR
-
-        return {name: integrity.read_checked(self._loc, f"{TOKENIZER_DIR}/{name}", want, log.digest)
+        return {name: integrity.read_checked(self._loc, tokenizer_key(name), want, log.digest)
                 for name, want in self._root.get("tokenizer", {}).items()}
 
     def tokenizer(self):

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import leases, log, provenance
+from . import layout, leases, log, provenance
 from .backfill import LayerBackfill
 from .codecs import check as check_codec
 from .errors import CacheError, UserError
-from .parts import (ROW_COLUMNS, _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits, _rows, _sequences_bytes,
-                    _write_rows, sequences_table)
+from .layout import ROW_COLUMNS, TOKENIZER_DIR, sequences_table
+from .parts import _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits, _rows, _sequences_bytes, _write_rows
 from .store import Location
 
-__all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table"]
+__all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table",
+           "TOKENIZER_DIR"]
 _LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-layer")
-TOKENIZER_DIR = "tokenizer"
 
 
 def _new_id() -> str:
@@ -83,7 +83,8 @@ class SegmentWriter(_CommitOnExit):
         self.layers = writer.layers
         self.store = _hashing_store(writer.loc)
         root = writer.root
-        self.buffers = {L: _LayerBuffer(self.store, f"segments/{self.id}/{root['hook']}/{L}", L, root, root["hook"])
+        base = layout.segment_dir(self.id)
+        self.buffers = {L: _LayerBuffer(self.store, layout.layer_array(base, root["hook"], L), L, root, root["hook"])
                         for L in self.layers}
         self.columns = _ColumnSink()
         self.records: list[dict] = []
@@ -93,7 +94,7 @@ class SegmentWriter(_CommitOnExit):
 
     def __enter__(self) -> "SegmentWriter":
         self._open = True
-        leases.hold(self.w.loc, f"segments/{self.id}")
+        leases.hold(self.w.loc, layout.segment_dir(self.id))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -124,53 +125,54 @@ class SegmentWriter(_CommitOnExit):
 
     def commit(self) -> str | None:
         loc, root = self.w.loc, self.w.root
-        base = f"segments/{self.id}"
+        base = layout.segment_dir(self.id)
         cols = self.columns.arrays()
         _refuse_duplicates(cols)
         layers = {}
         for L, buf in self.buffers.items():
             buf.finish()
             entry = buf.entry()
-            stats_key = f"{base}/stats/{L}.json"
+            stats_key = layout.stats_key(base, L)
             data = log.dumps(buf.stats.to_json())
             loc.write(stats_key, data)
             entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
             layers[str(L)] = entry
-        rows = _write_rows(self.store, f"{base}/rows", cols, root["chunk_tokens"])
+        rows = _write_rows(self.store, layout.rows_dir(base), cols, root["chunk_tokens"])
         seq = None
         if self.records:
             data = _sequences_bytes(self.records)
-            key = f"{base}/sequences.parquet"
+            key = layout.sequences_key(base)
             loc.write(key, data)
             seq = {"path": key, "size": len(data), log.DIGEST: log.digest(data), "count": len(self.records)}
         record = {"kind": "segment", "segment": self.id, "n_rows": self.n_rows, "layers": layers, "rows": rows,
                   "sequences": seq, "meta": self.meta, "provenance": provenance.record()}
         if self.defer:  # the caller commits it in its place (objects stay leased until it does)
             self.prepared = record
-            leases.KEEPER.release_keep(loc, f"segments/{self.id}")
+            leases.KEEPER.release_keep(loc, base)
             return None
         if self.turn is not None:
             self.turn.wait()
         self.committed = log.commit(loc, record)
         if self.turn is not None:
             self.turn.done()
-        leases.release(loc, f"segments/{self.id}")
+        leases.release(loc, base)
         return self.committed
 
     def abandon(self) -> None:
         """Best effort: delete what this writer wrote (gc catches anything left)."""
         if self.turn is not None:
             self.turn.fail()
-        leases.release(self.w.loc, f"segments/{self.id}")
+        base = layout.segment_dir(self.id)
+        leases.release(self.w.loc, base)
         for buf in self.buffers.values():
             try:
                 buf._wait()  # let a background shard write land before deleting
             except Exception:
                 pass
         try:
-            objs = self.w.loc.walk(f"segments/{self.id}")
+            objs = self.w.loc.walk(base)
             self.w.loc.delete([o.key for o in objs])
-            self.w.loc.remove_empty_dirs(f"segments/{self.id}")
+            self.w.loc.remove_empty_dirs(base)
         except Exception:
             pass
 
@@ -215,11 +217,11 @@ class CacheWriter:
 
     def adopt(self, record: dict) -> None:
         """Keep a prepared segment's lease alive here until `commit_prepared`."""
-        leases.hold(self.loc, f"segments/{record['segment']}")
+        leases.hold(self.loc, layout.segment_dir(record["segment"]))
 
     def commit_prepared(self, record: dict) -> str:
         name = log.commit(self.loc, record)
-        leases.release(self.loc, f"segments/{record['segment']}")
+        leases.release(self.loc, layout.segment_dir(record["segment"]))
         return name
 
     def add_layer(self, layer: int) -> LayerBackfill:
@@ -294,7 +296,7 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
             raise UserError(f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
                             "(nothing there was changed)")
         for name, data in tok.items():
-            loc.write(f"{TOKENIZER_DIR}/{name}", data)
+            loc.write(layout.tokenizer_key(name), data)
         if not loc.create_exclusive(log.ROOT_META, log.dumps(doc)):
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
         loc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(attrs)))
