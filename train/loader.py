@@ -1,39 +1,25 @@
 """The shuffled loader: cache chunks in random order, through a shuffle window, into batches.
 
-The plan is a pure function of (seed, epoch), so batches do not depend on thread timing:
+Which rows pass is `row_filters`; which batch holds which rows is `window_plan` (a pure function
+of seed, epoch and ranks, so batches do not depend on thread timing); the memory the rows move
+through is `loader_buffers`. This module runs the plan: background threads decode the chunks of
+the current and the next window (prefetch) straight into two reused buffers per layer, the
+norm-outlier filter is applied per window as the rows are decoded, and each batch is one gather
+of its shuffled rows out of them.
 
-- each epoch permutes the storage chunks (`default_rng([seed, epoch])`);
-- consecutive chunks of that order form a *window* of at least `window_tokens` eligible rows
-  (the shuffle buffer); a window's rows are permuted with `default_rng([seed, epoch, window])`;
-- the batches are consecutive slices of the concatenated window streams.
-
-The loader's position is therefore (epoch, window, offset), and resuming re-reads one window:
-the cost is independent of how much was consumed. Background threads decode the chunks of the
-current and the next window (prefetch) straight into two reused buffers per layer, and each batch
-is one gather of its shuffled rows out of them: the single copy a row-level shuffle needs.
-
-Rows enter a window only if they pass the filters: the train/held-out split (hashed sequence
-id, `train.split`), the roles (thinking + answer by default on rollout caches, everything on
-corpus text), optional exclusion of position 0, special tokens and norm outliers, and an
-optional cap that keeps a random sample of rows. Metadata filters are planned up front into
-a row bitmask; the norm filter is applied per window as the rows are decoded.
-
-With N ranks the epoch's windows are the same, and each rank takes every N-th chunk of the
-epoch's order (its share of every window), shuffles its share and yields batches of
-batch_size / N rows from it. A rank decodes only its own chunks, so N ranks divide the decode
-(no rank reads what another does), and a global batch (the N slices of one step) draws from the
-whole window as one process's batch would. The position is per rank; a run resumes exactly with
-the same number of ranks.
+The loader's position is (epoch, window, offset), and resuming re-reads one window: the cost is
+independent of how much was consumed. With N ranks each rank decodes only its own chunks (every
+N-th of the epoch's order), shuffles its share of each window and yields batches of
+batch_size / N rows from it, so a global batch draws from the whole window as one process's
+batch would. The position is per rank; a run resumes exactly with the same number of ranks.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import queue
 import sys
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -43,10 +29,11 @@ import torch
 from cache_format.bf16 import bits_to_torch
 from cache_format.errors import UserError
 
-from .split import heldout_score
+from .loader_buffers import BatchBuilder, DecodingWindow, Recycler, window_array
+from .row_filters import ROLE_CODES, RowMetadata, cap_rows, chunk_bounds, default_roles, row_mask
+from .window_plan import chunk_rows, cut_batches, epoch_windows, window_layout, window_perm
 
-ROLE_CODES = {"text": 0, "prompt": 1, "thinking": 2, "answer": 3}
-_META_SLICE = 1 << 20  # rows of metadata read at once while planning
+__all__ = ["Batch", "ShuffledLoader", "auto_threads"]
 
 
 @dataclass
@@ -71,57 +58,10 @@ def auto_threads() -> int:
     return max(1, min(16, cores - 1))
 
 
-def _chunk_bounds(cache) -> np.ndarray:
-    b = np.asarray(cache.chunk_bounds(), dtype=np.int64)
-    if b.ndim == 2:  # [(start, stop), ...]
-        b = np.concatenate([b[:, 0], b[-1:, 1]]) if len(b) else np.zeros(1, np.int64)
-    return b
-
-
-def special_token_ids(cache) -> np.ndarray:
-    """Ids of the cache tokenizer's special tokens (BOS/EOS/chat markers)."""
-    try:
-        tok = cache.tokenizer()
-        ids = [i for i, t in tok.get_added_tokens_decoder().items() if getattr(t, "special", False)]
-    except Exception as e:  # no tokenizer stored: the filter cannot be honoured
-        raise UserError(f"exclude_special needs the cache's tokenizer ({e}); set train.exclude_special=false") from None
-    return np.asarray(sorted(ids), dtype=np.int64)
-
-
-def row_mask(cache, *, split: str, heldout_fraction: float, split_seed: int, roles=None,
-             exclude_position0: bool = False, exclude_special: bool = False) -> np.ndarray:
-    """The metadata filters over every row of the cache, as a bool array."""
-    n = cache.n_tokens
-    mask = np.zeros(n, dtype=bool)
-    role_codes = None if roles is None else np.asarray([ROLE_CODES[r] for r in roles], dtype=np.int8)
-    special = special_token_ids(cache) if exclude_special else None
-    for lo in range(0, n, _META_SLICE):
-        hi = min(n, lo + _META_SLICE)
-        held = heldout_score(np.asarray(cache.seq_ids[lo:hi]), split_seed) < heldout_fraction
-        m = held if split == "heldout" else ~held
-        if role_codes is not None:
-            m &= np.isin(np.asarray(cache.roles[lo:hi]), role_codes)
-        if exclude_position0:
-            m &= np.asarray(cache.positions[lo:hi]) != 0
-        if special is not None and len(special):
-            m &= ~np.isin(np.asarray(cache.tokens[lo:hi]), special)
-        mask[lo:hi] = m
-    return mask
-
-
-def default_roles(cache) -> list[str] | None:
-    """thinking + answer on rollout caches (any non-text role present), everything on corpus."""
-    n = cache.n_tokens
-    for lo in range(0, n, _META_SLICE):
-        if np.any(np.asarray(cache.roles[lo:min(n, lo + _META_SLICE)]) != ROLE_CODES["text"]):
-            return ["thinking", "answer"]
-    return None
-
-
 class ShuffledLoader:
     """Batches of `batch_size` rows (global across ranks) with residuals of several layers."""
 
-    def __init__(self, cache, layers, batch_size: int, seed: int = 0, split: str = "train", *,
+    def __init__(self, cache: RowMetadata, layers, batch_size: int, seed: int = 0, split: str = "train", *,
                  heldout_fraction: float = 0.01, split_seed: int = 0, roles: list[str] | None | str = "auto",
                  exclude_position0: bool = False, exclude_special: bool = False, norm_outlier: float = 0.0,
                  max_rows: int = 0, window_tokens: int = 262_144, threads: int = 0, prefetch: int = 2,
@@ -155,18 +95,13 @@ class ShuffledLoader:
             raise UserError(f"unknown role(s) {unknown}: use {sorted(ROLE_CODES)}")
         self.roles = roles
 
-        self.bounds = _chunk_bounds(cache)
+        self.bounds = chunk_bounds(cache)
         if split == "all":
             mask = np.ones(cache.n_tokens, dtype=bool)
         else:
             mask = row_mask(cache, split=split, heldout_fraction=heldout_fraction, split_seed=split_seed,
                             roles=roles, exclude_position0=exclude_position0, exclude_special=exclude_special)
-        if max_rows and mask.sum() > max_rows:  # keep a random sample of exactly max_rows rows
-            cand = np.flatnonzero(mask)
-            score = heldout_score(cand, seed ^ 0x5EED)
-            keep = cand[np.argpartition(score, max_rows - 1)[:max_rows]]
-            mask[:] = False
-            mask[keep] = True
+        cap_rows(mask, max_rows, seed)
         self.mask = np.packbits(mask)
         self.chunk_counts = np.add.reduceat(mask, self.bounds[:-1]) if len(self.bounds) > 1 else np.zeros(0, int)
         self.chunk_counts = np.where(np.diff(self.bounds) > 0, self.chunk_counts, 0)
@@ -193,7 +128,7 @@ class ShuffledLoader:
         self._stop = threading.Event()
         self._pool = None
         self._slots: dict[int, list[np.ndarray | None]] = {}  # per layer: the two window buffers
-        self._arrays = _Recycler(keep=(self.prefetch + 3) * len(self.layers) * (2 if dtype != torch.bfloat16 else 1))
+        self._arrays = Recycler(keep=(self.prefetch + 3) * len(self.layers) * (2 if dtype != torch.bfloat16 else 1))
 
     # ---- plan ------------------------------------------------------------------------
 
@@ -201,19 +136,7 @@ class ShuffledLoader:
         """The chunk ids of this rank's share of each shuffle window in `epoch` (deterministic in
         seed, epoch and the number of ranks)."""
         if epoch not in self._plans:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_counts))
-            order = order[self.chunk_counts[order] > 0]
-            # m windows of equal eligible rows, each at most window_tokens plus one chunk (no small
-            # last window that mixes badly, no large one that breaks the memory budget)
-            cum = np.cumsum(self.chunk_counts[order])
-            total = int(cum[-1]) if len(cum) else 0
-            m = max(1, -(-total // self.window_tokens))
-            cuts = np.unique(np.searchsorted(cum, np.arange(1, m) * (total / m), side="left") + 1)
-            wins = np.split(order, cuts)
-            if self.world_size > 1:  # every N-th chunk of the epoch's order is this rank's
-                mine = np.arange(len(order)) % self.world_size == self.rank
-                wins = [w[k] for w, k in zip(wins, np.split(mine, cuts))]
-            wins = [w for w in wins if len(w)]
+            wins = epoch_windows(self.chunk_counts, self.seed, epoch, self.window_tokens, self.rank, self.world_size)
             self._plans = {e: w for e, w in self._plans.items() if e >= epoch - 1}  # current and previous
             self._plans[epoch] = wins
         return self._plans[epoch]
@@ -223,11 +146,7 @@ class ShuffledLoader:
         return self._layout(epoch, window)[2]
 
     def _chunk_rows(self, c: int) -> np.ndarray:
-        lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
-        # unpack only the bytes covering this chunk
-        b0, b1 = lo // 8, (hi + 7) // 8
-        bits = np.unpackbits(self.mask[b0:b1])[lo - b0 * 8: hi - b0 * 8].astype(bool)
-        return lo + np.flatnonzero(bits)
+        return chunk_rows(self.mask, self.bounds, c)
 
     def planned_rows(self, n_batches: int):
         """The global row ids of this rank's next `n_batches` batches, from metadata alone (no residuals read).
@@ -236,21 +155,19 @@ class ShuffledLoader:
         scales whose residuals are not at hand.
         """
         epoch, window, offset = self._state["epoch"], self._state["window"], self._state["offset"]
-        pending, made = [], 0
-        while made < n_batches:
-            rows = self.window_rows(epoch, window)
-            rows = rows[self._perm(epoch, window, len(rows))][offset:]
-            offset = 0
-            while len(rows) and made < n_batches:
-                need = self.local_batch - sum(len(p) for p in pending)
-                pending.append(rows[:need])
-                rows = rows[need:]
-                if sum(len(p) for p in pending) == self.local_batch:
-                    yield np.concatenate(pending)
-                    pending, made = [], made + 1
-            window += 1
-            if window >= len(self.windows(epoch)):
-                epoch, window = epoch + 1, 0
+
+        def streams():
+            nonlocal epoch, window, offset
+            while True:
+                rows = self.window_rows(epoch, window)
+                yield rows[self._perm(epoch, window, len(rows))][offset:]
+                offset = 0
+                window += 1
+                if window >= len(self.windows(epoch)):
+                    epoch, window = epoch + 1, 0
+
+        for _, batch in zip(range(n_batches), cut_batches(streams(), self.local_batch)):
+            yield batch
 
     @property
     def local_batch(self) -> int:
@@ -258,8 +175,7 @@ class ShuffledLoader:
         return self.batch_size // self.world_size
 
     def _perm(self, epoch: int, window: int, n: int) -> np.ndarray:
-        ranks = [self.world_size, self.rank] if self.world_size > 1 else []
-        return np.random.default_rng([self.seed, epoch, window, 1, *ranks]).permutation(n)
+        return window_perm(self.seed, epoch, window, n, self.rank, self.world_size)
 
     def _median_norms(self) -> dict[int, float]:
         """Median row norm per layer, from the first chunks of a fixed order (seed-independent)."""
@@ -293,7 +209,8 @@ class ShuffledLoader:
         if "ranks" in state:
             if len(state["ranks"]) != self.world_size:
                 raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks and this run has "
-                                f"{self.world_size}; resume with the same number of processes or start over with --fresh")
+                                f"{self.world_size}; resume with the same number of processes "
+                                "or start over with --fresh")
             state = state["ranks"][self.rank]
         if state.get("world_size", 1) != self.world_size:
             raise UserError(f"the saved loader state belongs to a run of {state.get('world_size', 1)} ranks, not "
@@ -373,14 +290,10 @@ class ShuffledLoader:
         return False
 
     # ---- window buffers --------------------------------------------------------------
-    # A window's chunks are decoded straight into one reused buffer per layer (no allocation,
-    # no copy); two buffers ("slots") per layer alternate: the window being served and the next
-    # one decoding. A chunk whose rows mostly pass the filters is decoded whole, so the filters
-    # cost nothing; a sparse one (say on the held-out split) is decoded aside and its eligible
-    # rows compacted, so a buffer never holds more than twice its window's rows. A batch is then
-    # one gather of its shuffled rows (`np.take`; into pinned memory for a GPU) into arrays of its
-    # own, recycled once the consumer drops the batch: the one copy the shuffle needs. Batches
-    # never view the buffers, so consumers may keep them.
+    # Two buffers ("slots") per layer alternate: the window being served and the next one
+    # decoding. A chunk whose rows mostly pass the filters is decoded whole, so the filters cost
+    # nothing; a sparse one (say on the held-out split) is decoded aside and its eligible rows
+    # compacted, so a buffer never holds more than twice its window's rows.
 
     _DENSE = 0.5  # decode a chunk whole into the window when at least this share of its rows is eligible
 
@@ -394,24 +307,13 @@ class ShuffledLoader:
         slots = self._slots.setdefault(layer, [None, None])
         if slots[slot] is None or len(slots[slot]) < n:
             slots[slot] = None  # let the old one go before the new one is allocated
-            slots[slot] = _window_array((max(n, self.buffer_rows(epoch)), self.cache.d_model))
+            slots[slot] = window_array((max(n, self.buffer_rows(epoch)), self.cache.d_model))
         return slots[slot][:n]
 
     def _layout(self, epoch: int, window: int):
         """Per chunk (id, buffer offset, local eligible rows or None when decoded whole), the buffer
         rows, and the global rows and buffer positions of the eligible rows in plan order."""
-        plan, rows, pos, at = [], [], [], 0
-        for c in self.windows(epoch)[window]:
-            c = int(c)
-            lo, stored = int(self.bounds[c]), int(self.bounds[c + 1] - self.bounds[c])
-            r = self._chunk_rows(c)
-            dense = self._chunk_buffer[c] == stored
-            plan.append((c, at, None if dense else r - lo))
-            rows.append(r)
-            pos.append(at + (r - lo if dense else np.arange(len(r))))
-            at += stored if dense else len(r)
-        empty = np.zeros(0, np.int64)
-        return plan, at, np.concatenate(rows or [empty]), np.concatenate(pos or [empty])
+        return window_layout(self.windows(epoch)[window], self.mask, self.bounds, self._chunk_buffer)
 
     def _decode_into(self, layer: int, c: int, dest: np.ndarray, local: np.ndarray | None) -> None:
         if local is None:
@@ -419,7 +321,7 @@ class ShuffledLoader:
         else:
             dest[:] = self.cache.read_chunk(layer, c).view(np.uint16)[local]
 
-    def _decode(self, epoch: int, window: int, slot: int) -> _Window:
+    def _decode(self, epoch: int, window: int, slot: int) -> DecodingWindow:
         """Start decoding a window into `slot`'s buffers; the pool's threads do the work."""
         plan, n, rows, pos = self._layout(epoch, window)
         bufs = {layer: self._slot(layer, slot, n, epoch) for layer in self.layers}
@@ -428,9 +330,9 @@ class ShuffledLoader:
             for i, (c, at, local) in enumerate(plan):
                 end = plan[i + 1][1] if i + 1 < len(plan) else n
                 futures.append(self._pool.submit(self._decode_into, layer, c, buf[at:end], local))
-        return _Window(epoch, window, bufs, futures, rows, pos)
+        return DecodingWindow(epoch, window, bufs, futures, rows, pos)
 
-    def _serve(self, win: _Window) -> tuple[np.ndarray, np.ndarray]:
+    def _serve(self, win: DecodingWindow) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a window's decode, apply the norm filter, and shuffle: (rows, buffer positions)."""
         for f in win.futures:
             while not self._stop.is_set():
@@ -462,7 +364,7 @@ class ShuffledLoader:
         epoch, window, offset = state["epoch"], state["window"], state["offset"]
         batches, seen = state["batches"], state["rows"]
         B = self.local_batch
-        building: _Building | None = None
+        building: BatchBuilder | None = None
         slot = 0
         cur = self._decode(epoch, window, slot)
         while not self._stop.is_set():
@@ -475,7 +377,8 @@ class ShuffledLoader:
             p = offset
             while p < len(rows) and not self._stop.is_set():
                 if building is None:
-                    building = _Building(self, B)
+                    building = BatchBuilder(B, self.cache.d_model, self.layers, self.device, self._arrays,
+                                            self.dtype)
                 take = min(B - building.n, len(rows) - p)
                 building.add(rows[p:p + take], cur.buffers, pos[p:p + take])
                 p += take
@@ -498,99 +401,3 @@ class ShuffledLoader:
             del rows, pos
             cur, slot = nxt, 1 - slot
             epoch, window = f_epoch, f_window
-
-
-@dataclass
-class _Window:
-    """A window being decoded into its slot's buffers: the eligible rows and their buffer positions."""
-
-    epoch: int
-    window: int
-    buffers: dict[int, np.ndarray]
-    futures: list
-    rows: np.ndarray
-    pos: np.ndarray
-
-
-def _window_array(shape: tuple[int, int]) -> np.ndarray:
-    """An uninitialized uint16 array on transparent huge pages where the OS offers them (Linux):
-    batches gather rows at random from the whole window, and with 4 KiB pages nearly every row
-    is a TLB miss (a 2 MiB page makes the gather about 15% faster)."""
-    nbytes = shape[0] * shape[1] * 2
-    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < (16 << 20):
-        return np.empty(shape, np.uint16)
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(m, np.uint16).reshape(shape)  # the array keeps the mapping alive
-
-
-class _Recycler:
-    """Batch arrays handed out again once nothing views them any more: a fresh 8-40 MiB array costs
-    a page fault and a zeroing per page, about a tenth of a batch's decode. Every user gets its
-    own view of the array and the recycler keeps weak references to those views (reference
-    counts would be a CPython detail)."""
-
-    def __init__(self, keep: int):
-        self.keep, self.entries = keep, []  # [array, weak references to the views lent out]
-
-    def lend(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A view of a free array of this shape and dtype (uninitialized), held until the view dies."""
-        for a, views in self.entries:
-            if a.shape == shape and a.dtype == dtype and all(r() is None for r in views):
-                views.clear()
-                return self.view(a, views)
-        self.entries = self.entries[-(self.keep - 1):] if self.keep > 1 else []
-        self.entries.append((np.empty(shape, dtype), []))
-        return self.view(*self.entries[-1])
-
-    @staticmethod
-    def view(a: np.ndarray, views: list, dtype=None, rows: slice = slice(None)) -> np.ndarray:
-        v = (a.view(dtype) if dtype is not None else a.view())[rows]
-        views.append(weakref.ref(v))
-        return v
-
-    def keep_for(self, lent: np.ndarray, dtype, rows: slice) -> np.ndarray:
-        """Rows of a lent array as a new view for a consumer (torch keeps exactly this object alive)."""
-        for a, views in self.entries:
-            if lent.base is a:
-                return self.view(a, views, dtype, rows)
-        raise AssertionError("keep_for on an array this recycler did not lend")
-
-
-class _Building:
-    """A batch being gathered, piece by piece as windows are served."""
-
-    def __init__(self, loader: ShuffledLoader, size: int):
-        self.loader = loader
-        shape = (size, loader.cache.d_model)
-        if loader.device.type == "cuda":  # gathered into pinned memory, converted on the GPU
-            self.out = {layer: torch.empty(shape, dtype=torch.bfloat16, pin_memory=True) for layer in loader.layers}
-        else:
-            self.out = {layer: loader._arrays.lend(shape, np.uint16) for layer in loader.layers}
-        self.rows: list[np.ndarray] = []
-        self.n = 0
-
-    def add(self, rows: np.ndarray, buffers: dict[int, np.ndarray], pos: np.ndarray) -> None:
-        for layer, buf in buffers.items():
-            out = self.out[layer][self.n:self.n + len(rows)]
-            if isinstance(out, np.ndarray):  # numpy's gather: one thread, no OpenMP pool spinning
-                np.take(buf, pos, axis=0, out=out, mode="clip")  # "raise" would buffer
-            else:
-                torch.index_select(bits_to_torch(buf), 0, torch.from_numpy(pos), out=out)
-        self.rows.append(rows)
-        self.n += len(rows)
-
-    def result(self, epoch: int, state: dict):
-        """The queue item for the rows gathered so far (float32 on the CPU when asked)."""
-        ld, n = self.loader, self.n
-        out = {}
-        for layer, t in self.out.items():
-            if isinstance(t, np.ndarray):
-                bits = ld._arrays.keep_for(t, np.int16, slice(0, n))  # lent to the batch
-                t = torch.from_numpy(bits).view(torch.bfloat16)
-                if ld.dtype != torch.bfloat16:
-                    t = torch.from_numpy(ld._arrays.lend(tuple(t.shape), np.float32)).copy_(t)
-            else:
-                t = t[:n]
-            out[layer] = t
-        return np.concatenate(self.rows), epoch, state, out

@@ -1,0 +1,33 @@
+"""Row metadata: a real cache and the benchmark's stand-in both satisfy what the planner reads."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+import cache_format as cf
+from cache_format.bf16 import BF16
+from train.row_filters import RowMetadata, cap_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cache_and_bench_row_metadata_are_row_metadata(tmp_path):
+    w = cf.create_cache(str(tmp_path / "c"), d_model=4, layers=[0], chunk_tokens=8, shard_mib=1)
+    n = 16
+    with w.segment() as seg:
+        seg.append(residuals={0: np.zeros((n, 4), BF16)}, tokens=np.zeros(n, np.int32),
+                   seq_ids=np.arange(n, dtype=np.int64), positions=np.zeros(n, np.int32),
+                   labels=np.full(n, -1, np.int8), roles=np.zeros(n, np.int8))
+    assert isinstance(cf.open_cache(str(tmp_path / "c")), RowMetadata)
+    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "bench" / "bench_loader.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert isinstance(bench.RowMetadata(np.arange(100, dtype=np.int64), 16), RowMetadata)
+
+
+def test_cap_rows_keeps_exactly_max_rows_of_the_mask():
+    mask = np.zeros(100, bool)
+    mask[::2] = True
+    cap_rows(mask, 10, seed=0)
+    assert mask.sum() == 10 and not mask[1::2].any()
