@@ -9,7 +9,7 @@ import numpy as np
 
 from . import ops
 from .errors import CacheError, UserError, run_cli
-from .reader import open_cache
+from .opener import open_cache
 from .store import Location
 
 
@@ -207,7 +207,7 @@ def upgrade(url, storage_options):
 
 
 def main() -> None:
-    run_cli(cli, "python -m cache_format")
+    run_cli(cli, "python -m cache_format", "interrupted: what was committed is kept")
 
 
 if __name__ == "__main__":

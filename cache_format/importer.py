@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from .errors import CacheError, UserError
-from .reader import open_cache
+from .opener import open_cache
 
 
 def _layer_of(key: str, mapping: dict[str, int]) -> int:

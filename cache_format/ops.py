@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from . import integrity, layout, leases, log, provenance
 from .errors import CacheError, RemoteError, UserError
 from .importer import import_dump, load_dump  # noqa: F401  (the CLI's `import` lives in importer.py)
-from .reader import Cache, _ArrayReader, open_cache
+from .arrays import _ArrayReader
+from .opener import open_cache
+from .reader import Cache
 from .stats import RunningStats
 from .store import Location, ShortRead
 

@@ -358,28 +358,3 @@ def _note_unverified(url: str, segments: list) -> None:
         print(f"note: {n} of {len(segments)} segments of {url} have no chunk digests (written by cache format 1), "
               f"so their chunks are read unchecked; add them with `python -m cache_format upgrade {url}`",
               file=sys.stderr)
-
-
-def open_cache(url, mode: str = "r", storage_options: dict | None = None):
-    """mode "r": a Cache snapshot; mode "a": a CacheWriter to append segments or layers."""
-    loc = url if isinstance(url, Location) else Location(url, storage_options)
-    try:
-        root = log.read_root(loc)
-    except CacheError:
-        if loc.local:
-            raise
-        root = log.read_root(loc)  # a torn transfer of zarr.json reads as "not a cache": once more
-    if mode == "r":
-        try:
-            return Cache(loc, root)
-        except CacheError:
-            if loc.local:
-                raise
-            return Cache(loc, log.read_root(loc))  # root and log re-read: a corrupted transfer of either
-    if mode == "a":
-        if loc.http:
-            raise UserError(f"{loc.url}: HTTP caches are read-only; open with mode='r'")
-        from .writer import CacheWriter
-
-        return CacheWriter(loc, root)
-    raise UserError(f"open_cache mode {mode!r}: use 'r' to read or 'a' to append")

@@ -25,6 +25,7 @@ from .codecs import check as check_codec
 from .errors import CacheError, UserError
 from .layout import ROW_COLUMNS, TOKENIZER_DIR, sequences_table
 from .parts import _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits, _rows, _sequences_bytes, _write_rows
+from .reader import Cache
 from .store import Location
 
 __all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table",
@@ -205,8 +206,6 @@ class CacheWriter:
 
     def snapshot(self):
         """A fresh Cache of what is committed now."""
-        from .reader import Cache
-
         self._replay()
         return Cache(self.loc, self.root, records=self._records, checked=self._checked)
 

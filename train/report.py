@@ -268,7 +268,7 @@ def _source_shares(url: str | None) -> str | None:
         return None
     try:
         from cache_format.ops import rows_by_source
-        from cache_format.reader import open_cache
+        from cache_format.opener import open_cache
 
         rows = rows_by_source(open_cache(url))
     except Exception:  # the report renders from the run directory even where the cache is gone
