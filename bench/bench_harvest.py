@@ -4,7 +4,7 @@ Both arms run the same random-init Qwen3.5-architecture model over the same toke
 in one process, interleaved, with fixed threads:
 
 - bare:    the forward truncated at the deepest requested layer (a hook raises there), outputs dropped;
-- harvest: the real path (`harvest.run.capture_unit`): every requested layer captured in that
+- harvest: the real path (`harvest.unit_writer.capture_unit`): every requested layer captured in that
            forward, bf16 rows copied to the host, compressed and written to a real cache by the
            background writer, segments committed; timed until the last commit lands;
 - full:    the untruncated forward with the LM head, for what early stopping saves.
@@ -81,11 +81,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import cache_format as cf
-    from cache_format.config import load_config
-    from harvest import run as hr
+    from harvest.config import load_config
     from harvest.capture import BackgroundWriter, LayerCapture
     from harvest.model import LoadedModel, find_layers
+    from harvest.plan import Unit
     from harvest.tiny import assets
+    from harvest.unit_writer import capture_unit
     from transformers import AutoTokenizer
 
     layers = [int(x) for x in a.layers.split(",")]
@@ -135,7 +136,7 @@ def main() -> None:
                             shard_mib=64)
         seqs = [row.tolist() for b in batches for row in b]
         per = a.unit_seqs
-        units = [hr.Unit(key=f"bench:{i}", source="corpus", seq_ids=list(range(i, min(i + per, len(seqs)))),
+        units = [Unit(key=f"bench:{i}", source="corpus", seq_ids=list(range(i, min(i + per, len(seqs)))),
                          token_ids=seqs[i: i + per], records=[{"source": "bench"}] * len(seqs[i: i + per]))
                  for i in range(0, len(seqs), per)]
         sync()
@@ -143,7 +144,7 @@ def main() -> None:
         # as harvest.run.run_units: one writer thread per in-flight segment, bounded queues
         wts = [BackgroundWriter(cfg.harvest.queue_depth) for _ in range(cfg.harvest.writer_threads)]
         for i, unit in enumerate(units):
-            hr.capture_unit(lm, w, unit, cfg, wts[i % len(wts)])
+            capture_unit(lm, w, unit, cfg, wts[i % len(wts)])
         sync()
         t_queued = time.perf_counter()
         for wt in wts:

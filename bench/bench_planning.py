@@ -74,15 +74,15 @@ def measure(corpus: str, tokens: int, threads: int, mode: str) -> dict:
     """One setting, in this process: plan `tokens` rows of 1024-token units and time it."""
     from transformers import AutoTokenizer
 
-    from cache_format.config import load_config
+    from harvest.config import load_config
     from harvest import tiny
     from harvest.corpus_plan import PlannedUnits
-    from harvest.run import Unit
+    from harvest.plan import Unit
 
     tok = AutoTokenizer.from_pretrained(str(tiny.assets()))
     if mode == "per-document":  # what planning did before: one call per document, one thread
         from harvest import data
-        from cache_format.config import CorpusSource
+        from harvest.config import CorpusSource
 
         t0, n = time.perf_counter(), 0
         for text in data.iter_documents(CorpusSource("gen", corpus), 0):

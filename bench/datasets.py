@@ -128,7 +128,7 @@ def tiny(n_tokens: int = 65536, layers=(1, 3, 5, 7), seq_len: int = 256) -> dict
     """The tiny Qwen3.5-architecture model's hidden states, or None when harvest.model is missing."""
     layers = list(layers)
     try:
-        from cache_format.config import ModelConfig
+        from harvest.config import ModelConfig
         from harvest.model import load_model
     except ImportError:
         return None

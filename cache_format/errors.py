@@ -17,10 +17,11 @@ class RemoteError(UserError):
     """A remote store stayed unreachable after retries."""
 
 
-def run_cli(group, prog: str) -> None:
+def run_cli(group, prog: str, interrupted: str = "interrupted") -> None:
     """Run a click group so that a UserError is one line on stderr and exit code 2.
 
-    `--debug` anywhere on the command line keeps the traceback instead.
+    `--debug` anywhere on the command line keeps the traceback instead. `interrupted` is the
+    line printed on Ctrl-C: each stage says what of its work survives.
     """
     import sys
 
@@ -49,7 +50,7 @@ def run_cli(group, prog: str) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: committed segments and checkpoints are kept; re-run to resume", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
     except OSError as e:
         if debug:

@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from cache_format.config import config_options, load_config, parse_layers
+from .config import load_config
+
+from cache_format.config import config_options, parse_layers
 from cache_format.errors import run_cli
 
 
@@ -59,4 +61,4 @@ _register_splice()
 
 
 def main() -> None:
-    run_cli(cli, "python -m harvest")
+    run_cli(cli, "python -m harvest", "interrupted: committed segments are kept; re-run to resume")

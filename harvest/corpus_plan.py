@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from cache_format.config import CorpusConfig, PipelineConfig
+from .config import CorpusConfig, PipelineConfig
 
 from . import data, revisions
 

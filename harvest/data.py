@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from cache_format.config import CorpusSource, SuperGPQAConfig
+from .config import CorpusSource, SuperGPQAConfig
 from cache_format.errors import UserError
 
 from . import tiny

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cache_format.config import ModelConfig
+from .config import ModelConfig
 from cache_format.errors import UserError
 
 from . import tiny

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cache_format.config import CorpusSource
+from .config import CorpusSource
 from cache_format.errors import UserError
 
 from . import tiny

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from cache_format.config import SuperGPQAConfig
+from .config import SuperGPQAConfig
 from cache_format.errors import UserError
 
 from . import data

@@ -204,7 +204,7 @@ def _command():
 
     import click
 
-    from cache_format.config import load_config
+    from .config import load_config
 
     @click.command("loss-recovered", help="Splice each SAE of a run (or one --sae) into the model at its layer: "
                                           "CE clean / with the SAE / zero-ablated, loss recovered, KL.")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cache_format as cf
-from cache_format.config import AnalysisConfig
+from train.config import AnalysisConfig
 from train.features import Split, analyze, scan
 from train.split import is_heldout
 

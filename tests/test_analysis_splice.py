@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache_format.config import ModelConfig
+from harvest.config import ModelConfig
 from harvest import tiny
 from harvest.model import load_model
 from harvest.splice import loss_recovered

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.config import load_config
+from harvest.config import load_config
 from harvest import run as hr
 from harvest.capture import LayerCapture
 from harvest.model import load_model

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cache_format.config import CorpusConfig, CorpusSource, ModelConfig, SuperGPQAConfig
+from harvest.config import CorpusConfig, CorpusSource, ModelConfig, SuperGPQAConfig
 from harvest import corpus_plan, data, tiny
 from harvest.model import load_model
 
@@ -233,7 +233,7 @@ def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_repo
 
     from analysis_data import exported_run
     from cache_format.cli import cli
-    from cache_format.config import load_config
+    from harvest.config import load_config
     from harvest import run as hr
     from train.report import render_report
 
@@ -260,7 +260,7 @@ def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_repo
 
 def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_they_filled(tmp_path):
     import cache_format as cf
-    from cache_format.config import load_config
+    from harvest.config import load_config
     from harvest import run as hr
 
     (tmp_path / "few.txt").write_text("\n\n".join(f"a short document, number {i}." for i in range(200)))
@@ -298,7 +298,7 @@ def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
 
 def test_a_complete_corpus_cache_reads_no_source_on_rerun_or_when_a_layer_is_added(tmp_path):
     import cache_format as cf
-    from cache_format.config import load_config
+    from harvest.config import load_config
     from harvest import run as hr
 
     src = tmp_path / "docs.txt"

@@ -35,7 +35,7 @@ def test_make_install_adds_the_fast_kernels_only_where_cuda_is_detected():
 
 
 def test_harvest_names_the_reference_kernels_in_one_line_on_a_gpu_only():
-    from cache_format.config import ModelConfig
+    from harvest.config import ModelConfig
     from harvest.model import load_model
 
     lm = load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu"))

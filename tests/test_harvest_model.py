@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_format.config import ModelConfig
+from harvest.config import ModelConfig
 from harvest import tiny
 from harvest.model import ModelError, describe_model, load_model
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import cache_format as cf
-from cache_format.config import load_config
+from harvest.config import load_config
 from harvest import run as hr, tiny
 
 BIG = 50_000_000

@@ -11,7 +11,7 @@ import pytest
 
 import cache_format as cf
 import harvest.run as hr
-from cache_format.config import SuperGPQAConfig, load_config
+from harvest.config import SuperGPQAConfig, load_config
 from harvest import data, rollouts as ro
 from harvest.model import load_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.config import load_config
+from harvest.config import load_config
 from harvest import run as hr
 
 OVERRIDES = ["corpus.seq_len=64", "harvest.segment_sequences=4", "harvest.batch_size=4", "harvest.chunk_tokens=128"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_format.config import AnalysisConfig
+from train.config import AnalysisConfig
 from train.features import Split, analyze
 from train.report import render_report
 

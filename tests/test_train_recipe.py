@@ -5,7 +5,9 @@ import textwrap
 
 import pytest
 
-from cache_format.config import ConfigError, load_config
+from cache_format.config import ConfigError
+
+from train.config import load_config
 from cache_format.errors import UserError
 
 

@@ -3,4 +3,4 @@ from cache_format.errors import run_cli
 from .cli import cli
 
 if __name__ == "__main__":
-    run_cli(cli, "python -m train")
+    run_cli(cli, "python -m train", "interrupted: checkpoints are kept; re-run to resume")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import click
 
-from cache_format.config import PipelineConfig, config_options, load_config
+from .config import PipelineConfig, load_config
+
+from cache_format.config import config_options
 from cache_format.errors import UserError
 
 

@@ -7,7 +7,9 @@ import json
 
 import click
 
-from cache_format.config import config_options, load_config, parse_layers
+from .config import load_config
+
+from cache_format.config import config_options, parse_layers
 
 
 @click.group()

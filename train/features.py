@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format.config import AnalysisConfig
+from .config import AnalysisConfig
 from cache_format.errors import UserError
 
 from .metrics import ReconstructionMetrics
@@ -103,7 +103,7 @@ def parse_roles(roles) -> tuple[int, ...]:
 def default_roles(cache) -> tuple[int, ...] | None:
     """The loader's rule, so analysis sees the rows training saw: thinking + answer on
     rollout caches, every row on corpus text."""
-    from .loader import default_roles as loader_default
+    from .row_filters import default_roles as loader_default
 
     roles = loader_default(cache)
     return parse_roles(roles) if roles else None

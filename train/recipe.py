@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cache_format.config import RECIPES, PipelineConfig, TrainConfig, build_section, check_ranges
+from .config import PipelineConfig, RECIPES, TrainConfig
+
+from cache_format.config import build_section
 from cache_format.errors import UserError
 
 CARDS = {"rollouts": "the 000 card", "corpus": "the 001 card", "none": "no recipe"}
@@ -48,8 +50,7 @@ def resolve(cfg: PipelineConfig, cache_meta: dict) -> tuple[TrainConfig, str]:
     merged.update(explicit)
     merged["recipe"] = name
     merged["sweep"] = [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in merged["sweep"]]
-    tc = build_section(TrainConfig, merged, "train")
-    check_ranges("train", tc, f"fix [recipes.{name}] or use --set")
+    tc = build_section(TrainConfig, merged, "train", fix=f"fix [recipes.{name}] or use --set")
     return tc, name
 
 

@@ -24,14 +24,15 @@ import torch
 from tqdm import tqdm
 
 from cache_format.bf16 import bits_to_torch
-from cache_format.config import PipelineConfig, TrainConfig
+from .config import PipelineConfig, TrainConfig
 from cache_format.errors import CacheError, UserError
 
 from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
 from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
-from .loader import ROLE_CODES, ShuffledLoader, default_roles
+from .loader import ShuffledLoader
+from .row_filters import ROLE_CODES, default_roles
 from .metrics import ReconstructionMetrics
 from .sae import TopKSAE
 from .split import MIN_HELDOUT_SEQUENCES, split_counts

@@ -1,0 +1,163 @@
+"""Harvest's sections of `pipeline.toml`: the model, capture, and the two sources.
+
+Checks sit in each section's `__post_init__`, so a value a run could not use is refused in
+one line before any work, whether it came from the file, a profile, `--set` or code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cache_format.config import ConfigError, Loaded, check_ranges, load_sections, shared_section
+from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
+
+
+@dataclass
+class ModelConfig:
+    """What harvest passes to `from_pretrained`, and where the decoder layers sit."""
+
+    name_or_path: str = "Qwen/Qwen3.6-27B"
+    revision: str = "main"
+    dtype: str = "bfloat16"  # torch dtype name without the "torch." prefix
+    device_map: str = "auto"
+    auto_class: str = "auto"  # auto | image-text-to-text | causal-lm
+    layers_path: str = ""  # dotted path to the decoder layer list; "" resolves it per family
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    tokenizer: str = ""  # "" = the model's own
+
+
+@dataclass
+class HarvestConfig(HarvestKeys):
+    """How activations are captured and laid out in the cache."""
+
+    layers: list[int] = field(default_factory=lambda: [11, 31, 55])
+    source: str = "supergpqa"  # supergpqa | corpus
+    hook: str = "resid_post"
+    batch_size: int = 2  # sequences per forward pass
+    codec: str = "blosc-zstd1"  # see cache_format.codecs; "none" stores raw
+    chunk_tokens: int = 4096  # rows per chunk (the loader's read unit)
+    shard_mib: int = 256  # target size of one shard object
+    segment_sequences: int = 256  # sequences per segment: the unit of commit and resume
+    mix_window: int = 0  # sequences permuted together at write time; 0 = write in order
+    mix_seed: int = 0
+    queue_depth: int = 8  # batches in flight between the GPU and the writer threads
+    writer_threads: int = 2  # segments compressed/committed in parallel (each in its own thread)
+    workers: int = 0  # dask workers (one per GPU); 0 = run in this process
+    scheduler: str = ""  # address of an existing dask scheduler
+    torch_threads: int = 0  # intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)
+
+    def __post_init__(self):
+        check_ranges(self, "harvest", [("batch_size", 1, True), ("segment_sequences", 1, True),
+                                       ("chunk_tokens", 1, True), ("shard_mib", 0, False), ("queue_depth", 1, True),
+                                       ("writer_threads", 1, True), ("workers", 0, True), ("mix_window", 0, True),
+                                       ("torch_threads", 0, True)])
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM engine's knobs (`[supergpqa.vllm]`), passed through to `vllm.LLM(...)`."""
+
+    python: str = ".venv-vllm/bin/python"  # the interpreter of `make vllm-env`
+    tensor_parallel_size: int = 1  # GPUs one engine spans (27B in bf16 fits one 80 GB GPU)
+    max_model_len: int = 0  # 0 = the longest prompt plus max_new_tokens
+    gpu_memory_utilization: float = 0.9  # share of each GPU vLLM may take (weights + KV cache)
+    max_num_seqs: int = 0  # concurrent sequences; 0 = vLLM's default
+    enforce_eager: bool = False  # skip CUDA graph capture (slower decode, faster start)
+
+
+PROMPT_FORMATS = ("supergpqa", "answer-line")
+
+
+@dataclass
+class SuperGPQAConfig:
+    """Greedy rollouts on SuperGPQA (the `000_*` card: 150 questions, seed 100)."""
+
+    dataset: str = "m-a-p/SuperGPQA"  # hub id, or a local .jsonl/.parquet in its schema
+    revision: str = "main"  # hub revision; resolved to its commit and recorded in the cache
+    split: str = "train"
+    questions: int = 150
+    seed: int = 100
+    max_new_tokens: int = 32768  # SuperGPQA's reasoning-model budget
+    enable_thinking: bool = True
+    prompt_format: str = "supergpqa"  # supergpqa = its official zero-shot prompt; answer-line = the old format
+    backend: str = "transformers"  # transformers | vllm
+    generate_batch_size: int = 8  # transformers backend: prompts per generate() call (and per save)
+    questions_per_unit: int = 16  # rollouts per work unit (segment): the unit of capture, resume and WORKERS
+    force_answer: bool = True  # no answer found: append the answer prefix, take the likeliest valid letter
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self):
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"supergpqa.prompt_format {self.prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
+        for key in ("max_new_tokens", "generate_batch_size", "questions_per_unit"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"supergpqa.{key} = {getattr(self, key)}: must be at least 1")
+        if self.questions < 0:
+            raise ConfigError(f"supergpqa.questions = {self.questions}: must be 0 or more")
+        check_ranges(self, "supergpqa", [("questions", 1, True), ("max_new_tokens", 1, True),
+                                         ("generate_batch_size", 1, True)])
+
+
+@dataclass
+class CorpusSource:
+    name: str = ""
+    path: str = ""  # hub dataset id, or a local .jsonl/.parquet/.txt
+    weight: float = 1.0
+    text_field: str = "text"
+    subset: str = ""  # hub config name
+    split: str = "train"
+    # Hub sources only: a branch, tag or commit; "" = the default branch. Resolved to a commit
+    # at first use and recorded in every segment, so a resume reads the same dataset version.
+    revision: str = ""
+
+
+def _default_corpus_sources() -> list[CorpusSource]:
+    # The `001_*` card's reasoning-aware mixture.
+    return [
+        CorpusSource("fineweb-edu", "HuggingFaceFW/fineweb-edu", 0.7, "text", "sample-10BT"),
+        CorpusSource("openthoughts", "open-thoughts/OpenThoughts-114k", 0.2, "conversations"),
+        CorpusSource("openmathinstruct2", "nvidia/OpenMathInstruct-2", 0.1, "generated_solution"),
+    ]
+
+
+@dataclass
+class CorpusConfig:
+    """Packed text streams (the `001_*` card: 1024-token sequences, 70/20/10)."""
+
+    sources: list[CorpusSource] = field(default_factory=_default_corpus_sources)
+    seq_len: int = 1024
+    tokens: int = 200_000_000
+    seed: int = 0
+    mix: str = "tokens"  # weights are token shares ("tokens") or per-document draw odds ("documents")
+    tokenizer_threads: int = 0  # background tokenization pool; 0 = min(4, cores)
+
+    def __post_init__(self):
+        check_ranges(self, "corpus", [("tokens", 1, True), ("seq_len", 2, True)])
+
+
+@dataclass
+class PipelineConfig(Loaded):
+    """`pipeline.toml` as harvest reads it: its own sections, and the keys it shares with train."""
+
+    OTHER_SECTIONS: ClassVar[tuple[str, ...]] = ("recipes",)  # train's: checked by train
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    supergpqa: SuperGPQAConfig = field(default_factory=SuperGPQAConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    train: TrainKeys = shared_section(TrainKeys)  # the rest of [train] is train's
+    analysis: AnalysisKeys = shared_section(AnalysisKeys)  # the rest of [analysis] is train's
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, profile: str | None = None,
+                overrides: typing.Iterable[str] = (), **flags: Any) -> PipelineConfig:
+    """pipeline.toml for harvest (see `cache_format.config.load_sections`)."""
+    return load_sections(PipelineConfig, path, profile, overrides, **flags)

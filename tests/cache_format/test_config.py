@@ -1,0 +1,117 @@
+"""cache_format.config, the generic machinery: precedence, profiles, typed --set overrides and
+one-line errors (exercised through the stages' schemas, which are what users load)."""
+
+import textwrap
+
+import pytest
+
+from cache_format.config import ConfigError, OutOfRange, build_section, parse_layers
+from harvest.config import HarvestConfig
+from harvest.config import load_config as load_harvest
+from train.config import TrainConfig
+from train.config import load_config as load_config  # the schema with the most sections of its own
+
+
+def write(tmp_path, text):
+    p = tmp_path / "pipeline.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_precedence_file_then_profile_then_set_then_flags(tmp_path):
+    p = write(tmp_path, """
+        [train]
+        k = 8
+        d_sae = 64
+        [profile.small.train]
+        k = 4
+        """)
+    assert load_config(p).train.k == 8
+    assert load_config(p, profile="small").train.k == 4
+    cfg = load_config(p, profile="small", overrides=["train.k=2"])
+    assert cfg.train.k == 2 and cfg.train.d_sae == 64
+    cfg = load_config(p, profile="small", overrides=["train.k=2"], **{"train.k": 1, "train.lr": None})
+    assert cfg.train.k == 1 and cfg.train.lr == 2e-4
+
+
+def test_set_takes_toml_literals_and_bare_strings_only_for_strings(tmp_path):
+    p = write(tmp_path, "")
+    sets = ["harvest.layers=[1, 2]", "harvest.cache=runs/x", "train.lr=1e-3"]
+    cfg, tcfg = load_harvest(p, overrides=sets), load_config(p, overrides=sets)
+    assert cfg.harvest.layers == [1, 2] and cfg.harvest.cache == "runs/x" and tcfg.train.lr == 1e-3
+    assert tcfg.harvest.cache == "runs/x"  # the key train shares with harvest
+    with pytest.raises(ConfigError, match="not a TOML literal"):
+        load_config(p, overrides=["train.k=abc"])
+    with pytest.raises(ConfigError, match="section"):
+        load_config(p, overrides=["k=3"])
+
+
+def test_parse_layers():
+    assert parse_layers("11,31,55") == [11, 31, 55] and parse_layers(None) is None
+    with pytest.raises(ConfigError, match="comma-separated"):
+        parse_layers("11,x")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[train]\nkk = 1\n", "unknown key 'kk'"),
+        ("[trian]\nk = 1\n", "unknown key 'trian'"),
+        ("[train]\nk = 'eight'\n", "expected an integer"),
+        ("[train]\nnormalize = 1\n", "expected true or false"),
+        ("[train\nk = 1\n", "malformed TOML"),
+        ("[[corpus.sources]]\nname = 'x'\nwieght = 1\n", "unknown key 'wieght'"),
+    ],
+)
+def test_bad_files_give_one_line_errors(tmp_path, text, message):
+    # each stage refuses what is wrong in its own sections (corpus is harvest's, train train's)
+    load = load_harvest if "corpus" in text else load_config
+    with pytest.raises(ConfigError, match=message) as e:
+        load(write(tmp_path, text))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_profile_and_missing_file(tmp_path):
+    p = write(tmp_path, "[profile.a.train]\nk = 1\n")
+    with pytest.raises(ConfigError, match="unknown profile 'b'.*known: a"):
+        load_config(p, profile="b")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_each_stage_checks_its_own_sections_and_leaves_the_others_to_their_owner(tmp_path):
+    p = write(tmp_path, "[train]\nkk = 1\nheldout_fraction = 0.5\n[corpus]\nseq_len = 'x'\n")
+    # harvest reads [train]'s shared keys (checked) and leaves the rest to train, which refuses kk
+    assert load_harvest(p, overrides=["corpus.seq_len=64"]).train.heldout_fraction == 0.5
+    with pytest.raises(ConfigError, match="unknown key 'kk'"):
+        load_config(p)
+    # train leaves [corpus] to harvest, which refuses its type
+    assert load_config(write(tmp_path, "[corpus]\nseq_len = 'x'\n")).train.k == 128
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_harvest(p)
+    # a shared key is checked by every stage that reads it
+    for load in (load_harvest, load_config):
+        with pytest.raises(ConfigError, match="heldout_fraction = 1.5 must be below 1"):
+            load(write(tmp_path, "[train]\nheldout_fraction = 1.5\n"))
+
+
+def test_checks_sit_in_the_sections_so_code_gets_them_too(tmp_path):
+    with pytest.raises(OutOfRange, match=r"train\.lr = -1 must be at least 0; fix it in pipeline.toml"):
+        TrainConfig(lr=-1)
+    with pytest.raises(OutOfRange, match=r"harvest\.batch_size = 0 must be at least 1"):
+        HarvestConfig(batch_size=0)
+    with pytest.raises(OutOfRange, match=r"train\.k = 0 must be at least 1; fix \[recipes\.corpus\] or use --set"):
+        build_section(TrainConfig, {"k": 0}, "train", fix="fix [recipes.corpus] or use --set")
+    with pytest.raises(OutOfRange, match=rf"fix it in {tmp_path}/pipeline.toml or with --set train.k=VALUE"):
+        load_config(write(tmp_path, "[train]\nk = 0\n"))
+
+
+def test_without_a_local_file_the_one_shipped_pipeline_toml_is_read(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cache_format.config import find_config
+
+    monkeypatch.chdir(tmp_path)
+    shipped = find_config()
+    assert shipped == Path(__file__).resolve().parents[2] / "pipeline.toml" and not shipped.is_symlink()
+    assert load_config().train.d_sae == 65536 and load_harvest().harvest.layers == [11, 31, 55]
