@@ -160,7 +160,7 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
 
 def write_breakdown(arrays: dict, args) -> dict:
     """CPU seconds of the writer's parts, each alone, against the whole writer (blosc-zstd1)."""
-    from cache_format import log
+    from cache_format import commits
     from cache_format.stats import RunningStats
 
     enc = encoder("blosc-zstd1")
@@ -169,7 +169,7 @@ def write_breakdown(arrays: dict, args) -> dict:
         "blosc encode": lambda: [enc(np.ascontiguousarray(b[i:i + args.chunk_tokens]))
                                  for b in bits for i in range(0, len(b), args.chunk_tokens)],
         "running stats": lambda: [RunningStats(b.shape[1]).update_bits(b) for b in bits],
-        "BLAKE2b": lambda: [log.digest(b.tobytes()) for b in bits],
+        "BLAKE2b": lambda: [commits.digest(b.tobytes()) for b in bits],
     }
     out = {name: timed(fn)[1] for name, fn in parts.items()}
     tmp = tempfile.mkdtemp(prefix="bench-storage-")

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import integrity, log
+from . import commits, integrity
 from .codecs import decoder, index_nbytes, inner_chunk_rows, parse_index
 from .store import Location
 
@@ -27,7 +27,7 @@ class _ArrayReader:
 
     def __init__(self, loc: Location, path: str, objects: dict):
         self.loc, self.path, self.objects = loc, path, objects
-        meta = json.loads(integrity.read_checked(loc, f"{path}/zarr.json", objects.get("zarr.json"), log.digest))
+        meta = json.loads(integrity.read_checked(loc, f"{path}/zarr.json", objects.get("zarr.json"), commits.digest))
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]

@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 
-from . import layout, leases, log, provenance
+from . import commits, layout, leases, provenance
 from .errors import CacheError, UserError
 from .layout import ROW_COLUMNS
 from .parts import _as_numpy, _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits
@@ -102,10 +102,10 @@ class _BackfillSegment(_CommitOnExit):
         entry = self.buf.entry()
         loc = self.w.loc
         stats_key = layout.stats_key(self._unit, self.bf.layer)
-        data = log.dumps(self.buf.stats.to_json())
+        data = commits.dumps(self.buf.stats.to_json())
         loc.write(stats_key, data)
-        entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
+        entry["stats"] = {"path": stats_key, "size": len(data), commits.DIGEST: commits.digest(data)}
         record = {"kind": "layer", "segment": self.info.id, "layer": self.bf.layer, "entry": entry,
                   "provenance": provenance.record()}
-        self.committed = log.commit(loc, record)
+        self.committed = commits.commit(loc, record)
         leases.release(loc, self._unit)

@@ -66,7 +66,7 @@ def fail(url: str, key: str, what: str) -> IntegrityError:
 
 def read_checked(loc, key: str, want: dict | None, digest) -> bytes:
     """A whole small object, checked against its manifest entry {size, blake2b} (re-read once)."""
-    from .log import DIGEST
+    from .commits import DIGEST
 
     for attempt in range(2):
         data = loc.read(key, fresh=attempt > 0, size=want["size"] if want else None)

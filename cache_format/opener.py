@@ -6,7 +6,7 @@ writer builds on the reader's snapshots, and only this module knows both.
 
 from __future__ import annotations
 
-from . import log
+from . import commits
 from .errors import CacheError, UserError
 from .reader import Cache
 from .store import Location
@@ -17,18 +17,18 @@ def open_cache(url, mode: str = "r", storage_options: dict | None = None):
     """mode "r": a Cache snapshot; mode "a": a CacheWriter to append segments or layers."""
     loc = url if isinstance(url, Location) else Location(url, storage_options)
     try:
-        root = log.read_root(loc)
+        root = commits.read_root(loc)
     except CacheError:
         if loc.local:
             raise
-        root = log.read_root(loc)  # a torn transfer of zarr.json reads as "not a cache": once more
+        root = commits.read_root(loc)  # a torn transfer of zarr.json reads as "not a cache": once more
     if mode == "r":
         try:
             return Cache(loc, root)
         except CacheError:
             if loc.local:
                 raise
-            return Cache(loc, log.read_root(loc))  # root and log re-read: a corrupted transfer of either
+            return Cache(loc, commits.read_root(loc))  # root and log re-read: a corrupted transfer of either
     if mode == "a":
         if loc.http:
             raise UserError(f"{loc.url}: HTTP caches are read-only; open with mode='r'")

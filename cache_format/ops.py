@@ -8,7 +8,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import integrity, layout, leases, log, provenance
+from . import commits, integrity, layout, leases, provenance
 from .errors import CacheError, RemoteError, UserError
 from .importer import import_dump, load_dump  # noqa: F401  (the CLI's `import` lives in importer.py)
 from .arrays import _ArrayReader
@@ -58,7 +58,7 @@ def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "v
                     data = b""  # shorter than its manifest on every attempt
                 if len(data) != want["size"]:
                     why = f"size {len(data)} != {want['size']}"
-                elif log.digest(data) != want[log.DIGEST]:
+                elif commits.digest(data) != want[commits.DIGEST]:
                     why = "checksum mismatch"
                 else:
                     why = None
@@ -115,9 +115,9 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
         if unit is None:
             continue  # segments/zarr.json
         units.setdefault(unit, []).append(o)
-    root = log.read_root(loc)
-    records = log.load_records(loc, {})
-    state = log.replay(root, records)
+    root = commits.read_root(loc)
+    records = commits.load_records(loc, {})
+    state = commits.replay(root, records)
     keep_units, dead_units = set(), set()
     for r in records.values():
         if r.get("kind") == "segment":
@@ -136,7 +136,7 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
             continue  # committed, or a live writer's (its lease is fresh)
         elif now - max(o.mtime for o in objs) >= older_than_s:
             doomed += [o.key for o in objs]
-    for o in loc.walk(log.COMMITS):
+    for o in loc.walk(commits.COMMITS):
         if o.key.split("/")[-1].startswith(".tmp-") and now - o.mtime >= older_than_s:
             doomed.append(o.key)
     if not dry_run and doomed:
@@ -147,8 +147,8 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
 
 def publish(loc: Location) -> int:
     """Write index.json: every commit record inline, for readers without listings (HTTP)."""
-    records = log.load_records(loc, {})
-    loc.write(log.INDEX, log.dumps({"format": provenance.FORMAT_NAME, "version": provenance.FORMAT_VERSION,
+    records = commits.load_records(loc, {})
+    loc.write(commits.INDEX, commits.dumps({"format": provenance.FORMAT_NAME, "version": provenance.FORMAT_VERSION,
                                     "commits": [{"name": n, "record": r} for n, r in records.items()]}))
     return len(records)
 
@@ -168,7 +168,7 @@ def _copy(src: Location, dst: Location, objects: dict, bar) -> None:
         key, want = item
         # sized and checked: a short body or a flipped byte in transit is re-read (retried like a
         # 500), and a copy that still does not match fails in one line naming the object
-        data = src.read(key) if want is None else integrity.read_checked(src, key, want, log.digest)
+        data = src.read(key) if want is None else integrity.read_checked(src, key, want, commits.digest)
         dst.write(key, data)
         bar.update(len(data))
 
@@ -184,9 +184,9 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
         raise UserError(f"sync: {dst_url} is HTTP (read-only); sync into a local path or s3:// URL")
     root = src._root
     try:
-        droot = log.read_root(dloc)
+        droot = commits.read_root(dloc)
     except CacheError:
-        if dloc.exists(log.ROOT_META):
+        if dloc.exists(commits.ROOT_META):
             raise
         droot = None
     if droot is None:
@@ -195,20 +195,20 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
                 _copy(src._loc, dloc, {layout.tokenizer_key(name): want}, bar)
         doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: root}}
         try:
-            dloc.create_exclusive(log.ROOT_META, log.dumps(doc))
-            dloc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(root)))
+            dloc.create_exclusive(commits.ROOT_META, commits.dumps(doc))
+            dloc.create_exclusive(f"{commits.COMMITS}/{commits.ROOT_RECORD}", commits.dumps(commits.root_record(root)))
         except OSError as e:
             raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
-        droot = log.read_root(dloc)
+        droot = commits.read_root(dloc)
     for k in ("d_model", "hook", "chunk_tokens"):
         if droot[k] != root[k]:
             raise UserError(f"sync: {k} differs ({root[k]} in {src_url}, {droot[k]} in {dst_url}); "
                             "these caches cannot share segments")
-    dstate = log.replay(droot, log.load_records(dloc, {}))
+    dstate = commits.replay(droot, commits.load_records(dloc, {}))
     dsegs = {s.id: s for s in dstate.segments + dstate.retracted}
     for L in src._state.declared:
         if L not in dstate.declared:
-            log.commit(dloc, {"kind": "add_layer", "layer": L, "provenance": provenance.record()})
+            commits.commit(dloc, {"kind": "add_layer", "layer": L, "provenance": provenance.record()})
     todo_segs = [s for s in src._segs if s.id not in dsegs]
     todo_layers = [(s, L) for s in src._segs if s.id in dsegs and not dsegs[s.id].retracted
                    for L in s.layers if L not in dsegs[s.id].layers]
@@ -225,7 +225,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
                 record = json.loads(json.dumps(s.record))
                 record["layers"] = {str(L): e for L, e in sorted(s.layers.items())}
                 record["synced_from"] = {"url": src.url, "commit": s.commit}
-                log.commit(dloc, record)
+                commits.commit(dloc, record)
             finally:
                 leases.release(dloc, unit)
         for s, L in todo_layers:
@@ -236,7 +236,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
             leases.hold(dloc, unit)
             try:
                 _copy(src._loc, dloc, objs, bar)
-                log.commit(dloc, {"kind": "layer", "segment": s.id, "layer": L, "entry": e,
+                commits.commit(dloc, {"kind": "layer", "segment": s.id, "layer": L, "entry": e,
                                   "synced_from": {"url": src.url, "commit": s.layer_commits[L]},
                                   "provenance": provenance.record()})
             finally:

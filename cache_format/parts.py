@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import integrity, log
+from . import commits, integrity
 from .bf16 import to_bits
 from .codecs import zarr_compressors
 from .errors import UserError
@@ -51,7 +51,7 @@ def _hashing_store(loc: Location):
 
         def _record(self, key, value):
             view = memoryview(np.ascontiguousarray(value.as_numpy_array())).cast("B")
-            entry = {"size": int(view.nbytes), log.DIGEST: log.digest(view)}
+            entry = {"size": int(view.nbytes), commits.DIGEST: commits.digest(view)}
             if key.endswith("/zarr.json"):
                 m = integrity.per_shard_of(json.loads(bytes(view)))
                 if m:

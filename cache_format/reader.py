@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import integrity, log
+from . import commits, integrity
 from .arrays import _ArrayReader
 from .bf16 import bits_to_numpy, bits_to_torch
 from .errors import CacheError, UserError
@@ -99,7 +99,7 @@ class Cache:
     def __init__(self, loc: Location, root: dict | None = None, records: dict | None = None,
                  checked: set | None = None):
         self._loc = loc
-        self._root = root or log.read_root(loc)
+        self._root = root or commits.read_root(loc)
         self._records: dict = dict(records or {})
         self._checked: set = set(checked or ())
         self._arrays: dict = {}
@@ -110,13 +110,13 @@ class Cache:
 
     def refresh(self) -> "Cache":
         try:
-            self._records = log.load_records(self._loc, self._records, self._root, self._checked)
+            self._records = commits.load_records(self._loc, self._records, self._root, self._checked)
         except CacheError:
             if self._loc.local:
                 raise
             # a torn or corrupted transfer of the log (HTTP's index.json): once more from the store
-            self._records = log.load_records(self._loc, self._records, self._root, self._checked)
-        st = log.replay(self._root, self._records)
+            self._records = commits.load_records(self._loc, self._records, self._root, self._checked)
+        st = commits.replay(self._root, self._records)
         _note_unverified(self._loc.url, st.segments)
         self._state = st
         self._segs = st.segments
@@ -190,12 +190,12 @@ class Cache:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = log.cache_fingerprint(self._root, self._segs, self._layers)
+            self._fingerprint = commits.cache_fingerprint(self._root, self._segs, self._layers)
         return self._fingerprint
 
     def layer_fingerprint(self, layer: int) -> str:
         self._check_layer(layer)
-        return log.layer_fingerprint(self._root, self._segs, int(layer))
+        return commits.layer_fingerprint(self._root, self._segs, int(layer))
 
     def _check_layer(self, layer) -> int:
         layer = int(layer)
@@ -315,7 +315,7 @@ class Cache:
         for s in self._segs:
             q = s.record.get("sequences")
             if q:
-                tables.append(pq.read_table(pa.BufferReader(integrity.read_checked(self._loc, q["path"], q, log.digest))))
+                tables.append(pq.read_table(pa.BufferReader(integrity.read_checked(self._loc, q["path"], q, commits.digest))))
         if not tables:
             return sequences_table([])
         return pa.concat_tables(tables, promote_options="permissive")
@@ -326,12 +326,12 @@ class Cache:
         total = RunningStats(self.d_model)
         for s in self._segs:
             st = s.layers[layer]["stats"]
-            total.merge(RunningStats.from_json(json.loads(integrity.read_checked(self._loc, st["path"], st, log.digest))))
+            total.merge(RunningStats.from_json(json.loads(integrity.read_checked(self._loc, st["path"], st, commits.digest))))
         return total.summary()
 
     @functools.cached_property
     def tokenizer_files(self) -> dict[str, bytes]:
-        return {name: integrity.read_checked(self._loc, tokenizer_key(name), want, log.digest)
+        return {name: integrity.read_checked(self._loc, tokenizer_key(name), want, commits.digest)
                 for name, want in self._root.get("tokenizer", {}).items()}
 
     def tokenizer(self):
@@ -352,7 +352,7 @@ _NOTED: set = set()
 
 def _note_unverified(url: str, segments: list) -> None:
     """Once per process and cache: say in one line that some chunks cannot be verified."""
-    n = sum(1 for s in segments if log.unverified_parts(s))
+    n = sum(1 for s in segments if commits.unverified_parts(s))
     if n and url not in _NOTED:
         _NOTED.add(url)
         print(f"note: {n} of {len(segments)} segments of {url} have no chunk digests (written by cache format 1), "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from . import integrity, log, provenance
+from . import commits, integrity, provenance
 from .store import Location
 
 
@@ -23,18 +23,18 @@ def _part_chunks(loc: Location, base: str, objects: dict) -> dict:
             continue
         pre = k[1:k.index("/c/") + 1]  # "tokens/" for a row column, "" for a residual array
         if pre not in per_shard:
-            meta = integrity.read_checked(loc, f"{base}/{pre}zarr.json", objects.get(f"{pre}zarr.json"), log.digest)
+            meta = integrity.read_checked(loc, f"{base}/{pre}zarr.json", objects.get(f"{pre}zarr.json"), commits.digest)
             per_shard[pre] = integrity.per_shard_of(json.loads(meta))
-        data = integrity.read_checked(loc, f"{base}/{key}", want, log.digest)
+        data = integrity.read_checked(loc, f"{base}/{key}", want, commits.digest)
         out[key] = integrity.shard_chunk_digests(data, per_shard[pre], f"{base}/{key}")
     return out
 
 
 def upgrade(loc: Location) -> dict:
     """Commit one `upgrade` record if anything lacks digests; returns what it covered."""
-    root = log.read_root(loc)
-    records = log.load_records(loc, {}, root)
-    state = log.replay(root, records)
+    root = commits.read_root(loc)
+    records = commits.load_records(loc, {}, root)
+    state = commits.replay(root, records)
     chunks = {}
     for s in state.segments:
         for part, base in [(s.record["rows"], s.record["rows"]["path"])] + [(e, e["array"]) for e in s.layers.values()]:
@@ -48,8 +48,8 @@ def upgrade(loc: Location) -> dict:
     unchained = [n for n, r in records.items() if "digest" not in r and n not in last_pins]
     if not chunks and not unchained:
         return {"objects": 0, "records": 0, "commit": None}
-    record = {"kind": "upgrade", "root": log.root_digest(root),
-              "pinned": {n: log.record_digest(r) for n, r in records.items()},
+    record = {"kind": "upgrade", "root": commits.root_digest(root),
+              "pinned": {n: commits.record_digest(r) for n, r in records.items()},
               "chunks": chunks, "provenance": provenance.record()}
-    name = log.commit(loc, record)
+    name = commits.commit(loc, record)
     return {"objects": sum(len(v) for v in chunks.values()), "records": len(unchained), "commit": name}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, leases, log, provenance
+from . import commits, layout, leases, provenance
 from .backfill import LayerBackfill
 from .codecs import check as check_codec
 from .errors import CacheError, UserError
@@ -40,7 +40,7 @@ def _new_id() -> str:
 
 def _check_json(obj, what: str) -> None:
     try:
-        log.dumps(obj)
+        commits.dumps(obj)
     except (TypeError, ValueError) as e:
         raise UserError(f"{what} must be JSON-serializable ({e}); pass plain dicts, lists, str, int, float, bool") from None
 
@@ -134,9 +134,9 @@ class SegmentWriter(_CommitOnExit):
             buf.finish()
             entry = buf.entry()
             stats_key = layout.stats_key(base, L)
-            data = log.dumps(buf.stats.to_json())
+            data = commits.dumps(buf.stats.to_json())
             loc.write(stats_key, data)
-            entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
+            entry["stats"] = {"path": stats_key, "size": len(data), commits.DIGEST: commits.digest(data)}
             layers[str(L)] = entry
         rows = _write_rows(self.store, layout.rows_dir(base), cols, root["chunk_tokens"])
         seq = None
@@ -144,7 +144,7 @@ class SegmentWriter(_CommitOnExit):
             data = _sequences_bytes(self.records)
             key = layout.sequences_key(base)
             loc.write(key, data)
-            seq = {"path": key, "size": len(data), log.DIGEST: log.digest(data), "count": len(self.records)}
+            seq = {"path": key, "size": len(data), commits.DIGEST: commits.digest(data), "count": len(self.records)}
         record = {"kind": "segment", "segment": self.id, "n_rows": self.n_rows, "layers": layers, "rows": rows,
                   "sequences": seq, "meta": self.meta, "provenance": provenance.record()}
         if self.defer:  # the caller commits it in its place (objects stay leased until it does)
@@ -153,7 +153,7 @@ class SegmentWriter(_CommitOnExit):
             return None
         if self.turn is not None:
             self.turn.wait()
-        self.committed = log.commit(loc, record)
+        self.committed = commits.commit(loc, record)
         if self.turn is not None:
             self.turn.done()
         leases.release(loc, base)
@@ -187,9 +187,9 @@ class CacheWriter:
         self._records: dict = {}  # commit records are immutable: read each once
         self._checked: set = set()  # ...and check each one's chain once
 
-    def _replay(self) -> log.LogState:
-        self._records = log.load_records(self.loc, self._records, self.root, self._checked)
-        return log.replay(self.root, self._records)
+    def _replay(self) -> commits.LogState:
+        self._records = commits.load_records(self.loc, self._records, self.root, self._checked)
+        return commits.replay(self.root, self._records)
 
     @property
     def d_model(self) -> int:
@@ -219,7 +219,7 @@ class CacheWriter:
         leases.hold(self.loc, layout.segment_dir(record["segment"]))
 
     def commit_prepared(self, record: dict) -> str:
-        name = log.commit(self.loc, record)
+        name = commits.commit(self.loc, record)
         leases.release(self.loc, layout.segment_dir(record["segment"]))
         return name
 
@@ -229,14 +229,14 @@ class CacheWriter:
         if layer < 0:
             raise UserError(f"layer {layer}: layers are non-negative integers")
         if layer not in self.layers:
-            log.commit(self.loc, {"kind": "add_layer", "layer": layer, "provenance": provenance.record()})
+            commits.commit(self.loc, {"kind": "add_layer", "layer": layer, "provenance": provenance.record()})
         return LayerBackfill(self, layer)
 
     def retract(self, segment_id: str, reason: str = "") -> str:
         c = self.snapshot()
         if segment_id not in {s.id for s in c.segments}:
             raise CacheError(f"segment {segment_id!r} is not a live segment of {self.url}; list them with `info`")
-        return log.commit(self.loc, {"kind": "retract", "segment": segment_id, "reason": reason,
+        return commits.commit(self.loc, {"kind": "retract", "segment": segment_id, "reason": reason,
                                      "provenance": provenance.record()})
 
 
@@ -285,20 +285,20 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
              "codec": codec, "chunk_tokens": int(chunk_tokens), "shard_rows": int(shard_rows),
              "shard_mib": shard_mib, "row_columns": ROW_COLUMNS,
              "meta": meta, "provenance": provenance.record(),
-             "tokenizer": {k: {"size": len(v), log.DIGEST: log.digest(v)} for k, v in tok.items()}}
+             "tokenizer": {k: {"size": len(v), commits.DIGEST: commits.digest(v)} for k, v in tok.items()}}
     doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: attrs}}
     try:
-        if loc.exists(log.ROOT_META):
-            log.read_root(loc)  # raises "not a cache" for a foreign zarr.json
+        if loc.exists(commits.ROOT_META):
+            commits.read_root(loc)  # raises "not a cache" for a foreign zarr.json
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
         if loc.local and os.path.isdir(loc.root) and os.listdir(loc.root):
             raise UserError(f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
                             "(nothing there was changed)")
         for name, data in tok.items():
             loc.write(layout.tokenizer_key(name), data)
-        if not loc.create_exclusive(log.ROOT_META, log.dumps(doc)):
+        if not loc.create_exclusive(commits.ROOT_META, commits.dumps(doc)):
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
-        loc.create_exclusive(f"{log.COMMITS}/{log.ROOT_RECORD}", log.dumps(log.root_record(attrs)))
+        loc.create_exclusive(f"{commits.COMMITS}/{commits.ROOT_RECORD}", commits.dumps(commits.root_record(attrs)))
     except UserError:
         raise
     except OSError as e:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from cache_format import integrity, log
+from cache_format import commits, integrity
 
 
 def flip(path, offset: int) -> None:
@@ -38,8 +38,8 @@ def downgrade_to_v1(url) -> None:
     zj = os.path.join(url, "zarr.json")
     doc = json.load(open(zj))
     doc["attributes"]["actcache"]["format_version"] = 1
-    open(zj, "wb").write(log.dumps(doc))
-    os.unlink(os.path.join(url, "commits", log.ROOT_RECORD))
+    open(zj, "wb").write(commits.dumps(doc))
+    os.unlink(os.path.join(url, "commits", commits.ROOT_RECORD))
     for name in sorted(os.listdir(os.path.join(url, "commits"))):
         p = os.path.join(url, "commits", name)
         r = json.load(open(p))
@@ -47,7 +47,7 @@ def downgrade_to_v1(url) -> None:
         for part in [r.get("rows")] + list(r.get("layers", {}).values()) + [r.get("entry")]:
             for v in (part or {}).get("objects", {}).values():
                 v.pop("chunks", None)
-        open(p, "wb").write(log.dumps(r))
+        open(p, "wb").write(commits.dumps(r))
 
 
 def test_every_chunk_has_a_digest_and_a_flip_anywhere_in_a_shard_is_caught(make_cache):
@@ -113,8 +113,8 @@ def test_flips_in_rows_stats_sequences_and_array_metadata_are_caught(make_cache,
 @pytest.mark.parametrize("edit", ["n_rows", "kind", "remove", "utf8", "root_layers", "root_record"])
 def test_any_edit_to_the_log_or_the_root_is_refused_in_one_line(make_cache, run, edit):
     url, _ = make_cache(segments=(40, 25, 10))
-    commits = os.path.join(url, "commits")
-    rec = os.path.join(commits, "0000000002.json")
+    commits_dir = os.path.join(url, "commits")
+    rec = os.path.join(commits_dir, "0000000002.json")
     if edit == "n_rows":
         edit_file(rec, b'"n_rows":25', b'"n_rows":24')
     elif edit == "kind":
@@ -128,7 +128,7 @@ def test_any_edit_to_the_log_or_the_root_is_refused_in_one_line(make_cache, run,
         zj = os.path.join(url, "zarr.json")
         edit_file(zj, b'"layers":[1,3]', b'"layers":[1]')
     elif edit == "root_record":
-        os.unlink(os.path.join(commits, log.ROOT_RECORD))
+        os.unlink(os.path.join(commits_dir, commits.ROOT_RECORD))
     with pytest.raises(cf.CacheError, match="commit log is damaged") as e:
         cf.open_cache(url)
     assert "\n" not in str(e.value)
@@ -155,10 +155,10 @@ def test_verify_and_the_cli_refuse_a_damaged_log_without_a_traceback(make_cache,
 def test_a_racing_commit_chains_to_the_winner(make_cache):
     url, _ = make_cache(segments=(10,))
     w = cf.open_cache(url, mode="a")
-    names, _ = log.list_commits(w.loc)
-    a = log.commit(w.loc, {"kind": "add_layer", "layer": 7})
-    b = log.commit(w.loc, {"kind": "add_layer", "layer": 8})
-    recs = log.load_records(w.loc, {})
+    names, _ = commits.list_commits(w.loc)
+    a = commits.commit(w.loc, {"kind": "add_layer", "layer": 7})
+    b = commits.commit(w.loc, {"kind": "add_layer", "layer": 8})
+    recs = commits.load_records(w.loc, {})
     assert list(recs)[-2:] == [a, b] and recs[b]["prev"] == recs[a]["digest"]
 
 
@@ -197,7 +197,7 @@ def test_a_format_1_cache_opens_says_so_in_one_line_and_upgrade_adds_digests(mak
     doc = json.loads(raw)
     assert doc["kind"] == "upgrade"
     doc["pinned"] = 5  # an edit that breaks the record's shape: one line, no traceback
-    open(upgrade, "wb").write(log.dumps(doc))
+    open(upgrade, "wb").write(commits.dumps(doc))
     with pytest.raises(cf.CacheError, match="damaged at commits/.*pinned records"):
         cf.open_cache(url)
 
