@@ -298,7 +298,7 @@ def digest_cost(a, tmp: Path) -> dict:
     cost = float(np.median(rounds_cost))
     # The same cost accounted directly, robust to a busy box: thread CPU time of the checks alone
     # (every chunk's XXH3 and its shard's index CRC32C, as a read does them) per row.
-    arr = c._array(0, 0)
+    arr = c.layer_reader(0, 0)
     blobs = []
     for k in range(arr.n_chunks):
         s, j = divmod(k, arr.per_shard)

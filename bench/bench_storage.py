@@ -59,7 +59,7 @@ def payloads(c: cf.Cache, layer: int) -> list[tuple[bytes, int]]:
     """The encoded bytes of every chunk of a layer, read straight from the shard files."""
     out = []
     for si in range(len(c._segs)):
-        r = c._array(si, layer)
+        r = c.layer_reader(si, layer)
         for s in range(-(-r.shape[0] // r.shard_rows)):
             key = f"{r.path}/{r.shard_key(s)}"
             blob = open(os.path.join(c._loc.root, *key.split("/")), "rb").read()
@@ -131,7 +131,7 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
             stored = sum(v["size"] for s in c._segs for v in s.layers[L]["objects"].values())
             per_layer[L] = {"bytes_per_token": stored / n, "ratio_vs_raw": stored / raw}
         jobs = [(L, i) for L in layers for i in range(c.n_chunks)]
-        decode = c._array(0, layers[0]).decode
+        decode = c.layer_reader(0, layers[0]).decode
         blobs = [p for L in layers for p in payloads(c, L)]
         best = rates(lambda j: c.read_chunk(*j), jobs, lambda p: decode(*p), blobs, args.threads)
         (t_read, cpu_read), (t_dec, cpu_dec) = best["read"], best["decode"]

@@ -20,8 +20,8 @@ from . import commits, integrity
 from .bf16 import to_bits
 from .codecs import zarr_compressors
 from .errors import UserError
-from .stats import RunningStats
 from .layout import ROW_COLUMNS, sequences_table
+from .stats import RunningStats
 from .store import Location
 
 ROW_CODEC = "zstd3"

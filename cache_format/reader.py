@@ -62,7 +62,7 @@ class ResidualView:
         return (self.cache.n_tokens, self.cache.d_model)
 
     def bits(self, i: int, j: int) -> np.ndarray:
-        return self.cache._gather(lambda s: self.cache._array(s, self.layer), i, j, (self.cache.d_model,), np.uint16)
+        return self.cache._gather(lambda s: self.cache.layer_reader(s, self.layer), i, j, (self.cache.d_model,), np.uint16)
 
     def numpy(self, i: int = 0, j: int | None = None) -> np.ndarray:
         i, j = _slice(slice(i, j), self.cache.n_tokens)
@@ -170,7 +170,7 @@ class Cache:
         """The creator's meta as given, plus `cache_format`: format/code/package versions, hardware."""
         out = json.loads(json.dumps(self._root["meta"]))
         out["cache_format"] = dict(self._root["provenance"], codec=self.codec, chunk_tokens=self.chunk_tokens,
-                                   shard_rows=self._root["shard_rows"], hook=self.hook)
+                                   shard_rows=self.shard_rows, hook=self.hook)
         return out
 
     @property
@@ -183,6 +183,29 @@ class Cache:
     def retracted(self) -> list[str]:
         return [s.id for s in self._state.retracted]
 
+    @property
+    def shard_rows(self) -> int:
+        return self._root["shard_rows"]
+
+    @property
+    def location(self) -> Location:
+        return self._loc
+
+    @property
+    def root(self) -> dict:
+        """The root attributes as committed (shared, not a copy: do not modify)."""
+        return self._root
+
+    @property
+    def committed_segments(self) -> list:
+        """The live segments as replayed from the log (record, layers, commit ids), in row order."""
+        return list(self._segs)
+
+    @property
+    def tokenizer_manifest(self) -> dict[str, dict]:
+        """Tokenizer file name → its {size, blake2b} entry in the root."""
+        return self._root.get("tokenizer", {})
+
     def layer_coverage(self) -> dict[int, int]:
         """Declared layer → how many live segments hold it (partial backfills show as fewer)."""
         return {L: sum(L in s.layers for s in self._segs) for L in self._state.declared}
@@ -194,10 +217,11 @@ class Cache:
         return self._fingerprint
 
     def layer_fingerprint(self, layer: int) -> str:
-        self._check_layer(layer)
+        self.check_layer(layer)
         return commits.layer_fingerprint(self._root, self._segs, int(layer))
 
-    def _check_layer(self, layer) -> int:
+    def check_layer(self, layer) -> int:
+        """`layer` as an int if every live segment holds it, else a one-line CacheError saying why not."""
         layer = int(layer)
         if layer not in self._layers:
             cov = self.layer_coverage()
@@ -211,7 +235,7 @@ class Cache:
     # -- rows --------------------------------------------------------------------------
 
     def residuals(self, layer: int) -> ResidualView:
-        return ResidualView(self, self._check_layer(layer))
+        return ResidualView(self, self.check_layer(layer))
 
     @property
     def tokens(self) -> ColumnView:
@@ -236,7 +260,8 @@ class Cache:
     def _seg_index(self, segment_id: str) -> int:
         return self._by_id[segment_id]
 
-    def _array(self, si: int, layer: int) -> _ArrayReader:
+    def layer_reader(self, si: int, layer: int) -> _ArrayReader:
+        """The chunk reader of segment `si`'s array of `layer` (made once, shared by threads)."""
         s = self._segs[si]
         key = (s.id, layer)
         with self._lock:
@@ -295,8 +320,8 @@ class Cache:
 
         `out` (a C-contiguous (rows, d_model) array of 2-byte items, e.g. a slice of a reused
         buffer) receives the decoded rows without an allocation or a copy; it is returned as bf16."""
-        layer = self._check_layer(layer)
-        arr = self._array(int(self._chunk_seg[i]), layer)
+        layer = self.check_layer(layer)
+        arr = self.layer_reader(int(self._chunk_seg[i]), layer)
         return bits_to_numpy(arr.chunk(int(self._chunk_local[i]), None if out is None else out.view(np.uint16)))
 
     def read_chunk_rows(self, i: int) -> dict[str, np.ndarray]:
@@ -322,7 +347,7 @@ class Cache:
 
     def stats(self, layer: int) -> dict:
         """count, mean, var, std (float64 per dimension) and mean_norm, merged across segments."""
-        layer = self._check_layer(layer)
+        layer = self.check_layer(layer)
         total = RunningStats(self.d_model)
         for s in self._segs:
             st = s.layers[layer]["stats"]
@@ -332,7 +357,7 @@ class Cache:
     @functools.cached_property
     def tokenizer_files(self) -> dict[str, bytes]:
         return {name: integrity.read_checked(self._loc, tokenizer_key(name), want, commits.digest)
-                for name, want in self._root.get("tokenizer", {}).items()}
+                for name, want in self.tokenizer_manifest.items()}
 
     def tokenizer(self):
         """A `tokenizers.Tokenizer` built offline from the cache's tokenizer.json."""
