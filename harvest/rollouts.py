@@ -32,6 +32,7 @@ from cache_format.errors import UserError
 
 from . import data
 from .grading import LETTERS, NO_ANSWER, THINK_END, grade
+from .prompts import prompt_ids
 
 ANSWER_PREFIX = "Answer:"
 OnDone = Callable[[int, list, bool], None]
@@ -198,7 +199,7 @@ def generate_rollouts(questions: list[tuple[int, dict]], backend, tokenizer, cfg
     """
     from tqdm import tqdm
 
-    prompts = [data.prompt_ids(tokenizer, q, cfg.enable_thinking, cfg.prompt_format) for _, q in questions]
+    prompts = [prompt_ids(tokenizer, q, cfg.enable_thinking, cfg.prompt_format) for _, q in questions]
     made: list[Rollout] = []
     pending: list[Rollout] = []
     bar = tqdm(total=len(questions), unit="q", desc="generate", disable=not progress, dynamic_ncols=True,

@@ -20,6 +20,8 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+from .prompts import format_question
+
 TINY_NAME = "builtin:tiny"
 SEED = 1234
 CHAT_TEMPLATE = (
@@ -109,8 +111,6 @@ def training_documents(tokenizer) -> list[str]:
     """The build's training text: the corpus's documents and, for every other question, the
     chat-template prompt the rollouts use followed by a short reasoned answer. The odd
     questions stay unseen, so greedy rollouts over the bundled set are partly right."""
-    from .data import format_question  # data imports this module
-
     docs = [d.strip() for d in (assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
     lines = (assets() / "questions.jsonl").read_text().splitlines()
     for i, line in enumerate(lines):

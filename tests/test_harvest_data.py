@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harvest.config import CorpusConfig, CorpusSource, ModelConfig, SuperGPQAConfig
-from harvest import corpus_plan, data, tiny
+from harvest import corpus_plan, data, prompts, tiny
 from harvest.model import load_model
 
 
@@ -137,10 +137,10 @@ def test_questions_by_seed_extend_and_validate(tmp_path):
     bad.write_text(json.dumps({**rows[0], "answer_letter": "J"}) + "\n")
     with pytest.raises(data.DataError, match="not one of its options"):
         data.load_questions(SuperGPQAConfig(dataset=str(bad)))
-    prompt = data.format_question(rows[0], "answer-line")
+    prompt = prompts.format_question(rows[0], "answer-line")
     assert "A. " in prompt and "Answer: X" in prompt
     # the default is SuperGPQA's official zero-shot prompt: instruction first, then `A) option` lines
-    official = data.format_question(rows[0])
+    official = prompts.format_question(rows[0])
     assert official.startswith("Answer the following multiple choice question.")
     assert official.endswith("\n".join(f"{'ABCDEFGHIJ'[i]}) {o}" for i, o in enumerate(rows[0]["options"])))
     assert f"\n\n{rows[0]['question']}\nA) " in official

@@ -13,6 +13,7 @@ import cache_format as cf
 import harvest.run as hr
 from harvest.config import SuperGPQAConfig, load_config
 from harvest import data, rollouts as ro
+from harvest.prompts import prompt_ids
 from harvest.model import load_model
 
 STANDIN = str(Path(__file__).with_name("standin"))
@@ -79,7 +80,7 @@ def test_vllm_backend_saves_as_it_streams_and_resumes_after_a_crash(tmp_path, lm
     summary = hr.run(_cfg(tmp_path, url, log), progress=False)
     calls = _log(log)
     assert len([c for c in calls if c["call"] == "add_request"]) == 2  # the 3 streamed before the crash were kept
-    prompts = [data.prompt_ids(lm.tokenizer, q, True, "answer-line")
+    prompts = [prompt_ids(lm.tokenizer, q, True, "answer-line")
                for q in data.select_questions(data.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)]
     engine = next(c for c in calls if c["call"] == "LLM")
     assert engine["max_model_len"] == max(len(p) for p in prompts[3:]) + 6  # longest pending prompt + budget
@@ -109,7 +110,7 @@ def test_transformers_generation_is_saved_batch_by_batch(lm):
 
 def test_grading_records_why_an_answer_was_missing_and_that_it_was_forced(lm):
     q = data.load_questions(SuperGPQAConfig(dataset="builtin:tiny"))[0]
-    prompt = data.prompt_ids(lm.tokenizer, q, True)
+    prompt = prompt_ids(lm.tokenizer, q, True)
     for text, missing in [("still thinking about it", "thinking_unclosed"), ("hmm</think>\n\nNo idea.", "no_answer")]:
         r = ro.Rollout(0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False,
                        data.question_record(q))
