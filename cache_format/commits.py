@@ -55,13 +55,17 @@ def digest(data) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
+class NotACacheError(CacheError):
+    """Nothing at the URL is a cache (no zarr.json): a caller may create one there instead."""
+
+
 def read_root(loc) -> dict:
     """The cache's root attributes, or a one-line CacheError if the URL is not a cache."""
     try:
         raw = loc.read(ROOT_META)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise CacheError(f"{loc.url} is not a cache (no zarr.json); create one with cache_format.create_cache "
-                         "or check the URL") from None
+        raise NotACacheError(f"{loc.url} is not a cache (no zarr.json); create one with cache_format.create_cache "
+                             "or check the URL") from None
     try:
         meta = json.loads(raw)
         attrs = meta["attributes"][FORMAT_NAME]

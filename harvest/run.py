@@ -19,7 +19,8 @@ import torch
 
 import cache_format as cf
 from cache_format.dask_client import dask_client
-from cache_format.errors import CacheError, UserError
+from cache_format.commits import NotACacheError
+from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
 
 from . import corpus_plan, data, gpu, revisions, rollouts as ro
@@ -38,9 +39,7 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
     url = cfg.harvest.cache
     try:
         w = cf.open_cache(url, mode="a")
-    except CacheError as e:
-        if "no zarr.json" not in str(e):
-            raise
+    except NotACacheError:
         w = None
     sel = source_selection(cfg)
     if w is None:
