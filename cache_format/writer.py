@@ -23,10 +23,13 @@ from . import commits, layout, leases, provenance
 from .backfill import LayerBackfill
 from .codecs import check as check_codec
 from .errors import CacheError, UserError
+from .array_writer import LayerBuffer, write_rows
+from .commit_unit import CommitUnit
 from .layout import ROW_COLUMNS, TOKENIZER_DIR, sequences_table
-from .parts import _CommitOnExit, _hashing_store, _LayerBuffer, _residual_bits, _rows, _sequences_bytes, _write_rows
 from .reader import Cache
+from .sequences import sequences_bytes
 from .store import Location
+from .validation import check_json, check_rows, refuse_duplicates, residual_bits
 
 __all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table",
            "TOKENIZER_DIR"]
@@ -36,13 +39,6 @@ _LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_nam
 def _new_id() -> str:
     """Sortable by creation time (gc reads its age from it too) and unique without coordination."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
-
-
-def _check_json(obj, what: str) -> None:
-    try:
-        commits.dumps(obj)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{what} must be JSON-serializable ({e}); pass plain dicts, lists, str, int, float, bool") from None
 
 
 class _ColumnSink:
@@ -59,43 +55,32 @@ class _ColumnSink:
         return {k: (np.concatenate(v) if v else np.zeros(0, ROW_COLUMNS[k])) for k, v in self.parts.items()}
 
 
-def _refuse_duplicates(cols: dict) -> None:
-    """A (seq_id, position) pair locates one row: a segment holding one twice is refused."""
-    pairs = np.stack([cols["seq_ids"].astype(np.int64), cols["positions"].astype(np.int64)], axis=1)
-    if not len(pairs):
-        return
-    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
-    if len(uniq) != len(pairs):
-        sid, pos = uniq[np.argmax(counts > 1)]
-        raise UserError(f"append: row (seq_id {int(sid)}, position {int(pos)}) was appended twice "
-                        "to one segment; each (seq_id, position) must be one row (nothing was committed)")
-
-
-class SegmentWriter(_CommitOnExit):
+class SegmentWriter(CommitUnit):
     """One writer's rows, committed atomically when the `with` block exits cleanly."""
 
     def __init__(self, writer: "CacheWriter", meta: dict | None, turn=None, defer: bool = False):
-        _check_json(meta or {}, "segment meta")
+        check_json(meta or {}, "segment meta")
         self.w = writer
+        self.id = _new_id()
+        super().__init__(writer.loc, layout.segment_dir(self.id))
         self.turn, self.defer = turn, defer  # an ordering.Turn: commit only after the segments before it
         self.prepared: dict | None = None  # defer: the record, for CacheWriter.commit_prepared
-        self.id = _new_id()
         self.meta = dict(meta or {})
         self.layers = writer.layers
-        self.store = _hashing_store(writer.loc)
         root = writer.root
-        base = layout.segment_dir(self.id)
-        self.buffers = {L: _LayerBuffer(self.store, layout.layer_array(base, root["hook"], L), L, root, root["hook"])
+        self.buffers = {L: LayerBuffer(self.store, layout.layer_array(self.unit, root["hook"], L), L, root, root["hook"])
                         for L in self.layers}
         self.columns = _ColumnSink()
         self.records: list[dict] = []
         self.n_rows = 0
-        self.committed: str | None = None
         self._open = False
+
+    def _buffers(self) -> list:
+        return list(self.buffers.values())
 
     def __enter__(self) -> "SegmentWriter":
         self._open = True
-        leases.hold(self.w.loc, layout.segment_dir(self.id))
+        self._hold()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -106,8 +91,8 @@ class SegmentWriter(_CommitOnExit):
         """Add N rows: residuals {layer: N×d bf16} plus the aligned token-row columns."""
         if not self._open:
             raise UserError("append outside its `with cache.segment():` block; rows are committed by the block")
-        bits, n = _residual_bits(residuals, self.layers, self.w.d_model)
-        rows = _rows(n, tokens, seq_ids, positions, labels, roles)
+        bits, n = residual_bits(residuals, self.layers, self.w.d_model)
+        rows = check_rows(n, tokens, seq_ids, positions, labels, roles)
         if len(bits) > 1 and n >= 1024:  # layers are independent: stats, encode and hash them in parallel
             list(_LAYER_POOL.map(lambda kv: self.buffers[kv[0]].add(kv[1]), bits.items()))
         else:
@@ -121,27 +106,18 @@ class SegmentWriter(_CommitOnExit):
         for r in records:
             if not isinstance(r, dict) or "seq_id" not in r or "token_ids" not in r:
                 raise UserError("add_sequences: each record is a dict with at least seq_id and token_ids")
-            _check_json(r, "a sequence record")
+            check_json(r, "a sequence record")
             self.records.append(dict(r))
 
     def commit(self) -> str | None:
-        loc, root = self.w.loc, self.w.root
-        base = layout.segment_dir(self.id)
+        loc, root, base = self.loc, self.w.root, self.unit
         cols = self.columns.arrays()
-        _refuse_duplicates(cols)
-        layers = {}
-        for L, buf in self.buffers.items():
-            buf.finish()
-            entry = buf.entry()
-            stats_key = layout.stats_key(base, L)
-            data = commits.dumps(buf.stats.to_json())
-            loc.write(stats_key, data)
-            entry["stats"] = {"path": stats_key, "size": len(data), commits.DIGEST: commits.digest(data)}
-            layers[str(L)] = entry
-        rows = _write_rows(self.store, layout.rows_dir(base), cols, root["chunk_tokens"])
+        refuse_duplicates(cols)
+        layers = {str(L): self._layer_entry(buf) for L, buf in self.buffers.items()}
+        rows = write_rows(self.store, layout.rows_dir(base), cols, root["chunk_tokens"])
         seq = None
         if self.records:
-            data = _sequences_bytes(self.records)
+            data = sequences_bytes(self.records)
             key = layout.sequences_key(base)
             loc.write(key, data)
             seq = {"path": key, "size": len(data), commits.DIGEST: commits.digest(data), "count": len(self.records)}
@@ -151,31 +127,7 @@ class SegmentWriter(_CommitOnExit):
             self.prepared = record
             leases.KEEPER.release_keep(loc, base)
             return None
-        if self.turn is not None:
-            self.turn.wait()
-        self.committed = commits.commit(loc, record)
-        if self.turn is not None:
-            self.turn.done()
-        leases.release(loc, base)
-        return self.committed
-
-    def abandon(self) -> None:
-        """Best effort: delete what this writer wrote (gc catches anything left)."""
-        if self.turn is not None:
-            self.turn.fail()
-        base = layout.segment_dir(self.id)
-        leases.release(self.w.loc, base)
-        for buf in self.buffers.values():
-            try:
-                buf._wait()  # let a background shard write land before deleting
-            except Exception:
-                pass
-        try:
-            objs = self.w.loc.walk(base)
-            self.w.loc.delete([o.key for o in objs])
-            self.w.loc.remove_empty_dirs(base)
-        except Exception:
-            pass
+        return self._commit_record(record)
 
 
 class CacheWriter:
@@ -273,7 +225,7 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
     if chunk_tokens <= 0 or shard_mib <= 0:
         raise UserError("chunk_tokens and shard_mib must be positive")
     meta = dict(meta or {})
-    _check_json(meta, "meta")
+    check_json(meta, "meta")
     tok = _tokenizer_payload(tokenizer_files)
     loc = Location(url, storage_options)
     if loc.http:
