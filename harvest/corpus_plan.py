@@ -23,9 +23,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .config import CorpusConfig, PipelineConfig
-
 from . import data, revisions
+from .config import CorpusConfig, PipelineConfig
 
 STATE_KEY = "plan"  # segment meta: the planner state after the unit's last sequence
 ROWS_KEY = "rows_by_source"  # segment meta: {source name: rows}, what `cache_format info` sums into shares

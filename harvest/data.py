@@ -12,10 +12,10 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from .config import CorpusSource, SuperGPQAConfig
 from cache_format.errors import UserError
 
 from . import tiny
+from .config import CorpusSource, SuperGPQAConfig
 from .grading import LETTERS
 
 QUESTION_FIELDS = ("uuid", "question", "options", "answer_letter")

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
 from cache_format.errors import UserError
 
 from . import tiny
+from .config import ModelConfig
 
 # Tried in order when `layers_path` is empty: Qwen3.5 multimodal, then common text stacks.
 LAYER_PATHS = (

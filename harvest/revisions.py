@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import CorpusSource
 from cache_format.errors import UserError
 
 from . import tiny
+from .config import CorpusSource
 
 
 def is_hub_path(path: str) -> bool:

@@ -15,7 +15,6 @@ work unit once the capture model is loaded. Nothing stored is ever regenerated.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,11 @@ from typing import Callable
 
 import torch
 
-from .config import SuperGPQAConfig
+from cache_format.atomic import write_atomic
 from cache_format.errors import UserError
 
 from . import data
+from .config import SuperGPQAConfig
 from .grading import LETTERS, NO_ANSWER, THINK_END, grade
 from .prompts import prompt_ids
 
@@ -314,10 +314,7 @@ def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
     fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
     body = "".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode()
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{final}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(body)
-        os.replace(tmp, final)
+        write_atomic(final, body)
     else:
         fs.pipe_file(final, body)  # object stores publish a PUT atomically
 

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 import cache_format as cf
-from cache_format.dask_client import dask_client
 from cache_format.commits import NotACacheError
+from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cache_format.atomic import write_atomic
 from cache_format.errors import UserError
 from train.sae import TopKSAE
 
@@ -250,9 +251,7 @@ def _command():
             results[name] = res
             if dst is not None:
                 dst.mkdir(parents=True, exist_ok=True)
-                tmp = dst / ".loss_recovered.json.tmp"
-                tmp.write_text(json.dumps(res, indent=2, default=str))
-                tmp.replace(dst / "loss_recovered.json")
+                write_atomic(dst / "loss_recovered.json", json.dumps(res, indent=2, default=str))
             if not as_json:
                 print(f"loss-recovered {name} @ layer {lay}: CE clean {res['ce_clean']:.4f}, SAE {res['ce_sae']:.4f}, "
                       f"zero {res['ce_zero']:.4f} → loss recovered {res['loss_recovered']:.4f}, KL {res['kl_sae']:.4g} "

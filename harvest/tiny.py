@@ -15,10 +15,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
+
+from cache_format.atomic import atomic_dir
 
 from .prompts import format_question
 
@@ -83,18 +84,12 @@ def tiny_model_dir() -> Path:
     final = cache_root() / f"tiny-model-{key}"
     if (final / "weights.sha256").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=final.parent))
     try:
-        _build_into(tmp)
-        try:
-            os.rename(tmp, final)  # atomic; loses the race harmlessly if another built it
-        except OSError:
-            if not (final / "weights.sha256").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:  # renamed in one step; loses the race harmlessly if another built it
+            _build_into(tmp)
+    except OSError:
+        if not (final / "weights.sha256").is_file():
+            raise
     return final
 
 
