@@ -41,7 +41,7 @@ os.environ.setdefault("ACTCACHE_BACKOFF_S", "0.02")
 
 import cache_format as cf  # noqa: E402
 from cache_format import integrity, ops  # noqa: E402
-from cache_format.store import Location  # noqa: E402
+from cache_format.stores import Location  # noqa: E402
 
 HARVEST = [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--source", "corpus", "--layers", "1,4",
            "--quiet", "--set", "corpus.seq_len=64", "--set", "harvest.segment_sequences=4",

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import commits, integrity
 from .codecs import decoder, index_nbytes, inner_chunk_rows, parse_index
-from .store import Location
+from .stores import Location
 
 _EMPTY = np.uint64(2**64 - 1)
 _POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-read")

@@ -10,7 +10,7 @@ import numpy as np
 from . import ops
 from .errors import CacheError, UserError, run_cli
 from .opener import open_cache
-from .store import Location
+from .stores import Location
 
 
 def _options(text: str | None) -> dict | None:

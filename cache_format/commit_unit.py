@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import commits, layout, leases
 from .hashing_store import hashing_store
-from .store import Location
+from .stores import Location
 
 
 class CommitUnit:

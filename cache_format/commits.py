@@ -154,7 +154,7 @@ def _parse(url: str, name: str, raw) -> dict:
 
 def list_commits(loc) -> tuple[list[str], dict]:
     """Commit names in order, and records already known (HTTP's index carries them inline)."""
-    if loc.http:
+    if not loc.supports_listing:
         try:
             index = _parse(loc.url, INDEX, loc.read(INDEX))
         except FileNotFoundError:

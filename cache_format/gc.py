@@ -7,7 +7,7 @@ import time
 
 from . import commits, layout, leases
 from .errors import UserError
-from .store import Location
+from .stores import Location
 
 
 def parse_age(text: str) -> float:

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from . import commits, integrity
-from .store import Location
+from .stores import Location
 
 
 def hashing_store(loc: Location):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import commits
 from .errors import CacheError, UserError
 from .reader import Cache
-from .store import Location
+from .stores import Location
 from .writer import CacheWriter
 
 
@@ -30,7 +30,7 @@ def open_cache(url, mode: str = "r", storage_options: dict | None = None):
                 raise
             return Cache(loc, commits.read_root(loc))  # root and log re-read: a corrupted transfer of either
     if mode == "a":
-        if loc.http:
+        if not loc.supports_writes:
             raise UserError(f"{loc.url}: HTTP caches are read-only; open with mode='r'")
         return CacheWriter(loc, root)
     raise UserError(f"open_cache mode {mode!r}: use 'r' to read or 'a' to append")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import commits, provenance
-from .store import Location
+from .stores import Location
 
 
 def publish(loc: Location) -> int:

@@ -22,7 +22,7 @@ from .bf16 import bits_to_numpy, bits_to_torch
 from .errors import CacheError, UserError
 from .layout import ROW_COLUMNS, sequences_table, tokenizer_key
 from .stats import RunningStats
-from .store import Location
+from .stores import Location
 
 
 @dataclass

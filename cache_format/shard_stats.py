@@ -9,7 +9,7 @@ from .errors import UserError
 from .progress import progress_bar
 from .reader import Cache
 from .stats import RunningStats
-from .store import Location
+from .stores import Location
 
 
 def _shard_stats(url: str, storage_options: dict | None, path: str, objects: dict, shard: int) -> dict:

@@ -9,7 +9,7 @@ from . import commits, integrity, layout, leases, provenance
 from .errors import CacheError, UserError
 from .opener import open_cache
 from .progress import progress_bar
-from .store import Location
+from .stores import Location
 from .verify import part_objects, segment_objects
 
 
@@ -40,7 +40,7 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
     """Copy the committed segments (and backfilled layers) that DST lacks, verified, in SRC's order."""
     src = open_cache(src_url, storage_options=src_options)
     dloc = Location(dst_url, dst_options)
-    if dloc.http:
+    if not dloc.supports_writes:
         raise UserError(f"sync: {dst_url} is HTTP (read-only); sync into a local path or s3:// URL")
     root = src.root
     try:
@@ -106,6 +106,6 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
 
 def _exists(loc: Location, key: str) -> bool:
     try:
-        return loc.exists(key) if not loc.http else bool(loc.read(key))
+        return loc.exists(key) if loc.supports_listing else bool(loc.read(key))
     except (FileNotFoundError, OSError, UserError):
         return False

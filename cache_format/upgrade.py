@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from . import commits, integrity, provenance
-from .store import Location
+from .stores import Location
 
 
 def _part_chunks(loc: Location, base: str, objects: dict) -> dict:

@@ -8,7 +8,7 @@ from . import commits, layout
 from .errors import RemoteError
 from .progress import progress_bar
 from .reader import Cache
-from .store import Location, ShortRead
+from .stores import Location, ShortRead
 
 
 def part_objects(record_or_entry: dict, part_path: str | None = None) -> dict[str, dict]:

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from . import commits, layout, leases, provenance
+from .array_writer import LayerBuffer, write_rows
 from .backfill import LayerBackfill
 from .codecs import check as check_codec
-from .errors import CacheError, UserError
-from .array_writer import LayerBuffer, write_rows
 from .commit_unit import CommitUnit
+from .errors import CacheError, UserError
 from .layout import ROW_COLUMNS, TOKENIZER_DIR, sequences_table
 from .reader import Cache
 from .sequences import sequences_bytes
-from .store import Location
+from .stores import Location
 from .validation import check_json, check_rows, refuse_duplicates, residual_bits
 
 __all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table",
@@ -228,7 +228,7 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
     check_json(meta, "meta")
     tok = _tokenizer_payload(tokenizer_files)
     loc = Location(url, storage_options)
-    if loc.http:
+    if not loc.supports_writes:
         raise UserError(f"{url}: HTTP is read-only; create the cache locally or on S3 and `publish` it")
     chunk_bytes = chunk_tokens * d_model * 2
     shard_rows = max(1, round(shard_mib * 2**20 / chunk_bytes)) * chunk_tokens  # shard_mib may be fractional

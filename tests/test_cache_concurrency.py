@@ -15,7 +15,7 @@ import pytest
 
 import cache_format as cf
 from cache_format import ops
-from cache_format.store import Location
+from cache_format.stores import Location
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

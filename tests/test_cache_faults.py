@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import cache_format as cf
 from cache_format import integrity, ops
-from cache_format.store import Location
+from cache_format.stores import Location
 from support import s3_options, write_cache
 
 FAULTS = ("500", "drop", "truncate", "short", "flip")

@@ -14,7 +14,7 @@ import cache_format as cf
 from cache_format import leases, ops
 from cache_format.bf16 import BF16
 from cache_format.ordering import CommitOrder
-from cache_format.store import Location
+from cache_format.stores import Location
 
 
 def _rows(n, base):

@@ -8,7 +8,7 @@ import pytest
 import cache_format as cf
 from cache_format import ops
 from cache_format.bf16 import BF16
-from cache_format.store import Location
+from cache_format.stores import Location
 from support import write_cache
 
 

@@ -1,0 +1,14 @@
+"""Where a cache lives, behind one small interface (base.py): a local directory, an fsspec URL
+(S3 and others) or a published cache over HTTP, one backend module each.
+
+`Location(url, storage_options)` returns the backend for the URL; importing this package
+registers every backend.
+"""
+
+from .base import Location, ObjectInfo, ReadOnlyError, ShortRead
+from .fsspec import FsspecLocation, S3Location
+from .http import HttpLocation
+from .local import LocalLocation
+
+__all__ = ["Location", "ObjectInfo", "ReadOnlyError", "ShortRead", "LocalLocation", "FsspecLocation", "S3Location",
+           "HttpLocation"]

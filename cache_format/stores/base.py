@@ -1,0 +1,120 @@
+"""The store interface every backend implements: keys are '/'-separated paths under a cache root.
+
+`Location(url, storage_options)` picks the backend from the URL's protocol (backends register
+the protocols they serve), so callers never branch on where a cache lives. What a backend can
+do is declared, not tested for: `supports_listing` (HTTP has none: readers use the published
+index.json), `supports_writes` (HTTP is read-only) and `local` (reads come from the OS, so
+there is no torn transfer to re-read).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+
+class ReadOnlyError(UserError):
+    """A write was attempted on a read-only location (HTTP)."""
+
+
+class ShortRead(ConnectionError):
+    """A body shorter than asked for (truncated response, reset mid-body): transient, retried."""
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+class Location(ABC):
+    """A cache root. `Location(url)` returns the backend for the URL's protocol."""
+
+    supports_listing = True
+    supports_writes = True
+    local = False
+    protocols: tuple[str, ...] = ()  # the URL protocols a backend serves
+    _backends: dict[str, type] = {}
+    _fallback: type | None = None  # serves every protocol no backend claims (fsspec)
+
+    def __init_subclass__(cls, fallback: bool = False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for p in cls.__dict__.get("protocols", ()):
+            Location._backends[p] = cls
+        if fallback:
+            Location._fallback = cls
+
+    def __new__(cls, url=None, storage_options: dict | None = None):  # no arguments: unpickling a backend
+        if cls is Location:
+            cls = Location._backends.get(protocol_of(os.fspath(url)), Location._fallback)
+        return super().__new__(cls)
+
+    def __init__(self, url, storage_options: dict | None = None):
+        url = os.fspath(url)
+        self.url = url.rstrip("/") or url
+        self.storage_options = dict(storage_options or {})
+        self.protocol = protocol_of(url)
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    @abstractmethod
+    def path(self, key: str) -> str:
+        """The backend's own path of `key`."""
+
+    # -- reads -------------------------------------------------------------------------
+
+    @abstractmethod
+    def read(self, key: str, fresh: bool = False, size: int | None = None) -> bytes:
+        """A whole object. `size` (when the manifest knows it) turns a short body into a retry;
+        `fresh` is a re-read after a failed check (locally: not through a cached mapping)."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
+        """Bytes [start, end) of an object; thread-safe. A short body is retried like a 5xx."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Names directly under `prefix` (fresh: never from a listings cache)."""
+
+    @abstractmethod
+    def walk(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix`, recursively, with size and modification time."""
+
+    # -- writes ------------------------------------------------------------------------
+
+    @abstractmethod
+    def write(self, key: str, data: bytes) -> None:
+        """Write a whole object (a reader sees all of it or none)."""
+
+    @abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; False if someone else got there first."""
+
+    @abstractmethod
+    def delete(self, keys: list[str]) -> None: ...
+
+    def remove_empty_dirs(self, prefix: str) -> None:
+        """Directories left empty under `prefix` (object stores have none)."""
+
+    def write_error(self, key: str, e: OSError) -> UserError:
+        """One line for a refused or failed local write (a full disk, a read-only mount)."""
+        return UserError(f"cannot write {self.path(key)} ({e.strerror or e}); free some space or choose a "
+                         "writable location, then re-run (committed segments are kept)")
+
+    # -- zarr --------------------------------------------------------------------------
+
+    @abstractmethod
+    def zarr_store(self, read_only: bool = False):
+        """A zarr v3 store rooted at this location."""
