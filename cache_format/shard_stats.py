@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .arrays import _ArrayReader
-from .errors import UserError
+from .dask_client import dask_client
 from .progress import progress_bar
 from .reader import Cache
 from .stats import RunningStats
@@ -39,13 +39,9 @@ def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | N
                 tasks.append(dask.delayed(_shard_stats, pure=True)(cache.url, storage_options, r.path, r.objects, sh))
                 owners.append(L)
     if scheduler:
-        from distributed import Client, as_completed
+        from distributed import as_completed
 
-        try:
-            client = Client(scheduler, timeout=10)
-        except (OSError, TimeoutError) as e:
-            raise UserError(f"cannot reach the dask scheduler at {scheduler} ({e}); check the address") from None
-        with client:
+        with dask_client(scheduler, fix="check the address") as client:
             futures = client.compute(tasks)
             index = {f.key: i for i, f in enumerate(futures)}
             results = [None] * len(futures)

@@ -10,6 +10,7 @@ import os
 import threading
 import uuid
 
+from ..atomic import write_atomic
 from ..errors import CacheError, UserError
 from .base import Location, ObjectInfo
 
@@ -90,19 +91,13 @@ class LocalLocation(Location):
     # -- writes ------------------------------------------------------------------------
 
     def write(self, key: str, data: bytes) -> None:
-        """Via a temporary file and an atomic rename."""
+        """Via a temporary file and an atomic rename (atomic.py; a failed write leaves no temporary)."""
         p = self.path(key)
         self._mkdirs(os.path.dirname(p))
-        tmp = f"{p}.tmp-{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, p)
-        except BaseException as e:
-            _unlink(tmp)
-            if isinstance(e, OSError):
-                raise self.write_error(key, e) from None
-            raise
+            write_atomic(p, data)
+        except OSError as e:
+            raise self.write_error(key, e) from None
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write a temporary file, then `link` it into place (atomic, fails on an existing name,
