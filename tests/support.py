@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -44,3 +46,54 @@ def write_cache(url, d_model=16, layers=(1, 3), segments=(40, 25), chunk_tokens=
     data["residuals"] = {L: np.concatenate(v) for L, v in data["residuals"].items()}
     data["rows"] = {k: np.concatenate(v) for k, v in data["rows"].items()}
     return data
+
+
+# -- cache_format tests: reads compared across stores, stored objects edited in place, plain rows --------------------
+
+FAULTS = ("500", "drop", "truncate", "short", "flip")
+
+
+def _everything(c):
+    out = {"tokens": c.tokens[:], "seq_ids": c.seq_ids[:], "labels": c.labels[:], "roles": c.roles[:],
+           "positions": c.positions[:], "fp": c.fingerprint, "seqs": c.sequences().to_pylist(),
+           "tok": c.tokenizer_files}
+    for L in c.layers:
+        out[f"res{L}"] = c.residuals(L).numpy().view(np.uint16)
+        out[f"chunks{L}"] = [c.read_chunk(L, i).view(np.uint16) for i in range(c.n_chunks)]
+        out[f"stats{L}"] = c.stats(L)["mean"]
+    return out
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], list) and a[k] and isinstance(a[k][0], np.ndarray):
+            assert all(np.array_equal(x, y) for x, y in zip(a[k], b[k])), k
+        elif isinstance(a[k], np.ndarray):
+            assert np.array_equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def edit_file(path, old: bytes, new: bytes) -> None:
+    raw = open(path, "rb").read()
+    assert old in raw
+    open(path, "wb").write(raw.replace(old, new, 1))
+
+
+def shard_path(url, c, layer=1, si=0) -> str:
+    e = c._segs[si].layers[layer]
+    return os.path.join(url, e["array"], "c", "0", "0")
+
+
+def _rows(n, base):
+    ids = np.arange(n) + base
+    return dict(tokens=ids, seq_ids=ids, positions=np.zeros(n, np.int32))

@@ -13,7 +13,7 @@ import torch
 
 import cache_format as cf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_info_json_and_text(run, make_cache):

@@ -1,4 +1,4 @@
-"""Crash safety and lock-free concurrent writers, with real processes."""
+"""Writing: create, append, retract, deferred commits, killed and concurrent writers (cache_format/writer.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import time
 
 import numpy as np
 import pytest
+from support import _rows
 
 import cache_format as cf
 from cache_format import ops
+from cache_format.bf16 import BF16
 from cache_format.stores import Location
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 # A writer that appends segments forever; segment i of writer w holds rows whose token id
 # encodes (w, i, row), so a reader can check every row's identity and order.
@@ -53,6 +56,83 @@ def _spawn(url, wid, n_segs, rows):
 def _expected_tokens(wid, i, rows):
     n = rows // 3
     return np.concatenate([wid * 10**6 + i * 10**3 + p * n + np.arange(n) for p in range(3)])
+
+
+def test_retract_hides_segment_and_changes_fingerprint(make_cache):
+    url, data = make_cache(segments=(10, 20, 30))
+    c = cf.open_cache(url)
+    w = cf.open_cache(url, mode="a")
+    w.retract(c.segments[1].id, reason="bad prompts")
+    c2 = cf.open_cache(url)
+    assert c2.n_tokens == 40 and c2.fingerprint != c.fingerprint
+    assert np.array_equal(c2.tokens[:], np.concatenate([data["rows"]["tokens"][:10], data["rows"]["tokens"][30:]]))
+    assert c2.retracted == [c.segments[1].id]
+
+
+def test_tokenizer_travels_with_the_cache(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    files = {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": b'{"model_max_length": 8}'}
+    cf.create_cache(tmp_path / "c", d_model=4, layers=[0], tokenizer_files=files)
+    c = cf.open_cache(tmp_path / "c")
+    assert c.tokenizer_files == files
+    assert c.tokenizer().encode("hello world").ids == [0, 1]
+
+
+@pytest.mark.parametrize("case", ["not_a_cache", "layer", "d_model", "exists", "codec", "unwritable", "dtype", "rows"])
+def test_clear_errors(tmp_path, make_cache, case):
+    url, data = make_cache(segments=(10,))
+    x = np.zeros((4, 16), BF16)
+    rows = dict(tokens=np.arange(4), seq_ids=np.arange(4), positions=np.arange(4))
+    if case == "not_a_cache":
+        with pytest.raises(cf.CacheError, match="is not a cache"):
+            cf.open_cache(tmp_path)
+    elif case == "layer":
+        with pytest.raises(cf.CacheError, match="layer 9 is not in the cache"):
+            cf.open_cache(url).residuals(9)
+    elif case == "d_model":
+        with pytest.raises(cf.UserError, match="d_model mismatch"):
+            with cf.open_cache(url, mode="a").segment() as seg:
+                seg.append(residuals={1: np.zeros((4, 8), BF16), 3: np.zeros((4, 8), BF16)}, **rows)
+    elif case == "exists":
+        with pytest.raises(cf.UserError, match="already holds a cache"):
+            cf.create_cache(url, d_model=16, layers=[1])
+    elif case == "codec":
+        with pytest.raises(cf.UserError, match="unknown codec 'lzma9'"):
+            cf.create_cache(tmp_path / "x", d_model=16, layers=[1], codec="lzma9")
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(cf.UserError, match="cannot write"):
+            cf.create_cache(tmp_path / "file" / "c", d_model=16, layers=[1])
+    elif case == "dtype":
+        with pytest.raises(cf.UserError, match="expected bfloat16"):
+            with cf.open_cache(url, mode="a").segment() as seg:
+                seg.append(residuals={1: np.zeros((4, 16), np.float32), 3: x}, **rows)
+    elif case == "rows":
+        with pytest.raises(cf.UserError, match="tokens has 3 rows"):
+            with cf.open_cache(url, mode="a").segment() as seg:
+                seg.append(residuals={1: x, 3: x}, tokens=np.arange(3), seq_ids=np.arange(4), positions=np.arange(4))
+    assert cf.open_cache(url).n_tokens == 10  # nothing committed was lost
+
+
+def test_deferred_segments_are_committed_by_a_coordinator_in_its_order(tmp_path):
+    url = str(tmp_path / "c")
+    w = cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4)
+    prepared = []
+    for k in (2, 0, 1):  # workers finish in any order
+        with w.segment(meta={"unit": k}, defer=True) as seg:
+            seg.append({1: np.full((3, 8), k, BF16)}, **_rows(3, 10 * k))
+        assert seg.committed is None and os.path.exists(f"{url}/segments/{seg.id}/.lease")
+        prepared.append(seg.prepared)
+        w.adopt(seg.prepared)
+    assert cf.open_cache(url).n_tokens == 0
+    for rec in sorted(prepared, key=lambda r: r["meta"]["unit"]):
+        w.commit_prepared(rec)
+    c = cf.open_cache(url)
+    assert [s.meta["unit"] for s in c.segments] == [0, 1, 2] and ops.verify(c)[1] == []
+    assert glob.glob(f"{url}/segments/*/.lease") == []
 
 
 @pytest.mark.slow

@@ -1,15 +1,15 @@
-"""S3 (moto's standalone server on loopback) and HTTP (a Range-capable server on loopback)."""
+"""S3 (moto on loopback) and fsspec reads: retries, conditional puts, clear errors (cache_format/stores/fsspec.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import FAULTS, _everything, _same, s3_options, write_cache
 
 import cache_format as cf
 from cache_format import ops
 from cache_format.bf16 import BF16
 from cache_format.stores import Location
-from support import write_cache
 
 
 def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
@@ -36,70 +36,6 @@ def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
     assert ops.gc(loc, older_than_s=3600) == []
     assert ops.gc(loc, older_than_s=0, force=True) == ["segments/20200101T000000-0123456789ab/resid_post/1/c/0/0"]
     assert ops.verify(c.refresh())[1] == [] and c.n_tokens == 68
-
-
-def test_sync_local_s3_local_keeps_the_fingerprint(tmp_path, s3_bucket):
-    url, opts = s3_bucket
-    write_cache(str(tmp_path / "a"), segments=(30, 20, 9))
-    src = cf.open_cache(tmp_path / "a")
-    w = cf.open_cache(tmp_path / "a", mode="a")
-    w.retract(src.segments[1].id)
-    bf = w.add_layer(5)
-    info = bf.pending()[0]
-    s = slice(info.row_start, info.row_start + info.n_rows)
-    src.refresh()
-    bf.write(info.id, residuals=np.full((info.n_rows, 16), 2, BF16), tokens=src.tokens[s], seq_ids=src.seq_ids[s],
-             positions=src.positions[s])
-    src.refresh()
-    r = ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)
-    assert r["segments"] == 2 and r["layers"] == 0
-    mid = cf.open_cache(f"{url}/c", storage_options=opts)
-    assert mid.fingerprint == src.fingerprint and mid.layer_coverage()[5] == 1
-    ops.sync(f"{url}/c", str(tmp_path / "b"), opts, None)
-    back = cf.open_cache(tmp_path / "b")
-    assert back.fingerprint == src.fingerprint
-    assert all(back.layer_fingerprint(L) == src.layer_fingerprint(L) for L in src.layers)
-    assert np.array_equal(back.residuals(3).numpy().view(np.uint16), src.residuals(3).numpy().view(np.uint16))
-    assert ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)["segments"] == 0  # idempotent
-    # A backfill that lands later in SRC travels as a layer commit.
-    info = bf.pending()[0]
-    s = slice(info.row_start, info.row_start + info.n_rows)
-    bf.write(info.id, residuals=np.full((info.n_rows, 16), 3, BF16), tokens=src.tokens[s], seq_ids=src.seq_ids[s],
-             positions=src.positions[s])
-    assert ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)["layers"] == 1
-    assert cf.open_cache(f"{url}/c", storage_options=opts).fingerprint == src.refresh().fingerprint
-    assert 5 in src.layers
-
-
-def test_http_read_of_published_cache_matches_local(tmp_path, http_serve, make_cache):
-    url, data = make_cache(str(tmp_path / "srv" / "c"), segments=(30, 17))
-    local = cf.open_cache(url)
-    with pytest.raises(cf.CacheError, match="publish"):
-        cf.open_cache(http_serve(tmp_path / "srv") + "/c")
-    ops.publish(Location(url))
-    base = http_serve(tmp_path / "srv")
-    c = cf.open_cache(f"{base}/c")
-    assert c.fingerprint == local.fingerprint and c.n_tokens == 47 and c.layers == [1, 3]
-    for L in c.layers:
-        assert np.array_equal(c.residuals(L).numpy().view(np.uint16), local.residuals(L).numpy().view(np.uint16))
-        assert np.array_equal(c.read_chunk(L, 4).view(np.uint16), local.read_chunk(L, 4).view(np.uint16))
-    assert np.array_equal(c.seq_ids[:], data["rows"]["seq_ids"])
-    assert c.sequences().equals(local.sequences())
-    assert c.stats(1)["count"] == 47
-    n, bad = ops.verify(c)
-    assert bad == [] and n > 0
-    with pytest.raises(cf.UserError, match="read-only"):
-        cf.open_cache(f"{base}/c", mode="a")
-    # An HTTP mirror can be pulled with sync.
-    ops.sync(f"{base}/c", str(tmp_path / "copy"))
-    assert cf.open_cache(tmp_path / "copy").fingerprint == local.fingerprint
-
-
-def test_http_transient_errors_are_retried(tmp_path, http_serve, make_cache):
-    url, data = make_cache(str(tmp_path / "srv" / "c"))
-    ops.publish(Location(url))
-    c = cf.open_cache(http_serve(tmp_path / "srv", fail_first=2) + "/c")  # ACTCACHE_RETRIES=2 in conftest
-    assert np.array_equal(c.tokens[:], data["rows"]["tokens"])
 
 
 def test_unreachable_endpoints_give_a_clear_remote_error(tmp_path, make_cache):
@@ -162,3 +98,14 @@ def test_concurrent_s3_writers_get_dense_unique_commits(s3_bucket):
     assert [s.commit for s in c.segments] == [f"{i:010d}.json" for i in range(1, 9)]
     assert sorted(set(c.tokens[:].tolist())) == sorted(w * 10 + i for w in range(4) for i in range(2))
     assert c.n_tokens == 40
+
+
+def test_every_read_over_a_faulty_s3_matches_local(tmp_path, s3_bucket, s3, fault_proxy):
+    url, opts = s3_bucket
+    local = str(tmp_path / "c")
+    write_cache(local, segments=(40, 25), chunk_tokens=8)
+    ops.sync(local, f"{url}/c", None, opts)
+    flaky = s3_options(fault_proxy(s3, FAULTS))
+    remote = cf.open_cache(f"{url}/c", storage_options=flaky)
+    _same(_everything(cf.open_cache(local)), _everything(remote))
+    assert ops.verify(remote)[1] == [] and sum(fault_proxy.injected.values()) >= 20, fault_proxy.injected
