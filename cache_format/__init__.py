@@ -2,8 +2,17 @@
 zarr v3 activation cache. See docs/cache-format.md for the format."""
 
 from .errors import CacheError, RemoteError, UserError
-from .layout import (LABEL_CORRECT, LABEL_NONE, LABEL_WRONG, ROLE_ANSWER, ROLE_CODES, ROLE_NAMES, ROLE_PROMPT,
-                     ROLE_TEXT, ROLE_THINKING)
+from .layout import (
+                     LABEL_CORRECT,
+                     LABEL_NONE,
+                     LABEL_WRONG,
+                     ROLE_ANSWER,
+                     ROLE_CODES,
+                     ROLE_NAMES,
+                     ROLE_PROMPT,
+                     ROLE_TEXT,
+                     ROLE_THINKING,
+)
 from .opener import open_cache
 from .reader import Cache, SegmentInfo
 from .writer import CacheWriter, LayerBackfill, SegmentWriter, create_cache

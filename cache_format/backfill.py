@@ -30,7 +30,7 @@ class LayerBackfill:
         c = self.w.snapshot()
         return [s for s in c.segments if self.layer not in s.layers]
 
-    def segment(self, segment_id: str) -> "_BackfillSegment":
+    def segment(self, segment_id: str) -> _BackfillSegment:
         return _BackfillSegment(self, segment_id)
 
     def write(self, segment_id: str, residuals, tokens, seq_ids, positions) -> str:

@@ -19,7 +19,8 @@ def _options(text: str | None) -> dict | None:
     try:
         out = json.loads(text)
     except ValueError as e:
-        raise UserError(f"--storage-options: not valid JSON ({e}); e.g. '{{\"endpoint_url\": \"http://...\"}}'") from None
+        raise UserError(f"--storage-options: not valid JSON ({e}); "
+                        "e.g. '{\"endpoint_url\": \"http://...\"}'") from None
     if not isinstance(out, dict):
         raise UserError("--storage-options must be a JSON object")
     return out
@@ -56,7 +57,8 @@ def info(url, as_json, storage_options):
                + (f" ({len(d['retracted'])} retracted)" if d["retracted"] else ""))
     if d["rows_by_source"]:
         total = sum(d["rows_by_source"].values())
-        weights = {s.get("name") or s.get("path"): s.get("weight") for s in d["meta"].get("source", {}).get("sources", [])}
+        sources = d["meta"].get("source", {}).get("sources", [])
+        weights = {s.get("name") or s.get("path"): s.get("weight") for s in sources}
         wsum = sum(w for w in weights.values() if w) or 1
         click.echo("sources      " + "   ".join(
             f"{name} {n / total:.1%}" + (f" (weight {weights[name] / wsum:.0%})" if weights.get(name) else "")
@@ -130,7 +132,8 @@ def stats(url, layers, scheduler, as_json, storage_options):
 @click.argument("src")
 @click.argument("dst")
 @so_option
-@click.option("--dst-options", default=None, metavar="JSON", help="Storage options for DST (default: --storage-options).")
+@click.option("--dst-options", default=None, metavar="JSON",
+              help="Storage options for DST (default: --storage-options).")
 def sync(src, dst, storage_options, dst_options):
     """Copy the committed segments DST lacks from SRC, verifying every checksum."""
     so = _options(storage_options)

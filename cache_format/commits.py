@@ -100,7 +100,8 @@ def root_record(root: dict) -> dict:
 
 def damaged(url: str, name: str, why: str) -> CacheError:
     return CacheError(f"{url}: the commit log is damaged at {COMMITS}/{name} ({why}); nothing was read: restore "
-                      "that record from a good copy of the cache (or re-sync it), then run `python -m cache_format verify`")
+                      "that record from a good copy of the cache (or re-sync it), "
+                      "then run `python -m cache_format verify`")
 
 
 def check_log(url: str, root: dict, records: dict, checked: set | None = None) -> None:

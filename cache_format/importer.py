@@ -93,7 +93,7 @@ def import_dump(paths: list[str], url: str, mapping: dict[str, int], layer: int 
         sid = np.arange(n, dtype=np.int64) // seq_len
     pos = np.zeros(n, np.int32)
     starts = np.r_[0, np.flatnonzero(np.diff(sid)) + 1]
-    for a, b in zip(starts, np.r_[starts[1:], n]):
+    for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
         pos[a:b] = np.arange(b - a)
     info_meta = {"source_files": paths, "source_dtype": src_dtype,
                  "lossless": src_dtype == "bfloat16", "conversion": None if src_dtype == "bfloat16" else
@@ -109,8 +109,9 @@ def import_dump(paths: list[str], url: str, mapping: dict[str, int], layer: int 
         seg.append(residuals=arrays, tokens=tok if tok is not None else np.full(n, -1, np.int32), seq_ids=sid,
                    positions=pos, labels=lab.astype(np.int8) if lab is not None else None)
         seqs = []
-        for a, b in zip(starts, np.r_[starts[1:], n]):
-            rec = {"seq_id": int(sid[a]), "token_ids": (tok[a:b] if tok is not None else np.zeros(0, np.int32)).tolist(),
+        for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
+            ids = tok[a:b] if tok is not None else np.zeros(0, np.int32)
+            rec = {"seq_id": int(sid[a]), "token_ids": ids.tolist(),
                    "source": "import"}
             seqs.append(rec)
         seg.add_sequences(seqs)

@@ -17,7 +17,8 @@ def rows_by_source(cache: Cache) -> dict[str, int]:
 def info(cache: Cache) -> dict:
     stored = {}
     for L in cache.declared_layers:
-        stored[L] = sum(v["size"] for s in cache.committed_segments if L in s.layers for v in s.layers[L]["objects"].values())
+        stored[L] = sum(v["size"] for s in cache.committed_segments if L in s.layers
+                        for v in s.layers[L]["objects"].values())
     cov = cache.layer_coverage()
     n_segs = len(cache.committed_segments)
     raw = cache.n_tokens * cache.d_model * 2

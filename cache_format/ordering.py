@@ -27,7 +27,7 @@ class CommitOrder:
         self._failed: int | None = None
         self._cv = threading.Condition()
 
-    def turn(self, k: int) -> "Turn":
+    def turn(self, k: int) -> Turn:
         return Turn(self, k)
 
     def _wait(self, k: int) -> None:

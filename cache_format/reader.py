@@ -51,7 +51,7 @@ def _slice(key, n: int) -> tuple[int, int]:
 class ResidualView:
     """`c.residuals(layer)[i:j]` → torch.bfloat16 (j-i, d_model); `.numpy(i, j)` → ml_dtypes bf16."""
 
-    def __init__(self, cache: "Cache", layer: int):
+    def __init__(self, cache: Cache, layer: int):
         self.cache, self.layer = cache, layer
 
     def __len__(self) -> int:
@@ -62,7 +62,8 @@ class ResidualView:
         return (self.cache.n_tokens, self.cache.d_model)
 
     def bits(self, i: int, j: int) -> np.ndarray:
-        return self.cache._gather(lambda s: self.cache.layer_reader(s, self.layer), i, j, (self.cache.d_model,), np.uint16)
+        c = self.cache
+        return c._gather(lambda s: c.layer_reader(s, self.layer), i, j, (c.d_model,), np.uint16)
 
     def numpy(self, i: int = 0, j: int | None = None) -> np.ndarray:
         i, j = _slice(slice(i, j), self.cache.n_tokens)
@@ -77,7 +78,7 @@ class ResidualView:
 class ColumnView:
     """`c.tokens[i:j]` etc. → numpy, aligned row for row with the residuals."""
 
-    def __init__(self, cache: "Cache", name: str):
+    def __init__(self, cache: Cache, name: str):
         self.cache, self.name = cache, name
 
     def __len__(self) -> int:
@@ -108,7 +109,7 @@ class Cache:
 
     # -- snapshot ----------------------------------------------------------------------
 
-    def refresh(self) -> "Cache":
+    def refresh(self) -> Cache:
         try:
             self._records = commits.load_records(self._loc, self._records, self._root, self._checked)
         except CacheError:
@@ -127,8 +128,9 @@ class Cache:
         ct = self._root["chunk_tokens"]
         bounds = [np.arange(self._starts[i], self._starts[i + 1], ct, dtype=np.int64) for i in range(len(self._segs))]
         self._bounds = np.concatenate(bounds + [self._starts[-1:]]).astype(np.int64)
-        self._chunk_seg = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(bounds)] + [np.zeros(0, np.int64)])
-        self._chunk_local = np.concatenate([np.arange(len(b), dtype=np.int64) for b in bounds] + [np.zeros(0, np.int64)])
+        none = [np.zeros(0, np.int64)]
+        self._chunk_seg = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(bounds)] + none)
+        self._chunk_local = np.concatenate([np.arange(len(b), dtype=np.int64) for b in bounds] + none)
         self._fingerprint = None
         return self
 
@@ -340,7 +342,8 @@ class Cache:
         for s in self._segs:
             q = s.record.get("sequences")
             if q:
-                tables.append(pq.read_table(pa.BufferReader(integrity.read_checked(self._loc, q["path"], q, commits.digest))))
+                data = integrity.read_checked(self._loc, q["path"], q, commits.digest)
+                tables.append(pq.read_table(pa.BufferReader(data)))
         if not tables:
             return sequences_table([])
         return pa.concat_tables(tables, promote_options="permissive")
@@ -351,7 +354,8 @@ class Cache:
         total = RunningStats(self.d_model)
         for s in self._segs:
             st = s.layers[layer]["stats"]
-            total.merge(RunningStats.from_json(json.loads(integrity.read_checked(self._loc, st["path"], st, commits.digest))))
+            data = integrity.read_checked(self._loc, st["path"], st, commits.digest)
+            total.merge(RunningStats.from_json(json.loads(data)))
         return total.summary()
 
     @functools.cached_property

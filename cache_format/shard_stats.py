@@ -32,7 +32,7 @@ def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | N
         cache.check_layer(L)
     tasks, owners = [], []
     for L in layers:
-        for si, s in enumerate(cache.committed_segments):
+        for si in range(len(cache.committed_segments)):
             r = cache.layer_reader(si, L)
             n_shards = -(-r.shape[0] // r.shard_rows)
             for sh in range(n_shards):
@@ -55,6 +55,6 @@ def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | N
         with ProgressBar(out=sys.stderr, minimum=2):
             results = list(dask.compute(*tasks, scheduler="threads"))
     out = {L: RunningStats(cache.d_model) for L in layers}
-    for L, j in zip(owners, results):
+    for L, j in zip(owners, results, strict=True):
         out[L].merge(RunningStats.from_json(j))
     return {L: st.summary() for L, st in out.items()}

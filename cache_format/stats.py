@@ -43,11 +43,12 @@ class RunningStats:
                 norm = float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32)).sum(dtype=np.float64))
             self.merge(RunningStats(self.d, n, mean, m2, norm))
 
-    def merge(self, other: "RunningStats") -> "RunningStats":
+    def merge(self, other: RunningStats) -> RunningStats:
         if other.count == 0:
             return self
         if self.count == 0:
-            self.count, self.mean, self.m2, self.norm_sum = other.count, other.mean.copy(), other.m2.copy(), other.norm_sum
+            self.count, self.norm_sum = other.count, other.norm_sum
+            self.mean, self.m2 = other.mean.copy(), other.m2.copy()
             return self
         n = self.count + other.count
         with np.errstate(all="ignore"):
@@ -55,7 +56,7 @@ class RunningStats:
         self.count = n
         return self
 
-    def _chan(self, other: "RunningStats", n: int) -> None:
+    def _chan(self, other: RunningStats, n: int) -> None:
         delta = other.mean - self.mean
         self.mean = self.mean + delta * (other.count / n)
         self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
@@ -67,7 +68,7 @@ class RunningStats:
                 "m2": _b64(self.m2), "norm_sum": _b64(np.array([self.norm_sum]))}
 
     @classmethod
-    def from_json(cls, j: dict) -> "RunningStats":
+    def from_json(cls, j: dict) -> RunningStats:
         mean = _unb64(j["mean"])
         return cls(len(mean), int(j["count"]), mean, _unb64(j["m2"]), float(_unb64(j["norm_sum"])[0]))
 

@@ -17,7 +17,8 @@ def check_json(obj, what: str) -> None:
     try:
         commits.dumps(obj)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{what} must be JSON-serializable ({e}); pass plain dicts, lists, str, int, float, bool") from None
+        raise UserError(f"{what} must be JSON-serializable ({e}); "
+                        "pass plain dicts, lists, str, int, float, bool") from None
 
 
 def int_column(x, dtype: str, what: str) -> np.ndarray:

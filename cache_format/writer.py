@@ -14,7 +14,7 @@ import os
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ _LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_nam
 
 def _new_id() -> str:
     """Sortable by creation time (gc reads its age from it too) and unique without coordination."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
 
 
 class _ColumnSink:
@@ -58,7 +58,7 @@ class _ColumnSink:
 class SegmentWriter(CommitUnit):
     """One writer's rows, committed atomically when the `with` block exits cleanly."""
 
-    def __init__(self, writer: "CacheWriter", meta: dict | None, turn=None, defer: bool = False):
+    def __init__(self, writer: CacheWriter, meta: dict | None, turn=None, defer: bool = False):
         check_json(meta or {}, "segment meta")
         self.w = writer
         self.id = _new_id()
@@ -68,7 +68,8 @@ class SegmentWriter(CommitUnit):
         self.meta = dict(meta or {})
         self.layers = writer.layers
         root = writer.root
-        self.buffers = {L: LayerBuffer(self.store, layout.layer_array(self.unit, root["hook"], L), L, root, root["hook"])
+        hook = root["hook"]
+        self.buffers = {L: LayerBuffer(self.store, layout.layer_array(self.unit, hook, L), L, root, hook)
                         for L in self.layers}
         self.columns = _ColumnSink()
         self.records: list[dict] = []
@@ -78,7 +79,7 @@ class SegmentWriter(CommitUnit):
     def _buffers(self) -> list:
         return list(self.buffers.values())
 
-    def __enter__(self) -> "SegmentWriter":
+    def __enter__(self) -> SegmentWriter:
         self._open = True
         self._hold()
         return self

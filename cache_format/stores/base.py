@@ -107,6 +107,7 @@ class Location(ABC):
 
     def remove_empty_dirs(self, prefix: str) -> None:
         """Directories left empty under `prefix` (object stores have none)."""
+        return None
 
     def write_error(self, key: str, e: OSError) -> UserError:
         """One line for a refused or failed local write (a full disk, a read-only mount)."""
