@@ -82,13 +82,16 @@ def find_config(path: str | Path | None = None) -> Path:
 
 def shipped_config() -> Path:
     """The checkout's pipeline.toml (editable installs), else the wheel's `share/actcache` copy."""
-    candidates = [Path(__file__).resolve().parents[1] / "pipeline.toml",
-                  Path(sysconfig.get_path("data")) / "share" / "actcache" / "pipeline.toml"]
+    candidates = [
+        Path(__file__).resolve().parents[1] / "pipeline.toml",
+        Path(sysconfig.get_path("data")) / "share" / "actcache" / "pipeline.toml",
+    ]
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"no pipeline.toml here and none shipped (looked in {', '.join(map(str, candidates))}); "
-                      "pass --config PATH")
+    raise ConfigError(
+        f"no pipeline.toml here and none shipped (looked in {', '.join(map(str, candidates))}); pass --config PATH"
+    )
 
 
 def load_sections(
@@ -132,8 +135,13 @@ def load_sections(
         if name not in sections:
             raise ConfigError(f"{p}: unknown key {name!r} (known: {known})")
         cls = typing.get_type_hints(schema)[name]
-        kwargs[name] = build_section(cls, table, f"{p} [{name}]", fix=f"fix it in {p} or with --set",
-                                     partial=sections[name].metadata.get("shared", False))
+        kwargs[name] = build_section(
+            cls,
+            table,
+            f"{p} [{name}]",
+            fix=f"fix it in {p} or with --set",
+            partial=sections[name].metadata.get("shared", False),
+        )
     cfg = schema(**kwargs)
     cfg.profile = profile or ""
     cfg.source_path = str(p)
@@ -238,7 +246,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")
     if isinstance(value, _BareString) and tp is not str:
-        raise ConfigError(f"{where}: {str(value)!r} is not a TOML literal; quote strings, e.g. \"text\"")
+        raise ConfigError(f'{where}: {str(value)!r} is not a TOML literal; quote strings, e.g. "text"')
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -276,15 +284,29 @@ def config_options(f=None, *, layers: bool = True, cache_help: str = "Cache loca
     import click
 
     def wrap(f):
-        f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                         help="Override any pipeline.toml key with a TOML literal.")(f)
+        f = click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Override any pipeline.toml key with a TOML literal.",
+        )(f)
         if layers:
-            f = click.option("--layers", default=None, metavar="N,N,...",
-                             help="Comma-separated layer numbers, as the model counts them.")(f)
+            f = click.option(
+                "--layers",
+                default=None,
+                metavar="N,N,...",
+                help="Comma-separated layer numbers, as the model counts them.",
+            )(f)
         f = click.option("--cache", default=None, metavar="URL", help=cache_help)(f)
         f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
-        f = click.option("--config", "config_path", default=None, metavar="PATH",
-                         help="pipeline.toml to read (default: ./pipeline.toml, else the packaged copy).")(f)
+        f = click.option(
+            "--config",
+            "config_path",
+            default=None,
+            metavar="PATH",
+            help="pipeline.toml to read (default: ./pipeline.toml, else the packaged copy).",
+        )(f)
         return f
 
     return wrap(f) if f is not None else wrap

@@ -32,8 +32,9 @@ class TrainKeys:
     def __post_init__(self):
         check_ranges(self, "train", [("heldout_fraction", 0, True)])
         if self.heldout_fraction >= 1:
-            raise OutOfRange("train.heldout_fraction", self.heldout_fraction,
-                             "below 1 (a share of the sequences, e.g. 0.01)")
+            raise OutOfRange(
+                "train.heldout_fraction", self.heldout_fraction, "below 1 (a share of the sequences, e.g. 0.01)"
+            )
 
 
 @dataclass

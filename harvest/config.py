@@ -52,10 +52,21 @@ class HarvestConfig(HarvestKeys):
     torch_threads: int = 0  # intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)
 
     def __post_init__(self):
-        check_ranges(self, "harvest", [("batch_size", 1, True), ("segment_sequences", 1, True),
-                                       ("chunk_tokens", 1, True), ("shard_mib", 0, False), ("queue_depth", 1, True),
-                                       ("writer_threads", 1, True), ("workers", 0, True), ("mix_window", 0, True),
-                                       ("torch_threads", 0, True)])
+        check_ranges(
+            self,
+            "harvest",
+            [
+                ("batch_size", 1, True),
+                ("segment_sequences", 1, True),
+                ("chunk_tokens", 1, True),
+                ("shard_mib", 0, False),
+                ("queue_depth", 1, True),
+                ("writer_threads", 1, True),
+                ("workers", 0, True),
+                ("mix_window", 0, True),
+                ("torch_threads", 0, True),
+            ],
+        )
 
 
 @dataclass
@@ -99,8 +110,9 @@ class SuperGPQAConfig:
                 raise ConfigError(f"supergpqa.{key} = {getattr(self, key)}: must be at least 1")
         if self.questions < 0:
             raise ConfigError(f"supergpqa.questions = {self.questions}: must be 0 or more")
-        check_ranges(self, "supergpqa", [("questions", 1, True), ("max_new_tokens", 1, True),
-                                         ("generate_batch_size", 1, True)])
+        check_ranges(
+            self, "supergpqa", [("questions", 1, True), ("max_new_tokens", 1, True), ("generate_batch_size", 1, True)]
+        )
 
 
 @dataclass
@@ -157,7 +169,8 @@ class PipelineConfig(Loaded):
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, profile: str | None = None,
-                overrides: typing.Iterable[str] = (), **flags: Any) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, profile: str | None = None, overrides: typing.Iterable[str] = (), **flags: Any
+) -> PipelineConfig:
     """pipeline.toml for harvest (see `cache_format.config.load_sections`)."""
     return load_sections(PipelineConfig, path, profile, overrides, **flags)

@@ -73,8 +73,7 @@ def test_vllm_entry_point_is_never_imported():
             if path.relative_to(ROOT) == VLLM_ENTRY:
                 continue
             assert not any(m.endswith(entry) for m in imported_modules(path)), path
-    assert not any(m.split(".")[0] in ("harvest", "train", "cache_format")
-                   for m in imported_modules(ROOT / VLLM_ENTRY))
+    assert not any(m.split(".")[0] in ("harvest", "train", "cache_format") for m in imported_modules(ROOT / VLLM_ENTRY))
 
 
 def module_name(path: Path) -> str:
@@ -113,7 +112,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph.get(m, ())):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (found := visit(n)):
                 return found
         stack.pop()

@@ -46,7 +46,8 @@ class TrainConfig(TrainKeys):
     batch_size: int = 4096  # global across ranks
     grad_clip: float = 1.0
     training_tokens: int = 200_000_000
-    epochs: float = 0.0  # > 0: the budget is epochs × the train split's rows (after max_rows); wins over training_tokens
+    # > 0: the budget is epochs × the train split's rows (after max_rows); wins over training_tokens
+    epochs: float = 0.0
     seed: int = 0
     checkpoint_every_tokens: int = 10_000_000
     keep_last: int = 2
@@ -70,13 +71,33 @@ class TrainConfig(TrainKeys):
 
     def __post_init__(self):
         super().__post_init__()
-        check_ranges(self, "train", [
-            ("d_sae", 1, True), ("k", 1, True), ("k_aux", 0, True), ("aux_alpha", 0, True), ("dead_tokens", 1, True),
-            ("lr", 0, True), ("lr_min", 0, True), ("warmup_steps", 0, True), ("batch_size", 1, True),
-            ("grad_clip", 0, True), ("training_tokens", 1, True), ("checkpoint_every_tokens", 0, True),
-            ("keep_last", 0, True), ("keep_best", 0, True), ("eval_every_tokens", 0, True), ("eval_tokens", 0, True),
-            ("norm_outlier", 0, True), ("loader_threads", 0, True), ("shuffle_buffer_tokens", 0, True),
-            ("max_rows", 0, True), ("epochs", 0, True)])
+        check_ranges(
+            self,
+            "train",
+            [
+                ("d_sae", 1, True),
+                ("k", 1, True),
+                ("k_aux", 0, True),
+                ("aux_alpha", 0, True),
+                ("dead_tokens", 1, True),
+                ("lr", 0, True),
+                ("lr_min", 0, True),
+                ("warmup_steps", 0, True),
+                ("batch_size", 1, True),
+                ("grad_clip", 0, True),
+                ("training_tokens", 1, True),
+                ("checkpoint_every_tokens", 0, True),
+                ("keep_last", 0, True),
+                ("keep_best", 0, True),
+                ("eval_every_tokens", 0, True),
+                ("eval_tokens", 0, True),
+                ("norm_outlier", 0, True),
+                ("loader_threads", 0, True),
+                ("shuffle_buffer_tokens", 0, True),
+                ("max_rows", 0, True),
+                ("epochs", 0, True),
+            ],
+        )
 
 
 RECIPES = ("rollouts", "corpus")
@@ -85,11 +106,23 @@ RECIPES = ("rollouts", "corpus")
 def _rollouts_recipe() -> dict[str, Any]:
     # The `000_*` card: n=4096, k=32, Adam 3e-4, batch 4096, 20 epochs of <= 200k rows per layer.
     # Sized for a ~1000-step run: warmup 5%, and a dead threshold (~120 steps) that AuxK reaches.
-    return {"d_sae": 4096, "k": 32, "k_aux": 512, "aux_alpha": 1 / 32, "lr": 3e-4, "lr_schedule": "constant",
-            "warmup_steps": 50,
-            "batch_size": 4096, "epochs": 20.0, "max_rows": 200_000, "dead_tokens": 500_000,
-            "checkpoint_every_tokens": 1_000_000, "eval_every_tokens": 500_000, "eval_tokens": 1_000_000,
-            "heldout_fraction": 0.1}
+    return {
+        "d_sae": 4096,
+        "k": 32,
+        "k_aux": 512,
+        "aux_alpha": 1 / 32,
+        "lr": 3e-4,
+        "lr_schedule": "constant",
+        "warmup_steps": 50,
+        "batch_size": 4096,
+        "epochs": 20.0,
+        "max_rows": 200_000,
+        "dead_tokens": 500_000,
+        "checkpoint_every_tokens": 1_000_000,
+        "eval_every_tokens": 500_000,
+        "eval_tokens": 1_000_000,
+        "heldout_fraction": 0.1,
+    }
 
 
 @dataclass
@@ -105,8 +138,10 @@ class RecipesConfig:
             table = getattr(self, name)
             for key, value in table.items():
                 if key not in hints or key in ("recipe", "cache", "out", "layers"):
-                    raise ConfigError(f"recipes.{name}: {key!r} is not a recipe key (any [train] key but "
-                                      "recipe, cache, out and layers)")
+                    raise ConfigError(
+                        f"recipes.{name}: {key!r} is not a recipe key (any [train] key but "
+                        "recipe, cache, out and layers)"
+                    )
                 table[key] = coerce(hints[key], value, f"recipes.{name}.{key}")
 
 
@@ -146,7 +181,8 @@ class PipelineConfig(Loaded):
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, profile: str | None = None,
-                overrides: typing.Iterable[str] = (), **flags: Any) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, profile: str | None = None, overrides: typing.Iterable[str] = (), **flags: Any
+) -> PipelineConfig:
     """pipeline.toml for train (see `cache_format.config.load_sections`)."""
     return load_sections(PipelineConfig, path, profile, overrides, **flags)

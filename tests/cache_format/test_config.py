@@ -19,13 +19,16 @@ def write(tmp_path, text):
 
 
 def test_precedence_file_then_profile_then_set_then_flags(tmp_path):
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         [train]
         k = 8
         d_sae = 64
         [profile.small.train]
         k = 4
-        """)
+        """,
+    )
     assert load_config(p).train.k == 8
     assert load_config(p, profile="small").train.k == 4
     cfg = load_config(p, profile="small", overrides=["train.k=2"])
