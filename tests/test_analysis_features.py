@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import cache_format as cf
+from train.analysis_rows import Split
 from train.config import AnalysisConfig
-from train.features import Split, analyze, scan
+from train.features import analyze
+from train.scan import scan
 from train.split import is_heldout
 
 from analysis_data import D, FRACTION, LAYER, SEED, identity_sae, make_cache
@@ -119,7 +121,8 @@ def test_unreachable_scheduler_is_one_line(cache_url):
 
 
 def test_corpus_rows_without_labels_leave_auroc_empty():
-    from train.features import feature_metrics, top_examples
+    from train.examples import top_examples
+    from train.feature_stats import feature_metrics
     from train.report import top_features
 
     rng = np.random.default_rng(0)
@@ -146,7 +149,7 @@ def test_corpus_rows_without_labels_leave_auroc_empty():
 
 def test_rollout_with_mixed_labels_is_refused():
     from cache_format.errors import UserError
-    from train.features import feature_metrics
+    from train.feature_stats import feature_metrics
 
     idx = np.array([[0], [1], [0], [1]], np.int32)
     vals = np.ones((4, 1), np.float32)

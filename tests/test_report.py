@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from train.config import AnalysisConfig
-from train.features import Split, analyze
+from train.analysis_rows import Split
+from train.features import analyze
 from train.report import render_report
 
 from analysis_data import FRACTION, LAYER, SEED, exported_run

@@ -47,7 +47,7 @@ def split_for(sae, cfg: PipelineConfig, url: str, rows: str = "heldout"):
     """
     import cache_format as cf
 
-    from .features import ROW_SETS, Split, default_roles, parse_roles
+    from .analysis_rows import ROW_SETS, Split, default_roles, parse_roles
 
     if rows not in (*ROW_SETS, "auto"):
         raise UserError(f"--rows {rows!r}: use heldout, train, all or auto")
@@ -112,7 +112,7 @@ def _fmt_metrics(m: dict) -> str:
 @click.option("--max-tokens", type=int, default=None, help="Held-out rows to evaluate (default [analysis].max_tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tokens, scheduler, as_json, quiet):
-    from .features import scan
+    from .scan import scan
     from .published import load_sae
 
     cfg = _config(config_path, profile, overrides)
@@ -151,7 +151,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
               help="Rows to analyze (default [analysis].rows; auto = every labeled row on rollouts, else held-out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
 def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, rows, as_json, quiet):
-    from .features import analyze, dask_client
+    from .features import analyze
+    from .scan import analysis_client
     from .published import load_sae
 
     cfg = _config(config_path, profile, overrides)
@@ -164,7 +165,7 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
         jobs = [(name, d, d, None) for name, d in run_saes(run_dir)]
     _quiet_dask()
     summaries = {}
-    with dask_client(scheduler or cfg.analysis.scheduler or None) as client:
+    with analysis_client(scheduler or cfg.analysis.scheduler or None) as client:
         for name, src, dst, sae in jobs:
             sae = sae or load_sae(src, k=k)
             url, lay, split = _where(sae, cfg, cache, layer, src, rows or cfg.analysis.rows)
