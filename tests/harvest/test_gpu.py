@@ -11,7 +11,7 @@ import pytest
 
 from harvest import gpu, run as hr
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make(*args, **env):

@@ -1,4 +1,4 @@
-"""Sources: the corpus packer over local files, question selection, and other model families."""
+"""Corpus planning: packing local files, token-share mixing, restarts from a recorded state, no re-reads."""
 
 import itertools
 import json
@@ -8,9 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harvest.config import CorpusConfig, CorpusSource, ModelConfig, SuperGPQAConfig
-from harvest import corpus_plan, data, prompts, tiny
-from harvest.model import load_model
+from harvest import corpus_plan, data, tiny
+from harvest.config import CorpusConfig, CorpusSource
 
 
 @pytest.fixture(scope="module")
@@ -128,106 +127,6 @@ def test_corpus_source_errors_are_one_line(tmp_path, tok):
         next(corpus_plan.pack_corpus(bad, tok, 0))
 
 
-def test_questions_by_seed_extend_and_validate(tmp_path):
-    rows = data.load_questions(SuperGPQAConfig(dataset="builtin:tiny"))
-    assert len(rows) >= 24 and all(set(data.QUESTION_FIELDS) <= set(r) for r in rows)
-    few, more = data.select_questions(rows, 5, 100), data.select_questions(rows, 10, 100)
-    assert more[:5] == few and data.select_questions(rows, 5, 101) != few
-    bad = tmp_path / "q.jsonl"
-    bad.write_text(json.dumps({**rows[0], "answer_letter": "J"}) + "\n")
-    with pytest.raises(data.DataError, match="not one of its options"):
-        data.load_questions(SuperGPQAConfig(dataset=str(bad)))
-    prompt = prompts.format_question(rows[0], "answer-line")
-    assert "A. " in prompt and "Answer: X" in prompt
-    # the default is SuperGPQA's official zero-shot prompt: instruction first, then `A) option` lines
-    official = prompts.format_question(rows[0])
-    assert official.startswith("Answer the following multiple choice question.")
-    assert official.endswith("\n".join(f"{'ABCDEFGHIJ'[i]}) {o}" for i, o in enumerate(rows[0]["options"])))
-    assert f"\n\n{rows[0]['question']}\nA) " in official
-    # every column of the dataset travels into the sequence record
-    rec = data.question_record({**rows[0], "is_calculation": True})
-    assert rec["is_calculation"] is True and rec["question"] == rows[0]["question"]
-    assert json.loads(rec["options"]) == rows[0]["options"] and rec["gold"] == rows[0]["answer_letter"]
-
-
-def test_a_saved_llama_style_model_loads_by_path_with_its_layers(tmp_path):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / "llama" / name).write_bytes((tiny.assets() / name).read_bytes())
-    lm = load_model(ModelConfig(name_or_path=str(tmp_path / "llama"), dtype="float32", device_map="cpu"))
-    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.layers_path == "model.layers"
-    assert lm.n_layers == 3 and lm.d_model == 32 and lm.provenance["resolved_path"] == str(tmp_path / "llama")
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """A loopback server answering the hub's dataset-info API: {repo: {revision: sha}}."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import unquote
-
-    commits = {"org/web": {"": "a" * 40, "main": "a" * 40, "v2": "b" * 40}}
-    asked = []
-
-    class Hub(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            parts = unquote(self.path.split("?")[0]).split("/")  # /api/datasets/org/web[/revision/REV]
-            repo, rev = "/".join(parts[3:5]), parts[6] if len(parts) > 6 else ""
-            asked.append((repo, rev))
-            sha = commits.get(repo, {}).get(rev)
-            body = json.dumps({"id": repo, "sha": sha} if sha else {"error": "not found"}).encode()
-            self.send_response(200 if sha else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    yield commits, asked
-    server.shutdown()
-
-
-def test_hub_revisions_resolve_once_then_resume_reuses_the_recorded_commit(tmp_path, fake_hub):
-    import numpy as np
-    import torch
-
-    import cache_format as cf
-    from cache_format.errors import UserError
-    from harvest import revisions
-
-    commits, asked = fake_hub
-    local = CorpusSource("local", str(tmp_path / "a.txt"))
-    hub = CorpusSource("web", "org/web")
-    pins = revisions.pin([local, hub], [])
-    assert pins == {1: {"requested": "", "commit": "a" * 40}} and asked == [("org/web", "")]
-    # a segment records the pins; the upstream branch moves; a resume keeps the recorded commit
-    w = cf.create_cache(str(tmp_path / "c"), d_model=4, layers=[0], meta={"model": {"name_or_path": "t"}})
-    with w.segment(meta={"plan": {"next_seq": 1, "revisions": {"web": pins[1]}}}) as seg:
-        seg.append({0: torch.zeros(2, 4, dtype=torch.bfloat16)}, tokens=np.zeros(2, np.int32), seq_ids=np.zeros(2, np.int64),
-                   positions=np.arange(2, dtype=np.int32))
-    commits["org/web"][""] = "c" * 40
-    segs = cf.open_cache(str(tmp_path / "c")).segments
-    assert revisions.pin([hub], segs)[0]["commit"] == "a" * 40 and len(asked) == 1
-    assert revisions.pin([CorpusSource("web", "org/web", revision="a" * 40)], segs)[0]["commit"] == "a" * 40
-    with pytest.raises(UserError, match="harvested at revision 'main'.*not 'v2'"):
-        revisions.pin([CorpusSource("web", "org/web", revision="v2")], segs)
-    assert revisions.pin([CorpusSource("web", "org/web", revision="v2")], [])[0]["commit"] == "b" * 40
-    with pytest.raises(UserError, match="cannot resolve the revision 'nope'"):
-        revisions.pin([CorpusSource("web", "org/web", revision="nope")], [])
-
-
 def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_report(tmp_path):
     from click.testing import CliRunner
 
@@ -272,20 +171,6 @@ def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_the
         hr.run(cfg, progress=False)
     c = cf.open_cache(url)
     assert c.n_tokens > 0 and c.n_tokens % (8 * 128) == 0
-
-
-def test_a_hub_supergpqa_is_pinned_to_its_commit_and_a_local_file_is_not(fake_hub, tmp_path):
-    from harvest import revisions
-
-    commits, asked = fake_hub
-    commits["m-a-p/SuperGPQA"] = {"main": "d" * 40}
-    pin = revisions.pin_dataset("m-a-p/SuperGPQA", "main", None)
-    assert pin == {"requested": "main", "commit": "d" * 40} and asked[-1] == ("m-a-p/SuperGPQA", "main")
-    commits["m-a-p/SuperGPQA"]["main"] = "e" * 40  # upstream moves: the cache's record wins
-    assert revisions.pin_dataset("m-a-p/SuperGPQA", "main", pin)["commit"] == "d" * 40 and len(asked) == 1
-    local = tmp_path / "q.jsonl"
-    local.write_text("")
-    assert revisions.pin_dataset(str(local), "main", None) is None and revisions.pin_dataset("builtin:tiny", "", None) is None
 
 
 def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
