@@ -163,7 +163,7 @@ def loss_recovered(
 
 def heldout_sequences(cache, seed: int, fraction: float, limit: int) -> list[np.ndarray]:
     """Token ids of the first `limit` held-out sequences (the SAE's split), in cache order."""
-    from train.published import is_heldout
+    from train.rundir import is_heldout
 
     table = cache.sequences()
     if table.num_rows == 0:
@@ -190,13 +190,10 @@ def _sae_targets(cfg, sae_path, out_dir):
 
     if sae_path:
         return [(Path(sae_path).name, Path(sae_path), Path(out_dir) if out_dir else None)]
-    from train.published import read_run
+    from train.rundir import run_saes
 
     run_dir = Path(out_dir or cfg.train.out)
-    _, saes = read_run(run_dir)
-    if not saes:
-        raise UserError(f"{run_dir}/run.json lists no SAEs; re-run `make train`")
-    return [(s["name"], s["dir"], s["dir"]) for s in saes]
+    return [(s["name"], s["dir"], s["dir"]) for s in run_saes(run_dir)]
 
 
 def _command():
@@ -223,7 +220,8 @@ def _command():
     @click.option("--quiet", is_flag=True, help="No progress bars.")
     def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet):
         import cache_format as cf
-        from train.published import load_sae, recorded_cache, recorded_layer, recorded_split
+        from train.published import load_sae
+        from train.rundir import recorded_cache, recorded_layer, recorded_split
 
         from .model import load_model
 

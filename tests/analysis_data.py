@@ -70,7 +70,8 @@ def exported_run(root: Path, *, name: str = "L2_n32_k16", hook_module: str = "",
                  trajectory: list[dict], metrics: dict) -> tuple[Path, str, TopKSAE]:
     """A training run's OUT as `train run` leaves it, around the identity SAE on a fresh cache:
     the export, its trajectory.jsonl and run.json; (OUT, cache url, sae)."""
-    from train.export import export_sae, sae_lens_cfg, write_run_json
+    from train.export import export_sae, sae_lens_cfg
+    from train.rundir import write_run_json
 
     url = make_cache(str(root / "cache"))
     sae = identity_sae()

@@ -16,7 +16,7 @@ FORBIDDEN = {
     "train": ("transformers", "vllm", "harvest"),
     "harvest": ("vllm",),  # vLLM runs in its own environment, as a subprocess
 }
-HARVEST_MAY_USE_FROM_TRAIN = ("train.sae", "train.published")
+HARVEST_MAY_USE_FROM_TRAIN = ("train.sae", "train.published", "train.rundir")
 # Run as a script by the vLLM environment's own interpreter; never imported by harvest.
 VLLM_ENTRY = Path("harvest/vllm_generate.py")
 

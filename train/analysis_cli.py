@@ -28,13 +28,13 @@ def _config(config_path, profile, overrides, **flags) -> PipelineConfig:
 
 
 def cache_for(sae, cfg: PipelineConfig, cache: str | None) -> str:
-    from .published import recorded_cache
+    from .rundir import recorded_cache
 
     return recorded_cache(sae, cache, cfg.train.cache or cfg.harvest.cache)
 
 
 def layer_for(sae, layer: int | None, path) -> int:
-    from .published import recorded_layer
+    from .rundir import recorded_layer
 
     return recorded_layer(sae, layer, path)
 
@@ -90,12 +90,9 @@ def _quiet_dask() -> None:
 
 def run_saes(run_dir: Path) -> list[tuple[str, Path]]:
     """(name, directory) of every SAE listed in a run's run.json."""
-    from .published import read_run
+    from .rundir import run_saes
 
-    _, saes = read_run(run_dir)
-    if not saes:
-        raise UserError(f"{run_dir}/run.json lists no SAEs; re-run `make train`")
-    return [(s["name"], s["dir"]) for s in saes]
+    return [(s["name"], s["dir"]) for s in run_saes(run_dir)]
 
 
 def _fmt_metrics(m: dict) -> str:

@@ -52,7 +52,7 @@ class Split:
     @classmethod
     def of(cls, sae: TopKSAE, default_seed: int, default_fraction: float) -> "Split":
         """The split recorded in the SAE's config (train's export), else the defaults given."""
-        from .published import recorded_split
+        from .rundir import recorded_split
 
         seed, fraction, roles = recorded_split(sae, default_seed, default_fraction)
         return cls(seed, fraction, parse_roles(roles) if roles else None)

@@ -1,4 +1,4 @@
-"""Export: `OUT/run.json` and, per SAE, `OUT/<name>/` in the SAELens 6 layout plus the `000_*` file.
+"""Export: per SAE, `OUT/<name>/` in the SAELens 6 layout plus the `000_*` file (run.json: `rundir`).
 
 Normalization is folded into the weights first, so every exported file takes raw residuals.
 The trajectory plot (variance explained and dead latents against tokens) is drawn here too.
@@ -17,7 +17,6 @@ from cache_format.errors import UserError
 from .checkpoint import atomic_write_text
 from .sae import TopKSAE
 
-RUN_JSON_VERSION = 1
 SAE_LENS_FORMAT = "6.0.0"  # the SAELens config generation cfg.json follows (checked against 6.54)
 
 
@@ -111,10 +110,6 @@ def sae_lens_cfg(sae: TopKSAE, *, layer: int, hook: str, hook_module: str, model
         "training_tokens": tokens,
         "train_config": config,
     }
-
-
-def write_run_json(out: Path, run: dict) -> None:
-    atomic_write_text(out / "run.json", json.dumps(dict(run, version=RUN_JSON_VERSION), indent=2, sort_keys=True))
 
 
 def plot_trajectory(rows: list[dict], path: Path, title: str) -> None:

@@ -37,10 +37,8 @@ import torch
 from cache_format.errors import UserError
 
 from .sae import TopKSAE
-from .split import is_heldout  # re-exported: harvest's splice reproduces an SAE's split with it
 
-__all__ = ["load_sae", "detect_layout", "SAEFormatError", "recorded_split", "recorded_layer", "recorded_cache",
-           "read_run", "is_heldout"]
+__all__ = ["load_sae", "detect_layout", "SAEFormatError"]
 
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -398,67 +396,3 @@ def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
     if isinstance(layer, int):
         sae.cfg["layer"] = layer
     return sae
-
-
-# ---------------------------------------------------------------------------------------
-# what an SAE and a training run record (shared by train's analysis and harvest's splice)
-
-
-def recorded_split(sae: TopKSAE, default_seed: int, default_fraction: float) -> tuple[int, float, list | None]:
-    """(seed, held-out fraction, roles or None) from the SAE's config, else the defaults.
-
-    Reads this project's export (`split: {seed, fraction, roles}`) and flat
-    `split_seed` / `heldout_fraction` keys; published SAEs record none and get the defaults.
-    """
-    cfg = sae.cfg or {}
-    split = cfg.get("split") if isinstance(cfg.get("split"), dict) else {}
-    seed = split.get("seed", split.get("split_seed", cfg.get("split_seed", default_seed)))
-    fraction = split.get("fraction", split.get("heldout_fraction", cfg.get("heldout_fraction", default_fraction)))
-    roles = split.get("roles", cfg.get("roles")) or ((cfg.get("train_config") or {}).get("roles") or None)
-    return int(seed), float(fraction), roles
-
-
-def recorded_layer(sae: TopKSAE, layer: int | None, path) -> int:
-    """--layer if given, else the layer the SAE records (config or file name)."""
-    if layer is not None:
-        return layer
-    if isinstance((sae.cfg or {}).get("layer"), int):
-        return sae.cfg["layer"]
-    raise SAEFormatError(f"{path}: the SAE does not record its layer; pass --layer N")
-
-
-def recorded_cache(sae: TopKSAE, cache: str | None, fallback: str) -> str:
-    """--cache, else the cache the SAE was trained on (if it is still reachable), else `fallback`."""
-    if cache:
-        return cache
-    recorded = (sae.cfg or {}).get("cache")
-    if recorded and ("://" in recorded or Path(recorded).exists()):
-        return recorded
-    return fallback
-
-
-def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
-    """(run.json, one entry per exported SAE with at least `name` and `dir`)."""
-    run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
-        raise UserError(f"{run_dir}: no run.json here; run `make train` first or pass --out to a training run directory")
-    try:
-        run = json.loads(run_json.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{run_json}: not valid JSON ({e}); re-run the export") from None
-    items = run.get("saes", run.get("exports")) if isinstance(run, dict) else run
-    if isinstance(items, dict):
-        items = [dict(v, name=v.get("name", k)) for k, v in items.items()]
-    saes = []
-    for item in items or []:
-        if not isinstance(item, dict):
-            continue
-        name = item.get("name") or Path(item.get("path", "")).name
-        d = Path(item.get("path") or item.get("dir") or name)
-        if not d.is_absolute():
-            d = run_dir / d if (run_dir / d).exists() else run_dir / name
-        if d.is_file():
-            d = d.parent
-        saes.append(dict(item, name=name, dir=d))
-    return (run if isinstance(run, dict) else {"saes": run}), saes

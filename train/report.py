@@ -24,9 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_format.errors import UserError
-
-from .published import read_run
+from .rundir import read_run
 
 REPORT_NAME = "report.html"
 METRIC_COLUMNS = ("variance_explained", "mse", "l0", "dead_fraction", "alive")
@@ -318,9 +316,7 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}
 def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_features: int = 24) -> Path:
     """Write `report.html` for the run in `run_dir` and return its path."""
     run_dir = Path(run_dir)
-    run, saes = load_run(run_dir)
-    if not saes:
-        raise UserError(f"{run_dir}/run.json lists no SAEs; re-run the export (make train)")
+    run, saes = load_run(run_dir, need_saes=True)
     rows = []
     for s in saes:
         m = s.get("metrics") or s.get("final_metrics") or {}

@@ -30,10 +30,11 @@ from cache_format.errors import CacheError, UserError
 from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
 from .explog import ExperimentLog, check_kind, open_log
-from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name, write_run_json
+from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
 from .loader import ShuffledLoader
-from .row_filters import ROLE_CODES, default_roles
 from .metrics import ReconstructionMetrics
+from .row_filters import ROLE_CODES, default_roles
+from .rundir import write_run_json
 from .sae import TopKSAE
 from .split import MIN_HELDOUT_SEQUENCES, split_counts
 from .trainer import AUX_NORMS, SAETrainer
