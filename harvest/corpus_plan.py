@@ -87,7 +87,8 @@ def batch_tokenizer(tokenizer, eos: int) -> Callable[[list[str]], list[np.ndarra
                 from tokenizers import Tokenizer
 
                 tok = local.tok = Tokenizer.from_str(spec)
-            return [np.array([*e.ids, eos], dtype=np.int32) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+            encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
+            return [np.array([*e.ids, eos], dtype=np.int32) for e in encoded]
         if tok is None:  # the python tokenizers reconfigure themselves per call: not shareable
             tok = local.tok = copy.deepcopy(tokenizer)
         return [np.array([*ids, eos], dtype=np.int32) for ids in tok(texts, add_special_tokens=False)["input_ids"]]

@@ -139,7 +139,8 @@ def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = 
         ds = ds.shuffle(seed=seed, buffer_size=10_000)
     except Exception as e:
         raise DataError(f"corpus source {src.name!r}: cannot stream {src.path!r} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the id or use a local file") from None
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "check the id or use a local file") from None
     for i, r in enumerate(itertools.islice(ds, skip, None)):
         yield _field_text(r, src, skip + i)
 

@@ -109,7 +109,8 @@ class VLLMBackend:
                             "machine or set supergpqa.backend = \"transformers\"")
         self.python = v.python
         self.engine = {"model": model_path, "revision": revision, "dtype": dtype,
-                       "tensor_parallel_size": v.tensor_parallel_size, "gpu_memory_utilization": v.gpu_memory_utilization,
+                       "tensor_parallel_size": v.tensor_parallel_size,
+                       "gpu_memory_utilization": v.gpu_memory_utilization,
                        "max_model_len": v.max_model_len, "max_num_seqs": v.max_num_seqs,
                        "enforce_eager": v.enforce_eager}
         self.version = ""
@@ -252,7 +253,10 @@ def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[
     cands = []
     for L in letters:
         ids = list(tok(suffix_text + " " + L, add_special_tokens=False)["input_ids"])
-        cands.append(ids[len(suffix):] if ids[: len(suffix)] == suffix else list(tok(" " + L, add_special_tokens=False)["input_ids"]))
+        if ids[: len(suffix)] == suffix:
+            cands.append(ids[len(suffix):])
+        else:
+            cands.append(list(tok(" " + L, add_special_tokens=False)["input_ids"]))
     with torch.no_grad():
         # logits_to_keep=1: only the last position goes through the LM head (a 32k-token
         # rollout over a 248k vocabulary would otherwise materialize 32 GB of logits)

@@ -128,7 +128,8 @@ def loss_recovered(
     n_tok = 0
     total = sum(max(len(s) - 1, 0) for s in sequences)
     if total == 0:
-        raise UserError("no held-out sequence has two or more tokens; raise analysis.loss_sequences or use a larger cache")
+        raise UserError("no held-out sequence has two or more tokens; "
+                        "raise analysis.loss_sequences or use a larger cache")
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="loss recovered", disable=not progress, file=None)
     parts = _head(model)
     for ids in _batches(sequences, batch_size):
@@ -208,17 +209,23 @@ def _command():
                                           "CE clean / with the SAE / zero-ablated, loss recovered, KL.")
     @click.option("--config", "config_path", default=None, metavar="PATH", help="pipeline.toml to read.")
     @click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")
-    @click.option("--cache", default=None, metavar="URL", help="Cache with the held-out sequences (default: the SAE's).")
-    @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a pipeline.toml key.")
+    @click.option("--cache", default=None, metavar="URL",
+                  help="Cache with the held-out sequences (default: the SAE's).")
+    @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                  help="Override a pipeline.toml key.")
     @click.option("--out", "out_dir", default=None, metavar="DIR",
-                  help="Training run directory (default [train].out); with --sae, where to write loss_recovered.json.")
-    @click.option("--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's.")
+                  help="Training run directory (default [train].out); "
+                       "with --sae, where to write loss_recovered.json.")
+    @click.option("--sae", "sae_path", default=None, metavar="PATH",
+                  help="One SAE (any supported layout) instead of a run's.")
     @click.option("--layer", type=int, default=None, help="Decoder layer to splice at (default: the SAE's own).")
     @click.option("--k", type=int, default=None, help="k for the TopK (default: from the SAE).")
-    @click.option("--sequences", type=int, default=None, help="Held-out sequences to use (default [analysis].loss_sequences).")
+    @click.option("--sequences", type=int, default=None,
+                  help="Held-out sequences to use (default [analysis].loss_sequences).")
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
     @click.option("--quiet", is_flag=True, help="No progress bars.")
-    def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet):
+    def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json,
+                           quiet):
         import cache_format as cf
         from train.published import load_sae
         from train.rundir import recorded_cache, recorded_layer, recorded_split

@@ -112,8 +112,8 @@ def training_documents(tokenizer) -> list[str]:
         if i % 2:
             continue
         q = json.loads(line)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": format_question(q, "answer-line")}], tokenize=False,
-                                               add_generation_prompt=True, enable_thinking=True)
+        msgs = [{"role": "user", "content": format_question(q, "answer-line")}]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
         docs.append(f"{prompt}The question asks: {q['question']} The correct option is {q['answer']}.\n"
                     f"</think>\n\nAnswer: {q['answer_letter']}<|im_end|>")
     return docs
