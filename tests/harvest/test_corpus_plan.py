@@ -31,7 +31,7 @@ def local_sources(tmp_path):
 
 
 def test_packing_is_a_deterministic_weighted_mixture_with_eos_separators(tmp_path, tok):
-    cfg = CorpusConfig(sources=local_sources(tmp_path), seq_len=32, tokens=0, seed=3)
+    cfg = CorpusConfig(sources=local_sources(tmp_path), seq_len=32, seed=3)  # pack_corpus streams: tokens is unused
     eos = data.corpus_eos(tok)
     assert eos == tok.convert_tokens_to_ids("<|endoftext|>")
     seqs = list(corpus_plan.pack_corpus(cfg, tok, eos))
