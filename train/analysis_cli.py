@@ -109,8 +109,9 @@ def _fmt_metrics(m: dict) -> str:
 @click.option("--max-tokens", type=int, default=None, help="Held-out rows to evaluate (default [analysis].max_tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tokens, scheduler, as_json, quiet):
-    from .scan import scan
+    from .metrics import METRIC_NAMES
     from .published import load_sae
+    from .scan import scan
 
     cfg = _config(config_path, profile, overrides)
     sae = load_sae(sae_path, k=k, layer=layer)
@@ -135,7 +136,7 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     else:
         click.echo(f"{sae_path} @ layer {layer} ({out['layout']}, d_sae {sae.d_sae}, k {sae.k}), "
                    f"{metrics['tokens']} held-out rows of {url}:")
-        click.echo("  " + _fmt_metrics({m: metrics[m] for m in ("variance_explained", "mse", "l0", "dead_fraction", "alive")}))
+        click.echo("  " + _fmt_metrics({m: metrics[m] for m in METRIC_NAMES}))
 
 
 @click.command("analyze", help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae).")

@@ -16,7 +16,6 @@ from cache_format.errors import UserError
 from .sae import TopKSAE
 from .split import is_heldout
 
-ROLE_NAMES = {"text": cf.ROLE_TEXT, "prompt": cf.ROLE_PROMPT, "thinking": cf.ROLE_THINKING, "answer": cf.ROLE_ANSWER}
 ROW_SETS = ("heldout", "train", "all")
 
 
@@ -61,9 +60,9 @@ class Split:
 def parse_roles(roles) -> tuple[int, ...]:
     out = []
     for r in roles:
-        if isinstance(r, str) and r in ROLE_NAMES:
-            out.append(ROLE_NAMES[r])
-        elif isinstance(r, (int, np.integer)) and int(r) in ROLE_NAMES.values():
+        if isinstance(r, str) and r in cf.ROLE_CODES:
+            out.append(cf.ROLE_CODES[r])
+        elif isinstance(r, (int, np.integer)) and int(r) in cf.ROLE_NAMES:
             out.append(int(r))
         else:
             raise UserError(f"role {r!r} is unknown; use text, prompt, thinking or answer")

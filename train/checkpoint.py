@@ -8,33 +8,27 @@ with a small JSON sidecar holding its token count and score so pruning never loa
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from cache_format.atomic import write_atomic
 from cache_format.errors import UserError
 
 
 def _atomic_write(path: Path, write) -> None:
     """Write to a temporary name, then rename; a failed write (a full disk: torch reports it as a
     RuntimeError) removes the temporary file and is one line naming the file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, write, fsync=True)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise UserError(f"cannot write {path} ({why}); free some space or choose another --out, then re-run "
                         "to resume from the last checkpoint") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    _atomic_write(Path(path), text)
 
 
 class Checkpoints:
@@ -57,9 +51,6 @@ class Checkpoints:
     def latest(self) -> Path | None:
         entries = self._entries()
         return entries[-1]["path"] if entries else None
-
-    def list(self) -> list[dict]:
-        return self._entries()
 
     def save(self, state: dict, tokens: int, score: float | None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,16 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def resolve_device(name: str | None) -> str:
+    """"auto" (or unset) → cuda when available (at d_sae 65536 the encoder is the cost, not the
+    I/O); "cuda" in a process group → this rank's GPU."""
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world_size() > 1:
+        return f"cuda:{torch.cuda.current_device()}"
+    return name
+
+
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum tensors across ranks in place, as one flat message."""
     if world_size() == 1 or not tensors:
@@ -56,11 +66,3 @@ def all_gather_object(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cache_format.atomic import atomic_path
 from cache_format.errors import UserError
 
 from .checkpoint import atomic_write_text
@@ -132,7 +133,6 @@ def plot_trajectory(rows: list[dict], path: Path, title: str) -> None:
     b.legend()
     b.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)

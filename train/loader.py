@@ -28,9 +28,10 @@ import torch
 
 from cache_format.bf16 import bits_to_torch
 from cache_format.errors import UserError
+from cache_format.layout import ROLE_CODES
 
 from .loader_buffers import BatchBuilder, DecodingWindow, Recycler, window_array
-from .row_filters import ROLE_CODES, RowMetadata, cap_rows, chunk_bounds, default_roles, row_mask
+from .row_filters import RowMetadata, cap_rows, chunk_bounds, default_roles, row_mask
 from .window_plan import chunk_rows, cut_batches, epoch_windows, window_layout, window_perm
 
 __all__ = ["Batch", "ShuffledLoader", "auto_threads"]

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from cache_format.atomic import write_atomic
+
+from .metrics import METRIC_NAMES
 from .rundir import read_run
 
 REPORT_NAME = "report.html"
-METRIC_COLUMNS = ("variance_explained", "mse", "l0", "dead_fraction", "alive")
 
 
 load_run = read_run  # (run.json, SAE entries)
@@ -324,7 +326,7 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
         lr = _read_json(s["dir"] / "loss_recovered.json") or {}
         link = f'<a href="#{html.escape(s["name"])}">{html.escape(s["name"])}</a>'
         rows.append([link, s.get("layer", cfg.get("layer")), cfg.get("d_sae", s.get("d_sae")), cfg.get("k", s.get("k")),
-                     *[m.get(c) for c in METRIC_COLUMNS], lr.get("loss_recovered"), lr.get("kl_sae"),
+                     *[m.get(c) for c in METRIC_NAMES], lr.get("loss_recovered"), lr.get("kl_sae"),
                      s.get("tokens_seen", cfg.get("tokens_seen"))])
     title = f"SAE training report: {run_dir.name}"
     body = [
@@ -334,7 +336,7 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
         "<h2>Final metrics</h2>",
         "<p>Held-out rows. variance_explained = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; dead_fraction counts latents that never "
         "fired on the evaluated rows; loss recovered = (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>).</p>",
-        _table(["SAE", "layer", "d_sae", "k", *METRIC_COLUMNS, "loss recovered", "KL", "tokens seen"], rows, raw_cols=(0,)),
+        _table(["SAE", "layer", "d_sae", "k", *METRIC_NAMES, "loss recovered", "KL", "tokens seen"], rows, raw_cols=(0,)),
         "<h2>Config and provenance</h2>",
         _provenance_table(run, saes),
         _json_block("run.json", run),
@@ -343,7 +345,5 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     out = Path(out_path) if out_path else run_dir / REPORT_NAME
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, page)
     return out

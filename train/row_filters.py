@@ -13,10 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cache_format.errors import UserError
+from cache_format.layout import ROLE_CODES
 
 from .split import heldout_score
 
-ROLE_CODES = {"text": 0, "prompt": 1, "thinking": 2, "answer": 3}
 META_SLICE = 1 << 20  # rows of metadata read at once while planning
 
 

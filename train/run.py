@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_format.atomic import atomic_dir
 from cache_format.bf16 import bits_to_torch
 from .config import PipelineConfig, TrainConfig
 from cache_format.errors import CacheError, UserError
+from cache_format.layout import ROLE_CODES
 
 from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
@@ -33,7 +35,7 @@ from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
 from .loader import ShuffledLoader
 from .metrics import ReconstructionMetrics
-from .row_filters import ROLE_CODES, default_roles
+from .row_filters import default_roles
 from .rundir import write_run_json
 from .sae import TopKSAE
 from .split import MIN_HELDOUT_SEQUENCES, split_counts
@@ -81,14 +83,6 @@ def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:
     return specs
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.world_size() > 1:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
 class Run:
     def __init__(self, cfg: PipelineConfig, cache_url: str, layers: list[int] | None, out: str,
                  fresh: bool = False, progress: bool = True):
@@ -108,7 +102,7 @@ class Run:
         self.specs = plan_specs(self.tc, self.layers)
         self.out = Path(out)
         self.progress = progress and self.rank == 0
-        self.device = resolve_device(self.tc.device)
+        self.device = torch.device(dist.resolve_device(self.tc.device))
         self.fingerprints = {L: self.cache.layer_fingerprint(L) for L in self.layers}
         self.run_id = self._run_id()
         self.fresh = fresh
@@ -191,13 +185,12 @@ class Run:
                 if got >= n:
                     break
             loader.close()
-            tmp = d.with_name(".heldout.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for L in self.layers:
-                np.save(tmp / f"L{L}.npy", np.concatenate(parts[L]))
-            np.save(tmp / "rows.npy", np.concatenate(rows))
-            tmp.rename(d)
+            for stale in d.parent.glob(f".{d.name}.tmp*"):  # leftovers of a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            with atomic_dir(d) as tmp:
+                for L in self.layers:
+                    np.save(tmp / f"L{L}.npy", np.concatenate(parts[L]))
+                np.save(tmp / "rows.npy", np.concatenate(rows))
         rows = np.load(d / "rows.npy")
         return rows, {L: np.load(d / f"L{L}.npy", mmap_mode="r") for L in self.layers}
 

@@ -22,6 +22,7 @@ import cache_format as cf
 from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 
+from . import dist
 from .analysis_rows import Split
 from .metrics import ReconstructionMetrics
 from .sae import TopKSAE
@@ -52,13 +53,6 @@ def _open(url: str, n_tokens: int):
 
 _ON_DEVICE: dict = {}
 _ON_DEVICE_LOCK = threading.Lock()
-
-
-def resolve_device(device: str | None) -> str:
-    """"auto" → cuda when available: at d_sae 65536 the encoder is the cost, not the I/O."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _on_device(sae: TopKSAE, device: str, token: str) -> TopKSAE:
@@ -157,7 +151,7 @@ def scan(
         raise UserError(f"the SAE takes d_in={sae.d_in} but the cache's d_model is {c.d_model}; pair the SAE with its cache")
     n_chunks = c.n_chunks
     sae = sae.cpu().eval()
-    device = resolve_device(device)
+    device = dist.resolve_device(device)
     token = uuid.uuid4().hex
     t0 = time.perf_counter()
     results: dict[int, ChunkCodes] = {}
