@@ -3,6 +3,7 @@ are added to the same group by train.analysis_cli."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import click
@@ -39,13 +40,14 @@ def run_cmd(config_path, profile, cache, layers, overrides, out, fresh, as_json,
 
 def _register_extras() -> None:
     """Commands that live in other modules of train (eval, analyze, report) join this group."""
+    name = f"{__package__}.analysis_cli"
     try:
-        from . import analysis_cli
-
-        analysis_cli.register(cli)
-    except ImportError as e:
-        if "analysis_cli" not in str(e):
+        analysis_cli = importlib.import_module(name)
+    except ModuleNotFoundError as e:  # that module absent (by the error's type and name), not a failure inside it
+        if e.name != name:
             raise
+        return
+    analysis_cli.register(cli)
 
 
 _register_extras()
