@@ -57,7 +57,7 @@ def test_every_read_over_a_faulty_server_matches_local(tmp_path, http_serve):
 
 @pytest.mark.slow
 def test_train_run_over_a_faulty_server_gives_the_local_weights(tmp_path, http_serve):
-    from test_train_data import write_planted
+    from planted_data import write_planted
 
     from train.cli import cli
 

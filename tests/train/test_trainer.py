@@ -1,99 +1,12 @@
-"""The SAE contract, the training kernels against dense autograd, and AuxK."""
+"""The trainer: AuxK and its normalization, the step, the lr schedule, low-precision steps."""
 
 import math
 
 import pytest
 import torch
 
-from train.kernels import sparse_decode, topk_autoencode
-from train.sae import TopKSAE, geometric_median
+from train.sae import TopKSAE
 from train.trainer import SAETrainer, default_lr, lr_at
-
-
-def dense_reference(x, W, be, bd, Wd, k, relu, sub, dead, k_aux):
-    pre = ((x - bd) if sub else x) @ W + be
-    v, i = pre.topk(k, dim=-1)
-    v = v.relu() if relu else v
-    recon = torch.zeros(x.shape[0], W.shape[1]).scatter(1, i, v) @ Wd + bd
-    mask = torch.full((W.shape[1],), float("-inf"))
-    mask[dead] = 0
-    av, ai = (pre + mask).topk(k_aux, dim=-1)
-    av = av.relu() if relu else av
-    aux = torch.zeros(x.shape[0], W.shape[1]).scatter(1, ai, av) @ Wd
-    return recon, aux
-
-
-@pytest.mark.parametrize("relu,sub", [(True, True), (False, False), (True, False)])
-@pytest.mark.parametrize("dead_every", [4, 1])  # a quarter dead (compact top-k), all dead (masked top-k)
-def test_sparse_kernels_match_dense_autograd(relu, sub, dead_every):
-    torch.manual_seed(0)
-    N, D, S, K, KA = 48, 12, 96, 4, 6
-    x = torch.randn(N, D)
-    params = [torch.randn(D, S, requires_grad=True), torch.randn(S, requires_grad=True),
-              torch.randn(D, requires_grad=True), torch.randn(S, D, requires_grad=True)]
-    W, be, bd, Wd = params
-    dead = torch.arange(1, S, 4) if dead_every > 1 else torch.arange(S)
-    recon, v, i, aux = topk_autoencode(x, W, be, bd, Wd, K, relu=relu, subtract_b_dec=sub, dead=dead, k_aux=KA)
-    err = x - (recon + bd)
-    loss = err.pow(2).sum() + 0.5 * (aux - err.detach()).pow(2).sum()
-    got = torch.autograd.grad(loss, params)
-    r_recon, r_aux = dense_reference(x, W, be, bd, Wd, K, relu, sub, dead, KA)
-    r_err = x - r_recon
-    r_loss = r_err.pow(2).sum() + 0.5 * (r_aux - r_err.detach()).pow(2).sum()
-    want = torch.autograd.grad(r_loss, params)
-    assert torch.allclose(loss, r_loss, rtol=1e-5)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4 * w.abs().max())
-
-
-def test_sparse_decode_matches_embedding_bag_autograd():
-    torch.manual_seed(0)
-    vals = torch.rand(40, 5, requires_grad=True)
-    idx = torch.randint(0, 64, (40, 5))
-    W = torch.randn(64, 8, requires_grad=True)
-    g = torch.randn(40, 8)
-    got = torch.autograd.grad(sparse_decode(vals, idx, W), [vals, W], g)
-    want = torch.autograd.grad(torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"),
-                               [vals, W], g)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
-
-
-def test_contract_shapes_conventions_and_fold():
-    torch.manual_seed(1)
-    sae = TopKSAE(8, 32, 3)
-    assert sae.W_enc.shape == (8, 32) and sae.W_dec.shape == (32, 8)
-    assert torch.allclose(sae.W_enc, sae.W_dec.T)  # tied init
-    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
-    x = torch.randn(20, 8)
-    vals, idx = sae.encode(x)
-    assert vals.shape == idx.shape == (20, 3) and idx.dtype == torch.int64 and (vals >= 0).all()
-    dense = sae.dense(x)
-    assert torch.allclose(dense @ sae.W_dec + sae.b_dec, sae(x), atol=1e-5)
-    with torch.no_grad():
-        sae.input_mean.normal_()
-        sae.input_scale.uniform_(0.5, 2.0)
-        sae.b_dec.normal_()
-        sae.b_enc.normal_()
-    folded = sae.folded()
-    assert torch.allclose(folded.input_scale, torch.ones(8)) and torch.allclose(folded(x), sae(x), atol=1e-4)
-    q = TopKSAE(8, 32, 3, relu=False, subtract_b_dec=False)
-    with torch.no_grad():
-        q.input_mean.normal_()
-        q.input_scale.uniform_(0.5, 2.0)
-    assert torch.allclose(q.folded()(x), q(x), atol=1e-4)
-    with torch.no_grad():
-        q.b_enc.fill_(-100.0)
-    assert (q.encode(x)[0] < 0).all()  # no ReLU in the Qwen-Scope convention
-    with pytest.raises(ValueError):
-        TopKSAE(8, 4, 4)
-
-
-def test_geometric_median_resists_outliers():
-    torch.manual_seed(0)
-    x = torch.randn(400, 5) * 0.1 + 3.0
-    x[:40] += 100.0  # 10% far outliers drag the mean, not the median
-    gm = geometric_median(x)
-    assert (gm - 3.0).abs().max() < 0.1 and (x.mean(0) - 3.0).abs().max() > 5
 
 
 def test_aux_loss_fires_only_with_dead_latents():

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cache_format.errors import UserError
-from test_train_data import write_planted
+from planted_data import write_planted
 from train.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--profile", "tiny", "--set", "train.d_sae=192", "--set", "train.k=3", "--set", "train.k_aux=16",
         "--set", "train.batch_size=256", "--set", "train.lr=0.004", "--set", "train.lr_min=0.0004",
         "--set", "train.dead_tokens=20000", "--set", "train.shuffle_buffer_tokens=4096",

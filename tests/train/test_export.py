@@ -18,7 +18,7 @@ from train.export import export_sae, sae_lens_cfg
 from train.published import load_sae
 from train.sae import TopKSAE
 
-SCHEMA = json.loads((Path(__file__).parent / "fixtures" / "sae_lens_6_topk_cfg_schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "sae_lens_6_topk_cfg_schema.json").read_text())
 TYPES = {"int": int, "str": str, "bool": bool}
 
 
@@ -130,7 +130,7 @@ def test_sae_lens_itself_loads_the_export(tmp_path):
     x = torch.randn(16, 16)
     with torch.no_grad():
         torch.save({"x": x, "codes": sae.dense(x), "recon": sae(x)}, tmp_path / "ref.pt")
-    script = Path(__file__).resolve().parents[1] / "bench" / "peers" / "saelens_export_check.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "peers" / "saelens_export_check.py"
     proc = subprocess.run([os.environ["SAE_LENS_PYTHON"], str(script), "load", str(out), str(tmp_path / "ref.pt")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Feature statistics and the reverse index on a real cache whose labels and activations are
+"""The whole analysis (feature statistics and the reverse index) on a real cache whose labels and activations are
 known by construction: an exact ±basis SAE makes feature j's activation equal to x_j."""
 
 import json
@@ -11,7 +11,6 @@ import cache_format as cf
 from train.analysis_rows import Split
 from train.config import AnalysisConfig
 from train.features import analyze
-from train.scan import scan
 from train.split import is_heldout
 
 from analysis_data import D, FRACTION, LAYER, SEED, identity_sae, make_cache
@@ -80,78 +79,3 @@ def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
         assert top.loc[j, "activation"] == pytest.approx(fm.loc[j, "max_activation"], rel=1e-6)
     stats = json.loads((out / "feature_stats.json").read_text())[f"L{LAYER}"]
     assert len(stats["auroc"]) == 2 * D and stats["auroc"][0] == pytest.approx(1.0)
-
-
-def test_scan_is_deterministic_and_truncates(cache_url):
-    sae = identity_sae()
-    full = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), progress=False)
-    part = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), max_tokens=50, progress=False)
-    n = len(part.rows)  # whole chunks, in cache order, until at least 50 held-out rows
-    assert 50 <= n < len(full.rows) and n - 50 < 64
-    np.testing.assert_array_equal(part.rows, full.rows[:n])
-    np.testing.assert_array_equal(part.idx, full.idx[:n])
-    assert part.metrics.n == n
-    m = full.metrics.compute()
-    assert m["variance_explained"] == pytest.approx(1.0, abs=1e-6)
-    # features 1 and 8 + token % 8 fire on every row, feature 0 on correct rows only
-    assert m["l0"] == pytest.approx(2.0 + (full.columns["labels"] == 1).mean())
-
-
-def test_scan_on_an_existing_scheduler_matches_the_local_one(cache_url):
-    from dask.distributed import LocalCluster
-
-    sae = identity_sae()
-    local = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), progress=False)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        remote = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), scheduler=cluster.scheduler_address,
-                      progress=False)
-    np.testing.assert_array_equal(remote.rows, local.rows)
-    np.testing.assert_array_equal(remote.vals, local.vals)
-    assert remote.metrics.compute() == local.metrics.compute()
-
-
-def test_unreachable_scheduler_is_one_line(cache_url):
-    import dask
-
-    from cache_format.errors import UserError
-
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
-            pytest.raises(UserError, match="cannot reach the dask scheduler"):
-        scan(cache_url, identity_sae(), LAYER, Split(SEED, FRACTION, (2, 3)), scheduler="tcp://127.0.0.1:9", progress=False)
-
-
-def test_corpus_rows_without_labels_leave_auroc_empty():
-    from train.examples import top_examples
-    from train.feature_stats import feature_metrics
-    from train.report import top_features
-
-    rng = np.random.default_rng(0)
-    n, d, k = 200, 12, 3
-    idx = np.stack([rng.choice(d - 2, k, replace=False) for _ in range(n)]).astype(np.int32)  # 10, 11 dead
-    vals = rng.random((n, k)).astype(np.float32) + 0.1
-    seq = np.repeat(np.arange(20), 10)
-    cfg = AnalysisConfig(bootstrap=5, permutations=5)
-    fm, summary = feature_metrics(idx, vals, seq, np.full(n, -1), d, cfg)
-    assert summary["labels"] == "none" and summary["alive"] == d - 2
-    assert np.isnan(fm["auroc"]).all() and np.isnan(fm["q_value"]).all() and (fm["direction"] == "").all()
-    np.testing.assert_allclose(fm["fire_rate"], np.bincount(idx.ravel(), minlength=d) / n)
-    # one class only: still no AUROC, said so
-    _, s1 = feature_metrics(idx, vals, seq, np.ones(n, int), d, cfg)
-    assert s1["labels"] == "one class only"
-    # the report then ranks alive features by their strongest activation
-    import pandas as pd
-
-    top = top_features(pd.DataFrame({k2: v for k2, v in fm.items()}), 3)
-    assert list(top["max_activation"]) == sorted(fm["max_activation"][: d - 2], reverse=True)[:3]
-    ex = top_examples(idx, vals, 2)
-    assert set(ex["feature"]) == set(range(d - 2)) and (np.bincount(ex["feature"]) == 2).all()
-
-
-def test_rollout_with_mixed_labels_is_refused():
-    from cache_format.errors import UserError
-    from train.feature_stats import feature_metrics
-
-    idx = np.array([[0], [1], [0], [1]], np.int32)
-    vals = np.ones((4, 1), np.float32)
-    with pytest.raises(UserError, match="both correct and wrong labels"):
-        feature_metrics(idx, vals, np.array([7, 7, 8, 8]), np.array([1, 0, 1, 1]), 2, AnalysisConfig())

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from cache_format.errors import UserError
-from test_train_data import write_planted
+from planted_data import write_planted
 from train.cli import cli
 from train.explog import check_kind, open_log
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN = ["--profile", "tiny", "--set", "train.d_sae=384", "--set", "train.k=3", "--set", "train.k_aux=8",
        "--set", "train.batch_size=256", "--set", "train.lr=0.004", "--set", "train.dead_tokens=1024",
        "--set", "train.shuffle_buffer_tokens=4096", "--set", "train.geometric_median_samples=512",

@@ -1,6 +1,6 @@
 """Synthetic caches for the train tests, written through the public cache_format API.
 
-`planted_cache` holds residuals built from a known overcomplete dictionary: each row is a
+`write_planted` writes a cache that holds residuals built from a known overcomplete dictionary: each row is a
 sparse non-negative combination of unit features drawn with Zipf-distributed frequencies,
 plus a little Gaussian noise. A working trainer must recover the dictionary.
 """
@@ -8,7 +8,6 @@ plus a little Gaussian noise. A working trainer must recover the dictionary.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 
 def planted_residuals(n: int, d: int, n_features: int, active: int, seed: int, noise: float = 0.01,
@@ -48,24 +47,3 @@ def write_planted(url, *, layers=(2,), n=16384, d=32, n_features=96, active=3, s
                        seq_ids=seq[a:b].astype(np.int64), positions=pos[a:b].astype(np.int32),
                        labels=np.full(b - a, -1, np.int8), roles=role[a:b])
     return dicts, res
-
-
-@pytest.fixture
-def planted(tmp_path):
-    url = str(tmp_path / "planted")
-    dicts, res = write_planted(url)
-    return url, dicts, res
-
-
-def test_planted_cache_reads_back_and_frequencies_are_zipf(planted):
-    import cache_format as cf
-
-    url, dicts, res = planted
-    c = cf.open_cache(url)
-    assert c.n_tokens == 16384 and c.layers == [2] and c.d_model == 32
-    got = c.read_chunk(2, 3)
-    b = c.chunk_bounds()
-    assert np.array_equal(got.view(np.uint16), res[2][b[3]:b[4]].view(np.uint16))
-    _, _, idx = planted_residuals(16384, 32, 96, 3, 0)
-    counts = np.bincount(idx.ravel(), minlength=96)
-    assert counts[:5].mean() > 4 * counts[-5:].mean() > 0  # heavy head, but every feature occurs
