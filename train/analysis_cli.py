@@ -67,7 +67,8 @@ def _sae_options(cmd):
     """--layer, --k, --scheduler and --quiet: how commands that scan a cache with an SAE are pointed."""
     for opt in reversed([
         click.option("--layer", type=int, default=None, help="Cache layer (default: the SAE's own)."),
-        click.option("--k", type=int, default=None, help="k for the TopK (default: from the file, its config or its name)."),
+        click.option("--k", type=int, default=None,
+                     help="k for the TopK (default: from the file, its config or its name)."),
         click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster)."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]):
@@ -104,7 +105,8 @@ def _fmt_metrics(m: dict) -> str:
 
 @click.command("eval", help="Reconstruction metrics of any supported SAE on a cache's held-out rows.")
 @_shared
-@click.option("--sae", "sae_path", required=True, metavar="PATH", help="SAE file or directory (000/001/003/004 layouts, or an export).")
+@click.option("--sae", "sae_path", required=True, metavar="PATH",
+              help="SAE file or directory (000/001/003/004 layouts, or an export).")
 @_sae_options
 @click.option("--max-tokens", type=int, default=None, help="Held-out rows to evaluate (default [analysis].max_tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
@@ -120,7 +122,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     res = scan(url, sae, layer, split, max_tokens=max_tokens or cfg.analysis.max_tokens, want_codes=False,
                scheduler=scheduler or cfg.analysis.scheduler or None, progress=not quiet, device=cfg.train.device)
     if res.metrics.n == 0:
-        raise UserError(f"no held-out rows of layer {layer} in {url} (split seed {split.seed}, fraction {split.fraction}); "
+        raise UserError(f"no held-out rows of layer {layer} in {url} "
+                        f"(split seed {split.seed}, fraction {split.fraction}); "
                         "use a larger cache or --set train.heldout_fraction=0.1")
     metrics = res.metrics.compute()
     import cache_format as cf
@@ -129,7 +132,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     fp = cf.open_cache(url).layer_fingerprint(layer)
     out = {**metrics, "layer": layer, "k": sae.k, "d_sae": sae.d_sae, "d_in": sae.d_in,
            "layout": sae.cfg.get("layout"), "cache": url,
-           "split": {"seed": split.seed, "fraction": split.fraction, "roles": list(split.roles) if split.roles else None},
+           "split": {"seed": split.seed, "fraction": split.fraction,
+                     "roles": list(split.roles) if split.roles else None},
            "layer_fingerprint": fp, "same_data_as_training": (recorded == fp) if recorded else None}
     if as_json:
         click.echo(json.dumps({k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in out.items()}))
@@ -139,7 +143,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
         click.echo("  " + _fmt_metrics({m: metrics[m] for m in METRIC_NAMES}))
 
 
-@click.command("analyze", help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae).")
+@click.command("analyze",
+               help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae).")
 @_shared
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Training run directory (default [train].out); with --sae, where to write.")
@@ -172,9 +177,11 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
             summaries[name] = res["summary"]
             if not as_json:
                 s = res["summary"]
-                extra = (f", max AUROC {s['max_auroc']:.3f}, {s['significant_features']} significant (BH q ≤ {cfg.analysis.alpha})"
+                extra = (f", max AUROC {s['max_auroc']:.3f}, {s['significant_features']} significant "
+                         f"(BH q ≤ {cfg.analysis.alpha})"
                          if s.get("max_auroc") is not None else "")
-                print(f"analyze {name}: {s['tokens']} {split.describe()}, {s['alive']}/{sae.d_sae} alive{extra} → {dst}",
+                print(f"analyze {name}: {s['tokens']} {split.describe()}, "
+                      f"{s['alive']}/{sae.d_sae} alive{extra} → {dst}",
                       file=sys.stderr)
     if as_json:
         click.echo(json.dumps(summaries))

@@ -14,7 +14,8 @@ from .feature_stats import sparse_entries
 from .stats import feature_value_order
 
 
-def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int,
+                 groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The `per_feature` highest activations of each feature: (feature, rank, scan row, value).
 
     With `groups` (the sequence of each scan row), a feature keeps at most one example per
@@ -51,7 +52,8 @@ def contexts(cache, seq_ids: np.ndarray, positions: np.ndarray, tokens: np.ndarr
         col_seq = table.column("seq_id").to_numpy()
         col_tok = table.column("token_ids")
         for j in np.flatnonzero(np.isin(col_seq, list(wanted))):
-            ids_by_seq[int(col_seq[j])] = np.asarray(col_tok[int(j)].values.to_numpy(zero_copy_only=False), dtype=np.int64)
+            ids = col_tok[int(j)].values.to_numpy(zero_copy_only=False)
+            ids_by_seq[int(col_seq[j])] = np.asarray(ids, dtype=np.int64)
     out = {"context_token_ids": [], "token": [], "context_before": [], "context_after": [], "context": []}
     for s, p, t in zip(seq_ids.tolist(), positions.tolist(), tokens.tolist()):
         full = ids_by_seq.get(s)

@@ -29,7 +29,8 @@ def export_sae(sae: TopKSAE, out_dir: Path, cfg: dict) -> dict[str, str]:
     """Write cfg.json + sae_weights.safetensors + sae_L{layer}_n{d_sae}_k{k}.pt; return the file names."""
     if not sae.relu:
         raise UserError(f"cannot export {out_dir.name} in the SAELens layout: it has no ReLU, and SAELens' topk "
-                        "applies one (abstopk ranks by magnitude), so its codes would differ; keep its .pt file instead")
+                        "applies one (abstopk ranks by magnitude), so its codes would differ; "
+                        "keep its .pt file instead")
     out_dir.mkdir(parents=True, exist_ok=True)
     folded = sae.folded()
     weights = {n: t.detach().float().cpu().contiguous() for n, t in folded.weights().items()}

@@ -58,7 +58,8 @@ def load_sae(path: str | Path, k: int | None = None, layer: int | None = None) -
     if not p.exists():
         raise SAEFormatError(f"{p}: no such SAE file or directory; pass --sae PATH to a published or exported SAE")
     layout, files = detect_layout(p, layer)
-    loader = {"topk_pt": _load_pt, "qwen_scope": _load_pt, "sae_lens": _load_sae_lens, "metadata_json": _load_004}[layout]
+    loaders = {"topk_pt": _load_pt, "qwen_scope": _load_pt, "sae_lens": _load_sae_lens, "metadata_json": _load_004}
+    loader = loaders[layout]
     sae = loader(files, k)
     sae.cfg.setdefault("layout", layout)
     sae.cfg["source_path"] = str(p)
@@ -84,7 +85,8 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
             pts = [q for q in pts if _layer_from_name(q) == layer]
             sts = [q for q in sts if _layer_from_name(q) == layer]
             if not pts and not sts:
-                raise SAEFormatError(f"{p}: no SAE file for layer {layer} in this directory; pass another --layer or --sae FILE")
+                raise SAEFormatError(f"{p}: no SAE file for layer {layer} in this directory; "
+                                     "pass another --layer or --sae FILE")
         if len(pts) == 1 and not sts:
             return detect_layout(pts[0])
         if len(sts) == 1 and not pts:
@@ -106,7 +108,8 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
                 if w.is_file():
                     return "sae_lens", {"weights": w, "cfg": p}
             return _missing(p, "its .safetensors weights")
-        raise SAEFormatError(f"{p}: a JSON file is not an SAE; pass the weights (.pt / .safetensors) or their directory")
+        raise SAEFormatError(f"{p}: a JSON file is not an SAE; "
+                             "pass the weights (.pt / .safetensors) or their directory")
     if name.endswith(".safetensors"):
         if name == "model.safetensors" and p.with_name("model.metadata.json").is_file():
             return "metadata_json", {"weights": p, "meta": p.with_name("model.metadata.json")}
@@ -136,7 +139,8 @@ def _sibling_cfg(weights: Path) -> Path | None:
 
 
 _QWEN_SCOPE_NAME = re.compile(r"layer(\d+)\.sae\.pt")
-_K_IN_NAME = [re.compile(r"(?:^|[_\-.])k(\d+)(?=[_\-.]|$)"), re.compile(r"topk[_\-]?(\d+)", re.I), re.compile(r"L0[_\-](\d+)")]
+_K_IN_NAME = [re.compile(r"(?:^|[_\-.])k(\d+)(?=[_\-.]|$)"), re.compile(r"topk[_\-]?(\d+)", re.I),
+              re.compile(r"L0[_\-](\d+)")]
 _LAYER_IN_NAME = [re.compile(r"(?:^|[_\-.])L(\d+)(?=[_\-.])"), re.compile(r"^layer(\d+)\.")]
 
 
@@ -166,7 +170,8 @@ def _read_pt(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and truncation errors all mean the same to a user
-        raise SAEFormatError(f"{p}: not a readable PyTorch file ({type(e).__name__}); re-download or re-export it") from None
+        raise SAEFormatError(f"{p}: not a readable PyTorch file ({type(e).__name__}); "
+                             "re-download or re-export it") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -181,7 +186,8 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SAEFormatError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); re-download or re-export it") from None
+        raise SAEFormatError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
+                             "re-download or re-export it") from None
 
 
 def _read_json(p: Path) -> dict[str, Any]:
@@ -227,7 +233,8 @@ def _orient(p: Path, w: dict[str, torch.Tensor], expect: str | None) -> tuple[to
         )
     if sae_first and in_first:  # d_in == d_sae: only the layout's name can tell
         if expect is None:
-            raise SAEFormatError(f"{p}: square SAE (d_in = d_sae = {d_in}) in an unnamed layout: orientation is ambiguous; "
+            raise SAEFormatError(f"{p}: square SAE (d_in = d_sae = {d_in}) in an unnamed layout: "
+                                 "orientation is ambiguous; "
                                  "rename it like the card (sae_L11_n4096_k32.pt or layer11.sae.pt)")
         orient = expect
     else:
@@ -335,7 +342,8 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
     arch = str(cfg.get("architecture") or "").lower()
     act = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "").lower()
     if (arch and arch not in ("topk", "top_k", "batchtopk")) or (not arch and act and "topk" not in act):
-        raise SAEFormatError(f"{files['cfg']}: architecture {arch or act!r} is not a TopK SAE; only TopK SAEs are supported")
+        raise SAEFormatError(f"{files['cfg']}: architecture {arch or act!r} is not a TopK SAE; "
+                             "only TopK SAEs are supported")
     norm = str(cfg.get("normalize_activations", "none") or "none").lower()
     if norm not in ("none", "null"):
         raise SAEFormatError(f"{files['cfg']}: normalize_activations={norm!r} needs statistics the file does not hold; "
@@ -344,7 +352,8 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
     W_enc, W_dec, orient = _orient(p, w, "000")
     for key, have in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])):
         if key in cfg and cfg[key] != have:
-            raise SAEFormatError(f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; the pair is mismatched")
+            raise SAEFormatError(f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; "
+                                 "the pair is mismatched")
     k = k if k is not None else (_cfg_k(cfg) or _k_from_name(p))
     if cfg.get("rescale_acts_by_decoder_norm"):
         W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
@@ -385,12 +394,14 @@ def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
     mean = tensors.get("input_mean", _find_key(meta, ("input_mean",)))
     std = tensors.get("input_std", _find_key(meta, ("input_std", "input_scale")))
     if (mean is None) != (std is None):
-        raise SAEFormatError(f"{meta_p}: the normalizer has only one of input_mean / input_std; the metadata is incomplete")
+        raise SAEFormatError(f"{meta_p}: the normalizer has only one of input_mean / input_std; "
+                             "the metadata is incomplete")
     if k is None:
         found = _find_key(meta, ("k", "top_k", "topk", "k_sparsity"))
         k = found if isinstance(found, int) and not isinstance(found, bool) else _k_from_name(p)
     sub = _find_key(meta, ("apply_b_dec_to_input", "subtract_b_dec"))
-    sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub), mean=mean, std=std)
+    sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub),
+                 mean=mean, std=std)
     sae.cfg.update(layout="metadata_json", normalizer=mean is not None)
     layer = _find_key(meta, ("layer", "hook_layer"))
     if isinstance(layer, int):

@@ -202,11 +202,13 @@ def _sae_section(sae: dict, n_features: int) -> str:
         if drawn:
             curves.append(_img(drawn, "training trajectory"))
     parts.append("<h3>Training curves</h3>")
-    parts.append(f'<div class="figs">{"".join(curves)}</div>' if curves else "<p class=note>No training curves in this directory.</p>")
+    parts.append(f'<div class="figs">{"".join(curves)}</div>' if curves
+                 else "<p class=note>No training curves in this directory.</p>")
 
     if lr:
         parts.append("<h3>Loss recovered</h3>")
-        parts.append(_table(["CE clean", "CE with SAE", "CE zero-ablated", "loss recovered", "KL(clean‖SAE)", "KL(clean‖zero)", "tokens"],
+        parts.append(_table(["CE clean", "CE with SAE", "CE zero-ablated", "loss recovered", "KL(clean‖SAE)",
+                             "KL(clean‖zero)", "tokens"],
                             [[lr.get("ce_clean"), lr.get("ce_sae"), lr.get("ce_zero"), lr.get("loss_recovered"),
                               lr.get("kl_sae"), lr.get("kl_zero"), lr.get("tokens")]]))
 
@@ -242,7 +244,8 @@ def _sae_section(sae: dict, n_features: int) -> str:
             ex = ""
             if prompts is not None:
                 sel = prompts[prompts["feature"] == f["feature"]].sort_values("rank").head(3)
-                ex = "<br>".join(f'{_context_html(r)} <small>({_fmt(r["activation"])})</small>' for r in sel.to_dict("records"))
+                ex = "<br>".join(f'{_context_html(r)} <small>({_fmt(r["activation"])})</small>'
+                                 for r in sel.to_dict("records"))
             ci = ""
             if "auroc_ci_low" in f and not (isinstance(f["auroc_ci_low"], float) and math.isnan(f["auroc_ci_low"])):
                 ci = f"[{_fmt(f['auroc_ci_low'])}, {_fmt(f['auroc_ci_high'])}]"
@@ -286,7 +289,8 @@ def _provenance_table(run: dict, saes: list[dict]) -> str:
     rows = [
         ("model", model.get("name_or_path") or run.get("model")),
         ("model class / revision", " / ".join(str(model.get(k)) for k in ("class", "revision") if model.get(k))),
-        ("weights / config hash", (model.get("weights_sha256") or model.get("commit") or model.get("config_sha256") or "")[:16]),
+        ("weights / config hash",
+         (model.get("weights_sha256") or model.get("commit") or model.get("config_sha256") or "")[:16]),
         ("dtype", model.get("dtype")),
         ("hook", hook.get("meaning") or hook.get("site")),
         ("module path", hook.get("module_path")),
@@ -335,8 +339,10 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>",
         "<h2>Final metrics</h2>",
         "<p>Held-out rows. variance_explained = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; dead_fraction counts latents that never "
-        "fired on the evaluated rows; loss recovered = (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>).</p>",
-        _table(["SAE", "layer", "d_sae", "k", *METRIC_NAMES, "loss recovered", "KL", "tokens seen"], rows, raw_cols=(0,)),
+        "fired on the evaluated rows; loss recovered = (CE<sub>zero</sub> − CE<sub>SAE</sub>) / "
+        "(CE<sub>zero</sub> − CE<sub>clean</sub>).</p>",
+        _table(["SAE", "layer", "d_sae", "k", *METRIC_NAMES, "loss recovered", "KL", "tokens seen"], rows,
+               raw_cols=(0,)),
         "<h2>Config and provenance</h2>",
         _provenance_table(run, saes),
         _json_block("run.json", run),

@@ -245,7 +245,8 @@ class Run:
         self.split = self._check_split()
         loader = self._loader("train", self.tc.batch_size, seed=self.tc.seed)  # validates before OUT is touched
         tokens = recipe.budget(self.tc, loader.n_rows)
-        tc, notes = recipe.fit_to_run(dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens)
+        tc, notes = recipe.fit_to_run(dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set,
+                                      tokens)
         self.tc = tc
         self.train_rows = loader.n_rows
         if self.rank == 0:
@@ -369,7 +370,8 @@ class Run:
 
     def _export(self, trainers, tokens, history) -> dict:
         tc = self.tc
-        run = {"run_id": self.run_id, "cache": absolute_url(self.cache_url), "cache_fingerprint": self.cache.fingerprint,
+        run = {"run_id": self.run_id, "cache": absolute_url(self.cache_url),
+               "cache_fingerprint": self.cache.fingerprint,
                "layer_fingerprints": {str(k): v for k, v in self.fingerprints.items()}, "layers": self.layers,
                "tokens": tokens, "complete": True, "config": dataclasses.asdict(tc),
                "recipe": {"name": self.recipe, "card": recipe.CARDS.get(self.recipe, ""), "epochs": tc.epochs,
@@ -387,7 +389,8 @@ class Run:
                          "heldout_tokens": self.split["heldout_tokens"], "sequences": self.split["sequences"]}
                 norm = {"input_mean": "zeros", "input_scale": float(tr.sae.input_scale[0]), "folded": True} \
                     if tc.normalize else {"kind": "none"}
-                cfg = sae_lens_cfg(tr.sae, layer=s.layer, hook=hook, hook_module=f"{module}.{s.layer}" if module else "",
+                cfg = sae_lens_cfg(tr.sae, layer=s.layer, hook=hook,
+                                   hook_module=f"{module}.{s.layer}" if module else "",
                                    model=run["model"], fingerprint=self.fingerprints[s.layer], tokens=tr.tokens,
                                    split=split, normalization=norm, config=run["config"], cache_url=self.cache_url,
                                    source=meta.get("source"), context=context)

@@ -33,7 +33,8 @@ def read_run(run_dir: str | Path, *, need_saes: bool = False) -> tuple[dict, lis
     run_dir = Path(run_dir)
     run_json = run_dir / "run.json"
     if not run_json.is_file():
-        raise UserError(f"{run_dir}: no run.json here; run `make train` first or pass --out to a training run directory")
+        raise UserError(f"{run_dir}: no run.json here; "
+                        "run `make train` first or pass --out to a training run directory")
     try:
         run = json.loads(run_json.read_text())
     except json.JSONDecodeError as e:

@@ -148,7 +148,8 @@ def scan(
     if layer not in c.layers:
         raise UserError(f"layer {layer} is not in the cache {url} (it has {c.layers}); pass --layer one of them")
     if c.d_model != sae.d_in:
-        raise UserError(f"the SAE takes d_in={sae.d_in} but the cache's d_model is {c.d_model}; pair the SAE with its cache")
+        raise UserError(f"the SAE takes d_in={sae.d_in} but the cache's d_model is {c.d_model}; "
+                        "pair the SAE with its cache")
     n_chunks = c.n_chunks
     sae = sae.cpu().eval()
     device = dist.resolve_device(device)
@@ -166,7 +167,8 @@ def scan(
         pending = set()
         while True:
             while next_chunk < n_chunks and len(pending) < in_flight and kept_prefix < max_tokens:
-                pending.add(client.submit(_scan_chunk, c.url, c.n_tokens, layer, next_chunk, sae_f, split, want_codes, device, token,
+                pending.add(client.submit(_scan_chunk, c.url, c.n_tokens, layer, next_chunk, sae_f, split, want_codes,
+                                          device, token,
                                           key=f"scan-{layer}-{next_chunk}-{token}", pure=False))
                 next_chunk += 1
             if not pending:
