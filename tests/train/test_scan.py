@@ -5,10 +5,8 @@ truncated by whole chunks, the same on an existing scheduler, one line when none
 import numpy as np
 import pytest
 
-import cache_format as cf
 from train.analysis_rows import Split
 from train.scan import scan
-from train.split import is_heldout
 
 from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
 
