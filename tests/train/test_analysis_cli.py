@@ -18,9 +18,11 @@ NAME = "L2_n32_k16"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5, "l0": 2.5} for t in (100, 200, 300)]
+    traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5, "l0": 2.5}
+            for t in (100, 200, 300)]
     out, url, _ = exported_run(tmp_path_factory.mktemp("run"), name=NAME, trajectory=traj,
-                               metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.5, "alive": 16})
+                               metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.5,
+                                        "alive": 16})
     return out, url
 
 

@@ -25,7 +25,8 @@ def ensure_chromium() -> str:
             pytest.skip("chromium is missing and cannot be installed here (needs apt-get as root)")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, capture_output=True, timeout=900)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, capture_output=True,
+                       timeout=900)
     return CHROMIUM
 
 
@@ -38,7 +39,8 @@ def report(tmp_path_factory):
                                  trajectory=traj, metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5,
                                                            "dead_fraction": 0.69, "alive": 10})
     (out / name / "loss_recovered.json").write_text(json.dumps(
-        {"ce_clean": 2.0, "ce_sae": 2.1, "ce_zero": 6.0, "loss_recovered": 0.975, "kl_sae": 0.05, "kl_zero": 3.1, "tokens": 999}))
+        {"ce_clean": 2.0, "ce_sae": 2.1, "ce_zero": 6.0, "loss_recovered": 0.975, "kl_sae": 0.05, "kl_zero": 3.1,
+         "tokens": 999}))
     analyze(sae, url, LAYER, out / name, AnalysisConfig(bootstrap=20, permutations=50), Split(SEED, FRACTION, (2, 3)),
             progress=False)
     return render_report(out)
