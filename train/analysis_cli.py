@@ -14,11 +14,10 @@ from pathlib import Path
 
 import click
 
-from .config import PipelineConfig, load_config
-
 from cache_format.config import config_options
 from cache_format.errors import UserError
 
+from .config import PipelineConfig, load_config
 
 _shared = config_options(layers=False, cache_help="Cache location (default: the SAE's, else [harvest].cache).")
 
@@ -155,8 +154,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
 def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, rows, as_json, quiet):
     from .features import analyze
-    from .scan import analysis_client
     from .published import load_sae
+    from .scan import analysis_client
 
     cfg = _config(config_path, profile, overrides)
     if sae_path:

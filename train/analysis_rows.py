@@ -49,7 +49,7 @@ class Split:
                 "rows": self.rows, "labeled": self.labeled}
 
     @classmethod
-    def of(cls, sae: TopKSAE, default_seed: int, default_fraction: float) -> "Split":
+    def of(cls, sae: TopKSAE, default_seed: int, default_fraction: float) -> Split:
         """The split recorded in the SAE's config (train's export), else the defaults given."""
         from .rundir import recorded_split
 

@@ -8,9 +8,9 @@ import json
 
 import click
 
-from .config import load_config
-
 from cache_format.config import config_options, parse_layers
+
+from .config import load_config
 
 
 @click.group()

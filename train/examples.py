@@ -55,7 +55,7 @@ def contexts(cache, seq_ids: np.ndarray, positions: np.ndarray, tokens: np.ndarr
             ids = col_tok[int(j)].values.to_numpy(zero_copy_only=False)
             ids_by_seq[int(col_seq[j])] = np.asarray(ids, dtype=np.int64)
     out = {"context_token_ids": [], "token": [], "context_before": [], "context_after": [], "context": []}
-    for s, p, t in zip(seq_ids.tolist(), positions.tolist(), tokens.tolist()):
+    for s, p, t in zip(seq_ids.tolist(), positions.tolist(), tokens.tolist(), strict=True):
         full = ids_by_seq.get(s)
         if full is None or not 0 <= p < len(full) or int(full[p]) != t:
             raise UserError(f"sequence {s} position {p}: the cache's sequences table does not hold token {t} there; "

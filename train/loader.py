@@ -22,6 +22,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -167,8 +168,7 @@ class ShuffledLoader:
                 if window >= len(self.windows(epoch)):
                     epoch, window = epoch + 1, 0
 
-        for _, batch in zip(range(n_batches), cut_batches(streams(), self.local_batch)):
-            yield batch
+        yield from islice(cut_batches(streams(), self.local_batch), n_batches)
 
     @property
     def local_batch(self) -> int:

@@ -53,7 +53,7 @@ class ReconstructionMetrics:
         self.mean = self.mean + delta * (nb / n)
         self.n = n
 
-    def merge(self, other: "ReconstructionMetrics") -> None:
+    def merge(self, other: ReconstructionMetrics) -> None:
         """Fold in another accumulator (e.g. from another rank)."""
         if other.n:
             self._merge_moments(other.n, other.mean, other.m2)

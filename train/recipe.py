@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import PipelineConfig, RECIPES, TrainConfig
-
 from cache_format.config import build_section
 from cache_format.errors import UserError
+
+from .config import RECIPES, PipelineConfig, TrainConfig
 
 CARDS = {"rollouts": "the 000 card", "corpus": "the 001 card", "none": "no recipe"}
 SOURCE_RECIPE = {"supergpqa": "rollouts", "corpus": "corpus"}

@@ -18,7 +18,7 @@ import html
 import io
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +104,10 @@ def trajectory_plot(rows: list[dict], title: str) -> str | None:
     if not xs_key or not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(np.atleast_1d(axes), keys):
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
         pts = [(r[xs_key], r[key]) for r in rows if key in r and r[key] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker=".")
+            ax.plot(*zip(*pts, strict=True), marker=".")
         ax.set_xlabel(xs_key)
         ax.set_title(key)
     fig.suptitle(title)
@@ -270,8 +270,8 @@ def _source_shares(url: str | None) -> str | None:
     if not url:
         return None
     try:
-        from cache_format.ops import rows_by_source
         from cache_format.opener import open_cache
+        from cache_format.ops import rows_by_source
 
         rows = rows_by_source(open_cache(url))
     except Exception:  # the report renders from the run directory even where the cache is gone
@@ -336,7 +336,7 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>Run directory <code>{html.escape(str(run_dir.resolve()))}</code>, rendered "
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>",
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.</p>",
         "<h2>Final metrics</h2>",
         "<p>Held-out rows. variance_explained = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; dead_fraction counts latents that never "
         "fired on the evaluated rows; loss recovered = (CE<sub>zero</sub> − CE<sub>SAE</sub>) / "

@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from cache_format.atomic import atomic_dir
 from cache_format.bf16 import bits_to_torch
-from .config import PipelineConfig, TrainConfig
 from cache_format.errors import CacheError, UserError
 from cache_format.layout import ROLE_CODES
 
 from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
+from .config import PipelineConfig, TrainConfig
 from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
 from .loader import ShuffledLoader

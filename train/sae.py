@@ -60,7 +60,7 @@ class TopKSAE(nn.Module):
         return torch.zeros(vals.shape[0], self.d_sae, dtype=vals.dtype, device=vals.device).scatter_(1, idx, vals)
 
     @torch.no_grad()
-    def folded(self) -> "TopKSAE":
+    def folded(self) -> TopKSAE:
         """An equivalent SAE with identity normalization: it takes raw residuals directly."""
         m, s = self.input_mean, self.input_scale
         out = TopKSAE(self.d_in, self.d_sae, self.k, relu=self.relu, subtract_b_dec=self.subtract_b_dec)

@@ -32,7 +32,6 @@ from . import dist
 from .kernels import topk_autoencode
 from .sae import TopKSAE, geometric_median
 
-
 AUX_NORMS = ("residual", "total")
 
 

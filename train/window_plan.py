@@ -31,7 +31,7 @@ def epoch_windows(chunk_counts: np.ndarray, seed: int, epoch: int, window_tokens
     wins = np.split(order, cuts)
     if world_size > 1:  # every N-th chunk of the epoch's order is this rank's
         mine = np.arange(len(order)) % world_size == rank
-        wins = [w[k] for w, k in zip(wins, np.split(mine, cuts))]
+        wins = [w[k] for w, k in zip(wins, np.split(mine, cuts), strict=True)]
     return [w for w in wins if len(w)]
 
 

@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from analysis_data import FRACTION, LAYER, exported_run, identity_sae
 from click.testing import CliRunner
 
 import cache_format as cf
 from train.analysis_cli import analyze_cmd, eval_cmd, report_cmd
 from train.export import export_sae
-
-from analysis_data import FRACTION, LAYER, exported_run, identity_sae
 
 NAME = "L2_n32_k16"
 
@@ -92,9 +91,10 @@ def test_analyze_rows_default_to_every_labeled_row_on_rollouts(run_dir, tmp_path
 
 @pytest.mark.slow
 def test_loss_recovered_command_on_the_tiny_model(tmp_path):
+    from tokenizers import Tokenizer
+
     from harvest import tiny
     from harvest.splice import loss_recovered_cmd
-    from tokenizers import Tokenizer
 
     d, layer = 64, 3
     tok = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))

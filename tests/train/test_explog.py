@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from planted_data import write_planted
 
 from cache_format.errors import UserError
-from planted_data import write_planted
 from train.cli import cli
 from train.explog import check_kind, open_log
 

@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from analysis_data import FRACTION, LAYER, SEED, D, identity_sae, make_cache
 
 import cache_format as cf
 from train.analysis_rows import Split
 from train.config import AnalysisConfig
 from train.features import analyze
 from train.split import is_heldout
-
-from analysis_data import D, FRACTION, LAYER, SEED, identity_sae, make_cache
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from planted_data import planted_residuals, write_planted
 
 

@@ -6,9 +6,8 @@ import textwrap
 import pytest
 
 from cache_format.config import ConfigError
-
-from train.config import load_config
 from cache_format.errors import UserError
+from train.config import load_config
 
 
 def write(tmp_path, text):

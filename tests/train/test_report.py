@@ -7,13 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from analysis_data import FRACTION, LAYER, SEED, exported_run
 
-from train.config import AnalysisConfig
 from train.analysis_rows import Split
+from train.config import AnalysisConfig
 from train.features import analyze
 from train.report import render_report
-
-from analysis_data import FRACTION, LAYER, SEED, exported_run
 
 CHROMIUM = "/usr/bin/chromium"
 

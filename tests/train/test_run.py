@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from planted_data import write_planted
 from safetensors.torch import load_file
 
 from cache_format.errors import UserError
-from planted_data import write_planted
 from train.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,11 +4,10 @@ truncated by whole chunks, the same on an existing scheduler, one line when none
 
 import numpy as np
 import pytest
+from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
 
 from train.analysis_rows import Split
 from train.scan import scan
-
-from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
 
 
 @pytest.fixture(scope="module")
