@@ -37,6 +37,7 @@ import torch
 from cache_format.errors import UserError
 
 from .sae import TopKSAE
+from .sae_names import QWEN_SCOPE_NAME, k_from_name, layer_from_name
 
 __all__ = ["load_sae", "detect_layout", "SAEFormatError"]
 
@@ -82,8 +83,8 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
         pts = sorted(p.glob("*.pt"))
         sts = sorted(q for q in p.glob("*.safetensors"))
         if layer is not None and len(pts) + len(sts) > 1:  # a repo with one SAE per layer
-            pts = [q for q in pts if _layer_from_name(q) == layer]
-            sts = [q for q in sts if _layer_from_name(q) == layer]
+            pts = [q for q in pts if layer_from_name(q) == layer]
+            sts = [q for q in sts if layer_from_name(q) == layer]
             if not pts and not sts:
                 raise SAEFormatError(f"{p}: no SAE file for layer {layer} in this directory; "
                                      "pass another --layer or --sae FILE")
@@ -116,7 +117,7 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
         cfg = _sibling_cfg(p)
         return "sae_lens", {"weights": p, **({"cfg": cfg} if cfg else {})}
     if name.endswith(".pt") or name.endswith(".pth"):
-        return ("qwen_scope" if _QWEN_SCOPE_NAME.fullmatch(name) else "topk_pt"), {"weights": p}
+        return ("qwen_scope" if QWEN_SCOPE_NAME.fullmatch(name) else "topk_pt"), {"weights": p}
     raise SAEFormatError(f"{p}: unknown SAE file type; expected .pt, .safetensors or a directory of them")
 
 
@@ -136,30 +137,6 @@ def _sibling_cfg(weights: Path) -> Path | None:
             if best is None or len(prefix) > len(best.name):
                 best = c
     return best
-
-
-_QWEN_SCOPE_NAME = re.compile(r"layer(\d+)\.sae\.pt")
-_K_IN_NAME = [re.compile(r"(?:^|[_\-.])k(\d+)(?=[_\-.]|$)"), re.compile(r"topk[_\-]?(\d+)", re.I),
-              re.compile(r"L0[_\-](\d+)")]
-_LAYER_IN_NAME = [re.compile(r"(?:^|[_\-.])L(\d+)(?=[_\-.])"), re.compile(r"^layer(\d+)\.")]
-
-
-def _k_from_name(p: Path) -> int | None:
-    """`sae_L11_n4096_k32.pt` → 32; `…-W64K-L0_50/layer3.sae.pt` → 50; `…-topk64/…` → 64."""
-    for part in [p.name] + [q.name for q in p.parents][:2]:
-        for rx in _K_IN_NAME:
-            m = rx.search(part)
-            if m:
-                return int(m.group(1))
-    return None
-
-
-def _layer_from_name(p: Path) -> int | None:
-    for rx in _LAYER_IN_NAME:
-        m = rx.search(p.name)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,11 +267,11 @@ def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
     p = files["weights"]
     raw = _read_pt(p)
     w = _weights(p, raw)
-    qs_name = _QWEN_SCOPE_NAME.fullmatch(p.name) is not None
+    qs_name = QWEN_SCOPE_NAME.fullmatch(p.name) is not None
     k_name = re.search(r"_n(\d+)_k(\d+)", p.name)
     expect = "qwen_scope" if qs_name else ("000" if k_name else None)
     W_enc, W_dec, orient = _orient(p, w, expect)
-    k = k if k is not None else _k_from_name(p)
+    k = k if k is not None else k_from_name(p)
     if orient == "qwen_scope":
         sae = _build(p, w, W_enc, W_dec, k, relu=False, subtract_b_dec=False)
         sae.cfg.update(layout="qwen_scope")
@@ -302,7 +279,7 @@ def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
         mean, std = raw.get("input_mean"), raw.get("input_scale", raw.get("input_std"))
         sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True, mean=mean, std=std)
         sae.cfg.update(layout="topk_pt")
-    layer = _layer_from_name(p)
+    layer = layer_from_name(p)
     if layer is not None:
         sae.cfg["layer"] = layer
     return sae
@@ -354,7 +331,7 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
         if key in cfg and cfg[key] != have:
             raise SAEFormatError(f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; "
                                  "the pair is mismatched")
-    k = k if k is not None else (_cfg_k(cfg) or _k_from_name(p))
+    k = k if k is not None else (_cfg_k(cfg) or k_from_name(p))
     if cfg.get("rescale_acts_by_decoder_norm"):
         W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
     sae = _build(p, w, W_enc, W_dec, k,
@@ -365,7 +342,7 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
     sae.cfg["k"] = sae.k
     layer = _cfg_layer(cfg)
     if layer is None:
-        layer = _layer_from_name(p)
+        layer = layer_from_name(p)
     if layer is not None:
         sae.cfg["layer"] = layer
     return sae
@@ -398,7 +375,7 @@ def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
                              "the metadata is incomplete")
     if k is None:
         found = _find_key(meta, ("k", "top_k", "topk", "k_sparsity"))
-        k = found if isinstance(found, int) and not isinstance(found, bool) else _k_from_name(p)
+        k = found if isinstance(found, int) and not isinstance(found, bool) else k_from_name(p)
     sub = _find_key(meta, ("apply_b_dec_to_input", "subtract_b_dec"))
     sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub),
                  mean=mean, std=std)
