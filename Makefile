@@ -47,6 +47,8 @@ gpu-kernels:
 	else echo "no CUDA here: $(GPU_KERNELS) not installed (torch's reference kernels)"; fi
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 harvest: install

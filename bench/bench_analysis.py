@@ -82,14 +82,23 @@ def main() -> None:
     t_dense = time.perf_counter() - t
     np.testing.assert_allclose(sparse, dense, atol=1e-9)
 
-    print(json.dumps({
-        "tokens": n, "d_sae": d, "k": k, "threads": args.threads,
-        "dense_per_feature_s": round(t_dense, 3),
-        "sparse_sort_once_s": round(t_build, 3), "sparse_auroc_all_features_s": round(t_eval, 3),
-        "sparse_per_resample_s": round(t_resample, 3),
-        "speedup_first_auroc": round(t_dense / (t_build + t_eval), 1),
-        "speedup_per_resample": round(t_dense / t_resample, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "tokens": n,
+                "d_sae": d,
+                "k": k,
+                "threads": args.threads,
+                "dense_per_feature_s": round(t_dense, 3),
+                "sparse_sort_once_s": round(t_build, 3),
+                "sparse_auroc_all_features_s": round(t_eval, 3),
+                "sparse_per_resample_s": round(t_resample, 3),
+                "speedup_first_auroc": round(t_dense / (t_build + t_eval), 1),
+                "speedup_per_resample": round(t_dense / t_resample, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,27 +43,77 @@ import cache_format as cf  # noqa: E402
 from cache_format import integrity, ops  # noqa: E402
 from cache_format.stores import Location  # noqa: E402
 
-HARVEST = [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--source", "corpus", "--layers", "1,4",
-           "--quiet", "--set", "corpus.seq_len=64", "--set", "harvest.segment_sequences=4",
-           "--set", "harvest.batch_size=4", "--set", "harvest.chunk_tokens=128"]
-TRAIN = [sys.executable, "-m", "train", "run", "--profile", "tiny", "--no-progress", "--layers", "1",
-         "--set", "train.d_sae=128", "--set", "train.k=4", "--set", "train.batch_size=256",
-         "--set", "train.geometric_median_samples=512", "--set", "train.shuffle_buffer_tokens=4096",
-         "--set", "train.eval_tokens=1024", "--set", "train.checkpoint_every_tokens=4096",
-         "--set", "train.eval_every_tokens=4096"]
+HARVEST = [
+    sys.executable,
+    "-m",
+    "harvest",
+    "run",
+    "--profile",
+    "tiny",
+    "--source",
+    "corpus",
+    "--layers",
+    "1,4",
+    "--quiet",
+    "--set",
+    "corpus.seq_len=64",
+    "--set",
+    "harvest.segment_sequences=4",
+    "--set",
+    "harvest.batch_size=4",
+    "--set",
+    "harvest.chunk_tokens=128",
+]
+TRAIN = [
+    sys.executable,
+    "-m",
+    "train",
+    "run",
+    "--profile",
+    "tiny",
+    "--no-progress",
+    "--layers",
+    "1",
+    "--set",
+    "train.d_sae=128",
+    "--set",
+    "train.k=4",
+    "--set",
+    "train.batch_size=256",
+    "--set",
+    "train.geometric_median_samples=512",
+    "--set",
+    "train.shuffle_buffer_tokens=4096",
+    "--set",
+    "train.eval_tokens=1024",
+    "--set",
+    "train.checkpoint_every_tokens=4096",
+    "--set",
+    "train.eval_every_tokens=4096",
+]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def _summary(url: str) -> dict:
     c = cf.open_cache(url)
-    return {"fingerprint": c.fingerprint, "units": [s.meta["unit"] for s in c.segments],
-            "tokens": np.asarray(c.tokens[:]), "seq_ids": np.asarray(c.seq_ids[:]), "n": c.n_tokens}
+    return {
+        "fingerprint": c.fingerprint,
+        "units": [s.meta["unit"] for s in c.segments],
+        "tokens": np.asarray(c.tokens[:]),
+        "seq_ids": np.asarray(c.seq_ids[:]),
+        "n": c.n_tokens,
+    }
 
 
 def _same_cache(a: dict, b: dict) -> dict:
-    rows = sorted(zip(a["seq_ids"].tolist(), a["tokens"].tolist())) == sorted(zip(b["seq_ids"].tolist(), b["tokens"].tolist()))
-    return {"rows": rows, "order": bool(np.array_equal(a["tokens"], b["tokens"]) and a["units"] == b["units"]),
-            "fingerprint": a["fingerprint"] == b["fingerprint"]}
+    rows = sorted(zip(a["seq_ids"].tolist(), a["tokens"].tolist())) == sorted(
+        zip(b["seq_ids"].tolist(), b["tokens"].tolist())
+    )
+    return {
+        "rows": rows,
+        "order": bool(np.array_equal(a["tokens"], b["tokens"]) and a["units"] == b["units"]),
+        "fingerprint": a["fingerprint"] == b["fingerprint"],
+    }
 
 
 def _wait_for(pred, proc, timeout=300):
@@ -102,14 +152,25 @@ def harvest_kills(tmp: Path, n: int, tokens: int, rng: random.Random) -> dict:
         p.send_signal(signal.SIGKILL)
         p.wait()
         before = len(cf.open_cache(url).segments)
-        subprocess.run([*HARVEST, "--cache", url, "--tokens", str(tokens)], env=ENV, check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*HARVEST, "--cache", url, "--tokens", str(tokens)], env=ENV, check=True, stderr=subprocess.DEVNULL
+        )
         got = _same_cache(_summary(url), want)
         out.append({"killed_mid_run": killed, "segments_before_resume": before, **got})
-        print(f"harvest kill {i + 1}/{n}: {before} of {len(want['units'])} segments committed when killed; "
-              f"rows {got['rows']}, order {got['order']}, fingerprint {got['fingerprint']}", flush=True)
-    return {"points": n, "tokens": tokens, "uninterrupted_s": round(dur, 1), "runs": out,
-            "identical_rows": sum(r["rows"] for r in out), "identical_order": sum(r["order"] for r in out),
-            "identical_fingerprint": sum(r["fingerprint"] for r in out)}
+        print(
+            f"harvest kill {i + 1}/{n}: {before} of {len(want['units'])} segments committed when killed; "
+            f"rows {got['rows']}, order {got['order']}, fingerprint {got['fingerprint']}",
+            flush=True,
+        )
+    return {
+        "points": n,
+        "tokens": tokens,
+        "uninterrupted_s": round(dur, 1),
+        "runs": out,
+        "identical_rows": sum(r["rows"] for r in out),
+        "identical_order": sum(r["order"] for r in out),
+        "identical_fingerprint": sum(r["fingerprint"] for r in out),
+    }
 
 
 def _weights(out: Path) -> dict:
@@ -124,7 +185,8 @@ def _weights(out: Path) -> dict:
 
 def _same_weights(a: dict, b: dict) -> bool:
     return a["weights"].keys() == b["weights"].keys() and all(
-        all(np.array_equal(a["weights"][s][k], b["weights"][s][k]) for k in a["weights"][s]) for s in a["weights"])
+        all(np.array_equal(a["weights"][s][k], b["weights"][s][k]) for k in a["weights"][s]) for s in a["weights"]
+    )
 
 
 def train_kills(tmp: Path, cache: str, n: int, tokens: int, rng: random.Random) -> dict:
@@ -153,11 +215,18 @@ def train_kills(tmp: Path, cache: str, n: int, tokens: int, rng: random.Random) 
         got = _weights(o)
         same, fp = _same_weights(got, want), got["fingerprints"] == want["fingerprints"]
         out.append({"killed_mid_run": killed, "identical_weights": same, "identical_fingerprint": fp})
-        print(f"train kill {i + 1}/{n}: killed mid-run {killed}; weights identical {same}, run.json fingerprint {fp}",
-              flush=True)
-    return {"points": n, "training_tokens": tokens, "uninterrupted_s": round(dur, 1), "runs": out,
-            "identical_weights": sum(r["identical_weights"] for r in out),
-            "identical_fingerprint": sum(r["identical_fingerprint"] for r in out)}
+        print(
+            f"train kill {i + 1}/{n}: killed mid-run {killed}; weights identical {same}, run.json fingerprint {fp}",
+            flush=True,
+        )
+    return {
+        "points": n,
+        "training_tokens": tokens,
+        "uninterrupted_s": round(dur, 1),
+        "runs": out,
+        "identical_weights": sum(r["identical_weights"] for r in out),
+        "identical_fingerprint": sum(r["identical_fingerprint"] for r in out),
+    }
 
 
 def _read_all(c) -> None:
@@ -179,9 +248,12 @@ def flips(tmp: Path, cache: str, n: int, rng: random.Random) -> dict:
     for s in c._segs:
         objs.update(ops.segment_objects(s))
     keys = sorted(k for k in objs if not k.endswith("zarr.json"))
-    kinds = {"residual shard": [k for k in keys if "/resid_post/" in k and "/c/" in k],
-             "row column": [k for k in keys if "/rows/" in k], "stats": [k for k in keys if "/stats/" in k],
-             "sequences": [k for k in keys if k.endswith(".parquet")]}
+    kinds = {
+        "residual shard": [k for k in keys if "/resid_post/" in k and "/c/" in k],
+        "row column": [k for k in keys if "/rows/" in k],
+        "stats": [k for k in keys if "/stats/" in k],
+        "sequences": [k for k in keys if k.endswith(".parquet")],
+    }
     res = {}
     for kind, pool in kinds.items():
         caught_read = caught_verify = total = 0
@@ -200,10 +272,16 @@ def flips(tmp: Path, cache: str, n: int, rng: random.Random) -> dict:
             caught_verify += bool(ops.verify(cf.open_cache(url))[1])
             shutil.copyfile(os.path.join(cache, *key.split("/")), path)  # restore it for the next flip
         res[kind] = {"flips": total, "caught_by_reads": caught_read, "caught_by_verify": caught_verify}
-        print(f"byte flips in {kind}: {caught_read}/{total} caught by reads, {caught_verify}/{total} by verify",
-              flush=True)
-    edits = {"n_rows - 1": (b'"n_rows":', None), "kind": (b'"kind":"segment"', b'"kind":"segmenx"'),
-             "root layers": None, "non-UTF-8 byte": (None, None)}
+        print(
+            f"byte flips in {kind}: {caught_read}/{total} caught by reads, {caught_verify}/{total} by verify",
+            flush=True,
+        )
+    edits = {
+        "n_rows - 1": (b'"n_rows":', None),
+        "kind": (b'"kind":"segment"', b'"kind":"segmenx"'),
+        "root layers": None,
+        "non-UTF-8 byte": (None, None),
+    }
     log_res = {}
     for name, how in edits.items():
         work = str(tmp / f"edit-{len(log_res)}")
@@ -230,7 +308,9 @@ def flips(tmp: Path, cache: str, n: int, rng: random.Random) -> dict:
             refused = False
         except cf.CacheError as e:
             refused = "\n" not in str(e)
-        v = subprocess.run([sys.executable, "-m", "cache_format", "verify", work], env=ENV, capture_output=True, text=True)
+        v = subprocess.run(
+            [sys.executable, "-m", "cache_format", "verify", work], env=ENV, capture_output=True, text=True
+        )
         verify_caught = v.returncode == 2 and v.stderr.strip().count("\n") == 0 and "Traceback" not in v.stderr
         log_res[name] = {"refused_by_readers_in_one_line": refused, "caught_by_verify_in_one_line": verify_caught}
         print(f"edit {name}: readers refuse {refused}, verify catches {verify_caught}", flush=True)
@@ -271,8 +351,11 @@ def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int,
             same, wrong = same + ok, wrong + (not ok)
         except cf.UserError as e:  # a one-line error naming the object: loud, never wrong data
             loud += "\n" not in str(e)
-    print(f"flaky server ({rates}): of {runs} full reads {same} identical to local, {loud} failed in one line, "
-          f"{wrong} silently wrong; injected {server.failures['injected']}", flush=True)
+    print(
+        f"flaky server ({rates}): of {runs} full reads {same} identical to local, {loud} failed in one line, "
+        f"{wrong} silently wrong; injected {server.failures['injected']}",
+        flush=True,
+    )
     tr = []
     if train_runs:
         args = [*TRAIN, "--set", "train.training_tokens=8192"]
@@ -284,17 +367,32 @@ def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int,
             o = tmp / f"f_http{i}"
             p = subprocess.run([*args, "--cache", url, "--out", str(o)], env=env, capture_output=True, text=True)
             ok = p.returncode == 0
-            tr.append({"exit": p.returncode, "identical_weights": ok and _same_weights(_weights(o), want_w),
-                       "traceback": "Traceback" in p.stderr, "last_line": (p.stderr.strip().splitlines() or [""])[-1]})
-            print(f"train run over the flaky server {i + 1}/{train_runs}: exit {p.returncode}, "
-                  f"identical weights {tr[-1]['identical_weights']}" + ("" if ok else f" ({tr[-1]['last_line']})"),
-                  flush=True)
+            tr.append(
+                {
+                    "exit": p.returncode,
+                    "identical_weights": ok and _same_weights(_weights(o), want_w),
+                    "traceback": "Traceback" in p.stderr,
+                    "last_line": (p.stderr.strip().splitlines() or [""])[-1],
+                }
+            )
+            print(
+                f"train run over the flaky server {i + 1}/{train_runs}: exit {p.returncode}, "
+                f"identical weights {tr[-1]['identical_weights']}" + ("" if ok else f" ({tr[-1]['last_line']})"),
+                flush=True,
+            )
     server.shutdown()
-    return {"rates": rates, "read_runs": runs, "identical_reads": int(same), "reads_failed_in_one_line": loud,
-            "reads_silently_wrong": wrong, "injected": dict(server.failures["injected"]), "train_runs": tr,
-            "train_identical": sum(r["identical_weights"] for r in tr),
-            "train_failed_in_one_line": sum(r["exit"] == 2 and not r["traceback"] for r in tr),
-            "train_silently_wrong": sum(r["exit"] == 0 and not r["identical_weights"] for r in tr)}
+    return {
+        "rates": rates,
+        "read_runs": runs,
+        "identical_reads": int(same),
+        "reads_failed_in_one_line": loud,
+        "reads_silently_wrong": wrong,
+        "injected": dict(server.failures["injected"]),
+        "train_runs": tr,
+        "train_identical": sum(r["identical_weights"] for r in tr),
+        "train_failed_in_one_line": sum(r["exit"] == 2 and not r["traceback"] for r in tr),
+        "train_silently_wrong": sum(r["exit"] == 0 and not r["identical_weights"] for r in tr),
+    }
 
 
 def main(argv=None) -> None:
@@ -309,8 +407,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
-    result = {"command": " ".join(["python", "bench/bench_faults.py", *(argv or sys.argv[1:])]),
-              "load_avg": os.getloadavg()[0]}
+    result = {
+        "command": " ".join(["python", "bench/bench_faults.py", *(argv or sys.argv[1:])]),
+        "load_avg": os.getloadavg()[0],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         result["harvest_kill9"] = harvest_kills(tmp, a.kills, a.tokens, rng)

@@ -40,7 +40,6 @@ def committed(url: str) -> bool:
 
 def main() -> None:
     import psutil
-
     from test_harvest_rehearsal import write_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,11 +54,30 @@ def main() -> None:
         if not a.corpus:
             write_corpus(corpus, a.tokens)
         url = str(Path(d) / "cache")
-        sets = ["harvest.segment_sequences=256", "harvest.batch_size=64",
-                f'corpus.sources=[{{name="gen", path="{corpus}", weight=0.9}}, '
-                '{name="tiny", path="builtin:tiny", weight=0.1}]']
-        cmd = [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--cache", url, "--source", "corpus",
-               "--layers", "0", "--tokens", str(a.tokens), "--quiet", *sum((["--set", s] for s in sets), [])]
+        sets = [
+            "harvest.segment_sequences=256",
+            "harvest.batch_size=64",
+            f'corpus.sources=[{{name="gen", path="{corpus}", weight=0.9}}, '
+            '{name="tiny", path="builtin:tiny", weight=0.1}]',
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "harvest",
+            "run",
+            "--profile",
+            "tiny",
+            "--cache",
+            url,
+            "--source",
+            "corpus",
+            "--layers",
+            "0",
+            "--tokens",
+            str(a.tokens),
+            "--quiet",
+            *sum((["--set", s] for s in sets), []),
+        ]
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=a.repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         p, peak, first, trace = psutil.Process(proc.pid), 0, None, []
@@ -75,8 +93,17 @@ def main() -> None:
             time.sleep(0.25)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    print(json.dumps({"repo": a.repo, "tokens": a.tokens, "first_commit_s": first and round(first, 1),
-                      "peak_rss_mib": peak >> 20, "rss_trace_mib": trace}))
+    print(
+        json.dumps(
+            {
+                "repo": a.repo,
+                "tokens": a.tokens,
+                "first_commit_s": first and round(first, 1),
+                "peak_rss_mib": peak >> 20,
+                "rss_trace_mib": trace,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

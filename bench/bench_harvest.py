@@ -34,13 +34,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
     # ~290M parameters: big enough that the forward, not Python, dominates on CPU.
-    "cpu-300m": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=8,
-                     num_key_value_heads=2, head_dim=128, linear_num_key_heads=8, linear_num_value_heads=16,
-                     linear_key_head_dim=64, linear_value_head_dim=64, vocab_size=32768),
+    "cpu-300m": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        linear_num_key_heads=8,
+        linear_num_value_heads=16,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        vocab_size=32768,
+    ),
     # Qwen3.6-27B's text config (hidden 5120, 64 layers); vision tower left tiny, it never runs.
-    "qwen3.6-27b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
-                        num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
-                        linear_key_head_dim=128, linear_value_head_dim=128, vocab_size=248320),
+    "qwen3.6-27b": dict(
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=64,
+        num_attention_heads=24,
+        num_key_value_heads=4,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=48,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        vocab_size=248320,
+    ),
 }
 
 
@@ -49,11 +69,23 @@ def build_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
 
     text = dict(SHAPES[shape])
     n = text["num_hidden_layers"]
-    text.update(model_type="qwen3_5_text", linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)],
-                rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25})
-    vision = dict(model_type="qwen3_5_vision", depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
-                  out_hidden_size=text["hidden_size"], num_position_embeddings=64)
+    text.update(
+        model_type="qwen3_5_text",
+        linear_conv_kernel_dim=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)],
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+    )
+    vision = dict(
+        model_type="qwen3_5_vision",
+        depth=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        out_hidden_size=text["hidden_size"],
+        num_position_embeddings=64,
+    )
     cfg = Qwen3_5Config(text_config=text, vision_config=vision)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -71,8 +103,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
     ap.add_argument("--unit-seqs", type=int, default=2, help="sequences per segment (harvest.segment_sequences)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved passes per arm; the median is reported")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core box two threads mostly measure the neighbours)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core box two threads mostly measure the neighbours)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--codec", default="blosc-zstd1")
@@ -80,14 +116,15 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
+    from transformers import AutoTokenizer
+
     import cache_format as cf
-    from harvest.config import load_config
     from harvest.capture import BackgroundWriter, LayerCapture
+    from harvest.config import load_config
     from harvest.model import LoadedModel, find_layers
     from harvest.plan import Unit
     from harvest.tiny import assets
     from harvest.unit_writer import capture_unit
-    from transformers import AutoTokenizer
 
     layers = [int(x) for x in a.layers.split(",")]
     dtype = getattr(torch, a.dtype)
@@ -125,20 +162,28 @@ def main() -> None:
         return time.perf_counter() - t
 
     tmp = tempfile.mkdtemp(prefix="bench-harvest-")
-    cfg = load_config(None, None, [f"harvest.batch_size={a.batch_size}", f"harvest.codec=\"{a.codec}\""])
+    cfg = load_config(None, None, [f"harvest.batch_size={a.batch_size}", f'harvest.codec="{a.codec}"'])
     runs = [0]
 
     tails = []
 
     def harvest() -> float:
         runs[0] += 1
-        w = cf.create_cache(f"{tmp}/c{runs[0]}", d_model=d, layers=layers, codec=a.codec, chunk_tokens=1024,
-                            shard_mib=64)
+        w = cf.create_cache(
+            f"{tmp}/c{runs[0]}", d_model=d, layers=layers, codec=a.codec, chunk_tokens=1024, shard_mib=64
+        )
         seqs = [row.tolist() for b in batches for row in b]
         per = a.unit_seqs
-        units = [Unit(key=f"bench:{i}", source="corpus", seq_ids=list(range(i, min(i + per, len(seqs)))),
-                         token_ids=seqs[i: i + per], records=[{"source": "bench"}] * len(seqs[i: i + per]))
-                 for i in range(0, len(seqs), per)]
+        units = [
+            Unit(
+                key=f"bench:{i}",
+                source="corpus",
+                seq_ids=list(range(i, min(i + per, len(seqs)))),
+                token_ids=seqs[i : i + per],
+                records=[{"source": "bench"}] * len(seqs[i : i + per]),
+            )
+            for i in range(0, len(seqs), per)
+        ]
         sync()
         t = time.perf_counter()
         # as harvest.run.run_units: one writer thread per in-flight segment, bounded queues
@@ -158,13 +203,21 @@ def main() -> None:
     times = {"bare": [], "harvest": [], "full": [full()]}  # full: once, a side number
     for r in range(a.repeats):  # alternate the order so that drift in machine load cancels
         arms = (("bare", bare), ("harvest", harvest))
-        for name, fn in (arms if r % 2 == 0 else arms[::-1]):
+        for name, fn in arms if r % 2 == 0 else arms[::-1]:
             times[name].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     res = {
-        "shape": a.shape, "params": n_params, "d_model": d, "layers": layers, "device": a.device, "dtype": a.dtype,
-        "threads": a.threads, "batch": [a.batch_size, a.seq_len], "tokens_per_pass": n_tok, "repeats": a.repeats,
+        "shape": a.shape,
+        "params": n_params,
+        "d_model": d,
+        "layers": layers,
+        "device": a.device,
+        "dtype": a.dtype,
+        "threads": a.threads,
+        "batch": [a.batch_size, a.seq_len],
+        "tokens_per_pass": n_tok,
+        "repeats": a.repeats,
         "tok_s": {k: round(n_tok / v, 1) for k, v in med.items()},  # medians over repeats
         "harvest_overhead_vs_bare": round(med["harvest"] / med["bare"] - 1, 4),
         "harvest_overhead_vs_bare_best_of": round(best["harvest"] / best["bare"] - 1, 4),

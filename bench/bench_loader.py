@@ -72,8 +72,8 @@ def harvest_order(n_seqs: int, seq_len: int, mix_window: int, seed: int = 0) -> 
         return seq
     rows = mix_window * seq_len
     for a in range(0, len(seq), rows):
-        part = seq[a:a + rows]
-        seq[a:a + rows] = part[np.random.default_rng([seed, int(part[0])]).permutation(len(part))]
+        part = seq[a : a + rows]
+        seq[a : a + rows] = part[np.random.default_rng([seed, int(part[0])]).permutation(len(part))]
     return seq
 
 
@@ -106,8 +106,9 @@ def mixing_at_scale(a) -> list[dict]:
         seq = harvest_order(a.scale_seqs, 1024, mix)
         meta = RowMetadata(seq, 4096)
         t0 = time.perf_counter()
-        ld = ShuffledLoader(meta, [0], 4096, seed=0, heldout_fraction=0.01, roles=None,
-                            window_tokens=WINDOW_TOKENS, announce=False)
+        ld = ShuffledLoader(
+            meta, [0], 4096, seed=0, heldout_fraction=0.01, roles=None, window_tokens=WINDOW_TOKENS, announce=False
+        )
         batches = list(ld.planned_rows(a.batches))
         plan_s = time.perf_counter() - t0
         train_rows = np.flatnonzero(np.unpackbits(ld.mask)[: meta.n_tokens].astype(bool))
@@ -116,13 +117,25 @@ def mixing_at_scale(a) -> list[dict]:
         win = ld.buffer_rows(0)
         gib = (2 * win + IN_FLIGHT * BATCH) * WIDTH * 2 / 2**30
         assert win <= WINDOW_AT_WIDTH, f"window buffers of {win} rows exceed the budget"
-        out.append({"rows": meta.n_tokens, "sequences": a.scale_seqs, "mix_window_seqs": mix,
-                    "window_buffer_rows": win, "loader_gib_per_layer_at_5120": round(gib, 2),
-                    "distinct_per_batch": round(got, 1), "perfect_shuffle": round(ideal, 1),
-                    "ratio": round(got / ideal, 3), "plan_seconds": round(plan_s, 1)})
-        print(f"mixing at scale: mix_window={mix:4d} seqs  loader {got:7.1f}  perfect {ideal:7.1f}  "
-              f"-> {got / ideal:.1%}  (window buffers of {win} rows: {gib:.2f} GiB per layer at 5120 with "
-              f"{IN_FLIGHT} batches in flight)", flush=True)
+        out.append(
+            {
+                "rows": meta.n_tokens,
+                "sequences": a.scale_seqs,
+                "mix_window_seqs": mix,
+                "window_buffer_rows": win,
+                "loader_gib_per_layer_at_5120": round(gib, 2),
+                "distinct_per_batch": round(got, 1),
+                "perfect_shuffle": round(ideal, 1),
+                "ratio": round(got / ideal, 3),
+                "plan_seconds": round(plan_s, 1),
+            }
+        )
+        print(
+            f"mixing at scale: mix_window={mix:4d} seqs  loader {got:7.1f}  perfect {ideal:7.1f}  "
+            f"-> {got / ideal:.1%}  (window buffers of {win} rows: {gib:.2f} GiB per layer at 5120 with "
+            f"{IN_FLIGHT} batches in flight)",
+            flush=True,
+        )
         del seq, meta, ld, batches, train_rows
     return out
 
@@ -140,12 +153,23 @@ def mixing_real(a, tmp: Path) -> dict:
     pos = np.empty(n, np.int32)
     pos[o] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     with w.segment() as s:
-        s.append(residuals={0: rng.standard_normal((n, d)).astype(BF16)}, tokens=np.zeros(n, np.int32),
-                 seq_ids=seq, positions=pos, labels=np.full(n, -1, np.int8),
-                 roles=np.zeros(n, np.int8))
+        s.append(
+            residuals={0: rng.standard_normal((n, d)).astype(BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=seq,
+            positions=pos,
+            labels=np.full(n, -1, np.int8),
+            roles=np.zeros(n, np.int8),
+        )
     c = cf.open_cache(url)
-    kw = dict(seed=0, heldout_fraction=0.01, roles=None, window_tokens=WINDOW_TOKENS // 16,
-              announce=False, threads=max(int(t) for t in str(a.threads).split(",")))
+    kw = dict(
+        seed=0,
+        heldout_fraction=0.01,
+        roles=None,
+        window_tokens=WINDOW_TOKENS // 16,
+        announce=False,
+        threads=max(int(t) for t in str(a.threads).split(",")),
+    )
     batch = 4096 // 16
     plan = list(ShuffledLoader(c, [0], batch, **kw).planned_rows(a.batches))
     ld = ShuffledLoader(c, [0], batch, **kw)
@@ -154,19 +178,34 @@ def mixing_real(a, tmp: Path) -> dict:
     assert all(np.array_equal(p, r) for p, r in zip(plan, real)), "the loader's batches differ from its plan"
     train_rows = np.flatnonzero(np.unpackbits(ld.mask)[:n].astype(bool))
     got, ideal = distinct_per_batch(real, seq), perfect_shuffle(train_rows, seq, batch, 50)
-    print(f"mixing on a real cache ({n} rows, {n_seqs} seqs, batch {batch}): loader {got:.1f}  perfect {ideal:.1f}"
-          f" -> {got / ideal:.1%}; yielded batches == plan", flush=True)
-    return {"rows": n, "sequences": n_seqs, "batch": batch, "distinct_per_batch": round(got, 1),
-            "perfect_shuffle": round(ideal, 1), "ratio": round(got / ideal, 3), "batches_match_plan": True}
+    print(
+        f"mixing on a real cache ({n} rows, {n_seqs} seqs, batch {batch}): loader {got:.1f}  perfect {ideal:.1f}"
+        f" -> {got / ideal:.1%}; yielded batches == plan",
+        flush=True,
+    )
+    return {
+        "rows": n,
+        "sequences": n_seqs,
+        "batch": batch,
+        "distinct_per_batch": round(got, 1),
+        "perfect_shuffle": round(ideal, 1),
+        "ratio": round(got / ideal, 3),
+        "batches_match_plan": True,
+    }
 
 
 def write_cache(url: str, x: np.ndarray, seq_len: int) -> None:
     n, d = x.shape
     w = cf.create_cache(url, d_model=d, layers=[0], chunk_tokens=4096, shard_mib=64)
     with w.segment() as s:
-        s.append(residuals={0: x.astype(BF16)}, tokens=np.zeros(n, np.int32),
-                 seq_ids=np.arange(n, dtype=np.int64) // seq_len, positions=(np.arange(n) % seq_len).astype(np.int32),
-                 labels=np.full(n, -1, np.int8), roles=np.zeros(n, np.int8))
+        s.append(
+            residuals={0: x.astype(BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.arange(n, dtype=np.int64) // seq_len,
+            positions=(np.arange(n) % seq_len).astype(np.int32),
+            labels=np.full(n, -1, np.int8),
+            roles=np.zeros(n, np.int8),
+        )
 
 
 def raw_decode(c, threads: int, passes: int) -> tuple[float, float, float]:
@@ -180,8 +219,20 @@ def raw_decode(c, threads: int, passes: int) -> tuple[float, float, float]:
 def loader_rate(c, threads: int, dtype, window: int, epochs: int, heldout: float) -> tuple[float, float, float]:
     """(rows per wall second, rows per CPU second, seconds to the first batch), from construction."""
     t0, c0 = time.perf_counter(), time.process_time()
-    ld = ShuffledLoader(c, [0], 4096, seed=0, heldout_fraction=heldout, roles=None, window_tokens=window,
-                        threads=threads, max_epochs=epochs, drop_last=False, announce=False, dtype=dtype)
+    ld = ShuffledLoader(
+        c,
+        [0],
+        4096,
+        seed=0,
+        heldout_fraction=heldout,
+        roles=None,
+        window_tokens=window,
+        threads=threads,
+        max_epochs=epochs,
+        drop_last=False,
+        announce=False,
+        dtype=dtype,
+    )
     rows, first = 0, 0.0
     for b in ld:
         rows += len(b)  # the batch is materialized on the device: what a trainer receives
@@ -199,7 +250,7 @@ def gather_rate(c, window: int, passes: int) -> tuple[float, float, float]:
     for p in range(passes * max(1, c.n_tokens // n)):
         perm = np.random.default_rng(p).permutation(n)
         for a in range(0, n - 4095, 4096):
-            np.take(win, perm[a:a + 4096], axis=0, out=out, mode="clip")
+            np.take(win, perm[a : a + 4096], axis=0, out=out, mode="clip")
             rows += 4096
     return rows / (time.perf_counter() - t0), rows / (time.process_time() - c0), 0.0
 
@@ -233,7 +284,7 @@ def throughput(a, tmp: Path) -> list[dict]:
             sides[f"loader_fp32_T{t}"] = lambda t=t: loader_rate(c, t, torch.float32, a.window, a.epochs, a.heldout)
         wall, cpu, first = ({k: [] for k in sides} for _ in range(3))
         for r in range(a.rounds):
-            names = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]  # rotate the order each round
+            names = list(sides)[r % len(sides) :] + list(sides)[: r % len(sides)]  # rotate the order each round
             for side in names:
                 torch.set_num_threads(max(threads) if side == "gather" else int(side.rsplit("T", 1)[1]))
                 w, per_cpu, f = sides[side]()
@@ -245,26 +296,45 @@ def throughput(a, tmp: Path) -> list[dict]:
         for t in threads:
             raw, bf, fp = med[f"raw_T{t}"], med[f"loader_bf16_T{t}"], med[f"loader_fp32_T{t}"]
             ceiling = 1 / (1 + raw / (t * med["gather"])) if t >= os.cpu_count() else 1.0
-            out.append({"data": name, "rows": len(x), "d": x.shape[1], "threads": t, "cores": os.cpu_count(),
-                        "window_rows": a.window, "heldout_fraction": a.heldout, "epochs": a.epochs,
-                        "rounds": a.rounds, "statistic": "median over rounds",
-                        "first_batch_s": {k: round(float(np.median(first[f"{k}_T{t}"])), 3)
-                                          for k in ("loader_bf16", "loader_fp32")},
-                        "raw_decode_rows_s": round(raw), "loader_bf16_rows_s": round(bf),
-                        "loader_fp32_rows_s": round(fp), "gather_rows_s": round(med["gather"]),
-                        "ratio_bf16": round(bf / raw, 3), "ratio_fp32": round(fp / raw, 3),
-                        "copy_bound_ceiling": round(ceiling, 3),
-                        "rounds_rows_s": {k: [round(v) for v in vs] for k, vs in wall.items()
-                                          if k == "gather" or k.endswith(f"_T{t}")},
-                        "rows_per_cpu_s": {k: round(v) for k, v in mcpu.items() if k == "gather" or k.endswith(f"_T{t}")},
-                        "cpu_ratio_bf16": round(mcpu[f"loader_bf16_T{t}"] / mcpu[f"raw_T{t}"], 3),
-                        "cpu_ratio_fp32": round(mcpu[f"loader_fp32_T{t}"] / mcpu[f"raw_T{t}"], 3)})
-            print(f"{name:24s} T={t}: raw decode {raw:>9,.0f} rows/s | loader bf16 {bf:>9,.0f} ({bf / raw:.0%}) | "
-                  f"fp32 {fp:>9,.0f} ({fp / raw:.0%}) | per CPU-second bf16 "
-                  f"{mcpu[f'loader_bf16_T{t}'] / mcpu[f'raw_T{t}']:.0%}, fp32 "
-                  f"{mcpu[f'loader_fp32_T{t}'] / mcpu[f'raw_T{t}']:.0%} | copy-bound ceiling {ceiling:.0%} "
-                  f"(gather {med['gather']:,.0f} rows/s on one thread) | first batch "
-                  f"{np.median(first[f'loader_bf16_T{t}']):.2f}s; medians of {a.rounds} rounds", flush=True)
+            out.append(
+                {
+                    "data": name,
+                    "rows": len(x),
+                    "d": x.shape[1],
+                    "threads": t,
+                    "cores": os.cpu_count(),
+                    "window_rows": a.window,
+                    "heldout_fraction": a.heldout,
+                    "epochs": a.epochs,
+                    "rounds": a.rounds,
+                    "statistic": "median over rounds",
+                    "first_batch_s": {
+                        k: round(float(np.median(first[f"{k}_T{t}"])), 3) for k in ("loader_bf16", "loader_fp32")
+                    },
+                    "raw_decode_rows_s": round(raw),
+                    "loader_bf16_rows_s": round(bf),
+                    "loader_fp32_rows_s": round(fp),
+                    "gather_rows_s": round(med["gather"]),
+                    "ratio_bf16": round(bf / raw, 3),
+                    "ratio_fp32": round(fp / raw, 3),
+                    "copy_bound_ceiling": round(ceiling, 3),
+                    "rounds_rows_s": {
+                        k: [round(v) for v in vs] for k, vs in wall.items() if k == "gather" or k.endswith(f"_T{t}")
+                    },
+                    "rows_per_cpu_s": {k: round(v) for k, v in mcpu.items() if k == "gather" or k.endswith(f"_T{t}")},
+                    "cpu_ratio_bf16": round(mcpu[f"loader_bf16_T{t}"] / mcpu[f"raw_T{t}"], 3),
+                    "cpu_ratio_fp32": round(mcpu[f"loader_fp32_T{t}"] / mcpu[f"raw_T{t}"], 3),
+                }
+            )
+            print(
+                f"{name:24s} T={t}: raw decode {raw:>9,.0f} rows/s | loader bf16 {bf:>9,.0f} ({bf / raw:.0%}) | "
+                f"fp32 {fp:>9,.0f} ({fp / raw:.0%}) | per CPU-second bf16 "
+                f"{mcpu[f'loader_bf16_T{t}'] / mcpu[f'raw_T{t}']:.0%}, fp32 "
+                f"{mcpu[f'loader_fp32_T{t}'] / mcpu[f'raw_T{t}']:.0%} | copy-bound ceiling {ceiling:.0%} "
+                f"(gather {med['gather']:,.0f} rows/s on one thread) | first batch "
+                f"{np.median(first[f'loader_bf16_T{t}']):.2f}s; medians of {a.rounds} rounds",
+                flush=True,
+            )
     return out
 
 
@@ -285,7 +355,7 @@ def digest_cost(a, tmp: Path) -> dict:
     cpu = {"checked": [], "unchecked": []}
     wall = {"checked": [], "unchecked": []}
     for r in range(a.rounds):
-        for side in (("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked")):
+        for side in ("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked"):
             integrity.CHECK_READS = side == "checked"
             try:
                 w, per_cpu, _ = loader_rate(cf.open_cache(url), t, torch.bfloat16, a.window, a.epochs, a.heldout)
@@ -305,8 +375,13 @@ def digest_cost(a, tmp: Path) -> dict:
         idx = arr._shard_index(s)
         blobs.append(c._loc.read_range(f"{arr.path}/{arr.shard_key(s)}", int(idx[j, 0]), int(idx[j, 0] + idx[j, 1])))
     n_idx = 16 * arr.per_shard + 4
-    tail = bytes(c._loc.read_range(f"{arr.path}/{arr.shard_key(0)}", arr.objects[arr.shard_key(0)]["size"] - n_idx,
-                                   arr.objects[arr.shard_key(0)]["size"]))
+    tail = bytes(
+        c._loc.read_range(
+            f"{arr.path}/{arr.shard_key(0)}",
+            arr.objects[arr.shard_key(0)]["size"] - n_idx,
+            arr.objects[arr.shard_key(0)]["size"],
+        )
+    )
     t0 = time.thread_time()
     for _ in range(5):
         for b in blobs:
@@ -314,40 +389,65 @@ def digest_cost(a, tmp: Path) -> dict:
             integrity.index_ok(tail, arr.per_shard)
     check_s_per_row = (time.thread_time() - t0) / 5 / c.n_tokens
     accounted = check_s_per_row / med["unchecked"]
-    print(f"digest cost (Gaussian d=1024, {a.rows} rows, T={t}): {cost:+.2%} CPU-seconds per row (median of "
-          f"{a.rounds} interleaved rounds; per round {', '.join(f'{v:+.1%}' for v in rounds_cost)}); the checks "
-          f"alone: {accounted:.2%} of the loader's CPU-seconds; target <= 5%", flush=True)
-    return {"data": "Gaussian d=1024", "rows": a.rows, "threads": t, "rounds": a.rounds, "epochs": a.epochs,
-            "cpu_s_per_mrow": {k: round(v * 1e6, 3) for k, v in med.items()},
-            "loader_rows_s": {k: round(float(np.median(v))) for k, v in wall.items()},
-            "cost_median_of_rounds": round(cost, 4), "cost_per_round": [round(v, 4) for v in rounds_cost],
-            "checks_alone_share_of_loader_cpu": round(accounted, 5), "chunks": c.n_chunks}
+    print(
+        f"digest cost (Gaussian d=1024, {a.rows} rows, T={t}): {cost:+.2%} CPU-seconds per row (median of "
+        f"{a.rounds} interleaved rounds; per round {', '.join(f'{v:+.1%}' for v in rounds_cost)}); the checks "
+        f"alone: {accounted:.2%} of the loader's CPU-seconds; target <= 5%",
+        flush=True,
+    )
+    return {
+        "data": "Gaussian d=1024",
+        "rows": a.rows,
+        "threads": t,
+        "rounds": a.rounds,
+        "epochs": a.epochs,
+        "cpu_s_per_mrow": {k: round(v * 1e6, 3) for k, v in med.items()},
+        "loader_rows_s": {k: round(float(np.median(v))) for k, v in wall.items()},
+        "cost_median_of_rounds": round(cost, 4),
+        "cost_per_round": [round(v, 4) for v in rounds_cost],
+        "checks_alone_share_of_loader_cpu": round(accounted, 5),
+        "chunks": c.n_chunks,
+    }
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", default="1,2",
-                   help="decode threads T (comma list), the same for raw decode and the loader")
+    p.add_argument(
+        "--threads", default="1,2", help="decode threads T (comma list), the same for raw decode and the loader"
+    )
     p.add_argument("--rows", type=int, default=262144, help="rows per throughput dataset")
     p.add_argument("--window", type=int, default=32768, help="the loader's shuffle window (rows)")
-    p.add_argument("--heldout", type=float, default=0.01,
-                   help="held-out fraction the loader skips (train.heldout_fraction's default): its rows are decoded too")
+    p.add_argument(
+        "--heldout",
+        type=float,
+        default=0.01,
+        help="held-out fraction the loader skips (train.heldout_fraction's default): its rows are decoded too",
+    )
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=4,
-                   help="passes over the shards per side: a trainer's steady state, start-up included once")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=4,
+        help="passes over the shards per side: a trainer's steady state, start-up included once",
+    )
     p.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batches", type=int, default=64, help="batches measured for mixing")
     p.add_argument("--scale-seqs", type=int, default=100_000)
     p.add_argument("--mix-windows", default="0,256,1024", help="harvest.mix_window values (sequences) at scale")
     p.add_argument("--mix-window", type=int, default=1024, help="harvest.mix_window of the real cache (scaled /16)")
     p.add_argument("--skip-scale", action="store_true")
-    p.add_argument("--digest-cost-only", action="store_true",
-                   help="only the cost of checking every read (loader with and without the checks)")
+    p.add_argument(
+        "--digest-cost-only",
+        action="store_true",
+        help="only the cost of checking every read (loader with and without the checks)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
     a = p.parse_args(argv)
-    result = {"command": " ".join(["python", "bench/bench_loader.py", *(argv or sys.argv[1:])]),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
-              "load_avg": os.getloadavg()[0]}
+    result = {
+        "command": " ".join(["python", "bench/bench_loader.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
+        "load_avg": os.getloadavg()[0],
+    }
     if a.digest_cost_only:
         with tempfile.TemporaryDirectory() as tmp:
             result = {**result, "digest_cost": digest_cost(a, Path(tmp))}

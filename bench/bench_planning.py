@@ -54,10 +54,21 @@ def forward_flops_per_token(seq_len: int = 1024) -> dict:
     text = dict(SHAPES["qwen3.6-27b"])
     n = text["num_hidden_layers"]
     types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
-    text.update(model_type="qwen3_5_text", linear_conv_kernel_dim=4, layer_types=types,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})
-    vision = dict(model_type="qwen3_5_vision", depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
-                  out_hidden_size=text["hidden_size"], num_position_embeddings=64)
+    text.update(
+        model_type="qwen3_5_text",
+        linear_conv_kernel_dim=4,
+        layer_types=types,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    )
+    vision = dict(
+        model_type="qwen3_5_vision",
+        depth=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        out_hidden_size=text["hidden_size"],
+        num_position_embeddings=64,
+    )
     with torch.device("meta"):
         m = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision))
     layers = m.model.language_model.layers[: DEEPEST + 1]
@@ -65,17 +76,22 @@ def forward_flops_per_token(seq_len: int = 1024) -> dict:
     full = sum(t == "full_attention" for t in types[: DEEPEST + 1])
     attn = full * 4 * text["num_attention_heads"] * text["head_dim"] * (seq_len / 2)  # QK^T and AV, mean context
     flops = 2 * params + attn
-    return {"layers_run": DEEPEST + 1, "params_run": params, "full_attention_layers": full,
-            "flops_per_token": flops, "h100_tokens_per_s_at_100pct_mfu": H100_BF16_DENSE / flops,
-            "h100_tokens_per_s_at_50pct_mfu": 0.5 * H100_BF16_DENSE / flops}
+    return {
+        "layers_run": DEEPEST + 1,
+        "params_run": params,
+        "full_attention_layers": full,
+        "flops_per_token": flops,
+        "h100_tokens_per_s_at_100pct_mfu": H100_BF16_DENSE / flops,
+        "h100_tokens_per_s_at_50pct_mfu": 0.5 * H100_BF16_DENSE / flops,
+    }
 
 
 def measure(corpus: str, tokens: int, threads: int, mode: str) -> dict:
     """One setting, in this process: plan `tokens` rows of 1024-token units and time it."""
     from transformers import AutoTokenizer
 
-    from harvest.config import load_config
     from harvest import tiny
+    from harvest.config import load_config
     from harvest.corpus_plan import PlannedUnits
     from harvest.plan import Unit
 
@@ -90,9 +106,12 @@ def measure(corpus: str, tokens: int, threads: int, mode: str) -> dict:
             if n >= tokens:
                 break
         return {"tokens": n, "seconds": time.perf_counter() - t0}
-    cfg = load_config(None, "tiny", [f'corpus.sources=[{{name="gen", path="{corpus}"}}]',
-                                     "corpus.seq_len=1024", "harvest.segment_sequences=64"],
-                      **{"corpus.tokens": tokens, "corpus.tokenizer_threads": threads, "harvest.source": "corpus"})
+    cfg = load_config(
+        None,
+        "tiny",
+        [f'corpus.sources=[{{name="gen", path="{corpus}"}}]', "corpus.seq_len=1024", "harvest.segment_sequences=64"],
+        **{"corpus.tokens": tokens, "corpus.tokenizer_threads": threads, "harvest.source": "corpus"},
+    )
     units = PlannedUnits(cfg, tok, set(), [], Unit)
     t0, n = time.perf_counter(), 0
     for u in units:
@@ -119,17 +138,27 @@ def main() -> None:
         settings += [(t, "pool", "true") for t in map(int, a.threads.split(","))]
         for threads, mode, par in settings:
             env = {**os.environ, "TOKENIZERS_PARALLELISM": par}
-            out = subprocess.run([sys.executable, __file__, "--one", str(corpus), str(a.tokens), str(threads), mode],
-                                 capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(corpus), str(a.tokens), str(threads), mode],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r.update(threads=threads, mode=mode, rayon=par == "true", tokens_per_s=r["tokens"] / r["seconds"])
             runs.append(r)
-            print(f"{mode:>12}  pool threads {threads}  rayon {'on ' if r['rayon'] else 'off'}  "
-                  f"{r['tokens_per_s'] / 1e6:6.2f} M tokens/s  ({r['tokens']:,} tokens in {r['seconds']:.2f} s)")
+            print(
+                f"{mode:>12}  pool threads {threads}  rayon {'on ' if r['rayon'] else 'off'}  "
+                f"{r['tokens_per_s'] / 1e6:6.2f} M tokens/s  ({r['tokens']:,} tokens in {r['seconds']:.2f} s)"
+            )
     fwd = forward_flops_per_token()
-    print(f"27B forward to layer {DEEPEST}: {fwd['flops_per_token'] / 1e9:.1f} GFLOP/token; one H100 consumes at most "
-          f"{fwd['h100_tokens_per_s_at_100pct_mfu']:,.0f} tokens/s (100% MFU), "
-          f"{fwd['h100_tokens_per_s_at_50pct_mfu']:,.0f} at 50%")
+    print(
+        f"27B forward to layer {DEEPEST}: {fwd['flops_per_token'] / 1e9:.1f} GFLOP/token; one H100 consumes at most "
+        f"{fwd['h100_tokens_per_s_at_100pct_mfu']:,.0f} tokens/s (100% MFU), "
+        f"{fwd['h100_tokens_per_s_at_50pct_mfu']:,.0f} at 50%"
+    )
     slowest = min(r["tokens_per_s"] for r in runs if r["mode"] == "pool")
     print(f"slowest planning setting / H100 at 100% MFU: {slowest / fwd['h100_tokens_per_s_at_100pct_mfu']:.0f}x")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cache_format as cf  # noqa: E402
 import datasets as bench_data  # noqa: E402
+
+import cache_format as cf  # noqa: E402
 from cache_format.codecs import index_nbytes, parse_index  # noqa: E402
 
 CODECS = ["blosc-zstd1", "blosc-lz4", "zstd3", "none"]
@@ -45,13 +46,18 @@ def write(url: str, arrays: dict, codec: str, chunk_tokens: int, batch: int) -> 
     d = next(iter(arrays.values())).shape[1]
     n = next(iter(arrays.values())).shape[0]
     t0 = time.perf_counter()
-    w = cf.create_cache(url, d_model=d, layers=sorted(arrays), codec=codec, chunk_tokens=chunk_tokens,
-                        meta={"bench": "storage"})
+    w = cf.create_cache(
+        url, d_model=d, layers=sorted(arrays), codec=codec, chunk_tokens=chunk_tokens, meta={"bench": "storage"}
+    )
     with w.segment() as seg:
         for s in range(0, n, batch):
             e = min(n, s + batch)
-            seg.append(residuals={L: a[s:e] for L, a in arrays.items()}, tokens=np.zeros(e - s, np.int32),
-                       seq_ids=np.arange(s, e) // 256, positions=np.arange(s, e) % 256)
+            seg.append(
+                residuals={L: a[s:e] for L, a in arrays.items()},
+                tokens=np.zeros(e - s, np.int32),
+                seq_ids=np.arange(s, e) // 256,
+                positions=np.arange(s, e) % 256,
+            )
     return time.perf_counter() - t0
 
 
@@ -63,10 +69,10 @@ def payloads(c: cf.Cache, layer: int) -> list[tuple[bytes, int]]:
         for s in range(-(-r.shape[0] // r.shard_rows)):
             key = f"{r.path}/{r.shard_key(s)}"
             blob = open(os.path.join(c._loc.root, *key.split("/")), "rb").read()
-            idx = parse_index(blob[-index_nbytes(r.per_shard):], r.per_shard)
+            idx = parse_index(blob[-index_nbytes(r.per_shard) :], r.per_shard)
             for off, nb in idx:
                 if off != 2**64 - 1:
-                    out.append((blob[int(off):int(off + nb)], r.chunk_rows * r.shape[1] * 2))
+                    out.append((blob[int(off) : int(off + nb)], r.chunk_rows * r.shape[1] * 2))
     return out
 
 
@@ -101,15 +107,18 @@ def encoder(codec: str):
     if codec == "none":
         return lambda a: a.tobytes()
     if codec.startswith("blosc-"):
-        cname, level = ("lz4", 5) if codec == "blosc-lz4" else ("zstd", int(codec[len("blosc-zstd"):]))
+        cname, level = ("lz4", 5) if codec == "blosc-lz4" else ("zstd", int(codec[len("blosc-zstd") :]))
         return numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20).encode
     return numcodecs.Zstd(level=int(codec[4:])).encode
 
 
 def encode_seconds(codec: str, arrays: dict, chunk_tokens: int, threads: int) -> tuple[float, float]:
     enc = encoder(codec)
-    chunks = [np.ascontiguousarray(a.view(np.uint16)[s:s + chunk_tokens])
-              for a in arrays.values() for s in range(0, len(a), chunk_tokens)]
+    chunks = [
+        np.ascontiguousarray(a.view(np.uint16)[s : s + chunk_tokens])
+        for a in arrays.values()
+        for s in range(0, len(a), chunk_tokens)
+    ]
     with ThreadPoolExecutor(threads) as ex:
         return timed(lambda: list(ex.map(enc, chunks)))
 
@@ -124,8 +133,9 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
         secs, write_cpu = timed(lambda: write(url, arrays, codec, args.chunk_tokens, args.batch))
         enc_secs, enc_cpu = encode_seconds(codec, arrays, args.chunk_tokens, args.threads)
         c = cf.open_cache(url)
-        lossless = all(np.array_equal(c.residuals(L).numpy().view(np.uint16), arrays[L].view(np.uint16))
-                       for L in layers)
+        lossless = all(
+            np.array_equal(c.residuals(L).numpy().view(np.uint16), arrays[L].view(np.uint16)) for L in layers
+        )
         per_layer = {}
         for L in layers:
             stored = sum(v["size"] for s in c._segs for v in s.layers[L]["objects"].values())
@@ -137,23 +147,35 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
         (t_read, cpu_read), (t_dec, cpu_dec) = best["read"], best["decode"]
         decoded = sum(nb for _, nb in blobs)
         res["codecs"][codec] = {
-            "lossless": lossless, "layers": per_layer, "write_MBps": raw * len(layers) / secs / 1e6,
+            "lossless": lossless,
+            "layers": per_layer,
+            "write_MBps": raw * len(layers) / secs / 1e6,
             "raw_encode_MBps": raw * len(layers) / enc_secs / 1e6,
-            "read_GBps": raw * len(layers) / t_read / 1e9, "raw_decode_GBps": decoded / t_dec / 1e9,
+            "read_GBps": raw * len(layers) / t_read / 1e9,
+            "raw_decode_GBps": decoded / t_dec / 1e9,
             "read_vs_decode": (raw * len(layers) / t_read) / (decoded / t_dec),
             "read_vs_decode_cpu": (raw * len(layers) / cpu_read) / (decoded / cpu_dec),
-            "write_vs_encode_cpu": enc_cpu / write_cpu}
+            "write_vs_encode_cpu": enc_cpu / write_cpu,
+        }
         shutil.rmtree(url)
-        print(f"  {name} {codec}: ratio {np.mean([v['ratio_vs_raw'] for v in per_layer.values()]):.3f} "
-              f"write {res['codecs'][codec]['write_MBps']:.0f} MB/s read {res['codecs'][codec]['read_GBps']:.2f} GB/s "
-              f"decode {res['codecs'][codec]['raw_decode_GBps']:.2f} GB/s", file=sys.stderr)
+        print(
+            f"  {name} {codec}: ratio {np.mean([v['ratio_vs_raw'] for v in per_layer.values()]):.3f} "
+            f"write {res['codecs'][codec]['write_MBps']:.0f} MB/s read {res['codecs'][codec]['read_GBps']:.2f} GB/s "
+            f"decode {res['codecs'][codec]['raw_decode_GBps']:.2f} GB/s",
+            file=sys.stderr,
+        )
     # For reference: blosc's default block size on the same chunks (size only).
     ref = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0)
     sizes = {}
     for L in layers:
         a = arrays[L].view(np.uint16)
-        sizes[L] = sum(len(ref.encode(np.ascontiguousarray(a[s:s + args.chunk_tokens])))
-                       for s in range(0, n, args.chunk_tokens)) / raw
+        sizes[L] = (
+            sum(
+                len(ref.encode(np.ascontiguousarray(a[s : s + args.chunk_tokens])))
+                for s in range(0, n, args.chunk_tokens)
+            )
+            / raw
+        )
     res["blosc_default_blocksize_ratio"] = sizes
     return res
 
@@ -166,16 +188,20 @@ def write_breakdown(arrays: dict, args) -> dict:
     enc = encoder("blosc-zstd1")
     bits = [a.view(np.uint16) for a in arrays.values()]
     parts = {
-        "blosc encode": lambda: [enc(np.ascontiguousarray(b[i:i + args.chunk_tokens]))
-                                 for b in bits for i in range(0, len(b), args.chunk_tokens)],
+        "blosc encode": lambda: [
+            enc(np.ascontiguousarray(b[i : i + args.chunk_tokens]))
+            for b in bits
+            for i in range(0, len(b), args.chunk_tokens)
+        ],
         "running stats": lambda: [RunningStats(b.shape[1]).update_bits(b) for b in bits],
         "BLAKE2b": lambda: [commits.digest(b.tobytes()) for b in bits],
     }
     out = {name: timed(fn)[1] for name, fn in parts.items()}
     tmp = tempfile.mkdtemp(prefix="bench-storage-")
     try:
-        out["writer (all)"] = timed(lambda: write(os.path.join(tmp, "c"), arrays, "blosc-zstd1",
-                                                  args.chunk_tokens, args.batch))[1]
+        out["writer (all)"] = timed(
+            lambda: write(os.path.join(tmp, "c"), arrays, "blosc-zstd1", args.chunk_tokens, args.batch)
+        )[1]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out["zarr assembly + disk + rows (rest)"] = out["writer (all)"] - sum(out[k] for k in parts)
@@ -183,37 +209,55 @@ def write_breakdown(arrays: dict, args) -> dict:
 
 
 def markdown(results: list[dict], args) -> str:
-    lines = [f"Command: `.venv/bin/python bench/bench_storage.py --tokens {args.tokens} --threads {args.threads}` "
-             f"(chunk {args.chunk_tokens} rows, one segment, appends of {args.batch} rows).", "",
-             "Size (lossless = bit-exact read-back of every value):", "",
-             "| data | layer | d | " + " | ".join(CODECS) + " | blosc-zstd1, blosc's default block |",
-             "|---|---|---|" + "---|" * (len(CODECS) + 1)]
+    lines = [
+        f"Command: `.venv/bin/python bench/bench_storage.py --tokens {args.tokens} --threads {args.threads}` "
+        f"(chunk {args.chunk_tokens} rows, one segment, appends of {args.batch} rows).",
+        "",
+        "Size (lossless = bit-exact read-back of every value):",
+        "",
+        "| data | layer | d | " + " | ".join(CODECS) + " | blosc-zstd1, blosc's default block |",
+        "|---|---|---|" + "---|" * (len(CODECS) + 1),
+    ]
     for r in results:
         for L in r["layers"]:
             cells = []
             for cd in CODECS:
                 e = r["codecs"][cd]
                 v = e["layers"][L]
-                cells.append(f"{v['bytes_per_token']:.0f} B/tok ({v['ratio_vs_raw']:.3f}×)"
-                             + ("" if e["lossless"] else " LOSSY"))
-            lines.append(f"| {r['dataset']} | {L} | {r['d_model']} | " + " | ".join(cells)
-                         + f" | {r['blosc_default_blocksize_ratio'][L]:.3f}× |")
-    lines += ["", f"Rates ({args.threads} threads; read = `Cache.read_chunk` over every chunk of every layer, "
-                  "decode = numcodecs on the same chunk payloads already in memory):", "",
-              "| data | codec | write MB/s | raw encode MB/s | write / encode (CPU s) | read GB/s "
-              "| raw decode GB/s | read / decode (wall) | read / decode (CPU s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                cells.append(
+                    f"{v['bytes_per_token']:.0f} B/tok ({v['ratio_vs_raw']:.3f}×)" + ("" if e["lossless"] else " LOSSY")
+                )
+            lines.append(
+                f"| {r['dataset']} | {L} | {r['d_model']} | "
+                + " | ".join(cells)
+                + f" | {r['blosc_default_blocksize_ratio'][L]:.3f}× |"
+            )
+    lines += [
+        "",
+        f"Rates ({args.threads} threads; read = `Cache.read_chunk` over every chunk of every layer, "
+        "decode = numcodecs on the same chunk payloads already in memory):",
+        "",
+        "| data | codec | write MB/s | raw encode MB/s | write / encode (CPU s) | read GB/s "
+        "| raw decode GB/s | read / decode (wall) | read / decode (CPU s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for cd in CODECS:
             e = r["codecs"][cd]
-            lines.append(f"| {r['dataset']} | {cd} | {e['write_MBps']:.0f} | {e['raw_encode_MBps']:.0f} | "
-                         f"{e['write_vs_encode_cpu']:.2f} | {e['read_GBps']:.2f} | {e['raw_decode_GBps']:.2f} | "
-                         f"{e['read_vs_decode']:.2f} | {e['read_vs_decode_cpu']:.2f} |")
+            lines.append(
+                f"| {r['dataset']} | {cd} | {e['write_MBps']:.0f} | {e['raw_encode_MBps']:.0f} | "
+                f"{e['write_vs_encode_cpu']:.2f} | {e['read_GBps']:.2f} | {e['raw_decode_GBps']:.2f} | "
+                f"{e['read_vs_decode']:.2f} | {e['read_vs_decode_cpu']:.2f} |"
+            )
     b = results[0].get("write_breakdown")
     if b:
         mb = results[0]["tokens"] * results[0]["d_model"] * 2 * len(results[0]["layers"]) / 1e6
-        lines += ["", f"Writer CPU seconds by part, {results[0]['dataset']}, blosc-zstd1 ({mb:.0f} MB raw): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in b.items()) + "."]
+        lines += [
+            "",
+            f"Writer CPU seconds by part, {results[0]['dataset']}, blosc-zstd1 ({mb:.0f} MB raw): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
+            + ".",
+        ]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Every side gets the same batches (one .npy written here), the same shapes, the same thread
 count, the same seed and the same fixed set of dead latents (so AuxK runs on every side at
 every step, with k_aux = d_in/2 as all three use), at each of several dead fractions: many
-latents are dead early in training and at late layers, and AuxK's cost grows with them. Each side runs in its own fresh process:
+latents are dead early in training and at late layers, and AuxK's cost grows with them.
+Each side runs in its own fresh process:
 ours in this venv, the peers in `.venv-peers` (`make bench-peers-env`), through their own
 training code (bench/peers/*.py). A step is forward, backward, optimizer step, decoder
 renormalization / parallel-gradient removal where the tool does it, and its dead-latent
@@ -38,11 +39,16 @@ SIDES = {"ours": None, "sparsify": PEERS / "sparsify_step.py", "saelens": PEERS 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--shapes", default="512x8192x32,1024x16384x64", help="d_in x d_sae x k, comma-separated")
-    p.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True,
-                   help="add a row on real MiniLM hidden states (d=384, n=6144, k=32)")
+    p.add_argument(
+        "--minilm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add a row on real MiniLM hidden states (d=384, n=6144, k=32)",
+    )
     p.add_argument("--sides", default="ours,sparsify,saelens")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--n-batches", type=int, default=4, help="distinct batches, cycled")
@@ -98,15 +104,37 @@ def minilm_rows(n_rows: int, seed: int) -> np.ndarray:
 
 
 def run_side(side: str, data: Path, d_sae: int, k: int, a: argparse.Namespace) -> dict:
-    common = ["--data", str(data), "--d-sae", str(d_sae), "--k", str(k), "--aux-alpha", str(a.aux_alpha),
-              "--dead-frac", str(a.dead_frac), "--warmup", str(a.warmup), "--steps", str(a.steps),
-              "--threads", str(a.threads), "--seed", str(a.seed)]
+    common = [
+        "--data",
+        str(data),
+        "--d-sae",
+        str(d_sae),
+        "--k",
+        str(k),
+        "--aux-alpha",
+        str(a.aux_alpha),
+        "--dead-frac",
+        str(a.dead_frac),
+        "--warmup",
+        str(a.warmup),
+        "--steps",
+        str(a.steps),
+        "--threads",
+        str(a.threads),
+        "--seed",
+        str(a.seed),
+    ]
     if side == "ours":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", *common]
     else:
         cmd = [str(PEERS_PY), str(SIDES[side]), *common]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(a.threads),
+        MKL_NUM_THREADS=str(a.threads),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -165,45 +193,83 @@ def main(argv=None) -> None:
             rows_needed = a.n_batches * a.batch
             path = Path(tmp) / f"{dataset}_{d}.npy"
             if not path.exists():
-                x = minilm_rows(rows_needed, a.seed) if dataset == "minilm" else structured_gaussian(rows_needed, d, a.seed)
+                x = (
+                    minilm_rows(rows_needed, a.seed)
+                    if dataset == "minilm"
+                    else structured_gaussian(rows_needed, d, a.seed)
+                )
                 np.save(path, x.reshape(a.n_batches, a.batch, d))
-            result = {"dataset": dataset, "d_in": d, "d_sae": n, "k": k, "batch": a.batch, "dead_frac": frac,
-                      "sides": {}, "rounds": {s: [] for s in sides}}
+            result = {
+                "dataset": dataset,
+                "d_in": d,
+                "d_sae": n,
+                "k": k,
+                "batch": a.batch,
+                "dead_frac": frac,
+                "sides": {},
+                "rounds": {s: [] for s in sides},
+            }
             for rnd in range(a.rounds):
                 # interleaved and rotated, so that load from other work hits every side alike
-                order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
+                order = sides[rnd % len(sides) :] + sides[: rnd % len(sides)]
                 for side in order:
                     t0 = time.time()
                     r = run_side(side, path, n, k, a)
                     result["rounds"][side].append(r)
-                    print(f"{dataset} {d}/{n}/{k} dead {frac:.0%} round {rnd} {side:9s} {r['tokens_per_s']:9.0f} tokens/s "
-                          f"{r['tokens_per_cpu_s']:9.0f} tokens/cpu-s ({time.time() - t0:.0f}s wall, "
-                          f"load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+                    print(
+                        f"{dataset} {d}/{n}/{k} dead {frac:.0%} round {rnd} {side:9s} "
+                        f"{r['tokens_per_s']:9.0f} tokens/s "
+                        f"{r['tokens_per_cpu_s']:9.0f} tokens/cpu-s ({time.time() - t0:.0f}s wall, "
+                        f"load {os.getloadavg()[0]:.1f})",
+                        file=sys.stderr,
+                    )
             for side, runs in result["rounds"].items():
                 result["sides"][side] = max(runs, key=lambda r: r["tokens_per_s"])  # best round
             if "ours" in result["sides"]:
                 ours = result["sides"]["ours"]
-                result["ratio"] = {s: ours["tokens_per_s"] / v["tokens_per_s"]
-                                   for s, v in result["sides"].items() if s != "ours"}
-                result["ratio_cpu"] = {s: ours["tokens_per_cpu_s"] / v["tokens_per_cpu_s"]
-                                       for s, v in result["sides"].items() if s != "ours"}
+                result["ratio"] = {
+                    s: ours["tokens_per_s"] / v["tokens_per_s"] for s, v in result["sides"].items() if s != "ours"
+                }
+                result["ratio_cpu"] = {
+                    s: ours["tokens_per_cpu_s"] / v["tokens_per_cpu_s"]
+                    for s, v in result["sides"].items()
+                    if s != "ours"
+                }
             rows.append(result)
             save(a, argv, rows)  # after every shape, so a long run that is stopped keeps its rows
     print(table(save(a, argv, rows)))
 
 
 def save(a: argparse.Namespace, argv, rows: list) -> dict:
-    report = {"machine": machine(), "threads": a.threads, "batch": a.batch, "warmup": a.warmup,
-              "steps": a.steps, "rounds": a.rounds, "dead_fracs": a.dead_fracs,
-              "command": " ".join(["python", "bench/bench_trainer.py", *(argv or sys.argv[1:])]), "rows": rows}
+    report = {
+        "machine": machine(),
+        "threads": a.threads,
+        "batch": a.batch,
+        "warmup": a.warmup,
+        "steps": a.steps,
+        "rounds": a.rounds,
+        "dead_fracs": a.dead_fracs,
+        "command": " ".join(["python", "bench/bench_trainer.py", *(argv or sys.argv[1:])]),
+        "rows": rows,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
     return report
 
 
 def machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    model = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.machine(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
@@ -216,14 +282,18 @@ def table(report: dict) -> str:
         cells = [r["dataset"], f"{r['d_in']}/{r['d_sae']}/{r['k']}", f"{r.get('dead_frac', 0.1):.0%}"]
         cells += [f"{r['sides'][s]['tokens_per_s']:,.0f}" if s in r["sides"] else "-" for s in sides]
         if "ours" in sides:
-            cells += [f"{r['ratio'][s]:.2f}x ({r['ratio_cpu'][s]:.2f}x cpu)" if s in r.get("ratio", {}) else "-"
-                      for s in ("sparsify", "saelens")]
+            cells += [
+                f"{r['ratio'][s]:.2f}x ({r['ratio_cpu'][s]:.2f}x cpu)" if s in r.get("ratio", {}) else "-"
+                for s in ("sparsify", "saelens")
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     worst = [(r["ratio"][s], r) for r in report["rows"] for s in ("sparsify",) if s in r.get("ratio", {})]
     if worst:
         w, r = min(worst, key=lambda t: t[0])
-        lines.append(f"\nworst ours/sparsify: {w:.2f}x ({r['dataset']} {r['d_in']}/{r['d_sae']}/{r['k']}, "
-                     f"{r['dead_frac']:.0%} dead)")
+        lines.append(
+            f"\nworst ours/sparsify: {w:.2f}x ({r['dataset']} {r['d_in']}/{r['d_sae']}/{r['k']}, "
+            f"{r['dead_frac']:.0%} dead)"
+        )
     return "\n".join(lines)
 
 

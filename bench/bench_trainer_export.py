@@ -52,11 +52,21 @@ def main() -> None:
             sae.b_dec.normal_()
             sae.b_enc.normal_(std=0.2)
             sae.input_scale.fill_(2.5)  # train.normalize: folded into the exported weights
-        cfg = sae_lens_cfg(sae, layer=31, hook="resid_post", hook_module="model.language_model.layers.31",
-                           model="Qwen/Qwen3.6-27B", fingerprint="0" * 16, tokens=1 << 20,
-                           split={"seed": 0, "fraction": 0.01}, normalization={"kind": "scale", "folded": True},
-                           config={"exclude_special": False}, cache_url="caches/qwen36-27b",
-                           source={"name": "corpus", "seq_len": 1024}, context=1024)
+        cfg = sae_lens_cfg(
+            sae,
+            layer=31,
+            hook="resid_post",
+            hook_module="model.language_model.layers.31",
+            model="Qwen/Qwen3.6-27B",
+            fingerprint="0" * 16,
+            tokens=1 << 20,
+            split={"seed": 0, "fraction": 0.01},
+            normalization={"kind": "scale", "folded": True},
+            config={"exclude_special": False},
+            cache_url="caches/qwen36-27b",
+            source={"name": "corpus", "seq_len": 1024},
+            context=1024,
+        )
         out = tmp / "L31_n512_k8"
         export_sae(sae, out, cfg)
         with torch.no_grad():
@@ -70,13 +80,21 @@ def main() -> None:
         with torch.no_grad():
             codes, recon = theirs.dense(ref["x"]), theirs(ref["x"])
         # float32 rounding of the folded weights: relative to the codes' scale (SAELens' random init is large)
-        imported = {"same_active_latents": bool(torch.equal(codes != 0, ref["codes"] != 0)),
-                    "codes_max_rel_diff": float((codes - ref["codes"]).abs().max() / ref["codes"].abs().max()),
-                    "recon_max_rel_diff": float((recon - ref["recon"]).abs().max() / ref["recon"].abs().max())}
-        imported["ok"] = (imported["same_active_latents"] and imported["codes_max_rel_diff"] < 1e-5
-                          and imported["recon_max_rel_diff"] < 1e-5)
-    report = {"export_loaded_by_saelens": exported, "saelens_rescaled_loaded_by_us": imported,
-              "ok": exported["ok"] and imported["ok"]}
+        imported = {
+            "same_active_latents": bool(torch.equal(codes != 0, ref["codes"] != 0)),
+            "codes_max_rel_diff": float((codes - ref["codes"]).abs().max() / ref["codes"].abs().max()),
+            "recon_max_rel_diff": float((recon - ref["recon"]).abs().max() / ref["recon"].abs().max()),
+        }
+        imported["ok"] = (
+            imported["same_active_latents"]
+            and imported["codes_max_rel_diff"] < 1e-5
+            and imported["recon_max_rel_diff"] < 1e-5
+        )
+    report = {
+        "export_loaded_by_saelens": exported,
+        "saelens_rescaled_loaded_by_us": imported,
+        "ok": exported["ok"] and imported["ok"],
+    }
     print(json.dumps(report, indent=1))
     sys.exit(0 if report["ok"] else 1)
 

@@ -26,17 +26,101 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "results" / "data"
 
-_MODULES = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "collections",
-            "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
-            "decimal", "difflib", "email", "enum", "fractions", "functools", "getopt", "gettext", "glob",
-            "gzip", "hashlib", "heapq", "hmac", "html", "http.client", "http.server", "imaplib", "inspect",
-            "io", "ipaddress", "itertools", "json", "logging", "mailbox", "mimetypes", "multiprocessing",
-            "numbers", "operator", "optparse", "os", "pathlib", "pickle", "pkgutil", "platform", "plistlib",
-            "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil",
-            "signal", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "statistics", "string",
-            "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
-            "trace", "traceback", "types", "typing", "unittest", "urllib.parse", "urllib.request", "uuid",
-            "warnings", "wave", "weakref", "xml.dom", "xml.etree.ElementTree", "zipfile", "zoneinfo"]
+_MODULES = [
+    "abc",
+    "argparse",
+    "array",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "cmd",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "mimetypes",
+    "multiprocessing",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "types",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zoneinfo",
+]
 
 
 def corpus_text() -> str:
@@ -78,7 +162,7 @@ def _run(model, batches: np.ndarray, layers: list[int], n_tokens: int, batch: in
     torch.manual_seed(0)
     with torch.inference_mode():
         for s in range(0, len(batches), batch):
-            ids = torch.from_numpy(batches[s:s + batch])
+            ids = torch.from_numpy(batches[s : s + batch])
             hs = model(input_ids=ids, output_hidden_states=True, **kw).hidden_states
             for L in layers:
                 out[L].append(hs[L + 1].reshape(-1, hs[L + 1].shape[-1]).to(torch.bfloat16).view(torch.int16).numpy())
@@ -153,5 +237,7 @@ if __name__ == "__main__":
             continue
         for L, a in arrays.items():
             f = a.astype(np.float32)
-            print(f"{name} L{L}: {a.shape} mean|x| {np.abs(f).mean():.3f} max|x| {np.abs(f).max():.1f} "
-                  f"norm {np.linalg.norm(f, axis=1).mean():.2f}")
+            print(
+                f"{name} L{L}: {a.shape} mean|x| {np.abs(f).mean():.3f} max|x| {np.abs(f).max():.1f} "
+                f"norm {np.linalg.norm(f, axis=1).mean():.2f}"
+            )

@@ -59,12 +59,19 @@ class LayerBuffer:
             import zarr
 
             self.array = zarr.create_array(
-                store=self.store, name=self.path, shape=(0, self.d), dtype="uint16",
-                chunks=(self.chunk_rows, self.d), shards=(self.shard_rows, self.d),
-                compressors=zarr_compressors(self.codec), filters=(), fill_value=0,
+                store=self.store,
+                name=self.path,
+                shape=(0, self.d),
+                dtype="uint16",
+                chunks=(self.chunk_rows, self.d),
+                shards=(self.shard_rows, self.d),
+                compressors=zarr_compressors(self.codec),
+                filters=(),
+                fill_value=0,
                 attributes={"actcache_dtype": "bfloat16", "hook": self.hook, "layer": self.layer},
                 dimension_names=["token", "d_model"],
-                config={"write_empty_chunks": True})  # skips zarr's per-chunk all-fill scan (~half the write time)
+                config={"write_empty_chunks": True},
+            )  # skips zarr's per-chunk all-fill scan (~half the write time)
 
     def _flush(self, n: int) -> None:
         self._ensure_array()
@@ -77,14 +84,14 @@ class LayerBuffer:
 
         def write():
             self.array.resize((s + n, self.d))
-            self.array[s:s + n] = block
+            self.array[s : s + n] = block
 
         self.inflight = _FLUSH_POOL.submit(write)
         self.n_written += n
 
     def entry(self) -> dict:
         prefix = self.path + "/"
-        objects = {k[len(prefix):]: v for k, v in self.store.written.items() if k.startswith(prefix)}
+        objects = {k[len(prefix) :]: v for k, v in self.store.written.items() if k.startswith(prefix)}
         return {"array": self.path, "n_rows": self.n_written, "objects": objects}
 
 
@@ -94,11 +101,20 @@ def write_rows(store, prefix: str, cols: dict, chunk_rows: int) -> dict:
     for name, a in cols.items():
         n = len(a)
         shard = max(1, -(-n // chunk_rows)) * chunk_rows
-        arr = zarr.create_array(store=store, name=f"{prefix}/{name}", shape=(n,), dtype=ROW_COLUMNS[name],
-                                chunks=(chunk_rows,), shards=(shard,), compressors=zarr_compressors(ROW_CODEC),
-                                filters=(), fill_value=0, dimension_names=["token"],
-                                config={"write_empty_chunks": True})
+        arr = zarr.create_array(
+            store=store,
+            name=f"{prefix}/{name}",
+            shape=(n,),
+            dtype=ROW_COLUMNS[name],
+            chunks=(chunk_rows,),
+            shards=(shard,),
+            compressors=zarr_compressors(ROW_CODEC),
+            filters=(),
+            fill_value=0,
+            dimension_names=["token"],
+            config={"write_empty_chunks": True},
+        )
         if n:
             arr[:] = a
     p = prefix + "/"
-    return {"path": prefix, "objects": {k[len(p):]: v for k, v in store.written.items() if k.startswith(p)}}
+    return {"path": prefix, "objects": {k[len(p) :]: v for k, v in store.written.items() if k.startswith(p)}}

@@ -56,8 +56,9 @@ class _ArrayReader:
         else:
             n = index_nbytes(self.per_shard)
             for attempt in range(2):
-                tail = self.loc.read_range(f"{self.path}/{key}", obj["size"] - n, obj["size"],
-                                           fresh=fresh or attempt > 0)
+                tail = self.loc.read_range(
+                    f"{self.path}/{key}", obj["size"] - n, obj["size"], fresh=fresh or attempt > 0
+                )
                 if not integrity.CHECK_READS or integrity.index_ok(tail, self.per_shard):
                     break
             else:
@@ -73,16 +74,22 @@ class _ArrayReader:
         A full chunk decodes straight into `out`; an edge chunk (stored padded to the chunk
         shape) or an all-fill one is decoded or made aside and copied."""
         rows = min(self.chunk_rows, self.shape[0] - k * self.chunk_rows)
-        if out is not None and (out.shape != (rows, *self.row_shape) or out.dtype.itemsize != self.dtype.itemsize
-                                or not out.flags.c_contiguous):
+        if out is not None and (
+            out.shape != (rows, *self.row_shape)
+            or out.dtype.itemsize != self.dtype.itemsize
+            or not out.flags.c_contiguous
+        ):
             raise ValueError(f"out must be a C-contiguous {(rows, *self.row_shape)} array of {self.dtype}")
         s, j = divmod(k, self.per_shard)
         idx = self._shard_index(s)
         if idx is not None and idx[j, 0] == _EMPTY and self._recorded(s, j):
             idx = self._shard_index(s, fresh=True)  # the index says absent, the commit recorded bytes
             if idx[j, 0] == _EMPTY:
-                raise integrity.fail(self.loc.url, f"{self.path}/{self.shard_key(s)}",
-                                     f"the shard index marks inner chunk {j} absent, but it was written")
+                raise integrity.fail(
+                    self.loc.url,
+                    f"{self.path}/{self.shard_key(s)}",
+                    f"the shard index marks inner chunk {j} absent, but it was written",
+                )
         if idx is None or idx[j, 0] == _EMPTY:
             a = np.zeros((rows, *self.row_shape), self.dtype)
         else:
@@ -120,4 +127,4 @@ class _ArrayReader:
         parts = list(_POOL.map(self.chunk, range(k0, k1 + 1))) if k1 > k0 else [self.chunk(k0)]
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         off = k0 * self.chunk_rows
-        return out[a - off:b - off]
+        return out[a - off : b - off]

@@ -11,8 +11,9 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 
 def _temporary(path: Path) -> Path:

@@ -52,8 +52,10 @@ class _BackfillSegment(CommitUnit):
         self.info = infos[segment_id]
         if bf.layer in self.info.layers:
             raise UserError(f"segment {segment_id} already has layer {bf.layer}")
-        self.stored = {k: self.cache._segment_column(self.cache._seg_index(segment_id), k)
-                       for k in ("tokens", "seq_ids", "positions")}
+        self.stored = {
+            k: self.cache._segment_column(self.cache._seg_index(segment_id), k)
+            for k in ("tokens", "seq_ids", "positions")
+        }
         self.part = uuid.uuid4().hex[:12]
         super().__init__(w.loc, layout.backfill_dir(segment_id, self.part))
         path = layout.layer_array(self.unit, w.root["hook"], bf.layer)
@@ -73,21 +75,32 @@ class _BackfillSegment(CommitUnit):
         bits, n = residual_bits(residuals, [self.bf.layer], self.w.d_model, "backfill")
         s, e = self.n, self.n + n
         if e > self.info.n_rows:
-            raise UserError(f"backfill of segment {self.info.id}: {e} rows exceed its {self.info.n_rows}; "
-                            "the rows must match the segment exactly")
+            raise UserError(
+                f"backfill of segment {self.info.id}: {e} rows exceed its {self.info.n_rows}; "
+                "the rows must match the segment exactly"
+            )
         for name, x in (("tokens", tokens), ("seq_ids", seq_ids), ("positions", positions)):
             got = int_column(x, ROW_COLUMNS[name], name)
             if len(got) != n or not np.array_equal(got, self.stored[name][s:e]):
-                raise UserError(f"backfill of segment {self.info.id}: {name} of rows {s}..{e} differ from the "
-                                "stored rows; re-run over the same rows in the same order (misaligned layer refused)")
+                raise UserError(
+                    f"backfill of segment {self.info.id}: {name} of rows {s}..{e} differ from the "
+                    "stored rows; re-run over the same rows in the same order (misaligned layer refused)"
+                )
         self.buf.add(bits[self.bf.layer])
         self.n = e
 
     def commit(self) -> None:
         if self.n != self.info.n_rows:
-            raise UserError(f"backfill of segment {self.info.id}: got {self.n} rows, the segment has "
-                            f"{self.info.n_rows}; nothing was committed")
+            raise UserError(
+                f"backfill of segment {self.info.id}: got {self.n} rows, the segment has "
+                f"{self.info.n_rows}; nothing was committed"
+            )
         entry = self._layer_entry(self.buf)
-        record = {"kind": "layer", "segment": self.info.id, "layer": self.bf.layer, "entry": entry,
-                  "provenance": provenance.record()}
+        record = {
+            "kind": "layer",
+            "segment": self.info.id,
+            "layer": self.bf.layer,
+            "entry": entry,
+            "provenance": provenance.record(),
+        }
         self._commit_record(record)

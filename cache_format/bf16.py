@@ -34,8 +34,10 @@ def to_bits(x, what: str = "residuals") -> np.ndarray:
         return np.ascontiguousarray(a).view(np.uint16)
     if a.dtype == np.uint16:
         return np.ascontiguousarray(a)
-    raise UserError(f"{what}: expected bfloat16 (torch.bfloat16 or ml_dtypes.bfloat16), got {a.dtype}; "
-                    "convert explicitly so that any rounding is your choice")
+    raise UserError(
+        f"{what}: expected bfloat16 (torch.bfloat16 or ml_dtypes.bfloat16), got {a.dtype}; "
+        "convert explicitly so that any rounding is your choice"
+    )
 
 
 def bits_to_numpy(bits: np.ndarray) -> np.ndarray:

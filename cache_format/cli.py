@@ -19,15 +19,20 @@ def _options(text: str | None) -> dict | None:
     try:
         out = json.loads(text)
     except ValueError as e:
-        raise UserError(f"--storage-options: not valid JSON ({e}); "
-                        "e.g. '{\"endpoint_url\": \"http://...\"}'") from None
+        raise UserError(f'--storage-options: not valid JSON ({e}); e.g. \'{{"endpoint_url": "http://..."}}\'') from None
     if not isinstance(out, dict):
         raise UserError("--storage-options must be a JSON object")
     return out
 
 
-so_option = click.option("--storage-options", "-o", "storage_options", default=None, metavar="JSON",
-                         help="fsspec storage options for the URL (e.g. an S3 endpoint_url).")
+so_option = click.option(
+    "--storage-options",
+    "-o",
+    "storage_options",
+    default=None,
+    metavar="JSON",
+    help="fsspec storage options for the URL (e.g. an S3 endpoint_url).",
+)
 
 
 @click.group()
@@ -51,18 +56,27 @@ def info(url, as_json, storage_options):
     click.echo(f"fingerprint  {d['fingerprint']}")
     if model:
         click.echo(f"model        {model.get('name_or_path', '?')} ({model.get('dtype', '?')})")
-    click.echo(f"hook         {d['hook']}   d_model {d['d_model']}   codec {d['codec']}   "
-               f"chunk {d['chunk_tokens']} rows   shard {d['shard_rows']} rows")
-    click.echo(f"rows         {d['n_tokens']:,} in {d['n_segments']} segments"
-               + (f" ({len(d['retracted'])} retracted)" if d["retracted"] else ""))
+    click.echo(
+        f"hook         {d['hook']}   d_model {d['d_model']}   codec {d['codec']}   "
+        f"chunk {d['chunk_tokens']} rows   shard {d['shard_rows']} rows"
+    )
+    click.echo(
+        f"rows         {d['n_tokens']:,} in {d['n_segments']} segments"
+        + (f" ({len(d['retracted'])} retracted)" if d["retracted"] else "")
+    )
     if d["rows_by_source"]:
         total = sum(d["rows_by_source"].values())
         sources = d["meta"].get("source", {}).get("sources", [])
         weights = {s.get("name") or s.get("path"): s.get("weight") for s in sources}
         wsum = sum(w for w in weights.values() if w) or 1
-        click.echo("sources      " + "   ".join(
-            f"{name} {n / total:.1%}" + (f" (weight {weights[name] / wsum:.0%})" if weights.get(name) else "")
-            for name, n in sorted(d["rows_by_source"].items(), key=lambda kv: -kv[1])) + "  of rows")
+        click.echo(
+            "sources      "
+            + "   ".join(
+                f"{name} {n / total:.1%}" + (f" (weight {weights[name] / wsum:.0%})" if weights.get(name) else "")
+                for name, n in sorted(d["rows_by_source"].items(), key=lambda kv: -kv[1])
+            )
+            + "  of rows"
+        )
     for L, e in d["declared_layers"].items():
         state = "complete" if e["complete"] else f"backfill pending: {e['segments']}/{d['n_segments']} segments"
         ratio = f"   {e['ratio_vs_raw_bf16']:.3f}× raw bf16" if e["ratio_vs_raw_bf16"] is not None else ""
@@ -81,8 +95,10 @@ def verify(url, threads, storage_options):
     for key, why in bad:
         click.echo(f"BAD {key}: {why}")
     if bad:
-        raise CacheError(f"verify: {len(bad)} of {n} objects are bad (first: {bad[0][0]}: {bad[0][1]}); "
-                         "retract the affected segment or re-sync it from a good copy")
+        raise CacheError(
+            f"verify: {len(bad)} of {n} objects are bad (first: {bad[0][0]}: {bad[0][1]}); "
+            "retract the affected segment or re-sync it from a good copy"
+        )
     click.echo(f"ok: {n} objects in {len(c.segments)} segments match their checksums")
 
 
@@ -116,31 +132,40 @@ def stats(url, layers, scheduler, as_json, storage_options):
     out = {}
     for L, s in res.items():
         stored = c.stats(L)
-        out[str(L)] = {"count": s["count"], "mean_norm": s["mean_norm"],
-                       "mean_abs_mean": float(np.abs(s["mean"]).mean()), "mean_std": float(s["std"].mean()),
-                       "max_std": float(s["std"].max()),
-                       "max_abs_diff_vs_committed_mean": float(np.abs(s["mean"] - stored["mean"]).max())}
+        out[str(L)] = {
+            "count": s["count"],
+            "mean_norm": s["mean_norm"],
+            "mean_abs_mean": float(np.abs(s["mean"]).mean()),
+            "mean_std": float(s["std"].mean()),
+            "max_std": float(s["std"].max()),
+            "max_abs_diff_vs_committed_mean": float(np.abs(s["mean"] - stored["mean"]).max()),
+        }
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
     for L, s in out.items():
-        click.echo(f"layer {L:>4}  rows {s['count']:,}  mean‖x‖ {s['mean_norm']:.4g}  mean|μ| {s['mean_abs_mean']:.4g}"
-                   f"  mean σ {s['mean_std']:.4g}  max σ {s['max_std']:.4g}")
+        click.echo(
+            f"layer {L:>4}  rows {s['count']:,}  mean‖x‖ {s['mean_norm']:.4g}  mean|μ| {s['mean_abs_mean']:.4g}"
+            f"  mean σ {s['mean_std']:.4g}  max σ {s['max_std']:.4g}"
+        )
 
 
 @cli.command()
 @click.argument("src")
 @click.argument("dst")
 @so_option
-@click.option("--dst-options", default=None, metavar="JSON",
-              help="Storage options for DST (default: --storage-options).")
+@click.option(
+    "--dst-options", default=None, metavar="JSON", help="Storage options for DST (default: --storage-options)."
+)
 def sync(src, dst, storage_options, dst_options):
     """Copy the committed segments DST lacks from SRC, verifying every checksum."""
     so = _options(storage_options)
     r = ops.sync(src, dst, so, _options(dst_options) if dst_options else so)
     fp = open_cache(dst, storage_options=_options(dst_options) if dst_options else so).fingerprint
-    click.echo(f"copied {r['segments']} segments and {r['layers']} backfilled layers "
-               f"({r['bytes'] / 2**20:,.1f} MiB); {dst} fingerprint {fp}")
+    click.echo(
+        f"copied {r['segments']} segments and {r['layers']} backfilled layers "
+        f"({r['bytes'] / 2**20:,.1f} MiB); {dst} fingerprint {fp}"
+    )
 
 
 @cli.command()
@@ -188,10 +213,24 @@ def import_(sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, 
             raise UserError(f"--map {m!r}: expected KEY=LAYER, e.g. --map acts_L11=11")
         mapping[k] = int(v)
     meta = {"model": {"name_or_path": model}} if model else {}
-    r = ops.import_dump(list(sources), url, mapping, layer, labels, tokens, seq_ids, seq_len, meta,
-                        _options(storage_options), codec, chunk_tokens)
-    click.echo(f"imported {r['rows']:,} rows × {r['d_model']} at layers {r['layers']} "
-               f"({r['conversion'] or 'bf16, lossless'})" + ("; sequence ids made up" if r["made_up_seq_ids"] else ""))
+    r = ops.import_dump(
+        list(sources),
+        url,
+        mapping,
+        layer,
+        labels,
+        tokens,
+        seq_ids,
+        seq_len,
+        meta,
+        _options(storage_options),
+        codec,
+        chunk_tokens,
+    )
+    click.echo(
+        f"imported {r['rows']:,} rows × {r['d_model']} at layers {r['layers']} "
+        f"({r['conversion'] or 'bf16, lossless'})" + ("; sequence ids made up" if r["made_up_seq_ids"] else "")
+    )
 
 
 @cli.command()
@@ -205,8 +244,10 @@ def upgrade(url, storage_options):
     if r["commit"] is None:
         click.echo(f"{url} is up to date: every chunk has a digest and every record is chained")
         return
-    click.echo(f"upgraded {url}: chunk digests for {r['objects']} shard objects, {r['records']} format-1 records "
-               f"pinned (commit {r['commit']})")
+    click.echo(
+        f"upgraded {url}: chunk digests for {r['objects']} shard objects, {r['records']} format-1 records "
+        f"pinned (commit {r['commit']})"
+    )
 
 
 def main() -> None:

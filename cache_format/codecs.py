@@ -79,8 +79,11 @@ def decoder(array_meta: dict):
             numcodecs.Zstd().decode(buf, out=out)
         else:
             for step in steps:
-                buf = {"blosc": numcodecs.blosc.decompress, "zstd": numcodecs.Zstd().decode,
-                       "gzip": numcodecs.GZip().decode}[step](buf)
+                buf = {
+                    "blosc": numcodecs.blosc.decompress,
+                    "zstd": numcodecs.Zstd().decode,
+                    "gzip": numcodecs.GZip().decode,
+                }[step](buf)
             out[:] = np.frombuffer(buf, np.uint8)
         return out
 

@@ -64,16 +64,19 @@ def read_root(loc) -> dict:
     try:
         raw = loc.read(ROOT_META)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise NotACacheError(f"{loc.url} is not a cache (no zarr.json); create one with cache_format.create_cache "
-                             "or check the URL") from None
+        raise NotACacheError(
+            f"{loc.url} is not a cache (no zarr.json); create one with cache_format.create_cache or check the URL"
+        ) from None
     try:
         meta = json.loads(raw)
         attrs = meta["attributes"][FORMAT_NAME]
     except (ValueError, KeyError, TypeError):
         raise CacheError(f"{loc.url} holds a zarr.json but is not an {FORMAT_NAME} cache; check the URL") from None
     if attrs.get("format_version", 0) > FORMAT_VERSION:
-        raise CacheError(f"{loc.url} uses cache format {attrs['format_version']}, newer than this code "
-                         f"({FORMAT_VERSION}); upgrade actcache")
+        raise CacheError(
+            f"{loc.url} uses cache format {attrs['format_version']}, newer than this code "
+            f"({FORMAT_VERSION}); upgrade actcache"
+        )
     return attrs
 
 
@@ -99,9 +102,11 @@ def root_record(root: dict) -> dict:
 
 
 def damaged(url: str, name: str, why: str) -> CacheError:
-    return CacheError(f"{url}: the commit log is damaged at {COMMITS}/{name} ({why}); nothing was read: restore "
-                      "that record from a good copy of the cache (or re-sync it), "
-                      "then run `python -m cache_format verify`")
+    return CacheError(
+        f"{url}: the commit log is damaged at {COMMITS}/{name} ({why}); nothing was read: restore "
+        "that record from a good copy of the cache (or re-sync it), "
+        "then run `python -m cache_format verify`"
+    )
 
 
 def check_log(url: str, root: dict, records: dict, checked: set | None = None) -> None:
@@ -131,8 +136,9 @@ def check_log(url: str, root: dict, records: dict, checked: set | None = None) -
                 raise damaged(url, name, "its content does not match its digest: it was edited")
             want = record_digest(records[names[i - 1]]) if i else None
             if r.get("prev") != want:
-                raise damaged(url, name, "it does not follow the record before it: a record was edited, removed "
-                                         "or inserted")
+                raise damaged(
+                    url, name, "it does not follow the record before it: a record was edited, removed or inserted"
+                )
         elif v2:
             raise damaged(url, name, "it carries no digest")
         if r.get("kind") in ("root", "upgrade") and r.get("root") != root_digest(root):
@@ -159,8 +165,10 @@ def list_commits(loc) -> tuple[list[str], dict]:
         try:
             index = _parse(loc.url, INDEX, loc.read(INDEX))
         except FileNotFoundError:
-            raise CacheError(f"{loc.url} has no index.json; run `python -m cache_format publish` on the "
-                             "cache before serving it over HTTP") from None
+            raise CacheError(
+                f"{loc.url} has no index.json; run `python -m cache_format publish` on the "
+                "cache before serving it over HTTP"
+            ) from None
         try:
             recs = {c["name"]: c["record"] for c in index["commits"]}
         except (KeyError, TypeError):
@@ -287,15 +295,35 @@ def objects_digest(objects: dict) -> str:
 
 
 def layer_fingerprint(root: dict, segments: list, layer: int) -> str:
-    body = {"hook": root["hook"], "layer": layer, "d_model": root["d_model"],
-            "segments": sorted([s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
-                                objects_digest(s.layers[layer]["objects"])] for s in segments)}
+    body = {
+        "hook": root["hook"],
+        "layer": layer,
+        "d_model": root["d_model"],
+        "segments": sorted(
+            [
+                s.record["n_rows"],
+                objects_digest(s.record["rows"]["objects"]),
+                objects_digest(s.layers[layer]["objects"]),
+            ]
+            for s in segments
+        ),
+    }
     return sha256(dumps(body))
 
 
 def cache_fingerprint(root: dict, segments: list, layers: list) -> str:
-    body = {"hook": root["hook"], "d_model": root["d_model"], "layers": layers,
-            "segments": sorted([s.record["n_rows"], objects_digest(s.record["rows"]["objects"]),
-                                (s.record.get("sequences") or {}).get(DIGEST) or "",
-                                [objects_digest(s.layers[L]["objects"]) for L in layers]] for s in segments)}
+    body = {
+        "hook": root["hook"],
+        "d_model": root["d_model"],
+        "layers": layers,
+        "segments": sorted(
+            [
+                s.record["n_rows"],
+                objects_digest(s.record["rows"]["objects"]),
+                (s.record.get("sequences") or {}).get(DIGEST) or "",
+                [objects_digest(s.layers[L]["objects"]) for L in layers],
+            ]
+            for s in segments
+        ),
+    }
     return sha256(dumps(body))

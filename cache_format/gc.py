@@ -20,8 +20,9 @@ def parse_age(text: str) -> float:
 MIN_GRACE_S = 3600  # below this, gc needs force=True (--force)
 
 
-def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False,
-       force: bool = False) -> list[str]:
+def gc(
+    loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_run: bool = False, force: bool = False
+) -> list[str]:
     """Delete objects no commit references (crashed writers' leftovers) older than the grace period.
 
     The unit is a segment directory (or a backfill directory): it is removed only when its
@@ -30,8 +31,10 @@ def gc(loc: Location, older_than_s: float = 86400, retracted: bool = False, dry_
     With `retracted`, retracted segments' data goes too (their tombstones stay).
     """
     if older_than_s < MIN_GRACE_S and not force:
-        raise UserError(f"gc --older-than {older_than_s:g}s is under an hour: a slow writer's uncommitted work "
-                        "could go (leased segments are always kept); add --force if you mean it")
+        raise UserError(
+            f"gc --older-than {older_than_s:g}s is under an hour: a slow writer's uncommitted work "
+            "could go (leased segments are always kept); add --force if you mean it"
+        )
     # List the objects first, then read the log: a writer that commits (and drops its lease)
     # between the two is then seen as committed, never as an unleased leftover.
     now = time.time()

@@ -33,8 +33,10 @@ def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = Non
                 with safe_open(p, framework="pt") as f:
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
             except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"import: {p} is not a readable safetensors file ({e}); is it truncated? "
-                                "re-export or re-download it") from None
+                raise UserError(
+                    f"import: {p} is not a readable safetensors file ({e}); is it truncated? "
+                    "re-export or re-download it"
+                ) from None
             for k, t in tensors.items():
                 if t.ndim != 2:
                     continue  # not a (tokens, d_model) activation matrix
@@ -61,10 +63,20 @@ def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = Non
     return {L: t.to(torch.bfloat16) for L, t in arrays.items()}, ",".join(sorted(dtypes))
 
 
-def import_dump(paths: list[str], url: str, mapping: dict[str, int], layer: int | None = None,
-                labels: str | None = None, tokens: str | None = None, seq_ids: str | None = None,
-                seq_len: int = 1024, meta: dict | None = None, storage_options: dict | None = None,
-                codec: str = "blosc-zstd1", chunk_tokens: int = 4096) -> dict:
+def import_dump(
+    paths: list[str],
+    url: str,
+    mapping: dict[str, int],
+    layer: int | None = None,
+    labels: str | None = None,
+    tokens: str | None = None,
+    seq_ids: str | None = None,
+    seq_len: int = 1024,
+    meta: dict | None = None,
+    storage_options: dict | None = None,
+    codec: str = "blosc-zstd1",
+    chunk_tokens: int = 4096,
+) -> dict:
     """Turn a dump into a new cache (or a new segment of an existing one with the same layers)."""
     from .writer import create_cache
 
@@ -95,24 +107,41 @@ def import_dump(paths: list[str], url: str, mapping: dict[str, int], layer: int 
     starts = np.r_[0, np.flatnonzero(np.diff(sid)) + 1]
     for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
         pos[a:b] = np.arange(b - a)
-    info_meta = {"source_files": paths, "source_dtype": src_dtype,
-                 "lossless": src_dtype == "bfloat16", "conversion": None if src_dtype == "bfloat16" else
-                 f"{src_dtype} → bfloat16 (round to nearest even): not lossless",
-                 "made_up_seq_ids": made_up, "seq_len": seq_len if made_up else None,
-                 "tokens_known": tok is not None}
+    info_meta = {
+        "source_files": paths,
+        "source_dtype": src_dtype,
+        "lossless": src_dtype == "bfloat16",
+        "conversion": None
+        if src_dtype == "bfloat16"
+        else f"{src_dtype} → bfloat16 (round to nearest even): not lossless",
+        "made_up_seq_ids": made_up,
+        "seq_len": seq_len if made_up else None,
+        "tokens_known": tok is not None,
+    }
     try:
         w = open_cache(url, mode="a", storage_options=storage_options)
     except CacheError:
-        w = create_cache(url, d_model=d, layers=sorted(arrays), meta={**(meta or {}), "import": info_meta},
-                         codec=codec, chunk_tokens=chunk_tokens, storage_options=storage_options)
+        w = create_cache(
+            url,
+            d_model=d,
+            layers=sorted(arrays),
+            meta={**(meta or {}), "import": info_meta},
+            codec=codec,
+            chunk_tokens=chunk_tokens,
+            storage_options=storage_options,
+        )
     with w.segment(meta={"import": info_meta}) as seg:
-        seg.append(residuals=arrays, tokens=tok if tok is not None else np.full(n, -1, np.int32), seq_ids=sid,
-                   positions=pos, labels=lab.astype(np.int8) if lab is not None else None)
+        seg.append(
+            residuals=arrays,
+            tokens=tok if tok is not None else np.full(n, -1, np.int32),
+            seq_ids=sid,
+            positions=pos,
+            labels=lab.astype(np.int8) if lab is not None else None,
+        )
         seqs = []
         for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
             ids = tok[a:b] if tok is not None else np.zeros(0, np.int32)
-            rec = {"seq_id": int(sid[a]), "token_ids": ids.tolist(),
-                   "source": "import"}
+            rec = {"seq_id": int(sid[a]), "token_ids": ids.tolist(), "source": "import"}
             seqs.append(rec)
         seg.add_sequences(seqs)
     return {"rows": n, "d_model": d, "layers": sorted(arrays), **info_meta}

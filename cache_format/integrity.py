@@ -41,11 +41,11 @@ def shard_chunk_digests(data, per_shard: int, key: str = "shard") -> list[str | 
     """The chunk digests of a whole shard object (None for an absent chunk); checks its index."""
     mv = memoryview(data).cast("B")
     n = 16 * per_shard + 4
-    tail = mv[len(mv) - n:]
+    tail = mv[len(mv) - n :]
     if not index_ok(tail, per_shard):
         raise IntegrityError(f"{key}: the shard index fails its CRC32C; the object is corrupt")
     idx = np.frombuffer(bytes(tail[: 16 * per_shard]), "<u8").reshape(per_shard, 2)
-    return [None if int(off) == _EMPTY else chunk_digest(mv[int(off):int(off) + int(nb)]) for off, nb in idx]
+    return [None if int(off) == _EMPTY else chunk_digest(mv[int(off) : int(off) + int(nb)]) for off, nb in idx]
 
 
 def per_shard_of(array_meta: dict) -> int | None:
@@ -59,9 +59,11 @@ def per_shard_of(array_meta: dict) -> int | None:
 
 
 def fail(url: str, key: str, what: str) -> IntegrityError:
-    return IntegrityError(f"{url}/{key}: {what} after re-reading it from the store: the stored object is "
-                          "corrupt; run `python -m cache_format verify` and retract the segment or re-sync it "
-                          "from a good copy")
+    return IntegrityError(
+        f"{url}/{key}: {what} after re-reading it from the store: the stored object is "
+        "corrupt; run `python -m cache_format verify` and retract the segment or re-sync it "
+        "from a good copy"
+    )
 
 
 def read_checked(loc, key: str, want: dict | None, digest) -> bytes:

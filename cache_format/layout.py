@@ -70,6 +70,7 @@ def sequences_table(records: list[dict]):
         return pa.table({"seq_id": pa.array([], pa.int64()), "token_ids": pa.array([], pa.list_(pa.int32()))})
     table = pa.Table.from_pylist(records)
     table = table.set_column(table.schema.get_field_index("seq_id"), "seq_id", table["seq_id"].cast(pa.int64()))
-    table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
-                             table["token_ids"].cast(pa.list_(pa.int32())))
+    table = table.set_column(
+        table.schema.get_field_index("token_ids"), "token_ids", table["token_ids"].cast(pa.list_(pa.int32()))
+    )
     return table

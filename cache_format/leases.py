@@ -23,8 +23,9 @@ STALE_S = float(os.environ.get("ACTCACHE_LEASE_STALE_S", "600"))
 
 
 def _body() -> bytes:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "renewed_at": now_iso(),
-                       "stale_after_s": STALE_S}).encode()
+    return json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "renewed_at": now_iso(), "stale_after_s": STALE_S}
+    ).encode()
 
 
 class _Keeper:

@@ -10,5 +10,17 @@ from .shard_stats import dask_stats
 from .sync import sync
 from .verify import segment_objects, verify
 
-__all__ = ["MIN_GRACE_S", "dask_stats", "gc", "import_dump", "info", "load_dump", "parse_age", "publish",
-           "rows_by_source", "segment_objects", "sync", "verify"]
+__all__ = [
+    "MIN_GRACE_S",
+    "dask_stats",
+    "gc",
+    "import_dump",
+    "info",
+    "load_dump",
+    "parse_age",
+    "publish",
+    "rows_by_source",
+    "segment_objects",
+    "sync",
+    "verify",
+]

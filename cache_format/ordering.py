@@ -34,8 +34,10 @@ class CommitOrder:
         with self._cv:
             while self._next != k:
                 if self._failed is not None and self._failed < k:
-                    raise OrderBroken(f"segment {k} of the plan was not committed because segment {self._failed} "
-                                      "failed first; re-run to resume from there")
+                    raise OrderBroken(
+                        f"segment {k} of the plan was not committed because segment {self._failed} "
+                        "failed first; re-run to resume from there"
+                    )
                 self._cv.wait(1.0)
 
     def _done(self, k: int) -> None:

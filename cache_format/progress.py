@@ -8,5 +8,13 @@ import sys
 def progress_bar(total: int, desc: str, unit: str = "B", disable: bool | None = None):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
-                file=sys.stderr, leave=False, disable=disable)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=True,
+        unit_divisor=1024 if unit == "B" else 1000,
+        file=sys.stderr,
+        leave=False,
+        disable=disable,
+    )

@@ -30,8 +30,9 @@ def code_version() -> dict:
         rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if rev.returncode == 0:
             out["git_commit"] = rev.stdout.strip()
-            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "."],
-                                   capture_output=True, text=True, timeout=5)
+            dirty = subprocess.run(
+                ["git", "-C", here, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5
+            )
             out["git_dirty"] = bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -51,8 +52,13 @@ def packages() -> dict:
 
 
 def hardware() -> dict:
-    out = {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
-           "processor": platform.processor() or "", "hostname": platform.node()}
+    out = {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or "",
+        "hostname": platform.node(),
+    }
     torch = sys.modules.get("torch")  # only if the caller already imported it
     if torch is not None:
         try:
@@ -64,5 +70,10 @@ def hardware() -> dict:
 
 
 def record() -> dict:
-    return {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, "code": code_version(),
-            "packages": packages(), "hardware": hardware(), "written_at": now_iso()}
+    return {
+        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+        "code": code_version(),
+        "packages": packages(),
+        "hardware": hardware(),
+        "written_at": now_iso(),
+    }

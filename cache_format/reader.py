@@ -97,8 +97,9 @@ class ColumnView:
 class Cache:
     """A snapshot of a cache's committed segments; `refresh()` picks up later commits."""
 
-    def __init__(self, loc: Location, root: dict | None = None, records: dict | None = None,
-                 checked: set | None = None):
+    def __init__(
+        self, loc: Location, root: dict | None = None, records: dict | None = None, checked: set | None = None
+    ):
         self._loc = loc
         self._root = root or commits.read_root(loc)
         self._records: dict = dict(records or {})
@@ -171,15 +172,29 @@ class Cache:
     def meta(self) -> dict:
         """The creator's meta as given, plus `cache_format`: format/code/package versions, hardware."""
         out = json.loads(json.dumps(self._root["meta"]))
-        out["cache_format"] = dict(self._root["provenance"], codec=self.codec, chunk_tokens=self.chunk_tokens,
-                                   shard_rows=self.shard_rows, hook=self.hook)
+        out["cache_format"] = dict(
+            self._root["provenance"],
+            codec=self.codec,
+            chunk_tokens=self.chunk_tokens,
+            shard_rows=self.shard_rows,
+            hook=self.hook,
+        )
         return out
 
     @property
     def segments(self) -> list[SegmentInfo]:
-        return [SegmentInfo(s.id, int(self._starts[i]), s.record["n_rows"], s.record.get("meta", {}),
-                            sorted(s.layers), s.commit, s.record.get("provenance", {}))
-                for i, s in enumerate(self._segs)]
+        return [
+            SegmentInfo(
+                s.id,
+                int(self._starts[i]),
+                s.record["n_rows"],
+                s.record.get("meta", {}),
+                sorted(s.layers),
+                s.commit,
+                s.record.get("provenance", {}),
+            )
+            for i, s in enumerate(self._segs)
+        ]
 
     @property
     def retracted(self) -> list[str]:
@@ -228,8 +243,10 @@ class Cache:
         if layer not in self._layers:
             cov = self.layer_coverage()
             if layer in cov:
-                raise CacheError(f"layer {layer} is only in {cov[layer]} of {len(self._segs)} segments of {self.url} "
-                                 "(backfill pending); finish it with add_layer before reading it")
+                raise CacheError(
+                    f"layer {layer} is only in {cov[layer]} of {len(self._segs)} segments of {self.url} "
+                    "(backfill pending); finish it with add_layer before reading it"
+                )
             have = ", ".join(map(str, self._layers)) or "none"
             raise CacheError(f"layer {layer} is not in the cache {self.url} (layers: {have}); harvest it first")
         return layer
@@ -283,8 +300,11 @@ class Cache:
         if r is None:
             rows = s.record["rows"]
             p = f"{name}/"
-            r = _ArrayReader(self._loc, f"{rows['path']}/{name}",
-                             {k[len(p):]: v for k, v in rows["objects"].items() if k.startswith(p)})
+            r = _ArrayReader(
+                self._loc,
+                f"{rows['path']}/{name}",
+                {k[len(p) :]: v for k, v in rows["objects"].items() if k.startswith(p)},
+            )
             with self._lock:
                 self._arrays[key] = r
         return r
@@ -360,8 +380,10 @@ class Cache:
 
     @functools.cached_property
     def tokenizer_files(self) -> dict[str, bytes]:
-        return {name: integrity.read_checked(self._loc, tokenizer_key(name), want, commits.digest)
-                for name, want in self.tokenizer_manifest.items()}
+        return {
+            name: integrity.read_checked(self._loc, tokenizer_key(name), want, commits.digest)
+            for name, want in self.tokenizer_manifest.items()
+        }
 
     def tokenizer(self):
         """A `tokenizers.Tokenizer` built offline from the cache's tokenizer.json."""
@@ -372,8 +394,10 @@ class Cache:
         return Tokenizer.from_str(self.tokenizer_files["tokenizer.json"].decode())
 
     def __repr__(self) -> str:
-        return (f"Cache({self.url!r}, d_model={self.d_model}, layers={self.layers}, n_tokens={self.n_tokens}, "
-                f"segments={len(self._segs)})")
+        return (
+            f"Cache({self.url!r}, d_model={self.d_model}, layers={self.layers}, n_tokens={self.n_tokens}, "
+            f"segments={len(self._segs)})"
+        )
 
 
 _NOTED: set = set()
@@ -384,6 +408,8 @@ def _note_unverified(url: str, segments: list) -> None:
     n = sum(1 for s in segments if commits.unverified_parts(s))
     if n and url not in _NOTED:
         _NOTED.add(url)
-        print(f"note: {n} of {len(segments)} segments of {url} have no chunk digests (written by cache format 1), "
-              f"so their chunks are read unchecked; add them with `python -m cache_format upgrade {url}`",
-              file=sys.stderr)
+        print(
+            f"note: {n} of {len(segments)} segments of {url} have no chunk digests (written by cache format 1), "
+            f"so their chunks are read unchecked; add them with `python -m cache_format upgrade {url}`",
+            file=sys.stderr,
+        )

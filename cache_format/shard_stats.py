@@ -22,8 +22,9 @@ def _shard_stats(url: str, storage_options: dict | None, path: str, objects: dic
     return st.to_json()
 
 
-def dask_stats(cache: Cache, layers: list[int] | None = None, scheduler: str | None = None,
-               storage_options: dict | None = None) -> dict[int, dict]:
+def dask_stats(
+    cache: Cache, layers: list[int] | None = None, scheduler: str | None = None, storage_options: dict | None = None
+) -> dict[int, dict]:
     """Recompute per-layer statistics from the shards: one dask task per shard, merged in order."""
     import dask
 

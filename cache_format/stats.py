@@ -32,7 +32,7 @@ class RunningStats:
     def update_bits(self, bits: np.ndarray, block: int = 4096) -> None:
         for s in range(0, len(bits), block):
             with np.errstate(all="ignore"):  # NaN/inf rows are legal data; their stats become NaN/inf
-                x = bits_to_float32(bits[s:s + block])  # exact
+                x = bits_to_float32(bits[s : s + block])  # exact
                 n = len(x)
                 if n == 0:
                     continue
@@ -64,8 +64,13 @@ class RunningStats:
 
     def to_json(self) -> dict:
         """Vectors as base64 of little-endian float64: compact, exact, and NaN/inf-safe."""
-        return {"encoding": "float64-le-base64", "count": self.count, "mean": _b64(self.mean),
-                "m2": _b64(self.m2), "norm_sum": _b64(np.array([self.norm_sum]))}
+        return {
+            "encoding": "float64-le-base64",
+            "count": self.count,
+            "mean": _b64(self.mean),
+            "m2": _b64(self.m2),
+            "norm_sum": _b64(np.array([self.norm_sum])),
+        }
 
     @classmethod
     def from_json(cls, j: dict) -> RunningStats:
@@ -77,8 +82,7 @@ class RunningStats:
         with np.errstate(all="ignore"):
             var = self.m2 / c
             std = np.sqrt(var)
-        return {"count": self.count, "mean": self.mean, "var": var, "std": std,
-                "mean_norm": self.norm_sum / c}
+        return {"count": self.count, "mean": self.mean, "var": var, "std": std, "mean_norm": self.norm_sum / c}
 
 
 def _b64(a: np.ndarray) -> str:

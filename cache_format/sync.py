@@ -62,16 +62,23 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
         droot = commits.read_root(dloc)
     for k in ("d_model", "hook", "chunk_tokens"):
         if droot[k] != root[k]:
-            raise UserError(f"sync: {k} differs ({root[k]} in {src_url}, {droot[k]} in {dst_url}); "
-                            "these caches cannot share segments")
+            raise UserError(
+                f"sync: {k} differs ({root[k]} in {src_url}, {droot[k]} in {dst_url}); "
+                "these caches cannot share segments"
+            )
     dstate = commits.replay(droot, commits.load_records(dloc, {}))
     dsegs = {s.id: s for s in dstate.segments + dstate.retracted}
     for L in src.declared_layers:
         if L not in dstate.declared:
             commits.commit(dloc, {"kind": "add_layer", "layer": L, "provenance": provenance.record()})
     todo_segs = [s for s in src.committed_segments if s.id not in dsegs]
-    todo_layers = [(s, L) for s in src.committed_segments if s.id in dsegs and not dsegs[s.id].retracted
-                   for L in s.layers if L not in dsegs[s.id].layers]
+    todo_layers = [
+        (s, L)
+        for s in src.committed_segments
+        if s.id in dsegs and not dsegs[s.id].retracted
+        for L in s.layers
+        if L not in dsegs[s.id].layers
+    ]
     total = sum(sum(v["size"] for v in segment_objects(s).values()) for s in todo_segs)
     total += sum(sum(v["size"] for v in s.layers[L]["objects"].values()) for s, L in todo_layers)
     with progress_bar(total, f"sync → {dst_url}") as bar:
@@ -96,9 +103,17 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
             leases.hold(dloc, unit)
             try:
                 _copy(src.location, dloc, objs, bar)
-                commits.commit(dloc, {"kind": "layer", "segment": s.id, "layer": L, "entry": e,
-                                  "synced_from": {"url": src.url, "commit": s.layer_commits[L]},
-                                  "provenance": provenance.record()})
+                commits.commit(
+                    dloc,
+                    {
+                        "kind": "layer",
+                        "segment": s.id,
+                        "layer": L,
+                        "entry": e,
+                        "synced_from": {"url": src.url, "commit": s.layer_commits[L]},
+                        "provenance": provenance.record(),
+                    },
+                )
             finally:
                 leases.release(dloc, unit)
     return {"segments": len(todo_segs), "layers": len(todo_layers), "bytes": total}

@@ -21,7 +21,7 @@ def _part_chunks(loc: Location, base: str, objects: dict) -> dict:
         k = "/" + key
         if "/c/" not in k or "chunks" in want:
             continue
-        pre = k[1:k.index("/c/") + 1]  # "tokens/" for a row column, "" for a residual array
+        pre = k[1 : k.index("/c/") + 1]  # "tokens/" for a row column, "" for a residual array
         if pre not in per_shard:
             meta = integrity.read_checked(loc, f"{base}/{pre}zarr.json", objects.get(f"{pre}zarr.json"), commits.digest)
             per_shard[pre] = integrity.per_shard_of(json.loads(meta))
@@ -48,8 +48,12 @@ def upgrade(loc: Location) -> dict:
     unchained = [n for n, r in records.items() if "digest" not in r and n not in last_pins]
     if not chunks and not unchained:
         return {"objects": 0, "records": 0, "commit": None}
-    record = {"kind": "upgrade", "root": commits.root_digest(root),
-              "pinned": {n: commits.record_digest(r) for n, r in records.items()},
-              "chunks": chunks, "provenance": provenance.record()}
+    record = {
+        "kind": "upgrade",
+        "root": commits.root_digest(root),
+        "pinned": {n: commits.record_digest(r) for n, r in records.items()},
+        "chunks": chunks,
+        "provenance": provenance.record(),
+    }
     name = commits.commit(loc, record)
     return {"objects": sum(len(v) for v in chunks.values()), "records": len(unchained), "commit": name}

@@ -17,8 +17,9 @@ def check_json(obj, what: str) -> None:
     try:
         commits.dumps(obj)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{what} must be JSON-serializable ({e}); "
-                        "pass plain dicts, lists, str, int, float, bool") from None
+        raise UserError(
+            f"{what} must be JSON-serializable ({e}); pass plain dicts, lists, str, int, float, bool"
+        ) from None
 
 
 def int_column(x, dtype: str, what: str) -> np.ndarray:
@@ -46,8 +47,9 @@ def check_rows(n_expected, tokens, seq_ids, positions, labels, roles) -> dict[st
             raise UserError(f"append: {name} is required (one value per residual row)")
         out[name] = int_column(x, ROW_COLUMNS[name], name)
         if len(out[name]) != n_expected:
-            raise UserError(f"append: {name} has {len(out[name])} rows but the residuals have {n_expected}; "
-                            "pass one value per row")
+            raise UserError(
+                f"append: {name} has {len(out[name])} rows but the residuals have {n_expected}; pass one value per row"
+            )
     if out["roles"].size and (out["roles"].min() < 0 or out["roles"].max() > 3):
         raise UserError("append: roles must be 0 text, 1 prompt, 2 thinking or 3 answer")
     if out["labels"].size and (out["labels"].min() < -1 or out["labels"].max() > 1):
@@ -61,15 +63,20 @@ def residual_bits(residuals, layers: list[int], d: int, what: str = "append") ->
     got = {int(k) for k in residuals}
     if got != set(layers):
         missing, extra = sorted(set(layers) - got), sorted(got - set(layers))
-        raise UserError(f"{what}: residuals must cover exactly layers {layers}"
-                        + (f"; missing {missing}" if missing else "") + (f"; not in the cache {extra}" if extra else "")
-                        + (" (add a layer with add_layer first)" if extra else ""))
+        raise UserError(
+            f"{what}: residuals must cover exactly layers {layers}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; not in the cache {extra}" if extra else "")
+            + (" (add a layer with add_layer first)" if extra else "")
+        )
     out, n = {}, None
     for k, x in residuals.items():
         bits = to_bits(x, f"residuals[{k}]")
         if bits.ndim != 2 or bits.shape[1] != d:
-            raise UserError(f"{what}: residuals[{k}] has shape {tuple(bits.shape)} but the cache's d_model is {d}; "
-                            "d_model mismatch: append to a cache made for this model")
+            raise UserError(
+                f"{what}: residuals[{k}] has shape {tuple(bits.shape)} but the cache's d_model is {d}; "
+                "d_model mismatch: append to a cache made for this model"
+            )
         if n is not None and len(bits) != n:
             raise UserError(f"{what}: layers have different row counts ({n} vs {len(bits)})")
         n = len(bits)
@@ -85,5 +92,7 @@ def refuse_duplicates(cols: dict) -> None:
     uniq, counts = np.unique(pairs, axis=0, return_counts=True)
     if len(uniq) != len(pairs):
         sid, pos = uniq[np.argmax(counts > 1)]
-        raise UserError(f"append: row (seq_id {int(sid)}, position {int(pos)}) was appended twice "
-                        "to one segment; each (seq_id, position) must be one row (nothing was committed)")
+        raise UserError(
+            f"append: row (seq_id {int(sid)}, position {int(pos)}) was appended twice "
+            "to one segment; each (seq_id, position) must be one row (nothing was committed)"
+        )

@@ -32,6 +32,7 @@ def segment_objects(seg) -> dict[str, dict]:
 def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "verify") -> list[tuple[str, str]]:
     bad = []
     with progress_bar(sum(v["size"] for v in objects.values()), desc) as bar:
+
         def check(item):
             key, want = item
             for attempt in range(2):  # a mismatch is re-read once: a torn transfer is not a bad object

@@ -31,8 +31,15 @@ from .sequences import sequences_bytes
 from .stores import Location
 from .validation import check_json, check_rows, refuse_duplicates, residual_bits
 
-__all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "ROW_COLUMNS", "sequences_table",
-           "TOKENIZER_DIR"]
+__all__ = [
+    "CacheWriter",
+    "SegmentWriter",
+    "LayerBackfill",
+    "create_cache",
+    "ROW_COLUMNS",
+    "sequences_table",
+    "TOKENIZER_DIR",
+]
 _LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-layer")
 
 
@@ -69,8 +76,9 @@ class SegmentWriter(CommitUnit):
         self.layers = writer.layers
         root = writer.root
         hook = root["hook"]
-        self.buffers = {L: LayerBuffer(self.store, layout.layer_array(self.unit, hook, L), L, root, hook)
-                        for L in self.layers}
+        self.buffers = {
+            L: LayerBuffer(self.store, layout.layer_array(self.unit, hook, L), L, root, hook) for L in self.layers
+        }
         self.columns = _ColumnSink()
         self.records: list[dict] = []
         self.n_rows = 0
@@ -122,8 +130,16 @@ class SegmentWriter(CommitUnit):
             key = layout.sequences_key(base)
             loc.write(key, data)
             seq = {"path": key, "size": len(data), commits.DIGEST: commits.digest(data), "count": len(self.records)}
-        record = {"kind": "segment", "segment": self.id, "n_rows": self.n_rows, "layers": layers, "rows": rows,
-                  "sequences": seq, "meta": self.meta, "provenance": provenance.record()}
+        record = {
+            "kind": "segment",
+            "segment": self.id,
+            "n_rows": self.n_rows,
+            "layers": layers,
+            "rows": rows,
+            "sequences": seq,
+            "meta": self.meta,
+            "provenance": provenance.record(),
+        }
         if self.defer:  # the caller commits it in its place (objects stay leased until it does)
             self.prepared = record
             leases.KEEPER.release_keep(loc, base)
@@ -189,8 +205,9 @@ class CacheWriter:
         c = self.snapshot()
         if segment_id not in {s.id for s in c.segments}:
             raise CacheError(f"segment {segment_id!r} is not a live segment of {self.url}; list them with `info`")
-        return commits.commit(self.loc, {"kind": "retract", "segment": segment_id, "reason": reason,
-                                     "provenance": provenance.record()})
+        return commits.commit(
+            self.loc, {"kind": "retract", "segment": segment_id, "reason": reason, "provenance": provenance.record()}
+        )
 
 
 def _tokenizer_payload(tokenizer_files) -> dict[str, bytes]:
@@ -211,9 +228,18 @@ def _tokenizer_payload(tokenizer_files) -> dict[str, bytes]:
     return {Path(p).name: Path(p).read_bytes() for p in tokenizer_files}
 
 
-def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str = "resid_post",
-                 codec: str = "blosc-zstd1", chunk_tokens: int = 4096, shard_mib: int = 256,
-                 tokenizer_files=None, storage_options: dict | None = None) -> CacheWriter:
+def create_cache(
+    url,
+    d_model: int,
+    layers,
+    meta: dict | None = None,
+    hook: str = "resid_post",
+    codec: str = "blosc-zstd1",
+    chunk_tokens: int = 4096,
+    shard_mib: int = 256,
+    tokenizer_files=None,
+    storage_options: dict | None = None,
+) -> CacheWriter:
     """Create an empty cache at `url`; an error if one is already there (append with open_cache(url, mode="a"))."""
     if not isinstance(d_model, (int, np.integer)) or d_model <= 0:
         raise UserError(f"d_model must be a positive integer, got {d_model!r}")
@@ -233,20 +259,32 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
         raise UserError(f"{url}: HTTP is read-only; create the cache locally or on S3 and `publish` it")
     chunk_bytes = chunk_tokens * d_model * 2
     shard_rows = max(1, round(shard_mib * 2**20 / chunk_bytes)) * chunk_tokens  # shard_mib may be fractional
-    attrs = {"format": provenance.FORMAT_NAME, "format_version": provenance.FORMAT_VERSION,
-             "d_model": int(d_model), "hook": hook, "layers": layers, "dtype": "bfloat16",
-             "codec": codec, "chunk_tokens": int(chunk_tokens), "shard_rows": int(shard_rows),
-             "shard_mib": shard_mib, "row_columns": ROW_COLUMNS,
-             "meta": meta, "provenance": provenance.record(),
-             "tokenizer": {k: {"size": len(v), commits.DIGEST: commits.digest(v)} for k, v in tok.items()}}
+    attrs = {
+        "format": provenance.FORMAT_NAME,
+        "format_version": provenance.FORMAT_VERSION,
+        "d_model": int(d_model),
+        "hook": hook,
+        "layers": layers,
+        "dtype": "bfloat16",
+        "codec": codec,
+        "chunk_tokens": int(chunk_tokens),
+        "shard_rows": int(shard_rows),
+        "shard_mib": shard_mib,
+        "row_columns": ROW_COLUMNS,
+        "meta": meta,
+        "provenance": provenance.record(),
+        "tokenizer": {k: {"size": len(v), commits.DIGEST: commits.digest(v)} for k, v in tok.items()},
+    }
     doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: attrs}}
     try:
         if loc.exists(commits.ROOT_META):
             commits.read_root(loc)  # raises "not a cache" for a foreign zarr.json
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
         if loc.local and os.path.isdir(loc.root) and os.listdir(loc.root):
-            raise UserError(f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
-                            "(nothing there was changed)")
+            raise UserError(
+                f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
+                "(nothing there was changed)"
+            )
         for name, data in tok.items():
             loc.write(layout.tokenizer_key(name), data)
         if not loc.create_exclusive(commits.ROOT_META, commits.dumps(doc)):
@@ -255,6 +293,8 @@ def create_cache(url, d_model: int, layers, meta: dict | None = None, hook: str 
     except UserError:
         raise
     except OSError as e:
-        raise UserError(f"cannot write to {url} ({type(e).__name__}: {e}); choose a writable location "
-                        "(for S3: does the bucket exist?)") from None
+        raise UserError(
+            f"cannot write to {url} ({type(e).__name__}: {e}); choose a writable location "
+            "(for S3: does the bucket exist?)"
+        ) from None
     return CacheWriter(loc, attrs)

@@ -38,8 +38,14 @@ def add_layers(cfg: PipelineConfig, w, layers: list[int], progress: bool = True)
     tok_of = dict(zip(seqs.column("seq_id").to_pylist(), seqs.column("token_ids").to_pylist()))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     bs = max(1, cfg.harvest.batch_size)
-    bar = tqdm(total=sum(s.n_rows for s in todo), unit="tok", unit_scale=True, desc=f"add layers {layers}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(s.n_rows for s in todo),
+        unit="tok",
+        unit_scale=True,
+        desc=f"add layers {layers}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with LayerCapture(lm.layers, layers) as cap:
         for s in todo:
             a, b = s.row_start, s.row_start + s.n_rows
@@ -52,7 +58,7 @@ def add_layers(cfg: PipelineConfig, w, layers: list[int], progress: bool = True)
                 raise CacheError(f"segment {s.id}: sequence {missing[0]} has no stored token ids; cannot add a layer")
             offsets, parts, off = {}, {L: [] for L in layers}, 0
             for i in range(0, len(uniq), bs):
-                ids = uniq[i: i + bs]
+                ids = uniq[i : i + bs]
                 hb = capture_batch(cap, lm.model, [tok_of[x] for x in ids], ids, pad, lm.device).ready()
                 for L in layers:
                     parts[L].append(hb.residuals[L])
@@ -62,8 +68,10 @@ def add_layers(cfg: PipelineConfig, w, layers: list[int], progress: bool = True)
             index = np.fromiter((offsets[x] for x in sid.tolist()), np.int64, len(sid)) + pos
             flat_tokens = np.concatenate([np.asarray(tok_of[x], np.int64) for x in uniq])
             if not np.array_equal(flat_tokens[index], tokens):
-                raise CacheError(f"segment {s.id}: stored sequences do not match its token rows; "
-                                 "the cache is inconsistent, run `python -m cache_format verify`")
+                raise CacheError(
+                    f"segment {s.id}: stored sequences do not match its token rows; "
+                    "the cache is inconsistent, run `python -m cache_format verify`"
+                )
             t = torch.from_numpy(index)
             for L in layers:
                 if s.id in pending[L]:

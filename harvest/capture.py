@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,9 +31,9 @@ class HostBatch:
     seq_ids: np.ndarray
     positions: np.ndarray
     event: object = None
-    pool: "PinnedPool | None" = None
+    pool: PinnedPool | None = None
 
-    def ready(self) -> "HostBatch":
+    def ready(self) -> HostBatch:
         """Wait for the copies (in the writer thread), then free the pinned staging buffers.
 
         The rows are copied once more into pageable memory so that the pinned buffers can be
@@ -83,7 +83,7 @@ class LayerCapture:
         self.outputs: dict[int, torch.Tensor] = {}
         self._handles = []
 
-    def __enter__(self) -> "LayerCapture":
+    def __enter__(self) -> LayerCapture:
         deepest = self.layers[-1]
         for layer in self.layers:
             self._handles.append(self.decoder_layers[layer].register_forward_hook(self._hook(layer, layer == deepest)))
@@ -128,8 +128,9 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 DEFAULT_POOL = PinnedPool()  # per process; grows to the buffers in flight (bounded by the queue)
 
 
-def to_host(outputs: dict[int, torch.Tensor], valid: torch.Tensor,
-            pool: PinnedPool | None = None) -> tuple[dict[int, torch.Tensor], object]:
+def to_host(
+    outputs: dict[int, torch.Tensor], valid: torch.Tensor, pool: PinnedPool | None = None
+) -> tuple[dict[int, torch.Tensor], object]:
     """Valid rows of every layer as bf16 on the host; asynchronous on CUDA.
 
     The row index comes from the host-side mask, so selecting rows never makes the GPU
@@ -157,8 +158,15 @@ def to_host(outputs: dict[int, torch.Tensor], valid: torch.Tensor,
     return res, event
 
 
-def capture_batch(cap: LayerCapture, model, seqs: list[list[int]], seq_ids: list[int], pad_id: int,
-                  device: torch.device, pool: PinnedPool | None = None) -> HostBatch:
+def capture_batch(
+    cap: LayerCapture,
+    model,
+    seqs: list[list[int]],
+    seq_ids: list[int],
+    pad_id: int,
+    device: torch.device,
+    pool: PinnedPool | None = None,
+) -> HostBatch:
     ids, valid = pad_batch(seqs, pad_id)
     if device.type == "cuda":
         ids = ids.pin_memory()

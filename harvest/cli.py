@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from .config import load_config
-
 from cache_format.config import config_options, parse_layers
 from cache_format.errors import run_cli
+
+from .config import load_config
 
 
 @click.group(help="Capture residual-stream activations of the base model into an activation cache.")
@@ -33,22 +33,37 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
 
     if source is not None:
         check_source(source)
-    cfg = load_config(config_path, profile, overrides, **{
-        "harvest.cache": cache, "harvest.layers": parse_layers(layers), "harvest.source": source,
-        "corpus.tokens": tokens, "supergpqa.questions": questions, "harvest.workers": workers,
-        "harvest.scheduler": scheduler})
+    cfg = load_config(
+        config_path,
+        profile,
+        overrides,
+        **{
+            "harvest.cache": cache,
+            "harvest.layers": parse_layers(layers),
+            "harvest.source": source,
+            "corpus.tokens": tokens,
+            "supergpqa.questions": questions,
+            "harvest.workers": workers,
+            "harvest.scheduler": scheduler,
+        },
+    )
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
     summary = do_run(cfg, progress=not quiet, log=log)
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        print(f"harvest: {summary['n_tokens']} rows, layers {summary['layers']}, {summary['segments']} segments "
-              f"in {summary['cache']} ({summary['seconds']}s)", file=sys.stderr)
+        print(
+            f"harvest: {summary['n_tokens']} rows, layers {summary['layers']}, {summary['segments']} segments "
+            f"in {summary['cache']} ({summary['seconds']}s)",
+            file=sys.stderr,
+        )
         if "outcomes" in summary:
             o = summary["outcomes"]
-            print(f"harvest: {o['rollouts']} rollouts, {o['correct']} correct; no answer in {o['thinking_unclosed']} "
-                  f"(thinking never closed) + {o['no_answer']} (closed, no answer found); {o['forced']} forced",
-                  file=sys.stderr)
+            print(
+                f"harvest: {o['rollouts']} rollouts, {o['correct']} correct; no answer in {o['thinking_unclosed']} "
+                f"(thinking never closed) + {o['no_answer']} (closed, no answer found); {o['forced']} forced",
+                file=sys.stderr,
+            )
 
 
 def _register_splice() -> None:

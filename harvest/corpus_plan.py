@@ -17,9 +17,10 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class Mixer:
 
     def __init__(self, weights: list[float], mode: str, seed: int, state: dict | None = None):
         if mode not in MIX_MODES:
-            raise data.DataError(f"corpus.mix {mode!r}: use \"tokens\" (weights are token shares) or \"documents\"")
+            raise data.DataError(f'corpus.mix {mode!r}: use "tokens" (weights are token shares) or "documents"')
         w = np.array(weights, dtype=float)
         if not len(w) or (w < 0).any() or w.sum() <= 0:
             raise data.DataError("corpus.sources weights must be non-negative and not all zero")
@@ -142,8 +143,15 @@ class PackedSequence:
 class CorpusPlanner:
     """Packed sequences from the mixture, and after any of them the state to restart there."""
 
-    def __init__(self, cfg: CorpusConfig, tokenizer, eos: int, state: dict | None = None,
-                 commits: dict[int, str] | None = None, threads: int = 0):
+    def __init__(
+        self,
+        cfg: CorpusConfig,
+        tokenizer,
+        eos: int,
+        state: dict | None = None,
+        commits: dict[int, str] | None = None,
+        threads: int = 0,
+    ):
         if not cfg.sources:
             raise data.DataError("corpus.sources is empty; add at least one [[corpus.sources]] table")
         st = state or {}
@@ -160,8 +168,12 @@ class CorpusPlanner:
         tokenize = batch_tokenizer(tokenizer, eos)
         depth = 2 * (threads or default_threads())
         commits = commits or {}
-        self.streams = [TokenizedStream(data.iter_documents(s, cfg.seed + 1 + i, skips[i], commits.get(i, "")),
-                                        tokenize, self.pool, depth) for i, s in enumerate(cfg.sources)]
+        self.streams = [
+            TokenizedStream(
+                data.iter_documents(s, cfg.seed + 1 + i, skips[i], commits.get(i, "")), tokenize, self.pool, depth
+            )
+            for i, s in enumerate(cfg.sources)
+        ]
         self.cur: tuple[int, int, np.ndarray] | None = None  # the open document: source, index, ids
         self.off = 0
         if opened:
@@ -180,8 +192,10 @@ class CorpusPlanner:
             self.docs[k] += 1
             self.mixer.taken[k] += len(ids)
             return
-        raise SourcesExhausted(f"the corpus sources ran out after {self.next_seq} sequences of {self.seq_len} "
-                             "tokens; lower --tokens or add sources")
+        raise SourcesExhausted(
+            f"the corpus sources ran out after {self.next_seq} sequences of {self.seq_len} "
+            "tokens; lower --tokens or add sources"
+        )
 
     def next_sequence(self) -> PackedSequence:
         chunks, docs, rows = [], [], collections.Counter()
@@ -191,7 +205,7 @@ class CorpusPlanner:
                 self._draw()
             k, idx, ids = self.cur
             take = min(need, len(ids) - self.off)
-            chunks.append(ids[self.off: self.off + take])
+            chunks.append(ids[self.off : self.off + take])
             docs.append((self.names[k], idx))
             rows[self.names[k]] += take
             self.off += take
@@ -265,8 +279,9 @@ class PlannedUnits:
         left = self.n_missing
         commits = {i: p["commit"] for i, p in self.pins.items()}
         recorded = {c.sources[i].name or c.sources[i].path: p for i, p in self.pins.items()}
-        planner = CorpusPlanner(c, self.tokenizer, data.corpus_eos(self.tokenizer), self.state, commits,
-                                c.tokenizer_threads)
+        planner = CorpusPlanner(
+            c, self.tokenizer, data.corpus_eos(self.tokenizer), self.state, commits, c.tokenizer_threads
+        )
         block: list[PackedSequence] = []
         try:
             while planner.next_seq < self.n_seq:
@@ -293,10 +308,14 @@ class PlannedUnits:
         rows = collections.Counter()
         for s in seqs:
             rows.update(s.rows)
-        return self.unit_cls(key=f"corpus:{ids[0]}-{ids[-1]}", source="corpus", seq_ids=ids,
-                             token_ids=[s.token_ids.tolist() for s in seqs],
-                             records=[{"source": "corpus", "docs": json.dumps(s.docs)} for s in seqs],
-                             meta={STATE_KEY: state, ROWS_KEY: dict(rows)})
+        return self.unit_cls(
+            key=f"corpus:{ids[0]}-{ids[-1]}",
+            source="corpus",
+            seq_ids=ids,
+            token_ids=[s.token_ids.tolist() for s in seqs],
+            records=[{"source": "corpus", "docs": json.dumps(s.docs)} for s in seqs],
+            meta={STATE_KEY: state, ROWS_KEY: dict(rows)},
+        )
 
     def __iter__(self):
         q: queue.Queue = queue.Queue(maxsize=max(1, self.ahead))

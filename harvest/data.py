@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cache_format.errors import UserError
 
@@ -60,8 +60,10 @@ def _read_records(path: str, split: str = "train", what: str = "dataset", revisi
 
         return list(datasets.load_dataset(path, split=split, revision=revision or None))
     except Exception as e:  # the hub raises many types; the user needs one line
-        raise DataError(f"cannot load dataset {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                        "give a local .jsonl/.parquet path or check network access") from None
+        raise DataError(
+            f"cannot load dataset {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "give a local .jsonl/.parquet path or check network access"
+        ) from None
 
 
 def load_questions(cfg: SuperGPQAConfig, commit: str | None = None) -> list[dict]:
@@ -72,8 +74,10 @@ def load_questions(cfg: SuperGPQAConfig, commit: str | None = None) -> list[dict
     for i, r in enumerate(rows):
         missing = [k for k in QUESTION_FIELDS if k not in r]
         if missing:
-            raise DataError(f"{cfg.dataset}: record {i} lacks field(s) {', '.join(missing)}; "
-                            f"questions need {', '.join(QUESTION_FIELDS)} (SuperGPQA schema)")
+            raise DataError(
+                f"{cfg.dataset}: record {i} lacks field(s) {', '.join(missing)}; "
+                f"questions need {', '.join(QUESTION_FIELDS)} (SuperGPQA schema)"
+            )
         opts = list(r["options"])
         if not 2 <= len(opts) <= len(LETTERS):
             raise DataError(f"{cfg.dataset}: record {i} has {len(opts)} options; SuperGPQA questions have 2..10 (A-J)")
@@ -95,8 +99,7 @@ def question_record(q: dict) -> dict:
     Lists and tables (`options`) are stored as JSON text, so that every row of the sequences
     table has one type per column whatever the dataset holds.
     """
-    rec = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else ("" if v is None else v))
-           for k, v in q.items()}
+    rec = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else ("" if v is None else v)) for k, v in q.items()}
     rec.update(uuid=str(q["uuid"]), gold=str(q["answer_letter"]), n_options=len(q["options"]))
     for k in ("discipline", "field", "subfield", "difficulty"):
         rec[k] = str(q.get(k, ""))
@@ -122,8 +125,10 @@ def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = 
         if not p.is_file():
             raise DataError(f"corpus source {src.name!r}: file {src.path} does not exist; fix corpus.sources path")
         if src.revision:
-            raise DataError(f"corpus source {src.name!r}: revision {src.revision!r} applies to hub datasets only; "
-                            "remove it for the local file")
+            raise DataError(
+                f"corpus source {src.name!r}: revision {src.revision!r} applies to hub datasets only; "
+                "remove it for the local file"
+            )
         if p.suffix == ".parquet":
             yield from _parquet_texts(p, src, skip)
         elif p.suffix in (".jsonl", ".json"):
@@ -134,13 +139,16 @@ def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = 
     try:
         import datasets
 
-        ds = datasets.load_dataset(src.path, src.subset or None, split=src.split, streaming=True,
-                                   revision=revision or src.revision or None)
+        ds = datasets.load_dataset(
+            src.path, src.subset or None, split=src.split, streaming=True, revision=revision or src.revision or None
+        )
         ds = ds.shuffle(seed=seed, buffer_size=10_000)
     except Exception as e:
-        raise DataError(f"corpus source {src.name!r}: cannot stream {src.path!r} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                        "check the id or use a local file") from None
+        raise DataError(
+            f"corpus source {src.name!r}: cannot stream {src.path!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "check the id or use a local file"
+        ) from None
     for i, r in enumerate(itertools.islice(ds, skip, None)):
         yield _field_text(r, src, skip + i)
 
@@ -191,8 +199,10 @@ def _parquet_texts(p: Path, src: CorpusSource, skip: int) -> Iterator[str]:
 
     f = pq.ParquetFile(p)
     if src.text_field not in f.schema_arrow.names:
-        raise DataError(f"corpus source {src.name!r}: {p} has no column {src.text_field!r}; "
-                        f"set text_field (columns: {', '.join(f.schema_arrow.names)})")
+        raise DataError(
+            f"corpus source {src.name!r}: {p} has no column {src.text_field!r}; "
+            f"set text_field (columns: {', '.join(f.schema_arrow.names)})"
+        )
     groups, n = [], 0
     for g in range(f.num_row_groups):
         rows = f.metadata.row_group(g).num_rows
@@ -210,8 +220,10 @@ def _parquet_texts(p: Path, src: CorpusSource, skip: int) -> Iterator[str]:
 
 def _field_text(r: dict, src: CorpusSource, i: int) -> str:
     if src.text_field not in r:
-        raise DataError(f"corpus source {src.name!r}: record {i} has no field {src.text_field!r}; "
-                        f"set text_field (fields: {', '.join(sorted(r))})")
+        raise DataError(
+            f"corpus source {src.name!r}: record {i} has no field {src.text_field!r}; "
+            f"set text_field (fields: {', '.join(sorted(r))})"
+        )
     v = r[src.text_field]
     if isinstance(v, list):  # chat-style conversations: join the turns' text
         v = "\n\n".join(t.get("value") or t.get("content") or "" if isinstance(t, dict) else str(t) for t in v)

@@ -37,8 +37,10 @@ def reference_kernel_note(model, device) -> str | None:
     missing = [pip for mod, pip in FAST_KERNELS.items() if importlib.util.find_spec(mod) is None]
     if not n or not missing:
         return None
-    return (f"harvest: {n} Gated DeltaNet layers run torch's reference kernels on {device} "
-            f"({' and '.join(missing)} not installed); `make install` on a CUDA machine installs them")
+    return (
+        f"harvest: {n} Gated DeltaNet layers run torch's reference kernels on {device} "
+        f"({' and '.join(missing)} not installed); `make install` on a CUDA machine installs them"
+    )
 
 
 def gpu_count() -> int:

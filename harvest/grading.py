@@ -83,5 +83,6 @@ def grade(text: str, n_options: int, gold: str, thinking: bool = True) -> Grade:
     missing = ""
     if parsed is None:
         missing = THINKING_UNCLOSED if thinking and THINK_END not in text else NO_ANSWER
-    return Grade(parsed=parsed, correct=parsed is not None and parsed == gold, truncated=parsed is None,
-                 missing=missing)
+    return Grade(
+        parsed=parsed, correct=parsed is not None and parsed == gold, truncated=parsed is None, missing=missing
+    )

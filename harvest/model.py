@@ -66,22 +66,30 @@ class LoadedModel:
     def check_layers(self, layers: list[int]) -> None:
         bad = [x for x in layers if x < 0 or x >= self.n_layers]
         if bad:
-            raise ModelError(f"layer {bad[0]} is past the model's depth ({self.n_layers} decoder layers, "
-                             f"0..{self.n_layers - 1}); pass --layers within that range")
+            raise ModelError(
+                f"layer {bad[0]} is past the model's depth ({self.n_layers} decoder layers, "
+                f"0..{self.n_layers - 1}); pass --layers within that range"
+            )
 
 
 def resolve_path(cfg: ModelConfig) -> tuple[str, dict]:
     """Return (path passed to from_pretrained, provenance extras). Builds the tiny model."""
     if cfg.name_or_path == tiny.TINY_NAME:
         d = tiny.tiny_model_dir()
-        return str(d), {"builtin": "tiny", "weights_sha256": (d / "weights.sha256").read_text().strip(),
-                        "seed": tiny.SEED, "build": tiny.build_info(d)}
+        return str(d), {
+            "builtin": "tiny",
+            "weights_sha256": (d / "weights.sha256").read_text().strip(),
+            "seed": tiny.SEED,
+            "build": tiny.build_info(d),
+        }
     p = Path(cfg.name_or_path).expanduser()
     looks_local = cfg.name_or_path.startswith((".", "/", "~")) or p.exists() or cfg.name_or_path.count("/") > 1
     if looks_local:
         if not (p / "config.json").is_file():
-            raise ModelError(f"model path {cfg.name_or_path} does not exist or has no config.json; "
-                             "set model.name_or_path to a hub id or a saved model directory")
+            raise ModelError(
+                f"model path {cfg.name_or_path} does not exist or has no config.json; "
+                "set model.name_or_path to a hub id or a saved model directory"
+            )
         return str(p), {}
     return cfg.name_or_path, {}
 
@@ -118,8 +126,10 @@ def find_layers(model: torch.nn.Module, layers_path: str = "") -> tuple[torch.nn
         if isinstance(node, torch.nn.ModuleList) and len(node) > 0:
             return node, path
     if layers_path:
-        raise ModelError(f"model.layers_path {layers_path!r} is not a module list in {type(model).__name__}; "
-                         "fix the dotted path (e.g. model.model.layers)")
+        raise ModelError(
+            f"model.layers_path {layers_path!r} is not a module list in {type(model).__name__}; "
+            "fix the dotted path (e.g. model.model.layers)"
+        )
     raise ModelError(f"cannot find the decoder layers of {type(model).__name__}; set model.layers_path")
 
 
@@ -134,8 +144,10 @@ def _model_config(cfg: ModelConfig):
     try:
         mcfg = tf.AutoConfig.from_pretrained(path, **kw)
     except OSError as e:
-        raise ModelError(f"cannot load model config from {cfg.name_or_path!r} ({str(e).splitlines()[0]}); "
-                         "check model.name_or_path / revision and network access") from None
+        raise ModelError(
+            f"cannot load model config from {cfg.name_or_path!r} ({str(e).splitlines()[0]}); "
+            "check model.name_or_path / revision and network access"
+        ) from None
     return path, extra, kw, mcfg
 
 
@@ -153,8 +165,10 @@ def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
     try:
         model = cls.from_pretrained(path, **load_kw)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load {cfg.name_or_path!r} with {cls.__name__} ({str(e).splitlines()[0]}); "
-                         "check model.auto_class and model.name_or_path") from None
+        raise ModelError(
+            f"cannot load {cfg.name_or_path!r} with {cls.__name__} ({str(e).splitlines()[0]}); "
+            "check model.auto_class and model.name_or_path"
+        ) from None
     model.eval()
     model.requires_grad_(False)
     tok_src = cfg.tokenizer or path
@@ -167,8 +181,10 @@ def load_model(cfg: ModelConfig, device: str | None = None) -> LoadedModel:
     prov["device_map"] = str(device_map)
     lm = LoadedModel(model=model, tokenizer=tokenizer, layers=layers, layers_path=layers_path, provenance=prov)
     prov["d_model"] = lm.d_model
-    prov["tokenizer"] = {"name_or_path": tok_src if cfg.tokenizer else cfg.name_or_path,
-                         "sha256": tokenizer_hash(tokenizer_files_of(lm))}
+    prov["tokenizer"] = {
+        "name_or_path": tok_src if cfg.tokenizer else cfg.name_or_path,
+        "sha256": tokenizer_hash(tokenizer_files_of(lm)),
+    }
     return lm
 
 
@@ -209,22 +225,29 @@ def describe_model(cfg: ModelConfig) -> dict:
         try:
             skeleton = cls.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
         except ValueError as e:
-            raise ModelError(f"{cls.__name__} cannot build {mcfg.model_type!r} ({str(e).splitlines()[0]}); "
-                             "set model.auto_class") from None
+            raise ModelError(
+                f"{cls.__name__} cannot build {mcfg.model_type!r} ({str(e).splitlines()[0]}); set model.auto_class"
+            ) from None
     layers, layers_path = find_layers(skeleton, cfg.layers_path)
     tok_src = cfg.tokenizer or path
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(tok_src, **({} if extra or cfg.tokenizer else kw))
     except OSError as e:
         raise ModelError(f"cannot load tokenizer {tok_src!r} ({str(e).splitlines()[0]}); set model.tokenizer") from None
-    lm = LoadedModel(model=skeleton, tokenizer=tokenizer, layers=layers, layers_path=layers_path,
-                     provenance={"resolved_path": path})
+    lm = LoadedModel(
+        model=skeleton, tokenizer=tokenizer, layers=layers, layers_path=layers_path, provenance={"resolved_path": path}
+    )
     files = tokenizer_files_of(lm)
     prov = _provenance(cfg, path, skeleton, cls, mcfg, layers_path, len(layers), extra)
     prov["d_model"] = lm.d_model
     prov["tokenizer"] = {"name_or_path": cfg.tokenizer or cfg.name_or_path, "sha256": tokenizer_hash(files)}
-    return {"provenance": prov, "d_model": lm.d_model, "n_layers": len(layers), "tokenizer": tokenizer,
-            "tokenizer_files": files}
+    return {
+        "provenance": prov,
+        "d_model": lm.d_model,
+        "n_layers": len(layers),
+        "tokenizer": tokenizer,
+        "tokenizer_files": files,
+    }
 
 
 def _provenance(cfg, path, model, cls, mcfg, layers_path, n_layers, extra) -> dict:

@@ -66,17 +66,31 @@ def source_selection(cfg: PipelineConfig) -> dict:
     """What decides which sequences a run holds; must match to append to a cache."""
     if cfg.harvest.source == "supergpqa":
         s = cfg.supergpqa
-        return {"name": "supergpqa", "dataset": s.dataset, "revision": s.revision, "split": s.split,
-                "seed": s.seed, "enable_thinking": s.enable_thinking, "max_new_tokens": s.max_new_tokens,
-                "prompt_format": s.prompt_format, "force_answer": s.force_answer}
+        return {
+            "name": "supergpqa",
+            "dataset": s.dataset,
+            "revision": s.revision,
+            "split": s.split,
+            "seed": s.seed,
+            "enable_thinking": s.enable_thinking,
+            "max_new_tokens": s.max_new_tokens,
+            "prompt_format": s.prompt_format,
+            "force_answer": s.force_answer,
+        }
     c = cfg.corpus
     # a source's revision is checked against the commit its segments recorded (harvest.revisions)
-    return {"name": "corpus", "seq_len": c.seq_len, "seed": c.seed, "mix": c.mix,
-            "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "revision"} for s in c.sources]}
+    return {
+        "name": "corpus",
+        "seq_len": c.seq_len,
+        "seed": c.seed,
+        "mix": c.mix,
+        "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "revision"} for s in c.sources],
+    }
 
 
-def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=(),
-               dataset_commit: str | None = None) -> tuple[list[Unit], int]:
+def plan_units(
+    cfg: PipelineConfig, tokenizer, done: set[int], segments=(), dataset_commit: str | None = None
+) -> tuple[list[Unit], int]:
     """Units still to do, and the total number of sequences the run wants.
 
     Corpus units are planned lazily while they run (`harvest.corpus_plan`), restarting from
@@ -86,13 +100,20 @@ def plan_units(cfg: PipelineConfig, tokenizer, done: set[int], segments=(),
         units = corpus_plan.PlannedUnits(cfg, tokenizer, done, segments, Unit)
         return units, units.n_seq
     per = cfg.supergpqa.questions_per_unit  # rollout units have their own size (corpus: segment_sequences)
-    qs = data.select_questions(data.load_questions(cfg.supergpqa, dataset_commit), cfg.supergpqa.questions,
-                               cfg.supergpqa.seed)
+    qs = data.select_questions(
+        data.load_questions(cfg.supergpqa, dataset_commit), cfg.supergpqa.questions, cfg.supergpqa.seed
+    )
     todo: list[tuple[int, Any]] = [(i, q) for i, q in enumerate(qs) if i not in done]
     units = []
     for a in range(0, len(todo), per):
-        part = todo[a: a + per]
+        part = todo[a : a + per]
         ids = [i for i, _ in part]
-        units.append(Unit(key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}", source=cfg.harvest.source, seq_ids=ids,
-                          questions=[q for _, q in part]))
+        units.append(
+            Unit(
+                key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}",
+                source=cfg.harvest.source,
+                seq_ids=ids,
+                questions=[q for _, q in part],
+            )
+        )
     return units, len(qs)

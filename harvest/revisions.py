@@ -47,9 +47,11 @@ def resolve(path: str, revision: str) -> str:
     try:
         return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).dataset_info(path, revision=revision or None).sha
     except Exception as e:  # the hub raises many types; the user needs one line
-        raise UserError(f"cannot resolve the revision {revision or 'main'!r} of hub dataset {path!r} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                        "check the id and network access, or use a local file") from None
+        raise UserError(
+            f"cannot resolve the revision {revision or 'main'!r} of hub dataset {path!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            "check the id and network access, or use a local file"
+        ) from None
 
 
 def recorded(segments) -> dict[str, dict]:
@@ -74,7 +76,9 @@ def pin(sources: list[CorpusSource], segments) -> dict[int, dict]:
         elif src.revision in ("", rec["requested"], rec["commit"]):
             out[i] = rec
         else:
-            raise UserError(f"corpus source {name!r} was harvested at revision {rec['requested'] or 'main'!r} "
-                            f"(commit {rec['commit'][:12]}), not {src.revision!r}; drop the revision to resume "
-                            "or use another --cache")
+            raise UserError(
+                f"corpus source {name!r} was harvested at revision {rec['requested'] or 'main'!r} "
+                f"(commit {rec['commit'][:12]}), not {src.revision!r}; drop the revision to resume "
+                "or use another --cache"
+            )
     return out

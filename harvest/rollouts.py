@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -66,25 +66,35 @@ class TransformersBackend:
     def info(self) -> dict:
         import transformers
 
-        return {"backend": self.name, "backend_version": transformers.__version__,
-                "backend_params": json.dumps({"batch_size": self.batch_size})}
+        return {
+            "backend": self.name,
+            "backend_version": transformers.__version__,
+            "backend_params": json.dumps({"batch_size": self.batch_size}),
+        }
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                 on_done: OnDone) -> None:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], on_done: OnDone) -> None:
         tok, model = self.lm.tokenizer, self.lm.model
         pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
         for i in range(0, len(prompts), self.batch_size):
-            batch = prompts[i: i + self.batch_size]
+            batch = prompts[i : i + self.batch_size]
             width = max(len(p) for p in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for j, p in enumerate(batch):
-                ids[j, width - len(p):] = torch.tensor(p)
-                mask[j, width - len(p):] = 1
+                ids[j, width - len(p) :] = torch.tensor(p)
+                mask[j, width - len(p) :] = 1
             with torch.no_grad():
-                gen = model.generate(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
-                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                                     pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+                gen = model.generate(
+                    input_ids=ids.to(self.lm.device),
+                    attention_mask=mask.to(self.lm.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop_ids,
+                    pad_token_id=pad,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
             for j, row in enumerate(gen[:, width:].tolist()):
                 resp, finished = [], False
                 for t in row:
@@ -105,21 +115,27 @@ class VLLMBackend:
     def __init__(self, cfg: SuperGPQAConfig, model_path: str, revision: str, dtype: str):
         v = cfg.vllm
         if not Path(v.python).is_file():
-            raise UserError(f"supergpqa.vllm.python {v.python} does not exist; run `make vllm-env` on the GPU "
-                            "machine or set supergpqa.backend = \"transformers\"")
+            raise UserError(
+                f"supergpqa.vllm.python {v.python} does not exist; run `make vllm-env` on the GPU "
+                'machine or set supergpqa.backend = "transformers"'
+            )
         self.python = v.python
-        self.engine = {"model": model_path, "revision": revision, "dtype": dtype,
-                       "tensor_parallel_size": v.tensor_parallel_size,
-                       "gpu_memory_utilization": v.gpu_memory_utilization,
-                       "max_model_len": v.max_model_len, "max_num_seqs": v.max_num_seqs,
-                       "enforce_eager": v.enforce_eager}
+        self.engine = {
+            "model": model_path,
+            "revision": revision,
+            "dtype": dtype,
+            "tensor_parallel_size": v.tensor_parallel_size,
+            "gpu_memory_utilization": v.gpu_memory_utilization,
+            "max_model_len": v.max_model_len,
+            "max_num_seqs": v.max_num_seqs,
+            "enforce_eager": v.enforce_eager,
+        }
         self.version = ""
 
     def info(self) -> dict:
         return {"backend": self.name, "backend_version": self.version, "backend_params": json.dumps(self.engine)}
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                 on_done: OnDone) -> None:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], on_done: OnDone) -> None:
         script = Path(__file__).with_name("vllm_generate.py")
         if not self.engine["max_model_len"]:  # room for the longest prompt and the whole budget
             self.engine["max_model_len"] = max(len(p) for p in prompts) + max_new_tokens
@@ -145,8 +161,10 @@ class VLLMBackend:
                     proc.kill()
                     proc.wait()
         if proc.returncode != 0:
-            raise UserError(f"the vLLM generation subprocess failed (exit {proc.returncode}) after {len(done)} of "
-                            f"{len(prompts)} rollouts, which are saved; see its output above, then re-run to continue")
+            raise UserError(
+                f"the vLLM generation subprocess failed (exit {proc.returncode}) after {len(done)} of "
+                f"{len(prompts)} rollouts, which are saved; see its output above, then re-run to continue"
+            )
         if len(done) != len(prompts):
             raise UserError(f"the vLLM subprocess returned {len(done)} of {len(prompts)} rollouts; re-run to continue")
 
@@ -191,8 +209,14 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
-def generate_rollouts(questions: list[tuple[int, dict]], backend, tokenizer, cfg: SuperGPQAConfig,
-                      save: Callable[[list[Rollout]], None], progress: bool = True) -> list[Rollout]:
+def generate_rollouts(
+    questions: list[tuple[int, dict]],
+    backend,
+    tokenizer,
+    cfg: SuperGPQAConfig,
+    save: Callable[[list[Rollout]], None],
+    progress: bool = True,
+) -> list[Rollout]:
     """Generate (ungraded) rollouts for (seq_id, question) pairs, saving them as they finish.
 
     `save` receives each finished group: a transformers batch, or what vLLM streamed back
@@ -203,8 +227,15 @@ def generate_rollouts(questions: list[tuple[int, dict]], backend, tokenizer, cfg
     prompts = [prompt_ids(tokenizer, q, cfg.enable_thinking, cfg.prompt_format) for _, q in questions]
     made: list[Rollout] = []
     pending: list[Rollout] = []
-    bar = tqdm(total=len(questions), unit="q", desc="generate", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr, mininterval=1.0)
+    bar = tqdm(
+        total=len(questions),
+        unit="q",
+        desc="generate",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
     stats = {"tokens": 0, "t0": time.perf_counter(), "saved": time.perf_counter()}
     group = getattr(backend, "batch_size", 8)
 
@@ -254,14 +285,17 @@ def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[
     for L in letters:
         ids = list(tok(suffix_text + " " + L, add_special_tokens=False)["input_ids"])
         if ids[: len(suffix)] == suffix:
-            cands.append(ids[len(suffix):])
+            cands.append(ids[len(suffix) :])
         else:
             cands.append(list(tok(" " + L, add_special_tokens=False)["input_ids"]))
     with torch.no_grad():
         # logits_to_keep=1: only the last position goes through the LM head (a 32k-token
         # rollout over a 248k vocabulary would otherwise materialize 32 GB of logits)
-        logits = lm.model(input_ids=torch.tensor([prefix], device=lm.device), use_cache=False,
-                          logits_to_keep=1).logits[0, -1].float()
+        logits = (
+            lm.model(input_ids=torch.tensor([prefix], device=lm.device), use_cache=False, logits_to_keep=1)
+            .logits[0, -1]
+            .float()
+        )
     logp = torch.log_softmax(logits, -1)
     scores = [logp[c[0]].item() for c in cands]
     best = max(range(len(letters)), key=lambda i: scores[i])
@@ -277,8 +311,15 @@ def grade_rollout(r: Rollout, tokenizer, cfg: SuperGPQAConfig, lm_factory=None) 
     text = tokenizer.decode(r.response_ids, skip_special_tokens=False)
     n = int(r.record["n_options"])
     g = grade(text, n, r.record["gold"], cfg.enable_thinking)
-    rec = {"parsed": g.parsed, "correct": g.correct, "truncated": g.truncated, "missing": g.missing,
-           "finished": r.finished, "forced": False, "response_text": text}
+    rec = {
+        "parsed": g.parsed,
+        "correct": g.correct,
+        "truncated": g.truncated,
+        "missing": g.missing,
+        "finished": r.finished,
+        "forced": False,
+        "response_text": text,
+    }
     if g.parsed is None and cfg.force_answer:
         letter, r.response_ids = force_answer(lm_factory(), r, n, cfg.enable_thinking)
         rec.update(parsed=letter, correct=letter == r.record["gold"], forced=True)
@@ -288,11 +329,14 @@ def grade_rollout(r: Rollout, tokenizer, cfg: SuperGPQAConfig, lm_factory=None) 
 
 def outcome_counts(records: list[dict]) -> dict[str, int]:
     """How a set of graded rollouts ended: correct, wrong, forced, and why answers were missing."""
-    return {"rollouts": len(records), "correct": sum(bool(r.get("correct")) for r in records),
-            "finished": sum(bool(r.get("finished")) for r in records),
-            "thinking_unclosed": sum(r.get("missing") == "thinking_unclosed" for r in records),
-            "no_answer": sum(r.get("missing") == NO_ANSWER for r in records),
-            "forced": sum(bool(r.get("forced")) for r in records)}
+    return {
+        "rollouts": len(records),
+        "correct": sum(bool(r.get("correct")) for r in records),
+        "finished": sum(bool(r.get("finished")) for r in records),
+        "thinking_unclosed": sum(r.get("missing") == "thinking_unclosed" for r in records),
+        "no_answer": sum(r.get("missing") == NO_ANSWER for r in records),
+        "forced": sum(bool(r.get("forced")) for r in records),
+    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import itertools
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,8 @@ from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
 
-from . import corpus_plan, data, gpu, revisions, rollouts as ro
+from . import corpus_plan, data, gpu, revisions
+from . import rollouts as ro
 from .backfill import add_layers
 from .capture import BackgroundWriter
 from .config import PipelineConfig
@@ -43,24 +44,43 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
         w = None
     sel = source_selection(cfg)
     if w is None:
-        meta = {"model": info["provenance"], "source": sel, "harvest": dataclasses.asdict(cfg.harvest),
-                "hook": {"site": HOOK, "meaning": "output of decoder layer N (0-based), the residual stream after it",
-                         "module_path": f"{info['provenance']['layers_path']}.N"},
-                "pipeline": cfg.to_dict()}
+        meta = {
+            "model": info["provenance"],
+            "source": sel,
+            "harvest": dataclasses.asdict(cfg.harvest),
+            "hook": {
+                "site": HOOK,
+                "meaning": "output of decoder layer N (0-based), the residual stream after it",
+                "module_path": f"{info['provenance']['layers_path']}.N",
+            },
+            "pipeline": cfg.to_dict(),
+        }
         if cfg.harvest.source == "supergpqa":  # a hub dataset is pinned to its commit at first use
             meta["dataset_revision"] = revisions.pin_dataset(cfg.supergpqa.dataset, cfg.supergpqa.revision, None)
-        return cf.create_cache(url, d_model=info["d_model"], layers=layers, meta=meta, hook=HOOK,
-                               codec=cfg.harvest.codec, chunk_tokens=cfg.harvest.chunk_tokens,
-                               shard_mib=cfg.harvest.shard_mib, tokenizer_files=info["tokenizer_files"]), True
+        return cf.create_cache(
+            url,
+            d_model=info["d_model"],
+            layers=layers,
+            meta=meta,
+            hook=HOOK,
+            codec=cfg.harvest.codec,
+            chunk_tokens=cfg.harvest.chunk_tokens,
+            shard_mib=cfg.harvest.shard_mib,
+            tokenizer_files=info["tokenizer_files"],
+        ), True
     m = w.snapshot().meta
     old, new = m.get("model", {}), info["provenance"]
     for k in ("name_or_path", "revision", "dtype", "weights_sha256"):
         if old.get(k) != new.get(k):
-            raise UserError(f"{url} was harvested with model.{k}={old.get(k)!r}, not {new.get(k)!r}; "
-                            "use the same model settings or another --cache")
+            raise UserError(
+                f"{url} was harvested with model.{k}={old.get(k)!r}, not {new.get(k)!r}; "
+                "use the same model settings or another --cache"
+            )
     if m.get("source") != sel:
-        raise UserError(f"{url} holds source {m.get('source', {}).get('name')!r} with other selection settings "
-                        f"({m.get('source')}); use the same source settings or another --cache")
+        raise UserError(
+            f"{url} holds source {m.get('source', {}).get('name')!r} with other selection settings "
+            f"({m.get('source')}); use the same source settings or another --cache"
+        )
     if w.d_model != info["d_model"]:
         raise UserError(f"{url} has d_model {w.d_model}, the model has {info['d_model']}; use another --cache")
     return w, False
@@ -71,8 +91,10 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     log = log or (lambda s: None)
     data.check_source(cfg.harvest.source)
     if cfg.harvest.hook != HOOK:
-        raise UserError(f"harvest.hook {cfg.harvest.hook!r}: only {HOOK!r} (the output of decoder layer N) is "
-                        "captured so far; set harvest.hook = \"resid_post\"")
+        raise UserError(
+            f"harvest.hook {cfg.harvest.hook!r}: only {HOOK!r} (the output of decoder layer N) is "
+            'captured so far; set harvest.hook = "resid_post"'
+        )
     layers = sorted(set(cfg.harvest.layers))
     if not layers:
         raise UserError("no layers given; pass --layers 11,31,55")
@@ -82,8 +104,10 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     info = describe_model(cfg.model)
     bad = [x for x in layers if x >= info["n_layers"]]
     if bad:
-        raise ModelError(f"layer {bad[0]} is past the model's depth ({info['n_layers']} decoder layers, "
-                         f"0..{info['n_layers'] - 1}); pass --layers within that range")
+        raise ModelError(
+            f"layer {bad[0]} is past the model's depth ({info['n_layers']} decoder layers, "
+            f"0..{info['n_layers'] - 1}); pass --layers within that range"
+        )
     w, created = _open_or_create(cfg, info, layers)
     summary: dict = {"cache": cfg.harvest.cache, "created": created, "source": cfg.harvest.source}
     snap = w.snapshot()
@@ -104,17 +128,25 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
         # Every pending question is generated first, behind one progress bar: vLLM alone on the
         # GPU (capture loads after it exits), or this process's model. Dask workers running the
         # transformers backend generate their own units instead.
-        summary["generated"] = generate_missing(units, cfg, cfg.harvest.cache, lambda: WORKER.model(cfg.model, None),
-                                                info["tokenizer"], progress)
+        summary["generated"] = generate_missing(
+            units, cfg, cfg.harvest.cache, lambda: WORKER.model(cfg.model, None), info["tokenizer"], progress
+        )
     rows = run_units(units, ctx, cfg, progress)
     if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
         raise units.error
     c = cf.open_cache(cfg.harvest.cache)
-    summary.update(rows_written=rows, n_tokens=c.n_tokens, layers=c.layers, segments=len(c.segments),
-                   fingerprint=c.fingerprint, seconds=round(time.time() - t0, 2))
+    summary.update(
+        rows_written=rows,
+        n_tokens=c.n_tokens,
+        layers=c.layers,
+        segments=len(c.segments),
+        fingerprint=c.fingerprint,
+        seconds=round(time.time() - t0, 2),
+    )
     if cfg.harvest.source == "supergpqa":
         summary["outcomes"] = ro.outcome_counts(
-            [r for r in c.sequences().to_pylist() if r.get("source") == "supergpqa"])
+            [r for r in c.sequences().to_pylist() if r.get("source") == "supergpqa"]
+        )
     return summary
 
 
@@ -122,8 +154,9 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
     from tqdm import tqdm
 
     est = getattr(units, "n_tokens", None) or sum(u.n_tokens for u in units) or None
-    bar = tqdm(total=est, unit="tok", unit_scale=True, desc="harvest", disable=not progress or not units,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=est, unit="tok", unit_scale=True, desc="harvest", disable=not progress or not units, dynamic_ncols=True
+    )
     state = {"rows": 0, "bytes": 0, "t0": time.time()}
     lock = threading.Lock()
 
@@ -141,8 +174,10 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
     try:
         if not (cfg.harvest.workers or cfg.harvest.scheduler):
             # one thread per in-flight segment (a segment's rows stay in order within its thread)
-            wts = [BackgroundWriter(cfg.harvest.queue_depth, f"harvest-writer-{i}")
-                   for i in range(max(1, cfg.harvest.writer_threads))]
+            wts = [
+                BackgroundWriter(cfg.harvest.queue_depth, f"harvest-writer-{i}")
+                for i in range(max(1, cfg.harvest.writer_threads))
+            ]
             order = CommitOrder()  # writers write in parallel; commits land in plan order
             try:
                 for i, u in enumerate(units):
@@ -172,8 +207,13 @@ def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> 
     n = cfg.harvest.workers
     if not cfg.harvest.scheduler:  # a local cluster: its processes share this machine's cores
         ctx = dataclasses.replace(ctx, threads=cfg.harvest.torch_threads or max(1, (os.cpu_count() or 1) // n))
-    with dask_client(cfg.harvest.scheduler, n_workers=n, threads_per_worker=1, processes=True,
-                     fix="check --scheduler (harvest.scheduler), or leave it out for a local cluster") as client:
+    with dask_client(
+        cfg.harvest.scheduler,
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        fix="check --scheduler (harvest.scheduler), or leave it out for a local cluster",
+    ) as client:
         pin_worker_devices(client)
         sizes: dict[str, int] = {}
 

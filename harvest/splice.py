@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -128,8 +128,9 @@ def loss_recovered(
     n_tok = 0
     total = sum(max(len(s) - 1, 0) for s in sequences)
     if total == 0:
-        raise UserError("no held-out sequence has two or more tokens; "
-                        "raise analysis.loss_sequences or use a larger cache")
+        raise UserError(
+            "no held-out sequence has two or more tokens; raise analysis.loss_sequences or use a larger cache"
+        )
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="loss recovered", disable=not progress, file=None)
     parts = _head(model)
     for ids in _batches(sequences, batch_size):
@@ -172,8 +173,10 @@ def heldout_sequences(cache, seed: int, fraction: float, limit: int) -> list[np.
     seq = table.column("seq_id").to_numpy()
     held = np.flatnonzero(is_heldout(seq, seed, fraction))[:limit]
     if len(held) == 0:
-        raise UserError(f"no held-out sequences in {cache.url} (split seed {seed}, fraction {fraction}); "
-                        "use a larger cache or --set train.heldout_fraction=0.1")
+        raise UserError(
+            f"no held-out sequences in {cache.url} (split seed {seed}, fraction {fraction}); "
+            "use a larger cache or --set train.heldout_fraction=0.1"
+        )
     col = table.column("token_ids")
     return [np.asarray(col[int(i)].values.to_numpy(zero_copy_only=False), dtype=np.int64) for i in held]
 
@@ -181,8 +184,10 @@ def heldout_sequences(cache, seed: int, fraction: float, limit: int) -> list[np.
 def check_model_matches_cache(model_name: str, cache) -> None:
     recorded = ((cache.meta or {}).get("model") or {}).get("name_or_path")
     if recorded and recorded != model_name:
-        raise UserError(f"{cache.url} was harvested from {recorded!r} but model.name_or_path is {model_name!r}; "
-                        f"pass --set model.name_or_path='\"{recorded}\"' (or the matching --profile)")
+        raise UserError(
+            f"{cache.url} was harvested from {recorded!r} but model.name_or_path is {model_name!r}; "
+            f"pass --set model.name_or_path='\"{recorded}\"' (or the matching --profile)"
+        )
 
 
 def _sae_targets(cfg, sae_path, out_dir):
@@ -205,27 +210,39 @@ def _command():
 
     from .config import load_config
 
-    @click.command("loss-recovered", help="Splice each SAE of a run (or one --sae) into the model at its layer: "
-                                          "CE clean / with the SAE / zero-ablated, loss recovered, KL.")
+    @click.command(
+        "loss-recovered",
+        help="Splice each SAE of a run (or one --sae) into the model at its layer: "
+        "CE clean / with the SAE / zero-ablated, loss recovered, KL.",
+    )
     @click.option("--config", "config_path", default=None, metavar="PATH", help="pipeline.toml to read.")
     @click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")
-    @click.option("--cache", default=None, metavar="URL",
-                  help="Cache with the held-out sequences (default: the SAE's).")
-    @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                  help="Override a pipeline.toml key.")
-    @click.option("--out", "out_dir", default=None, metavar="DIR",
-                  help="Training run directory (default [train].out); "
-                       "with --sae, where to write loss_recovered.json.")
-    @click.option("--sae", "sae_path", default=None, metavar="PATH",
-                  help="One SAE (any supported layout) instead of a run's.")
+    @click.option(
+        "--cache", default=None, metavar="URL", help="Cache with the held-out sequences (default: the SAE's)."
+    )
+    @click.option(
+        "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a pipeline.toml key."
+    )
+    @click.option(
+        "--out",
+        "out_dir",
+        default=None,
+        metavar="DIR",
+        help="Training run directory (default [train].out); with --sae, where to write loss_recovered.json.",
+    )
+    @click.option(
+        "--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's."
+    )
     @click.option("--layer", type=int, default=None, help="Decoder layer to splice at (default: the SAE's own).")
     @click.option("--k", type=int, default=None, help="k for the TopK (default: from the SAE).")
-    @click.option("--sequences", type=int, default=None,
-                  help="Held-out sequences to use (default [analysis].loss_sequences).")
+    @click.option(
+        "--sequences", type=int, default=None, help="Held-out sequences to use (default [analysis].loss_sequences)."
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
     @click.option("--quiet", is_flag=True, help="No progress bars.")
-    def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json,
-                           quiet):
+    def loss_recovered_cmd(
+        config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet
+    ):
         import cache_format as cf
         from train.published import load_sae
         from train.rundir import recorded_cache, recorded_layer, recorded_split
@@ -249,18 +266,27 @@ def _command():
                 raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
             seed, fraction, _ = recorded_split(sae, cfg.train.split_seed, cfg.train.heldout_fraction)
             seqs = heldout_sequences(c, seed, fraction, sequences or cfg.analysis.loss_sequences)
-            res = loss_recovered(lm.model, lm.layers[lay], sae, seqs, batch_size=cfg.analysis.loss_batch_size,
-                                 progress=not quiet)
-            res.update(layer=lay, cache=url, model=cfg.model.name_or_path, sae=str(src),
-                       split={"seed": seed, "fraction": fraction})
+            res = loss_recovered(
+                lm.model, lm.layers[lay], sae, seqs, batch_size=cfg.analysis.loss_batch_size, progress=not quiet
+            )
+            res.update(
+                layer=lay,
+                cache=url,
+                model=cfg.model.name_or_path,
+                sae=str(src),
+                split={"seed": seed, "fraction": fraction},
+            )
             results[name] = res
             if dst is not None:
                 dst.mkdir(parents=True, exist_ok=True)
                 write_atomic(dst / "loss_recovered.json", json.dumps(res, indent=2, default=str))
             if not as_json:
-                print(f"loss-recovered {name} @ layer {lay}: CE clean {res['ce_clean']:.4f}, SAE {res['ce_sae']:.4f}, "
-                      f"zero {res['ce_zero']:.4f} → loss recovered {res['loss_recovered']:.4f}, KL {res['kl_sae']:.4g} "
-                      f"({res['tokens']} tokens)", file=sys.stderr)
+                print(
+                    f"loss-recovered {name} @ layer {lay}: CE clean {res['ce_clean']:.4f}, SAE {res['ce_sae']:.4f}, "
+                    f"zero {res['ce_zero']:.4f} → loss recovered {res['loss_recovered']:.4f}, KL {res['kl_sae']:.4g} "
+                    f"({res['tokens']} tokens)",
+                    file=sys.stderr,
+                )
         if as_json:
             click.echo(json.dumps(results, default=str))
 

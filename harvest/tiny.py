@@ -41,16 +41,16 @@ _BUILD_LOCK = threading.Lock()  # torch's global RNG and thread count are proces
 # recorded provenance; one thread and a seeded batch order make the weights hash reproducible
 # on a given machine. ~30 s on one core of a shared 2-core box.
 RECIPE = {
-    "version": 2,            # 1 was the untrained random init
+    "version": 2,  # 1 was the untrained random init
     "steps": 90,
     "batch": 4,
     "seq_len": 128,
     "lr": 1e-2,
-    "warmup": 10,            # linear warmup, then cosine decay to 10%
+    "warmup": 10,  # linear warmup, then cosine decay to 10%
     "weight_decay": 0.01,
     "clip": 1.0,
     "threads": 1,
-    "questions": "even",     # chat renderings of the even-numbered questions only
+    "questions": "even",  # chat renderings of the even-numbered questions only
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -78,8 +78,10 @@ def tiny_model_dir() -> Path:
     and recipe, so changing any of them builds a new model instead of reusing a stale one.
     """
     key = hashlib.sha256(
-        (assets() / "config.json").read_bytes() + (assets() / "tokenizer.json").read_bytes()
-        + _text_bytes() + json.dumps({"seed": SEED, **RECIPE}, sort_keys=True).encode()
+        (assets() / "config.json").read_bytes()
+        + (assets() / "tokenizer.json").read_bytes()
+        + _text_bytes()
+        + json.dumps({"seed": SEED, **RECIPE}, sort_keys=True).encode()
     ).hexdigest()[:12]
     final = cache_root() / f"tiny-model-{key}"
     if (final / "weights.sha256").is_file():
@@ -114,8 +116,10 @@ def training_documents(tokenizer) -> list[str]:
         q = json.loads(line)
         msgs = [{"role": "user", "content": format_question(q, "answer-line")}]
         prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
-        docs.append(f"{prompt}The question asks: {q['question']} The correct option is {q['answer']}.\n"
-                    f"</think>\n\nAnswer: {q['answer_letter']}<|im_end|>")
+        docs.append(
+            f"{prompt}The question asks: {q['question']} The correct option is {q['answer']}.\n"
+            f"</think>\n\nAnswer: {q['answer_letter']}<|im_end|>"
+        )
     return docs
 
 
@@ -142,9 +146,14 @@ def _build_into(out: Path) -> None:
     model.eval().save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(assets() / name, out / name)
-    info = {"seed": SEED, "recipe": r, "train_tokens": len(stream),
-            "data_sha256": hashlib.sha256(data.numpy().astype("<i4").tobytes()).hexdigest(),
-            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
+    info = {
+        "seed": SEED,
+        "recipe": r,
+        "train_tokens": len(stream),
+        "data_sha256": hashlib.sha256(data.numpy().astype("<i4").tobytes()).hexdigest(),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
+    }
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "weights.sha256").write_text(weights_hash(out) + "\n")
 
@@ -157,8 +166,10 @@ def _train(model, data, r: dict) -> list[float]:
 
     gen = torch.Generator().manual_seed(SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / r["warmup"]) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / r["steps"])))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / r["warmup"]) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / r["steps"])))),
+    )
     model.train()
     losses = []
     for _ in range(r["steps"]):
@@ -189,8 +200,14 @@ def tokenizer_files(path: Path | None = None) -> dict[str, bytes]:
     """The tokenizer files a cache carries, read from a model/tokenizer directory."""
     path = Path(path) if path else assets()
     out = {}
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+    ):
         if (path / name).is_file():
             out[name] = (path / name).read_bytes()
     return out
@@ -203,6 +220,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024) -> None:
     ships as package data so that tests never train it.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
     # Qwen3.5's own pre-tokenization, so transformers (which rebuilds it for model_type
     # qwen3_5) and plain `tokenizers` split text identically.
     from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
@@ -214,13 +232,19 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024) -> None:
     texts.append("Answer: A B C D E F G H I J \\boxed{A} Let me think step by step. system user assistant")
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))

@@ -21,26 +21,35 @@ from .plan import Unit, source_selection
 
 def rollout_tag(cfg: PipelineConfig) -> str:
     """Sidecar files are keyed by what decides a rollout, so changed settings never reuse them."""
-    sel = json.dumps([source_selection(cfg), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype],
-                     sort_keys=True)
+    sel = json.dumps(
+        [source_selection(cfg), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype], sort_keys=True
+    )
     return hashlib.sha256(sel.encode()).hexdigest()[:12]
 
 
-def generate_missing(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer,
-                     progress: bool = True) -> int:
+def generate_missing(
+    units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer, progress: bool = True
+) -> int:
     """Generate the units' rollouts that no sidecar holds yet, saving them as they finish."""
     tag = rollout_tag(cfg)
     stored = ro.load_all_rollouts(cache_url, tag)
     missing = [(sid, q) for u in units for sid, q in zip(u.seq_ids, u.questions) if sid not in stored]
     if missing:
         backend = ro.make_backend(cfg.supergpqa, lm_factory, cfg.model)
-        ro.generate_rollouts(missing, backend, tokenizer, cfg.supergpqa,
-                             lambda rs: ro.save_generated(cache_url, tag, rs), progress=progress)
+        ro.generate_rollouts(
+            missing,
+            backend,
+            tokenizer,
+            cfg.supergpqa,
+            lambda rs: ro.save_generated(cache_url, tag, rs),
+            progress=progress,
+        )
     return len(missing)
 
 
-def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer,
-                    progress: bool = False) -> None:
+def ensure_rollouts(
+    units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_factory, tokenizer, progress: bool = False
+) -> None:
     """Fill supergpqa units with graded rollouts: stored ones are reused, missing ones generated,
     ungraded ones graded (forcing an answer needs the model) and saved per unit."""
     tag = rollout_tag(cfg)
@@ -52,8 +61,14 @@ def ensure_rollouts(units: list[Unit], cfg: PipelineConfig, cache_url: str, lm_f
             rs = [r if r.graded else ro.grade_rollout(r, tokenizer, cfg.supergpqa, lm_factory) for r in rs]
             ro.save_rollouts(cache_url, f"{tag}/graded/{u.key}", rs)
         u.token_ids = [r.token_ids for r in rs]
-        u.records = [{"source": "supergpqa", "prompt_len": len(r.prompt_ids),
-                      **{k: ("" if v is None else v) for k, v in r.record.items()}} for r in rs]
+        u.records = [
+            {
+                "source": "supergpqa",
+                "prompt_len": len(r.prompt_ids),
+                **{k: ("" if v is None else v) for k, v in r.record.items()},
+            }
+            for r in rs
+        ]
 
 
 def as_rollout(unit: Unit, i: int) -> ro.Rollout:
@@ -75,8 +90,8 @@ def rows_of(tokenizer, r: ro.Rollout, thinking: bool) -> tuple[np.ndarray, np.nd
         split = 0
     elif isinstance(end, int) and end >= 0 and end in r.response_ids:
         split = r.response_ids.index(end)
-    roles[n_p: n_p + split] = cf.ROLE_THINKING
-    roles[n_p + split:] = cf.ROLE_ANSWER
+    roles[n_p : n_p + split] = cf.ROLE_THINKING
+    roles[n_p + split :] = cf.ROLE_ANSWER
     labels = np.full(n_p + n_r, cf.LABEL_NONE, np.int8)
     labels[n_p:] = cf.LABEL_CORRECT if r.record.get("correct") else cf.LABEL_WRONG
     return roles, labels

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,8 +34,17 @@ def window_permutation(seed: int, first_seq_id: int, n_rows: int) -> np.ndarray:
 class UnitWriter:
     """Owns one segment in the writer thread: mixes rows within windows, appends, commits."""
 
-    def __init__(self, writer, unit: Unit, meta: dict, mix_window: int, mix_seed: int, on_rows: Callable,
-                 turn=None, defer: bool = False):
+    def __init__(
+        self,
+        writer,
+        unit: Unit,
+        meta: dict,
+        mix_window: int,
+        mix_seed: int,
+        on_rows: Callable,
+        turn=None,
+        defer: bool = False,
+    ):
         # turn: commit in plan order (cache_format.ordering); defer: leave the record to the coordinator
         self._open = contextlib.ExitStack()  # holds the segment's `with` block from here until close()
         self.seg = self._open.enter_context(writer.segment(meta=meta, turn=turn, defer=defer))
@@ -73,7 +82,7 @@ class UnitWriter:
         hbs = self.pending
         self.pending, self.pending_seqs = [], 0
         res = {L: torch.cat([h.residuals[L] for h, _, _ in hbs]) for L in hbs[0][0].residuals}
-        cols = [np.concatenate(x) for x in zip(*[(h.tokens, h.seq_ids, h.positions, r, l) for h, r, l in hbs])]
+        cols = [np.concatenate(x) for x in zip(*[(h.tokens, h.seq_ids, h.positions, r, lab) for h, r, lab in hbs])]
         perm = window_permutation(self.mix_seed, int(cols[1][0]), len(cols[0]))
         t = torch.from_numpy(perm)
         self._append({L: v[t] for L, v in res.items()}, *[c[perm] for c in cols])
@@ -85,24 +94,45 @@ class UnitWriter:
     def close(self) -> None:
         with self._abandon_on_error():
             self._flush_window()
-            self.seg.add_sequences([{"seq_id": s, "token_ids": list(map(int, t)), **rec}
-                                    for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)])
+            self.seg.add_sequences(
+                [
+                    {"seq_id": s, "token_ids": list(map(int, t)), **rec}
+                    for s, t, rec in zip(self.unit.seq_ids, self.unit.token_ids, self.unit.records)
+                ]
+            )
         self._open.close()  # commits in its turn (or abandons, releasing the turn)
 
 
-def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: BackgroundWriter,
-                 on_rows: Callable = lambda rows, nbytes: None, turn=None, defer: bool = False) -> dict:
+def capture_unit(
+    lm: LoadedModel,
+    w,
+    unit: Unit,
+    cfg: PipelineConfig,
+    wt: BackgroundWriter,
+    on_rows: Callable = lambda rows, nbytes: None,
+    turn=None,
+    defer: bool = False,
+) -> dict:
     """Forward the unit's sequences in batches; the writer thread appends and commits its segment.
 
     Returns once every batch is queued: the commit happens in `wt` while the caller moves on.
     """
     layers = w.layers
     lm.check_layers(layers)
-    meta = {"unit": unit.key, "source": unit.source, "seq_ranges": seq_ranges(unit.seq_ids),
-            "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
-            "mix": {"window": cfg.harvest.mix_window, "seed": cfg.harvest.mix_seed,
-                    "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)"}
-            if cfg.harvest.mix_window > 1 else None, **unit.meta}
+    meta = {
+        "unit": unit.key,
+        "source": unit.source,
+        "seq_ranges": seq_ranges(unit.seq_ids),
+        "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
+        "mix": {
+            "window": cfg.harvest.mix_window,
+            "seed": cfg.harvest.mix_seed,
+            "scheme": "numpy default_rng([seed, first seq_id of window]).permutation(rows of window)",
+        }
+        if cfg.harvest.mix_window > 1
+        else None,
+        **unit.meta,
+    }
     if unit.source == "supergpqa" and unit.records:
         meta["generation"] = {k: unit.records[0].get(k, "") for k in ("backend", "backend_version", "backend_params")}
         meta["outcomes"] = ro.outcome_counts(unit.records)
@@ -117,15 +147,15 @@ def capture_unit(lm: LoadedModel, w, unit: Unit, cfg: PipelineConfig, wt: Backgr
     bs = max(1, cfg.harvest.batch_size)
     with LayerCapture(lm.layers, layers) as cap:
         for a in range(0, len(unit.seq_ids), bs):
-            seqs, sids = unit.token_ids[a: a + bs], unit.seq_ids[a: a + bs]
+            seqs, sids = unit.token_ids[a : a + bs], unit.seq_ids[a : a + bs]
             hb = capture_batch(cap, lm.model, seqs, sids, pad, lm.device)
             if unit.source == "supergpqa":
                 rl = [rows_of(lm.tokenizer, as_rollout(unit, a + i), thinking) for i in range(len(seqs))]
                 roles = np.concatenate([r for r, _ in rl])
-                labels = np.concatenate([l for _, l in rl])
+                labels = np.concatenate([lab for _, lab in rl])
             else:
                 roles = np.full(len(hb.tokens), cf.ROLE_TEXT, np.int8)
                 labels = np.full(len(hb.tokens), cf.LABEL_NONE, np.int8)
-            wt.submit(lambda hb=hb, roles=roles, labels=labels, n=len(seqs): holder["uw"].add(hb, roles, labels, n))
+            wt.submit(lambda hb=hb, roles=roles, labels=labels, n=len(seqs): holder["uw"].add(hb, roles, labels, n))  # noqa: B008 (binds this batch)
     wt.submit(lambda: holder["uw"].close())
     return holder  # holder["uw"].seg: the segment, once `wt` has run the jobs

@@ -18,8 +18,7 @@ ENGINE_KEYS = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization"
 
 def engine_args(p: dict) -> dict:
     """`vllm.LLM` keyword arguments from the params; 0 / false leaves vLLM's own default."""
-    args = {"model": p["model"], "revision": p.get("revision") or None, "dtype": p.get("dtype", "bfloat16"),
-            "seed": 0}
+    args = {"model": p["model"], "revision": p.get("revision") or None, "dtype": p.get("dtype", "bfloat16"), "seed": 0}
     for key in ENGINE_KEYS:
         if p.get(key):
             args[key] = p[key]
@@ -51,8 +50,12 @@ def main() -> None:
     reqs = [json.loads(line) for line in open(a.requests) if line.strip()]
     args = engine_args(p)
     llm = LLM(**args)
-    sp = SamplingParams(temperature=0.0, max_tokens=int(p["max_new_tokens"]),
-                        stop_token_ids=list(p["stop_ids"]), skip_special_tokens=False)
+    sp = SamplingParams(
+        temperature=0.0,
+        max_tokens=int(p["max_new_tokens"]),
+        stop_token_ids=list(p["stop_ids"]),
+        skip_special_tokens=False,
+    )
     engine = llm.llm_engine
     for r in reqs:
         engine.add_request(str(r["id"]), TokensPrompt(prompt_token_ids=r["prompt_ids"]), sp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -62,8 +62,14 @@ class WorkerState:
 WORKER = WorkerState()  # this process's
 
 
-def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | None = None,
-                 on_rows: Callable = lambda rows, nbytes: None, turn=None, defer: bool = False) -> dict:
+def process_unit(
+    unit: Unit,
+    ctx: Context,
+    writer_thread: BackgroundWriter | None = None,
+    on_rows: Callable = lambda rows, nbytes: None,
+    turn=None,
+    defer: bool = False,
+) -> dict:
     """Capture one unit and commit it as one segment (in `turn`'s place in the plan; or, with
     `defer`, return its prepared record for the coordinator to commit). Returns counts for progress."""
     cfg = ctx.config
@@ -80,8 +86,12 @@ def process_unit(unit: Unit, ctx: Context, writer_thread: BackgroundWriter | Non
         holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer)
     if own_thread:
         wt.close()
-    out = {"unit": unit.key, "rows": unit.n_tokens, "sequences": len(unit.seq_ids),
-           "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2}
+    out = {
+        "unit": unit.key,
+        "rows": unit.n_tokens,
+        "sequences": len(unit.seq_ids),
+        "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2,
+    }
     if defer:
         out["record"] = holder["uw"].seg.prepared
     return out

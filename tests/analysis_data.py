@@ -48,8 +48,15 @@ def make_cache(url: str, n_seqs: int = 40) -> str:
     correct = np.zeros(len(lines), bool)
     for mask in (held, ~held):
         correct[np.flatnonzero(mask)[::2]] = True
-    w = cf.create_cache(url, d_model=D, layers=[LAYER], meta={"source": "supergpqa"}, chunk_tokens=64, shard_mib=1,
-                        tokenizer_files={"tokenizer.json": (TINY / "tokenizer.json").read_bytes()})
+    w = cf.create_cache(
+        url,
+        d_model=D,
+        layers=[LAYER],
+        meta={"source": "supergpqa"},
+        chunk_tokens=64,
+        shard_mib=1,
+        tokenizer_files={"tokenizer.json": (TINY / "tokenizer.json").read_bytes()},
+    )
     with w.segment() as seg:
         for s, line, ok in zip(seq_ids, lines, correct):
             ids = np.asarray(tok.encode(line).ids[:40], np.int64)
@@ -58,16 +65,27 @@ def make_cache(url: str, n_seqs: int = 40) -> str:
             roles = np.where(pos < 3, cf.ROLE_PROMPT, np.where(pos < n - 4, cf.ROLE_THINKING, cf.ROLE_ANSWER))
             labels = np.where(pos < 3, -1, int(ok))
             x = np.stack([residual(int(t), int(p), bool(ok)) for t, p in zip(ids, pos)])
-            seg.append(residuals={LAYER: torch.from_numpy(x).bfloat16()}, tokens=ids, seq_ids=np.full(n, s),
-                       positions=pos, labels=labels, roles=roles)
+            seg.append(
+                residuals={LAYER: torch.from_numpy(x).bfloat16()},
+                tokens=ids,
+                seq_ids=np.full(n, s),
+                positions=pos,
+                labels=labels,
+                roles=roles,
+            )
             seg.add_sequences([{"seq_id": int(s), "token_ids": ids.tolist(), "correct": bool(ok)}])
     return url
 
 
-
-
-def exported_run(root: Path, *, name: str = "L2_n32_k16", hook_module: str = "", config: dict | None = None,
-                 trajectory: list[dict], metrics: dict) -> tuple[Path, str, TopKSAE]:
+def exported_run(
+    root: Path,
+    *,
+    name: str = "L2_n32_k16",
+    hook_module: str = "",
+    config: dict | None = None,
+    trajectory: list[dict],
+    metrics: dict,
+) -> tuple[Path, str, TopKSAE]:
     """A training run's OUT as `train run` leaves it, around the identity SAE on a fresh cache:
     the export, its trajectory.jsonl and run.json; (OUT, cache url, sae)."""
     from train.export import export_sae, sae_lens_cfg
@@ -75,9 +93,19 @@ def exported_run(root: Path, *, name: str = "L2_n32_k16", hook_module: str = "",
 
     url = make_cache(str(root / "cache"))
     sae = identity_sae()
-    cfg = sae_lens_cfg(sae, layer=LAYER, hook="resid_post", hook_module=hook_module, model="test",
-                       fingerprint=cf.open_cache(url).layer_fingerprint(LAYER), tokens=1000,
-                       split={"seed": SEED, "fraction": FRACTION}, normalization={}, config=config or {}, cache_url=url)
+    cfg = sae_lens_cfg(
+        sae,
+        layer=LAYER,
+        hook="resid_post",
+        hook_module=hook_module,
+        model="test",
+        fingerprint=cf.open_cache(url).layer_fingerprint(LAYER),
+        tokens=1000,
+        split={"seed": SEED, "fraction": FRACTION},
+        normalization={},
+        config=config or {},
+        cache_url=url,
+    )
     out = root / "run"
     export_sae(sae, out / name, cfg)
     (out / name / "trajectory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trajectory))

@@ -141,8 +141,13 @@ def http_serve():
     def serve(directory, fail_first: int = 0, faults: tuple = ()) -> str:
         server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(directory)))
         server.daemon_threads = True
-        server.failures = {"left": fail_first, "lock": threading.Lock(), "faults": tuple(faults), "seen": set(),
-                           "injected": {}}
+        server.failures = {
+            "left": fail_first,
+            "lock": threading.Lock(),
+            "faults": tuple(faults),
+            "seen": set(),
+            "injected": {},
+        }
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         serve.injected = server.failures["injected"]  # fault kind → how many were injected
@@ -232,8 +237,11 @@ def s3():
     pytest.importorskip("moto")
     from moto.server import ThreadedMotoServer
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(k, v)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -8,34 +8,64 @@ import numpy as np
 
 
 def s3_options(endpoint: str) -> dict:
-    return {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"}}
+    return {
+        "endpoint_url": endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
 
 
-
-def write_cache(url, d_model=16, layers=(1, 3), segments=(40, 25), chunk_tokens=8, seed=0,
-                storage_options=None, codec="blosc-zstd1", tokenizer_files=None, meta=None):
+def write_cache(
+    url,
+    d_model=16,
+    layers=(1, 3),
+    segments=(40, 25),
+    chunk_tokens=8,
+    seed=0,
+    storage_options=None,
+    codec="blosc-zstd1",
+    tokenizer_files=None,
+    meta=None,
+):
     """A small cache with deterministic data. Returns `data`: residuals per layer (ml bf16), rows, sequences."""
     import cache_format as cf
     from cache_format.bf16 import BF16
 
     rng = np.random.default_rng(seed)
-    w = cf.create_cache(url, d_model=d_model, layers=list(layers), codec=codec, chunk_tokens=chunk_tokens,
-                        shard_mib=1, tokenizer_files=tokenizer_files, storage_options=storage_options,
-                        meta=meta or {"model": {"name_or_path": "test/model", "dtype": "float32"}})
-    data = {"residuals": {L: [] for L in layers}, "rows": {k: [] for k in ("tokens", "seq_ids", "positions",
-                                                                         "labels", "roles")}, "sequences": []}
+    w = cf.create_cache(
+        url,
+        d_model=d_model,
+        layers=list(layers),
+        codec=codec,
+        chunk_tokens=chunk_tokens,
+        shard_mib=1,
+        tokenizer_files=tokenizer_files,
+        storage_options=storage_options,
+        meta=meta or {"model": {"name_or_path": "test/model", "dtype": "float32"}},
+    )
+    data = {
+        "residuals": {L: [] for L in layers},
+        "rows": {k: [] for k in ("tokens", "seq_ids", "positions", "labels", "roles")},
+        "sequences": [],
+    }
     seq = 0
     for si, n in enumerate(segments):
         with w.segment(meta={"unit": si}) as seg:
             res = {L: (rng.standard_normal((n, d_model)) * (1 + L)).astype(BF16) for L in layers}
             seq_ids = seq + np.arange(n) // 10
-            rows = {"tokens": rng.integers(0, 1000, n).astype(np.int32), "seq_ids": seq_ids.astype(np.int64),
-                    "positions": (np.arange(n) % 10).astype(np.int32),
-                    "labels": rng.integers(-1, 2, n).astype(np.int8), "roles": rng.integers(0, 4, n).astype(np.int8)}
+            rows = {
+                "tokens": rng.integers(0, 1000, n).astype(np.int32),
+                "seq_ids": seq_ids.astype(np.int64),
+                "positions": (np.arange(n) % 10).astype(np.int32),
+                "labels": rng.integers(-1, 2, n).astype(np.int8),
+                "roles": rng.integers(0, 4, n).astype(np.int8),
+            }
             seg.append(residuals=res, **rows)
-            recs = [{"seq_id": int(s), "token_ids": rows["tokens"][seq_ids == s].tolist(), "source": f"s{si}"}
-                    for s in np.unique(seq_ids)]
+            recs = [
+                {"seq_id": int(s), "token_ids": rows["tokens"][seq_ids == s].tolist(), "source": f"s{si}"}
+                for s in np.unique(seq_ids)
+            ]
             seg.add_sequences(recs)
             seq = int(seq_ids.max()) + 1
         for L in layers:
@@ -54,9 +84,16 @@ FAULTS = ("500", "drop", "truncate", "short", "flip")
 
 
 def _everything(c):
-    out = {"tokens": c.tokens[:], "seq_ids": c.seq_ids[:], "labels": c.labels[:], "roles": c.roles[:],
-           "positions": c.positions[:], "fp": c.fingerprint, "seqs": c.sequences().to_pylist(),
-           "tok": c.tokenizer_files}
+    out = {
+        "tokens": c.tokens[:],
+        "seq_ids": c.seq_ids[:],
+        "labels": c.labels[:],
+        "roles": c.roles[:],
+        "positions": c.positions[:],
+        "fp": c.fingerprint,
+        "seqs": c.sequences().to_pylist(),
+        "tok": c.tokenizer_files,
+    }
     for L in c.layers:
         out[f"res{L}"] = c.residuals(L).numpy().view(np.uint16)
         out[f"chunks{L}"] = [c.read_chunk(L, i).view(np.uint16) for i in range(c.n_chunks)]

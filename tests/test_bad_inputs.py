@@ -64,8 +64,13 @@ def world(tmp_path_factory):
     rec = os.path.join(damaged, "commits", "0000000001.json")
     body = open(rec, "rb").read()
     open(rec, "wb").write(body[:25] + b"\xff" + body[26:])
-    return {"d": str(d), "cache": cache, "damaged": damaged,
-            "fp": cf.open_cache(cache).fingerprint, "commits": sorted(os.listdir(os.path.join(cache, "commits")))}
+    return {
+        "d": str(d),
+        "cache": cache,
+        "damaged": damaged,
+        "fp": cf.open_cache(cache).fingerprint,
+        "commits": sorted(os.listdir(os.path.join(cache, "commits"))),
+    }
 
 
 # (cli, args, a phrase the error line must contain). {d}, {cache}, {damaged} are filled from `world`.
@@ -116,20 +121,29 @@ CASES = [
     ("harvest", ["run", *TINY, "--set", "nosection=1"], "must name its section"),
     ("harvest", ["run", *TINY, "--set", "harvest.batch_size"], "expected section.key=VALUE"),
     ("harvest", ["run", *TINY, "--set", "harvest.batch_size=two"], "is not a TOML literal"),
-    ("harvest", ["run", *TINY, "--set", "harvest.hook=\"mlp_out\"", "--cache", "{d}/h8"], "resid_post"),
+    ("harvest", ["run", *TINY, "--set", 'harvest.hook="mlp_out"', "--cache", "{d}/h8"], "resid_post"),
     ("harvest", ["run", *TINY, "--layers", "99", "--cache", "{d}/h9"], "past the model's depth"),
     ("harvest", ["run", *TINY, "--cache", "{d}/full"], "non-empty directory that is not a cache"),
     ("harvest", ["run", *TINY, "--cache", "{d}/notadir/c"], "not a directory"),
     ("harvest", ["run", *TINY, "--cache", "{d}/foreign"], "not an actcache cache"),
     # python -m train run
-    ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t1", "--set", "train.training_tokens=-5"],
-     "train.training_tokens = -5"),
+    (
+        "train",
+        ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t1", "--set", "train.training_tokens=-5"],
+        "train.training_tokens = -5",
+    ),
     ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t2", "--set", "train.lr=-1"], "train.lr = -1"),
-    ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t3", "--set", "train.heldout_fraction=1.5"],
-     "must be below 1"),
+    (
+        "train",
+        ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t3", "--set", "train.heldout_fraction=1.5"],
+        "must be below 1",
+    ),
     ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t4", "--set", "train.k=0"], "train.k = 0"),
-    ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t5", "--set", "train.batch_size=0"],
-     "train.batch_size = 0"),
+    (
+        "train",
+        ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t5", "--set", "train.batch_size=0"],
+        "train.batch_size = 0",
+    ),
     ("train", ["run", *TINY, "--cache", "{d}/nope", "--out", "{d}/t6"], "is not a cache"),
     ("train", ["run", *TINY, "--cache", "{damaged}", "--out", "{d}/t7"], "commit log is damaged"),
     ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t8", "--layers", "2"], "[2] not in the cache"),
@@ -177,7 +191,9 @@ def test_a_refused_write_is_one_line_and_keeps_the_source(world, monkeypatch, ca
 def test_the_table_is_big_enough_and_nothing_committed_was_lost(world):
     assert len(CASES) + len(MAKE_CASES) + 3 >= 40  # + the refused write above and the two full-disk cases below
     c = cf.open_cache(world["cache"])
-    assert c.fingerprint == world["fp"] and sorted(os.listdir(os.path.join(world["cache"], "commits"))) == world["commits"]
+    assert (
+        c.fingerprint == world["fp"] and sorted(os.listdir(os.path.join(world["cache"], "commits"))) == world["commits"]
+    )
     assert cf.open_cache(world["cache"]).n_tokens == 30
     assert os.listdir(os.path.join(world["d"], "full")) == ["notes.txt"]  # not turned into a cache
 
@@ -193,8 +209,13 @@ MAKE_CASES = [
 @pytest.mark.parametrize("args, phrase", MAKE_CASES, ids=[c[0][0] + ":" + c[0][2] for c in MAKE_CASES])
 def test_make_targets_pass_the_one_line_through(world, args, phrase):
     # -o: never reinstall here, whatever the stamp's age (the venv is already installed)
-    p = subprocess.run(["make", "-s", "--no-print-directory", "-o", ".venv/.installed", *_fill(args, world)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-o", ".venv/.installed", *_fill(args, world)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # make's own trailer: "make: ***", or "make[N]: ***" when the suite itself runs under make (CI's `make test`)
     lines = [ln for ln in p.stderr.strip().splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", ln)]
     assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and phrase in lines[-1], p.stderr
@@ -204,6 +225,7 @@ def test_make_targets_pass_the_one_line_through(world, args, phrase):
 def _limited(max_bytes):
     def pre():  # writes past this size fail with EFBIG, like a full disk (Python ignores SIGXFSZ)
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
     return pre
 
 
@@ -211,12 +233,32 @@ def _limited(max_bytes):
 def test_a_full_disk_during_harvest_and_train_is_one_line_and_keeps_what_was_committed(world, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     url = str(tmp_path / "h")
-    harvest = [sys.executable, "-m", "harvest", "run", *TINY, "--cache", url, "--source", "corpus", "--layers", "1",
-               "--quiet", "--set", "harvest.chunk_tokens=64"]
+    harvest = [
+        sys.executable,
+        "-m",
+        "harvest",
+        "run",
+        *TINY,
+        "--cache",
+        url,
+        "--source",
+        "corpus",
+        "--layers",
+        "1",
+        "--quiet",
+        "--set",
+        "harvest.chunk_tokens=64",
+    ]
     p = subprocess.run([*harvest, "--tokens", "256", "--set", "harvest.segment_sequences=2"], env=env, timeout=300)
     assert p.returncode == 0  # one small segment committed; then bigger ones meet a full disk
-    p = subprocess.run([*harvest, "--tokens", "4096", "--set", "harvest.segment_sequences=16"], capture_output=True,
-                       text=True, env=env, preexec_fn=_limited(40_000), timeout=300)
+    p = subprocess.run(
+        [*harvest, "--tokens", "4096", "--set", "harvest.segment_sequences=16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limited(40_000),
+        timeout=300,
+    )
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith("error: cannot write ") and "Traceback" not in p.stderr, p.stderr
     assert "()" not in last and "File too large" in last
@@ -226,8 +268,22 @@ def test_a_full_disk_during_harvest_and_train_is_one_line_and_keeps_what_was_com
     assert before.n_tokens == 256 and ops.verify(before)[1] == []
 
     out = tmp_path / "run"
-    train = [sys.executable, "-m", "train", "run", *TINY, "--cache", world["cache"], "--out", str(out), "--no-progress",
-             "--set", "train.checkpoint_every_tokens=64", "--set", "train.training_tokens=512"]
+    train = [
+        sys.executable,
+        "-m",
+        "train",
+        "run",
+        *TINY,
+        "--cache",
+        world["cache"],
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "train.checkpoint_every_tokens=64",
+        "--set",
+        "train.training_tokens=512",
+    ]
     p = subprocess.run(train, capture_output=True, text=True, env=env, preexec_fn=_limited(4_000), timeout=300)
     last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
     assert p.returncode == 2 and last.startswith("error: ") and "Traceback" not in p.stderr, p.stderr

@@ -18,8 +18,12 @@ import pytest
 import cache_format as cf
 
 REPO = Path(__file__).resolve().parents[1]
-SUBJECTS = [("Science", "Mathematics", "Algebra"), ("Engineering", "Mechanics", "Statics"),
-            ("History", "World History", "Modern History"), ("Medicine", "Pharmacology", "Dosage")]
+SUBJECTS = [
+    ("Science", "Mathematics", "Algebra"),
+    ("Engineering", "Mechanics", "Statics"),
+    ("History", "World History", "Modern History"),
+    ("Medicine", "Pharmacology", "Dosage"),
+]
 
 
 def write_supergpqa(path: Path, n: int) -> None:
@@ -31,16 +35,29 @@ def write_supergpqa(path: Path, n: int) -> None:
             n_opt = r.choice([4, 6, 8, 10, 10, 10])
             opts = sorted({a + b} | set(r.sample([x for x in range(4, 101) if x != a + b], n_opt - 1)))
             d, fld, sub = SUBJECTS[i % len(SUBJECTS)]
-            f.write(json.dumps({
-                "uuid": hashlib.md5(str(i).encode()).hexdigest(), "question": f"What is {a} + {b}?",
-                "options": [str(o) for o in opts], "answer": str(a + b), "answer_letter": "ABCDEFGHIJ"[opts.index(a + b)],
-                "discipline": d, "field": fld, "subfield": sub, "difficulty": r.choice(["easy", "middle", "hard"]),
-                "is_calculation": True}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "uuid": hashlib.md5(str(i).encode()).hexdigest(),
+                        "question": f"What is {a} + {b}?",
+                        "options": [str(o) for o in opts],
+                        "answer": str(a + b),
+                        "answer_letter": "ABCDEFGHIJ"[opts.index(a + b)],
+                        "discipline": d,
+                        "field": fld,
+                        "subfield": sub,
+                        "difficulty": r.choice(["easy", "middle", "hard"]),
+                        "is_calculation": True,
+                    }
+                )
+                + "\n"
+            )
 
 
 def make(target: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), target, *args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), target, *args], capture_output=True, text=True
+    )
     assert proc.returncode == 0, f"make {target} failed:\n{proc.stderr[-3000:]}"
     return proc
 
@@ -50,9 +67,16 @@ def test_the_shipped_pipeline_at_150_questions(tmp_path):
     dataset = tmp_path / "supergpqa.jsonl"
     write_supergpqa(dataset, 300)
     cache, out = tmp_path / "cache", tmp_path / "run"
-    swap = " ".join([
-        'model.name_or_path="builtin:tiny"', 'model.dtype="float32"', 'model.device_map="cpu"',
-        f'supergpqa.dataset="{dataset}"', "supergpqa.max_new_tokens=64", 'train.device="cpu"'])
+    swap = " ".join(
+        [
+            'model.name_or_path="builtin:tiny"',
+            'model.dtype="float32"',
+            'model.device_map="cpu"',
+            f'supergpqa.dataset="{dataset}"',
+            "supergpqa.max_new_tokens=64",
+            'train.device="cpu"',
+        ]
+    )
     common = [f"CONFIG={REPO / 'pipeline.toml'}", f"CACHE={cache}", f"SET={swap}"]
 
     h = make("harvest", "LAYERS=1,3,5", *common)

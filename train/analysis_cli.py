@@ -64,13 +64,18 @@ def split_for(sae, cfg: PipelineConfig, url: str, rows: str = "heldout"):
 
 def _sae_options(cmd):
     """--layer, --k, --scheduler and --quiet: how commands that scan a cache with an SAE are pointed."""
-    for opt in reversed([
-        click.option("--layer", type=int, default=None, help="Cache layer (default: the SAE's own)."),
-        click.option("--k", type=int, default=None,
-                     help="k for the TopK (default: from the file, its config or its name)."),
-        click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster)."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]):
+    for opt in reversed(
+        [
+            click.option("--layer", type=int, default=None, help="Cache layer (default: the SAE's own)."),
+            click.option(
+                "--k", type=int, default=None, help="k for the TopK (default: from the file, its config or its name)."
+            ),
+            click.option(
+                "--scheduler", default=None, metavar="ADDRESS", help="dask scheduler (default: a LocalCluster)."
+            ),
+            click.option("--quiet", is_flag=True, help="No progress bars."),
+        ]
+    ):
         cmd = opt(cmd)
     return cmd
 
@@ -104,8 +109,13 @@ def _fmt_metrics(m: dict) -> str:
 
 @click.command("eval", help="Reconstruction metrics of any supported SAE on a cache's held-out rows.")
 @_shared
-@click.option("--sae", "sae_path", required=True, metavar="PATH",
-              help="SAE file or directory (000/001/003/004 layouts, or an export).")
+@click.option(
+    "--sae",
+    "sae_path",
+    required=True,
+    metavar="PATH",
+    help="SAE file or directory (000/001/003/004 layouts, or an export).",
+)
 @_sae_options
 @click.option("--max-tokens", type=int, default=None, help="Held-out rows to evaluate (default [analysis].max_tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
@@ -118,39 +128,69 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     sae = load_sae(sae_path, k=k, layer=layer)
     url, layer, split = _where(sae, cfg, cache, layer, sae_path)
     _quiet_dask()
-    res = scan(url, sae, layer, split, max_tokens=max_tokens or cfg.analysis.max_tokens, want_codes=False,
-               scheduler=scheduler or cfg.analysis.scheduler or None, progress=not quiet, device=cfg.train.device)
+    res = scan(
+        url,
+        sae,
+        layer,
+        split,
+        max_tokens=max_tokens or cfg.analysis.max_tokens,
+        want_codes=False,
+        scheduler=scheduler or cfg.analysis.scheduler or None,
+        progress=not quiet,
+        device=cfg.train.device,
+    )
     if res.metrics.n == 0:
-        raise UserError(f"no held-out rows of layer {layer} in {url} "
-                        f"(split seed {split.seed}, fraction {split.fraction}); "
-                        "use a larger cache or --set train.heldout_fraction=0.1")
+        raise UserError(
+            f"no held-out rows of layer {layer} in {url} "
+            f"(split seed {split.seed}, fraction {split.fraction}); "
+            "use a larger cache or --set train.heldout_fraction=0.1"
+        )
     metrics = res.metrics.compute()
     import cache_format as cf
 
     recorded = (sae.cfg or {}).get("layer_fingerprint")
     fp = cf.open_cache(url).layer_fingerprint(layer)
-    out = {**metrics, "layer": layer, "k": sae.k, "d_sae": sae.d_sae, "d_in": sae.d_in,
-           "layout": sae.cfg.get("layout"), "cache": url,
-           "split": {"seed": split.seed, "fraction": split.fraction,
-                     "roles": list(split.roles) if split.roles else None},
-           "layer_fingerprint": fp, "same_data_as_training": (recorded == fp) if recorded else None}
+    out = {
+        **metrics,
+        "layer": layer,
+        "k": sae.k,
+        "d_sae": sae.d_sae,
+        "d_in": sae.d_in,
+        "layout": sae.cfg.get("layout"),
+        "cache": url,
+        "split": {"seed": split.seed, "fraction": split.fraction, "roles": list(split.roles) if split.roles else None},
+        "layer_fingerprint": fp,
+        "same_data_as_training": (recorded == fp) if recorded else None,
+    }
     if as_json:
         click.echo(json.dumps({k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in out.items()}))
     else:
-        click.echo(f"{sae_path} @ layer {layer} ({out['layout']}, d_sae {sae.d_sae}, k {sae.k}), "
-                   f"{metrics['tokens']} held-out rows of {url}:")
+        click.echo(
+            f"{sae_path} @ layer {layer} ({out['layout']}, d_sae {sae.d_sae}, k {sae.k}), "
+            f"{metrics['tokens']} held-out rows of {url}:"
+        )
         click.echo("  " + _fmt_metrics({m: metrics[m] for m in METRIC_NAMES}))
 
 
-@click.command("analyze",
-               help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae).")
+@click.command(
+    "analyze", help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae)."
+)
 @_shared
-@click.option("--out", "out_dir", default=None, metavar="DIR",
-              help="Training run directory (default [train].out); with --sae, where to write.")
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    metavar="DIR",
+    help="Training run directory (default [train].out); with --sae, where to write.",
+)
 @click.option("--sae", "sae_path", default=None, metavar="PATH", help="Analyze this one SAE instead of a run's.")
 @_sae_options
-@click.option("--rows", type=click.Choice(["auto", "heldout", "train", "all"]), default=None,
-              help="Rows to analyze (default [analysis].rows; auto = every labeled row on rollouts, else held-out).")
+@click.option(
+    "--rows",
+    type=click.Choice(["auto", "heldout", "train", "all"]),
+    default=None,
+    help="Rows to analyze (default [analysis].rows; auto = every labeled row on rollouts, else held-out).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
 def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, rows, as_json, quiet):
     from .features import analyze
@@ -171,17 +211,22 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
         for name, src, dst, sae in jobs:
             sae = sae or load_sae(src, k=k)
             url, lay, split = _where(sae, cfg, cache, layer, src, rows or cfg.analysis.rows)
-            res = analyze(sae, url, lay, dst, cfg.analysis, split, client=client, progress=not quiet,
-                          device=cfg.train.device)
+            res = analyze(
+                sae, url, lay, dst, cfg.analysis, split, client=client, progress=not quiet, device=cfg.train.device
+            )
             summaries[name] = res["summary"]
             if not as_json:
                 s = res["summary"]
-                extra = (f", max AUROC {s['max_auroc']:.3f}, {s['significant_features']} significant "
-                         f"(BH q ≤ {cfg.analysis.alpha})"
-                         if s.get("max_auroc") is not None else "")
-                print(f"analyze {name}: {s['tokens']} {split.describe()}, "
-                      f"{s['alive']}/{sae.d_sae} alive{extra} → {dst}",
-                      file=sys.stderr)
+                extra = (
+                    f", max AUROC {s['max_auroc']:.3f}, {s['significant_features']} significant "
+                    f"(BH q ≤ {cfg.analysis.alpha})"
+                    if s.get("max_auroc") is not None
+                    else ""
+                )
+                print(
+                    f"analyze {name}: {s['tokens']} {split.describe()}, {s['alive']}/{sae.d_sae} alive{extra} → {dst}",
+                    file=sys.stderr,
+                )
     if as_json:
         click.echo(json.dumps(summaries))
 

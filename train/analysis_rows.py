@@ -45,8 +45,13 @@ class Split:
         return f"{side}{' labeled' if self.labeled else ''} rows (split seed {self.seed}, fraction {self.fraction:g})"
 
     def as_dict(self) -> dict:
-        return {"seed": self.seed, "fraction": self.fraction, "roles": list(self.roles) if self.roles else None,
-                "rows": self.rows, "labeled": self.labeled}
+        return {
+            "seed": self.seed,
+            "fraction": self.fraction,
+            "roles": list(self.roles) if self.roles else None,
+            "rows": self.rows,
+            "labeled": self.labeled,
+        }
 
     @classmethod
     def of(cls, sae: TopKSAE, default_seed: int, default_fraction: float) -> Split:

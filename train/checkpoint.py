@@ -23,8 +23,10 @@ def _atomic_write(path: Path, write) -> None:
         write_atomic(path, write, fsync=True)
     except (OSError, RuntimeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UserError(f"cannot write {path} ({why}); free some space or choose another --out, then re-run "
-                        "to resume from the last checkpoint") from None
+        raise UserError(
+            f"cannot write {path} ({why}); free some space or choose another --out, then re-run "
+            "to resume from the last checkpoint"
+        ) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,7 +66,7 @@ class Checkpoints:
 
     def prune(self) -> None:
         entries = self._entries()
-        keep = {e["path"] for e in entries[-self.keep_last:]}
+        keep = {e["path"] for e in entries[-self.keep_last :]}
         scored = [e for e in entries if e.get("score") is not None]
         keep |= {e["path"] for e in sorted(scored, key=lambda e: -e["score"])[: self.keep_best]}
         for e in entries:

@@ -33,7 +33,7 @@ def rank() -> int:
 
 
 def resolve_device(name: str | None) -> str:
-    """"auto" (or unset) → cuda when available (at d_sae 65536 the encoder is the cost, not the
+    """ "auto" (or unset) → cuda when available (at d_sae 65536 the encoder is the cost, not the
     I/O); "cuda" in a process group → this rank's GPU."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +50,7 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     dist.all_reduce(flat)
     at = 0
     for t in tensors:
-        t.copy_(flat[at:at + t.numel()].view_as(t))
+        t.copy_(flat[at : at + t.numel()].view_as(t))
         at += t.numel()
 
 

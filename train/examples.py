@@ -14,8 +14,9 @@ from .feature_stats import sparse_entries
 from .stats import feature_value_order
 
 
-def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int,
-                 groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def top_examples(
+    idx: np.ndarray, vals: np.ndarray, per_feature: int, groups: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The `per_feature` highest activations of each feature: (feature, rank, scan row, value).
 
     With `groups` (the sequence of each scan row), a feature keeps at most one example per
@@ -33,8 +34,12 @@ def top_examples(idx: np.ndarray, vals: np.ndarray, per_feature: int,
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     top = rank < per_feature
     o = order[top]
-    return {"feature": feats[o].astype(np.int32), "rank": rank[top].astype(np.int32),
-            "scan_row": rows[o], "activation": v[o].astype(np.float32)}
+    return {
+        "feature": feats[o].astype(np.int32),
+        "rank": rank[top].astype(np.int32),
+        "scan_row": rows[o],
+        "activation": v[o].astype(np.float32),
+    }
 
 
 def contexts(cache, seq_ids: np.ndarray, positions: np.ndarray, tokens: np.ndarray, window: int, tokenizer=None):
@@ -58,12 +63,17 @@ def contexts(cache, seq_ids: np.ndarray, positions: np.ndarray, tokens: np.ndarr
     for s, p, t in zip(seq_ids.tolist(), positions.tolist(), tokens.tolist(), strict=True):
         full = ids_by_seq.get(s)
         if full is None or not 0 <= p < len(full) or int(full[p]) != t:
-            raise UserError(f"sequence {s} position {p}: the cache's sequences table does not hold token {t} there; "
-                            "the cache is inconsistent, run `python -m cache_format verify`")
+            raise UserError(
+                f"sequence {s} position {p}: the cache's sequences table does not hold token {t} there; "
+                "the cache is inconsistent, run `python -m cache_format verify`"
+            )
         a, b = max(0, p - window), min(len(full), p + window + 1)
         before, after = full[a:p].tolist(), full[p + 1 : b].tolist()
-        tb, tt, ta = tok.decode(before, skip_special_tokens=False), tok.decode([t], skip_special_tokens=False), \
-            tok.decode(after, skip_special_tokens=False)
+        tb, tt, ta = (
+            tok.decode(before, skip_special_tokens=False),
+            tok.decode([t], skip_special_tokens=False),
+            tok.decode(after, skip_special_tokens=False),
+        )
         out["context_token_ids"].append(full[a:b].astype(np.int32).tolist())
         out["token"].append(tt)
         out["context_before"].append(tb)

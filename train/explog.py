@@ -72,8 +72,9 @@ class WandbLog(ExperimentLog):
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(project="actcache", name=name, dir=str(directory), config=config,
-                               settings=wandb.Settings(console="off"))  # leave stdout alone (`--json`)
+        self._run = wandb.init(
+            project="actcache", name=name, dir=str(directory), config=config, settings=wandb.Settings(console="off")
+        )  # leave stdout alone (`--json`)
         self._defined: set[str] = set()
 
     def _log(self, sae: str, group: str, tokens: int, values: dict[str, float]) -> None:

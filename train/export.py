@@ -28,9 +28,11 @@ def sae_name(layer: int, d_sae: int, k: int) -> str:
 def export_sae(sae: TopKSAE, out_dir: Path, cfg: dict) -> dict[str, str]:
     """Write cfg.json + sae_weights.safetensors + sae_L{layer}_n{d_sae}_k{k}.pt; return the file names."""
     if not sae.relu:
-        raise UserError(f"cannot export {out_dir.name} in the SAELens layout: it has no ReLU, and SAELens' topk "
-                        "applies one (abstopk ranks by magnitude), so its codes would differ; "
-                        "keep its .pt file instead")
+        raise UserError(
+            f"cannot export {out_dir.name} in the SAELens layout: it has no ReLU, and SAELens' topk "
+            "applies one (abstopk ranks by magnitude), so its codes would differ; "
+            "keep its .pt file instead"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     folded = sae.folded()
     weights = {n: t.detach().float().cpu().contiguous() for n, t in folded.weights().items()}
@@ -60,9 +62,22 @@ def context_size(cache) -> int | None:
     return max((len(t) for t in lengths), default=None)
 
 
-def sae_lens_cfg(sae: TopKSAE, *, layer: int, hook: str, hook_module: str, model: str, fingerprint: str,
-                 tokens: int, split: dict, normalization: dict, config: dict, cache_url: str,
-                 source: dict | None = None, context: int | None = None) -> dict:
+def sae_lens_cfg(
+    sae: TopKSAE,
+    *,
+    layer: int,
+    hook: str,
+    hook_module: str,
+    model: str,
+    fingerprint: str,
+    tokens: int,
+    split: dict,
+    normalization: dict,
+    config: dict,
+    cache_url: str,
+    source: dict | None = None,
+    context: int | None = None,
+) -> dict:
     """A SAELens 6.x cfg.json (its TopKSAEConfig fields and `metadata` block) plus this project's provenance.
 
     SAELens reads the top-level fields it knows and the `metadata` block, and ignores the rest,

@@ -54,7 +54,9 @@ def feature_metrics(
             "max_activation": max_act,
         }
     summary: dict[str, Any] = {
-        "tokens": int(n), "sequences": int(len(np.unique(seq_ids))), "alive": int((fire > 0).sum()),
+        "tokens": int(n),
+        "sequences": int(len(np.unique(seq_ids))),
+        "alive": int((fire > 0).sum()),
         "dead_fraction": float((fire == 0).mean()) if d_sae else float("nan"),
         "healthy_features": int(((out["fire_rate"] >= 0.005) & (out["fire_rate"] <= 0.30)).sum()),
     }
@@ -63,8 +65,16 @@ def feature_metrics(
     has = lab >= 0
     labeled_seqs, seq_pos = _sequence_labels(seq_ids[has], lab[has])
     nan = np.full(d_sae, np.nan)
-    for col in ("auroc", "auroc_ci_low", "auroc_ci_high", "p_value", "q_value", "seq_auroc",
-                "fire_rate_correct", "fire_rate_wrong"):
+    for col in (
+        "auroc",
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "p_value",
+        "q_value",
+        "seq_auroc",
+        "fire_rate_correct",
+        "fire_rate_wrong",
+    ):
         out[col] = nan.copy()
     out["direction"] = np.array([""] * d_sae, dtype=object)
     out["tested"] = np.zeros(d_sae, dtype=bool)
@@ -111,16 +121,19 @@ def feature_metrics(
 
     finite = ~np.isnan(auroc)
     best = int(np.nanargmax(np.abs(auroc - 0.5))) if finite.any() else -1
-    summary.update({
-        "labels": "correctness",
-        "labeled_tokens": int(len(sel)), "labeled_sequences": int(len(labeled_seqs)),
-        "correct_sequences": int(seq_pos.sum()),
-        "max_auroc": float(np.nanmax(auroc)) if finite.any() else None,
-        "min_auroc": float(np.nanmin(auroc)) if finite.any() else None,
-        "strongest_feature": best,
-        "tested_features": int(tested.sum()),
-        "significant_features": int(np.nansum(out["q_value"] <= cfg.alpha)),
-    })
+    summary.update(
+        {
+            "labels": "correctness",
+            "labeled_tokens": int(len(sel)),
+            "labeled_sequences": int(len(labeled_seqs)),
+            "correct_sequences": int(seq_pos.sum()),
+            "max_auroc": float(np.nanmax(auroc)) if finite.any() else None,
+            "min_auroc": float(np.nanmin(auroc)) if finite.any() else None,
+            "strongest_feature": best,
+            "tested_features": int(tested.sum()),
+            "significant_features": int(np.nansum(out["q_value"] <= cfg.alpha)),
+        }
+    )
     return out, summary
 
 
@@ -133,6 +146,8 @@ def _sequence_labels(seq_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     cnt = np.bincount(inv).astype(np.float64)
     mixed = (pos > 0) & (pos < cnt)
     if mixed.any():
-        raise UserError(f"sequence {int(uniq[np.argmax(mixed)])} has both correct and wrong labels; "
-                        "labels are per rollout, check the cache with `python -m cache_format verify`")
+        raise UserError(
+            f"sequence {int(uniq[np.argmax(mixed)])} has both correct and wrong labels; "
+            "labels are per rollout, check the cache with `python -m cache_format verify`"
+        )
     return uniq, pos > 0

@@ -47,11 +47,21 @@ def analyze(
     """Scan, compute feature metrics and the reverse index, write the four files; return the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = scan(url, sae, layer, split, max_tokens=cfg.max_tokens, scheduler=scheduler, client=client, progress=progress,
-               device=device)
+    res = scan(
+        url,
+        sae,
+        layer,
+        split,
+        max_tokens=cfg.max_tokens,
+        scheduler=scheduler,
+        client=client,
+        progress=progress,
+        device=device,
+    )
     if len(res.rows) == 0:
-        raise UserError(f"no {split.describe()} of layer {layer} in {url} (roles {split.roles}); "
-                        "use a larger cache, or --rows all")
+        raise UserError(
+            f"no {split.describe()} of layer {layer} in {url} (roles {split.roles}); use a larger cache, or --rows all"
+        )
     cols = res.columns
     t0 = time.perf_counter()
     fm, summary = feature_metrics(res.idx, res.vals, cols["seq_ids"], cols["labels"], sae.d_sae, cfg, seed=split.seed)
@@ -64,34 +74,61 @@ def analyze(
     cache = cf.open_cache(res.url)
     ctx = contexts(cache, cols["seq_ids"][r], cols["positions"][r], cols["tokens"][r], cfg.context_tokens)
     prompts = {
-        "feature": ex["feature"], "rank": ex["rank"], "activation": ex["activation"],
-        "row": res.rows[r], "seq_id": cols["seq_ids"][r], "position": cols["positions"][r],
-        "token_id": cols["tokens"][r], "label": cols["labels"][r], "role": cols["roles"][r], **ctx,
+        "feature": ex["feature"],
+        "rank": ex["rank"],
+        "activation": ex["activation"],
+        "row": res.rows[r],
+        "seq_id": cols["seq_ids"][r],
+        "position": cols["positions"][r],
+        "token_id": cols["tokens"][r],
+        "label": cols["labels"][r],
+        "role": cols["roles"][r],
+        **ctx,
     }
     write_parquet(out_dir / "feature_metrics.parquet", fm)
     write_parquet(out_dir / "feature_prompts.parquet", prompts)
 
     recon = res.metrics.compute() if res.metrics.n else {}
     summary.update({"variance_explained": recon.get("variance_explained"), "l0": recon.get("l0")})
-    stats = {f"L{layer}": clean({
-        "layer": layer, "n_features": sae.d_sae, "k": sae.k,
-        "auroc": fm["auroc"].tolist(), "fire_rate": fm["fire_rate"].tolist(),
-        "direction": fm["direction"].tolist(), "q_value": fm["q_value"].tolist(),
-        "seq_auroc": fm["seq_auroc"].tolist(), "summary": summary,
-    })}
+    stats = {
+        f"L{layer}": clean(
+            {
+                "layer": layer,
+                "n_features": sae.d_sae,
+                "k": sae.k,
+                "auroc": fm["auroc"].tolist(),
+                "fire_rate": fm["fire_rate"].tolist(),
+                "direction": fm["direction"].tolist(),
+                "q_value": fm["q_value"].tolist(),
+                "seq_auroc": fm["seq_auroc"].tolist(),
+                "summary": summary,
+            }
+        )
+    }
     write_json(out_dir / "feature_stats.json", stats)
     meta = cache.meta or {}
-    analysis = clean({
-        "summary": summary,
-        "layer": layer, "cache": res.url, "cache_fingerprint": cache.fingerprint,
-        "layer_fingerprint": cache.layer_fingerprint(layer),
-        "sae_fingerprint": (sae.cfg or {}).get("layer_fingerprint") or (sae.cfg or {}).get("fingerprint"),
-        "sae_layout": (sae.cfg or {}).get("layout"), "sae_source": (sae.cfg or {}).get("source_path"),
-        "split": split.as_dict(), "rows": split.describe(), "reconstruction": recon, "rows_scanned": res.scanned,
-        "chunks": res.chunks,
-        "scan_seconds": res.seconds, "stats_seconds": fm_seconds,
-        "analysis_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "model": meta.get("model"), "source": meta.get("source"), "hook": meta.get("hook"),
-    })
+    analysis = clean(
+        {
+            "summary": summary,
+            "layer": layer,
+            "cache": res.url,
+            "cache_fingerprint": cache.fingerprint,
+            "layer_fingerprint": cache.layer_fingerprint(layer),
+            "sae_fingerprint": (sae.cfg or {}).get("layer_fingerprint") or (sae.cfg or {}).get("fingerprint"),
+            "sae_layout": (sae.cfg or {}).get("layout"),
+            "sae_source": (sae.cfg or {}).get("source_path"),
+            "split": split.as_dict(),
+            "rows": split.describe(),
+            "reconstruction": recon,
+            "rows_scanned": res.scanned,
+            "chunks": res.chunks,
+            "scan_seconds": res.seconds,
+            "stats_seconds": fm_seconds,
+            "analysis_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+            "model": meta.get("model"),
+            "source": meta.get("source"),
+            "hook": meta.get("hook"),
+        }
+    )
     write_json(out_dir / "analysis.json", analysis)
     return analysis

@@ -47,8 +47,9 @@ def _entry_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     """<g[n], W[idx[n, j]]> for every entry: a sampled matmul over the (N, d_sae) pattern."""
     n, k = idx.shape
     crow = torch.arange(0, n * k + 1, k, device=idx.device)
-    pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n * k, device=idx.device, dtype=g.dtype),
-                                      size=(n, W.shape[0]))
+    pattern = torch.sparse_csr_tensor(
+        crow, idx.reshape(-1), torch.zeros(n * k, device=idx.device, dtype=g.dtype), size=(n, W.shape[0])
+    )
     return torch.sparse.sampled_addmm(pattern, g, W.T).values().view(n, k)
 
 
@@ -77,8 +78,11 @@ class _TopKAutoencode(torch.autograd.Function):
         if relu:
             vals, aux_vals = F.relu(vals), F.relu(aux_vals)
         recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-        aux_recon = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_vals, mode="sum") if ka \
+        aux_recon = (
+            F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_vals, mode="sum")
+            if ka
             else recon.new_zeros(recon.shape)
+        )
         ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx)
         ctx.relu, ctx.subtract_b_dec = relu, subtract_b_dec
         ctx.mark_non_differentiable(idx)
@@ -109,8 +113,9 @@ class _TopKAutoencode(torch.autograd.Function):
         all_idx = torch.cat([idx, aux_idx], 1) if ka else idx
         order, token, offsets = _by_latent(all_idx, d_sae)
         g_all = torch.cat([gv, gav], 1) if ka else gv
-        colsum = torch.zeros(d_sae, device=x.device, dtype=gv.dtype).index_add_(0, all_idx.reshape(-1),
-                                                                              g_all.reshape(-1))
+        colsum = torch.zeros(d_sae, device=x.device, dtype=gv.dtype).index_add_(
+            0, all_idx.reshape(-1), g_all.reshape(-1)
+        )
         g_W_enc = _transposed_product(order, token, offsets, g_all, x).T.contiguous()  # (d_in, d_sae)
         g_W_dec = None
         if g_recon is not None or ka:
@@ -140,17 +145,27 @@ def _dead_first(dead: Tensor, d_sae: int) -> Tensor:
     return torch.cat([dead, live.nonzero().squeeze(1)])
 
 
-def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, *,
-                    relu: bool = True, subtract_b_dec: bool = True, dead: Tensor | None = None, k_aux: int = 0,
-                    low_precision: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def topk_autoencode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    W_dec: Tensor,
+    k: int,
+    *,
+    relu: bool = True,
+    subtract_b_dec: bool = True,
+    dead: Tensor | None = None,
+    k_aux: int = 0,
+    low_precision: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(recon without b_dec, top vals, top idx, AuxK recon from the top k_aux of the `dead` latent ids).
 
     x is already normalized; with `subtract_b_dec` the pre-activation is (x - b_dec) @ W_enc + b_enc.
     The AuxK recon (zeros without dead latents) has no b_dec either: it predicts the residual error.
     `low_precision` runs the encoder matmul in bf16 (GPU autocast); parameters and grads stay fp32.
     """
-    return _TopKAutoencode.apply(x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, k_aux,
-                                 low_precision)
+    return _TopKAutoencode.apply(x, W_enc, b_enc, b_dec, W_dec, k, relu, subtract_b_dec, dead, k_aux, low_precision)
 
 
 class _SparseDecode(torch.autograd.Function):

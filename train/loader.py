@@ -63,21 +63,42 @@ def auto_threads() -> int:
 class ShuffledLoader:
     """Batches of `batch_size` rows (global across ranks) with residuals of several layers."""
 
-    def __init__(self, cache: RowMetadata, layers, batch_size: int, seed: int = 0, split: str = "train", *,
-                 heldout_fraction: float = 0.01, split_seed: int = 0, roles: list[str] | None | str = "auto",
-                 exclude_position0: bool = False, exclude_special: bool = False, norm_outlier: float = 0.0,
-                 max_rows: int = 0, window_tokens: int = 262_144, threads: int = 0, prefetch: int = 2,
-                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 max_epochs: int | None = None, drop_last: bool = True, announce: bool = True,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cache: RowMetadata,
+        layers,
+        batch_size: int,
+        seed: int = 0,
+        split: str = "train",
+        *,
+        heldout_fraction: float = 0.01,
+        split_seed: int = 0,
+        roles: list[str] | None | str = "auto",
+        exclude_position0: bool = False,
+        exclude_special: bool = False,
+        norm_outlier: float = 0.0,
+        max_rows: int = 0,
+        window_tokens: int = 262_144,
+        threads: int = 0,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        max_epochs: int | None = None,
+        drop_last: bool = True,
+        announce: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
         if split not in ("train", "heldout", "all"):
             raise UserError(f"split {split!r}: use train, heldout or all")
         self.cache = cache
         self.layers = [int(x) for x in layers]
         missing = [x for x in self.layers if x not in list(cache.layers)]
         if missing:
-            raise UserError(f"layer(s) {missing} not in the cache (it holds {sorted(cache.layers)}); "
-                            "pass --layers with stored layers or harvest them first")
+            raise UserError(
+                f"layer(s) {missing} not in the cache (it holds {sorted(cache.layers)}); "
+                "pass --layers with stored layers or harvest them first"
+            )
         if batch_size <= 0 or batch_size % world_size:
             raise UserError(f"batch_size {batch_size} must be a positive multiple of the {world_size} ranks")
         if world_size > 1 and not drop_last:
@@ -101,8 +122,15 @@ class ShuffledLoader:
         if split == "all":
             mask = np.ones(cache.n_tokens, dtype=bool)
         else:
-            mask = row_mask(cache, split=split, heldout_fraction=heldout_fraction, split_seed=split_seed,
-                            roles=roles, exclude_position0=exclude_position0, exclude_special=exclude_special)
+            mask = row_mask(
+                cache,
+                split=split,
+                heldout_fraction=heldout_fraction,
+                split_seed=split_seed,
+                roles=roles,
+                exclude_position0=exclude_position0,
+                exclude_special=exclude_special,
+            )
         cap_rows(mask, max_rows, seed)
         self.mask = np.packbits(mask)
         self.chunk_counts = np.add.reduceat(mask, self.bounds[:-1]) if len(self.bounds) > 1 else np.zeros(0, int)
@@ -112,14 +140,20 @@ class ShuffledLoader:
         self._chunk_buffer = np.where(self.chunk_counts >= self._DENSE * stored, stored, self.chunk_counts)
         self.n_rows = int(mask.sum())
         if self.n_rows == 0:
-            raise UserError(f"no rows in the {split} split after the filters (roles={roles}); "
-                            "check train.roles, train.heldout_fraction and the cache's contents")
+            raise UserError(
+                f"no rows in the {split} split after the filters (roles={roles}); "
+                "check train.roles, train.heldout_fraction and the cache's contents"
+            )
         if drop_last and batch_size > self.n_rows:
-            raise UserError(f"batch_size {batch_size} is larger than the {self.n_rows} rows of the {split} split; "
-                            "lower train.batch_size or harvest more tokens")
+            raise UserError(
+                f"batch_size {batch_size} is larger than the {self.n_rows} rows of the {split} split; "
+                "lower train.batch_size or harvest more tokens"
+            )
         if int((self.chunk_counts > 0).sum()) < world_size:
-            raise UserError(f"the {split} split spans {int((self.chunk_counts > 0).sum())} cache chunks, fewer than "
-                            f"the {world_size} ranks that divide them; use fewer ranks or a larger cache")
+            raise UserError(
+                f"the {split} split spans {int((self.chunk_counts > 0).sum())} cache chunks, fewer than "
+                f"the {world_size} ranks that divide them; use fewer ranks or a larger cache"
+            )
         self.median_norm = self._median_norms() if norm_outlier > 0 else None
 
         self._state = {"epoch": 0, "window": 0, "offset": 0, "batches": 0, "rows": 0}
@@ -202,23 +236,35 @@ class ShuffledLoader:
 
     def state_dict(self) -> dict:
         """This rank's position after the last batch handed out; `load_state_dict` resumes exactly there."""
-        return dict(self._state, seed=self.seed, batch_size=self.batch_size, n_rows=self.n_rows,
-                    rank=self.rank, world_size=self.world_size)
+        return dict(
+            self._state,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            n_rows=self.n_rows,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """One rank's state, or {"ranks": [every rank's state]} (what a data-parallel checkpoint holds)."""
         if "ranks" in state:
             if len(state["ranks"]) != self.world_size:
-                raise UserError(f"the checkpoint was written by {len(state['ranks'])} ranks and this run has "
-                                f"{self.world_size}; resume with the same number of processes "
-                                "or start over with --fresh")
+                raise UserError(
+                    f"the checkpoint was written by {len(state['ranks'])} ranks and this run has "
+                    f"{self.world_size}; resume with the same number of processes "
+                    "or start over with --fresh"
+                )
             state = state["ranks"][self.rank]
         if state.get("world_size", 1) != self.world_size:
-            raise UserError(f"the saved loader state belongs to a run of {state.get('world_size', 1)} ranks, not "
-                            f"{self.world_size}; resume with the same number of processes or start over with --fresh")
+            raise UserError(
+                f"the saved loader state belongs to a run of {state.get('world_size', 1)} ranks, not "
+                f"{self.world_size}; resume with the same number of processes or start over with --fresh"
+            )
         if state.get("seed", self.seed) != self.seed or state.get("n_rows", self.n_rows) != self.n_rows:
-            raise UserError("the saved loader state belongs to another seed or cache selection; "
-                            "re-run with the original settings or start over with --fresh")
+            raise UserError(
+                "the saved loader state belongs to another seed or cache selection; "
+                "re-run with the original settings or start over with --fresh"
+            )
         self.close()
         self._state = {k: int(state[k]) for k in ("epoch", "window", "offset", "batches", "rows")}
         self._epoch_seen = self._state["epoch"]
@@ -242,8 +288,11 @@ class ShuffledLoader:
         residuals = {layer: t.to(self.device, non_blocking=True).to(self.dtype) for layer, t in tensors.items()}
         if epoch > self._epoch_seen and self.announce and self.rank == 0 and (epoch == 1 or (epoch + 1) % 10 == 0):
             more = "; further epochs are announced every 10th" if epoch == 1 else ""
-            print(f"loader: epoch {epoch + 1} begins with a fresh permutation (the budget exceeds the "
-                  f"{self.n_rows} rows of the {self.split} split{more})", file=sys.stderr)
+            print(
+                f"loader: epoch {epoch + 1} begins with a fresh permutation (the budget exceeds the "
+                f"{self.n_rows} rows of the {self.split} split{more})",
+                file=sys.stderr,
+            )
         self._epoch_seen = max(self._epoch_seen, epoch)
         self._state = state
         return Batch(residuals, rows, epoch, self.state_dict())
@@ -252,8 +301,9 @@ class ShuffledLoader:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
-        self._thread = threading.Thread(target=self._produce, args=(dict(self._state),), daemon=True,
-                                        name="loader-batches")
+        self._thread = threading.Thread(
+            target=self._produce, args=(dict(self._state),), daemon=True, name="loader-batches"
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -347,7 +397,7 @@ class ShuffledLoader:
             keep = np.ones(len(rows), dtype=bool)
             for layer, buf in win.buffers.items():
                 t = bits_to_torch(buf)
-                norms = torch.cat([t[a:a + 8192].float().norm(dim=1) for a in range(0, len(t), 8192)])
+                norms = torch.cat([t[a : a + 8192].float().norm(dim=1) for a in range(0, len(t), 8192)])
                 keep &= (norms[torch.from_numpy(pos)] <= self.norm_outlier * self.median_norm[layer]).numpy()
             rows, pos = rows[keep], pos[keep]
         perm = self._perm(win.epoch, win.window, len(rows))
@@ -378,14 +428,16 @@ class ShuffledLoader:
             p = offset
             while p < len(rows) and not self._stop.is_set():
                 if building is None:
-                    building = BatchBuilder(B, self.cache.d_model, self.layers, self.device, self._arrays,
-                                            self.dtype)
+                    building = BatchBuilder(B, self.cache.d_model, self.layers, self.device, self._arrays, self.dtype)
                 take = min(B - building.n, len(rows) - p)
-                building.add(rows[p:p + take], cur.buffers, pos[p:p + take])
+                building.add(rows[p : p + take], cur.buffers, pos[p : p + take])
                 p += take
                 if building.n == B:
-                    nstate = {"epoch": epoch, "window": window, "offset": p} if p < len(rows) else \
-                        {"epoch": f_epoch, "window": f_window, "offset": 0}
+                    nstate = (
+                        {"epoch": epoch, "window": window, "offset": p}
+                        if p < len(rows)
+                        else {"epoch": f_epoch, "window": f_window, "offset": 0}
+                    )
                     batches, seen = batches + 1, seen + self.batch_size
                     nstate.update(batches=batches, rows=seen)
                     if not self._put(building.result(epoch, nstate)):

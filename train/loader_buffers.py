@@ -57,7 +57,7 @@ class Recycler:
             if a.shape == shape and a.dtype == dtype and all(r() is None for r in views):
                 views.clear()
                 return self.view(a, views)
-        self.entries = self.entries[-(self.keep - 1):] if self.keep > 1 else []
+        self.entries = self.entries[-(self.keep - 1) :] if self.keep > 1 else []
         self.entries.append((np.empty(shape, dtype), []))
         return self.view(*self.entries[-1])
 
@@ -78,8 +78,9 @@ class Recycler:
 class BatchBuilder:
     """A batch being gathered, piece by piece as windows are served."""
 
-    def __init__(self, size: int, d_model: int, layers: list[int], device: torch.device, arrays: Recycler,
-                 dtype: torch.dtype):
+    def __init__(
+        self, size: int, d_model: int, layers: list[int], device: torch.device, arrays: Recycler, dtype: torch.dtype
+    ):
         self.arrays, self.dtype = arrays, dtype
         shape = (size, d_model)
         if device.type == "cuda":  # gathered into pinned memory, converted on the GPU
@@ -91,7 +92,7 @@ class BatchBuilder:
 
     def add(self, rows: np.ndarray, buffers: dict[int, np.ndarray], pos: np.ndarray) -> None:
         for layer, buf in buffers.items():
-            out = self.out[layer][self.n:self.n + len(rows)]
+            out = self.out[layer][self.n : self.n + len(rows)]
             if isinstance(out, np.ndarray):  # numpy's gather: one thread, no OpenMP pool spinning
                 np.take(buf, pos, axis=0, out=out, mode="clip")  # "raise" would buffer
             else:

@@ -86,8 +86,9 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
             pts = [q for q in pts if layer_from_name(q) == layer]
             sts = [q for q in sts if layer_from_name(q) == layer]
             if not pts and not sts:
-                raise SAEFormatError(f"{p}: no SAE file for layer {layer} in this directory; "
-                                     "pass another --layer or --sae FILE")
+                raise SAEFormatError(
+                    f"{p}: no SAE file for layer {layer} in this directory; pass another --layer or --sae FILE"
+                )
         if len(pts) == 1 and not sts:
             return detect_layout(pts[0])
         if len(sts) == 1 and not pts:
@@ -99,18 +100,25 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
     name = p.name
     if name.endswith(".json"):
         if name == "model.metadata.json":
-            return detect_layout(p.with_name("model.safetensors")) if p.with_name("model.safetensors").exists() \
+            return (
+                detect_layout(p.with_name("model.safetensors"))
+                if p.with_name("model.safetensors").exists()
                 else _missing(p, "model.safetensors")
+            )
         if name == "cfg.json" or name.endswith("_cfg.json"):
-            weights = p.with_name("sae_weights.safetensors") if name == "cfg.json" else \
-                p.with_name(name[: -len("_cfg.json")] + "_latest.safetensors")
+            weights = (
+                p.with_name("sae_weights.safetensors")
+                if name == "cfg.json"
+                else p.with_name(name[: -len("_cfg.json")] + "_latest.safetensors")
+            )
             cands = [weights] + sorted(p.parent.glob(name[: -len("cfg.json")] + "*.safetensors"))
             for w in cands:
                 if w.is_file():
                     return "sae_lens", {"weights": w, "cfg": p}
             return _missing(p, "its .safetensors weights")
-        raise SAEFormatError(f"{p}: a JSON file is not an SAE; "
-                             "pass the weights (.pt / .safetensors) or their directory")
+        raise SAEFormatError(
+            f"{p}: a JSON file is not an SAE; pass the weights (.pt / .safetensors) or their directory"
+        )
     if name.endswith(".safetensors"):
         if name == "model.safetensors" and p.with_name("model.metadata.json").is_file():
             return "metadata_json", {"weights": p, "meta": p.with_name("model.metadata.json")}
@@ -147,8 +155,9 @@ def _read_pt(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and truncation errors all mean the same to a user
-        raise SAEFormatError(f"{p}: not a readable PyTorch file ({type(e).__name__}); "
-                             "re-download or re-export it") from None
+        raise SAEFormatError(
+            f"{p}: not a readable PyTorch file ({type(e).__name__}); re-download or re-export it"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -163,8 +172,9 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SAEFormatError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
-                             "re-download or re-export it") from None
+        raise SAEFormatError(
+            f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); re-download or re-export it"
+        ) from None
 
 
 def _read_json(p: Path) -> dict[str, Any]:
@@ -210,22 +220,36 @@ def _orient(p: Path, w: dict[str, torch.Tensor], expect: str | None) -> tuple[to
         )
     if sae_first and in_first:  # d_in == d_sae: only the layout's name can tell
         if expect is None:
-            raise SAEFormatError(f"{p}: square SAE (d_in = d_sae = {d_in}) in an unnamed layout: "
-                                 "orientation is ambiguous; "
-                                 "rename it like the card (sae_L11_n4096_k32.pt or layer11.sae.pt)")
+            raise SAEFormatError(
+                f"{p}: square SAE (d_in = d_sae = {d_in}) in an unnamed layout: "
+                "orientation is ambiguous; "
+                "rename it like the card (sae_L11_n4096_k32.pt or layer11.sae.pt)"
+            )
         orient = expect
     else:
         orient = "qwen_scope" if sae_first else "000"
         if expect is not None and expect != orient:
-            raise SAEFormatError(f"{p}: named like a {'Qwen-Scope' if expect == 'qwen_scope' else '000'} SAE but its "
-                                 f"W_enc is {tuple(W_enc.shape)}; the layout is ambiguous, rename the file")
+            raise SAEFormatError(
+                f"{p}: named like a {'Qwen-Scope' if expect == 'qwen_scope' else '000'} SAE but its "
+                f"W_enc is {tuple(W_enc.shape)}; the layout is ambiguous, rename the file"
+            )
     if orient == "qwen_scope":
         return W_enc.T.contiguous(), W_dec.T.contiguous(), orient
     return W_enc, W_dec, orient
 
 
-def _build(p: Path, w: dict, W_enc, W_dec, k: int | None, *, relu: bool, subtract_b_dec: bool,
-           mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> TopKSAE:
+def _build(
+    p: Path,
+    w: dict,
+    W_enc,
+    W_dec,
+    k: int | None,
+    *,
+    relu: bool,
+    subtract_b_dec: bool,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> TopKSAE:
     d_in, d_sae = W_enc.shape
     if k is None:
         raise SAEFormatError(f"{p}: k is not recorded in the file, its config or its name; pass --k K")
@@ -319,24 +343,34 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
     arch = str(cfg.get("architecture") or "").lower()
     act = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "").lower()
     if (arch and arch not in ("topk", "top_k", "batchtopk")) or (not arch and act and "topk" not in act):
-        raise SAEFormatError(f"{files['cfg']}: architecture {arch or act!r} is not a TopK SAE; "
-                             "only TopK SAEs are supported")
+        raise SAEFormatError(
+            f"{files['cfg']}: architecture {arch or act!r} is not a TopK SAE; only TopK SAEs are supported"
+        )
     norm = str(cfg.get("normalize_activations", "none") or "none").lower()
     if norm not in ("none", "null"):
-        raise SAEFormatError(f"{files['cfg']}: normalize_activations={norm!r} needs statistics the file does not hold; "
-                             "fold the normalization into the weights first")
+        raise SAEFormatError(
+            f"{files['cfg']}: normalize_activations={norm!r} needs statistics the file does not hold; "
+            "fold the normalization into the weights first"
+        )
     w = _weights(p, _read_safetensors(p))
     W_enc, W_dec, orient = _orient(p, w, "000")
     for key, have in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])):
         if key in cfg and cfg[key] != have:
-            raise SAEFormatError(f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; "
-                                 "the pair is mismatched")
+            raise SAEFormatError(
+                f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; the pair is mismatched"
+            )
     k = k if k is not None else (_cfg_k(cfg) or k_from_name(p))
     if cfg.get("rescale_acts_by_decoder_norm"):
         W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
-    sae = _build(p, w, W_enc, W_dec, k,
-                 relu=bool(cfg.get("relu", True)),
-                 subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", cfg.get("subtract_b_dec", True))))
+    sae = _build(
+        p,
+        w,
+        W_enc,
+        W_dec,
+        k,
+        relu=bool(cfg.get("relu", True)),
+        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", cfg.get("subtract_b_dec", True))),
+    )
     sae.cfg.update({key: v for key, v in cfg.items() if isinstance(key, str)})
     sae.cfg["layout"] = "sae_lens"
     sae.cfg["k"] = sae.k
@@ -371,14 +405,16 @@ def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
     mean = tensors.get("input_mean", _find_key(meta, ("input_mean",)))
     std = tensors.get("input_std", _find_key(meta, ("input_std", "input_scale")))
     if (mean is None) != (std is None):
-        raise SAEFormatError(f"{meta_p}: the normalizer has only one of input_mean / input_std; "
-                             "the metadata is incomplete")
+        raise SAEFormatError(
+            f"{meta_p}: the normalizer has only one of input_mean / input_std; the metadata is incomplete"
+        )
     if k is None:
         found = _find_key(meta, ("k", "top_k", "topk", "k_sparsity"))
         k = found if isinstance(found, int) and not isinstance(found, bool) else k_from_name(p)
     sub = _find_key(meta, ("apply_b_dec_to_input", "subtract_b_dec"))
-    sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub),
-                 mean=mean, std=std)
+    sae = _build(
+        p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub), mean=mean, std=std
+    )
     sae.cfg.update(layout="metadata_json", normalizer=mean is not None)
     layer = _find_key(meta, ("layer", "hook_layer"))
     if isinstance(layer, int):

@@ -85,10 +85,15 @@ def fit_to_run(tc: TrainConfig, explicit: list[str], tokens: int) -> tuple[Train
 def describe(tc: TrainConfig, name: str, train_rows: int, heldout: dict) -> str:
     """The one line `train run` prints about what it chose."""
     tokens = tc.training_tokens
-    how = (f"{tc.epochs:g} epochs of {train_rows:,} train rows" if tc.epochs > 0 else
-           f"training_tokens, {tokens / max(1, train_rows):.1f} epochs of {train_rows:,} train rows")
+    how = (
+        f"{tc.epochs:g} epochs of {train_rows:,} train rows"
+        if tc.epochs > 0
+        else f"training_tokens, {tokens / max(1, train_rows):.1f} epochs of {train_rows:,} train rows"
+    )
     cap = f" (max_rows {tc.max_rows:,})" if tc.max_rows else ""
-    return (f"recipe {name} ({CARDS.get(name, name)}): d_sae {tc.d_sae}, k {tc.k}, lr {tc.lr:g}, "
-            f"batch {tc.batch_size}, "
-            f"{tokens:,} tokens per SAE = {how}{cap}; held out {heldout['heldout_sequences']} of "
-            f"{heldout['sequences']} sequences ({heldout['heldout_tokens']:,} rows, fraction {tc.heldout_fraction:g})")
+    return (
+        f"recipe {name} ({CARDS.get(name, name)}): d_sae {tc.d_sae}, k {tc.k}, lr {tc.lr:g}, "
+        f"batch {tc.batch_size}, "
+        f"{tokens:,} tokens per SAE = {how}{cap}; held out {heldout['heldout_sequences']} of "
+        f"{heldout['sequences']} sequences ({heldout['heldout_tokens']:,} rows, fraction {tc.heldout_fraction:g})"
+    )

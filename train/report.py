@@ -202,23 +202,48 @@ def _sae_section(sae: dict, n_features: int) -> str:
         if drawn:
             curves.append(_img(drawn, "training trajectory"))
     parts.append("<h3>Training curves</h3>")
-    parts.append(f'<div class="figs">{"".join(curves)}</div>' if curves
-                 else "<p class=note>No training curves in this directory.</p>")
+    parts.append(
+        f'<div class="figs">{"".join(curves)}</div>'
+        if curves
+        else "<p class=note>No training curves in this directory.</p>"
+    )
 
     if lr:
         parts.append("<h3>Loss recovered</h3>")
-        parts.append(_table(["CE clean", "CE with SAE", "CE zero-ablated", "loss recovered", "KL(clean‖SAE)",
-                             "KL(clean‖zero)", "tokens"],
-                            [[lr.get("ce_clean"), lr.get("ce_sae"), lr.get("ce_zero"), lr.get("loss_recovered"),
-                              lr.get("kl_sae"), lr.get("kl_zero"), lr.get("tokens")]]))
+        parts.append(
+            _table(
+                [
+                    "CE clean",
+                    "CE with SAE",
+                    "CE zero-ablated",
+                    "loss recovered",
+                    "KL(clean‖SAE)",
+                    "KL(clean‖zero)",
+                    "tokens",
+                ],
+                [
+                    [
+                        lr.get("ce_clean"),
+                        lr.get("ce_sae"),
+                        lr.get("ce_zero"),
+                        lr.get("loss_recovered"),
+                        lr.get("kl_sae"),
+                        lr.get("kl_zero"),
+                        lr.get("tokens"),
+                    ]
+                ],
+            )
+        )
 
     fm_path = d / "feature_metrics.parquet"
     if fm_path.is_file():
         metrics = pq.read_table(fm_path).to_pandas()
         parts.append("<h3>Features</h3>")
         if analysis.get("rows"):
-            parts.append(f"<p class=note>Computed over {html.escape(str(analysis['rows']))}; "
-                         "confidence intervals resample whole sequences.</p>")
+            parts.append(
+                f"<p class=note>Computed over {html.escape(str(analysis['rows']))}; "
+                "confidence intervals resample whole sequences.</p>"
+            )
         summary = analysis.get("summary", {})
         if summary:
             items = list(summary.items())
@@ -244,17 +269,45 @@ def _sae_section(sae: dict, n_features: int) -> str:
             ex = ""
             if prompts is not None:
                 sel = prompts[prompts["feature"] == f["feature"]].sort_values("rank").head(3)
-                ex = "<br>".join(f'{_context_html(r)} <small>({_fmt(r["activation"])})</small>'
-                                 for r in sel.to_dict("records"))
+                ex = "<br>".join(
+                    f"{_context_html(r)} <small>({_fmt(r['activation'])})</small>" for r in sel.to_dict("records")
+                )
             ci = ""
             if "auroc_ci_low" in f and not (isinstance(f["auroc_ci_low"], float) and math.isnan(f["auroc_ci_low"])):
                 ci = f"[{_fmt(f['auroc_ci_low'])}, {_fmt(f['auroc_ci_high'])}]"
-            rows.append([int(f["feature"]), f["fire_rate"], f["mean_activation"], f["max_activation"], f.get("auroc"),
-                         html.escape(ci), f.get("q_value"), html.escape(str(f.get("direction") or "")),
-                         f.get("seq_auroc"), ex])
+            rows.append(
+                [
+                    int(f["feature"]),
+                    f["fire_rate"],
+                    f["mean_activation"],
+                    f["max_activation"],
+                    f.get("auroc"),
+                    html.escape(ci),
+                    f.get("q_value"),
+                    html.escape(str(f.get("direction") or "")),
+                    f.get("seq_auroc"),
+                    ex,
+                ]
+            )
         parts.append(f"<h3>Top {len(rows)} features</h3>")
-        parts.append(_table(["feature", "fire rate", "mean act", "max act", "AUROC", "95% CI", "BH q", "direction",
-                             "seq AUROC", "top contexts"], rows, raw_cols=(5, 7, 9)))
+        parts.append(
+            _table(
+                [
+                    "feature",
+                    "fire rate",
+                    "mean act",
+                    "max act",
+                    "AUROC",
+                    "95% CI",
+                    "BH q",
+                    "direction",
+                    "seq AUROC",
+                    "top contexts",
+                ],
+                rows,
+                raw_cols=(5, 7, 9),
+            )
+        )
     else:
         parts.append("<p class=note>No feature analysis yet: run <code>python -m train analyze</code>.</p>")
     if analysis:
@@ -289,8 +342,10 @@ def _provenance_table(run: dict, saes: list[dict]) -> str:
     rows = [
         ("model", model.get("name_or_path") or run.get("model")),
         ("model class / revision", " / ".join(str(model.get(k)) for k in ("class", "revision") if model.get(k))),
-        ("weights / config hash",
-         (model.get("weights_sha256") or model.get("commit") or model.get("config_sha256") or "")[:16]),
+        (
+            "weights / config hash",
+            (model.get("weights_sha256") or model.get("commit") or model.get("config_sha256") or "")[:16],
+        ),
         ("dtype", model.get("dtype")),
         ("hook", hook.get("meaning") or hook.get("site")),
         ("module path", hook.get("module_path")),
@@ -304,7 +359,8 @@ def _provenance_table(run: dict, saes: list[dict]) -> str:
 
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;color:#222;background:#fff}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;
+     margin:2em auto;max-width:1200px;color:#222;background:#fff}
 h1{border-bottom:3px solid #3a6ea5;padding-bottom:.2em}
 h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.5em 0;font-size:13px}
@@ -329,9 +385,18 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
         cfg = _read_json(s["dir"] / "cfg.json") or s.get("config") or {}
         lr = _read_json(s["dir"] / "loss_recovered.json") or {}
         link = f'<a href="#{html.escape(s["name"])}">{html.escape(s["name"])}</a>'
-        rows.append([link, s.get("layer", cfg.get("layer")), cfg.get("d_sae", s.get("d_sae")), cfg.get("k", s.get("k")),
-                     *[m.get(c) for c in METRIC_NAMES], lr.get("loss_recovered"), lr.get("kl_sae"),
-                     s.get("tokens_seen", cfg.get("tokens_seen"))])
+        rows.append(
+            [
+                link,
+                s.get("layer", cfg.get("layer")),
+                cfg.get("d_sae", s.get("d_sae")),
+                cfg.get("k", s.get("k")),
+                *[m.get(c) for c in METRIC_NAMES],
+                lr.get("loss_recovered"),
+                lr.get("kl_sae"),
+                s.get("tokens_seen", cfg.get("tokens_seen")),
+            ]
+        )
     title = f"SAE training report: {run_dir.name}"
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -341,15 +406,18 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
         "<p>Held-out rows. variance_explained = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; dead_fraction counts latents that never "
         "fired on the evaluated rows; loss recovered = (CE<sub>zero</sub> − CE<sub>SAE</sub>) / "
         "(CE<sub>zero</sub> − CE<sub>clean</sub>).</p>",
-        _table(["SAE", "layer", "d_sae", "k", *METRIC_NAMES, "loss recovered", "KL", "tokens seen"], rows,
-               raw_cols=(0,)),
+        _table(
+            ["SAE", "layer", "d_sae", "k", *METRIC_NAMES, "loss recovered", "KL", "tokens seen"], rows, raw_cols=(0,)
+        ),
         "<h2>Config and provenance</h2>",
         _provenance_table(run, saes),
         _json_block("run.json", run),
     ]
     body += [_sae_section(s, n_features) for s in saes]
-    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    page = (
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
     out = Path(out_path) if out_path else run_dir / REPORT_NAME
     write_atomic(out, page)
     return out

@@ -52,8 +52,16 @@ def special_token_ids(cache) -> np.ndarray:
     return np.asarray(sorted(ids), dtype=np.int64)
 
 
-def row_mask(cache, *, split: str, heldout_fraction: float, split_seed: int, roles=None,
-             exclude_position0: bool = False, exclude_special: bool = False) -> np.ndarray:
+def row_mask(
+    cache,
+    *,
+    split: str,
+    heldout_fraction: float,
+    split_seed: int,
+    roles=None,
+    exclude_position0: bool = False,
+    exclude_special: bool = False,
+) -> np.ndarray:
     """The metadata filters over every row of the cache, as a bool array."""
     n = cache.n_tokens
     mask = np.zeros(n, dtype=bool)
@@ -87,6 +95,6 @@ def default_roles(cache: RowMetadata) -> list[str] | None:
     """thinking + answer on rollout caches (any non-text role present), everything on corpus."""
     n = cache.n_tokens
     for lo in range(0, n, META_SLICE):
-        if np.any(np.asarray(cache.roles[lo:min(n, lo + META_SLICE)]) != ROLE_CODES["text"]):
+        if np.any(np.asarray(cache.roles[lo : min(n, lo + META_SLICE)]) != ROLE_CODES["text"]):
             return ["thinking", "answer"]
     return None

@@ -42,8 +42,19 @@ from .split import MIN_HELDOUT_SEQUENCES, split_counts
 from .trainer import AUX_NORMS, SAETrainer
 
 # keys that do not change the weights a run produces (so changing them still resumes)
-_OPERATIONAL = {"out", "device", "loader_threads", "keep_last", "keep_best", "checkpoint_every_tokens",
-                "eval_every_tokens", "cache", "layers", "log", "log_dir"}
+_OPERATIONAL = {
+    "out",
+    "device",
+    "loader_threads",
+    "keep_last",
+    "keep_best",
+    "checkpoint_every_tokens",
+    "eval_every_tokens",
+    "cache",
+    "layers",
+    "log",
+    "log_dir",
+}
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,9 @@ def open_cache_or_fail(url: str):
     except UserError:
         raise
     except Exception as e:
-        raise CacheError(f"{url} is not a readable cache ({type(e).__name__}: {e}); "
-                         "pass --cache with a harvested cache's URL") from None
+        raise CacheError(
+            f"{url} is not a readable cache ({type(e).__name__}: {e}); pass --cache with a harvested cache's URL"
+        ) from None
 
 
 def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:
@@ -84,8 +96,15 @@ def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:
 
 
 class Run:
-    def __init__(self, cfg: PipelineConfig, cache_url: str, layers: list[int] | None, out: str,
-                 fresh: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        cache_url: str,
+        layers: list[int] | None,
+        out: str,
+        fresh: bool = False,
+        progress: bool = True,
+    ):
         self.rank, self.world = dist.init_from_env()
         self.cache_url = cache_url
         self.cache = open_cache_or_fail(cache_url)
@@ -97,8 +116,10 @@ class Run:
         self.layers = list(layers) if layers else (list(self.tc.layers) or stored)
         missing = [x for x in self.layers if x not in stored]
         if missing:
-            raise UserError(f"layer(s) {missing} not in the cache at {cache_url} (it holds {stored}); "
-                            "pass --layers with stored layers, or harvest them first")
+            raise UserError(
+                f"layer(s) {missing} not in the cache at {cache_url} (it holds {stored}); "
+                "pass --layers with stored layers, or harvest them first"
+            )
         self.specs = plan_specs(self.tc, self.layers)
         self.out = Path(out)
         self.progress = progress and self.rank == 0
@@ -124,8 +145,10 @@ class Run:
                 if self.rank == 0:
                     self._wipe(prev)
             elif prev.get("run_id") != self.run_id:
-                raise UserError(f"{self.out} holds a different run (other settings, layers or cache data); "
-                                "pass --fresh to replace it or choose another --out")
+                raise UserError(
+                    f"{self.out} holds a different run (other settings, layers or cache data); "
+                    "pass --fresh to replace it or choose another --out"
+                )
             elif prev.get("complete"):
                 return "complete"
             else:
@@ -147,9 +170,18 @@ class Run:
             (self.out / name).unlink(missing_ok=True)
 
     def _write_state(self, complete: bool) -> None:
-        atomic_write_text(self.out / "run_state.json", json.dumps(
-            {"run_id": self.run_id, "complete": complete, "saes": [s.name for s in self.specs],
-             "cache": self.cache_url}, indent=2))
+        atomic_write_text(
+            self.out / "run_state.json",
+            json.dumps(
+                {
+                    "run_id": self.run_id,
+                    "complete": complete,
+                    "saes": [s.name for s in self.specs],
+                    "cache": self.cache_url,
+                },
+                indent=2,
+            ),
+        )
 
     # ---- data ------------------------------------------------------------------------
 
@@ -158,12 +190,25 @@ class Run:
         tc = self.tc
         sharded = split == "train" and not local
         return ShuffledLoader(
-            self.cache, self.layers, batch_size, seed=seed, split=split, heldout_fraction=tc.heldout_fraction,
-            split_seed=tc.split_seed, roles=list(tc.roles) if tc.roles else "auto",
-            exclude_position0=tc.exclude_position0, exclude_special=tc.exclude_special,
-            norm_outlier=tc.norm_outlier, window_tokens=tc.shuffle_buffer_tokens, threads=tc.loader_threads,
-            device="cpu" if local else self.device, rank=self.rank if sharded else 0,
-            world_size=self.world if sharded else 1, max_rows=tc.max_rows if split == "train" else 0, **kw)
+            self.cache,
+            self.layers,
+            batch_size,
+            seed=seed,
+            split=split,
+            heldout_fraction=tc.heldout_fraction,
+            split_seed=tc.split_seed,
+            roles=list(tc.roles) if tc.roles else "auto",
+            exclude_position0=tc.exclude_position0,
+            exclude_special=tc.exclude_special,
+            norm_outlier=tc.norm_outlier,
+            window_tokens=tc.shuffle_buffer_tokens,
+            threads=tc.loader_threads,
+            device="cpu" if local else self.device,
+            rank=self.rank if sharded else 0,
+            world_size=self.world if sharded else 1,
+            max_rows=tc.max_rows if split == "train" else 0,
+            **kw,
+        )
 
     def _heldout(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """The evaluation rows: the first eval_tokens held-out rows of a fixed order, kept in OUT/heldout."""
@@ -172,8 +217,15 @@ class Run:
             if self.tc.heldout_fraction <= 0:
                 return np.zeros(0, np.int64), {}
             n = self.tc.eval_tokens
-            loader = self._loader("heldout", min(4096, max(n, 1)), seed=self.tc.split_seed, local=True,
-                                  max_epochs=1, drop_last=False, announce=False)
+            loader = self._loader(
+                "heldout",
+                min(4096, max(n, 1)),
+                seed=self.tc.split_seed,
+                local=True,
+                max_epochs=1,
+                drop_last=False,
+                announce=False,
+            )
             rows, parts = [], {L: [] for L in self.layers}
             got = 0
             for b in loader:
@@ -197,8 +249,9 @@ class Run:
     def _init_sample(self) -> dict[int, torch.Tensor]:
         """geometric_median_samples train rows (another seed than training's) for b_dec and scale."""
         n = self.tc.geometric_median_samples
-        loader = self._loader("train", min(n, 4096), seed=self.tc.seed + 7919, local=True, max_epochs=1,
-                              drop_last=False, announce=False)
+        loader = self._loader(
+            "train", min(n, 4096), seed=self.tc.seed + 7919, local=True, max_epochs=1, drop_last=False, announce=False
+        )
         parts = {L: [] for L in self.layers}
         got = 0
         for b in loader:
@@ -222,10 +275,17 @@ class Run:
             torch.manual_seed(tc.seed * 1_000_003 + zlib.crc32(s.name.encode()))
             sae = TopKSAE(self.cache.d_model, s.d_sae, s.k).to(self.device)
             trainers[s.name] = SAETrainer(
-                sae, lr=tc.lr, lr_min=tc.lr_min if tc.lr_schedule == "cosine" else None,  # None: hold lr
-                warmup_steps=tc.warmup_steps, total_steps=self.total_steps(),
-                k_aux=tc.k_aux or self.cache.d_model // 2, aux_alpha=tc.aux_alpha, dead_tokens=tc.dead_tokens,
-                grad_clip=tc.grad_clip, aux_norm=tc.aux_norm)
+                sae,
+                lr=tc.lr,
+                lr_min=tc.lr_min if tc.lr_schedule == "cosine" else None,  # None: hold lr
+                warmup_steps=tc.warmup_steps,
+                total_steps=self.total_steps(),
+                k_aux=tc.k_aux or self.cache.d_model // 2,
+                aux_alpha=tc.aux_alpha,
+                dead_tokens=tc.dead_tokens,
+                grad_clip=tc.grad_clip,
+                aux_norm=tc.aux_norm,
+            )
         return trainers
 
     def _check_split(self) -> dict:
@@ -238,15 +298,17 @@ class Run:
             raise UserError(
                 f"only {counts['heldout_sequences']} of {counts['sequences']} sequences are held out "
                 f"(train.heldout_fraction={tc.heldout_fraction:g}, train.split_seed={tc.split_seed}); at least "
-                f"{MIN_HELDOUT_SEQUENCES} are needed to validate: raise train.heldout_fraction")
+                f"{MIN_HELDOUT_SEQUENCES} are needed to validate: raise train.heldout_fraction"
+            )
         return counts
 
     def execute(self) -> dict:
         self.split = self._check_split()
         loader = self._loader("train", self.tc.batch_size, seed=self.tc.seed)  # validates before OUT is touched
         tokens = recipe.budget(self.tc, loader.n_rows)
-        tc, notes = recipe.fit_to_run(dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set,
-                                      tokens)
+        tc, notes = recipe.fit_to_run(
+            dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens
+        )
         self.tc = tc
         self.train_rows = loader.n_rows
         if self.rank == 0:
@@ -260,8 +322,11 @@ class Run:
         status = self._claim_out()
         if status == "complete":
             if self.rank == 0:
-                print(f"run in {self.out} is already complete ({self.tc.training_tokens} tokens per SAE); "
-                      "nothing to do (pass --fresh to train again)", file=sys.stderr)
+                print(
+                    f"run in {self.out} is already complete ({self.tc.training_tokens} tokens per SAE); "
+                    "nothing to do (pass --fresh to train again)",
+                    file=sys.stderr,
+                )
             return json.loads((self.out / "run.json").read_text())
         ckpts = Checkpoints(self.out / "checkpoints", tc.keep_last, tc.keep_best)
         trainers = self._build()
@@ -292,10 +357,23 @@ class Run:
         next_eval = self._next(tokens, tc.eval_every_tokens)
         next_ckpt = self._next(tokens, tc.checkpoint_every_tokens)
         if self.rank == 0:
-            self.explog = open_log(tc.log, Path(tc.log_dir) if tc.log_dir else self.out / "logs", self.out.name,
-                                   {"train": dataclasses.asdict(tc), "run_id": self.run_id, "cache": self.cache_url})
-        bar = tqdm(total=total, initial=tokens, unit="tok", unit_scale=True, disable=not self.progress,
-                   file=sys.stderr, desc="train", dynamic_ncols=True, mininterval=1.0)
+            self.explog = open_log(
+                tc.log,
+                Path(tc.log_dir) if tc.log_dir else self.out / "logs",
+                self.out.name,
+                {"train": dataclasses.asdict(tc), "run_id": self.run_id, "cache": self.cache_url},
+            )
+        bar = tqdm(
+            total=total,
+            initial=tokens,
+            unit="tok",
+            unit_scale=True,
+            disable=not self.progress,
+            file=sys.stderr,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         last: dict[str, dict] = {}
         try:
             while tokens < total:
@@ -339,7 +417,7 @@ class Run:
                     m = ReconstructionMetrics(s.d_sae)
                     data = held[s.layer]
                     for i in range(0, len(data), 4096):
-                        x = bits_to_torch(np.array(data[i:i + 4096])).float().to(self.device)
+                        x = bits_to_torch(np.array(data[i : i + 4096])).float().to(self.device)
                         vals, idx = tr.sae.encode(x)
                         m.update(x, tr.sae.decode(vals, idx), vals, idx)
                     metrics = m.compute()
@@ -363,20 +441,37 @@ class Run:
         loader_states = dist.all_gather_object(loader.state_dict())  # every rank reads its own chunks
         if self.rank == 0:
             scores = [h[-1]["variance_explained"] for h in history.values() if h and "variance_explained" in h[-1]]
-            state = {"run_id": self.run_id, "tokens": tokens, "loader": {"ranks": loader_states}, "history": history,
-                     "saes": {name: tr.state_dict() for name, tr in trainers.items()}}
+            state = {
+                "run_id": self.run_id,
+                "tokens": tokens,
+                "loader": {"ranks": loader_states},
+                "history": history,
+                "saes": {name: tr.state_dict() for name, tr in trainers.items()},
+            }
             ckpts.save(state, tokens, float(np.mean(scores)) if scores else None)
         dist.barrier()
 
     def _export(self, trainers, tokens, history) -> dict:
         tc = self.tc
-        run = {"run_id": self.run_id, "cache": absolute_url(self.cache_url),
-               "cache_fingerprint": self.cache.fingerprint,
-               "layer_fingerprints": {str(k): v for k, v in self.fingerprints.items()}, "layers": self.layers,
-               "tokens": tokens, "complete": True, "config": dataclasses.asdict(tc),
-               "recipe": {"name": self.recipe, "card": recipe.CARDS.get(self.recipe, ""), "epochs": tc.epochs,
-                          "training_tokens": tc.training_tokens, "train_rows": self.train_rows},
-               "model": (self.cache.meta.get("model") or {}).get("name_or_path", ""), "saes": []}
+        run = {
+            "run_id": self.run_id,
+            "cache": absolute_url(self.cache_url),
+            "cache_fingerprint": self.cache.fingerprint,
+            "layer_fingerprints": {str(k): v for k, v in self.fingerprints.items()},
+            "layers": self.layers,
+            "tokens": tokens,
+            "complete": True,
+            "config": dataclasses.asdict(tc),
+            "recipe": {
+                "name": self.recipe,
+                "card": recipe.CARDS.get(self.recipe, ""),
+                "epochs": tc.epochs,
+                "training_tokens": tc.training_tokens,
+                "train_rows": self.train_rows,
+            },
+            "model": (self.cache.meta.get("model") or {}).get("name_or_path", ""),
+            "saes": [],
+        }
         if self.rank == 0:
             meta = self.cache.meta
             hook = getattr(self.cache, "hook", "resid_post")
@@ -384,23 +479,55 @@ class Run:
             context = context_size(self.cache)
             for s in self.specs:
                 tr = trainers[s.name]
-                split = {"seed": tc.split_seed, "fraction": tc.heldout_fraction, "by": "seq_id hash (train.split)",
-                         "heldout_sequences": self.split["heldout_sequences"],
-                         "heldout_tokens": self.split["heldout_tokens"], "sequences": self.split["sequences"]}
-                norm = {"input_mean": "zeros", "input_scale": float(tr.sae.input_scale[0]), "folded": True} \
-                    if tc.normalize else {"kind": "none"}
-                cfg = sae_lens_cfg(tr.sae, layer=s.layer, hook=hook,
-                                   hook_module=f"{module}.{s.layer}" if module else "",
-                                   model=run["model"], fingerprint=self.fingerprints[s.layer], tokens=tr.tokens,
-                                   split=split, normalization=norm, config=run["config"], cache_url=self.cache_url,
-                                   source=meta.get("source"), context=context)
+                split = {
+                    "seed": tc.split_seed,
+                    "fraction": tc.heldout_fraction,
+                    "by": "seq_id hash (train.split)",
+                    "heldout_sequences": self.split["heldout_sequences"],
+                    "heldout_tokens": self.split["heldout_tokens"],
+                    "sequences": self.split["sequences"],
+                }
+                norm = (
+                    {"input_mean": "zeros", "input_scale": float(tr.sae.input_scale[0]), "folded": True}
+                    if tc.normalize
+                    else {"kind": "none"}
+                )
+                cfg = sae_lens_cfg(
+                    tr.sae,
+                    layer=s.layer,
+                    hook=hook,
+                    hook_module=f"{module}.{s.layer}" if module else "",
+                    model=run["model"],
+                    fingerprint=self.fingerprints[s.layer],
+                    tokens=tr.tokens,
+                    split=split,
+                    normalization=norm,
+                    config=run["config"],
+                    cache_url=self.cache_url,
+                    source=meta.get("source"),
+                    context=context,
+                )
                 files = export_sae(tr.sae, self.out / s.name, cfg)
-                metrics = {k: v for k, v in (history[s.name][-1] if history[s.name] else {}).items()
-                           if k not in ("time",)}
-                run["saes"].append({"name": s.name, "path": s.name, "layer": s.layer, "d_sae": s.d_sae, "k": s.k,
-                                    "hook": hook, "layer_fingerprint": self.fingerprints[s.layer],
-                                    "tokens": tr.tokens, "lr": tr.peak_lr, "files": files, "metrics": metrics,
-                                    "split": split, "trajectory": f"{s.name}/trajectory.jsonl"})
+                metrics = {
+                    k: v for k, v in (history[s.name][-1] if history[s.name] else {}).items() if k not in ("time",)
+                }
+                run["saes"].append(
+                    {
+                        "name": s.name,
+                        "path": s.name,
+                        "layer": s.layer,
+                        "d_sae": s.d_sae,
+                        "k": s.k,
+                        "hook": hook,
+                        "layer_fingerprint": self.fingerprints[s.layer],
+                        "tokens": tr.tokens,
+                        "lr": tr.peak_lr,
+                        "files": files,
+                        "metrics": metrics,
+                        "split": split,
+                        "trajectory": f"{s.name}/trajectory.jsonl",
+                    }
+                )
             write_run_json(self.out, run)
             self._write_state(complete=True)
             print(f"trained {len(self.specs)} SAE(s) on {tokens} tokens each -> {self.out}/run.json", file=sys.stderr)

@@ -17,8 +17,16 @@ from .published import SAEFormatError
 from .sae import TopKSAE
 from .split import is_heldout  # re-exported: harvest's splice reproduces an SAE's split with it
 
-__all__ = ["RUN_JSON_VERSION", "write_run_json", "read_run", "run_saes", "recorded_split", "recorded_layer",
-           "recorded_cache", "is_heldout"]
+__all__ = [
+    "RUN_JSON_VERSION",
+    "write_run_json",
+    "read_run",
+    "run_saes",
+    "recorded_split",
+    "recorded_layer",
+    "recorded_cache",
+    "is_heldout",
+]
 
 RUN_JSON_VERSION = 1
 
@@ -33,8 +41,9 @@ def read_run(run_dir: str | Path, *, need_saes: bool = False) -> tuple[dict, lis
     run_dir = Path(run_dir)
     run_json = run_dir / "run.json"
     if not run_json.is_file():
-        raise UserError(f"{run_dir}: no run.json here; "
-                        "run `make train` first or pass --out to a training run directory")
+        raise UserError(
+            f"{run_dir}: no run.json here; run `make train` first or pass --out to a training run directory"
+        )
     try:
         run = json.loads(run_json.read_text())
     except json.JSONDecodeError as e:

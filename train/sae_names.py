@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 
 QWEN_SCOPE_NAME = re.compile(r"layer(\d+)\.sae\.pt")
-K_IN_NAME = [re.compile(r"(?:^|[_\-.])k(\d+)(?=[_\-.]|$)"), re.compile(r"topk[_\-]?(\d+)", re.I),
-              re.compile(r"L0[_\-](\d+)")]
+K_IN_NAME = [
+    re.compile(r"(?:^|[_\-.])k(\d+)(?=[_\-.]|$)"),
+    re.compile(r"topk[_\-]?(\d+)", re.I),
+    re.compile(r"L0[_\-](\d+)"),
+]
 LAYER_IN_NAME = [re.compile(r"(?:^|[_\-.])L(\d+)(?=[_\-.])"), re.compile(r"^layer(\d+)\.")]
 
 

@@ -69,8 +69,17 @@ def _on_device(sae: TopKSAE, device: str, token: str) -> TopKSAE:
         return _ON_DEVICE[token]
 
 
-def _scan_chunk(url: str, n_tokens: int, layer: int, i: int, sae: TopKSAE, split: Split, want_codes: bool,
-                device: str = "cpu", token: str = "") -> ChunkCodes:
+def _scan_chunk(
+    url: str,
+    n_tokens: int,
+    layer: int,
+    i: int,
+    sae: TopKSAE,
+    split: Split,
+    want_codes: bool,
+    device: str = "cpu",
+    token: str = "",
+) -> ChunkCodes:
     sae = _on_device(sae, device, token)
     c = _open(url, n_tokens)
     cols = c.read_chunk_rows(i)
@@ -148,8 +157,9 @@ def scan(
     if layer not in c.layers:
         raise UserError(f"layer {layer} is not in the cache {url} (it has {c.layers}); pass --layer one of them")
     if c.d_model != sae.d_in:
-        raise UserError(f"the SAE takes d_in={sae.d_in} but the cache's d_model is {c.d_model}; "
-                        "pair the SAE with its cache")
+        raise UserError(
+            f"the SAE takes d_in={sae.d_in} but the cache's d_model is {c.d_model}; pair the SAE with its cache"
+        )
     n_chunks = c.n_chunks
     sae = sae.cpu().eval()
     device = dist.resolve_device(device)
@@ -161,15 +171,36 @@ def scan(
             client = stack.enter_context(analysis_client(scheduler))
         [sae_f] = client.scatter([sae], broadcast=True)
         in_flight = max(4, 2 * sum(client.nthreads().values()))
-        bar = stack.enter_context(tqdm(total=c.n_tokens, unit="tok", unit_scale=True, desc=f"scan L{layer}",
-                                       disable=not progress, dynamic_ncols=True))
+        bar = stack.enter_context(
+            tqdm(
+                total=c.n_tokens,
+                unit="tok",
+                unit_scale=True,
+                desc=f"scan L{layer}",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+        )
         next_chunk, prefix, kept_prefix, mb = 0, 0, 0, 0.0
         pending = set()
         while True:
             while next_chunk < n_chunks and len(pending) < in_flight and kept_prefix < max_tokens:
-                pending.add(client.submit(_scan_chunk, c.url, c.n_tokens, layer, next_chunk, sae_f, split, want_codes,
-                                          device, token,
-                                          key=f"scan-{layer}-{next_chunk}-{token}", pure=False))
+                pending.add(
+                    client.submit(
+                        _scan_chunk,
+                        c.url,
+                        c.n_tokens,
+                        layer,
+                        next_chunk,
+                        sae_f,
+                        split,
+                        want_codes,
+                        device,
+                        token,
+                        key=f"scan-{layer}-{next_chunk}-{token}",
+                        pure=False,
+                    )
+                )
                 next_chunk += 1
             if not pending:
                 break
@@ -197,10 +228,15 @@ def _combine(url, layer, split, parts: list[ChunkCodes], d_sae: int, seconds: fl
         metrics.merge(r.metrics)
     coded = [r for r in parts if r.vals is not None]
     return ScanResult(
-        url=url, layer=layer, split=split,
+        url=url,
+        layer=layer,
+        split=split,
         rows=np.concatenate([r.rows for r in parts]) if parts else np.zeros(0, np.int64),
         columns={k: np.concatenate([r.columns[k] for r in parts]) for k in (parts[0].columns if parts else {})},
         vals=np.concatenate([r.vals for r in coded]) if coded else None,
         idx=np.concatenate([r.idx for r in coded]) if coded else None,
-        metrics=metrics, scanned=sum(r.scanned for r in parts), seconds=seconds, chunks=len(parts),
+        metrics=metrics,
+        scanned=sum(r.scanned for r in parts),
+        seconds=seconds,
+        chunks=len(parts),
     )

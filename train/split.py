@@ -54,6 +54,12 @@ def split_counts(cache, seed: int, fraction: float, role_codes=None, slice_rows:
         train_rows += int((keep & ~held).sum())
     uniq = np.unique(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64)
     held_uniq = np.unique(np.concatenate(held_seqs)) if held_seqs else np.zeros(0, np.int64)
-    return {"sequences": int(len(uniq)), "heldout_sequences": int(len(held_uniq)), "heldout_tokens": held_rows,
-            "train_sequences": int(len(uniq) - len(held_uniq)), "train_tokens": train_rows,
-            "seed": seed, "fraction": fraction}
+    return {
+        "sequences": int(len(uniq)),
+        "heldout_sequences": int(len(held_uniq)),
+        "heldout_tokens": held_rows,
+        "train_sequences": int(len(uniq) - len(held_uniq)),
+        "train_tokens": train_rows,
+        "seed": seed,
+        "fraction": fraction,
+    }

@@ -38,8 +38,9 @@ def auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = N
     return float((p * (below + 0.5 * n)).sum() / (wp * wn))
 
 
-def feature_value_order(features: np.ndarray, values: np.ndarray, n_features: int,
-                        descending: bool = False) -> np.ndarray:
+def feature_value_order(
+    features: np.ndarray, values: np.ndarray, n_features: int, descending: bool = False
+) -> np.ndarray:
     """Indices sorting entries by feature, then value: a value sort, then a stable sort on
     the feature id, which numpy does as a radix sort when ids fit 16 bits (d_sae ≤ 65536).
     About 3× faster than np.lexsort at a few million entries."""

@@ -50,10 +50,21 @@ def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> floa
 
 
 class SAETrainer:
-    def __init__(self, sae: TopKSAE, *, lr: float = 0.0, lr_min: float | None = None, warmup_steps: int = 0,
-                 total_steps: int = 1, k_aux: int | None = None, aux_alpha: float = 1 / 32,
-                 dead_tokens: int = 10_000_000, grad_clip: float = 1.0, low_precision: bool | None = None,
-                 aux_norm: str = "residual"):
+    def __init__(
+        self,
+        sae: TopKSAE,
+        *,
+        lr: float = 0.0,
+        lr_min: float | None = None,
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        k_aux: int | None = None,
+        aux_alpha: float = 1 / 32,
+        dead_tokens: int = 10_000_000,
+        grad_clip: float = 1.0,
+        low_precision: bool | None = None,
+        aux_norm: str = "residual",
+    ):
         if aux_norm not in AUX_NORMS:
             raise ValueError(f"aux_norm={aux_norm!r}: pick one of {AUX_NORMS}")
         self.sae, self.aux_norm = sae, aux_norm
@@ -65,8 +76,9 @@ class SAETrainer:
         dev = sae.W_enc.device
         self.low_precision = dev.type == "cuda" if low_precision is None else low_precision
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
-        self.opt = torch.optim.Adam(self.params, lr=self.peak_lr, betas=(0.9, 0.999), eps=1e-8,
-                                    fused=dev.type in ("cpu", "cuda"))
+        self.opt = torch.optim.Adam(
+            self.params, lr=self.peak_lr, betas=(0.9, 0.999), eps=1e-8, fused=dev.type in ("cpu", "cuda")
+        )
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)  # tokens since last fired
         self.steps = 0
         self.tokens = 0
@@ -93,8 +105,18 @@ class SAETrainer:
         dead = self.dead_mask().nonzero().squeeze(1)
         n_dead = int(dead.numel())
         recon, vals, idx, aux_recon = topk_autoencode(
-            xn, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, sae.k, relu=sae.relu, subtract_b_dec=sae.subtract_b_dec,
-            dead=dead if n_dead else None, k_aux=self.k_aux, low_precision=self.low_precision)
+            xn,
+            sae.W_enc,
+            sae.b_enc,
+            sae.b_dec,
+            sae.W_dec,
+            sae.k,
+            relu=sae.relu,
+            subtract_b_dec=sae.subtract_b_dec,
+            dead=dead if n_dead else None,
+            k_aux=self.k_aux,
+            low_precision=self.low_precision,
+        )
         err = xn - (recon + sae.b_dec)
         total_var = self._total_variance(xn.detach())
         fvu = err.pow(2).sum() / total_var
@@ -132,8 +154,13 @@ class SAETrainer:
             self.since_fired[fired > 0] = 0
         self.steps += 1
         self.tokens += n_global
-        return {"loss": float(loss.detach()), "fvu": float(fvu.detach()), "aux_loss": float(aux.detach()),
-                "dead": n_dead, "lr": lr}
+        return {
+            "loss": float(loss.detach()),
+            "fvu": float(fvu.detach()),
+            "aux_loss": float(aux.detach()),
+            "dead": n_dead,
+            "lr": lr,
+        }
 
     @staticmethod
     def _total_variance(xn: Tensor) -> Tensor:
@@ -148,15 +175,24 @@ class SAETrainer:
         return (sq - s.pow(2).sum() / n).squeeze().float()
 
     def state_dict(self) -> dict:
-        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "since_fired": self.since_fired,
-                "steps": self.steps, "tokens": self.tokens, "peak_lr": self.peak_lr, "aux_norm": self.aux_norm}
+        return {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "since_fired": self.since_fired,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "peak_lr": self.peak_lr,
+            "aux_norm": self.aux_norm,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Refuses a state trained with another AuxK normalization (older states were "total")."""
         saved = state.get("aux_norm", "total")
         if saved != self.aux_norm:
-            raise UserError(f"this checkpoint was trained with train.aux_norm={saved!r}, not {self.aux_norm!r}; "
-                            f"resume with --set train.aux_norm='{saved}' or pass --fresh")
+            raise UserError(
+                f"this checkpoint was trained with train.aux_norm={saved!r}, not {self.aux_norm!r}; "
+                f"resume with --set train.aux_norm='{saved}' or pass --fresh"
+            )
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.since_fired.copy_(state["since_fired"])

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 
-def epoch_windows(chunk_counts: np.ndarray, seed: int, epoch: int, window_tokens: int,
-                  rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+def epoch_windows(
+    chunk_counts: np.ndarray, seed: int, epoch: int, window_tokens: int, rank: int = 0, world_size: int = 1
+) -> list[np.ndarray]:
     """The chunk ids of this rank's share of each shuffle window in `epoch`; `chunk_counts` holds
     every chunk's eligible rows."""
     order = np.random.default_rng([seed, epoch]).permutation(len(chunk_counts))
@@ -46,7 +47,7 @@ def chunk_rows(packed_mask: np.ndarray, bounds: np.ndarray, c: int) -> np.ndarra
     lo, hi = int(bounds[c]), int(bounds[c + 1])
     # unpack only the bytes covering this chunk
     b0, b1 = lo // 8, (hi + 7) // 8
-    bits = np.unpackbits(packed_mask[b0:b1])[lo - b0 * 8: hi - b0 * 8].astype(bool)
+    bits = np.unpackbits(packed_mask[b0:b1])[lo - b0 * 8 : hi - b0 * 8].astype(bool)
     return lo + np.flatnonzero(bits)
 
 

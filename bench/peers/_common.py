@@ -74,16 +74,29 @@ def run(name: str, args, data, prepare, step) -> None:
     if not out.get("aux_loss", 0.0) > 0:
         sys.exit(f"{name}: the aux loss is {out.get('aux_loss')}: AuxK did not run")
     med = statistics.median(times)
-    print(json.dumps({
-        "side": name,
-        "d_in": int(data.shape[2]), "d_sae": args.d_sae, "k": args.k, "batch": tokens,
-        "threads": torch.get_num_threads(), "dead_latents": round(args.dead_frac * args.d_sae),
-        "step_s": times, "median_step_s": med, "tokens_per_s": tokens / med,
-        # CPU seconds of this process per step: less sensitive to other work on a shared box
-        "cpu_s": cpu, "tokens_per_cpu_s": tokens / statistics.median(cpu),
-        "last": out, "torch": torch.__version__, "python": platform.python_version(),
-        **versions(),
-    }))
+    print(
+        json.dumps(
+            {
+                "side": name,
+                "d_in": int(data.shape[2]),
+                "d_sae": args.d_sae,
+                "k": args.k,
+                "batch": tokens,
+                "threads": torch.get_num_threads(),
+                "dead_latents": round(args.dead_frac * args.d_sae),
+                "step_s": times,
+                "median_step_s": med,
+                "tokens_per_s": tokens / med,
+                # CPU seconds of this process per step: less sensitive to other work on a shared box
+                "cpu_s": cpu,
+                "tokens_per_cpu_s": tokens / statistics.median(cpu),
+                "last": out,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                **versions(),
+            }
+        )
+    )
 
 
 def versions() -> dict[str, str]:

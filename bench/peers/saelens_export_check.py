@@ -26,13 +26,25 @@ def load(directory: str, ref_path: str) -> dict:
     with torch.no_grad():
         codes = sae.encode(ref["x"])
         recon = sae.decode(codes)
-    out = {"mode": "load", "sae_lens": version("sae-lens"), "class": type(sae).__name__,
-           "prepend_bos": meta.prepend_bos, "hook_name": meta.hook_name, "hf_hook_name": meta.hf_hook_name,
-           "context_size": meta.context_size, "dataset_path": meta.dataset_path, "model_name": meta.model_name,
-           "codes_max_abs_diff": float((codes - ref["codes"]).abs().max()),
-           "recon_max_abs_diff": float((recon - ref["recon"]).abs().max()) if "recon" in ref else None}
-    ok = (out["class"] == "TopKSAE" and out["prepend_bos"] is False and out["codes_max_abs_diff"] < 1e-4
-          and (out["recon_max_abs_diff"] is None or out["recon_max_abs_diff"] < 1e-4))
+    out = {
+        "mode": "load",
+        "sae_lens": version("sae-lens"),
+        "class": type(sae).__name__,
+        "prepend_bos": meta.prepend_bos,
+        "hook_name": meta.hook_name,
+        "hf_hook_name": meta.hf_hook_name,
+        "context_size": meta.context_size,
+        "dataset_path": meta.dataset_path,
+        "model_name": meta.model_name,
+        "codes_max_abs_diff": float((codes - ref["codes"]).abs().max()),
+        "recon_max_abs_diff": float((recon - ref["recon"]).abs().max()) if "recon" in ref else None,
+    }
+    ok = (
+        out["class"] == "TopKSAE"
+        and out["prepend_bos"] is False
+        and out["codes_max_abs_diff"] < 1e-4
+        and (out["recon_max_abs_diff"] is None or out["recon_max_abs_diff"] < 1e-4)
+    )
     return dict(out, ok=ok)
 
 

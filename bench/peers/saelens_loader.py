@@ -28,13 +28,17 @@ def write(npy: str, out: str, context: int) -> None:
 
     x = np.load(npy, mmap_mode="r")
     n_seq, d = x.shape[0] // context, x.shape[1]
-    features = Features({HOOK: Array2D(shape=(context, d), dtype="float32"),
-                         "token_ids": Sequence(Value(dtype="int32"), length=context)})
+    features = Features(
+        {
+            HOOK: Array2D(shape=(context, d), dtype="float32"),
+            "token_ids": Sequence(Value(dtype="int32"), length=context),
+        }
+    )
     tokens = np.random.default_rng(0).integers(0, 50_000, (n_seq, context), dtype=np.int32)
 
     def gen():
         for s in range(n_seq):
-            yield {HOOK: np.asarray(x[s * context:(s + 1) * context], dtype=np.float32), "token_ids": tokens[s]}
+            yield {HOOK: np.asarray(x[s * context : (s + 1) * context], dtype=np.float32), "token_ids": tokens[s]}
 
     Dataset.from_generator(gen, features=features).save_to_disk(out)
 
@@ -46,11 +50,23 @@ def read(args) -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     store = ActivationsStore(
-        model=None, dataset=None, streaming=False, hook_name=HOOK, hook_head_index=None,
-        context_size=args.context, d_in=args.d_in, n_batches_in_buffer=args.buffer_tokens // args.context,
-        total_training_tokens=args.tokens, store_batch_size_prompts=args.prompts,
-        train_batch_size_tokens=args.batch, prepend_bos=False, normalize_activations="none",
-        device=torch.device("cpu"), dtype="float32", cached_activations_path=args.cache)
+        model=None,
+        dataset=None,
+        streaming=False,
+        hook_name=HOOK,
+        hook_head_index=None,
+        context_size=args.context,
+        d_in=args.d_in,
+        n_batches_in_buffer=args.buffer_tokens // args.context,
+        total_training_tokens=args.tokens,
+        store_batch_size_prompts=args.prompts,
+        train_batch_size_tokens=args.batch,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device("cpu"),
+        dtype="float32",
+        cached_activations_path=args.cache,
+    )
     n_batches = args.tokens // args.batch
     first = None
     checksum = 0.0
@@ -63,12 +79,23 @@ def read(args) -> None:
         checksum += float(b[0, 0])
     total = time.perf_counter() - t0
     steady = time.perf_counter() - t1
-    print(json.dumps({
-        "side": "saelens", "tokens": n_batches * args.batch, "batch": args.batch, "d_in": args.d_in,
-        "buffer_tokens": store.n_batches_in_buffer * store.training_context_size,
-        "threads": torch.get_num_threads(), "first_batch_s": first, "total_s": total,
-        "tokens_per_s": n_batches * args.batch / total,
-        "steady_tokens_per_s": (n_batches - 1) * args.batch / steady, "checksum": checksum}))
+    print(
+        json.dumps(
+            {
+                "side": "saelens",
+                "tokens": n_batches * args.batch,
+                "batch": args.batch,
+                "d_in": args.d_in,
+                "buffer_tokens": store.n_batches_in_buffer * store.training_context_size,
+                "threads": torch.get_num_threads(),
+                "first_batch_s": first,
+                "total_s": total,
+                "tokens_per_s": n_batches * args.batch / total,
+                "steady_tokens_per_s": (n_batches - 1) * args.batch / steady,
+                "checksum": checksum,
+            }
+        )
+    )
 
 
 def main() -> None:

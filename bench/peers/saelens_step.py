@@ -22,11 +22,20 @@ def main() -> None:
     data, dead = setup(args)
     d_in, n, batch = data.shape[2], args.d_sae, data.shape[1]
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=n, k=args.k, aux_loss_coefficient=args.aux_alpha, dtype="float32", device="cpu"))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=d_in, d_sae=n, k=args.k, aux_loss_coefficient=args.aux_alpha, dtype="float32", device="cpu"
+        )
+    )
     window = 1000  # SAETrainerConfig.dead_feature_window, in steps
-    cfg = SAETrainerConfig(total_training_samples=batch * 10_000, train_batch_size_samples=batch,
-                           lr=2e-4, lr_end=2e-4, dead_feature_window=window, device="cpu")
+    cfg = SAETrainerConfig(
+        total_training_samples=batch * 10_000,
+        train_batch_size_samples=batch,
+        lr=2e-4,
+        lr_end=2e-4,
+        dead_feature_window=window,
+        device="cpu",
+    )
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
 
     def prepare() -> None:
@@ -36,8 +45,10 @@ def main() -> None:
     def step(x: torch.Tensor) -> dict:
         out = trainer.step(x)
         trainer.n_training_steps += 1  # fit() advances it after step()
-        return {"mse_loss": out.losses["mse_loss"].item(),
-                "aux_loss": out.losses["auxiliary_reconstruction_loss"].item()}
+        return {
+            "mse_loss": out.losses["mse_loss"].item(),
+            "aux_loss": out.losses["auxiliary_reconstruction_loss"].item(),
+        }
 
     run("saelens", args, data, prepare, step)
 

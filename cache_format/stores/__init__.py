@@ -10,5 +10,13 @@ from .fsspec import FsspecLocation, S3Location
 from .http import HttpLocation
 from .local import LocalLocation
 
-__all__ = ["Location", "ObjectInfo", "ReadOnlyError", "ShortRead", "LocalLocation", "FsspecLocation", "S3Location",
-           "HttpLocation"]
+__all__ = [
+    "Location",
+    "ObjectInfo",
+    "ReadOnlyError",
+    "ShortRead",
+    "LocalLocation",
+    "FsspecLocation",
+    "S3Location",
+    "HttpLocation",
+]

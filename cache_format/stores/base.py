@@ -111,8 +111,10 @@ class Location(ABC):
 
     def write_error(self, key: str, e: OSError) -> UserError:
         """One line for a refused or failed local write (a full disk, a read-only mount)."""
-        return UserError(f"cannot write {self.path(key)} ({e.strerror or e}); free some space or choose a "
-                         "writable location, then re-run (committed segments are kept)")
+        return UserError(
+            f"cannot write {self.path(key)} ({e.strerror or e}); free some space or choose a "
+            "writable location, then re-run (committed segments are kept)"
+        )
 
     # -- zarr --------------------------------------------------------------------------
 

@@ -20,8 +20,17 @@ RETRIES = int(os.environ.get("ACTCACHE_RETRIES", "5"))
 BACKOFF_S = float(os.environ.get("ACTCACHE_BACKOFF_S", "0.25"))
 BACKOFF_CAP_S = 8.0
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              FileExistsError, UserError, KeyError, ValueError, TypeError)
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+    UserError,
+    KeyError,
+    ValueError,
+    TypeError,
+)
 
 
 class FsspecLocation(Location, fallback=True):
@@ -51,7 +60,8 @@ class FsspecLocation(Location, fallback=True):
                 if attempt == RETRIES:
                     raise RemoteError(
                         f"{self.url}: {what} failed after {RETRIES + 1} attempts ({type(e).__name__}: {e}); "
-                        "check that the endpoint is reachable and retry") from e
+                        "check that the endpoint is reachable and retry"
+                    ) from e
                 time.sleep(min(BACKOFF_CAP_S, delay) * (0.5 + random.random() / 2))
                 delay *= 2
 
@@ -78,8 +88,10 @@ class FsspecLocation(Location, fallback=True):
 
         out = self._retry(f"reading {key}", cat)
         if len(out) != end - start:  # a server that ignores Range returns the whole object
-            raise RemoteError(f"{self.url}/{key}: the server returned {len(out)} bytes for a {end - start}-byte "
-                              "range request; serve the cache with a server that honours HTTP Range")
+            raise RemoteError(
+                f"{self.url}/{key}: the server returned {len(out)} bytes for a {end - start}-byte "
+                "range request; serve the cache with a server that honours HTTP Range"
+            )
         return out
 
     def exists(self, key: str) -> bool:
@@ -109,7 +121,7 @@ class FsspecLocation(Location, fallback=True):
 
         out = []
         for name, info in self._retry(f"listing {prefix}", find).items():
-            rel = name[len(self.root) + 1:]
+            rel = name[len(self.root) + 1 :]
             mt = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
             mt = mt.timestamp() if hasattr(mt, "timestamp") else float(mt)
             out.append(ObjectInfo(rel, int(info.get("size") or 0), mt))
@@ -134,8 +146,9 @@ class FsspecLocation(Location, fallback=True):
     def zarr_store(self, read_only: bool = False):
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(self.url, storage_options=self._fs_options(),
-                                    read_only=read_only or not self.supports_writes)
+        return FsspecStore.from_url(
+            self.url, storage_options=self._fs_options(), read_only=read_only or not self.supports_writes
+        )
 
 
 class S3Location(FsspecLocation):

@@ -47,10 +47,12 @@ class LocalLocation(Location):
                 out = os.pread(f.fileno(), end - start, start)
         else:
             m = self._mmap(key)
-            out = memoryview(m)[start:min(end, len(m))]
+            out = memoryview(m)[start : min(end, len(m))]
         if len(out) != end - start:
-            raise CacheError(f"{self.url}/{key}: short read ({len(out)} of {end - start} bytes); the object "
-                             "is truncated: run `python -m cache_format verify`")
+            raise CacheError(
+                f"{self.url}/{key}: short read ({len(out)} of {end - start} bytes); the object "
+                "is truncated: run `python -m cache_format verify`"
+            )
         return out
 
     def _mmap(self, key: str):
@@ -136,11 +138,13 @@ class LocalLocation(Location):
         try:
             os.makedirs(d, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:
-            raise UserError(f"cannot write to {self.url}: {e.filename} is not a directory; "
-                            "choose a writable location") from None
+            raise UserError(
+                f"cannot write to {self.url}: {e.filename} is not a directory; choose a writable location"
+            ) from None
         except PermissionError as e:
-            raise UserError(f"cannot write to {self.url}: permission denied ({e.filename}); "
-                            "choose a writable location") from None
+            raise UserError(
+                f"cannot write to {self.url}: permission denied ({e.filename}); choose a writable location"
+            ) from None
 
     def zarr_store(self, read_only: bool = False):
         from zarr.storage import LocalStore

@@ -21,4 +21,9 @@ def test_arrays_are_standard_zarr(make_cache):
     (shard,) = meta["codecs"]
     blosc = shard["configuration"]["codecs"][1]["configuration"]
     assert shard["name"] == "sharding_indexed" and blosc == {
-        "typesize": 2, "cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
+        "typesize": 2,
+        "cname": "zstd",
+        "clevel": 1,
+        "shuffle": "shuffle",
+        "blocksize": 1 << 20,
+    }

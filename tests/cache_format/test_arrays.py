@@ -20,8 +20,8 @@ def test_an_index_that_marks_a_written_chunk_absent_is_refused_not_read_as_zeros
     path = shard_path(url, c)
     raw = bytearray(open(path, "rb").read())
     tail = len(raw) - (16 * m + 4)
-    raw[tail + 16: tail + 32] = b"\xff" * 16  # inner chunk 1: "absent", with a valid CRC32C over the edit
-    raw[-4:] = google_crc32c.value(bytes(raw[tail: tail + 16 * m])).to_bytes(4, "little")
+    raw[tail + 16 : tail + 32] = b"\xff" * 16  # inner chunk 1: "absent", with a valid CRC32C over the edit
+    raw[-4:] = google_crc32c.value(bytes(raw[tail : tail + 16 * m])).to_bytes(4, "little")
     open(path, "wb").write(bytes(raw))
     fresh = cf.open_cache(url)
     with pytest.raises(integrity.IntegrityError, match="marks inner chunk 1 absent"):

@@ -15,11 +15,19 @@ def test_every_bf16_bit_pattern_round_trips(tmp_path):
     w = cf.create_cache(tmp_path / "c", d_model=64, layers=[0], chunk_tokens=100, shard_mib=1)
     with w.segment() as seg:
         n = len(bits)
-        seg.append(residuals={0: torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)},
-                   tokens=np.zeros(n, np.int32), seq_ids=np.zeros(n, np.int64), positions=np.arange(n))
+        seg.append(
+            residuals={0: torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.zeros(n, np.int64),
+            positions=np.arange(n),
+        )
     with w.segment() as seg:  # the numpy ml_dtypes path too
-        seg.append(residuals={0: bits.view(BF16)}, tokens=np.zeros(n, np.int32), seq_ids=np.ones(n, np.int64),
-                   positions=np.arange(n))
+        seg.append(
+            residuals={0: bits.view(BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.ones(n, np.int64),
+            positions=np.arange(n),
+        )
     c = cf.open_cache(tmp_path / "c")
     t = c.residuals(0)[:]
     assert t.dtype == torch.bfloat16 and t.shape == (2 * n, 64)

@@ -30,7 +30,11 @@ def test_info_json_and_text(run, make_cache):
     code, out, _ = run("info", url)
     assert "layer    7   backfill pending: 0/2 segments" in out
     assert json.loads(run("info", url, "--json")[1])["declared_layers"]["7"] == {
-        "segments": 0, "complete": False, "stored_bytes": 0, "ratio_vs_raw_bf16": None}
+        "segments": 0,
+        "complete": False,
+        "stored_bytes": 0,
+        "ratio_vs_raw_bf16": None,
+    }
 
 
 def test_verify_catches_a_flipped_byte(run, make_cache):
@@ -57,7 +61,9 @@ def test_gc_retract_publish_sync(run, make_cache, tmp_path):
     code, out, _ = run("gc", url, "--older-than", "1h", "--dry-run")
     assert code == 0 and "would remove 0 objects" in out  # just written: inside the grace period
     code, out, _ = run("gc", url, "--older-than", "0s", "--force")
-    assert code == 0 and "removed 1 objects" in out and not os.path.exists(f"{url}/segments/20200101T000000-deadbeef0000")
+    assert (
+        code == 0 and "removed 1 objects" in out and not os.path.exists(f"{url}/segments/20200101T000000-deadbeef0000")
+    )
     code, out, _ = run("retract", url, c.segments[1].id, "--reason", "bad")
     c2 = cf.open_cache(url)
     assert code == 0 and c2.n_tokens == 40 and c2.fingerprint in out
@@ -93,10 +99,20 @@ def test_import_safetensors_with_labels(run, tmp_path):
     g = torch.Generator().manual_seed(0)
     acts = {"acts_L11": torch.randn(50, 8, generator=g).half(), "acts_L31": torch.randn(50, 8, generator=g).half()}
     save_file(acts, tmp_path / "activations.safetensors")
-    labels = (np.arange(50) % 3 == 0)
+    labels = np.arange(50) % 3 == 0
     np.save(tmp_path / "labels.npy", labels)
-    code, out, err = run("import", tmp_path / "activations.safetensors", "--to", tmp_path / "c", "--labels",
-                         tmp_path / "labels.npy", "--seq-len", "20", "--model", "Qwen/Qwen3.6-27B")
+    code, out, err = run(
+        "import",
+        tmp_path / "activations.safetensors",
+        "--to",
+        tmp_path / "c",
+        "--labels",
+        tmp_path / "labels.npy",
+        "--seq-len",
+        "20",
+        "--model",
+        "Qwen/Qwen3.6-27B",
+    )
     assert code == 0, err
     assert "float16 → bfloat16" in out and "made up" in out
     c = cf.open_cache(tmp_path / "c")
@@ -110,14 +126,17 @@ def test_import_safetensors_with_labels(run, tmp_path):
     assert code == 2 and "residuals must cover exactly layers [11, 31]" in err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["info", "{tmp}"], "is not a cache"),
-    (["verify", "{tmp}/nothing"], "is not a cache"),
-    (["gc", "{cache}", "--older-than", "soon"], "--older-than 'soon'"),
-    (["retract", "{cache}", "nope"], "is not a live segment"),
-    (["stats", "{cache}", "--layers", "9"], "layer 9 is not in the cache"),
-    (["info", "{cache}", "-o", "{{bad"], "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["info", "{tmp}"], "is not a cache"),
+        (["verify", "{tmp}/nothing"], "is not a cache"),
+        (["gc", "{cache}", "--older-than", "soon"], "--older-than 'soon'"),
+        (["retract", "{cache}", "nope"], "is not a live segment"),
+        (["stats", "{cache}", "--layers", "9"], "layer 9 is not in the cache"),
+        (["info", "{cache}", "-o", "{{bad"], "not valid JSON"),
+    ],
+)
 def test_one_line_errors(run, make_cache, tmp_path, args, needle):
     url, _ = make_cache(segments=(5,))
     code, out, err = run(*[a.format(tmp=tmp_path, cache=url) for a in args])
@@ -127,9 +146,14 @@ def test_one_line_errors(run, make_cache, tmp_path, args, needle):
 @pytest.mark.slow
 def test_subprocess_error_is_one_line_and_debug_shows_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "cache_format", "info", str(tmp_path)], capture_output=True, text=True,
-                       env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "cache_format", "info", str(tmp_path)], capture_output=True, text=True, env=env
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is not a cache" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "cache_format", "info", str(tmp_path), "--debug"], capture_output=True,
-                       text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "cache_format", "info", str(tmp_path), "--debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode != 0 and "Traceback" in p.stderr

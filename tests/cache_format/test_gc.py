@@ -44,8 +44,9 @@ def test_gc_racing_a_commit_never_deletes_what_just_committed(tmp_path, monkeypa
     assert doomed == [] and c.n_tokens == 12 and ops.verify(c)[1] == []
 
 
-@pytest.mark.parametrize("args, needle", [(["--older-than", "10m"], "under an hour"),
-                                          (["--older-than", "0s"], "add --force")])
+@pytest.mark.parametrize(
+    "args, needle", [(["--older-than", "10m"], "under an hour"), (["--older-than", "0s"], "add --force")]
+)
 def test_gc_below_an_hour_needs_force(tmp_path, args, needle, monkeypatch, capsys):
     import sys
 

@@ -37,10 +37,12 @@ def test_flips_in_rows_stats_sequences_and_array_metadata_are_caught(make_cache,
     c = cf.open_cache(url)
     s = c._segs[0]
     rows = s.record["rows"]["path"]
-    cases = [(os.path.join(url, rows, "tokens", "c", "0"), lambda c: c.tokens[:]),
-             (os.path.join(url, s.layers[3]["stats"]["path"]), lambda c: c.stats(3)),
-             (os.path.join(url, s.record["sequences"]["path"]), lambda c: c.sequences()),
-             (os.path.join(url, s.layers[1]["array"], "zarr.json"), lambda c: c.residuals(1)[0:3])]
+    cases = [
+        (os.path.join(url, rows, "tokens", "c", "0"), lambda c: c.tokens[:]),
+        (os.path.join(url, s.layers[3]["stats"]["path"]), lambda c: c.stats(3)),
+        (os.path.join(url, s.record["sequences"]["path"]), lambda c: c.sequences()),
+        (os.path.join(url, s.layers[1]["array"], "zarr.json"), lambda c: c.residuals(1)[0:3]),
+    ]
     for path, read in cases:
         flip(path, 10)
         with pytest.raises(integrity.IntegrityError, match="corrupt"):

@@ -21,8 +21,13 @@ def test_sync_local_s3_local_keeps_the_fingerprint(tmp_path, s3_bucket):
     info = bf.pending()[0]
     s = slice(info.row_start, info.row_start + info.n_rows)
     src.refresh()
-    bf.write(info.id, residuals=np.full((info.n_rows, 16), 2, BF16), tokens=src.tokens[s], seq_ids=src.seq_ids[s],
-             positions=src.positions[s])
+    bf.write(
+        info.id,
+        residuals=np.full((info.n_rows, 16), 2, BF16),
+        tokens=src.tokens[s],
+        seq_ids=src.seq_ids[s],
+        positions=src.positions[s],
+    )
     src.refresh()
     r = ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)
     assert r["segments"] == 2 and r["layers"] == 0
@@ -37,8 +42,13 @@ def test_sync_local_s3_local_keeps_the_fingerprint(tmp_path, s3_bucket):
     # A backfill that lands later in SRC travels as a layer commit.
     info = bf.pending()[0]
     s = slice(info.row_start, info.row_start + info.n_rows)
-    bf.write(info.id, residuals=np.full((info.n_rows, 16), 3, BF16), tokens=src.tokens[s], seq_ids=src.seq_ids[s],
-             positions=src.positions[s])
+    bf.write(
+        info.id,
+        residuals=np.full((info.n_rows, 16), 3, BF16),
+        tokens=src.tokens[s],
+        seq_ids=src.seq_ids[s],
+        positions=src.positions[s],
+    )
     assert ops.sync(str(tmp_path / "a"), f"{url}/c", None, opts)["layers"] == 1
     assert cf.open_cache(f"{url}/c", storage_options=opts).fingerprint == src.refresh().fingerprint
     assert 5 in src.layers

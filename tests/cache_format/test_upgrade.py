@@ -46,7 +46,9 @@ def test_a_format_1_cache_opens_says_so_in_one_line_and_upgrade_adds_digests(mak
     assert code == 0 and "no chunk digests" in err
     code, out, err = run("upgrade", url)
     assert code == 0 and "chunk digests for" in out and "2 format-1 records pinned" in out
-    assert run("upgrade", url)[1].strip().endswith("is up to date: every chunk has a digest and every record is chained")
+    assert (
+        run("upgrade", url)[1].strip().endswith("is up to date: every chunk has a digest and every record is chained")
+    )
     reader._NOTED.discard(url)
     c = cf.open_cache(url)
     assert capsys.readouterr().err == "" and c.fingerprint == fp

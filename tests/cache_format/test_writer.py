@@ -37,7 +37,9 @@ WRITER = textwrap.dedent("""
                 n = rows // 3
                 tok = wid * 10**6 + i * 10**3 + part * n + np.arange(n)
                 x = (np.random.default_rng(tok[0]).standard_normal((n, 32))).astype(BF16)
-                seg.append(residuals={2: x}, tokens=tok, seq_ids=np.full(n, wid * 1000 + i), positions=part * n + np.arange(n))
+                seg.append(
+                    residuals={2: x}, tokens=tok, seq_ids=np.full(n, wid * 1000 + i), positions=part * n + np.arange(n)
+                )
                 if n_segs == -2 and i == 1 and part == 2:  # hang mid-segment, shards already flushed
                     print("hang", flush=True)
                     import time; time.sleep(600)
@@ -49,8 +51,13 @@ WRITER = textwrap.dedent("""
 
 def _spawn(url, wid, n_segs, rows):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(url), str(wid), str(n_segs), str(rows)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(url), str(wid), str(n_segs), str(rows)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _expected_tokens(wid, i, rows):
@@ -153,8 +160,9 @@ def test_writer_killed_mid_segment_leaves_a_readable_cache(tmp_path, seed):
     c = cf.open_cache(url)
     segs = c.segments
     assert [s.meta["i"] for s in segs] == list(range(len(segs)))
-    assert np.array_equal(c.tokens[:], np.concatenate([_expected_tokens(1, i, 2400) for i in range(len(segs))]
-                                                      or [np.zeros(0, np.int32)]))
+    assert np.array_equal(
+        c.tokens[:], np.concatenate([_expected_tokens(1, i, 2400) for i in range(len(segs))] or [np.zeros(0, np.int32)])
+    )
     n, bad = ops.verify(c)
     assert bad == []
     fp = c.fingerprint
@@ -186,7 +194,7 @@ def test_four_concurrent_writers_lose_no_rows(tmp_path):
     prev = reader.tokens[:]
     while any(p.poll() is None for p in procs):  # a snapshot reader: rows never shift under it
         now = reader.refresh().tokens[:]
-        assert np.array_equal(now[:len(prev)], prev)
+        assert np.array_equal(now[: len(prev)], prev)
         prev = now
         time.sleep(0.05)
     for p in procs:
@@ -199,7 +207,7 @@ def test_four_concurrent_writers_lose_no_rows(tmp_path):
         mine = [s for s in c.segments if s.meta["writer"] == w]
         assert [s.meta["i"] for s in mine] == list(range(n_segs))  # one writer's rows in its order
         for s in mine:
-            assert np.array_equal(tok[s.row_start:s.row_start + s.n_rows], _expected_tokens(w, s.meta["i"], rows))
+            assert np.array_equal(tok[s.row_start : s.row_start + s.n_rows], _expected_tokens(w, s.meta["i"], rows))
             x = c.residuals(2).numpy(s.row_start, s.row_start + 100)
             first = _expected_tokens(w, s.meta["i"], rows)[0]
             assert np.array_equal(x, np.random.default_rng(first).standard_normal((100, 32)).astype(x.dtype))

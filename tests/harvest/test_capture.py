@@ -10,16 +10,21 @@ import pytest
 import torch
 
 import cache_format as cf
-from harvest.config import load_config
 from harvest import run as hr
 from harvest.capture import LayerCapture
+from harvest.config import load_config
 from harvest.model import load_model
 
 
 def tiny_cfg(cache, **flags):
     overrides = [
-        "corpus.tokens=2048", "corpus.seq_len=128", "supergpqa.questions=6", "supergpqa.max_new_tokens=12",
-        "harvest.segment_sequences=4", "harvest.batch_size=4", "harvest.chunk_tokens=256",
+        "corpus.tokens=2048",
+        "corpus.seq_len=128",
+        "supergpqa.questions=6",
+        "supergpqa.max_new_tokens=12",
+        "harvest.segment_sequences=4",
+        "harvest.batch_size=4",
+        "harvest.chunk_tokens=256",
     ]
     return load_config(None, "tiny", overrides, **{"harvest.cache": str(cache), **flags})
 
@@ -32,8 +37,10 @@ def lm():
 def reference(lm, token_ids, layers):
     """Plain forward over one whole sequence with independent hooks."""
     got = {}
-    hs = [lm.layers[L].register_forward_hook(lambda m, a, o, L=L: got.__setitem__(L, o[0] if isinstance(o, tuple) else o))
-          for L in layers]
+    hs = [
+        lm.layers[L].register_forward_hook(lambda m, a, o, L=L: got.__setitem__(L, o[0] if isinstance(o, tuple) else o))
+        for L in layers
+    ]
     try:
         with torch.no_grad():
             lm.model(input_ids=torch.tensor([token_ids]))
@@ -56,7 +63,7 @@ def assert_matches(lm, url, layers, n_sample=64, seed=0):
             refs[s] = reference(lm, tok_of[s], layers)
         assert toks[r] == tok_of[s][pos[r]]
         for L in layers:
-            got = c.residuals(L)[int(r): int(r) + 1][0].float()
+            got = c.residuals(L)[int(r) : int(r) + 1][0].float()
             want = refs[s][L][pos[r]]
             cos = torch.nn.functional.cosine_similarity(got, want, dim=0).item()
             rel = ((got - want).norm() / want.norm()).item()
@@ -92,9 +99,9 @@ def test_rollout_rows_match_and_carry_roles_and_labels(tmp_path, lm):
         order = np.argsort(pos[m], kind="stable")  # rows may be written permuted (mix_window)
         r, lab = roles[m][order], labels[m][order]
         assert (r[: s["prompt_len"]] == cf.ROLE_PROMPT).all() and (lab[: s["prompt_len"]] == cf.LABEL_NONE).all()
-        resp = r[s["prompt_len"]:]
+        resp = r[s["prompt_len"] :]
         assert set(resp.tolist()) <= {cf.ROLE_THINKING, cf.ROLE_ANSWER}
-        assert (lab[s["prompt_len"]:] == (cf.LABEL_CORRECT if s["correct"] else cf.LABEL_WRONG)).all()
+        assert (lab[s["prompt_len"] :] == (cf.LABEL_CORRECT if s["correct"] else cf.LABEL_WRONG)).all()
         assert s["forced"] == s["truncated"]  # the tiny profile forces exactly the rollouts that did not answer
         assert s["parsed"] in "ABCDEFGHIJ"[: s["n_options"]] and s["correct"] == (s["parsed"] == s["gold"])
         assert (resp[-1] == cf.ROLE_ANSWER) and np.all(np.diff(resp) >= 0)  # thinking, then answer
@@ -109,16 +116,21 @@ def test_rollout_rows_match_and_carry_roles_and_labels(tmp_path, lm):
 
 def test_write_time_mixing_keeps_every_row_locatable(tmp_path, lm):
     url = tmp_path / "mixed"
-    cfg = tiny_cfg(url, **{"harvest.source": "corpus", "harvest.layers": [1], "harvest.mix_window": 4,
-                           "harvest.mix_seed": 7})
+    cfg = tiny_cfg(
+        url, **{"harvest.source": "corpus", "harvest.layers": [1], "harvest.mix_window": 4, "harvest.mix_seed": 7}
+    )
     hr.run(cfg, progress=False)
     c = assert_matches(lm, url, [1])
     sid = np.asarray(c.seq_ids[: c.chunk_tokens])
     assert len(np.unique(sid)) == 4  # one chunk already holds rows of every sequence in its window
     assert not np.all(np.diff(np.asarray(c.positions[:128])) == 1)
     assert c.segments[0].meta["mix"]["window"] == 4
-    hr.run(tiny_cfg(url, **{"harvest.source": "corpus", "harvest.layers": [3], "harvest.mix_window": 4,
-                            "harvest.mix_seed": 7}), progress=False)
+    hr.run(
+        tiny_cfg(
+            url, **{"harvest.source": "corpus", "harvest.layers": [3], "harvest.mix_window": 4, "harvest.mix_seed": 7}
+        ),
+        progress=False,
+    )
     assert_matches(lm, url, [1, 3], seed=3)
 
 
@@ -148,8 +160,11 @@ def test_generated_rollouts_are_never_generated_again(tmp_path, lm):
     again = cf.open_cache(url).sequences().to_pylist()
     assert [s["token_ids"] for s in again] == [s["token_ids"] for s in first]
     # changed generation settings do not reuse them
-    cfg = tiny_cfg(tmp_path / "other", **flags, **{"supergpqa.backend": "vllm", "supergpqa.max_new_tokens": 5,
-                                                   "supergpqa.vllm.python": str(tmp_path / "none")})
+    cfg = tiny_cfg(
+        tmp_path / "other",
+        **flags,
+        **{"supergpqa.backend": "vllm", "supergpqa.max_new_tokens": 5, "supergpqa.vllm.python": str(tmp_path / "none")},
+    )
     with pytest.raises(cf.UserError, match="make vllm-env"):
         hr.run(cfg, progress=False)
 

@@ -42,11 +42,14 @@ def test_unknown_source(monkeypatch, capsys, tmp_path):
     assert_one_line(code, err, "unknown source 'wiki'", "--source")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[harvest\nlayers = [1]\n", ["malformed TOML"]),
-    ("[harvest]\nlayerz = [1]\n", ["unknown key 'layerz'"]),
-    ("[harvest]\nbatch_size = \"two\"\n", ["expected an integer"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[harvest\nlayers = [1]\n", ["malformed TOML"]),
+        ("[harvest]\nlayerz = [1]\n", ["unknown key 'layerz'"]),
+        ('[harvest]\nbatch_size = "two"\n', ["expected an integer"]),
+    ],
+)
 def test_bad_pipeline_toml(monkeypatch, capsys, tmp_path, text, words):
     p = tmp_path / "pipeline.toml"
     p.write_text(text)
@@ -57,20 +60,27 @@ def test_bad_pipeline_toml(monkeypatch, capsys, tmp_path, text, words):
 def test_dataset_file_with_missing_fields(monkeypatch, capsys, tmp_path):
     ds = tmp_path / "q.jsonl"
     ds.write_text(json.dumps({"uuid": "1", "question": "?", "options": ["a", "b"]}) + "\n")
-    code, _, err = run_main(monkeypatch, capsys, ["run", *TINY, "--cache", str(tmp_path / "c"),
-                                                  "--set", f'supergpqa.dataset="{ds}"'])
+    code, _, err = run_main(
+        monkeypatch, capsys, ["run", *TINY, "--cache", str(tmp_path / "c"), "--set", f'supergpqa.dataset="{ds}"']
+    )
     assert_one_line(code, err, "answer_letter", "SuperGPQA schema")
 
 
 def test_dataset_file_that_does_not_exist(monkeypatch, capsys, tmp_path):
-    code, _, err = run_main(monkeypatch, capsys, ["run", *TINY, "--cache", str(tmp_path / "c"),
-                                                  "--set", f'supergpqa.dataset="{tmp_path}/none.jsonl"'])
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        ["run", *TINY, "--cache", str(tmp_path / "c"), "--set", f'supergpqa.dataset="{tmp_path}/none.jsonl"'],
+    )
     assert_one_line(code, err, "does not exist")
 
 
 def test_model_path_that_does_not_exist(monkeypatch, capsys, tmp_path):
-    code, _, err = run_main(monkeypatch, capsys, ["run", *TINY, "--cache", str(tmp_path / "c"),
-                                                  "--set", f'model.name_or_path="{tmp_path}/no-model"'])
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        ["run", *TINY, "--cache", str(tmp_path / "c"), "--set", f'model.name_or_path="{tmp_path}/no-model"'],
+    )
     assert_one_line(code, err, "does not exist", "model.name_or_path")
 
 
@@ -87,9 +97,28 @@ def test_appending_with_another_source_is_refused(monkeypatch, capsys, tmp_path)
 @pytest.mark.slow
 def test_make_style_subprocess_run_prints_json_and_progress(tmp_path):
     url = str(tmp_path / "c")
-    p = subprocess.run([sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--cache", url, "--layers", "1,3,5",
-                        "--questions", "4", "--set", "supergpqa.max_new_tokens=8", "--json"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harvest",
+            "run",
+            "--profile",
+            "tiny",
+            "--cache",
+            url,
+            "--layers",
+            "1,3,5",
+            "--questions",
+            "4",
+            "--set",
+            "supergpqa.max_new_tokens=8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout)  # stdout holds only the JSON
     assert summary["layers"] == [1, 3, 5] and summary["n_tokens"] == cf.open_cache(url).n_tokens

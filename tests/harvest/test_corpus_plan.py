@@ -24,10 +24,14 @@ def local_sources(tmp_path):
     with open(tmp_path / "b.jsonl", "w") as f:
         for i in range(40):
             f.write(json.dumps({"body": f"beta record {i}: the heart pumps blood through two circuits."}) + "\n")
-    pq.write_table(pa.table({"text": [f"gamma row {i}, a prime has two divisors." for i in range(40)]}),
-                   tmp_path / "c.parquet")
-    return [CorpusSource("a", str(tmp_path / "a.txt"), 0.6), CorpusSource("b", str(tmp_path / "b.jsonl"), 0.3, "body"),
-            CorpusSource("c", str(tmp_path / "c.parquet"), 0.1)]
+    pq.write_table(
+        pa.table({"text": [f"gamma row {i}, a prime has two divisors." for i in range(40)]}), tmp_path / "c.parquet"
+    )
+    return [
+        CorpusSource("a", str(tmp_path / "a.txt"), 0.6),
+        CorpusSource("b", str(tmp_path / "b.jsonl"), 0.3, "body"),
+        CorpusSource("c", str(tmp_path / "c.parquet"), 0.1),
+    ]
 
 
 def test_packing_is_a_deterministic_weighted_mixture_with_eos_separators(tmp_path, tok):
@@ -52,10 +56,16 @@ def uneven_sources(tmp_path):
     with open(tmp_path / "long.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": " ".join(f"long trace {i} step {j} holds." for j in range(60))}) + "\n")
-    pq.write_table(pa.table({"text": [f"middle row {i}: " + "a prime has two divisors. " * 4 for i in range(2000)]}),
-                   tmp_path / "mid.parquet", row_group_size=100)
-    return [CorpusSource("short", str(tmp_path / "short.txt"), 0.1), CorpusSource("long", str(tmp_path / "long.jsonl"), 0.7),
-            CorpusSource("mid", str(tmp_path / "mid.parquet"), 0.2)]
+    pq.write_table(
+        pa.table({"text": [f"middle row {i}: " + "a prime has two divisors. " * 4 for i in range(2000)]}),
+        tmp_path / "mid.parquet",
+        row_group_size=100,
+    )
+    return [
+        CorpusSource("short", str(tmp_path / "short.txt"), 0.1),
+        CorpusSource("long", str(tmp_path / "long.jsonl"), 0.7),
+        CorpusSource("mid", str(tmp_path / "mid.parquet"), 0.2),
+    ]
 
 
 def shares(seqs):
@@ -84,7 +94,9 @@ def test_weights_are_token_shares_and_per_document_draws_stay_an_option(tmp_path
 def test_a_planner_restarted_from_a_recorded_state_continues_exactly(tmp_path, tok):
     import json as js
 
-    cfg = CorpusConfig(sources=uneven_sources(tmp_path) + [CorpusSource("tiny", "builtin:tiny", 0.3)], seq_len=48, seed=5)
+    cfg = CorpusConfig(
+        sources=uneven_sources(tmp_path) + [CorpusSource("tiny", "builtin:tiny", 0.3)], seq_len=48, seed=5
+    )
     eos = data.corpus_eos(tok)
     p = corpus_plan.CorpusPlanner(cfg, tok, eos, threads=2)
     states, seqs = {}, []
@@ -106,7 +118,11 @@ def test_a_planner_restarted_from_a_recorded_state_continues_exactly(tmp_path, t
 def test_local_readers_stream_and_skip_by_document(tmp_path):
     srcs = {s.name: s for s in uneven_sources(tmp_path)}
     (tmp_path / "gaps.txt").write_text("one\nline two\n\n\n\nthree  \n\n four\n")
-    assert list(data.iter_documents(CorpusSource("g", str(tmp_path / "gaps.txt")), 0)) == ["one\nline two", "three", "four"]
+    assert list(data.iter_documents(CorpusSource("g", str(tmp_path / "gaps.txt")), 0)) == [
+        "one\nline two",
+        "three",
+        "four",
+    ]
     for name in ("short", "long", "mid"):
         whole = list(data.iter_documents(srcs[name], 0))
         assert list(data.iter_documents(srcs[name], 0, skip=250)) == whole[250:]
@@ -128,20 +144,23 @@ def test_corpus_source_errors_are_one_line(tmp_path, tok):
 
 
 def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_report(tmp_path):
+    from analysis_data import exported_run
     from click.testing import CliRunner
 
-    from analysis_data import exported_run
     from cache_format.cli import cli
-    from harvest.config import load_config
     from harvest import run as hr
+    from harvest.config import load_config
     from train.report import render_report
 
     srcs = uneven_sources(tmp_path)
     table = ", ".join(f'{{name="{s.name}", path="{s.path}", weight={w}}}' for s, w in zip(srcs, (0.1, 0.7, 0.2)))
     url = str(tmp_path / "mix")
-    cfg = load_config(None, "tiny", [f"corpus.sources=[{table}]", "harvest.segment_sequences=64",
-                                     "harvest.batch_size=64"],
-                      **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 256 * 128})
+    cfg = load_config(
+        None,
+        "tiny",
+        [f"corpus.sources=[{table}]", "harvest.segment_sequences=64", "harvest.batch_size=64"],
+        **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 256 * 128},
+    )
     hr.run(cfg, progress=False)
     out = CliRunner().invoke(cli, ["info", url, "--json"])
     rows = json.loads(out.output)["rows_by_source"]
@@ -159,14 +178,21 @@ def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_repo
 
 def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_they_filled(tmp_path):
     import cache_format as cf
-    from harvest.config import load_config
     from harvest import run as hr
+    from harvest.config import load_config
 
     (tmp_path / "few.txt").write_text("\n\n".join(f"a short document, number {i}." for i in range(200)))
     url = str(tmp_path / "out")
-    cfg = load_config(None, "tiny", [f'corpus.sources=[{{name="few", path="{tmp_path / "few.txt"}"}}]',
-                                     "harvest.segment_sequences=8", "harvest.batch_size=8"],
-                      **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 10**6})
+    cfg = load_config(
+        None,
+        "tiny",
+        [
+            f'corpus.sources=[{{name="few", path="{tmp_path / "few.txt"}"}}]',
+            "harvest.segment_sequences=8",
+            "harvest.batch_size=8",
+        ],
+        **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 10**6},
+    )
     with pytest.raises(data.DataError, match=r"ran out after \d+ sequences of 128 tokens; lower --tokens"):
         hr.run(cfg, progress=False)
     c = cf.open_cache(url)
@@ -183,18 +209,21 @@ def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
 
 def test_a_complete_corpus_cache_reads_no_source_on_rerun_or_when_a_layer_is_added(tmp_path):
     import cache_format as cf
-    from harvest.config import load_config
     from harvest import run as hr
+    from harvest.config import load_config
 
     src = tmp_path / "docs.txt"
     src.write_text("\n\n".join(f"document {i} says something about the number {i * 7}." for i in range(400)))
     url = str(tmp_path / "out")
 
     def cfg(layers):
-        return load_config(None, "tiny", [f'corpus.sources=[{{name="docs", path="{src}"}}]',
-                                          "harvest.segment_sequences=4", "harvest.batch_size=8"],
-                           **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": layers,
-                              "corpus.tokens": 8 * 128})
+        return load_config(
+            None,
+            "tiny",
+            [f'corpus.sources=[{{name="docs", path="{src}"}}]', "harvest.segment_sequences=4", "harvest.batch_size=8"],
+            **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": layers, "corpus.tokens": 8 * 128},
+        )
+
     first = hr.run(cfg([0]), progress=False)
     src.unlink()  # a source that is gone cannot be streamed: nothing may try
     again = hr.run(cfg([0]), progress=False)

@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from harvest import gpu, run as hr
+from harvest import gpu
+from harvest import run as hr
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def make(*args, **env):
-    return subprocess.run(["make", "-s", "--no-print-directory", *args, f"PY={sys.executable}"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        ["make", "-s", "--no-print-directory", *args, f"PY={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_make_install_adds_the_fast_kernels_only_where_cuda_is_detected():
@@ -29,8 +36,12 @@ def test_make_install_adds_the_fast_kernels_only_where_cuda_is_detected():
     failing = make("gpu-kernels", "PIP_GPU=false", ACTCACHE_CUDA="1")  # a kernel that cannot build
     assert failing.returncode == 0 and "could not install" in failing.stdout, failing
     for value, want in (("1", "cuda"), ("0", "cpu")):
-        out = subprocess.run([sys.executable, "-m", "harvest.gpu", "detect"], capture_output=True, text=True,
-                             env={**os.environ, "ACTCACHE_CUDA": value})
+        out = subprocess.run(
+            [sys.executable, "-m", "harvest.gpu", "detect"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "ACTCACHE_CUDA": value},
+        )
         assert out.stdout.strip() == want
 
 
@@ -48,11 +59,12 @@ def test_harvest_names_the_reference_kernels_in_one_line_on_a_gpu_only():
 
 
 def test_worker_slots_count_per_host_whatever_the_names():
-    workers = {"tcp://10.0.0.1:4001": {"host": "10.0.0.1", "name": "trainer-b"},
-               "tcp://10.0.0.1:4000": {"host": "10.0.0.1", "name": "trainer-a"},
-               "tcp://10.0.0.2:4000": {"host": "10.0.0.2", "name": "trainer-c"}}
-    assert gpu.worker_slots(workers) == {"tcp://10.0.0.1:4000": 0, "tcp://10.0.0.1:4001": 1,
-                                         "tcp://10.0.0.2:4000": 0}
+    workers = {
+        "tcp://10.0.0.1:4001": {"host": "10.0.0.1", "name": "trainer-b"},
+        "tcp://10.0.0.1:4000": {"host": "10.0.0.1", "name": "trainer-a"},
+        "tcp://10.0.0.2:4000": {"host": "10.0.0.2", "name": "trainer-c"},
+    }
+    assert gpu.worker_slots(workers) == {"tcp://10.0.0.1:4000": 0, "tcp://10.0.0.1:4001": 1, "tcp://10.0.0.2:4000": 0}
 
 
 @pytest.mark.slow
@@ -62,8 +74,12 @@ def test_dask_workers_with_names_that_are_not_numbers_get_distinct_gpus(monkeypa
     monkeypatch.setenv("ACTCACHE_GPU_COUNT", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     spec = {name: {"cls": Worker, "options": {"nthreads": 1}} for name in ("gpu-node-b", "gpu-node-a")}
-    with SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
-                     asynchronous=False) as cluster, Client(cluster) as client:
+    with (
+        SpecCluster(
+            workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}}, asynchronous=False
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         pinned = hr.pin_worker_devices(client)
         assert sorted(pinned.values()) == ["cuda:0", "cuda:1"]
         assert client.run(lambda dask_worker: dask_worker.actcache_device) == pinned

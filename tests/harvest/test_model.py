@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from harvest.config import ModelConfig
 from harvest import tiny
+from harvest.config import ModelConfig
 from harvest.model import ModelError, describe_model, load_model
 
 TINY = ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu")
@@ -37,7 +37,9 @@ def test_model_errors_are_one_line_user_errors(tmp_path):
     with pytest.raises(ModelError, match="not a torch dtype"):
         load_model(ModelConfig(name_or_path="builtin:tiny", dtype="bfloat17", device_map="cpu"))
     with pytest.raises(ModelError, match="layers_path"):
-        load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu", layers_path="model.nope"))
+        load_model(
+            ModelConfig(name_or_path="builtin:tiny", dtype="float32", device_map="cpu", layers_path="model.nope")
+        )
     lm = load_model(TINY)
     with pytest.raises(ModelError, match="past the model's depth"):
         lm.check_layers([1, lm.n_layers])
@@ -47,8 +49,14 @@ def test_a_saved_llama_style_model_loads_by_path_with_its_layers(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -14,8 +14,9 @@ import psutil
 import pytest
 
 import cache_format as cf
+from harvest import run as hr
+from harvest import tiny
 from harvest.config import load_config
-from harvest import run as hr, tiny
 
 BIG = 50_000_000
 SMALL = 1_000_000
@@ -41,14 +42,33 @@ def write_corpus(path, min_tokens: int) -> int:
 
 
 def settings(corpus_path) -> list[str]:
-    return ["harvest.segment_sequences=256", "harvest.batch_size=64",
-            f'corpus.sources=[{{name="gen", path="{corpus_path}", weight=0.9}}, '
-            '{name="tiny", path="builtin:tiny", weight=0.1}]']
+    return [
+        "harvest.segment_sequences=256",
+        "harvest.batch_size=64",
+        f'corpus.sources=[{{name="gen", path="{corpus_path}", weight=0.9}}, '
+        '{name="tiny", path="builtin:tiny", weight=0.1}]',
+    ]
 
 
 def command(url, tokens, sets) -> list[str]:
-    return [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--cache", str(url), "--source", "corpus",
-            "--layers", "0", "--tokens", str(tokens), "--quiet", *sum((["--set", s] for s in sets), [])]
+    return [
+        sys.executable,
+        "-m",
+        "harvest",
+        "run",
+        "--profile",
+        "tiny",
+        "--cache",
+        str(url),
+        "--source",
+        "corpus",
+        "--layers",
+        "0",
+        "--tokens",
+        str(tokens),
+        "--quiet",
+        *sum((["--set", s] for s in sets), []),
+    ]
 
 
 def committed(url) -> int:
@@ -104,14 +124,25 @@ def test_a_50m_token_corpus_run_commits_early_in_bounded_memory_and_resumes_exac
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    print(f"\n50M tokens: first commit {first_commit:.1f} s, RSS {peak / 2**20:.0f} MiB "
-          f"({(peak - base) / 2**20:+.0f} MiB over the one-sequence run)")
+    print(
+        f"\n50M tokens: first commit {first_commit:.1f} s, RSS {peak / 2**20:.0f} MiB "
+        f"({(peak - base) / 2**20:+.0f} MiB over the one-sequence run)"
+    )
     done = cf.open_cache(str(url)).n_tokens
     assert done > 0 and done % (256 * 128) == 0  # whole units only
 
     target = max(SMALL, done + 256 * 128)  # a fast machine may commit past SMALL before the kill: resume further
-    cfg = lambda u: load_config(None, "tiny", sets, **{"harvest.cache": str(u), "harvest.source": "corpus",  # noqa: E731
-                                                       "harvest.layers": [0], "corpus.tokens": target})
+    cfg = lambda u: load_config(
+        None,
+        "tiny",
+        sets,
+        **{
+            "harvest.cache": str(u),
+            "harvest.source": "corpus",  # noqa: E731
+            "harvest.layers": [0],
+            "corpus.tokens": target,
+        },
+    )
     resumed = hr.run(cfg(url), progress=False)
     assert resumed["sequences_done_before"] * 128 == done
     assert resumed["planned_from_sequence"] >= 256  # restarted from a unit's recorded state, not from 0

@@ -57,8 +57,12 @@ def test_hub_revisions_resolve_once_then_resume_reuses_the_recorded_commit(tmp_p
     # a segment records the pins; the upstream branch moves; a resume keeps the recorded commit
     w = cf.create_cache(str(tmp_path / "c"), d_model=4, layers=[0], meta={"model": {"name_or_path": "t"}})
     with w.segment(meta={"plan": {"next_seq": 1, "revisions": {"web": pins[1]}}}) as seg:
-        seg.append({0: torch.zeros(2, 4, dtype=torch.bfloat16)}, tokens=np.zeros(2, np.int32), seq_ids=np.zeros(2, np.int64),
-                   positions=np.arange(2, dtype=np.int32))
+        seg.append(
+            {0: torch.zeros(2, 4, dtype=torch.bfloat16)},
+            tokens=np.zeros(2, np.int32),
+            seq_ids=np.zeros(2, np.int64),
+            positions=np.arange(2, dtype=np.int32),
+        )
     commits["org/web"][""] = "c" * 40
     segs = cf.open_cache(str(tmp_path / "c")).segments
     assert revisions.pin([hub], segs)[0]["commit"] == "a" * 40 and len(asked) == 1
@@ -81,4 +85,7 @@ def test_a_hub_supergpqa_is_pinned_to_its_commit_and_a_local_file_is_not(fake_hu
     assert revisions.pin_dataset("m-a-p/SuperGPQA", "main", pin)["commit"] == "d" * 40 and len(asked) == 1
     local = tmp_path / "q.jsonl"
     local.write_text("")
-    assert revisions.pin_dataset(str(local), "main", None) is None and revisions.pin_dataset("builtin:tiny", "", None) is None
+    assert (
+        revisions.pin_dataset(str(local), "main", None) is None
+        and revisions.pin_dataset("builtin:tiny", "", None) is None
+    )

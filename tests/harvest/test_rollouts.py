@@ -9,10 +9,11 @@ import pytest
 
 import cache_format as cf
 import harvest.run as hr
+from harvest import data
+from harvest import rollouts as ro
 from harvest.config import SuperGPQAConfig, load_config
-from harvest import data, rollouts as ro
-from harvest.prompts import prompt_ids
 from harvest.model import load_model
+from harvest.prompts import prompt_ids
 
 STANDIN = str(Path(__file__).parents[1] / "standin")
 
@@ -27,10 +28,17 @@ def _log(path):
 
 
 def _cfg(tmp_path, url, log, **flags):
-    overrides = ["supergpqa.questions=5", "supergpqa.max_new_tokens=6", "harvest.batch_size=4",
-                 "harvest.chunk_tokens=256", "supergpqa.questions_per_unit=2", 'supergpqa.backend="vllm"',
-                 f'supergpqa.vllm.python="{sys.executable}"', "supergpqa.vllm.tensor_parallel_size=1",
-                 "supergpqa.vllm.gpu_memory_utilization=0.5"]
+    overrides = [
+        "supergpqa.questions=5",
+        "supergpqa.max_new_tokens=6",
+        "harvest.batch_size=4",
+        "harvest.chunk_tokens=256",
+        "supergpqa.questions_per_unit=2",
+        'supergpqa.backend="vllm"',
+        f'supergpqa.vllm.python="{sys.executable}"',
+        "supergpqa.vllm.tensor_parallel_size=1",
+        "supergpqa.vllm.gpu_memory_utilization=0.5",
+    ]
     return load_config(None, "tiny", overrides, **{"harvest.cache": str(url), "harvest.layers": [1], **flags})
 
 
@@ -53,8 +61,10 @@ def test_vllm_backend_saves_as_it_streams_and_resumes_after_a_crash(tmp_path, lm
     summary = hr.run(_cfg(tmp_path, url, log), progress=False)
     calls = _log(log)
     assert len([c for c in calls if c["call"] == "add_request"]) == 2  # the 3 streamed before the crash were kept
-    prompts = [prompt_ids(lm.tokenizer, q, True, "answer-line")
-               for q in data.select_questions(data.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)]
+    prompts = [
+        prompt_ids(lm.tokenizer, q, True, "answer-line")
+        for q in data.select_questions(data.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)
+    ]
     engine = next(c for c in calls if c["call"] == "LLM")
     assert engine["max_model_len"] == max(len(p) for p in prompts[3:]) + 6  # longest pending prompt + budget
     assert engine["gpu_memory_utilization"] == 0.5
@@ -63,7 +73,7 @@ def test_vllm_backend_saves_as_it_streams_and_resumes_after_a_crash(tmp_path, lm
     seqs = c.sequences().to_pylist()
     assert sorted(s["seq_id"] for s in seqs) == list(range(5))
     assert all(s["parsed"] == "B" and s["backend"] == "vllm" and s["backend_version"] == "0.0-standin" for s in seqs)
-    assert all(s["token_ids"][-len(answer) - 1:-1] == answer and s["finished"] for s in seqs)
+    assert all(s["token_ids"][-len(answer) - 1 : -1] == answer and s["finished"] for s in seqs)
     gen = c.segments[0].meta["generation"]
     assert gen["backend"] == "vllm" and json.loads(gen["backend_params"])["gpu_memory_utilization"] == 0.5
     assert len(c.segments) == 3  # 5 questions in units of 2
@@ -73,27 +83,38 @@ def test_transformers_generation_is_saved_batch_by_batch(lm):
     qs = data.select_questions(data.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)
     cfg = SuperGPQAConfig(dataset="builtin:tiny", max_new_tokens=4, prompt_format="answer-line")
     saved = []
-    made = ro.generate_rollouts(list(enumerate(qs)), ro.TransformersBackend(lm, batch_size=2), lm.tokenizer, cfg,
-                                lambda rs: saved.append([r.seq_id for r in rs]), progress=False)
+    made = ro.generate_rollouts(
+        list(enumerate(qs)),
+        ro.TransformersBackend(lm, batch_size=2),
+        lm.tokenizer,
+        cfg,
+        lambda rs: saved.append([r.seq_id for r in rs]),
+        progress=False,
+    )
     assert saved == [[0, 1], [2, 3], [4]]  # a crash loses at most the batch in flight
     assert all(r.record["backend"] == "transformers" and not r.graded for r in made)
-    assert all(len(r.response_ids) <= 4 and r.finished == (r.response_ids[-1] in ro.stop_ids(lm.tokenizer))
-               for r in made)
+    assert all(
+        len(r.response_ids) <= 4 and r.finished == (r.response_ids[-1] in ro.stop_ids(lm.tokenizer)) for r in made
+    )
 
 
 def test_grading_records_why_an_answer_was_missing_and_that_it_was_forced(lm):
     q = data.load_questions(SuperGPQAConfig(dataset="builtin:tiny"))[0]
     prompt = prompt_ids(lm.tokenizer, q, True)
     for text, missing in [("still thinking about it", "thinking_unclosed"), ("hmm</think>\n\nNo idea.", "no_answer")]:
-        r = ro.Rollout(0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False,
-                       data.question_record(q))
+        r = ro.Rollout(
+            0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False, data.question_record(q)
+        )
         ro.grade_rollout(r, lm.tokenizer, SuperGPQAConfig(force_answer=True), lambda: lm)
         rec = r.record
         assert rec["missing"] == missing and rec["forced"] and rec["truncated"]
-        assert rec["parsed"] in "ABCDEFGHIJ"[: len(q["options"])] and rec["correct"] == (rec["parsed"] == q["answer_letter"])
+        assert rec["parsed"] in "ABCDEFGHIJ"[: len(q["options"])] and rec["correct"] == (
+            rec["parsed"] == q["answer_letter"]
+        )
         tail = lm.tokenizer.decode(r.response_ids)
         assert tail.rstrip().endswith(f"Answer: {rec['parsed']}") and tail.count("</think>") == 1
-        r2 = ro.Rollout(0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False,
-                        data.question_record(q))
+        r2 = ro.Rollout(
+            0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False, data.question_record(q)
+        )
         ro.grade_rollout(r2, lm.tokenizer, SuperGPQAConfig(force_answer=False))
         assert r2.record["parsed"] is None and not r2.record["forced"] and not r2.record["correct"]

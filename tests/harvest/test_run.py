@@ -13,15 +13,25 @@ import pytest
 import torch
 
 import cache_format as cf
-from harvest.config import load_config
 from harvest import run as hr
+from harvest.config import load_config
 
 OVERRIDES = ["corpus.seq_len=64", "harvest.segment_sequences=4", "harvest.batch_size=4", "harvest.chunk_tokens=128"]
 
 
 def cfg_for(url, tokens, **flags):
-    return load_config(None, "tiny", OVERRIDES, **{"harvest.cache": str(url), "harvest.source": "corpus",
-                                                     "harvest.layers": [1, 4], "corpus.tokens": tokens, **flags})
+    return load_config(
+        None,
+        "tiny",
+        OVERRIDES,
+        **{
+            "harvest.cache": str(url),
+            "harvest.source": "corpus",
+            "harvest.layers": [1, 4],
+            "corpus.tokens": tokens,
+            **flags,
+        },
+    )
 
 
 def rows(url):
@@ -54,8 +64,24 @@ def test_resume_after_kill_9_gives_the_rows_of_an_uninterrupted_run(tmp_path):
     hr.run(cfg_for(whole, tokens), progress=False)
 
     url = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "harvest", "run", "--profile", "tiny", "--cache", str(url), "--source", "corpus",
-           "--layers", "1,4", "--tokens", str(tokens), "--quiet", *sum((["--set", o] for o in OVERRIDES), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harvest",
+        "run",
+        "--profile",
+        "tiny",
+        "--cache",
+        str(url),
+        "--source",
+        "corpus",
+        "--layers",
+        "1,4",
+        "--tokens",
+        str(tokens),
+        "--quiet",
+        *sum((["--set", o] for o in OVERRIDES), []),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     delay = random.Random().uniform(0.0, 1.0)
     deadline = time.time() + 240
@@ -111,7 +137,9 @@ def test_two_writer_threads_commit_in_plan_order_and_give_identical_caches(tmp_p
         caches.append(cf.open_cache(str(tmp_path / name)))
     a, b = caches
     units = [s.meta["unit"] for s in a.segments]
-    assert units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0])) == [s.meta["unit"] for s in b.segments]
+    assert (
+        units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0])) == [s.meta["unit"] for s in b.segments]
+    )
     assert a.fingerprint == b.fingerprint and np.array_equal(a.tokens[:], b.tokens[:])
 
 
@@ -120,8 +148,9 @@ def test_an_existing_scheduler_runs_the_units(tmp_path):
 
     tokens = 64 * 8  # 2 units
     with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster:
-        summary = hr.run(cfg_for(tmp_path / "sched", tokens, **{"harvest.scheduler": cluster.scheduler_address}),
-                         progress=False)
+        summary = hr.run(
+            cfg_for(tmp_path / "sched", tokens, **{"harvest.scheduler": cluster.scheduler_address}), progress=False
+        )
     assert summary["units"] == 2 and summary["n_tokens"] == tokens
     local = tmp_path / "local"
     hr.run(cfg_for(local, tokens), progress=False)

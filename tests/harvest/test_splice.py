@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harvest.config import ModelConfig
 from harvest import tiny
+from harvest.config import ModelConfig
 from harvest.model import load_model
 from harvest.splice import loss_recovered
 from train.sae import TopKSAE
@@ -47,8 +47,10 @@ def _direct_ce(lm, sequences, hook_fn=None):
     """Mean next-token CE computed independently of harvest.splice (own hook, own loop)."""
     handle = None
     if hook_fn is not None:
+
         def hook(_m, _a, out):
             return (hook_fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else hook_fn(out)
+
         handle = lm.layers[LAYER].register_forward_hook(hook)
     total, n = 0.0, 0
     try:

@@ -17,11 +17,16 @@ NAME = "L2_n32_k16"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5, "l0": 2.5}
-            for t in (100, 200, 300)]
-    out, url, _ = exported_run(tmp_path_factory.mktemp("run"), name=NAME, trajectory=traj,
-                               metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.5,
-                                        "alive": 16})
+    traj = [
+        {"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5, "l0": 2.5}
+        for t in (100, 200, 300)
+    ]
+    out, url, _ = exported_run(
+        tmp_path_factory.mktemp("run"),
+        name=NAME,
+        trajectory=traj,
+        metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.5, "alive": 16},
+    )
     return out, url
 
 
@@ -39,8 +44,21 @@ def test_eval_json_on_export_and_on_a_000_file(run_dir):
     assert m["same_data_as_training"] is True and m["layer"] == LAYER and m["layout"] == "sae_lens"
     assert set(m) >= {"variance_explained", "mse", "l0", "dead_fraction", "alive"}
     # the 000 .pt beside it records neither cache nor split: pass them; same metrics
-    r = _ok(CliRunner().invoke(eval_cmd, ["--sae", str(out / NAME / f"sae_L{LAYER}_n32_k16.pt"), "--cache", url,
-                                          "--set", f"train.heldout_fraction={FRACTION}", "--json", "--quiet"]))
+    r = _ok(
+        CliRunner().invoke(
+            eval_cmd,
+            [
+                "--sae",
+                str(out / NAME / f"sae_L{LAYER}_n32_k16.pt"),
+                "--cache",
+                url,
+                "--set",
+                f"train.heldout_fraction={FRACTION}",
+                "--json",
+                "--quiet",
+            ],
+        )
+    )
     m2 = json.loads(r.stdout)
     assert m2["layout"] == "topk_pt" and m2["l0"] == pytest.approx(m["l0"]) and m2["alive"] == m["alive"]
 
@@ -54,8 +72,21 @@ def test_eval_bad_sae_is_one_line(run_dir, tmp_path):
 
 def test_analyze_then_report(run_dir):
     out, _ = run_dir
-    r = _ok(CliRunner().invoke(analyze_cmd, ["--out", str(out), "--json", "--quiet",
-                                             "--set", "analysis.bootstrap=20", "--set", "analysis.permutations=50"]))
+    r = _ok(
+        CliRunner().invoke(
+            analyze_cmd,
+            [
+                "--out",
+                str(out),
+                "--json",
+                "--quiet",
+                "--set",
+                "analysis.bootstrap=20",
+                "--set",
+                "analysis.permutations=50",
+            ],
+        )
+    )
     summary = json.loads(r.stdout)[NAME]
     assert summary["max_auroc"] == pytest.approx(1.0) and summary["alive"] == 10  # features 0, 1 and 8..15
     for f in ("feature_metrics.parquet", "feature_prompts.parquet", "feature_stats.json", "analysis.json"):
@@ -77,9 +108,25 @@ def test_analyze_rows_default_to_every_labeled_row_on_rollouts(run_dir, tmp_path
     out, url = run_dir
     counts = {}
     for rows in ("auto", "heldout", "train", "all"):
-        r = _ok(CliRunner().invoke(analyze_cmd, ["--sae", str(out / NAME), "--out", str(tmp_path / rows), "--rows", rows,
-                                                 "--json", "--quiet", "--set", "analysis.bootstrap=0",
-                                                 "--set", "analysis.permutations=0"]))
+        r = _ok(
+            CliRunner().invoke(
+                analyze_cmd,
+                [
+                    "--sae",
+                    str(out / NAME),
+                    "--out",
+                    str(tmp_path / rows),
+                    "--rows",
+                    rows,
+                    "--json",
+                    "--quiet",
+                    "--set",
+                    "analysis.bootstrap=0",
+                    "--set",
+                    "analysis.permutations=0",
+                ],
+            )
+        )
         counts[rows] = json.loads(r.stdout)[NAME]["tokens"]
         a = json.loads((tmp_path / rows / "analysis.json").read_text())
         assert a["split"]["rows"] == ("all" if rows == "auto" else rows) and a["split"]["labeled"] == (rows == "auto")
@@ -100,20 +147,42 @@ def test_loss_recovered_command_on_the_tiny_model(tmp_path):
     tok = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))
     lines = [ln for ln in (tiny.assets() / "corpus.txt").read_text().splitlines() if len(ln.split()) > 8][:12]
     url = str(tmp_path / "cache")
-    w = cf.create_cache(url, d_model=d, layers=[layer], meta={"model": {"name_or_path": "builtin:tiny"}},
-                        chunk_tokens=64, shard_mib=1)
+    w = cf.create_cache(
+        url, d_model=d, layers=[layer], meta={"model": {"name_or_path": "builtin:tiny"}}, chunk_tokens=64, shard_mib=1
+    )
     with w.segment() as seg:
         for s, line in enumerate(lines):
             ids = np.asarray(tok.encode(line).ids[:24], np.int64)  # one length: one batch per pass
             n = len(ids)
-            seg.append(residuals={layer: torch.zeros(n, d, dtype=torch.bfloat16)}, tokens=ids, seq_ids=np.full(n, s),
-                       positions=np.arange(n), labels=np.full(n, -1), roles=np.zeros(n, np.int8))
+            seg.append(
+                residuals={layer: torch.zeros(n, d, dtype=torch.bfloat16)},
+                tokens=ids,
+                seq_ids=np.full(n, s),
+                positions=np.arange(n),
+                labels=np.full(n, -1),
+                roles=np.zeros(n, np.int8),
+            )
             seg.add_sequences([{"seq_id": s, "token_ids": ids.tolist()}])
     sae = identity_sae(d)
     cfg = {"d_in": d, "d_sae": 2 * d, "k": d, "layer": layer, "cache": url, "split": {"seed": 0, "fraction": 0.5}}
     export_sae(sae, tmp_path / "sae", cfg)
-    r = _ok(CliRunner().invoke(loss_recovered_cmd, ["--profile", "tiny", "--sae", str(tmp_path / "sae"),
-                                                    "--out", str(tmp_path / "sae"), "--sequences", "4", "--json", "--quiet"]))
+    r = _ok(
+        CliRunner().invoke(
+            loss_recovered_cmd,
+            [
+                "--profile",
+                "tiny",
+                "--sae",
+                str(tmp_path / "sae"),
+                "--out",
+                str(tmp_path / "sae"),
+                "--sequences",
+                "4",
+                "--json",
+                "--quiet",
+            ],
+        )
+    )
     res = json.loads(r.stdout)["sae"]
     assert res["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and res["layer"] == layer and res["sequences"] == 4
     assert json.loads((tmp_path / "sae" / "loss_recovered.json").read_text())["tokens"] == res["tokens"] > 0
@@ -129,8 +198,12 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
 
     bad = tmp_path / "sae_L2_n32_k16.pt"
     bad.write_bytes(b"\x00" * 64)
-    p = subprocess.run([sys.executable, "-m", "train", "eval", "--sae", str(bad), "--cache", str(tmp_path), "--json"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "train", "eval", "--sae", str(bad), "--cache", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not a readable PyTorch file" in lines[0]

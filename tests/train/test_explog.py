@@ -15,11 +15,34 @@ from train.cli import cli
 from train.explog import check_kind, open_log
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN = ["--profile", "tiny", "--set", "train.d_sae=384", "--set", "train.k=3", "--set", "train.k_aux=8",
-       "--set", "train.batch_size=256", "--set", "train.lr=0.004", "--set", "train.dead_tokens=1024",
-       "--set", "train.shuffle_buffer_tokens=4096", "--set", "train.geometric_median_samples=512",
-       "--set", "train.eval_tokens=1024", "--set", "train.training_tokens=5120",
-       "--set", "train.eval_every_tokens=2560", "--set", "train.checkpoint_every_tokens=5120"]
+RUN = [
+    "--profile",
+    "tiny",
+    "--set",
+    "train.d_sae=384",
+    "--set",
+    "train.k=3",
+    "--set",
+    "train.k_aux=8",
+    "--set",
+    "train.batch_size=256",
+    "--set",
+    "train.lr=0.004",
+    "--set",
+    "train.dead_tokens=1024",
+    "--set",
+    "train.shuffle_buffer_tokens=4096",
+    "--set",
+    "train.geometric_median_samples=512",
+    "--set",
+    "train.eval_tokens=1024",
+    "--set",
+    "train.training_tokens=5120",
+    "--set",
+    "train.eval_every_tokens=2560",
+    "--set",
+    "train.checkpoint_every_tokens=5120",
+]
 
 
 def scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -34,8 +57,9 @@ def test_tensorboard_run_logs_every_sae_trajectory(tmp_path):
     url = str(tmp_path / "cache")
     write_planted(url, layers=(2, 4), n=8192)
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["run", "--no-progress", *RUN, "--cache", url, "--out", str(out),
-                                 "--set", 'train.log="tensorboard"'])
+    r = CliRunner().invoke(
+        cli, ["run", "--no-progress", *RUN, "--cache", url, "--out", str(out), "--set", 'train.log="tensorboard"']
+    )
     assert r.exit_code == 0, r.output + repr(r.exception)
     for name in ("L2_n384_k3", "L4_n384_k3"):
         got = scalars(out / "logs" / name)
@@ -52,8 +76,9 @@ def test_wandb_offline_run_holds_the_trajectory(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     log = open_log("wandb", tmp_path / "logs", "planted", {"train": {"d_sae": 96}})
     for step in range(1, 4):
-        log.train_step("L2_n96_k3", 256 * step, {"loss": 1.0 / step, "fvu": 0.5 / step, "aux_loss": 0.1,
-                                                  "dead": 3, "lr": 1e-3})
+        log.train_step(
+            "L2_n96_k3", 256 * step, {"loss": 1.0 / step, "fvu": 0.5 / step, "aux_loss": 0.1, "dead": 3, "lr": 1e-3}
+        )
     log.heldout("L2_n96_k3", 768, {"variance_explained": 0.91, "l0": 3.0})
     summary = dict(log._run.summary)
     log.close()
@@ -70,9 +95,16 @@ def test_unknown_kind_and_missing_package_are_one_line_errors():
         check_kind("mlflow")
     assert "none, tensorboard, wandb" in str(e.value) and "\n" not in str(e.value)
     # a Python without wandb importable (None in sys.modules is how Python blocks an import)
-    code = ("import sys; sys.modules['wandb'] = None\n"
-            "from train.explog import check_kind\n"
-            "try:\n    check_kind('wandb')\nexcept Exception as e:\n    print(type(e).__name__, e)")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    code = (
+        "import sys; sys.modules['wandb'] = None\n"
+        "from train.explog import check_kind\n"
+        "try:\n    check_kind('wandb')\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert p.stdout.strip() == "UserError train.log='wandb' needs the wandb package: pip install wandb"

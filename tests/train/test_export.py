@@ -40,11 +40,21 @@ def export(tmp_path, *, relu=True, cache="caches/planted", normalize=False):
         if normalize:  # folded into the exported weights
             sae.input_mean.normal_()
             sae.input_scale.uniform_(0.5, 2.0)
-    cfg = sae_lens_cfg(sae, layer=11, hook="resid_post", hook_module="model.language_model.layers.11",
-                       model="Qwen/Qwen3.6-27B", fingerprint="f" * 16, tokens=4096,
-                       split={"seed": 0, "fraction": 0.1}, normalization={"kind": "none"},
-                       config={"exclude_special": False}, cache_url=cache,
-                       source={"name": "corpus", "seq_len": 1024}, context=1024)
+    cfg = sae_lens_cfg(
+        sae,
+        layer=11,
+        hook="resid_post",
+        hook_module="model.language_model.layers.11",
+        model="Qwen/Qwen3.6-27B",
+        fingerprint="f" * 16,
+        tokens=4096,
+        split={"seed": 0, "fraction": 0.1},
+        normalization={"kind": "none"},
+        config={"exclude_special": False},
+        cache_url=cache,
+        source={"name": "corpus", "seq_len": 1024},
+        context=1024,
+    )
     out = tmp_path / "L11_n64_k4"
     export_sae(sae, out, cfg)
     return sae, out
@@ -100,12 +110,22 @@ def test_an_sae_without_relu_is_refused_in_one_line(tmp_path):
 
 def test_rescale_acts_by_decoder_norm_is_honoured(tmp_path):
     g = torch.Generator().manual_seed(4)
-    w = {"W_enc": torch.randn(16, 64, generator=g), "b_enc": torch.randn(64, generator=g) * 0.1,
-         "W_dec": torch.randn(64, 16, generator=g) * (torch.rand(64, 1, generator=g) * 3 + 0.2),
-         "b_dec": torch.randn(16, generator=g)}
-    cfg = {"architecture": "topk", "d_in": 16, "d_sae": 64, "k": 4, "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "rescale_acts_by_decoder_norm": True,
-           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.7.hook_resid_post"}}
+    w = {
+        "W_enc": torch.randn(16, 64, generator=g),
+        "b_enc": torch.randn(64, generator=g) * 0.1,
+        "W_dec": torch.randn(64, 16, generator=g) * (torch.rand(64, 1, generator=g) * 3 + 0.2),
+        "b_dec": torch.randn(16, generator=g),
+    }
+    cfg = {
+        "architecture": "topk",
+        "d_in": 16,
+        "d_sae": 64,
+        "k": 4,
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "rescale_acts_by_decoder_norm": True,
+        "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.7.hook_resid_post"},
+    }
     d = tmp_path / "saelens"
     d.mkdir()
     save_file(w, str(d / "sae_weights.safetensors"))
@@ -131,6 +151,9 @@ def test_sae_lens_itself_loads_the_export(tmp_path):
     with torch.no_grad():
         torch.save({"x": x, "codes": sae.dense(x), "recon": sae(x)}, tmp_path / "ref.pt")
     script = Path(__file__).resolve().parents[2] / "bench" / "peers" / "saelens_export_check.py"
-    proc = subprocess.run([os.environ["SAE_LENS_PYTHON"], str(script), "load", str(out), str(tmp_path / "ref.pt")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [os.environ["SAE_LENS_PYTHON"], str(script), "load", str(out), str(tmp_path / "ref.pt")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

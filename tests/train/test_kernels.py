@@ -25,8 +25,12 @@ def test_sparse_kernels_match_dense_autograd(relu, sub, dead_every):
     torch.manual_seed(0)
     N, D, S, K, KA = 48, 12, 96, 4, 6
     x = torch.randn(N, D)
-    params = [torch.randn(D, S, requires_grad=True), torch.randn(S, requires_grad=True),
-              torch.randn(D, requires_grad=True), torch.randn(S, D, requires_grad=True)]
+    params = [
+        torch.randn(D, S, requires_grad=True),
+        torch.randn(S, requires_grad=True),
+        torch.randn(D, requires_grad=True),
+        torch.randn(S, D, requires_grad=True),
+    ]
     W, be, bd, Wd = params
     dead = torch.arange(1, S, 4) if dead_every > 1 else torch.arange(S)
     recon, v, i, aux = topk_autoencode(x, W, be, bd, Wd, K, relu=relu, subtract_b_dec=sub, dead=dead, k_aux=KA)
@@ -49,6 +53,7 @@ def test_sparse_decode_matches_embedding_bag_autograd():
     W = torch.randn(64, 8, requires_grad=True)
     g = torch.randn(40, 8)
     got = torch.autograd.grad(sparse_decode(vals, idx, W), [vals, W], g)
-    want = torch.autograd.grad(torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"),
-                               [vals, W], g)
+    want = torch.autograd.grad(
+        torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"), [vals, W], g
+    )
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))

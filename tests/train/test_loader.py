@@ -21,9 +21,14 @@ def write_rows(url, n=3000, d=8, seq_len=50, chunk_tokens=64, layers=(0, 2), rol
     res = {L: rng.standard_normal((n, d)).astype(BF16) for L in layers}
     seq = np.arange(n) // seq_len
     with w.segment() as seg:
-        seg.append(residuals=res, tokens=(np.arange(n) % 97).astype(np.int32), seq_ids=seq.astype(np.int64),
-                   positions=(np.arange(n) % seq_len).astype(np.int32), labels=np.full(n, -1, np.int8),
-                   roles=np.zeros(n, np.int8) if roles is None else roles.astype(np.int8))
+        seg.append(
+            residuals=res,
+            tokens=(np.arange(n) % 97).astype(np.int32),
+            seq_ids=seq.astype(np.int64),
+            positions=(np.arange(n) % seq_len).astype(np.int32),
+            labels=np.full(n, -1, np.int8),
+            roles=np.zeros(n, np.int8) if roles is None else roles.astype(np.int8),
+        )
     return cf.open_cache(url), res
 
 
@@ -99,14 +104,25 @@ def test_exact_resume_in_constant_time(cache, capsys):
 
 def test_each_epoch_visits_every_train_row_once_and_split_is_by_sequence(cache):
     c, _ = cache
-    ld = ShuffledLoader(c, [0], 50, seed=2, heldout_fraction=0.2, split_seed=5, window_tokens=128, max_epochs=1,
-                        drop_last=False, announce=False)
+    ld = ShuffledLoader(
+        c,
+        [0],
+        50,
+        seed=2,
+        heldout_fraction=0.2,
+        split_seed=5,
+        window_tokens=128,
+        max_epochs=1,
+        drop_last=False,
+        announce=False,
+    )
     rows = np.concatenate([b.rows for b in ld])
     seq = np.asarray(c.seq_ids[:])
     expect = np.flatnonzero(~is_heldout(seq, 5, 0.2))
     assert np.array_equal(np.sort(rows), expect)
-    held = ShuffledLoader(c, [0], 50, split="heldout", heldout_fraction=0.2, split_seed=5, max_epochs=1,
-                          drop_last=False)
+    held = ShuffledLoader(
+        c, [0], 50, split="heldout", heldout_fraction=0.2, split_seed=5, max_epochs=1, drop_last=False
+    )
     hrows = np.concatenate([b.rows for b in held])
     assert set(seq[hrows]).isdisjoint(set(seq[rows]))
     assert len(hrows) + len(rows) == c.n_tokens
@@ -137,12 +153,12 @@ def test_filters_roles_position0_norm_outliers_and_cap(tmp_path):
     ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, max_epochs=1, drop_last=False)  # auto: rollout
     got = np.concatenate([b.rows for b in ld])
     assert set(roles[got]) == {2, 3} and len(got) == int((roles >= 2).sum())
-    ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, roles=["prompt"], exclude_position0=True,
-                        max_epochs=1, drop_last=False)
+    ld = ShuffledLoader(
+        c, [0], 100, heldout_fraction=0.0, roles=["prompt"], exclude_position0=True, max_epochs=1, drop_last=False
+    )
     got = np.concatenate([b.rows for b in ld])
     assert set(roles[got]) == {1} and not np.any(np.asarray(c.positions[:])[got] == 0)
-    ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, roles=None, max_rows=700, max_epochs=1,
-                        drop_last=False)
+    ld = ShuffledLoader(c, [0], 100, heldout_fraction=0.0, roles=None, max_rows=700, max_epochs=1, drop_last=False)
     got = np.concatenate([b.rows for b in ld])
     assert len(got) == len(np.unique(got)) == 700 and got.max() > 1500  # a random sample, not a prefix
 
@@ -156,8 +172,14 @@ def test_norm_outliers_are_dropped(tmp_path):
     sinks = np.arange(0, n, 50)
     x[sinks] *= 100  # attention-sink-like rows
     with w.segment() as seg:
-        seg.append(residuals={1: x.astype(BF16)}, tokens=np.zeros(n, np.int32), seq_ids=np.arange(n) // 50,
-                   positions=np.arange(n) % 50, labels=np.full(n, -1, np.int8), roles=np.zeros(n, np.int8))
+        seg.append(
+            residuals={1: x.astype(BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.arange(n) // 50,
+            positions=np.arange(n) % 50,
+            labels=np.full(n, -1, np.int8),
+            roles=np.zeros(n, np.int8),
+        )
     c = cf.open_cache(url)
     ld = ShuffledLoader(c, [1], 50, heldout_fraction=0.0, norm_outlier=5.0, max_epochs=1, drop_last=False)
     got = np.concatenate([b.rows for b in ld])
@@ -194,10 +216,11 @@ def test_ranks_divide_the_chunks_and_together_visit_the_split_once(cache):
     one = CountingCache(c)
     single = ShuffledLoader(one, [0], 64, **kw)
     list(single)
-    train_rows = np.flatnonzero(np.unpackbits(single.mask)[:c.n_tokens])
+    train_rows = np.flatnonzero(np.unpackbits(single.mask)[: c.n_tokens])
     ranks = [CountingCache(c), CountingCache(c)]
-    per_rank = [[b.rows.copy() for b in ShuffledLoader(rc, [0], 64, rank=r, world_size=2, **kw)]
-                for r, rc in enumerate(ranks)]
+    per_rank = [
+        [b.rows.copy() for b in ShuffledLoader(rc, [0], 64, rank=r, world_size=2, **kw)] for r, rc in enumerate(ranks)
+    ]
     assert all(len(x) == 32 for rows in per_rank for x in rows)  # batch_size is global
     # each rank decodes only its own chunks: between them, every chunk once, as one process does
     assert not set(ranks[0].decoded) & set(ranks[1].decoded)
@@ -255,17 +278,29 @@ def test_sparse_chunks_are_compacted_and_partial_chunks_decode_right(tmp_path):
     # the held-out split keeps ~10% of each chunk: compacted rather than decoded whole; the
     # cache's last chunk is partial (3000 = 46 x 64 + 56 rows) and decodes aside
     c, res = write_rows(str(tmp_path / "s"), n=3000, seq_len=5, chunk_tokens=64)
-    ld = ShuffledLoader(c, [0, 2], 64, split="heldout", heldout_fraction=0.1, window_tokens=128, max_epochs=1,
-                        drop_last=False, announce=False)
+    ld = ShuffledLoader(
+        c,
+        [0, 2],
+        64,
+        split="heldout",
+        heldout_fraction=0.1,
+        window_tokens=128,
+        max_epochs=1,
+        drop_last=False,
+        announce=False,
+    )
     plan, n, rows, _ = ld._layout(0, 0)
     assert all(local is not None for _, _, local in plan) and n == len(rows)  # compacted: the buffer holds only them
     got = list(ld)
     for b in got:
         for L in (0, 2):
             assert np.array_equal(b.residuals[L].numpy(), res[L][b.rows].astype(np.float32))
-    assert sorted(np.concatenate([b.rows for b in got])) == list(np.flatnonzero(is_heldout(np.arange(3000) // 5, 0, 0.1)))
-    train = ShuffledLoader(c, [0], 64, heldout_fraction=0.1, window_tokens=3000, max_epochs=1, drop_last=False,
-                           announce=False)
+    assert sorted(np.concatenate([b.rows for b in got])) == list(
+        np.flatnonzero(is_heldout(np.arange(3000) // 5, 0, 0.1))
+    )
+    train = ShuffledLoader(
+        c, [0], 64, heldout_fraction=0.1, window_tokens=3000, max_epochs=1, drop_last=False, announce=False
+    )
     assert all(local is None for _, _, local in train._layout(0, 0)[0])  # dense: decoded whole, in place
     rows = np.concatenate([b.rows for b in train])
     assert rows.max() >= 2944 and len(rows) == 3000 - len(np.concatenate([b.rows for b in got]))

@@ -20,7 +20,7 @@ def test_planted_cache_reads_back_and_frequencies_are_zipf(planted):
     assert c.n_tokens == 16384 and c.layers == [2] and c.d_model == 32
     got = c.read_chunk(2, 3)
     b = c.chunk_bounds()
-    assert np.array_equal(got.view(np.uint16), res[2][b[3]:b[4]].view(np.uint16))
+    assert np.array_equal(got.view(np.uint16), res[2][b[3] : b[4]].view(np.uint16))
     _, _, idx = planted_residuals(16384, 32, 96, 3, 0)
     counts = np.bincount(idx.ravel(), minlength=96)
     assert counts[:5].mean() > 4 * counts[-5:].mean() > 0  # heavy head, but every feature occurs

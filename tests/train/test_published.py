@@ -25,6 +25,7 @@ def _x(n=50, seed=7):
 
 # --- reference implementations, as the cards write them -------------------------------------
 
+
 class CardTopKSAE(nn.Module):
     """The `000_*` / `001_*` cards' class: pre = (x - b_dec) @ W_enc + b_enc, relu on top-k."""
 
@@ -64,6 +65,7 @@ def _check(sae, z_ref, xhat_ref, x):
 
 # --- round trips ---------------------------------------------------------------------------
 
+
 def test_000_plain_state_dict_pt(tmp_path):
     sd = _rand(0, {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)})
     path = tmp_path / f"sae_L11_n{D_SAE}_k{K}.pt"
@@ -80,8 +82,15 @@ def test_000_plain_state_dict_pt(tmp_path):
 
 def test_001_sae_lens_card_files_and_directory(tmp_path):
     sd = _rand(1, {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)})
-    cfg = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": K, "apply_b_dec_to_input": True,
-           "hook_name": "blocks.31.hook_resid_post", "normalize_activations": "none"}
+    cfg = {
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": K,
+        "apply_b_dec_to_input": True,
+        "hook_name": "blocks.31.hook_resid_post",
+        "normalize_activations": "none",
+    }
     # The 001 card's file names: sae_L31_latest.safetensors beside sae_L31_cfg.json.
     save_file(sd, tmp_path / "sae_L31_latest.safetensors")
     (tmp_path / "sae_L31_cfg.json").write_text(json.dumps(cfg))
@@ -98,8 +107,17 @@ def test_001_sae_lens_card_files_and_directory(tmp_path):
     d = tmp_path / "export"
     d.mkdir()
     save_file(sd, d / "sae_weights.safetensors")
-    (d / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": D_SAE, "activation_fn_str": "topk",
-                                            "activation_fn_kwargs": {"k": K}, "hook_layer": 31}))
+    (d / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": D_IN,
+                "d_sae": D_SAE,
+                "activation_fn_str": "topk",
+                "activation_fn_kwargs": {"k": K},
+                "hook_layer": 31,
+            }
+        )
+    )
     sae = load_sae(d)
     assert sae.k == K and sae.cfg["layer"] == 31
     _check(sae, z, xhat, x)
@@ -128,12 +146,18 @@ def test_004_model_safetensors_with_normalizer(tmp_path, sae_first):
     W_dec = torch.randn(D_SAE, D_IN, generator=g) * 0.3
     b_enc, b_dec = torch.randn(D_SAE, generator=g) * 0.1, torch.randn(D_IN, generator=g) * 0.1
     mean, std = torch.randn(D_IN, generator=g), torch.rand(D_IN, generator=g) + 0.5
-    stored = {"W_enc": W_enc.T.contiguous() if sae_first else W_enc, "W_dec": W_dec.T.contiguous() if sae_first else W_dec,
-              "b_enc": b_enc, "b_dec": b_dec}
+    stored = {
+        "W_enc": W_enc.T.contiguous() if sae_first else W_enc,
+        "W_dec": W_dec.T.contiguous() if sae_first else W_dec,
+        "b_enc": b_enc,
+        "b_dec": b_dec,
+    }
     save_file(stored, tmp_path / "model.safetensors")
-    meta = {"architecture": {"type": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": K},
-            "normalizer": {"input_mean": mean.tolist(), "input_std": std.tolist()},
-            "model": {"name": "Qwen/Qwen3-8B", "hookpoint": "layers.35"}}
+    meta = {
+        "architecture": {"type": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": K},
+        "normalizer": {"input_mean": mean.tolist(), "input_std": std.tolist()},
+        "model": {"name": "Qwen/Qwen3-8B", "hookpoint": "layers.35"},
+    }
     (tmp_path / "model.metadata.json").write_text(json.dumps(meta))
     x = _x()
     # Our documented reading of the card: normalize, TopK SAE as 000, map back.
@@ -157,6 +181,7 @@ def test_explicit_k_wins_and_missing_k_is_an_error(tmp_path):
 
 
 # --- refusals ------------------------------------------------------------------------------
+
 
 def _one_line(excinfo):
     msg = str(excinfo.value)
@@ -185,7 +210,12 @@ def test_corrupt_and_ambiguous_files(tmp_path):
     torch.save({**sd, "W_dec": torch.zeros(D_SAE, D_IN + 1)}, bad_shape)
     cases["shapes do not fit"] = bad_shape
 
-    sq = {"W_enc": torch.randn(D_IN, D_IN), "W_dec": torch.randn(D_IN, D_IN), "b_enc": torch.zeros(D_IN), "b_dec": torch.zeros(D_IN)}
+    sq = {
+        "W_enc": torch.randn(D_IN, D_IN),
+        "W_dec": torch.randn(D_IN, D_IN),
+        "b_enc": torch.zeros(D_IN),
+        "b_dec": torch.zeros(D_IN),
+    }
     square = tmp_path / "square.pt"
     torch.save(sq, square)
     cases["ambiguous"] = square

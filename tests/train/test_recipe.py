@@ -20,14 +20,17 @@ def write(tmp_path, text):
 def test_recipe_keys_yield_to_train_keys_and_set(tmp_path):
     from train.recipe import budget, fit_to_run, resolve
 
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         [train]
         k = 16
         [recipes.rollouts]
         k = 8
         d_sae = 64
         epochs = 3.0
-        """)
+        """,
+    )
     rollout = {"source": {"name": "supergpqa"}}
     tc, _ = resolve(load_config(p), rollout)
     assert (tc.k, tc.d_sae, tc.epochs) == (16, 64, 3.0) and budget(tc, 1000) == 3000
@@ -45,8 +48,11 @@ def test_recipe_keys_yield_to_train_keys_and_set(tmp_path):
     corpus, _ = resolve(load_config(), {"source": {"name": "corpus"}})
     assert fit_to_run(corpus, [], 200_000_000)[0] == corpus
     assert fit_to_run(tc, ["warmup_steps", "dead_tokens"], 40_960)[0] == tc
-    for bad, msg in [("[recipes.rollouts]\nout = 'x'", "not a recipe key"), ("[recipes.rollouts]\nk = 'x'", "integer"),
-                     ("[recipes.other]\nk = 2", "unknown key 'other'")]:
+    for bad, msg in [
+        ("[recipes.rollouts]\nout = 'x'", "not a recipe key"),
+        ("[recipes.rollouts]\nk = 'x'", "integer"),
+        ("[recipes.other]\nk = 2", "unknown key 'other'"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             load_config(write(tmp_path / "bad", bad))
     with pytest.raises(UserError, match="train.recipe 'big' is unknown"):

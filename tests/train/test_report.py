@@ -24,8 +24,9 @@ def ensure_chromium() -> str:
             pytest.skip("chromium is missing and cannot be installed here (needs apt-get as root)")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, capture_output=True,
-                       timeout=900)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, capture_output=True, timeout=900
+        )
     return CHROMIUM
 
 
@@ -33,24 +34,53 @@ def ensure_chromium() -> str:
 def report(tmp_path_factory):
     name = "L2_n32_k16"
     traj = [{"tokens": t, "variance_explained": 1 - 1 / (1 + t / 100), "dead_fraction": 0.5} for t in (100, 200, 400)]
-    out, url, sae = exported_run(tmp_path_factory.mktemp("rep"), name=name,
-                                 hook_module="model.language_model.layers.2", config={"d_sae": 32, "k": 16},
-                                 trajectory=traj, metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5,
-                                                           "dead_fraction": 0.69, "alive": 10})
-    (out / name / "loss_recovered.json").write_text(json.dumps(
-        {"ce_clean": 2.0, "ce_sae": 2.1, "ce_zero": 6.0, "loss_recovered": 0.975, "kl_sae": 0.05, "kl_zero": 3.1,
-         "tokens": 999}))
-    analyze(sae, url, LAYER, out / name, AnalysisConfig(bootstrap=20, permutations=50), Split(SEED, FRACTION, (2, 3)),
-            progress=False)
+    out, url, sae = exported_run(
+        tmp_path_factory.mktemp("rep"),
+        name=name,
+        hook_module="model.language_model.layers.2",
+        config={"d_sae": 32, "k": 16},
+        trajectory=traj,
+        metrics={"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.69, "alive": 10},
+    )
+    (out / name / "loss_recovered.json").write_text(
+        json.dumps(
+            {
+                "ce_clean": 2.0,
+                "ce_sae": 2.1,
+                "ce_zero": 6.0,
+                "loss_recovered": 0.975,
+                "kl_sae": 0.05,
+                "kl_zero": 3.1,
+                "tokens": 999,
+            }
+        )
+    )
+    analyze(
+        sae,
+        url,
+        LAYER,
+        out / name,
+        AnalysisConfig(bootstrap=20, permutations=50),
+        Split(SEED, FRACTION, (2, 3)),
+        progress=False,
+    )
     return render_report(out)
 
 
 def test_report_is_self_contained_and_complete(report):
     page = report.read_text()
     assert page.startswith("<!DOCTYPE html>")
-    assert "<script" not in page and "src=\"http" not in page and "href=\"http" not in page
-    for needle in ("Final metrics", "Config and provenance", "Training curves", "Loss recovered", "0.9750",
-                   "Top ", "correct↑", "<mark>"):
+    assert "<script" not in page and 'src="http' not in page and 'href="http' not in page
+    for needle in (
+        "Final metrics",
+        "Config and provenance",
+        "Training curves",
+        "Loss recovered",
+        "0.9750",
+        "Top ",
+        "correct↑",
+        "<mark>",
+    ):
         assert needle in page, needle
 
 
@@ -60,9 +90,21 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
     exe = ensure_chromium()
     shot = tmp_path / "shot.png"
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1280,2400",
+        f"--screenshot={shot}",
+        report.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert shot.is_file(), proc.stderr[-2000:]
     img = imread(str(shot))[..., :3]

@@ -16,9 +16,14 @@ def test_cache_and_bench_row_metadata_are_row_metadata(tmp_path):
     w = cf.create_cache(str(tmp_path / "c"), d_model=4, layers=[0], chunk_tokens=8, shard_mib=1)
     n = 16
     with w.segment() as seg:
-        seg.append(residuals={0: np.zeros((n, 4), BF16)}, tokens=np.zeros(n, np.int32),
-                   seq_ids=np.arange(n, dtype=np.int64), positions=np.zeros(n, np.int32),
-                   labels=np.full(n, -1, np.int8), roles=np.zeros(n, np.int8))
+        seg.append(
+            residuals={0: np.zeros((n, 4), BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.arange(n, dtype=np.int64),
+            positions=np.zeros(n, np.int32),
+            labels=np.full(n, -1, np.int8),
+            roles=np.zeros(n, np.int8),
+        )
     assert isinstance(cf.open_cache(str(tmp_path / "c")), RowMetadata)
     spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "bench" / "bench_loader.py")
     bench = importlib.util.module_from_spec(spec)

@@ -21,17 +21,46 @@ from cache_format.errors import UserError
 from train.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--profile", "tiny", "--set", "train.d_sae=192", "--set", "train.k=3", "--set", "train.k_aux=16",
-        "--set", "train.batch_size=256", "--set", "train.lr=0.004", "--set", "train.lr_min=0.0004",
-        "--set", "train.dead_tokens=20000", "--set", "train.shuffle_buffer_tokens=4096",
-        "--set", "train.geometric_median_samples=1024", "--set", "train.eval_tokens=2048"]
+FAST = [
+    "--profile",
+    "tiny",
+    "--set",
+    "train.d_sae=192",
+    "--set",
+    "train.k=3",
+    "--set",
+    "train.k_aux=16",
+    "--set",
+    "train.batch_size=256",
+    "--set",
+    "train.lr=0.004",
+    "--set",
+    "train.lr_min=0.0004",
+    "--set",
+    "train.dead_tokens=20000",
+    "--set",
+    "train.shuffle_buffer_tokens=4096",
+    "--set",
+    "train.geometric_median_samples=1024",
+    "--set",
+    "train.eval_tokens=2048",
+]
 
 
 # 20 epochs of the 16k-row planted cache: AuxK normalized by the residual's variance recovers
 # every feature here (two seeds measured); sparsify's total-variance normalization gets 97.9%
-PLANTED = ["--set", "train.training_tokens=320000", "--set", "train.eval_every_tokens=80000",
-           "--set", "train.checkpoint_every_tokens=160000", "--set", "train.sweep=[{d_sae=128, k=4}]",
-           "--set", "train.heldout_fraction=0.1"]  # the planted set's own split, not the demo profile's
+PLANTED = [
+    "--set",
+    "train.training_tokens=320000",
+    "--set",
+    "train.eval_every_tokens=80000",
+    "--set",
+    "train.checkpoint_every_tokens=160000",
+    "--set",
+    "train.sweep=[{d_sae=128, k=4}]",
+    "--set",
+    "train.heldout_fraction=0.1",
+]  # the planted set's own split, not the demo profile's
 
 
 def run(args):
@@ -80,8 +109,9 @@ def test_planted_features_are_recovered_and_exported(planted, tmp_path):
     from train.sae import TopKSAE
 
     sae = TopKSAE(32, 192, 3)
-    sae.load_state_dict({k: v for k, v in load_file(str(out / "L2_n192_k3/sae_weights.safetensors")).items()},
-                        strict=False)
+    sae.load_state_dict(
+        {k: v for k, v in load_file(str(out / "L2_n192_k3/sae_weights.safetensors")).items()}, strict=False
+    )
 
     # re-running the finished command says so and exits 0
     r2 = run([*FAST, "--cache", url, "--out", str(out), *PLANTED])
@@ -89,20 +119,24 @@ def test_planted_features_are_recovered_and_exported(planted, tmp_path):
     # another run into the same OUT is refused, unless --fresh
     r3 = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=5120"])
     assert isinstance(r3.exception, UserError) and "--fresh" in str(r3.exception)
-    r4 = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=5120", "--layers", "2",
-              "--fresh"])
+    r4 = run(
+        [*FAST, "--cache", url, "--out", str(out), "--set", "train.training_tokens=5120", "--layers", "2", "--fresh"]
+    )
     assert r4.exit_code == 0, repr(r4.exception)
     assert [s["name"] for s in json.loads((out / "run.json").read_text())["saes"]] == ["L2_n192_k3"]
     assert not (out / "L4_n192_k3").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--cache", "{missing}"], "is not a cache"),
-    (["--cache", "{planted}", "--layers", "9"], "not in the cache"),
-    (["--cache", "{planted}", "--set", "train.k=192"], "k=192 must be between"),
-    (["--cache", "{planted}", "--set", "train.batch_size=1000000"], "larger than"),
-    (["--cache", "{planted}", "--set", "train.learning_rate=1"], "unknown key 'learning_rate'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--cache", "{missing}"], "is not a cache"),
+        (["--cache", "{planted}", "--layers", "9"], "not in the cache"),
+        (["--cache", "{planted}", "--set", "train.k=192"], "k=192 must be between"),
+        (["--cache", "{planted}", "--set", "train.batch_size=1000000"], "larger than"),
+        (["--cache", "{planted}", "--set", "train.learning_rate=1"], "unknown key 'learning_rate'"),
+    ],
+)
 def test_one_line_user_errors(planted, tmp_path, args, message):
     url, _ = planted
     args = [a.format(missing=str(tmp_path / "nope"), planted=url) for a in args]
@@ -114,8 +148,15 @@ def test_one_line_user_errors(planted, tmp_path, args, message):
 
 def cli_proc(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "train", "run", "--no-progress", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", "run", "--no-progress", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_error_is_one_line_on_stderr(tmp_path):
@@ -127,8 +168,19 @@ def test_error_is_one_line_on_stderr(tmp_path):
 @pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, tmp_path):
     url, _ = planted
-    args = [*FAST, "--cache", url, "--layers", "2", "--set", "train.training_tokens=30720",
-            "--set", "train.checkpoint_every_tokens=2560", "--set", "train.eval_every_tokens=10240"]
+    args = [
+        *FAST,
+        "--cache",
+        url,
+        "--layers",
+        "2",
+        "--set",
+        "train.training_tokens=30720",
+        "--set",
+        "train.checkpoint_every_tokens=2560",
+        "--set",
+        "train.eval_every_tokens=10240",
+    ]
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     p = cli_proc([*args, "--out", str(ref)])
     assert p.wait(timeout=300) == 0, p.stderr.read()
@@ -157,14 +209,44 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, 
 @pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
     url, _ = planted
-    args = [*FAST, "--cache", url, "--layers", "2", "--set", "train.training_tokens=12800",
-            "--set", "train.checkpoint_every_tokens=6400", "--set", "train.eval_every_tokens=12800"]
+    args = [
+        *FAST,
+        "--cache",
+        url,
+        "--layers",
+        "2",
+        "--set",
+        "train.training_tokens=12800",
+        "--set",
+        "train.checkpoint_every_tokens=6400",
+        "--set",
+        "train.eval_every_tokens=12800",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
     def ddp(out):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "train", "run", "--no-progress", *args, "--out", str(out)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "train",
+                "run",
+                "--no-progress",
+                *args,
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stderr
 
@@ -184,8 +266,11 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     # a crash after the first checkpoint: both ranks resume from their own positions, exactly
     shutil.copytree(tmp_path / "ddp", tmp_path / "crashed")
-    for f in [*sorted((tmp_path / "crashed/checkpoints").glob("tokens_*"))[2:], tmp_path / "crashed/run.json",
-              tmp_path / "crashed/L2_n192_k3/sae_weights.safetensors"]:
+    for f in [
+        *sorted((tmp_path / "crashed/checkpoints").glob("tokens_*"))[2:],
+        tmp_path / "crashed/run.json",
+        tmp_path / "crashed/L2_n192_k3/sae_weights.safetensors",
+    ]:
         f.unlink()
     state = json.loads((tmp_path / "crashed/run_state.json").read_text())
     (tmp_path / "crashed/run_state.json").write_text(json.dumps(dict(state, complete=False)))
@@ -198,10 +283,12 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
 
 
 def test_import_train_pulls_in_neither_transformers_nor_harvest():
-    code = ("import sys, train, train.sae, train.loader, train.trainer, train.run, train.cli; "
-            "[getattr(train, n) for n in train.__all__]; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'harvest', 'vllm')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, train, train.sae, train.loader, train.trainer, train.run, train.cli; "
+        "[getattr(train, n) for n in train.__all__]; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'harvest', 'vllm')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -212,8 +299,23 @@ def test_normalization_is_folded_into_the_export(planted, tmp_path):
 
     url, _ = planted
     out = tmp_path / "norm"
-    r = run([*FAST, "--cache", url, "--layers", "4", "--out", str(out), "--set", "train.normalize=true",
-             "--set", "train.training_tokens=5120", "--set", "train.eval_every_tokens=5120"])
+    r = run(
+        [
+            *FAST,
+            "--cache",
+            url,
+            "--layers",
+            "4",
+            "--out",
+            str(out),
+            "--set",
+            "train.normalize=true",
+            "--set",
+            "train.training_tokens=5120",
+            "--set",
+            "train.eval_every_tokens=5120",
+        ]
+    )
     assert r.exit_code == 0, repr(r.exception)
     entry = json.loads((out / "run.json").read_text())["saes"][0]
     cfg = json.loads((out / entry["path"] / "cfg.json").read_text())
@@ -231,13 +333,37 @@ def test_too_few_heldout_sequences_is_one_line_and_run_json_counts_the_split(mak
     from train.split import is_heldout
 
     url, data = make_cache(segments=(400, 400), d_model=16)  # 80 sequences of 10 rows
-    r = run([*FAST, "--cache", url, "--out", str(tmp_path / "few"), "--set", "train.heldout_fraction=0.01",
-             "--set", "train.training_tokens=512"])
+    r = run(
+        [
+            *FAST,
+            "--cache",
+            url,
+            "--out",
+            str(tmp_path / "few"),
+            "--set",
+            "train.heldout_fraction=0.01",
+            "--set",
+            "train.training_tokens=512",
+        ]
+    )
     assert r.exit_code != 0 and "sequences are held out" in str(r.exception)
     assert "raise train.heldout_fraction" in str(r.exception) and not (tmp_path / "few").exists()
     out = tmp_path / "ok"
-    r = run([*FAST, "--cache", url, "--out", str(out), "--set", "train.heldout_fraction=0.3",
-             "--set", "train.training_tokens=512", "--set", "train.batch_size=128"])
+    r = run(
+        [
+            *FAST,
+            "--cache",
+            url,
+            "--out",
+            str(out),
+            "--set",
+            "train.heldout_fraction=0.3",
+            "--set",
+            "train.training_tokens=512",
+            "--set",
+            "train.batch_size=128",
+        ]
+    )
     assert r.exit_code == 0, r.output + repr(r.exception)
     run_json = json.loads((out / "run.json").read_text())
     sid, roles = np.asarray(data["rows"]["seq_ids"]), np.asarray(data["rows"]["roles"])

@@ -1,7 +1,6 @@
 """The streaming pass on a real cache whose activations are known by construction: deterministic,
 truncated by whole chunks, the same on an existing scheduler, one line when none is reachable."""
 
-
 import numpy as np
 import pytest
 from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
@@ -36,8 +35,9 @@ def test_scan_on_an_existing_scheduler_matches_the_local_one(cache_url):
     sae = identity_sae()
     local = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        remote = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), scheduler=cluster.scheduler_address,
-                      progress=False)
+        remote = scan(
+            cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), scheduler=cluster.scheduler_address, progress=False
+        )
     np.testing.assert_array_equal(remote.rows, local.rows)
     np.testing.assert_array_equal(remote.vals, local.vals)
     assert remote.metrics.compute() == local.metrics.compute()
@@ -48,6 +48,15 @@ def test_unreachable_scheduler_is_one_line(cache_url):
 
     from cache_format.errors import UserError
 
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
-            pytest.raises(UserError, match="cannot reach the dask scheduler"):
-        scan(cache_url, identity_sae(), LAYER, Split(SEED, FRACTION, (2, 3)), scheduler="tcp://127.0.0.1:9", progress=False)
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+        pytest.raises(UserError, match="cannot reach the dask scheduler"),
+    ):
+        scan(
+            cache_url,
+            identity_sae(),
+            LAYER,
+            Split(SEED, FRACTION, (2, 3)),
+            scheduler="tcp://127.0.0.1:9",
+            progress=False,
+        )

@@ -94,12 +94,16 @@ def test_bf16_low_precision_step_tracks_fp32_on_cpu():
     Measured: 0.6% worst fvu gap, 0.7% worst AuxK gap, 0.9997 worst row cosine."""
     torch.manual_seed(5)
     dic = torch.nn.functional.normalize(torch.randn(48, 16), dim=1)
+
     def batch():
         codes = torch.rand(512, 48) * (torch.rand(512, 48) < 0.06)
         return codes @ dic + 0.01 * torch.randn(512, 16)
+
     batches = [batch() for _ in range(30)]
-    fp32, bf16 = (SAETrainer(TopKSAE(16, 96, 4), lr=3e-3, k_aux=8, dead_tokens=2048, total_steps=30,
-                             low_precision=lp) for lp in (False, True))
+    fp32, bf16 = (
+        SAETrainer(TopKSAE(16, 96, 4), lr=3e-3, k_aux=8, dead_tokens=2048, total_steps=30, low_precision=lp)
+        for lp in (False, True)
+    )
     bf16.sae.load_state_dict(fp32.sae.state_dict())
     for tr in (fp32, bf16):
         tr.init_from_sample(batches[0])

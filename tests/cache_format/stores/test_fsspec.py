@@ -24,8 +24,12 @@ def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
     assert not loc.create_exclusive("commits/0000000001.json", b"{}")
     w = cf.open_cache(f"{url}/c", mode="a", storage_options=opts)
     with w.segment() as seg:
-        seg.append(residuals={1: np.ones((3, 16), BF16), 3: np.ones((3, 16), BF16)}, tokens=np.arange(3),
-                   seq_ids=np.arange(3), positions=np.arange(3))
+        seg.append(
+            residuals={1: np.ones((3, 16), BF16), 3: np.ones((3, 16), BF16)},
+            tokens=np.arange(3),
+            seq_ids=np.arange(3),
+            positions=np.arange(3),
+        )
     assert c.refresh().n_tokens == 68 and c.segments[-1].commit == "0000000003.json"
     with pytest.raises(cf.UserError, match="already holds a cache"):
         cf.create_cache(f"{url}/c", d_model=16, layers=[1], storage_options=opts)
@@ -44,8 +48,13 @@ def test_unreachable_endpoints_give_a_clear_remote_error(tmp_path, make_cache):
     port = _free_port()
     with pytest.raises(cf.RemoteError, match="after 3 attempts.*reachable"):
         cf.open_cache(f"http://127.0.0.1:{port}/c")
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "x", "secret": "y", "skip_instance_cache": True,
-            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    opts = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "x",
+        "secret": "y",
+        "skip_instance_cache": True,
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+    }
     with pytest.raises(cf.RemoteError, match="reachable"):
         cf.open_cache("s3://bucket/c", storage_options=opts)
 
@@ -89,8 +98,12 @@ def test_concurrent_s3_writers_get_dense_unique_commits(s3_bucket):
         w = cf.open_cache(f"{url}/c", mode="a", storage_options=opts)
         for i in range(2):
             with w.segment(meta={"w": wid, "i": i}) as seg:
-                seg.append(residuals={0: np.full((5, 8), wid, BF16)}, tokens=np.full(5, wid * 10 + i),
-                           seq_ids=np.arange(5), positions=np.arange(5))
+                seg.append(
+                    residuals={0: np.full((5, 8), wid, BF16)},
+                    tokens=np.full(5, wid * 10 + i),
+                    seq_ids=np.arange(5),
+                    positions=np.arange(5),
+                )
 
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(writer, range(4)))

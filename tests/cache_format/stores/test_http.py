@@ -65,10 +65,29 @@ def test_train_run_over_a_faulty_server_gives_the_local_weights(tmp_path, http_s
     write_planted(url, layers=(2,))
     ops.publish(Location(url))
     base = http_serve(tmp_path, faults=FAULTS)
-    fast = ["--profile", "tiny", "--no-progress", "--set", "train.d_sae=64", "--set", "train.k=4",
-            "--set", "train.batch_size=256", "--set", "train.training_tokens=4096", "--set", "train.eval_tokens=1024",
-            "--set", "train.geometric_median_samples=512", "--set", "train.shuffle_buffer_tokens=4096",
-            "--set", "train.checkpoint_every_tokens=2048", "--set", "train.eval_every_tokens=2048"]
+    fast = [
+        "--profile",
+        "tiny",
+        "--no-progress",
+        "--set",
+        "train.d_sae=64",
+        "--set",
+        "train.k=4",
+        "--set",
+        "train.batch_size=256",
+        "--set",
+        "train.training_tokens=4096",
+        "--set",
+        "train.eval_tokens=1024",
+        "--set",
+        "train.geometric_median_samples=512",
+        "--set",
+        "train.shuffle_buffer_tokens=4096",
+        "--set",
+        "train.checkpoint_every_tokens=2048",
+        "--set",
+        "train.eval_every_tokens=2048",
+    ]
     weights = []
     for src, out in ((url, tmp_path / "local"), (f"{base}/c", tmp_path / "http")):
         r = CliRunner().invoke(cli, ["run", *fast, "--cache", src, "--out", str(out)], catch_exceptions=True)

@@ -15,8 +15,17 @@ from types import SimpleNamespace
 
 __version__ = "0.0-standin"
 
-_ENGINE_KEYS = {"model", "revision", "dtype", "seed", "tensor_parallel_size", "max_model_len",
-                "gpu_memory_utilization", "max_num_seqs", "enforce_eager"}
+_ENGINE_KEYS = {
+    "model",
+    "revision",
+    "dtype",
+    "seed",
+    "tensor_parallel_size",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "enforce_eager",
+}
 
 
 def _log(**event):
@@ -32,8 +41,13 @@ class SamplingParams:
         assert stop_token_ids, "stop ids must reach the engine"
         self.max_tokens, self.stop_token_ids = int(max_tokens), list(stop_token_ids)
         self.skip_special_tokens = skip_special_tokens
-        _log(call="SamplingParams", temperature=temperature, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
-             skip_special_tokens=skip_special_tokens)
+        _log(
+            call="SamplingParams",
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop_token_ids=stop_token_ids,
+            skip_special_tokens=skip_special_tokens,
+        )
 
 
 class _Engine:
