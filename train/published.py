@@ -23,29 +23,22 @@
 k comes from the file, its config or its name, else the `k` argument (an explicit `k`
 always wins: TopK SAEs are often evaluated at another k). Anything ambiguous, missing or
 corrupt raises `SAEFormatError` with one line naming the file and the fix.
+
+This module detects the layout and holds one loader per layout; reading and checking the
+tensors and building the `TopKSAE` are in sae_tensors.py, what a file's name says in sae_names.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from cache_format.errors import UserError
-
 from .sae import TopKSAE
 from .sae_names import QWEN_SCOPE_NAME, k_from_name, layer_from_name
+from .sae_tensors import SAEFormatError, build_topk, oriented, read_json, read_pt, read_safetensors, weight_tensors
 
-__all__ = ["load_sae", "detect_layout", "SAEFormatError"]
-
-WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-class SAEFormatError(UserError):
-    """An SAE file or directory is missing, ambiguous or corrupt."""
+__all__ = ["load_sae", "detect_layout"]
 
 
 def load_sae(path: str | Path, k: int | None = None, layer: int | None = None) -> TopKSAE:
@@ -148,160 +141,24 @@ def _sibling_cfg(weights: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------
-# reading tensors
-
-
-def _read_pt(p: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and truncation errors all mean the same to a user
-        raise SAEFormatError(
-            f"{p}: not a readable PyTorch file ({type(e).__name__}); re-download or re-export it"
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise SAEFormatError(f"{p}: holds a {type(obj).__name__}, not a state dict of SAE tensors")
-    return obj
-
-
-def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SAEFormatError(
-            f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); re-download or re-export it"
-        ) from None
-
-
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        out = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SAEFormatError(f"{p}: not valid JSON ({e}); re-download or re-export it") from None
-    if not isinstance(out, dict):
-        raise SAEFormatError(f"{p}: expected a JSON object")
-    return out
-
-
-def _weights(p: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    missing = [key for key in WEIGHT_KEYS if key not in tensors]
-    if missing:
-        have = ", ".join(list(tensors)[:6])
-        raise SAEFormatError(f"{p}: missing SAE tensors {', '.join(missing)} (found: {have}); not a TopK SAE file")
-    out = {}
-    for key in WEIGHT_KEYS:
-        t = tensors[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise SAEFormatError(f"{p}: {key} is not a floating-point tensor; the file is corrupt")
-        out[key] = t.float()
-    return out
-
-
-def _orient(p: Path, w: dict[str, torch.Tensor], expect: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(W_enc (d_in, d_sae), W_dec (d_sae, d_in), stored orientation) from the bias lengths.
-
-    `expect` is the orientation the layout's name implies ("000" or "qwen_scope"); it
-    settles the square case and must agree with the shapes otherwise.
-    """
-    b_enc, b_dec, W_enc, W_dec = w["b_enc"], w["b_dec"], w["W_enc"], w["W_dec"]
-    if b_enc.dim() != 1 or b_dec.dim() != 1 or W_enc.dim() != 2 or W_dec.dim() != 2:
-        raise SAEFormatError(f"{p}: tensors have the wrong rank (W_* must be 2-D, b_* 1-D); the file is corrupt")
-    d_sae, d_in = b_enc.shape[0], b_dec.shape[0]
-    sae_first = W_enc.shape == (d_sae, d_in) and W_dec.shape == (d_in, d_sae)
-    in_first = W_enc.shape == (d_in, d_sae) and W_dec.shape == (d_sae, d_in)
-    if not (sae_first or in_first):
-        raise SAEFormatError(
-            f"{p}: shapes do not fit together (W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
-            f"b_enc {d_sae}, b_dec {d_in}); the file is corrupt or not a TopK SAE"
-        )
-    if sae_first and in_first:  # d_in == d_sae: only the layout's name can tell
-        if expect is None:
-            raise SAEFormatError(
-                f"{p}: square SAE (d_in = d_sae = {d_in}) in an unnamed layout: "
-                "orientation is ambiguous; "
-                "rename it like the card (sae_L11_n4096_k32.pt or layer11.sae.pt)"
-            )
-        orient = expect
-    else:
-        orient = "qwen_scope" if sae_first else "000"
-        if expect is not None and expect != orient:
-            raise SAEFormatError(
-                f"{p}: named like a {'Qwen-Scope' if expect == 'qwen_scope' else '000'} SAE but its "
-                f"W_enc is {tuple(W_enc.shape)}; the layout is ambiguous, rename the file"
-            )
-    if orient == "qwen_scope":
-        return W_enc.T.contiguous(), W_dec.T.contiguous(), orient
-    return W_enc, W_dec, orient
-
-
-def _build(
-    p: Path,
-    w: dict,
-    W_enc,
-    W_dec,
-    k: int | None,
-    *,
-    relu: bool,
-    subtract_b_dec: bool,
-    mean: torch.Tensor | None = None,
-    std: torch.Tensor | None = None,
-) -> TopKSAE:
-    d_in, d_sae = W_enc.shape
-    if k is None:
-        raise SAEFormatError(f"{p}: k is not recorded in the file, its config or its name; pass --k K")
-    if not 0 < k < d_sae:
-        raise SAEFormatError(f"{p}: k={k} must be between 1 and d_sae-1={d_sae - 1}; pass a valid --k")
-    for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", w["b_enc"]), ("b_dec", w["b_dec"])):
-        if not torch.isfinite(t).all():
-            raise SAEFormatError(f"{p}: {name} holds NaN or inf values; the file is corrupt")
-    sae = TopKSAE(d_in, d_sae, k, relu=relu, subtract_b_dec=subtract_b_dec)
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_dec)
-        sae.b_enc.copy_(w["b_enc"])
-        sae.b_dec.copy_(w["b_dec"])
-        if mean is not None:
-            sae.input_mean.copy_(_vec(p, "input_mean", mean, d_in))
-        if std is not None:
-            s = _vec(p, "input_std", std, d_in)
-            if not (s > 0).all():
-                raise SAEFormatError(f"{p}: input_std has non-positive entries; the normalizer is corrupt")
-            sae.input_scale.copy_(s)
-    return sae
-
-
-def _vec(p: Path, name: str, v: Any, d_in: int) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32).flatten()
-    if t.numel() == 1:
-        t = t.expand(d_in)
-    if t.numel() != d_in or not torch.isfinite(t).all():
-        raise SAEFormatError(f"{p}: {name} has {t.numel()} finite values, expected {d_in}; the normalizer is corrupt")
-    return t.clone()
-
-
-# ---------------------------------------------------------------------------------------
 # the layouts
 
 
 def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
     p = files["weights"]
-    raw = _read_pt(p)
-    w = _weights(p, raw)
+    raw = read_pt(p)
+    w = weight_tensors(p, raw)
     qs_name = QWEN_SCOPE_NAME.fullmatch(p.name) is not None
     k_name = re.search(r"_n(\d+)_k(\d+)", p.name)
     expect = "qwen_scope" if qs_name else ("000" if k_name else None)
-    W_enc, W_dec, orient = _orient(p, w, expect)
+    W_enc, W_dec, orient = oriented(p, w, expect)
     k = k if k is not None else k_from_name(p)
     if orient == "qwen_scope":
-        sae = _build(p, w, W_enc, W_dec, k, relu=False, subtract_b_dec=False)
+        sae = build_topk(p, w, W_enc, W_dec, k, relu=False, subtract_b_dec=False)
         sae.cfg.update(layout="qwen_scope")
     else:
         mean, std = raw.get("input_mean"), raw.get("input_scale", raw.get("input_std"))
-        sae = _build(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True, mean=mean, std=std)
+        sae = build_topk(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True, mean=mean, std=std)
         sae.cfg.update(layout="topk_pt")
     layer = layer_from_name(p)
     if layer is not None:
@@ -339,7 +196,7 @@ def _cfg_layer(cfg: dict) -> int | None:
 
 def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
     p = files["weights"]
-    cfg = _read_json(files["cfg"]) if "cfg" in files else {}
+    cfg = read_json(files["cfg"]) if "cfg" in files else {}
     arch = str(cfg.get("architecture") or "").lower()
     act = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "").lower()
     if (arch and arch not in ("topk", "top_k", "batchtopk")) or (not arch and act and "topk" not in act):
@@ -352,8 +209,8 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
             f"{files['cfg']}: normalize_activations={norm!r} needs statistics the file does not hold; "
             "fold the normalization into the weights first"
         )
-    w = _weights(p, _read_safetensors(p))
-    W_enc, W_dec, orient = _orient(p, w, "000")
+    w = weight_tensors(p, read_safetensors(p))
+    W_enc, W_dec, orient = oriented(p, w, "000")
     for key, have in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])):
         if key in cfg and cfg[key] != have:
             raise SAEFormatError(
@@ -362,7 +219,7 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
     k = k if k is not None else (_cfg_k(cfg) or k_from_name(p))
     if cfg.get("rescale_acts_by_decoder_norm"):
         W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
-    sae = _build(
+    sae = build_topk(
         p,
         w,
         W_enc,
@@ -398,10 +255,10 @@ def _find_key(obj: Any, names: tuple[str, ...], depth: int = 0) -> Any:
 
 def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
     p, meta_p = files["weights"], files["meta"]
-    meta = _read_json(meta_p)
-    tensors = _read_safetensors(p)
-    w = _weights(p, tensors)
-    W_enc, W_dec, _ = _orient(p, w, None if w["b_enc"].shape != w["b_dec"].shape else "000")
+    meta = read_json(meta_p)
+    tensors = read_safetensors(p)
+    w = weight_tensors(p, tensors)
+    W_enc, W_dec, _ = oriented(p, w, None if w["b_enc"].shape != w["b_dec"].shape else "000")
     mean = tensors.get("input_mean", _find_key(meta, ("input_mean",)))
     std = tensors.get("input_std", _find_key(meta, ("input_std", "input_scale")))
     if (mean is None) != (std is None):
@@ -412,7 +269,7 @@ def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
         found = _find_key(meta, ("k", "top_k", "topk", "k_sparsity"))
         k = found if isinstance(found, int) and not isinstance(found, bool) else k_from_name(p)
     sub = _find_key(meta, ("apply_b_dec_to_input", "subtract_b_dec"))
-    sae = _build(
+    sae = build_topk(
         p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True if sub is None else bool(sub), mean=mean, std=std
     )
     sae.cfg.update(layout="metadata_json", normalizer=mean is not None)

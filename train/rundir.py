@@ -13,8 +13,8 @@ from pathlib import Path
 from cache_format.errors import UserError
 
 from .checkpoint import atomic_write_text
-from .published import SAEFormatError
 from .sae import TopKSAE
+from .sae_tensors import SAEFormatError
 from .split import is_heldout  # re-exported: harvest's splice reproduces an SAE's split with it
 
 __all__ = [
