@@ -9,13 +9,14 @@ Reads what the other steps left in the run directory and renders whatever is the
 
 Missing pieces are stated on the page rather than failing the report, so a run can be
 reported before (or without) the model-side step.
+
+The figures are drawn in report_plots.py; this module builds the page around them.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from datetime import UTC, datetime
@@ -27,91 +28,13 @@ import numpy as np
 from cache_format.atomic import write_atomic
 
 from .metrics import METRIC_NAMES
+from .report_plots import auroc_histogram, fire_rate_histogram, img_tag, trajectory_plot
 from .rundir import read_run
 
 REPORT_NAME = "report.html"
 
 
 load_run = read_run  # (run.json, SAE entries)
-
-
-# ---------------------------------------------------------------------------------------
-# figures
-
-
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-
-def fire_rate_histogram(fire_rate: np.ndarray, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    alive = fire_rate[fire_rate > 0]
-    dead = int((fire_rate <= 0).sum())
-    if len(alive):
-        lo = max(alive.min(), 1e-7)
-        bins = np.logspace(np.log10(lo), np.log10(max(alive.max(), lo * 10)), 40)
-        ax.hist(alive, bins=bins, color="#3a6ea5")
-        ax.set_xscale("log")
-    ax.set_xlabel("fire rate (fraction of analyzed tokens)")
-    ax.set_ylabel("features")
-    ax.set_title(f"{title}: fire rate ({dead} never fired)")
-    return _png(fig)
-
-
-def auroc_histogram(auroc: np.ndarray, title: str, significant: np.ndarray | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    a = auroc[~np.isnan(auroc)]
-    bins = np.linspace(min(0.0, a.min()) if len(a) else 0, max(1.0, a.max()) if len(a) else 1, 41)
-    ax.hist(a, bins=bins, color="#999999", label="all features")
-    if significant is not None and significant.any():
-        ax.hist(auroc[significant], bins=bins, color="#c0392b", label="BH q ≤ 0.05")
-        ax.legend(fontsize=8)
-    ax.axvline(0.5, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("token-level AUROC vs correctness")
-    ax.set_ylabel("features")
-    ax.set_title(f"{title}: AUROC")
-    return _png(fig)
-
-
-def trajectory_plot(rows: list[dict], title: str) -> str | None:
-    """Held-out metrics against tokens seen, from trajectory.jsonl (when train drew no PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs_key = next((k for k in ("tokens", "tokens_seen", "step") if rows and k in rows[0]), None)
-    keys = [k for k in ("variance_explained", "dead_fraction", "l0") if any(k in r for r in rows)]
-    if not xs_key or not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
-        pts = [(r[xs_key], r[key]) for r in rows if key in r and r[key] is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=".")
-        ax.set_xlabel(xs_key)
-        ax.set_title(key)
-    fig.suptitle(title)
-    return _png(fig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,13 +117,13 @@ def _sae_section(sae: dict, n_features: int) -> str:
 
     # training curves: train's PNGs, else drawn from trajectory.jsonl
     pngs = sorted(d.glob("*.png"))
-    curves = [_img(base64.b64encode(p.read_bytes()).decode(), p.stem) for p in pngs]
+    curves = [img_tag(base64.b64encode(p.read_bytes()).decode(), p.stem) for p in pngs]
     traj_path = d / "trajectory.jsonl"
     if not curves and traj_path.is_file():
         rows = [json.loads(line) for line in traj_path.read_text().splitlines() if line.strip()]
         drawn = trajectory_plot(rows, name)
         if drawn:
-            curves.append(_img(drawn, "training trajectory"))
+            curves.append(img_tag(drawn, "training trajectory"))
     parts.append("<h3>Training curves</h3>")
     parts.append(
         f'<div class="figs">{"".join(curves)}</div>'
@@ -255,10 +178,10 @@ def _sae_section(sae: dict, n_features: int) -> str:
                     row += [f"<b>{html.escape(key)}</b>", _fmt(val)]
                 grid.append(row + [""] * (2 * per_row - len(row)))
             parts.append(_table(None, grid, raw_cols=tuple(range(2 * per_row))))
-        figs = [_img(fire_rate_histogram(metrics["fire_rate"].to_numpy(), name), "fire-rate histogram")]
+        figs = [img_tag(fire_rate_histogram(metrics["fire_rate"].to_numpy(), name), "fire-rate histogram")]
         if "auroc" in metrics and metrics["auroc"].notna().any():
             sig = (metrics["q_value"] <= 0.05).to_numpy() if "q_value" in metrics else None
-            figs.append(_img(auroc_histogram(metrics["auroc"].to_numpy(dtype=float), name, sig), "AUROC histogram"))
+            figs.append(img_tag(auroc_histogram(metrics["auroc"].to_numpy(dtype=float), name, sig), "AUROC histogram"))
         parts.append(f'<div class="figs">{"".join(figs)}</div>')
         prompts = None
         if (d / "feature_prompts.parquet").is_file():
