@@ -4,6 +4,8 @@ The reader needs no zarr (arrays.py reads chunks straight from the shards with n
 that is the loader's fast path (`read_chunk`), and it is thread-safe. Everything it serves
 is checked first (see integrity.py): the commit log's chain, the shard index's CRC32C,
 each chunk's digest, and the BLAKE2b of every small object.
+
+The row views (`c.residuals(layer)[i:j]`, `c.tokens[i:j]`) are in row_views.py.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import numpy as np
 
 from . import commits, integrity
 from .arrays import _ArrayReader
-from .bf16 import bits_to_numpy, bits_to_torch
-from .errors import CacheError, UserError
-from .layout import ROW_COLUMNS, sequences_table, tokenizer_key
+from .bf16 import bits_to_numpy
+from .errors import CacheError
+from .layout import sequences_table, tokenizer_key
+from .row_views import ColumnView, ResidualView
 from .stats import RunningStats
 from .stores import Location
 
@@ -34,64 +37,6 @@ class SegmentInfo:
     layers: list[int]
     commit: str = ""
     provenance: dict = field(default_factory=dict)
-
-
-def _slice(key, n: int) -> tuple[int, int]:
-    if isinstance(key, (int, np.integer)):
-        i = int(key) + (n if key < 0 else 0)
-        if not 0 <= i < n:
-            raise IndexError(f"row {key} out of range for {n} rows")
-        return i, i + 1
-    if not isinstance(key, slice) or key.step not in (None, 1):
-        raise UserError("index the cache with a contiguous slice [i:j] (or one row)")
-    a, b, _ = key.indices(n)
-    return a, max(a, b)
-
-
-class ResidualView:
-    """`c.residuals(layer)[i:j]` → torch.bfloat16 (j-i, d_model); `.numpy(i, j)` → ml_dtypes bf16."""
-
-    def __init__(self, cache: Cache, layer: int):
-        self.cache, self.layer = cache, layer
-
-    def __len__(self) -> int:
-        return self.cache.n_tokens
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.cache.n_tokens, self.cache.d_model)
-
-    def bits(self, i: int, j: int) -> np.ndarray:
-        c = self.cache
-        return c._gather(lambda s: c.layer_reader(s, self.layer), i, j, (c.d_model,), np.uint16)
-
-    def numpy(self, i: int = 0, j: int | None = None) -> np.ndarray:
-        i, j = _slice(slice(i, j), self.cache.n_tokens)
-        return bits_to_numpy(self.bits(i, j))
-
-    def __getitem__(self, key):
-        i, j = _slice(key, self.cache.n_tokens)
-        out = bits_to_torch(self.bits(i, j))
-        return out[0] if isinstance(key, (int, np.integer)) else out
-
-
-class ColumnView:
-    """`c.tokens[i:j]` etc. → numpy, aligned row for row with the residuals."""
-
-    def __init__(self, cache: Cache, name: str):
-        self.cache, self.name = cache, name
-
-    def __len__(self) -> int:
-        return self.cache.n_tokens
-
-    def __getitem__(self, key):
-        i, j = _slice(key, self.cache.n_tokens)
-        out = self.cache._gather(lambda s: self.cache._column_reader(s, self.name), i, j, (), ROW_COLUMNS[self.name])
-        return out[0] if isinstance(key, (int, np.integer)) else out
-
-    def __array__(self, dtype=None, copy=None):
-        a = self[:]
-        return a if dtype is None else a.astype(dtype)
 
 
 class Cache:
