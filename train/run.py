@@ -4,15 +4,16 @@ OUT holds: `run_state.json` (which run this is), `checkpoints/`, `heldout/` (the
 held-out evaluation rows, drawn once), `<name>/trajectory.jsonl` + `trajectory.png` per SAE,
 and at the end the exported SAEs and `run.json`. A killed run resumes from its last
 checkpoint and ends with the same weights as an uninterrupted one (on CPU: identical).
+
+This module is the loop; claiming OUT (`run_state.json`) is `run_state`'s, and the rows a run
+reads besides its batches (split check, held-out set, initial sample) are `run_data`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 import zlib
@@ -23,38 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache_format.atomic import atomic_dir
-from cache_format.bf16 import bits_to_torch
 from cache_format.errors import CacheError, UserError
-from cache_format.layout import ROLE_CODES
 
 from . import dist, recipe
 from .checkpoint import Checkpoints, atomic_write_text
 from .config import PipelineConfig, TrainConfig
 from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
-from .loader import ShuffledLoader
-from .metrics import ReconstructionMetrics
-from .row_filters import default_roles
+from .run_data import check_split, heldout_metrics, heldout_rows, init_sample, run_loader
+from .run_state import RunState, run_identity
 from .rundir import write_run_json
 from .sae import TopKSAE
-from .split import MIN_HELDOUT_SEQUENCES, split_counts
 from .trainer import AUX_NORMS, SAETrainer
-
-# keys that do not change the weights a run produces (so changing them still resumes)
-_OPERATIONAL = {
-    "out",
-    "device",
-    "loader_threads",
-    "keep_last",
-    "keep_best",
-    "checkpoint_every_tokens",
-    "eval_every_tokens",
-    "cache",
-    "layers",
-    "log",
-    "log_dir",
-}
 
 
 @dataclass(frozen=True)
@@ -125,143 +106,10 @@ class Run:
         self.progress = progress and self.rank == 0
         self.device = torch.device(dist.resolve_device(self.tc.device))
         self.fingerprints = {L: self.cache.layer_fingerprint(L) for L in self.layers}
-        self.run_id = self._run_id()
+        self.run_id = run_identity(self.tc, self.layers, self.fingerprints)
+        self.run_state = RunState(self.out, self.run_id, [s.name for s in self.specs], cache_url)
         self.fresh = fresh
         self.explog: ExperimentLog = ExperimentLog()  # train.log's writer, opened by execute on rank 0
-
-    # ---- identity --------------------------------------------------------------------
-
-    def _run_id(self) -> str:
-        tc = {k: v for k, v in dataclasses.asdict(self.tc).items() if k not in _OPERATIONAL}
-        ident = {"train": tc, "layers": self.layers, "fingerprints": {str(k): v for k, v in self.fingerprints.items()}}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-    def _claim_out(self) -> str:
-        """'new', 'resume' or 'complete'; refuses an OUT that holds another run unless fresh."""
-        state_path = self.out / "run_state.json"
-        if state_path.exists():
-            prev = json.loads(state_path.read_text())
-            if self.fresh:
-                if self.rank == 0:
-                    self._wipe(prev)
-            elif prev.get("run_id") != self.run_id:
-                raise UserError(
-                    f"{self.out} holds a different run (other settings, layers or cache data); "
-                    "pass --fresh to replace it or choose another --out"
-                )
-            elif prev.get("complete"):
-                return "complete"
-            else:
-                return "resume"
-        elif self.out.exists() and any(self.out.iterdir()) and not self.fresh:
-            if (self.out / "run.json").exists() or (self.out / "checkpoints").exists():
-                raise UserError(f"{self.out} holds files of another run; pass --fresh or choose another --out")
-        dist.barrier()
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._write_state(complete=False)
-        dist.barrier()
-        return "new"
-
-    def _wipe(self, prev: dict) -> None:
-        for name in ["checkpoints", "heldout", *prev.get("saes", [])]:
-            shutil.rmtree(self.out / name, ignore_errors=True)
-        for name in ("run.json", "run_state.json"):
-            (self.out / name).unlink(missing_ok=True)
-
-    def _write_state(self, complete: bool) -> None:
-        atomic_write_text(
-            self.out / "run_state.json",
-            json.dumps(
-                {
-                    "run_id": self.run_id,
-                    "complete": complete,
-                    "saes": [s.name for s in self.specs],
-                    "cache": self.cache_url,
-                },
-                indent=2,
-            ),
-        )
-
-    # ---- data ------------------------------------------------------------------------
-
-    def _loader(self, split: str, batch_size: int, seed: int, local: bool = False, **kw) -> ShuffledLoader:
-        """The training loader; `local` = this process reads whole batches on the CPU (eval, init)."""
-        tc = self.tc
-        sharded = split == "train" and not local
-        return ShuffledLoader(
-            self.cache,
-            self.layers,
-            batch_size,
-            seed=seed,
-            split=split,
-            heldout_fraction=tc.heldout_fraction,
-            split_seed=tc.split_seed,
-            roles=list(tc.roles) if tc.roles else "auto",
-            exclude_position0=tc.exclude_position0,
-            exclude_special=tc.exclude_special,
-            norm_outlier=tc.norm_outlier,
-            window_tokens=tc.shuffle_buffer_tokens,
-            threads=tc.loader_threads,
-            device="cpu" if local else self.device,
-            rank=self.rank if sharded else 0,
-            world_size=self.world if sharded else 1,
-            max_rows=tc.max_rows if split == "train" else 0,
-            **kw,
-        )
-
-    def _heldout(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """The evaluation rows: the first eval_tokens held-out rows of a fixed order, kept in OUT/heldout."""
-        d = self.out / "heldout"
-        if not (d / "rows.npy").exists():
-            if self.tc.heldout_fraction <= 0:
-                return np.zeros(0, np.int64), {}
-            n = self.tc.eval_tokens
-            loader = self._loader(
-                "heldout",
-                min(4096, max(n, 1)),
-                seed=self.tc.split_seed,
-                local=True,
-                max_epochs=1,
-                drop_last=False,
-                announce=False,
-            )
-            rows, parts = [], {L: [] for L in self.layers}
-            got = 0
-            for b in loader:
-                take = min(len(b), n - got)
-                rows.append(b.rows[:take])
-                for L in self.layers:
-                    parts[L].append(b.residuals[L][:take].to(torch.bfloat16).view(torch.int16).numpy())
-                got += take
-                if got >= n:
-                    break
-            loader.close()
-            for stale in d.parent.glob(f".{d.name}.tmp*"):  # leftovers of a killed run
-                shutil.rmtree(stale, ignore_errors=True)
-            with atomic_dir(d) as tmp:
-                for L in self.layers:
-                    np.save(tmp / f"L{L}.npy", np.concatenate(parts[L]))
-                np.save(tmp / "rows.npy", np.concatenate(rows))
-        rows = np.load(d / "rows.npy")
-        return rows, {L: np.load(d / f"L{L}.npy", mmap_mode="r") for L in self.layers}
-
-    def _init_sample(self) -> dict[int, torch.Tensor]:
-        """geometric_median_samples train rows (another seed than training's) for b_dec and scale."""
-        n = self.tc.geometric_median_samples
-        loader = self._loader(
-            "train", min(n, 4096), seed=self.tc.seed + 7919, local=True, max_epochs=1, drop_last=False, announce=False
-        )
-        parts = {L: [] for L in self.layers}
-        got = 0
-        for b in loader:
-            for L in self.layers:
-                parts[L].append(b.residuals[L])
-            got += len(b)
-            if got >= n:
-                break
-        loader.close()
-        return {L: torch.cat(v)[:n] for L, v in parts.items()}
 
     # ---- the run ---------------------------------------------------------------------
 
@@ -288,23 +136,19 @@ class Run:
             )
         return trainers
 
-    def _check_split(self) -> dict:
-        """Count both sides of the split; too few held-out sequences is a one-line error."""
-        tc = self.tc
-        roles = list(tc.roles) if tc.roles else default_roles(self.cache)
-        codes = None if roles is None else [ROLE_CODES[r] for r in roles if r in ROLE_CODES]
-        counts = split_counts(self.cache, tc.split_seed, tc.heldout_fraction, codes)
-        if tc.heldout_fraction > 0 and counts["heldout_sequences"] < MIN_HELDOUT_SEQUENCES:
-            raise UserError(
-                f"only {counts['heldout_sequences']} of {counts['sequences']} sequences are held out "
-                f"(train.heldout_fraction={tc.heldout_fraction:g}, train.split_seed={tc.split_seed}); at least "
-                f"{MIN_HELDOUT_SEQUENCES} are needed to validate: raise train.heldout_fraction"
-            )
-        return counts
-
     def execute(self) -> dict:
-        self.split = self._check_split()
-        loader = self._loader("train", self.tc.batch_size, seed=self.tc.seed)  # validates before OUT is touched
+        self.split = check_split(self.cache, self.tc)
+        loader = run_loader(  # validates before OUT is touched
+            self.cache,
+            self.layers,
+            self.tc,
+            "train",
+            self.tc.batch_size,
+            self.tc.seed,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+        )
         tokens = recipe.budget(self.tc, loader.n_rows)
         tc, notes = recipe.fit_to_run(
             dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens
@@ -319,7 +163,7 @@ class Run:
         if tc.lr_schedule not in ("cosine", "constant"):
             raise UserError(f"train.lr_schedule={tc.lr_schedule!r} is not one of cosine, constant")
         check_kind(tc.log)
-        status = self._claim_out()
+        status = self.run_state.claim(self.fresh, self.rank)
         if status == "complete":
             if self.rank == 0:
                 print(
@@ -330,7 +174,7 @@ class Run:
             return json.loads((self.out / "run.json").read_text())
         ckpts = Checkpoints(self.out / "checkpoints", tc.keep_last, tc.keep_best)
         trainers = self._build()
-        held_rows, held = self._heldout() if self.rank == 0 else (None, None)
+        held_rows, held = heldout_rows(self.out, self.cache, self.layers, tc) if self.rank == 0 else (None, None)
         dist.barrier()
         latest = ckpts.latest() if status == "resume" else None
         history: dict[str, list[dict]] = {s.name: [] for s in self.specs}
@@ -345,7 +189,7 @@ class Run:
                 print(f"resuming {self.out} from {latest.name} ({tokens} tokens)", file=sys.stderr)
         else:
             tokens = 0
-            sample = self._init_sample()
+            sample = init_sample(self.cache, self.layers, tc)
             for s in self.specs:
                 trainers[s.name].init_from_sample(sample[s.layer], normalize=tc.normalize)
             del sample
@@ -414,13 +258,7 @@ class Run:
                 tr = trainers[s.name]
                 row = {"tokens": tokens, "step": tr.steps, "time": time.time()}
                 if held:
-                    m = ReconstructionMetrics(s.d_sae)
-                    data = held[s.layer]
-                    for i in range(0, len(data), 4096):
-                        x = bits_to_torch(np.array(data[i : i + 4096])).float().to(self.device)
-                        vals, idx = tr.sae.encode(x)
-                        m.update(x, tr.sae.decode(vals, idx), vals, idx)
-                    metrics = m.compute()
+                    metrics = heldout_metrics(tr.sae, held[s.layer], s.d_sae, self.device)
                     row["eval_tokens"] = metrics.pop("tokens")
                     row.update(metrics)
                     self.explog.heldout(s.name, tr.tokens, metrics)
@@ -529,7 +367,7 @@ class Run:
                     }
                 )
             write_run_json(self.out, run)
-            self._write_state(complete=True)
+            self.run_state.write(complete=True)
             print(f"trained {len(self.specs)} SAE(s) on {tokens} tokens each -> {self.out}/run.json", file=sys.stderr)
         dist.barrier()
         return run

@@ -1,0 +1,95 @@
+"""OUT's claim: which run a directory holds (`run_state.json`), so a run resumes only its own.
+
+A run's identity hashes the settings that change its weights, its layers and the cache data's
+fingerprints; OUT is new, a resume, complete, or another run's (refused unless --fresh, which
+wipes what the previous run wrote). run.json, the finished run's record, is `rundir`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache_format.errors import UserError
+
+from . import dist
+from .checkpoint import atomic_write_text
+from .config import TrainConfig
+
+# keys that do not change the weights a run produces (so changing them still resumes)
+_OPERATIONAL = {
+    "out",
+    "device",
+    "loader_threads",
+    "keep_last",
+    "keep_best",
+    "checkpoint_every_tokens",
+    "eval_every_tokens",
+    "cache",
+    "layers",
+    "log",
+    "log_dir",
+}
+
+
+def run_identity(tc: TrainConfig, layers: list[int], fingerprints: dict[int, str]) -> str:
+    """The run id: equal for runs that produce the same weights."""
+    tc = {k: v for k, v in dataclasses.asdict(tc).items() if k not in _OPERATIONAL}
+    ident = {"train": tc, "layers": layers, "fingerprints": {str(k): v for k, v in fingerprints.items()}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunState:
+    """`run_state.json` in OUT: the run id, whether it completed, its SAEs (what --fresh wipes), the cache."""
+
+    out: Path
+    run_id: str
+    saes: list[str]
+    cache: str
+
+    def claim(self, fresh: bool, rank: int) -> str:
+        """'new', 'resume' or 'complete'; refuses an OUT that holds another run unless fresh."""
+        state_path = self.out / "run_state.json"
+        if state_path.exists():
+            prev = json.loads(state_path.read_text())
+            if fresh:
+                if rank == 0:
+                    self._wipe(prev)
+            elif prev.get("run_id") != self.run_id:
+                raise UserError(
+                    f"{self.out} holds a different run (other settings, layers or cache data); "
+                    "pass --fresh to replace it or choose another --out"
+                )
+            elif prev.get("complete"):
+                return "complete"
+            else:
+                return "resume"
+        elif self.out.exists() and any(self.out.iterdir()) and not fresh:
+            if (self.out / "run.json").exists() or (self.out / "checkpoints").exists():
+                raise UserError(f"{self.out} holds files of another run; pass --fresh or choose another --out")
+        dist.barrier()
+        if rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.write(complete=False)
+        dist.barrier()
+        return "new"
+
+    def _wipe(self, prev: dict) -> None:
+        for name in ["checkpoints", "heldout", *prev.get("saes", [])]:
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        for name in ("run.json", "run_state.json"):
+            (self.out / name).unlink(missing_ok=True)
+
+    def write(self, complete: bool) -> None:
+        atomic_write_text(
+            self.out / "run_state.json",
+            json.dumps(
+                {"run_id": self.run_id, "complete": complete, "saes": list(self.saes), "cache": self.cache},
+                indent=2,
+            ),
+        )
