@@ -2,10 +2,11 @@
 
 Which rows pass is `row_filters`; which batch holds which rows is `window_plan` (a pure function
 of seed, epoch and ranks, so batches do not depend on thread timing); the memory the rows move
-through is `loader_buffers`. This module runs the plan: background threads decode the chunks of
-the current and the next window (prefetch) straight into two reused buffers per layer, the
-norm-outlier filter is applied per window as the rows are decoded, and each batch is one gather
-of its shuffled rows out of them.
+through is `loader_buffers`; decoding a window and the norm filter are `window_decode`'s, the
+producer thread `prefetch`'s, and the checks on a saved position `loader_state`'s. This module
+runs the plan: background threads decode the chunks of the current and the next window
+(prefetch) straight into two reused buffers per layer, the norm-outlier filter is applied per
+window as the rows are decoded, and each batch is one gather of its shuffled rows out of them.
 
 The loader's position is (epoch, window, offset), and resuming re-reads one window: the cost is
 independent of how much was consumed. With N ranks each rank decodes only its own chunks (every
@@ -17,22 +18,22 @@ batch would. The position is per rank; a run resumes exactly with the same numbe
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 
 import numpy as np
 import torch
 
-from cache_format.bf16 import bits_to_torch
 from cache_format.errors import UserError
 from cache_format.layout import ROLE_CODES
 
 from .loader_buffers import BatchBuilder, DecodingWindow, Recycler, window_array
+from .loader_state import resume_position
+from .prefetch import Prefetcher
 from .row_filters import RowMetadata, cap_rows, chunk_bounds, default_roles, row_mask
+from .window_decode import DENSE, median_norms, start_decode, wait_decoded, within_norm
 from .window_plan import chunk_rows, cut_batches, epoch_windows, window_layout, window_perm
 
 __all__ = ["Batch", "ShuffledLoader", "auto_threads"]
@@ -137,7 +138,7 @@ class ShuffledLoader:
         self.chunk_counts = np.where(np.diff(self.bounds) > 0, self.chunk_counts, 0)
         stored = np.diff(self.bounds)
         # buffer rows per chunk: decoded whole when mostly eligible, else just its eligible rows
-        self._chunk_buffer = np.where(self.chunk_counts >= self._DENSE * stored, stored, self.chunk_counts)
+        self._chunk_buffer = np.where(self.chunk_counts >= DENSE * stored, stored, self.chunk_counts)
         self.n_rows = int(mask.sum())
         if self.n_rows == 0:
             raise UserError(
@@ -154,15 +155,14 @@ class ShuffledLoader:
                 f"the {split} split spans {int((self.chunk_counts > 0).sum())} cache chunks, fewer than "
                 f"the {world_size} ranks that divide them; use fewer ranks or a larger cache"
             )
-        self.median_norm = self._median_norms() if norm_outlier > 0 else None
+        self.median_norm = None
+        if norm_outlier > 0:
+            self.median_norm = median_norms(cache, self.layers, self.chunk_counts, self.bounds, self._chunk_rows)
 
         self._state = {"epoch": 0, "window": 0, "offset": 0, "batches": 0, "rows": 0}
         self._epoch_seen = 0
         self._plans: dict[int, list[np.ndarray]] = {}
-        self._thread = None
-        self._queue = None
-        self._stop = threading.Event()
-        self._pool = None
+        self._prefetcher: Prefetcher | None = None  # the producer thread, while batches are being made
         self._slots: dict[int, list[np.ndarray | None]] = {}  # per layer: the two window buffers
         self._arrays = Recycler(keep=(self.prefetch + 3) * len(self.layers) * (2 if dtype != torch.bfloat16 else 1))
 
@@ -212,26 +212,6 @@ class ShuffledLoader:
     def _perm(self, epoch: int, window: int, n: int) -> np.ndarray:
         return window_perm(self.seed, epoch, window, n, self.rank, self.world_size)
 
-    def _median_norms(self) -> dict[int, float]:
-        """Median row norm per layer, from the first chunks of a fixed order (seed-independent)."""
-        out = {}
-        for layer in self.layers:
-            norms, got = [], 0
-            for c in np.flatnonzero(self.chunk_counts):
-                x = self._read(layer, int(c))
-                norms.append(np.linalg.norm(x.astype(np.float32), axis=1))
-                got += len(x)
-                if got >= 16384:
-                    break
-            out[layer] = float(np.median(np.concatenate(norms)))
-        return out
-
-    def _read(self, layer: int, c: int) -> np.ndarray:
-        """Eligible rows of chunk c (bf16 ndarray); the batch path decodes into window buffers instead."""
-        lo = int(self.bounds[c])
-        arr = self.cache.read_chunk(layer, c)
-        return arr[self._chunk_rows(c) - lo]
-
     # ---- state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -247,26 +227,11 @@ class ShuffledLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """One rank's state, or {"ranks": [every rank's state]} (what a data-parallel checkpoint holds)."""
-        if "ranks" in state:
-            if len(state["ranks"]) != self.world_size:
-                raise UserError(
-                    f"the checkpoint was written by {len(state['ranks'])} ranks and this run has "
-                    f"{self.world_size}; resume with the same number of processes "
-                    "or start over with --fresh"
-                )
-            state = state["ranks"][self.rank]
-        if state.get("world_size", 1) != self.world_size:
-            raise UserError(
-                f"the saved loader state belongs to a run of {state.get('world_size', 1)} ranks, not "
-                f"{self.world_size}; resume with the same number of processes or start over with --fresh"
-            )
-        if state.get("seed", self.seed) != self.seed or state.get("n_rows", self.n_rows) != self.n_rows:
-            raise UserError(
-                "the saved loader state belongs to another seed or cache selection; "
-                "re-run with the original settings or start over with --fresh"
-            )
+        position = resume_position(
+            state, rank=self.rank, world_size=self.world_size, seed=self.seed, n_rows=self.n_rows
+        )
         self.close()
-        self._state = {k: int(state[k]) for k in ("epoch", "window", "offset", "batches", "rows")}
+        self._state = position
         self._epoch_seen = self._state["epoch"]
 
     # ---- iteration -------------------------------------------------------------------
@@ -275,9 +240,9 @@ class ShuffledLoader:
         return self
 
     def __next__(self) -> Batch:
-        if self._thread is None:
-            self._start()
-        item = self._queue.get()
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(partial(self._produce, dict(self._state)), self.prefetch, self.threads)
+        item = self._prefetcher.queue.get()
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -297,27 +262,10 @@ class ShuffledLoader:
         self._state = state
         return Batch(residuals, rows, epoch, self.state_dict())
 
-    def _start(self) -> None:
-        self._stop.clear()
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
-        self._thread = threading.Thread(
-            target=self._produce, args=(dict(self._state),), daemon=True, name="loader-batches"
-        )
-        self._thread.start()
-
     def close(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            while self._thread.is_alive():
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    self._thread.join(timeout=0.05)
-            self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        self._prefetcher = None
 
     def __enter__(self):
         return self
@@ -331,22 +279,11 @@ class ShuffledLoader:
         except Exception:
             pass
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     # ---- window buffers --------------------------------------------------------------
     # Two buffers ("slots") per layer alternate: the window being served and the next one
     # decoding. A chunk whose rows mostly pass the filters is decoded whole, so the filters cost
     # nothing; a sparse one (say on the held-out split) is decoded aside and its eligible rows
     # compacted, so a buffer never holds more than twice its window's rows.
-
-    _DENSE = 0.5  # decode a chunk whole into the window when at least this share of its rows is eligible
 
     def buffer_rows(self, epoch: int) -> int:
         """Rows of a window buffer in `epoch` (the largest window's). The loader holds two per layer:
@@ -366,67 +303,41 @@ class ShuffledLoader:
         rows, and the global rows and buffer positions of the eligible rows in plan order."""
         return window_layout(self.windows(epoch)[window], self.mask, self.bounds, self._chunk_buffer)
 
-    def _decode_into(self, layer: int, c: int, dest: np.ndarray, local: np.ndarray | None) -> None:
-        if local is None:
-            self.cache.read_chunk(layer, c, out=dest)
-        else:
-            dest[:] = self.cache.read_chunk(layer, c).view(np.uint16)[local]
-
-    def _decode(self, epoch: int, window: int, slot: int) -> DecodingWindow:
+    def _decode(self, pf: Prefetcher, epoch: int, window: int, slot: int) -> DecodingWindow:
         """Start decoding a window into `slot`'s buffers; the pool's threads do the work."""
         plan, n, rows, pos = self._layout(epoch, window)
         bufs = {layer: self._slot(layer, slot, n, epoch) for layer in self.layers}
-        futures = []
-        for layer, buf in bufs.items():
-            for i, (c, at, local) in enumerate(plan):
-                end = plan[i + 1][1] if i + 1 < len(plan) else n
-                futures.append(self._pool.submit(self._decode_into, layer, c, buf[at:end], local))
-        return DecodingWindow(epoch, window, bufs, futures, rows, pos)
+        return DecodingWindow(epoch, window, bufs, start_decode(pf.pool, self.cache, plan, n, bufs), rows, pos)
 
-    def _serve(self, win: DecodingWindow) -> tuple[np.ndarray, np.ndarray]:
+    def _serve(self, pf: Prefetcher, win: DecodingWindow) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a window's decode, apply the norm filter, and shuffle: (rows, buffer positions)."""
-        for f in win.futures:
-            while not self._stop.is_set():
-                try:
-                    f.result(timeout=0.05)
-                    break
-                except TimeoutError:
-                    pass
+        wait_decoded(win.futures, pf.stop)
         rows, pos = win.rows, win.pos
         if self.median_norm is not None:  # the norm filter changes the row count, so the shuffle follows it
-            keep = np.ones(len(rows), dtype=bool)
-            for layer, buf in win.buffers.items():
-                t = bits_to_torch(buf)
-                norms = torch.cat([t[a : a + 8192].float().norm(dim=1) for a in range(0, len(t), 8192)])
-                keep &= (norms[torch.from_numpy(pos)] <= self.norm_outlier * self.median_norm[layer]).numpy()
+            keep = within_norm(win.buffers, pos, self.norm_outlier, self.median_norm)
             rows, pos = rows[keep], pos[keep]
         perm = self._perm(win.epoch, win.window, len(rows))
         return rows[perm], pos[perm]
 
     # ---- the producer thread ---------------------------------------------------------
 
-    def _produce(self, state: dict) -> None:
-        try:
-            self._produce_loop(state)
-        except BaseException as e:  # hand the failure to the consumer
-            self._put(e)
-
-    def _produce_loop(self, state: dict) -> None:
+    def _produce(self, state: dict, pf: Prefetcher) -> None:
+        """Batches from `state` on, into the prefetcher's queue, then None (after max_epochs)."""
         epoch, window, offset = state["epoch"], state["window"], state["offset"]
         batches, seen = state["batches"], state["rows"]
         B = self.local_batch
         building: BatchBuilder | None = None
         slot = 0
-        cur = self._decode(epoch, window, slot)
-        while not self._stop.is_set():
+        cur = self._decode(pf, epoch, window, slot)
+        while not pf.stop.is_set():
             f_epoch, f_window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
             last_epoch = self.max_epochs is not None and f_epoch >= self.max_epochs
             # the following window decodes into the other slot while this one is served: every
             # batch row of the window before was gathered out of it already
-            nxt = None if last_epoch else self._decode(f_epoch, f_window, 1 - slot)
-            rows, pos = self._serve(cur)
+            nxt = None if last_epoch else self._decode(pf, f_epoch, f_window, 1 - slot)
+            rows, pos = self._serve(pf, cur)
             p = offset
-            while p < len(rows) and not self._stop.is_set():
+            while p < len(rows) and not pf.stop.is_set():
                 if building is None:
                     building = BatchBuilder(B, self.cache.d_model, self.layers, self.device, self._arrays, self.dtype)
                 take = min(B - building.n, len(rows) - p)
@@ -440,16 +351,16 @@ class ShuffledLoader:
                     )
                     batches, seen = batches + 1, seen + self.batch_size
                     nstate.update(batches=batches, rows=seen)
-                    if not self._put(building.result(epoch, nstate)):
+                    if not pf.put(building.result(epoch, nstate)):
                         return
                     building = None
             offset = 0
             if last_epoch:
-                if building is not None and building.n and not self.drop_last and not self._stop.is_set():
+                if building is not None and building.n and not self.drop_last and not pf.stop.is_set():
                     n = building.n
                     nstate = {"epoch": f_epoch, "window": 0, "offset": 0, "batches": batches + 1, "rows": seen + n}
-                    self._put(building.result(epoch, nstate))
-                self._put(None)
+                    pf.put(building.result(epoch, nstate))
+                pf.put(None)
                 return
             del rows, pos
             cur, slot = nxt, 1 - slot
