@@ -1,4 +1,5 @@
-"""Writing: create a cache, append segments (backfill.py adds a layer; parts.py holds the pieces).
+"""Writing: create a cache, append segments (backfill.py adds a layer; commit_unit.py,
+array_writer.py, hashing_store.py and validation.py hold the pieces).
 
 A segment writer buffers rows per layer and writes only whole shards (one object each,
 never chunk by chunk into a shard), hashing every object as zarr hands it to the store.
