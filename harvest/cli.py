@@ -28,11 +28,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler, as_json, quiet):
-    from .data import check_source
     from .run import run as do_run
 
-    if source is not None:
-        check_source(source)
     cfg = load_config(
         config_path,
         profile,

@@ -31,6 +31,9 @@ class ModelConfig:
     tokenizer: str = ""  # "" = the model's own
 
 
+SOURCES = ("supergpqa", "corpus")
+
+
 @dataclass
 class HarvestConfig(HarvestKeys):
     """How activations are captured and laid out in the cache."""
@@ -52,6 +55,8 @@ class HarvestConfig(HarvestKeys):
     torch_threads: int = 0  # intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)
 
     def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ConfigError(f"unknown source {self.source!r}; use --source supergpqa or --source corpus")
         check_ranges(
             self,
             "harvest",

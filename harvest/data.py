@@ -19,17 +19,10 @@ from .config import CorpusSource, SuperGPQAConfig
 from .grading import LETTERS
 
 QUESTION_FIELDS = ("uuid", "question", "options", "answer_letter")
-SOURCES = ("supergpqa", "corpus")
 
 
 class DataError(UserError):
     """A dataset or corpus source is missing, unreadable, or lacks required fields."""
-
-
-def check_source(name: str) -> str:
-    if name not in SOURCES:
-        raise DataError(f"unknown source {name!r}; use --source supergpqa or --source corpus")
-    return name
 
 
 # ---------------------------------------------------------------------------------------

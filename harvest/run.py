@@ -23,7 +23,7 @@ from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
 
-from . import corpus_plan, data, gpu, revisions
+from . import corpus_plan, gpu, revisions
 from . import rollouts as ro
 from .backfill import add_layers
 from .capture import BackgroundWriter
@@ -89,7 +89,6 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
 def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """The whole `harvest run`: create or open the cache, add new layers, capture what is missing."""
     log = log or (lambda s: None)
-    data.check_source(cfg.harvest.source)
     if cfg.harvest.hook != HOOK:
         raise UserError(
             f"harvest.hook {cfg.harvest.hook!r}: only {HOOK!r} (the output of decoder layer N) is "
