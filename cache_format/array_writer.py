@@ -47,9 +47,10 @@ class LayerBuffer:
         self._ensure_array()
         if self.n_pending:
             self._flush(self.n_pending)
-        self._wait()
+        self.wait()
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
+        """Until the shard write in flight (if any) has landed; re-raises its failure."""
         if self.inflight is not None:
             f, self.inflight = self.inflight, None
             f.result()  # re-raises a failed background write
@@ -80,7 +81,7 @@ class LayerBuffer:
         self.pending = [rest] if len(rest) else []
         self.n_pending = len(rest)
         s = self.n_written
-        self._wait()  # one shard in flight per layer: bounded memory, shards land in order
+        self.wait()  # one shard in flight per layer: bounded memory, shards land in order
 
         def write():
             self.array.resize((s + n, self.d))

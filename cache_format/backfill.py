@@ -52,10 +52,7 @@ class _BackfillSegment(CommitUnit):
         self.info = infos[segment_id]
         if bf.layer in self.info.layers:
             raise UserError(f"segment {segment_id} already has layer {bf.layer}")
-        self.stored = {
-            k: self.cache._segment_column(self.cache._seg_index(segment_id), k)
-            for k in ("tokens", "seq_ids", "positions")
-        }
+        self.stored = {k: self.cache.segment_column(segment_id, k) for k in ("tokens", "seq_ids", "positions")}
         self.part = uuid.uuid4().hex[:12]
         super().__init__(w.loc, layout.backfill_dir(segment_id, self.part))
         path = layout.layer_array(self.unit, w.root["hook"], bf.layer)

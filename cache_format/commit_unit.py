@@ -58,7 +58,7 @@ class CommitUnit:
         leases.release(self.loc, self.unit)
         for buf in self._buffers():
             try:
-                buf._wait()  # let a background shard write land before deleting
+                buf.wait()  # let a background shard write land before deleting
             except Exception:
                 pass
         try:

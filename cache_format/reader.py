@@ -221,9 +221,6 @@ class Cache:
     def roles(self) -> ColumnView:
         return ColumnView(self, "roles")
 
-    def _seg_index(self, segment_id: str) -> int:
-        return self._by_id[segment_id]
-
     def layer_reader(self, si: int, layer: int) -> _ArrayReader:
         """The chunk reader of segment `si`'s array of `layer` (made once, shared by threads)."""
         s = self._segs[si]
@@ -237,7 +234,8 @@ class Cache:
                 self._arrays[key] = r
         return r
 
-    def _column_reader(self, si: int, name: str) -> _ArrayReader:
+    def column_reader(self, si: int, name: str) -> _ArrayReader:
+        """The chunk reader of segment `si`'s token-row column `name` (made once, shared by threads)."""
         s = self._segs[si]
         key = (s.id, name)
         with self._lock:
@@ -254,11 +252,13 @@ class Cache:
                 self._arrays[key] = r
         return r
 
-    def _segment_column(self, si: int, name: str) -> np.ndarray:
-        r = self._column_reader(si, name)
+    def segment_column(self, segment_id: str, name: str) -> np.ndarray:
+        """All of one segment's token-row column `name` (a backfill checks its tokens against it)."""
+        r = self.column_reader(self._by_id[segment_id], name)
         return r.rows(0, r.shape[0])
 
-    def _gather(self, reader_of, i: int, j: int, row_shape: tuple, dtype) -> np.ndarray:
+    def gather(self, reader_of, i: int, j: int, row_shape: tuple, dtype) -> np.ndarray:
+        """Global rows [i, j) as one array, from `reader_of(segment index)` of each segment they span."""
         if j <= i:
             return np.zeros((0, *row_shape), dtype)
         s0 = int(np.searchsorted(self._starts, i, side="right") - 1)

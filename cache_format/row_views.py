@@ -42,7 +42,7 @@ class ResidualView:
 
     def bits(self, i: int, j: int) -> np.ndarray:
         c = self.cache
-        return c._gather(lambda s: c.layer_reader(s, self.layer), i, j, (c.d_model,), np.uint16)
+        return c.gather(lambda s: c.layer_reader(s, self.layer), i, j, (c.d_model,), np.uint16)
 
     def numpy(self, i: int = 0, j: int | None = None) -> np.ndarray:
         i, j = row_range(slice(i, j), self.cache.n_tokens)
@@ -65,7 +65,7 @@ class ColumnView:
 
     def __getitem__(self, key):
         i, j = row_range(key, self.cache.n_tokens)
-        out = self.cache._gather(lambda s: self.cache._column_reader(s, self.name), i, j, (), ROW_COLUMNS[self.name])
+        out = self.cache.gather(lambda s: self.cache.column_reader(s, self.name), i, j, (), ROW_COLUMNS[self.name])
         return out[0] if isinstance(key, (int, np.integer)) else out
 
     def __array__(self, dtype=None, copy=None):

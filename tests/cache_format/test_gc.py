@@ -34,7 +34,7 @@ def test_gc_racing_a_commit_never_deletes_what_just_committed(tmp_path, monkeypa
     gc = threading.Thread(target=lambda: doomed.extend(ops.gc(loc, older_than_s=0, force=True)))
     with w.segment() as seg:
         seg.append({1: np.ones((12, 8), BF16)}, **_rows(12, 0))
-        seg.buffers[1]._wait()
+        seg.buffers[1].wait()
         gc.start()
         read_log.wait(10)
     committed.set()

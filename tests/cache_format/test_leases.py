@@ -20,7 +20,7 @@ def test_gc_at_zero_seconds_keeps_a_live_writers_segment_and_its_commit_is_good(
     loc = Location(url)
     with w.segment() as seg:
         seg.append({1: np.ones((12, 8), BF16)}, **_rows(12, 0))  # whole shards already on disk
-        seg.buffers[1]._wait()
+        seg.buffers[1].wait()
         on_disk = [o.key for o in loc.walk(f"segments/{seg.id}")]
         assert any("/c/" in k for k in on_disk) and f"segments/{seg.id}/.lease" in on_disk
         assert ops.gc(loc, older_than_s=0, force=True) == []  # leased: kept whatever --older-than says
@@ -35,7 +35,7 @@ def test_a_stale_lease_does_not_protect_a_dead_writers_leftovers(tmp_path):
     w = cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4, shard_mib=1 / 2**15)
     seg = w.segment().__enter__()
     seg.append({1: np.ones((8, 8), BF16)}, **_rows(8, 0))
-    seg.buffers[1]._wait()
+    seg.buffers[1].wait()
     leases.KEEPER.release_keep(w.loc, f"segments/{seg.id}")  # the writer "dies": nobody renews it
     lease = f"{url}/segments/{seg.id}/.lease"
     old = time.time() - leases.STALE_S - 60
