@@ -2,40 +2,34 @@
 
 Two backends behind one call, `generate(prompts, max_new_tokens, stop_ids, on_done)`, where
 `on_done(i, response_ids, finished)` is called as each prompt finishes: transformers'
-`generate` (CPU, tests, small runs) and vLLM, which cannot share this environment (it pins
-another torch/transformers) and so runs as one subprocess in its own venv
-(`vllm_generate.py`) that streams each finished request back through a file. Prompts are
-tokenized here, so both backends see identical ids.
+`generate` here (CPU, tests, small runs) and vLLM (`vllm_backend.py`), which runs as a
+subprocess in its own venv. Prompts are tokenized here, so both backends see identical ids.
 
-Generations are saved as they finish (sidecar files beside the cache), so a crash loses at
-most one generation batch and a re-run continues; grading and forced answers are saved per
-work unit once the capture model is loaded. Nothing stored is ever regenerated.
+Generations are saved as they finish (sidecar files beside the cache, `rollout_store.py`),
+so a crash loses at most one generation batch and a re-run continues; grading and forced
+answers are saved per work unit once the capture model is loaded. Nothing stored is ever
+regenerated.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-from cache_format.atomic import write_atomic
 from cache_format.errors import UserError
 
 from . import data
 from .config import SuperGPQAConfig
 from .grading import LETTERS, NO_ANSWER, THINK_END, grade
 from .prompts import prompt_ids
+from .vllm_backend import OnDone, VLLMBackend
 
 ANSWER_PREFIX = "Answer:"
-OnDone = Callable[[int, list, bool], None]
 
 
 @dataclass
@@ -103,88 +97,6 @@ class TransformersBackend:
                         finished = True
                         break
                 on_done(i + j, resp, finished)
-
-
-class VLLMBackend:
-    """vLLM in its own interpreter (`make vllm-env`): one subprocess for every pending prompt,
-    streaming each finished request back through a file that is polled here."""
-
-    name = "vllm"
-    poll_s = 0.5
-
-    def __init__(self, cfg: SuperGPQAConfig, model_path: str, revision: str, dtype: str):
-        v = cfg.vllm
-        if not Path(v.python).is_file():
-            raise UserError(
-                f"supergpqa.vllm.python {v.python} does not exist; run `make vllm-env` on the GPU "
-                'machine or set supergpqa.backend = "transformers"'
-            )
-        self.python = v.python
-        self.engine = {
-            "model": model_path,
-            "revision": revision,
-            "dtype": dtype,
-            "tensor_parallel_size": v.tensor_parallel_size,
-            "gpu_memory_utilization": v.gpu_memory_utilization,
-            "max_model_len": v.max_model_len,
-            "max_num_seqs": v.max_num_seqs,
-            "enforce_eager": v.enforce_eager,
-        }
-        self.version = ""
-
-    def info(self) -> dict:
-        return {"backend": self.name, "backend_version": self.version, "backend_params": json.dumps(self.engine)}
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], on_done: OnDone) -> None:
-        script = Path(__file__).with_name("vllm_generate.py")
-        if not self.engine["max_model_len"]:  # room for the longest prompt and the whole budget
-            self.engine["max_model_len"] = max(len(p) for p in prompts) + max_new_tokens
-        with tempfile.TemporaryDirectory(prefix="harvest-vllm-") as d:
-            req, res = Path(d) / "requests.jsonl", Path(d) / "responses.jsonl"
-            with open(req, "w") as f:
-                for i, p in enumerate(prompts):
-                    f.write(json.dumps({"id": i, "prompt_ids": p}) + "\n")
-            params = {**self.engine, "max_new_tokens": max_new_tokens, "stop_ids": stop_ids}
-            cmd = [self.python, str(script), "--requests", str(req), "--out", str(res), "--params", json.dumps(params)]
-            proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
-            done: set[int] = set()
-            offset = 0
-            try:
-                while True:
-                    exited = proc.poll() is not None
-                    offset = self._drain(res, offset, done, on_done)
-                    if exited:
-                        break
-                    time.sleep(self.poll_s)
-            finally:  # a failed save or Ctrl-C here must not leave vLLM holding the GPU
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        if proc.returncode != 0:
-            raise UserError(
-                f"the vLLM generation subprocess failed (exit {proc.returncode}) after {len(done)} of "
-                f"{len(prompts)} rollouts, which are saved; see its output above, then re-run to continue"
-            )
-        if len(done) != len(prompts):
-            raise UserError(f"the vLLM subprocess returned {len(done)} of {len(prompts)} rollouts; re-run to continue")
-
-    def _drain(self, path: Path, offset: int, done: set[int], on_done: OnDone) -> int:
-        """Hand over every complete line written since `offset`; returns the new offset."""
-        if not path.exists():
-            return offset
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        end = chunk.rfind(b"\n") + 1
-        for line in chunk[:end].splitlines():
-            r = json.loads(line)
-            if "vllm_version" in r:
-                self.version = r["vllm_version"]
-                self.engine.update(r.get("engine", {}))
-            elif r["id"] not in done:
-                done.add(r["id"])
-                on_done(r["id"], r["response_ids"], r["finished"])
-        return offset + end
 
 
 def make_backend(cfg: SuperGPQAConfig, lm_factory, model_cfg):
@@ -337,52 +249,3 @@ def outcome_counts(records: list[dict]) -> dict[str, int]:
         "no_answer": sum(r.get("missing") == NO_ANSWER for r in records),
         "forced": sum(bool(r.get("forced")) for r in records),
     }
-
-
-# ---------------------------------------------------------------------------------------
-# storage: sidecar files beside the cache, so a crash after generation never regenerates
-
-
-def rollouts_dir(cache_url: str) -> str:
-    return cache_url.rstrip("/") + ".rollouts"
-
-
-def _fs(cache_url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(rollouts_dir(cache_url))
-
-
-def save_rollouts(cache_url: str, key: str, rollouts: list[Rollout]) -> None:
-    """Write one sidecar file `key`.jsonl atomically (temp + rename locally; one PUT remotely)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, root = _fs(cache_url)
-    final = f"{root}/{key}.jsonl"
-    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-    body = "".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode()
-    if isinstance(fs, LocalFileSystem):
-        write_atomic(final, body)
-    else:
-        fs.pipe_file(final, body)  # object stores publish a PUT atomically
-
-
-def save_generated(cache_url: str, tag: str, rollouts: list[Rollout]) -> None:
-    """One file per finished group, named uniquely: groups from several workers never collide."""
-    first = min(r.seq_id for r in rollouts)
-    save_rollouts(cache_url, f"{tag}/generated/{first:08d}-{uuid.uuid4().hex[:8]}", rollouts)
-
-
-def load_all_rollouts(cache_url: str, tag: str) -> dict[int, Rollout]:
-    """Every stored rollout under `tag`, by seq_id: graded ones win over bare generations."""
-    fs, root = _fs(cache_url)
-    out: dict[int, Rollout] = {}
-    if not fs.exists(f"{root}/{tag}"):
-        return out
-    for path in sorted(p for p in fs.find(f"{root}/{tag}") if p.endswith(".jsonl")):
-        for line in fs.cat_file(path).decode().splitlines():
-            if line.strip():
-                r = Rollout(**json.loads(line))
-                if r.graded or r.seq_id not in out:
-                    out[r.seq_id] = r
-    return out

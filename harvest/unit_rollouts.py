@@ -17,6 +17,7 @@ import cache_format as cf
 from . import rollouts as ro
 from .config import PipelineConfig
 from .plan import Unit, source_selection
+from .rollout_store import load_all_rollouts, save_generated, save_rollouts
 
 
 def rollout_tag(cfg: PipelineConfig) -> str:
@@ -32,7 +33,7 @@ def generate_missing(
 ) -> int:
     """Generate the units' rollouts that no sidecar holds yet, saving them as they finish."""
     tag = rollout_tag(cfg)
-    stored = ro.load_all_rollouts(cache_url, tag)
+    stored = load_all_rollouts(cache_url, tag)
     missing = [(sid, q) for u in units for sid, q in zip(u.seq_ids, u.questions) if sid not in stored]
     if missing:
         backend = ro.make_backend(cfg.supergpqa, lm_factory, cfg.model)
@@ -41,7 +42,7 @@ def generate_missing(
             backend,
             tokenizer,
             cfg.supergpqa,
-            lambda rs: ro.save_generated(cache_url, tag, rs),
+            lambda rs: save_generated(cache_url, tag, rs),
             progress=progress,
         )
     return len(missing)
@@ -54,12 +55,12 @@ def ensure_rollouts(
     ungraded ones graded (forcing an answer needs the model) and saved per unit."""
     tag = rollout_tag(cfg)
     generate_missing(units, cfg, cache_url, lm_factory, tokenizer, progress)
-    stored = ro.load_all_rollouts(cache_url, tag)
+    stored = load_all_rollouts(cache_url, tag)
     for u in units:
         rs = [stored[s] for s in u.seq_ids]
         if not all(r.graded for r in rs):
             rs = [r if r.graded else ro.grade_rollout(r, tokenizer, cfg.supergpqa, lm_factory) for r in rs]
-            ro.save_rollouts(cache_url, f"{tag}/graded/{u.key}", rs)
+            save_rollouts(cache_url, f"{tag}/graded/{u.key}", rs)
         u.token_ids = [r.token_ids for r in rs]
         u.records = [
             {

@@ -14,6 +14,7 @@ from harvest import rollouts as ro
 from harvest.config import SuperGPQAConfig, load_config
 from harvest.model import load_model
 from harvest.prompts import prompt_ids
+from harvest.vllm_backend import VLLMBackend
 
 STANDIN = str(Path(__file__).parents[1] / "standin")
 
@@ -50,7 +51,7 @@ def test_vllm_backend_saves_as_it_streams_and_resumes_after_a_crash(tmp_path, lm
     monkeypatch.setenv("STANDIN_LOG", str(log))
     monkeypatch.setenv("STANDIN_RESPONSE", json.dumps(answer))
     monkeypatch.setenv("STANDIN_CRASH_AFTER", "3")
-    monkeypatch.setattr(ro.VLLMBackend, "poll_s", 0.05)
+    monkeypatch.setattr(VLLMBackend, "poll_s", 0.05)
     url = tmp_path / "c"
     with pytest.raises(cf.UserError, match=r"failed \(exit 3\) after 3 of 5 rollouts, which are saved"):
         hr.run(_cfg(tmp_path, url, log), progress=False)
