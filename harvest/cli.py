@@ -1,4 +1,5 @@
-"""The harvest command line: `python -m harvest run --layers 11,31,55 [--source ...]`."""
+"""The harvest command line: `python -m harvest run --layers 11,31,55 [--source ...]`, and
+`python -m harvest loss-recovered` (splice.py), both on the shared config flags."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import click
 
 from cache_format.config import config_options, parse_layers
-from cache_format.errors import run_cli
+from cache_format.errors import UserError, run_cli
 
 from .config import load_config
 
@@ -63,13 +64,78 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
             )
 
 
-def _register_splice() -> None:
-    from .splice import loss_recovered_cmd
+@cli.command(
+    "loss-recovered",
+    help="Splice each SAE of a run (or one --sae) into the model at its layer: "
+    "CE clean / with the SAE / zero-ablated, loss recovered, KL.",
+)
+@config_options(layers=False, cache_help="Cache with the held-out sequences (default: the SAE's).")
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    metavar="DIR",
+    help="Training run directory (default [train].out); with --sae, where to write loss_recovered.json.",
+)
+@click.option(
+    "--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's."
+)
+@click.option("--layer", type=int, default=None, help="Decoder layer to splice at (default: the SAE's own).")
+@click.option("--k", type=int, default=None, help="k for the TopK (default: from the SAE).")
+@click.option(
+    "--sequences", type=int, default=None, help="Held-out sequences to use (default [analysis].loss_sequences)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet):
+    import cache_format as cf
+    from cache_format.atomic import write_atomic
+    from train.published import load_sae
+    from train.rundir import recorded_cache, recorded_layer, recorded_split
 
-    cli.add_command(loss_recovered_cmd)
+    from .model import load_model
+    from .splice import check_model_matches_cache, heldout_sequences, loss_recovered, sae_targets
 
-
-_register_splice()
+    cfg = load_config(config_path, profile, overrides)
+    targets = sae_targets(cfg, sae_path, out_dir)
+    lm = None
+    results = {}
+    for name, src, dst in targets:
+        sae = load_sae(src, k=k, layer=layer)
+        url = recorded_cache(sae, cache, cfg.train.cache or cfg.harvest.cache)
+        c = cf.open_cache(url)
+        lay = recorded_layer(sae, layer, src)
+        check_model_matches_cache(cfg.model.name_or_path, c)
+        if lm is None:
+            lm = load_model(cfg.model)
+        lm.check_layers([lay])
+        if lm.d_model != sae.d_in:
+            raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
+        seed, fraction, _ = recorded_split(sae, cfg.train.split_seed, cfg.train.heldout_fraction)
+        seqs = heldout_sequences(c, seed, fraction, sequences or cfg.analysis.loss_sequences)
+        res = loss_recovered(
+            lm.model, lm.layers[lay], sae, seqs, batch_size=cfg.analysis.loss_batch_size, progress=not quiet
+        )
+        res.update(
+            layer=lay,
+            cache=url,
+            model=cfg.model.name_or_path,
+            sae=str(src),
+            split={"seed": seed, "fraction": fraction},
+        )
+        results[name] = res
+        if dst is not None:
+            dst.mkdir(parents=True, exist_ok=True)
+            write_atomic(dst / "loss_recovered.json", json.dumps(res, indent=2, default=str))
+        if not as_json:
+            print(
+                f"loss-recovered {name} @ layer {lay}: CE clean {res['ce_clean']:.4f}, SAE {res['ce_sae']:.4f}, "
+                f"zero {res['ce_zero']:.4f} → loss recovered {res['loss_recovered']:.4f}, KL {res['kl_sae']:.4g} "
+                f"({res['tokens']} tokens)",
+                file=sys.stderr,
+            )
+    if as_json:
+        click.echo(json.dumps(results, default=str))
 
 
 def main() -> None:

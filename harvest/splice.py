@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cache_format.atomic import write_atomic
 from cache_format.errors import UserError
 from train.sae import TopKSAE
 
@@ -160,7 +159,7 @@ def loss_recovered(
 
 
 # ---------------------------------------------------------------------------------------
-# on a cache's held-out sequences, from the command line
+# on a cache's held-out sequences, for `python -m harvest loss-recovered` (cli.py)
 
 
 def heldout_sequences(cache, seed: int, fraction: float, limit: int) -> list[np.ndarray]:
@@ -190,7 +189,7 @@ def check_model_matches_cache(model_name: str, cache) -> None:
         )
 
 
-def _sae_targets(cfg, sae_path, out_dir):
+def sae_targets(cfg, sae_path, out_dir):
     """[(name, sae source path, where loss_recovered.json goes or None)]."""
     from pathlib import Path
 
@@ -200,97 +199,3 @@ def _sae_targets(cfg, sae_path, out_dir):
 
     run_dir = Path(out_dir or cfg.train.out)
     return [(s["name"], s["dir"], s["dir"]) for s in run_saes(run_dir)]
-
-
-def _command():
-    import json
-    import sys
-
-    import click
-
-    from .config import load_config
-
-    @click.command(
-        "loss-recovered",
-        help="Splice each SAE of a run (or one --sae) into the model at its layer: "
-        "CE clean / with the SAE / zero-ablated, loss recovered, KL.",
-    )
-    @click.option("--config", "config_path", default=None, metavar="PATH", help="pipeline.toml to read.")
-    @click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")
-    @click.option(
-        "--cache", default=None, metavar="URL", help="Cache with the held-out sequences (default: the SAE's)."
-    )
-    @click.option(
-        "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a pipeline.toml key."
-    )
-    @click.option(
-        "--out",
-        "out_dir",
-        default=None,
-        metavar="DIR",
-        help="Training run directory (default [train].out); with --sae, where to write loss_recovered.json.",
-    )
-    @click.option(
-        "--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's."
-    )
-    @click.option("--layer", type=int, default=None, help="Decoder layer to splice at (default: the SAE's own).")
-    @click.option("--k", type=int, default=None, help="k for the TopK (default: from the SAE).")
-    @click.option(
-        "--sequences", type=int, default=None, help="Held-out sequences to use (default [analysis].loss_sequences)."
-    )
-    @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-    @click.option("--quiet", is_flag=True, help="No progress bars.")
-    def loss_recovered_cmd(
-        config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet
-    ):
-        import cache_format as cf
-        from train.published import load_sae
-        from train.rundir import recorded_cache, recorded_layer, recorded_split
-
-        from .model import load_model
-
-        cfg = load_config(config_path, profile, overrides)
-        targets = _sae_targets(cfg, sae_path, out_dir)
-        lm = None
-        results = {}
-        for name, src, dst in targets:
-            sae = load_sae(src, k=k, layer=layer)
-            url = recorded_cache(sae, cache, cfg.train.cache or cfg.harvest.cache)
-            c = cf.open_cache(url)
-            lay = recorded_layer(sae, layer, src)
-            check_model_matches_cache(cfg.model.name_or_path, c)
-            if lm is None:
-                lm = load_model(cfg.model)
-            lm.check_layers([lay])
-            if lm.d_model != sae.d_in:
-                raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
-            seed, fraction, _ = recorded_split(sae, cfg.train.split_seed, cfg.train.heldout_fraction)
-            seqs = heldout_sequences(c, seed, fraction, sequences or cfg.analysis.loss_sequences)
-            res = loss_recovered(
-                lm.model, lm.layers[lay], sae, seqs, batch_size=cfg.analysis.loss_batch_size, progress=not quiet
-            )
-            res.update(
-                layer=lay,
-                cache=url,
-                model=cfg.model.name_or_path,
-                sae=str(src),
-                split={"seed": seed, "fraction": fraction},
-            )
-            results[name] = res
-            if dst is not None:
-                dst.mkdir(parents=True, exist_ok=True)
-                write_atomic(dst / "loss_recovered.json", json.dumps(res, indent=2, default=str))
-            if not as_json:
-                print(
-                    f"loss-recovered {name} @ layer {lay}: CE clean {res['ce_clean']:.4f}, SAE {res['ce_sae']:.4f}, "
-                    f"zero {res['ce_zero']:.4f} → loss recovered {res['loss_recovered']:.4f}, KL {res['kl_sae']:.4g} "
-                    f"({res['tokens']} tokens)",
-                    file=sys.stderr,
-                )
-        if as_json:
-            click.echo(json.dumps(results, default=str))
-
-    return loss_recovered_cmd
-
-
-loss_recovered_cmd = _command()

@@ -141,7 +141,7 @@ def test_loss_recovered_command_on_the_tiny_model(tmp_path):
     from tokenizers import Tokenizer
 
     from harvest import tiny
-    from harvest.splice import loss_recovered_cmd
+    from harvest.cli import loss_recovered_cmd
 
     d, layer = 64, 3
     tok = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))
