@@ -40,7 +40,7 @@ def committed(url: str) -> bool:
 
 def main() -> None:
     import psutil
-    from test_harvest_rehearsal import write_corpus
+    from support import write_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=str(ROOT), help="checkout whose harvest runs (its cwd)")

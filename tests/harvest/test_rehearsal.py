@@ -3,7 +3,6 @@ first unit early, in bounded planning memory, and a resume restarts where the st
 
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,33 +11,15 @@ import time
 import numpy as np
 import psutil
 import pytest
+from support import write_corpus
 
 import cache_format as cf
 from harvest import run as hr
-from harvest import tiny
 from harvest.config import load_config
 
 BIG = 50_000_000
 SMALL = 1_000_000
 GIB = 2**30
-
-
-def write_corpus(path, min_tokens: int) -> int:
-    """Variants of the bundled documents in shuffled passes; returns its token count (EOS not counted)."""
-    from tokenizers import Tokenizer
-
-    base = [d.strip() for d in (tiny.assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
-    words = "amber basalt cedar delta ember fjord garnet harbor indigo juniper kelp lagoon".split()
-    variants = [f"{a} {b}: {d}" for a in words for b in words[:4] for d in base]
-    tok = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))
-    per_pass = sum(len(e.ids) for e in tok.encode_batch(variants, add_special_tokens=False))
-    passes = math.ceil(min_tokens / per_pass)
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(passes):
-            rng.shuffle(variants)
-            f.write("\n\n".join(variants) + "\n\n")
-    return passes * per_pass
 
 
 def settings(corpus_path) -> list[str]:
