@@ -189,12 +189,12 @@ def load_records(loc, known: dict, root: dict | None = None, checked: set | None
         try:
             return n, _parse(loc.url, n, loc.read(f"{COMMITS}/{n}"))
         except CacheError:
-            if loc.local:
+            if not loc.transfers_can_tear:
                 raise
             return n, _parse(loc.url, n, loc.read(f"{COMMITS}/{n}", fresh=True))  # a torn transfer: once more
 
     if missing:
-        if loc.local or len(missing) < 4:
+        if not loc.parallel_reads or len(missing) < 4:
             got = map(read, missing)
         else:
             with ThreadPoolExecutor(16) as ex:

@@ -18,8 +18,9 @@ from .stores import Location
 def hashing_store(loc: Location):
     """A zarr store that records (size, BLAKE2b-256) of every object it writes.
 
-    Locally it writes through zarr's LocalStore. Remotely, zarr only sees an in-memory
-    store for metadata and every object is PUT once through the Location (with retries):
+    Where the backend allows (`zarr_writes_direct`: a local directory) it writes through zarr's
+    own store. Otherwise zarr only sees an in-memory store for metadata and every object is PUT
+    once through the Location (with retries):
     a segment's paths are unique to its writer, so zarr's existence checks never need
     the network, and each shard costs exactly one request.
     """
@@ -27,7 +28,7 @@ def hashing_store(loc: Location):
 
     from zarr.storage import MemoryStore, WrapperStore
 
-    remote = not loc.local
+    via_location = not loc.zarr_writes_direct
 
     class HashingStore(WrapperStore):
         def __init__(self, store):
@@ -53,7 +54,7 @@ def hashing_store(loc: Location):
 
         async def set(self, key, value):
             self._record(key, value)
-            if remote:
+            if via_location:
                 await asyncio.to_thread(loc.write, key, value.to_bytes())
                 if key.endswith("zarr.json"):
                     await self._store.set(key, value)
@@ -67,7 +68,7 @@ def hashing_store(loc: Location):
             # Only parent group metadata goes through here; it is shared, so never in a manifest.
             if key == "zarr.json":
                 return  # the cache root: never touched by a segment writer
-            if remote:
+            if via_location:
                 if not await self._store.exists(key):
                     await self._store.set(key, value)
                     await asyncio.to_thread(loc.write, key, value.to_bytes())
@@ -77,11 +78,11 @@ def hashing_store(loc: Location):
         async def delete(self, key):
             with self.lock:
                 self.written.pop(key, None)
-            if remote:
+            if via_location:
                 await asyncio.to_thread(loc.delete, [key])
                 if await self._store.exists(key):
                     await self._store.delete(key)
             else:
                 await self._store.delete(key)
 
-    return HashingStore(MemoryStore() if remote else loc.zarr_store())
+    return HashingStore(MemoryStore() if via_location else loc.zarr_store())

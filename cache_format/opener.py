@@ -19,14 +19,14 @@ def open_cache(url, mode: str = "r", storage_options: dict | None = None):
     try:
         root = commits.read_root(loc)
     except CacheError:
-        if loc.local:
+        if not loc.transfers_can_tear:
             raise
         root = commits.read_root(loc)  # a torn transfer of zarr.json reads as "not a cache": once more
     if mode == "r":
         try:
             return Cache(loc, root)
         except CacheError:
-            if loc.local:
+            if not loc.transfers_can_tear:
                 raise
             return Cache(loc, commits.read_root(loc))  # root and log re-read: a corrupted transfer of either
     if mode == "a":

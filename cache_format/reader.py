@@ -59,7 +59,7 @@ class Cache:
         try:
             self._records = commits.load_records(self._loc, self._records, self._root, self._checked)
         except CacheError:
-            if self._loc.local:
+            if not self._loc.transfers_can_tear:
                 raise
             # a torn or corrupted transfer of the log (HTTP's index.json): once more from the store
             self._records = commits.load_records(self._loc, self._records, self._root, self._checked)

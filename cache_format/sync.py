@@ -121,6 +121,6 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
 
 def _exists(loc: Location, key: str) -> bool:
     try:
-        return loc.exists(key) if loc.supports_listing else bool(loc.read(key))
+        return loc.exists(key)
     except (FileNotFoundError, OSError, UserError):
         return False

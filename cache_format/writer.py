@@ -281,7 +281,7 @@ def create_cache(
         if loc.exists(commits.ROOT_META):
             commits.read_root(loc)  # raises "not a cache" for a foreign zarr.json
             raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
-        if loc.local and os.path.isdir(loc.root) and os.listdir(loc.root):
+        if loc.is_nonempty_dir():
             raise UserError(
                 f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
                 "(nothing there was changed)"

@@ -3,8 +3,8 @@
 `Location(url, storage_options)` picks the backend from the URL's protocol (backends register
 the protocols they serve), so callers never branch on where a cache lives. What a backend can
 do is declared, not tested for: `supports_listing` (HTTP has none: readers use the published
-index.json), `supports_writes` (HTTP is read-only) and `local` (reads come from the OS, so
-there is no torn transfer to re-read).
+index.json), `supports_writes` (HTTP is read-only), `transfers_can_tear`, `parallel_reads` and
+`zarr_writes_direct` (below); `exists` and `is_nonempty_dir` answer on every backend.
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ class Location(ABC):
 
     supports_listing = True
     supports_writes = True
-    local = False
+    # A read may come back damaged in transit (a torn or corrupted transfer), so a failed check
+    # is worth one re-read; a local file read has no transfer to tear.
+    transfers_can_tear = True
+    # Each read waits on a round trip, so many small reads (commit records) go out at once.
+    parallel_reads = True
+    # zarr may write into `zarr_store()` itself (a local directory: existence checks cost no
+    # request); otherwise a writer shows zarr memory and PUTs every object once through `write`.
+    zarr_writes_direct = False
     protocols: tuple[str, ...] = ()  # the URL protocols a backend serves
     _backends: dict[str, type] = {}
     _fallback: type | None = None  # serves every protocol no backend claims (fsspec)
@@ -82,7 +89,8 @@ class Location(ABC):
         """Bytes [start, end) of an object; thread-safe. A short body is retried like a 5xx."""
 
     @abstractmethod
-    def exists(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool:
+        """Whether `key` is there (HTTP, without listings: a GET of it succeeds)."""
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -104,6 +112,10 @@ class Location(ABC):
 
     @abstractmethod
     def delete(self, keys: list[str]) -> None: ...
+
+    def is_nonempty_dir(self) -> bool:
+        """Whether the root is a directory with something in it (object stores have none)."""
+        return False
 
     def remove_empty_dirs(self, prefix: str) -> None:
         """Directories left empty under `prefix` (object stores have none)."""

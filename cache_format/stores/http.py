@@ -15,6 +15,13 @@ class HttpLocation(FsspecLocation):
     supports_listing = False
     supports_writes = False
 
+    def exists(self, key: str) -> bool:
+        """No listings to ask: a GET of the object (retried like any read) returns a body or a 404."""
+        try:
+            return bool(self.read(key))
+        except FileNotFoundError:
+            return False
+
     def list(self, prefix: str) -> list[str]:
         raise ReadOnlyError(f"{self.url}: HTTP has no listings; read it through its published index.json")
 

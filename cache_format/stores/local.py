@@ -17,7 +17,9 @@ from .base import Location, ObjectInfo
 
 class LocalLocation(Location):
     protocols = ("file", "local")
-    local = True
+    transfers_can_tear = False
+    parallel_reads = False
+    zarr_writes_direct = True
 
     def __init__(self, url, storage_options: dict | None = None):
         super().__init__(url, storage_options)
@@ -126,6 +128,9 @@ class LocalLocation(Location):
     def delete(self, keys: list[str]) -> None:
         for k in keys:
             _unlink(self.path(k))
+
+    def is_nonempty_dir(self) -> bool:
+        return os.path.isdir(self.root) and bool(os.listdir(self.root))
 
     def remove_empty_dirs(self, prefix: str) -> None:
         for dirpath, _, _ in sorted(os.walk(self.path(prefix)), key=lambda t: -len(t[0])):
