@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 from cache_format.config import ConfigError, Loaded, check_ranges, load_sections, shared_section
 from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
 
+AUTO_CLASSES = ("auto", "image-text-to-text", "causal-lm")
+
 
 @dataclass
 class ModelConfig:
@@ -29,6 +31,13 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     tokenizer: str = ""  # "" = the model's own
+
+    def __post_init__(self):
+        if self.auto_class not in AUTO_CLASSES:
+            raise ConfigError(
+                f"model.auto_class {self.auto_class!r} is unknown; use {', '.join(AUTO_CLASSES[:-1])} "
+                f"or {AUTO_CLASSES[-1]}"
+            )
 
 
 SOURCES = ("supergpqa", "corpus")
@@ -87,6 +96,7 @@ class VLLMConfig:
 
 
 PROMPT_FORMATS = ("supergpqa", "answer-line")
+BACKENDS = ("transformers", "vllm")
 
 
 @dataclass
@@ -110,14 +120,10 @@ class SuperGPQAConfig:
     def __post_init__(self):
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"supergpqa.prompt_format {self.prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
-        for key in ("max_new_tokens", "generate_batch_size", "questions_per_unit"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"supergpqa.{key} = {getattr(self, key)}: must be at least 1")
-        if self.questions < 0:
-            raise ConfigError(f"supergpqa.questions = {self.questions}: must be 0 or more")
-        check_ranges(
-            self, "supergpqa", [("questions", 1, True), ("max_new_tokens", 1, True), ("generate_batch_size", 1, True)]
-        )
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"supergpqa.backend {self.backend!r} is unknown; use {' or '.join(BACKENDS)}")
+        ranges = [("questions", 1, True), ("max_new_tokens", 1, True), ("generate_batch_size", 1, True)]
+        check_ranges(self, "supergpqa", [*ranges, ("questions_per_unit", 1, True)])
 
 
 @dataclass

@@ -107,11 +107,8 @@ def _auto_class(cfg: ModelConfig, model_type: str):
     choice = cfg.auto_class
     if choice == "auto":
         choice = "image-text-to-text" if model_type in IMAGE_TEXT_TYPES else "causal-lm"
-    if choice == "image-text-to-text":
-        return tf.AutoModelForImageTextToText
-    if choice == "causal-lm":
-        return tf.AutoModelForCausalLM
-    raise ModelError(f"model.auto_class {cfg.auto_class!r} is unknown; use auto, image-text-to-text or causal-lm")
+    # ModelConfig has checked the name: image-text-to-text or causal-lm
+    return tf.AutoModelForImageTextToText if choice == "image-text-to-text" else tf.AutoModelForCausalLM
 
 
 def find_layers(model: torch.nn.Module, layers_path: str = "") -> tuple[torch.nn.ModuleList, str]:

@@ -24,6 +24,11 @@ class SweepSetting:
     k: int = 0
 
 
+AUX_NORMS = ("residual", "total")  # AuxK loss over the residual error's variance (OpenAI) | the total (sparsify)
+LR_SCHEDULES = ("cosine", "constant")
+LOG_KINDS = ("none", "tensorboard", "wandb")
+
+
 @dataclass
 class TrainConfig(TrainKeys):
     """TopK+AuxK SAE training; defaults from the `001_*` card. Key names are stable.
@@ -71,6 +76,14 @@ class TrainConfig(TrainKeys):
 
     def __post_init__(self):
         super().__post_init__()
+        for key, allowed in (("aux_norm", AUX_NORMS), ("lr_schedule", LR_SCHEDULES), ("log", LOG_KINDS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"train.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                    + ("; set --set train.log='none'" if key == "log" else "")
+                )
+        if self.recipe not in ("auto", *RECIPES, "none"):
+            raise ConfigError(f"train.recipe {self.recipe!r} is unknown; use auto, {', '.join(RECIPES)} or none")
         check_ranges(
             self,
             "train",

@@ -22,7 +22,9 @@ from typing import Any
 
 from cache_format.errors import UserError
 
-KINDS = ("none", "tensorboard", "wandb")
+from .config import LOG_KINDS
+
+KINDS = LOG_KINDS
 _INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
 
 

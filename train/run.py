@@ -35,7 +35,7 @@ from .run_data import check_split, heldout_metrics, heldout_rows, init_sample, r
 from .run_state import RunState, run_identity
 from .rundir import write_run_json
 from .sae import TopKSAE
-from .trainer import AUX_NORMS, SAETrainer
+from .trainer import SAETrainer
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,7 @@ class Run:
         if self.rank == 0:
             fitted = f"; fitted to this cache: {', '.join(notes)}" if notes else ""
             print(f"train: {recipe.describe(tc, self.recipe, loader.n_rows, self.split)}{fitted}", file=sys.stderr)
-        if tc.aux_norm not in AUX_NORMS:
-            raise UserError(f"train.aux_norm={tc.aux_norm!r} is not one of {', '.join(AUX_NORMS)}")
-        if tc.lr_schedule not in ("cosine", "constant"):
-            raise UserError(f"train.lr_schedule={tc.lr_schedule!r} is not one of cosine, constant")
-        check_kind(tc.log)
+        check_kind(tc.log)  # its package is installed (the kind itself is checked by TrainConfig)
         status = self.run_state.claim(self.fresh, self.rank)
         if status == "complete":
             if self.rank == 0:

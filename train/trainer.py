@@ -29,10 +29,9 @@ from torch import Tensor
 from cache_format.errors import UserError
 
 from . import dist
+from .config import AUX_NORMS
 from .kernels import topk_autoencode
 from .sae import TopKSAE, geometric_median
-
-AUX_NORMS = ("residual", "total")
 
 
 def default_lr(d_sae: int) -> float:
