@@ -12,25 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cache_format.atomic import write_atomic
-from cache_format.errors import UserError
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary name, then rename; a failed write (a full disk: torch reports it as a
-    RuntimeError) removes the temporary file and is one line naming the file."""
-    try:
-        write_atomic(path, write, fsync=True)
-    except (OSError, RuntimeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UserError(
-            f"cannot write {path} ({why}); free some space or choose another --out, then re-run "
-            "to resume from the last checkpoint"
-        ) from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), text)
+from .out_files import write_out
 
 
 class Checkpoints:
@@ -59,8 +41,8 @@ class Checkpoints:
         for stale in self.root.glob(".*.tmp-*"):  # leftovers of a killed save
             stale.unlink(missing_ok=True)
         pt = self.root / f"tokens_{tokens:015d}.pt"
-        atomic_write_text(pt.with_suffix(".json"), json.dumps({"tokens": tokens, "score": score}))
-        _atomic_write(pt, lambda f: torch.save(state, f))
+        write_out(pt.with_suffix(".json"), json.dumps({"tokens": tokens, "score": score}))
+        write_out(pt, lambda f: torch.save(state, f))
         self.prune()
         return pt
 

@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from cache_format.atomic import atomic_path
 from cache_format.errors import UserError
 
-from .checkpoint import atomic_write_text
+from .out_files import write_out
 from .sae import TopKSAE
 
 SAE_LENS_FORMAT = "6.0.0"  # the SAELens config generation cfg.json follows (checked against 6.54)
@@ -36,10 +36,10 @@ def export_sae(sae: TopKSAE, out_dir: Path, cfg: dict) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     folded = sae.folded()
     weights = {n: t.detach().float().cpu().contiguous() for n, t in folded.weights().items()}
-    save_file(weights, str(out_dir / "sae_weights.safetensors"))
+    write_out(out_dir / "sae_weights.safetensors", save_safetensors(weights))
     pt_name = f"sae_L{cfg['layer']}_n{sae.d_sae}_k{sae.k}.pt"
-    torch.save(weights, out_dir / pt_name)
-    atomic_write_text(out_dir / "cfg.json", json.dumps(cfg, indent=2, sort_keys=True))
+    write_out(out_dir / pt_name, lambda f: torch.save(weights, f))
+    write_out(out_dir / "cfg.json", json.dumps(cfg, indent=2, sort_keys=True))
     return {"cfg": "cfg.json", "safetensors": "sae_weights.safetensors", "pt": pt_name}
 
 

@@ -34,9 +34,6 @@ from .rundir import read_run
 REPORT_NAME = "report.html"
 
 
-load_run = read_run  # (run.json, SAE entries)
-
-
 # ---------------------------------------------------------------------------------------
 # html
 
@@ -301,7 +298,7 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}
 def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_features: int = 24) -> Path:
     """Write `report.html` for the run in `run_dir` and return its path."""
     run_dir = Path(run_dir)
-    run, saes = load_run(run_dir, need_saes=True)
+    run, saes = read_run(run_dir, need_saes=True)
     rows = []
     for s in saes:
         m = s.get("metrics") or s.get("final_metrics") or {}

@@ -27,13 +27,14 @@ from tqdm import tqdm
 from cache_format.errors import CacheError, UserError
 
 from . import dist, recipe
-from .checkpoint import Checkpoints, atomic_write_text
+from .checkpoint import Checkpoints
 from .config import PipelineConfig, TrainConfig
 from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
+from .out_files import write_out
 from .run_data import check_split, heldout_metrics, heldout_rows, init_sample, run_loader
 from .run_state import RunState, run_identity
-from .rundir import write_run_json
+from .rundir import read_run, write_run_json
 from .sae import TopKSAE
 from .trainer import SAETrainer
 
@@ -167,7 +168,7 @@ class Run:
                     "nothing to do (pass --fresh to train again)",
                     file=sys.stderr,
                 )
-            return json.loads((self.out / "run.json").read_text())
+            return read_run(self.out)[0]
         ckpts = Checkpoints(self.out / "checkpoints", tc.keep_last, tc.keep_best)
         trainers = self._build()
         held_rows, held = heldout_rows(self.out, self.cache, self.layers, tc) if self.rank == 0 else (None, None)
@@ -267,7 +268,7 @@ class Run:
     def _write_trajectory(self, s: Spec, rows: list[dict]) -> None:
         d = self.out / s.name
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_out(d / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         if rows and "variance_explained" in rows[-1]:
             plot_trajectory(rows, d / "trajectory.png", s.name)
 

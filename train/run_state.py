@@ -17,8 +17,8 @@ from pathlib import Path
 from cache_format.errors import UserError
 
 from . import dist
-from .checkpoint import atomic_write_text
 from .config import TrainConfig
+from .out_files import write_out
 
 # keys that do not change the weights a run produces (so changing them still resumes)
 _OPERATIONAL = {
@@ -86,7 +86,7 @@ class RunState:
             (self.out / name).unlink(missing_ok=True)
 
     def write(self, complete: bool) -> None:
-        atomic_write_text(
+        write_out(
             self.out / "run_state.json",
             json.dumps(
                 {"run_id": self.run_id, "complete": complete, "saes": list(self.saes), "cache": self.cache},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cache_format.errors import UserError
 
-from .checkpoint import atomic_write_text
+from .out_files import write_out
 from .sae import TopKSAE
 from .sae_tensors import SAEFormatError
 from .split import is_heldout  # re-exported: harvest's splice reproduces an SAE's split with it
@@ -32,7 +32,7 @@ RUN_JSON_VERSION = 1
 
 
 def write_run_json(out: Path, run: dict) -> None:
-    atomic_write_text(out / "run.json", json.dumps(dict(run, version=RUN_JSON_VERSION), indent=2, sort_keys=True))
+    write_out(out / "run.json", json.dumps(dict(run, version=RUN_JSON_VERSION), indent=2, sort_keys=True))
 
 
 def read_run(run_dir: str | Path, *, need_saes: bool = False) -> tuple[dict, list[dict]]:
