@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cache_format.errors import UserError
-
 from . import data
 from .config import SuperGPQAConfig
 from .grading import LETTERS, NO_ANSWER, THINK_END, grade
@@ -100,14 +98,13 @@ class TransformersBackend:
 
 
 def make_backend(cfg: SuperGPQAConfig, lm_factory, model_cfg):
-    if cfg.backend == "transformers":
-        return TransformersBackend(lm_factory(), cfg.generate_batch_size)
+    """The generation backend `supergpqa.backend` names (SuperGPQAConfig has checked the name)."""
     if cfg.backend == "vllm":
         from .model import resolve_path
 
         path, _ = resolve_path(model_cfg)
         return VLLMBackend(cfg, path, model_cfg.revision, model_cfg.dtype)
-    raise UserError(f"supergpqa.backend {cfg.backend!r} is unknown; use transformers or vllm")
+    return TransformersBackend(lm_factory(), cfg.generate_batch_size)
 
 
 def stop_ids(tokenizer) -> list[int]:
