@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sysconfig
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,10 +81,10 @@ def find_config(path: str | Path | None = None) -> Path:
 
 
 def shipped_config() -> Path:
-    """The checkout's pipeline.toml (editable installs), else the wheel's `share/actcache` copy."""
+    """The package's pipeline.toml (a wheel: package data), else the checkout's (editable installs)."""
     candidates = [
+        Path(str(resources.files("cache_format") / "pipeline.toml")),
         Path(__file__).resolve().parents[1] / "pipeline.toml",
-        Path(sysconfig.get_path("data")) / "share" / "actcache" / "pipeline.toml",
     ]
     for c in candidates:
         if c.is_file():

@@ -118,3 +118,24 @@ def test_without_a_local_file_the_one_shipped_pipeline_toml_is_read(tmp_path, mo
     shipped = find_config()
     assert shipped == Path(__file__).resolve().parents[2] / "pipeline.toml" and not shipped.is_symlink()
     assert load_config().train.d_sae == 65536 and load_harvest().harvest.layers == [11, 31, 55]
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_one_pipeline_toml_as_package_data(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    had_build_dir = (root / "build").exists()
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    try:
+        subprocess.run([sys.executable, "-m", "pip", *build, str(root)], check=True, capture_output=True, cwd=tmp_path)
+    finally:
+        if not had_build_dir:  # setuptools builds in the source tree
+            shutil.rmtree(root / "build", ignore_errors=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("cache_format/pipeline.toml") == (root / "pipeline.toml").read_bytes()
