@@ -22,8 +22,10 @@ META_SLICE = 1 << 20  # rows of metadata read at once while planning
 
 @runtime_checkable
 class RowMetadata(Protocol):
-    """What the loader's planner reads of a cache: `cache_format.Cache` has it, and so has a
-    benchmark's stand-in for a cache too large to write (bench/bench_loader.py)."""
+    """What the loader's planner always reads of a cache: `cache_format.Cache` has it, and so
+    has a benchmark's stand-in for a cache too large to write (bench/bench_loader.py). The
+    optional filters read more (`positions` for exclude_position0, `tokens` and `tokenizer()`
+    for exclude_special); the stand-in has none of those and runs with the filters off."""
 
     n_tokens: int
     layers: list[int]
@@ -53,7 +55,7 @@ def special_token_ids(cache) -> np.ndarray:
 
 
 def row_mask(
-    cache,
+    cache: RowMetadata,
     *,
     split: str,
     heldout_fraction: float,
