@@ -214,16 +214,12 @@ def _build(cls: type, raw: Any, where: str, partial: bool = False) -> Any:
                 continue
             known = ", ".join(sorted(names))
             raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+        kwargs[key] = coerce(hints[key], value, f"{where}.{key}")
     return cls(**kwargs)
 
 
 def coerce(tp: Any, value: Any, where: str) -> Any:
     """`value` as the type `tp` (a dataclass, list, dict, union or scalar), or one line saying why not."""
-    return _coerce(tp, value, where)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -237,11 +233,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             value = _int_list(value, where)
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(arg, value, where)
+                return coerce(arg, value, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")

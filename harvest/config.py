@@ -122,8 +122,8 @@ class SuperGPQAConfig:
             raise ConfigError(f"supergpqa.prompt_format {self.prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"supergpqa.backend {self.backend!r} is unknown; use {' or '.join(BACKENDS)}")
-        ranges = [("questions", 1, True), ("max_new_tokens", 1, True), ("generate_batch_size", 1, True)]
-        check_ranges(self, "supergpqa", [*ranges, ("questions_per_unit", 1, True)])
+        keys = ("questions", "max_new_tokens", "generate_batch_size", "questions_per_unit")
+        check_ranges(self, "supergpqa", [(key, 1, True) for key in keys])
 
 
 @dataclass

@@ -24,7 +24,6 @@ from cache_format.errors import UserError
 
 from .config import LOG_KINDS
 
-KINDS = LOG_KINDS
 _INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
 
 
@@ -100,8 +99,8 @@ class WandbLog(ExperimentLog):
 
 def check_kind(kind: str) -> None:
     """Refuse an unknown kind or a missing package before a run touches OUT: one line."""
-    if kind not in KINDS:
-        raise UserError(f"train.log={kind!r} is not one of {', '.join(KINDS)}; set --set train.log='none'")
+    if kind not in LOG_KINDS:
+        raise UserError(f"train.log={kind!r} is not one of {', '.join(LOG_KINDS)}; set --set train.log='none'")
     if kind == "none":
         return
     module = "tensorboard" if kind == "tensorboard" else "wandb"
