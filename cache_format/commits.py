@@ -16,7 +16,9 @@ Records are hash-chained (format 2): each carries `prev`, the digest of the reco
 it, and `digest`, the sha256 of its own canonical JSON without `digest`; record 0 pins the
 root attributes. Readers check the chain of every record they load and refuse a damaged
 log in one line, so an edited record, a removed one or an edited root never changes
-what is read without notice.
+what is read without notice. The chain has no secret, so a reader also checks that every
+key a record or the root names stays inside the format's layout (`layout.check_record`):
+a cache rewritten and re-sealed by whoever can write it still cannot reach outside its root.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import layout
 from .errors import CacheError
 from .provenance import FORMAT_NAME, FORMAT_VERSION
 
@@ -34,7 +37,7 @@ COMMITS = "commits"
 ROOT_RECORD = "0000000000.json"
 INDEX = "index.json"
 ROOT_META = "zarr.json"
-_NAME = re.compile(r"^\d{10}\.json$")
+_NAME = re.compile(r"[0-9]{10}\.json")
 
 
 def dumps(obj) -> bytes:
@@ -72,11 +75,17 @@ def read_root(loc) -> dict:
         attrs = meta["attributes"][FORMAT_NAME]
     except (ValueError, KeyError, TypeError):
         raise CacheError(f"{loc.url} holds a zarr.json but is not an {FORMAT_NAME} cache; check the URL") from None
+    if not isinstance(attrs, dict):
+        raise CacheError(f"{loc.url} holds a zarr.json but is not an {FORMAT_NAME} cache; check the URL")
     if attrs.get("format_version", 0) > FORMAT_VERSION:
         raise CacheError(
             f"{loc.url} uses cache format {attrs['format_version']}, newer than this code "
             f"({FORMAT_VERSION}); upgrade actcache"
         )
+    try:
+        layout.check_root(attrs)
+    except layout.LayoutError as e:
+        raise refused(loc.url, ROOT_META, str(e)) from None
     return attrs
 
 
@@ -106,6 +115,15 @@ def damaged(url: str, name: str, why: str) -> CacheError:
         f"{url}: the commit log is damaged at {COMMITS}/{name} ({why}); nothing was read: restore "
         "that record from a good copy of the cache (or re-sync it), "
         "then run `python -m cache_format verify`"
+    )
+
+
+def refused(url: str, where: str, why: str) -> CacheError:
+    """A record (or the root) naming a key outside the layout: crafted, however well sealed."""
+    return CacheError(
+        f"{url}: {where} is refused: {why}; a cache may only name keys inside its own layout "
+        "(docs/cache-format.md, *Keys*), so nothing was read or written through it: get the "
+        "cache from a copy you trust"
     )
 
 
@@ -143,6 +161,10 @@ def check_log(url: str, root: dict, records: dict, checked: set | None = None) -
             raise damaged(url, name, "it carries no digest")
         if r.get("kind") in ("root", "upgrade") and r.get("root") != root_digest(root):
             raise damaged(url, name, "the root zarr.json attributes were changed after the cache was created")
+        try:
+            layout.check_record(r)
+        except layout.LayoutError as e:
+            raise refused(url, f"{COMMITS}/{name}", str(e)) from None
     for name, d in pins.items():
         if record_digest(records[name]) != d:
             raise damaged(url, name, "its content does not match the digest the upgrade pinned: it was edited")
@@ -173,8 +195,11 @@ def list_commits(loc) -> tuple[list[str], dict]:
             recs = {c["name"]: c["record"] for c in index["commits"]}
         except (KeyError, TypeError):
             raise damaged(loc.url, INDEX, "not a published index") from None
+        bad = next((n for n in recs if not isinstance(n, str) or not _NAME.fullmatch(n)), None)
+        if bad is not None:
+            raise refused(loc.url, INDEX, f"it lists a record named {bad!r}, not a commit name like {ROOT_RECORD}")
         return sorted(recs), recs
-    return [n for n in loc.list(COMMITS) if _NAME.match(n)], {}
+    return [n for n in loc.list(COMMITS) if _NAME.fullmatch(n)], {}
 
 
 def load_records(loc, known: dict, root: dict | None = None, checked: set | None = None) -> dict:

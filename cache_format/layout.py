@@ -3,9 +3,18 @@
 Writers, readers, gc, leases, sync and backfill all build object keys here, so a path is
 spelled once; the row columns' dtypes and the role/label codes are the format's contract
 with every reader (train included), so they live beside the paths.
+
+The same layout bounds what a cache may name: `check_record` and `check_root` refuse a commit
+record or root attributes whose keys leave it (a segment's parts under `segments/<sid>/`,
+tokenizer files as plain names under `tokenizer/`), so a crafted cache, even one re-sealed
+with a valid hash chain, cannot point a reader, `verify`, `sync` or `gc` outside its root.
 """
 
 from __future__ import annotations
+
+import re
+
+from .stores.base import key_problem
 
 ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "labels": "int8", "roles": "int8"}
 TOKENIZER_DIR = "tokenizer"
@@ -16,6 +25,121 @@ ROLE_TEXT, ROLE_PROMPT, ROLE_THINKING, ROLE_ANSWER = 0, 1, 2, 3
 LABEL_CORRECT, LABEL_WRONG, LABEL_NONE = 1, 0, -1
 ROLE_CODES = {"text": ROLE_TEXT, "prompt": ROLE_PROMPT, "thinking": ROLE_THINKING, "answer": ROLE_ANSWER}
 ROLE_NAMES = {code: name for name, code in ROLE_CODES.items()}
+
+
+class LayoutError(ValueError):
+    """A record or the root attributes name a key outside the layout (or are not shaped as the format says)."""
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def name_problem(name) -> str | None:
+    """Why `name` is not a plain name (one path part of letters, digits, '.', '_' and '-'; not '.' or '..')."""
+    if not isinstance(name, str) or not _PLAIN.fullmatch(name) or name in (".", ".."):
+        return "it is not a plain name (letters, digits, '.', '_', '-')"
+    return None
+
+
+def _name(value, what: str) -> str:
+    why = name_problem(value)
+    if why:
+        raise LayoutError(f"{what} {value!r}: {why}")
+    return value
+
+
+def _key(value, what: str, base: str | None = None) -> str:
+    """A relative key of plain parts (under `base/` if given)."""
+    why = key_problem(value) or next((name_problem(p) for p in value.split("/") if name_problem(p)), None)
+    if why:
+        raise LayoutError(f"{what} {value!r}: {why}")
+    if base is not None and not value.startswith(f"{base}/"):
+        raise LayoutError(f"{what} {value!r} is not under {base}/")
+    return value
+
+
+def _int(value, what: str, least: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise LayoutError(f"{what} {value!r} is not an integer of at least {least}")
+    return value
+
+
+def _dict(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise LayoutError(f"{what} is not a JSON object")
+    return value
+
+
+def _object(entry, what: str) -> None:
+    """A manifest entry: {size, blake2b[, chunks]}."""
+    _dict(entry, what)
+    _int(entry.get("size"), f"{what}.size")
+    if not isinstance(entry.get("blake2b"), str):
+        raise LayoutError(f"{what} carries no blake2b digest")
+    chunks = entry.get("chunks", [])
+    if not isinstance(chunks, list) or not all(c is None or isinstance(c, str) for c in chunks):
+        raise LayoutError(f"{what}.chunks is not a list of digests")
+
+
+def _part(part, what: str, where: str, base: str) -> None:
+    """A rows group or a layer's array: its path under `base`, and its objects' keys relative to it."""
+    _key(_dict(part, what).get(where), f"{what}.{where}", base)
+    for k, v in _dict(part.get("objects"), f"{what}.objects").items():
+        _object(v, f"{what}.objects[{_key(k, f'{what} object')!r}]")
+
+
+def _file(entry, what: str, base: str) -> None:
+    """A single object named by path: stats, sequences."""
+    _object(entry, what)
+    _key(entry.get("path"), f"{what}.path", base)
+
+
+def _layer_entry(entry, what: str, base: str) -> None:
+    _part(entry, what, "array", base)
+    _file(entry.get("stats"), f"{what}.stats", base)
+
+
+def check_record(record: dict) -> None:
+    """Raise LayoutError if a commit record names a key outside the layout, or is not shaped as its kind says."""
+    kind = record.get("kind")
+    if kind == "segment":
+        base = segment_dir(_name(record.get("segment"), "segment"))
+        _int(record.get("n_rows"), "n_rows")
+        for L, e in _dict(record.get("layers"), "layers").items():
+            if not isinstance(L, str) or not L.isdigit():
+                raise LayoutError(f"layer {L!r} is not a layer number")
+            _layer_entry(e, f"layers[{L!r}]", base)
+        _part(record.get("rows"), "rows", "path", base)
+        if record.get("sequences") is not None:
+            _file(record["sequences"], "sequences", base)
+    elif kind == "layer":
+        _int(record.get("layer"), "layer")
+        _layer_entry(record.get("entry"), "entry", segment_dir(_name(record.get("segment"), "segment")))
+    elif kind == "add_layer":
+        _int(record.get("layer"), "layer")
+    elif kind == "retract":
+        _name(record.get("segment"), "segment")
+    elif kind == "upgrade":
+        for base, objs in _dict(record.get("chunks", {}), "chunks").items():
+            for k, v in _dict(objs, f"chunks[{_key(base, 'chunks part')!r}]").items():
+                _key(k, "chunks object")
+                if not isinstance(v, list):
+                    raise LayoutError(f"chunks[{base!r}][{k!r}] is not a list of digests")
+
+
+def check_root(attrs: dict) -> None:
+    """Raise LayoutError if the root attributes name a key outside the layout (hook, tokenizer file
+    names) or lack the sizes every reader computes with."""
+    _name(attrs.get("hook"), "hook")
+    for k in ("d_model", "chunk_tokens", "shard_rows"):
+        _int(attrs.get(k), k, least=1)
+    layers = attrs.get("layers")
+    if not isinstance(layers, list):
+        raise LayoutError("layers is not a list")
+    for L in layers:
+        _int(L, "layer")
+    for name, want in _dict(attrs.get("tokenizer", {}), "tokenizer").items():
+        _object(want, f"tokenizer[{_name(name, 'tokenizer file name')!r}]")
 
 
 def tokenizer_key(name: str) -> str:

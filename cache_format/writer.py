@@ -12,7 +12,6 @@ objects that `gc` removes after the grace period.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -218,15 +217,15 @@ def _tokenizer_payload(tokenizer_files) -> dict[str, bytes]:
         d = Path(tokenizer_files)
         if not d.is_dir():
             raise UserError(f"tokenizer_files {d}: not a directory; pass a directory or a dict name → bytes")
-        return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
-    if isinstance(tokenizer_files, dict):
-        out = {}
-        for k, v in tokenizer_files.items():
-            if "/" in k or k.startswith("."):
-                raise UserError(f"tokenizer file name {k!r}: use a plain file name")
-            out[k] = v if isinstance(v, bytes) else Path(v).read_bytes()
-        return out
-    return {Path(p).name: Path(p).read_bytes() for p in tokenizer_files}
+        out = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    elif isinstance(tokenizer_files, dict):
+        out = {k: v if isinstance(v, bytes) else Path(v).read_bytes() for k, v in tokenizer_files.items()}
+    else:
+        out = {Path(p).name: Path(p).read_bytes() for p in tokenizer_files}
+    for k in out:  # what every reader accepts (layout.check_root)
+        if layout.name_problem(k) or k.startswith("."):
+            raise UserError(f"tokenizer file name {k!r}: use a plain file name (letters, digits, '.', '_', '-')")
+    return out
 
 
 def create_cache(
@@ -247,7 +246,7 @@ def create_cache(
     layers = sorted({int(x) for x in layers})
     if not layers or layers[0] < 0:
         raise UserError(f"layers must be a non-empty list of non-negative integers, got {layers!r}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", hook or ""):
+    if layout.name_problem(hook):
         raise UserError(f"hook {hook!r}: use a name like resid_post")
     check_codec(codec)
     if chunk_tokens <= 0 or shard_mib <= 0:

@@ -7,6 +7,7 @@
   (path + Range) fail, rotating through FAULTS: "500", "drop" (close without a reply),
   "truncate" (full Content-Length, half the body, then close), "short" (a Content-Length and
   body of half the range) and "flip" (one byte changed); the re-request is answered correctly.
+  `serve.requested` lists every request's path, in order.
 - `s3`: one moto ThreadedMotoServer per session on loopback; `s3_bucket` gives a fresh
   bucket per test as `(url, storage_options)`.
 - `make_cache(url=None, ...) -> (url, data)`: a small real cache on disk with known
@@ -58,6 +59,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     def send_head(self):
         counter = self.server.failures
         with counter["lock"]:
+            counter["requested"].append(self.path)
             if counter["left"] > 0:
                 counter["left"] -= 1
                 self.send_error(503, "transient test failure")
@@ -147,10 +149,12 @@ def http_serve():
             "faults": tuple(faults),
             "seen": set(),
             "injected": {},
+            "requested": [],
         }
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         serve.injected = server.failures["injected"]  # fault kind → how many were injected
+        serve.requested = server.failures["requested"]
         return f"http://127.0.0.1:{server.server_address[1]}"
 
     yield serve

@@ -5,7 +5,7 @@
 registers every backend.
 """
 
-from .base import Location, ObjectInfo, ReadOnlyError, ShortRead
+from .base import Location, ObjectInfo, ReadOnlyError, ShortRead, key_problem
 from .fsspec import FsspecLocation, S3Location
 from .http import HttpLocation
 from .local import LocalLocation
@@ -15,6 +15,7 @@ __all__ = [
     "ObjectInfo",
     "ReadOnlyError",
     "ShortRead",
+    "key_problem",
     "LocalLocation",
     "FsspecLocation",
     "S3Location",

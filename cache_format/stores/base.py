@@ -5,15 +5,21 @@ the protocols they serve), so callers never branch on where a cache lives. What 
 do is declared, not tested for: `supports_listing` (HTTP has none: readers use the published
 index.json), `supports_writes` (HTTP is read-only), `transfers_can_tear`, `parallel_reads` and
 `zarr_writes_direct` (below); `exists` and `is_nonempty_dir` answer on every backend.
+
+Every key reaches a backend through `Location.path`, which refuses a key that could leave the
+root (`key_problem`): this is the one gate that reads, writes, listings and deletes of every
+backend pass, whatever code built the key. The stricter rule for keys a cache's own records
+name (within the format's layout) is `layout.py`'s, applied where records are parsed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..errors import CacheError, UserError
 
 
 class ReadOnlyError(UserError):
@@ -29,6 +35,27 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def key_problem(key) -> str | None:
+    """Why `key` is not a key inside a root, or None: a '/'-separated relative path, normalized
+    (no empty, '.' or '..' part), with no backslash or control character, and no scheme or
+    drive (':' in its first part)."""
+    if not isinstance(key, str) or not key:
+        return "it is not a non-empty string"
+    if key.startswith("/"):
+        return "it is an absolute path"
+    if _CONTROL.search(key):
+        return "it holds a backslash or a control character"
+    parts = key.split("/")
+    if ":" in parts[0]:
+        return "it names a scheme or a drive"
+    if any(p in ("", ".", "..") for p in parts):
+        return "it is not normalized (an empty, '.' or '..' part)"
+    return None
 
 
 def protocol_of(url: str) -> str:
@@ -73,9 +100,20 @@ class Location(ABC):
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
 
-    @abstractmethod
     def path(self, key: str) -> str:
-        """The backend's own path of `key`."""
+        """The backend's own path of `key`, once `key` is known to stay inside the root; every
+        backend operation goes through here."""
+        why = key_problem(key)
+        if why is not None:
+            raise CacheError(
+                f"{self.url}: refused the key {key!r} ({why}): every key stays inside the root "
+                "(docs/cache-format.md, *Keys*); nothing was read or written through it"
+            )
+        return self._native_path(key)
+
+    @abstractmethod
+    def _native_path(self, key: str) -> str:
+        """The backend's own path of a checked key (backends call `path`, never this)."""
 
     # -- reads -------------------------------------------------------------------------
 

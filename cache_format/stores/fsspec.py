@@ -46,7 +46,7 @@ class FsspecLocation(Location, fallback=True):
     def _fs_options(self) -> dict:
         return dict(self.storage_options)
 
-    def path(self, key: str) -> str:
+    def _native_path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
     def _retry(self, what: str, fn, *args, **kwargs):

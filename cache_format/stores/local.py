@@ -29,7 +29,7 @@ class LocalLocation(Location):
         self._mmaps: dict = {}  # local shard files mapped once: reads are views, not copies
         self._mmap_lock = threading.Lock()
 
-    def path(self, key: str) -> str:
+    def _native_path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
 
     # -- reads -------------------------------------------------------------------------
