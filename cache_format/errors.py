@@ -56,5 +56,18 @@ def run_cli(group, prog: str, interrupted: str = "interrupted") -> None:
         if debug:
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}; check the path and free space", file=sys.stderr)
+        print(f"error: {e.strerror or e}{where}; {_os_error_fix(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _os_error_fix(e: OSError) -> str:
+    """The fix an OSError points to, by its errno: only a full disk is blamed on the disk."""
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space and re-run"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check the permissions of the path, or choose a writable one"
+    if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.EBUSY):
+        return "check the path; if another process was using it at the same time, wait for it and re-run"
+    return "check the path and re-run"
