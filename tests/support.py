@@ -156,3 +156,27 @@ def write_corpus(path, min_tokens: int) -> int:
             rng.shuffle(variants)
             f.write("\n\n".join(variants) + "\n\n")
     return passes * per_pass
+
+
+# -- train tests: a run small enough to finish in seconds on a `write_cache` cache -----------------------------------
+
+
+def quick_train_args(url, out, tokens: int = 512) -> list[str]:
+    """`train run` arguments for a few seconds' run on a `write_cache(segments=(400, 400))` cache."""
+    sets = {
+        "d_sae": 32,
+        "k": 3,
+        "k_aux": 8,
+        "batch_size": 128,
+        "training_tokens": tokens,
+        "checkpoint_every_tokens": 256,
+        "eval_every_tokens": 256,
+        "heldout_fraction": 0.3,
+        "shuffle_buffer_tokens": 512,
+        "geometric_median_samples": 256,
+        "eval_tokens": 256,
+    }
+    args = ["--no-progress", "--profile", "tiny", "--cache", str(url), "--out", str(out), "--layers", "1"]
+    for k, v in sets.items():
+        args += ["--set", f"train.{k}={v}"]
+    return args

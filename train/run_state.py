@@ -18,7 +18,7 @@ from cache_format.errors import UserError
 
 from . import dist
 from .config import TrainConfig
-from .out_files import write_out
+from .out_files import inside, write_out
 
 # keys that do not change the weights a run produces (so changing them still resumes)
 _OPERATIONAL = {
@@ -56,7 +56,7 @@ class RunState:
         """'new', 'resume' or 'complete'; refuses an OUT that holds another run unless fresh."""
         state_path = self.out / "run_state.json"
         if state_path.exists():
-            prev = json.loads(state_path.read_text())
+            prev = _read_state(state_path)
             if fresh:
                 if rank == 0:
                     self._wipe(prev)
@@ -80,8 +80,13 @@ class RunState:
         return "new"
 
     def _wipe(self, prev: dict) -> None:
-        for name in ["checkpoints", "heldout", *prev.get("saes", [])]:
-            shutil.rmtree(self.out / name, ignore_errors=True)
+        """What the previous run wrote; every name it lists is checked before anything goes."""
+        saes = prev.get("saes", [])
+        if not isinstance(saes, list):
+            raise UserError(f"{self.out / 'run_state.json'}: `saes` is not a list of names; remove the file by hand")
+        doomed = [inside(self.out, name, self.out / "run_state.json") for name in saes]
+        for d in [self.out / "checkpoints", self.out / "heldout", *doomed]:
+            shutil.rmtree(d, ignore_errors=True)
         for name in ("run.json", "run_state.json"):
             (self.out / name).unlink(missing_ok=True)
 
@@ -93,3 +98,13 @@ class RunState:
                 indent=2,
             ),
         )
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable run state ({e}); remove it by hand, or choose another --out") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a run state (a JSON object); remove it by hand, or choose another --out")
+    return state

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cache_format.errors import UserError
 
-from .out_files import write_out
+from .out_files import inside, write_out
 from .sae import TopKSAE
 from .sae_tensors import SAEFormatError
 from .split import is_heldout  # re-exported: harvest's splice reproduces an SAE's split with it
@@ -55,10 +55,10 @@ def read_run(run_dir: str | Path, *, need_saes: bool = False) -> tuple[dict, lis
     for item in items or []:
         if not isinstance(item, dict):
             continue
-        name = item.get("name") or Path(item.get("path", "")).name
-        d = Path(item.get("path") or item.get("dir") or name)
-        if not d.is_absolute():
-            d = run_dir / d if (run_dir / d).exists() else run_dir / name
+        name = item.get("name") or Path(str(item.get("path", ""))).name
+        d = inside(run_dir, item.get("path") or item.get("dir") or name, run_json)  # never outside the run
+        if not d.exists():
+            d = inside(run_dir, name, run_json)
         if d.is_file():
             d = d.parent
         saes.append(dict(item, name=name, dir=d))
