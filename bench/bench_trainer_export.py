@@ -75,7 +75,7 @@ def main() -> None:
 
         torch.save({"x": x}, tmp / "theirs.pt")
         peer("save", tmp / "saelens_rescaled", tmp / "theirs.pt")
-        ref = torch.load(tmp / "theirs.pt")
+        ref = torch.load(tmp / "theirs.pt", weights_only=True)
         theirs = load_sae(tmp / "saelens_rescaled")
         with torch.no_grad():
             codes, recon = theirs.dense(ref["x"]), theirs(ref["x"])

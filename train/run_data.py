@@ -115,8 +115,8 @@ def heldout_rows(out: Path, cache, layers: list[int], tc: TrainConfig) -> tuple[
             for L in layers:
                 np.save(tmp / f"L{L}.npy", np.concatenate(parts[L]))
             np.save(tmp / "rows.npy", np.concatenate(rows))
-    rows = np.load(d / "rows.npy")
-    return rows, {L: np.load(d / f"L{L}.npy", mmap_mode="r") for L in layers}
+    rows = np.load(d / "rows.npy", allow_pickle=False)  # OUT may come from elsewhere: data only
+    return rows, {L: np.load(d / f"L{L}.npy", mmap_mode="r", allow_pickle=False) for L in layers}
 
 
 @torch.no_grad()

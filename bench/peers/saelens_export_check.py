@@ -20,7 +20,7 @@ from sae_lens import SAE, TopKSAE, TopKSAEConfig
 
 
 def load(directory: str, ref_path: str) -> dict:
-    ref = torch.load(ref_path)
+    ref = torch.load(ref_path, weights_only=True)
     sae = SAE.load_from_disk(directory)
     meta = sae.cfg.metadata
     with torch.no_grad():
@@ -50,7 +50,7 @@ def load(directory: str, ref_path: str) -> dict:
 
 def save(directory: str, ref_path: str) -> dict:
     torch.manual_seed(0)
-    x = torch.load(ref_path)["x"]
+    x = torch.load(ref_path, weights_only=True)["x"]
     d_in = x.shape[1]
     cfg = TopKSAEConfig(d_in=d_in, d_sae=4 * d_in, k=4, rescale_acts_by_decoder_norm=True)
     sae = TopKSAE(cfg)

@@ -187,7 +187,7 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, 
     rng = random.Random()
     p = cli_proc([*args, "--out", str(resumed)])
     deadline = time.time() + 120
-    while not list((resumed / "checkpoints").glob("tokens_*.pt")) and time.time() < deadline and p.poll() is None:
+    while not list((resumed / "checkpoints").glob("tokens_*.json")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     time.sleep(rng.random() * 0.2)  # a random moment after the first checkpoint, mid-run
     assert p.poll() is None, "the run finished before it could be killed"
@@ -203,7 +203,7 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, 
     ta = [json.loads(x) for x in (ref / "L2_n192_k3/trajectory.jsonl").read_text().splitlines()]
     tb = [json.loads(x) for x in (resumed / "L2_n192_k3/trajectory.jsonl").read_text().splitlines()]
     assert [t["variance_explained"] for t in ta] == [t["variance_explained"] for t in tb]
-    assert len(list((resumed / "checkpoints").glob("tokens_*.pt"))) <= 4  # last 2 + best 2
+    assert len(list((resumed / "checkpoints").glob("tokens_*.safetensors"))) <= 4  # last 2 + best 2
 
 
 @pytest.mark.slow
@@ -261,7 +261,7 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
     assert cos.mean() > 0.99
     from train.checkpoint import Checkpoints
 
-    ckpts = sorted((tmp_path / "ddp/checkpoints").glob("tokens_*.pt"))
+    ckpts = sorted((tmp_path / "ddp/checkpoints").glob("tokens_*.safetensors"))
     ranks = Checkpoints.load(ckpts[0])["loader"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     # a crash after the first checkpoint: both ranks resume from their own positions, exactly
