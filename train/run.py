@@ -11,12 +11,14 @@ reads besides its batches (split check, held-out set, initial sample) are `run_d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from .config import PipelineConfig, TrainConfig
 from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
 from .out_files import write_out
+from .out_lease import OutLease
 from .run_data import check_split, heldout_metrics, heldout_rows, init_sample, run_loader
 from .run_state import RunState, run_identity
 from .rundir import read_run, write_run_json
@@ -160,15 +163,40 @@ class Run:
             fitted = f"; fitted to this cache: {', '.join(notes)}" if notes else ""
             print(f"train: {recipe.describe(tc, self.recipe, loader.n_rows, self.split)}{fitted}", file=sys.stderr)
         check_kind(tc.log)  # its package is installed (the kind itself is checked by TrainConfig)
-        status = self.run_state.claim(self.fresh, self.rank)
-        if status == "complete":
-            if self.rank == 0:
-                print(
-                    f"run in {self.out} is already complete ({self.tc.training_tokens} tokens per SAE); "
-                    "nothing to do (pass --fresh to train again)",
-                    file=sys.stderr,
-                )
-            return read_run(self.out)[0]
+        with self._lease():
+            status = self.run_state.claim(self.fresh, self.rank)
+            if status == "complete":
+                if self.rank == 0:
+                    print(
+                        f"run in {self.out} is already complete ({self.tc.training_tokens} tokens per SAE); "
+                        "nothing to do (pass --fresh to train again)",
+                        file=sys.stderr,
+                    )
+                return read_run(self.out)[0]
+            return self._train(status, loader)
+
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[None]:
+        """OUT's lease (out_lease.py), taken by rank 0 before OUT is claimed and held to the end;
+        a refusal reaches every rank, so all of them stop with the same line."""
+        lease, refused = None, None
+        if self.rank == 0:
+            try:
+                lease = OutLease(self.out)
+            except UserError as e:
+                refused = str(e)
+        refused = dist.all_gather_object(refused)[0]
+        if refused:
+            raise UserError(refused)
+        try:
+            yield
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _train(self, status: str, loader) -> dict:
+        """Train from a new or resumed state to the end of the budget, then export."""
+        tc = self.tc
         ckpts = Checkpoints(self.out / "checkpoints", tc.keep_last, tc.keep_best)
         trainers = self._build()
         held_rows, held = heldout_rows(self.out, self.cache, self.layers, tc) if self.rank == 0 else (None, None)
@@ -176,14 +204,9 @@ class Run:
         latest = ckpts.latest() if status == "resume" else None
         history: dict[str, list[dict]] = {s.name: [] for s in self.specs}
         if latest is not None:
-            state = Checkpoints.load(latest)
-            for name, tr in trainers.items():
-                tr.load_state_dict(state["saes"][name])
-            loader.load_state_dict(state["loader"])
-            tokens = int(state["tokens"])
-            history = state["history"]
+            tokens, history = self._resume(latest, trainers, loader)
             if self.rank == 0:
-                print(f"resuming {self.out} from {latest.name} ({tokens} tokens)", file=sys.stderr)
+                print(f"resuming {self.out} from {latest.stem} ({tokens} tokens)", file=sys.stderr)
         else:
             tokens = 0
             sample = init_sample(self.cache, self.layers, tc)
@@ -242,6 +265,23 @@ class Run:
             self.explog.close()
             loader.close()
         return self._export(trainers, tokens, history)
+
+    def _resume(self, path: Path, trainers: dict[str, SAETrainer], loader) -> tuple[int, dict[str, list[dict]]]:
+        """Load a checkpoint into the trainers and the loader: (tokens, history); one that does not
+        fit them (another run's, or damaged) is one line."""
+        state = Checkpoints.load(path)
+        try:
+            for name, tr in trainers.items():
+                tr.load_state_dict(state["saes"][name])
+            loader.load_state_dict(state["loader"])
+            history = {s.name: list(state["history"][s.name]) for s in self.specs}
+            return int(state["tokens"]), history
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            why = " ".join(str(e).split())[:120]
+            raise UserError(
+                f"{path}: this checkpoint does not fit the run ({type(e).__name__}: {why}); "
+                "delete it and its .safetensors to resume from the one before, or pass --fresh"
+            ) from None
 
     @staticmethod
     def _next(tokens: int, every: int) -> int:
