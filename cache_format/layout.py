@@ -48,10 +48,13 @@ def _name(value, what: str) -> str:
     return value
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
+
+
 def _key(value, what: str, base: str | None = None) -> str:
     """A relative key of plain parts (under `base/` if given)."""
-    why = key_problem(value) or next((name_problem(p) for p in value.split("/") if name_problem(p)), None)
-    if why:
+    if not (isinstance(value, str) and _PLAIN_KEY.fullmatch(value)) or "/./" in f"/{value}/" or "/../" in f"/{value}/":
+        why = key_problem(value) or "its parts are not all plain names (letters, digits, '.', '_', '-')"
         raise LayoutError(f"{what} {value!r}: {why}")
     if base is not None and not value.startswith(f"{base}/"):
         raise LayoutError(f"{what} {value!r} is not under {base}/")
