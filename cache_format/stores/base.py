@@ -81,6 +81,8 @@ class Location(ABC):
 
     def __init_subclass__(cls, fallback: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "path" in cls.__dict__:  # the key gate stays one place that every backend goes through
+            raise TypeError(f"{cls.__name__} overrides Location.path; implement _native_path instead")
         for p in cls.__dict__.get("protocols", ()):
             Location._backends[p] = cls
         if fallback:
