@@ -17,7 +17,8 @@ import dataclasses
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,11 +33,12 @@ class ConfigError(UserError):
 
 
 class OutOfRange(ConfigError):
-    """A value a run could not use; `load_sections` rewrites the hint to name the file."""
+    """A value a run could not use; `load_sections` rewrites the hint to name where it came from."""
 
-    def __init__(self, key: str, value: Any, bound: str, fix: str = "fix it in pipeline.toml or with --set"):
+    def __init__(self, key: str, value: Any, bound: str, fix: str | None = None):
         self.key, self.value, self.bound = key, value, bound
-        super().__init__(f"{key} = {value} must be {bound}; {fix} {key}=VALUE")
+        fix = fix or f"fix it in pipeline.toml or with --set {key}=VALUE"
+        super().__init__(f"{key} = {value} must be {bound}; {fix}")
 
 
 def check_ranges(section: Any, name: str, ranges: typing.Iterable[tuple[str, float, bool]]) -> None:
@@ -114,17 +116,22 @@ def load_sections(
     profiles = raw.pop("profile", {})
     if not isinstance(profiles, dict):
         raise ConfigError(f"{p}: [profile] must be a table of [profile.NAME] tables")
+    origin = _Origins(p, profile)
+    origin.mark(raw, "file")
     if profile:
         if profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none"
             raise ConfigError(f"{p}: unknown profile {profile!r} (known: {known})")
         raw = _deep_merge(raw, profiles[profile])
+        origin.mark(profiles[profile], "profile")
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
+        origin.mark_dotted(key, "--set")
     for key, value in flags.items():
         if value is not None:
             _set_dotted(raw, key, value)
+            origin.mark_dotted(key, "flag")
     sections = {f.name: f for f in dataclasses.fields(schema) if f.name not in _LOADED}
     other = tuple(getattr(schema, "OTHER_SECTIONS", ()))
     known = ", ".join(sorted([*sections, *other]))
@@ -133,14 +140,15 @@ def load_sections(
         if name in other:
             continue  # another stage's section: that stage checks it
         if name not in sections:
-            raise ConfigError(f"{p}: unknown key {name!r} (known: {known})")
+            raise ConfigError(f"{origin.section(name)}: unknown key {name!r} (known: {known})")
         cls = typing.get_type_hints(schema)[name]
         kwargs[name] = build_section(
             cls,
             table,
-            f"{p} [{name}]",
-            fix=f"fix it in {p} or with --set",
+            origin.section(name),
+            fix=origin.fix,
             partial=sections[name].metadata.get("shared", False),
+            label=lambda key, name=name: origin.key(name, key),
         )
     cfg = schema(**kwargs)
     cfg.profile = profile or ""
@@ -149,20 +157,78 @@ def load_sections(
     return cfg
 
 
+class _Origins:
+    """Where each `section.key` came from (the file, its profile, `--set` or a command-line
+    option), so that a message names the place the user has to fix."""
+
+    COMMAND_LINE = ("--set", "flag")
+
+    def __init__(self, path: Path, profile: str | None):
+        self.path, self.profile = path, profile
+        self.of: dict[tuple[str, str], str] = {}  # (section, key) -> "file" | "profile" | "--set" | "flag"
+
+    def mark(self, tables: dict, how: str) -> None:
+        for name, table in tables.items():
+            for key in table if isinstance(table, dict) else ("",):
+                self.of[(name, key)] = how
+
+    def mark_dotted(self, dotted: str, how: str) -> None:
+        name, _, rest = dotted.partition(".")
+        self.of[(name, rest.split(".")[0])] = how
+
+    def key(self, name: str, key: str) -> str:
+        """The label of one key's value in a message."""
+        how = self.of.get((name, key))
+        if how == "--set":
+            return f"--set {name}.{key}"
+        if how == "flag":
+            return f"the command-line option setting {name}.{key}"
+        if how == "profile":
+            return f"{self.path} [profile.{self.profile}.{name}].{key}"
+        return f"{self.path} [{name}].{key}"
+
+    def section(self, name: str) -> str:
+        """A whole section's label: its `--set` (or option) when only the command line wrote it."""
+        keys = {k: how for (n, k), how in self.of.items() if n == name}
+        if keys and all(how in self.COMMAND_LINE for how in keys.values()):
+            return self.key(name, next(iter(keys)))
+        return f"{self.path} [{name}]"
+
+    def fix(self, dotted: str) -> str:
+        """The hint of a value out of range (`OutOfRange`), by where `dotted` came from."""
+        name, _, key = dotted.partition(".")
+        how = self.of.get((name, key))
+        if how == "--set":
+            return f"it came from --set: give --set {dotted}=VALUE a value in range"
+        if how == "flag":
+            return f"it came from the command-line option setting {dotted}: give it a value in range"
+        if how == "profile":
+            return f"fix it in [profile.{self.profile}] of {self.path} or with --set {dotted}=VALUE"
+        return f"fix it in {self.path} or with --set {dotted}=VALUE"
+
+
 _LOADED = {f.name for f in dataclasses.fields(Loaded)}
 
 
-def build_section(cls: type, raw: dict, where: str, fix: str | None = None, partial: bool = False) -> Any:
+def build_section(
+    cls: type,
+    raw: dict,
+    where: str,
+    fix: Callable[[str], str] | None = None,
+    partial: bool = False,
+    label: Callable[[str], str] | None = None,
+) -> Any:
     """A section's dataclass from a plain table, with the same checks as pipeline.toml's.
 
-    `fix` replaces the hint of a value out of range; `partial` keeps keys the class does not
+    `fix(key)` replaces the hint of a value out of range; `label(key)` names where a key's
+    value came from in messages (default `where.key`); `partial` keeps keys the class does not
     declare out of it without an error (their owner checks them)."""
     try:
-        return _build(cls, raw, where, partial)
+        return _build(cls, raw, where, partial, label)
     except OutOfRange as e:
         if fix is None:
             raise
-        raise OutOfRange(e.key, e.value, e.bound, fix) from None
+        raise OutOfRange(e.key, e.value, e.bound, fix(e.key)) from None
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -202,19 +268,25 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _build(cls: type, raw: Any, where: str, partial: bool = False) -> Any:
+def _build(cls: type, raw: Any, where: str, partial: bool = False, label: Callable[[str], str] | None = None) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table, got {raw!r}")
+    label = label or (lambda key: f"{where}.{key}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
             if partial:
                 continue
             known = ", ".join(sorted(names))
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
-        kwargs[key] = coerce(hints[key], value, f"{where}.{key}")
+            raise ConfigError(f"{label(key)}: unknown key {key!r} (known: {known})")
+        kwargs[key] = coerce(hints[key], value, label(key))
+    required = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING and f.init]
+    missing = [k for k in required if k not in kwargs]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r} (each entry needs {', '.join(required)})")
     return cls(**kwargs)
 
 

@@ -18,10 +18,10 @@ from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
 
 @dataclass
 class SweepSetting:
-    """One extra (d_sae, k) trained per layer from the same batches."""
+    """One extra (d_sae, k) trained per layer from the same batches; both keys are required."""
 
-    d_sae: int = 0
-    k: int = 0
+    d_sae: int
+    k: int
 
 
 AUX_NORMS = ("residual", "total")  # AuxK loss over the residual error's variance (OpenAI) | the total (sparsify)
@@ -81,6 +81,11 @@ class TrainConfig(TrainKeys):
                 raise ConfigError(
                     f"train.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}"
                     + ("; set --set train.log='none'" if key == "log" else "")
+                )
+        for i, s in enumerate(self.sweep):
+            if not 1 <= s.k < s.d_sae:
+                raise ConfigError(
+                    f"train.sweep[{i}]: k={s.k} must be between 1 and d_sae-1 (d_sae={s.d_sae}); fix that entry"
                 )
         if self.recipe not in ("auto", *RECIPES, "none"):
             raise ConfigError(f"train.recipe {self.recipe!r} is unknown; use auto, {', '.join(RECIPES)} or none")

@@ -47,7 +47,7 @@ def resolve(cfg: PipelineConfig, cache_meta: dict) -> tuple[TrainConfig, str]:
     merged.update(explicit)
     merged["recipe"] = name
     merged["sweep"] = [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in merged["sweep"]]
-    tc = build_section(TrainConfig, merged, "train", fix=f"fix [recipes.{name}] or use --set")
+    tc = build_section(TrainConfig, merged, "train", fix=lambda key: f"fix [recipes.{name}] or use --set {key}=VALUE")
     return tc, name
 
 

@@ -103,10 +103,48 @@ def test_checks_sit_in_the_sections_so_code_gets_them_too(tmp_path):
         TrainConfig(lr=-1)
     with pytest.raises(OutOfRange, match=r"harvest\.batch_size = 0 must be at least 1"):
         HarvestConfig(batch_size=0)
-    with pytest.raises(OutOfRange, match=r"train\.k = 0 must be at least 1; fix \[recipes\.corpus\] or use --set"):
-        build_section(TrainConfig, {"k": 0}, "train", fix="fix [recipes.corpus] or use --set")
+    with pytest.raises(OutOfRange, match=r"train\.k = 0 must be at least 1; fix \[recipes\.corpus\]$"):
+        build_section(TrainConfig, {"k": 0}, "train", fix=lambda key: "fix [recipes.corpus]")
     with pytest.raises(OutOfRange, match=rf"fix it in {tmp_path}/pipeline.toml or with --set train.k=VALUE"):
         load_config(write(tmp_path, "[train]\nk = 0\n"))
+
+
+def test_a_message_names_where_the_value_came_from(tmp_path):
+    """The file, its profile, --set or a command-line option: the place the user has to fix."""
+    p = write(tmp_path, "[train]\nk = 0\n[profile.p.train]\nlr = -1\n[profile.q.harvest]\nbatch_size = 0\n")
+    with pytest.raises(OutOfRange, match=rf"train.k = 0 must be at least 1; fix it in {p} or with --set train.k="):
+        load_config(p)
+    with pytest.raises(OutOfRange, match=r"train.lr = -1.0 must be at least 0; fix it in \[profile.p\] of "):
+        load_config(p, profile="p", overrides=["train.k=4"])
+    with pytest.raises(OutOfRange, match=r"train.k = -3 must be at least 1; it came from --set: give --set train.k="):
+        load_config(p, overrides=["train.k=-3"])
+    with pytest.raises(OutOfRange, match=r"corpus.tokens = 0 must be at least 1; it came from the command-line option"):
+        load_harvest(p, **{"corpus.tokens": 0})
+    with pytest.raises(OutOfRange, match=r"harvest.batch_size = 0 .*fix it in \[profile.q\]"):
+        load_harvest(p, profile="q")
+    with pytest.raises(ConfigError, match=r"^--set train.d_sae: expected an integer, got 'x'"):
+        load_config(p, overrides=["train.k=4", "train.d_sae='x'"])
+    (tmp_path / "other").mkdir()
+    other = write(tmp_path / "other", "[train]\nkk = 1\n")
+    with pytest.raises(ConfigError, match=rf"^{other} \[train\].kk: unknown key 'kk'"):
+        load_config(other)
+    with pytest.raises(ConfigError, match=r"^--set train.kk: unknown key 'kk'"):
+        load_config(p, overrides=["train.kk=1"])
+    with pytest.raises(ConfigError, match=r"^--set trian.k: unknown key 'trian'"):
+        load_config(p, overrides=["train.k=4", "trian.k=1"])
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ("[{d_sae = 64}]", r"\[train\].sweep\[0\]: missing key 'k' \(each entry needs d_sae, k\)"),
+        ("[{d_sae = 64, k = 4}, {k = 4}]", r"\[train\].sweep\[1\]: missing key 'd_sae'"),
+        ("[{d_sae = 64, k = 64}]", r"train.sweep\[0\]: k=64 must be between 1 and d_sae-1 \(d_sae=64\)"),
+    ],
+)
+def test_a_sweep_entry_names_what_it_lacks(tmp_path, sweep, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, f"[train]\nsweep = {sweep}\n"))
 
 
 def test_without_a_local_file_the_one_shipped_pipeline_toml_is_read(tmp_path, monkeypatch):
