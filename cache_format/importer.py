@@ -88,16 +88,34 @@ def import_dump(
     n, d = ns.pop(), ds.pop()
 
     def side(path, what, dtype):
+        """A per-row .npy (--labels, --tokens, --seq-ids): whole numbers, one per row, never pickles."""
         if path is None:
             return None
-        a = np.load(path).reshape(-1)
+        flag = "--" + what.replace("_", "-")
+        try:
+            a = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise UserError(f"import: {flag} {path} does not exist; check the path") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(
+                f"import: {flag} {path} is not a readable .npy of numbers ({e}); save a numeric array with np.save"
+            ) from None
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
+            kind = f"dtype {a.dtype}" if isinstance(a, np.ndarray) else "an .npz archive"
+            if not isinstance(a, np.ndarray):
+                a.close()
+            raise UserError(f"import: {flag} {path} holds {kind}, not numbers; save a numeric array with np.save")
+        a = a.reshape(-1)
         if len(a) != n:
             raise UserError(f"import: {what} in {path} has {len(a)} values but the activations have {n} rows")
+        if a.dtype.kind == "f" and not np.array_equal(a, np.round(a)):
+            raise UserError(f"import: {what} in {path} are not whole numbers (dtype {a.dtype}); save integers")
         return a.astype(dtype)
 
     lab = side(labels, "labels", np.int64)
-    if lab is not None and lab.dtype == bool:
-        lab = lab.astype(np.int8)
+    if lab is not None and not np.isin(lab, (-1, 0, 1)).all():
+        bad = lab[~np.isin(lab, (-1, 0, 1))][0]
+        raise UserError(f"import: labels in {labels} hold {bad}; labels are 1 correct, 0 wrong, -1 none")
     tok = side(tokens, "tokens", np.int32)
     sid = side(seq_ids, "seq_ids", np.int64)
     made_up = sid is None
