@@ -267,7 +267,7 @@ class PlannedUnits:
         self.state = resume_state(segments, done) if missing else None
         self.pins = revisions.pin(c.sources, segments) if missing else {}
         self.resumed_from = self.state["next_seq"] if self.state else 0
-        self.error: data.DataError | None = None  # set when the sources ran out before n_seq
+        self.error: data.DataError | None = None  # set when the sources ran out or held a bad record
 
     def __len__(self) -> int:
         return self.n_units
@@ -287,7 +287,7 @@ class PlannedUnits:
             while planner.next_seq < self.n_seq:
                 try:
                     s = planner.next_sequence()
-                except SourcesExhausted as e:  # not a unit's failure: the run commits what it has, then says so
+                except data.DataError as e:  # ran out, or a bad record: the run commits what it has, then says so
                     self.error = e
                     return
                 if s.seq_index not in self.done:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,8 +30,11 @@ class DataError(UserError):
 # SuperGPQA
 
 
-def _read_records(path: str, split: str = "train", what: str = "dataset", revision: str | None = None) -> list[dict]:
-    """Rows of a local .jsonl/.json/.parquet file, or of a hub dataset split at `revision`."""
+def _read_records(
+    path: str, split: str = "train", what: str = "dataset", revision: str | None = None
+) -> list[tuple[str, dict]]:
+    """(where, row) of every row of a local .jsonl/.json/.parquet file, or of a hub dataset
+    split at `revision`; `where` names the file and line (or row) for messages."""
     p = Path(path).expanduser()
     if p.suffix in (".jsonl", ".json", ".parquet") or p.exists():
         if not p.is_file():
@@ -38,25 +42,72 @@ def _read_records(path: str, split: str = "train", what: str = "dataset", revisi
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(p).to_pylist()
-        rows = []
-        with open(p) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise DataError(f"{path}:{i + 1}: not valid JSON; the file must be JSON lines") from None
-        return rows
+            return [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(p).to_pylist())]
+        return [(f"{path}:{i}", r) for i, r in _json_lines(p)]
     try:
         import datasets
 
-        return list(datasets.load_dataset(path, split=split, revision=revision or None))
+        rows = list(datasets.load_dataset(path, split=split, revision=revision or None))
     except Exception as e:  # the hub raises many types; the user needs one line
         raise DataError(
             f"cannot load dataset {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "give a local .jsonl/.parquet path or check network access"
         ) from None
+    return [(f"{path} ({split}) row {i}", r) for i, r in enumerate(rows)]
+
+
+def _utf8_lines(p: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, which must be UTF-8.
+
+    A byte that is not UTF-8 is refused in one line naming the file, line and column rather
+    than skipped: such a file is most often in another encoding (or not text at all), where
+    skipping would silently drop or garble much of the corpus, and the cache records which
+    documents it holds. The fix is one command, the user's to choose (see docs/harvest.md).
+    """
+    with open(p, encoding="utf-8", errors="surrogateescape") as f:  # bad bytes become U+DC80..U+DCFF
+        for i, line in enumerate(f, 1):
+            if not line.isascii():
+                bad = _NOT_UTF8.search(line)
+                if bad:
+                    raise DataError(
+                        f"{p}:{i}: byte 0x{ord(bad.group()) - 0xDC00:02x} at column {bad.start() + 1} is not UTF-8; "
+                        "convert the file (iconv -f LATIN1 -t UTF-8, or iconv -f UTF-8 -t UTF-8 -c to drop bad bytes)"
+                    )
+            yield i, line
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _json_lines(p: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines file."""
+    for i, line in _utf8_lines(p):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{p}:{i}: not valid JSON; the file must be JSON lines") from None
+        if not isinstance(r, dict):
+            raise DataError(
+                f"{p}:{i}: a JSON {_json_type(r)} where an object was expected; every line must be one "
+                'object, like {"text": "..."}'
+            )
+        yield i, r
+
+
+def _json_type(v) -> str:
+    """A value's type as JSON names it."""
+    if v is None:
+        return "null"
+    kinds = ((bool, "boolean"), ((int, float), "number"), (str, "string"), ((list, tuple), "array"), (dict, "object"))
+    return next((name for t, name in kinds if isinstance(v, t)), type(v).__name__)
+
+
+def _a(v) -> str:
+    """'null', 'a number', 'an object': a value's JSON type for a sentence."""
+    t = _json_type(v)
+    return t if t == "null" else f"{'an' if t[0] in 'aeiou' else 'a'} {t}"
 
 
 def load_questions(cfg: SuperGPQAConfig, commit: str | None = None) -> list[dict]:
@@ -64,19 +115,36 @@ def load_questions(cfg: SuperGPQAConfig, commit: str | None = None) -> list[dict
     dataset is read at `commit` (the cache's pin) when given, else at `cfg.revision`."""
     path = str(tiny.assets() / "questions.jsonl") if cfg.dataset == tiny.TINY_NAME else cfg.dataset
     rows = _read_records(path, cfg.split, revision=commit or cfg.revision)
-    for i, r in enumerate(rows):
-        missing = [k for k in QUESTION_FIELDS if k not in r]
-        if missing:
-            raise DataError(
-                f"{cfg.dataset}: record {i} lacks field(s) {', '.join(missing)}; "
-                f"questions need {', '.join(QUESTION_FIELDS)} (SuperGPQA schema)"
-            )
-        opts = list(r["options"])
-        if not 2 <= len(opts) <= len(LETTERS):
-            raise DataError(f"{cfg.dataset}: record {i} has {len(opts)} options; SuperGPQA questions have 2..10 (A-J)")
-        if r["answer_letter"] not in LETTERS[: len(opts)]:
-            raise DataError(f"{cfg.dataset}: record {i} answer_letter {r['answer_letter']!r} is not one of its options")
-    return rows
+    for where, r in rows:
+        _check_question(where, r)
+    return [r for _, r in rows]
+
+
+def _check_question(where: str, r: dict) -> None:
+    """One line naming the record and field for a question a run could not use."""
+    missing = [k for k in QUESTION_FIELDS if k not in r]
+    if missing:
+        raise DataError(
+            f"{where}: lacks field(s) {', '.join(missing)}; questions need "
+            f"{', '.join(QUESTION_FIELDS)} (SuperGPQA schema)"
+        )
+    if isinstance(r["uuid"], bool) or not isinstance(r["uuid"], (str, int)) or r["uuid"] == "":
+        raise DataError(f"{where}: uuid is {r['uuid']!r}; every question needs an id (a string)")
+    if not isinstance(r["question"], str) or not r["question"].strip():
+        raise DataError(f"{where}: question is {r['question']!r:.40}; it must be the question's text")
+    opts = r["options"]
+    if not isinstance(opts, (list, tuple)):
+        raise DataError(
+            f"{where}: options is {_a(opts)} ({opts!r:.40}); it must be a list of 2..10 answer "
+            'strings, like ["4", "5", "6"]'
+        )
+    if not 2 <= len(opts) <= len(LETTERS):
+        raise DataError(f"{where}: has {len(opts)} options; SuperGPQA questions have 2..10 (A-J)")
+    bad = next((i for i, o in enumerate(opts) if not isinstance(o, str)), None)
+    if bad is not None:
+        raise DataError(f"{where}: option {LETTERS[bad]} is {_a(opts[bad])}; options must be strings")
+    if r["answer_letter"] not in tuple(LETTERS[: len(opts)]):
+        raise DataError(f"{where}: answer_letter {r['answer_letter']!r} is not one of its options")
 
 
 def select_questions(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -142,8 +210,9 @@ def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = 
             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "check the id or use a local file"
         ) from None
+    where = f"corpus source {src.name!r} ({src.path}) record"
     for i, r in enumerate(itertools.islice(ds, skip, None)):
-        yield _field_text(r, src, skip + i)
+        yield _field_text(r, src, f"{where} {skip + i}")
 
 
 def _cycle_shuffled(docs: list[str], seed: int) -> Iterator[str]:
@@ -158,32 +227,22 @@ def _cycle_shuffled(docs: list[str], seed: int) -> Iterator[str]:
 def _txt_docs(p: Path) -> Iterator[str]:
     """Documents separated by blank lines, read line by line."""
     lines: list[str] = []
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            if line.strip("\n"):
-                lines.append(line)
-                continue
-            doc = "".join(lines).strip()
-            lines = []
-            if doc:
-                yield doc
+    for _, line in _utf8_lines(p):
+        if line.strip("\n"):
+            lines.append(line)
+            continue
+        doc = "".join(lines).strip()
+        lines = []
+        if doc:
+            yield doc
     doc = "".join(lines).strip()
     if doc:
         yield doc
 
 
 def _jsonl_texts(p: Path, src: CorpusSource) -> Iterator[str]:
-    with open(p, encoding="utf-8") as f:
-        n = 0
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{p}:{i + 1}: not valid JSON; the file must be JSON lines") from None
-            yield _field_text(r, src, n)
-            n += 1
+    for i, r in _json_lines(p):
+        yield _field_text(r, src, f"{p}:{i}")
 
 
 def _parquet_texts(p: Path, src: CorpusSource, skip: int) -> Iterator[str]:
@@ -207,20 +266,31 @@ def _parquet_texts(p: Path, src: CorpusSource, skip: int) -> Iterator[str]:
     for batch in f.iter_batches(batch_size=1024, row_groups=groups, columns=[src.text_field]):
         for v in batch.column(0).to_pylist():
             if i >= skip:
-                yield _field_text({src.text_field: v}, src, i)
+                yield _field_text({src.text_field: v}, src, f"{p} row {i}")
             i += 1
 
 
-def _field_text(r: dict, src: CorpusSource, i: int) -> str:
+def _field_text(r: dict, src: CorpusSource, where: str) -> str:
+    """A record's text: its `text_field`, a string (or chat turns, joined). Anything else,
+    null included, is one line naming the record: storing "None" or a number's digits as a
+    document would put text in the cache that the source never held."""
     if src.text_field not in r:
         raise DataError(
-            f"corpus source {src.name!r}: record {i} has no field {src.text_field!r}; "
-            f"set text_field (fields: {', '.join(sorted(r))})"
+            f"{where} has no field {src.text_field!r}; set text_field of corpus source {src.name!r} "
+            f"(fields: {', '.join(sorted(r))})"
         )
     v = r[src.text_field]
     if isinstance(v, list):  # chat-style conversations: join the turns' text
-        v = "\n\n".join(t.get("value") or t.get("content") or "" if isinstance(t, dict) else str(t) for t in v)
-    return str(v)
+        turns = []
+        for t in v:
+            text = (t.get("value") or t.get("content") or "") if isinstance(t, dict) else t
+            if not isinstance(text, str):
+                raise DataError(f"{where}: a turn of {src.text_field!r} is {_a(text)}, not text")
+            turns.append(text)
+        v = "\n\n".join(turns)
+    if not isinstance(v, str):
+        raise DataError(f"{where}: {src.text_field!r} is {_a(v)}, not text; give the record text or remove it")
+    return v
 
 
 def corpus_eos(tokenizer) -> int:

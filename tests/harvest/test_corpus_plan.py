@@ -139,8 +139,52 @@ def test_corpus_source_errors_are_one_line(tmp_path, tok):
         next(corpus_plan.pack_corpus(bad, tok, 0))
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hi"}) + "\n")
     bad = CorpusConfig(sources=[CorpusSource("x", str(tmp_path / "x.jsonl"))])
-    with pytest.raises(data.DataError, match="no field 'text'"):
+    with pytest.raises(data.DataError, match=r"x.jsonl:1 has no field 'text'"):
         next(corpus_plan.pack_corpus(bad, tok, 0))
+
+
+@pytest.mark.parametrize(
+    "record, phrase",
+    [
+        (5, r"bad.jsonl:3: a JSON number where an object was expected"),
+        ("text", r"bad.jsonl:3: a JSON string where an object"),
+        ({"text": None}, r"bad.jsonl:3: 'text' is null, not text"),
+        ({"text": 42}, r"bad.jsonl:3: 'text' is a number, not text"),
+        ({"text": {"a": 1}}, r"bad.jsonl:3: 'text' is an object, not text"),
+        ({"text": [{"value": "hi"}, None]}, r"bad.jsonl:3: a turn of 'text' is null, not text"),
+    ],
+)
+def test_a_record_that_is_not_text_is_refused_naming_its_line(tmp_path, record, phrase):
+    good = json.dumps({"text": "a fine document."})
+    (tmp_path / "bad.jsonl").write_text(f"{good}\n\n{json.dumps(record)}\n{good}\n")  # line 2 blank
+    with pytest.raises(data.DataError, match=phrase):
+        list(data.iter_documents(CorpusSource("b", str(tmp_path / "bad.jsonl")), 0))
+
+
+def test_chat_turns_are_joined_and_a_null_in_parquet_names_its_row(tmp_path):
+    turns = [{"from": "user", "value": "hello"}, {"role": "assistant", "content": "hi there"}, "and a plain turn"]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"c": turns}) + "\n")
+    assert list(data.iter_documents(CorpusSource("c", str(tmp_path / "chat.jsonl"), text_field="c"), 0)) == [
+        "hello\n\nhi there\n\nand a plain turn"
+    ]
+    pq.write_table(pa.table({"text": ["one", None, "three"]}), tmp_path / "n.parquet")
+    with pytest.raises(data.DataError, match=r"n.parquet row 1: 'text' is null"):
+        list(data.iter_documents(CorpusSource("n", str(tmp_path / "n.parquet")), 0))
+
+
+def test_bytes_that_are_not_utf8_are_refused_naming_line_and_column(tmp_path):
+    (tmp_path / "l1.txt").write_bytes("first document\n\nsecond, caf\xe9 here\n".encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"l1.txt:3: byte 0xe9 at column 12 is not UTF-8; convert the file"):
+        list(data.iter_documents(CorpusSource("l", str(tmp_path / "l1.txt")), 0))
+    (tmp_path / "l1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"l1.jsonl:2: byte 0xe9 at column 14"):
+        list(data.iter_documents(CorpusSource("l", str(tmp_path / "l1.jsonl")), 0))
+    # valid UTF-8 (and Windows line ends) reads as before
+    (tmp_path / "u.txt").write_bytes("café 東京 🙂\r\nline two\r\n\r\nnext".encode())
+    assert list(data.iter_documents(CorpusSource("u", str(tmp_path / "u.txt")), 0)) == [
+        "café 東京 🙂\nline two",
+        "next",
+    ]
 
 
 def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_report(tmp_path):
@@ -197,6 +241,35 @@ def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_the
         hr.run(cfg, progress=False)
     c = cf.open_cache(url)
     assert c.n_tokens > 0 and c.n_tokens % (8 * 128) == 0
+
+
+def test_a_bad_record_stops_the_run_in_one_line_after_committing_the_units_before_it(tmp_path):
+    """Fix the record, re-run: the cache ends as one clean run's (nothing committed is lost)."""
+    import cache_format as cf
+    from harvest import run as hr
+    from harvest.config import load_config
+
+    docs = [json.dumps({"text": f"a short document, number {i}."}) for i in range(700)]
+    src = tmp_path / "docs.jsonl"
+
+    def cfg(url):
+        return load_config(
+            None,
+            "tiny",
+            [f'corpus.sources=[{{name="d", path="{src}"}}]', "harvest.segment_sequences=4", "harvest.batch_size=8"],
+            **{"harvest.cache": str(url), "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 48 * 128},
+        )
+
+    src.write_text("\n".join([*docs[:600], "5", *docs[600:]]) + "\n")
+    with pytest.raises(data.DataError, match=r"docs.jsonl:601: a JSON number where an object was expected"):
+        hr.run(cfg(tmp_path / "c"), progress=False)
+    before = cf.open_cache(str(tmp_path / "c"))
+    assert 0 < before.n_tokens < 48 * 128 and before.n_tokens % (4 * 128) == 0  # whole units only
+    src.write_text("\n".join([*docs[:600], docs[0], *docs[600:]]) + "\n")  # the fix: a document on that line
+    again = hr.run(cfg(tmp_path / "c"), progress=False)
+    assert again["sequences_done_before"] == before.n_tokens // 128
+    clean = hr.run(cfg(tmp_path / "clean"), progress=False)
+    assert again["n_tokens"] == 48 * 128 and again["fingerprint"] == clean["fingerprint"]
 
 
 def test_the_batched_tokenizer_gives_the_ids_of_one_call_per_document(tok):
