@@ -6,6 +6,8 @@ the tiny profile (layer 0) over the rehearsal's generated corpus, polls its RSS 
 cache's committed segments every 0.25 s, and kills it some seconds after the first commit.
 
     python bench/bench_first_commit.py --tokens 50000000
+    python bench/bench_first_commit.py --tokens 1000000000 --corpus builtin:tiny   # the bundled corpus only
+    python bench/bench_first_commit.py ... --set harvest.batch_size=2                # any harvest --set
     git archive 79782a7 | tar -x -C /tmp/before && python bench/bench_first_commit.py --repo /tmp/before --limit 330
 """
 
@@ -45,7 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=str(ROOT), help="checkout whose harvest runs (its cwd)")
     ap.add_argument("--tokens", type=int, default=50_000_000)
-    ap.add_argument("--corpus", default="", help="a .txt corpus; default: generate --tokens of it")
+    ap.add_argument(
+        "--corpus", default="", help="a .txt corpus, or builtin:tiny (it cycles); default: generate --tokens of it"
+    )
+    ap.add_argument("--set", action="append", default=[], help="more harvest --set overrides (later ones win)")
     ap.add_argument("--limit", type=float, default=120, help="give up after this many seconds")
     ap.add_argument("--after", type=float, default=4, help="seconds to keep watching after the first commit")
     a = ap.parse_args()
@@ -54,12 +59,12 @@ def main() -> None:
         if not a.corpus:
             write_corpus(corpus, a.tokens)
         url = str(Path(d) / "cache")
-        sets = [
-            "harvest.segment_sequences=256",
-            "harvest.batch_size=64",
-            f'corpus.sources=[{{name="gen", path="{corpus}", weight=0.9}}, '
-            '{name="tiny", path="builtin:tiny", weight=0.1}]',
-        ]
+        sources = (
+            '[{name="tiny", path="builtin:tiny"}]'  # cycles: any --tokens without a file that large
+            if corpus == "builtin:tiny"
+            else f'[{{name="gen", path="{corpus}", weight=0.9}}, {{name="tiny", path="builtin:tiny", weight=0.1}}]'
+        )
+        sets = ["harvest.segment_sequences=256", "harvest.batch_size=64", f"corpus.sources={sources}", *a.set]
         cmd = [
             sys.executable,
             "-m",

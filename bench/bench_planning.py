@@ -8,8 +8,9 @@ the tokenizer's own parallelism inside each batch call (the default in a harvest
 
     python bench/bench_planning.py                       # 2M tokens per setting, threads 1,2,4
     python bench/bench_planning.py --tokens 5000000 --threads 1,2,4,8
+    python bench/bench_planning.py --memory 1e6,1e7,1e8,1e9   # planning's peak RSS by TOKENS
 
-Writes bench/results/planning.json.
+Writes bench/results/planning.json (`--memory`: bench/results/planning_memory.json).
 """
 
 from __future__ import annotations
@@ -119,15 +120,57 @@ def measure(corpus: str, tokens: int, threads: int, mode: str) -> dict:
     return {"tokens": n, "seconds": time.perf_counter() - t0}
 
 
+def memory(tokens: int, units: int = 8) -> dict:
+    """Peak RSS of planning a run of `tokens` rows, in this process: the plan's bookkeeping,
+    then its first `units` units (the tiny profile: 128-token sequences, 64 per unit, over its
+    bundled corpus, which cycles, so any TOKENS can be planned without a file that large)."""
+    import resource
+
+    from transformers import AutoTokenizer
+
+    from harvest import tiny
+    from harvest.config import load_config
+    from harvest.corpus_plan import PlannedUnits
+    from harvest.plan import Unit
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.assets()))
+    cfg = load_config(
+        None, "tiny", ["harvest.segment_sequences=64"], **{"corpus.tokens": tokens, "harvest.source": "corpus"}
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # KiB on Linux
+    t0 = time.perf_counter()
+    plan = PlannedUnits(cfg, tok, set(), [], Unit)
+    t1 = time.perf_counter()
+    for i, _ in enumerate(plan):
+        if i + 1 == units:
+            break
+    return {
+        "tokens": tokens,
+        "sequences": plan.n_seq,
+        "units_planned": units,
+        "rss_before_mib": before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+        "bookkeeping_s": round(t1 - t0, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2_000_000)
     ap.add_argument("--threads", default="1,2,4")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planning.json"))
+    ap.add_argument("--memory", default="", metavar="T,T,...", help="peak RSS of planning at these TOKENS (1e9 ok)")
     ap.add_argument("--one", nargs=4, metavar=("CORPUS", "TOKENS", "THREADS", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-memory", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(measure(a.one[0], int(a.one[1]), int(a.one[2]), a.one[3])))
+        return
+    if a.one_memory:
+        print(json.dumps(memory(a.one_memory)))
+        return
+    if a.memory:
+        main_memory([int(float(t)) for t in a.memory.split(",")], a.out)
         return
     with tempfile.TemporaryDirectory() as d:
         corpus = Path(d) / "corpus.txt"
@@ -164,6 +207,26 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"runs": runs, "forward": fwd, "cpus": os.cpu_count()}, indent=2))
     print(f"wrote {a.out}")
+
+
+def main_memory(tokens: list[int], out: str) -> None:
+    """Each TOKENS in its own process, so that one's peak does not hide another's."""
+    runs = []
+    for t in tokens:
+        p = subprocess.run(
+            [sys.executable, __file__, "--one-memory", str(t)], capture_output=True, text=True, cwd=ROOT, check=True
+        )
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        runs.append(r)
+        print(
+            f"TOKENS {t:>14,}  {r['sequences']:>12,} sequences  peak RSS {r['peak_rss_mib']:>5} MiB "
+            f"({r['peak_rss_mib'] - r['rss_before_mib']:+} MiB over the loaded tokenizer)  "
+            f"bookkeeping {r['bookkeeping_s']:.3f} s"
+        )
+    path = Path(out).with_name("planning_memory.json") if out.endswith("planning.json") else Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs, "cpus": os.cpu_count()}, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cache_format.config import ConfigError, Loaded, check_ranges, load_sections, shared_section
+from cache_format.config import ConfigError, Loaded, OutOfRange, check_ranges, load_sections, shared_section
 from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
 
 AUTO_CLASSES = ("auto", "image-text-to-text", "causal-lm")
+MAX_ROWS = 2**63 - 1  # a cache's row indices and seq_ids are int64 (cache_format.layout)
 
 
 @dataclass
@@ -161,6 +162,8 @@ class CorpusConfig:
 
     def __post_init__(self):
         check_ranges(self, "corpus", [("tokens", 1, True), ("seq_len", 2, True)])
+        if self.tokens > MAX_ROWS:
+            raise OutOfRange("corpus.tokens", self.tokens, f"at most {MAX_ROWS:,} (2^63 - 1: the rows a cache indexes)")
 
 
 @dataclass

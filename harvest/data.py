@@ -215,6 +215,27 @@ def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = 
         yield _field_text(r, src, f"{where} {skip + i}")
 
 
+MAX_TOKENS_PER_BYTE = 4
+
+
+def token_bound(src: CorpusSource) -> int | None:
+    """The most tokens a local text source can give, from its size alone, so that a --tokens it
+    cannot reach is refused before any planning; None where no size bounds it: `builtin:tiny`
+    cycles, a hub stream's size is unknown before reading it, and parquet's sizes are of its
+    encoding (a dictionary-encoded column is far smaller than its text).
+
+    Why 4 a byte: a byte-level BPE (Qwen's) emits at most one token per byte of its normalized
+    text, NFC normalization at most triples a text's bytes, and each document adds one EOS for
+    at least two bytes of the file (text bytes never exceed the file's, JSON escapes included).
+    Real text gives about 0.25, so this catches only the impossible; a run that asks for more
+    than a source really holds still commits what it gave and ends in one line.
+    """
+    p = Path(src.path).expanduser()
+    if src.path == tiny.TINY_NAME or p.suffix == ".parquet" or not p.is_file():
+        return None
+    return MAX_TOKENS_PER_BYTE * p.stat().st_size
+
+
 def _cycle_shuffled(docs: list[str], seed: int) -> Iterator[str]:
     rng = random.Random(seed)
     while True:  # the bundled corpus is small: cycle it in fresh seeded orders

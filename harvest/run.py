@@ -97,6 +97,8 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     layers = sorted(set(cfg.harvest.layers))
     if not layers:
         raise UserError("no layers given; pass --layers 11,31,55")
+    if cfg.harvest.source == "corpus":
+        corpus_plan.check_tokens(cfg.corpus)  # before the model loads and the cache is made
     t0 = time.time()
     if cfg.harvest.torch_threads:
         torch.set_num_threads(cfg.harvest.torch_threads)

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 from collections import Counter
 
 import pyarrow as pa
@@ -187,6 +188,69 @@ def test_bytes_that_are_not_utf8_are_refused_naming_line_and_column(tmp_path):
     ]
 
 
+def _planned(tokens: int, done: set[int], seq_len: int = 128, per: int = 16):
+    from harvest.config import load_config
+    from harvest.plan import Unit
+
+    cfg = load_config(
+        None,
+        "tiny",
+        [f"harvest.segment_sequences={per}", f"corpus.seq_len={seq_len}"],
+        **{"corpus.tokens": tokens, "harvest.source": "corpus"},
+    )
+    return corpus_plan.PlannedUnits(cfg, None, done, [], Unit)
+
+
+def test_what_is_left_is_counted_from_the_cache_not_by_walking_every_sequence():
+    for tokens, done in [
+        (128 * 100, set()),
+        (128 * 100, set(range(16))),  # the first unit whole
+        (128 * 100, set(range(8)) | {50, 99, 300}),  # parts of units, and one past the run's end
+        (128 * 100 - 5, set(range(96, 100))),  # the last, short unit whole (100 sequences, 16 a unit)
+        (128 * 100, set(range(100))),
+    ]:
+        p = _planned(tokens, done)
+        n_seq = -(-tokens // 128)
+        missing = [i for i in range(n_seq) if i not in done]  # the plain definition, affordable here
+        assert (p.n_seq, len(p), p.n_missing) == (n_seq, len({i // 16 for i in missing}), len(missing))
+        assert p.n_tokens == len(missing) * 128
+
+
+def test_planning_bookkeeping_is_flat_in_tokens():
+    """--tokens 1e9 once built a list over all 7.8M sequences (300 MiB); 1e20 never finished."""
+    import time
+    import tracemalloc
+
+    peaks = {}
+    for tokens in (10**6, 10**9, 10**18):
+        tracemalloc.start()
+        t0 = time.monotonic()
+        p = _planned(tokens, set(range(40)))
+        seconds = time.monotonic() - t0
+        peaks[tokens] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert seconds < 5 and p.n_missing == p.n_seq - 40
+    assert max(peaks.values()) < 1 << 20, peaks  # under 1 MiB at any TOKENS
+
+
+def test_tokens_beyond_what_local_files_can_give_are_refused_before_planning(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 100)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "y" * 80}) + "\n")
+    srcs = [CorpusSource("a", str(tmp_path / "a.txt")), CorpusSource("b", str(tmp_path / "b.jsonl"))]
+    size = sum(os.path.getsize(s.path) for s in srcs)
+    most = data.MAX_TOKENS_PER_BYTE * size
+    corpus_plan.check_tokens(CorpusConfig(sources=srcs, tokens=most))
+    with pytest.raises(data.DataError, match=rf"a.txt, .*b.jsonl \({size} bytes\) give at most {most:,} tokens"):
+        corpus_plan.check_tokens(CorpusConfig(sources=srcs, tokens=most + 1))
+    # a source of unknown size (the bundled corpus cycles; hub streams; parquet) bounds nothing
+    endless = [*srcs, CorpusSource("t", "builtin:tiny")]
+    corpus_plan.check_tokens(CorpusConfig(sources=endless, tokens=10**18))
+    # a weight-0 source gives nothing
+    corpus_plan.check_tokens(CorpusConfig(sources=[*srcs, CorpusSource("t", "builtin:tiny", 0.0)], tokens=most))
+    with pytest.raises(data.DataError, match="more than the corpus sources can give"):
+        corpus_plan.check_tokens(CorpusConfig(sources=[*srcs, CorpusSource("t", "builtin:tiny", 0.0)], tokens=most + 1))
+
+
 def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_report(tmp_path):
     from analysis_data import exported_run
     from click.testing import CliRunner
@@ -235,7 +299,8 @@ def test_sources_that_run_out_stop_the_run_in_one_line_after_committing_what_the
             "harvest.segment_sequences=8",
             "harvest.batch_size=8",
         ],
-        **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 10**6},
+        # within what the file's size allows (6 KB, 4 tokens a byte at most), more than it holds
+        **{"harvest.cache": url, "harvest.source": "corpus", "harvest.layers": [0], "corpus.tokens": 16 * 1024},
     )
     with pytest.raises(data.DataError, match=r"ran out after \d+ sequences of 128 tokens; lower --tokens"):
         hr.run(cfg, progress=False)
