@@ -22,6 +22,7 @@ from cache_format.errors import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--profile", "tiny"]
+CORPUS = [*TINY, "--source", "corpus", "--layers", "1", "--tokens", "1024", "--cache"]  # then the cache path
 
 
 def _group(name):
@@ -59,17 +60,39 @@ def world(tmp_path_factory):
     np.save(d / "acts_L3.npy", np.zeros((8, 16), np.float32))
     np.save(d / "labels3.npy", np.zeros(3, np.int8))
     np.save(d / "wide_L1.npy", np.zeros((8, 5), np.float32))
+    np.save(d / "labels_obj.npy", np.array([1, "yes", None] * 3, dtype=object)[:8], allow_pickle=True)
+    np.savez(d / "labels.npz", labels=np.zeros(8, np.int8))
+    np.save(d / "labels_two.npy", np.array([0, 1, 2, 1, 0, 1, 0, 1], np.int8))
     damaged = str(d / "damaged")
     write_cache(damaged, segments=(5,))
     rec = os.path.join(damaged, "commits", "0000000001.json")
     body = open(rec, "rb").read()
     open(rec, "wb").write(body[:25] + b"\xff" + body[26:])
+    # corpus and question files a user may well have, each bad at its third record
+    doc = "a document of the corpus with enough words to fill a sequence or two of tokens. " * 4
+    lines = {
+        "c_notobj.jsonl": [json.dumps({"text": doc}), json.dumps({"text": doc}), "5"],
+        "c_null.jsonl": [json.dumps({"text": doc}), json.dumps({"text": doc}), json.dumps({"text": None})],
+        "q_notobj.jsonl": ["[1, 2]"],
+    }
+    good_q = {"uuid": "q1", "question": "2 + 2?", "options": ["3", "4", "5"], "answer_letter": "B"}
+    lines["q_null_opts.jsonl"] = [json.dumps(good_q), json.dumps(good_q), json.dumps({**good_q, "options": None})]
+    lines["q_str_opts.jsonl"] = [json.dumps(good_q), json.dumps(good_q), json.dumps({**good_q, "options": "ABCD"})]
+    for name, ls in lines.items():
+        (d / name).write_text("\n".join(ls) + "\n")
+    (d / "c_latin1.txt").write_bytes(f"{doc}\n\n{doc}\n\nun caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (d / "small.txt").write_text("a short document.\n")  # at most 4 tokens a byte: fewer than --tokens 1024
+    sources = {f"src_{n.split('.')[0]}": f'corpus.sources=[{{name="s", path="{d / n}"}}]' for n in lines}
+    sources.update({f"ds_{n.split('.')[0]}": f'supergpqa.dataset="{d / n}"' for n in lines})
+    sources["src_c_latin1"] = f'corpus.sources=[{{name="s", path="{d / "c_latin1.txt"}"}}]'
+    sources["src_small"] = f'corpus.sources=[{{name="s", path="{d / "small.txt"}"}}]'
     return {
         "d": str(d),
         "cache": cache,
         "damaged": damaged,
         "fp": cf.open_cache(cache).fingerprint,
         "commits": sorted(os.listdir(os.path.join(cache, "commits"))),
+        **sources,
     }
 
 
@@ -126,6 +149,21 @@ CASES = [
     ("harvest", ["run", *TINY, "--cache", "{d}/full"], "non-empty directory that is not a cache"),
     ("harvest", ["run", *TINY, "--cache", "{d}/notadir/c"], "not a directory"),
     ("harvest", ["run", *TINY, "--cache", "{d}/foreign"], "not an actcache cache"),
+    ("harvest", ["run", *TINY, "--cache", "{d}/h10", "--set", "harvest.batch_size=-1"], "came from --set: give --set"),
+    ("harvest", ["run", *TINY, "--set", "harvest.batch_size=true"], "--set harvest.batch_size: expected an integer"),
+    # corpus and question files: one line naming the file and line (or record)
+    ("harvest", ["run", *CORPUS, "{d}/c1", "--set", "{src_c_notobj}"], "c_notobj.jsonl:3: a JSON number where an"),
+    ("harvest", ["run", *CORPUS, "{d}/c2", "--set", "{src_c_latin1}"], "c_latin1.txt:5: byte 0xe9 at column 7 is not"),
+    ("harvest", ["run", *CORPUS, "{d}/c3", "--set", "{src_c_null}"], "c_null.jsonl:3: 'text' is null, not text"),
+    ("harvest", ["run", *TINY, "--cache", "{d}/q1", "--set", "{ds_q_notobj}"], "q_notobj.jsonl:1: a JSON array"),
+    ("harvest", ["run", *TINY, "--cache", "{d}/q2", "--set", "{ds_q_null_opts}"], "q_null_opts.jsonl:3: options is"),
+    ("harvest", ["run", *TINY, "--cache", "{d}/q3", "--set", "{ds_q_str_opts}"], "jsonl:3: options is a string"),
+    # --tokens beyond what the sources can give: refused before any planning (no cache is made)
+    ("harvest", ["run", *CORPUS, "{d}/c4", "--set", "{src_small}"], "more than the corpus sources can give"),
+    ("harvest", ["run", *CORPUS, "{d}/c5", "--tokens", str(10**20)], "the rows a cache indexes"),
+    ("cache_format", ["import", "{d}/acts_L3.npy", "--to", "{d}/imp8", "--labels", "{d}/labels_obj.npy"], "Object arr"),
+    ("cache_format", ["import", "{d}/acts_L3.npy", "--to", "{d}/imp9", "--labels", "{d}/labels.npz"], ".npz archive"),
+    ("cache_format", ["import", "{d}/acts_L3.npy", "--to", "{d}/imp10", "--labels", "{d}/labels_two.npy"], "hold 2;"),
     # python -m train run
     (
         "train",
@@ -148,6 +186,11 @@ CASES = [
     ("train", ["run", *TINY, "--cache", "{damaged}", "--out", "{d}/t7"], "commit log is damaged"),
     ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t8", "--layers", "2"], "[2] not in the cache"),
     ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t9", "--set", "train.d_sae=-4"], "train.d_sae = -4"),
+    (
+        "train",
+        ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t10", "--set", "train.sweep=[{{d_sae=64}]"],
+        "--set train.sweep[0]: missing key 'k'",
+    ),
 ]
 
 
@@ -165,6 +208,24 @@ def test_a_bad_input_is_one_line_and_exit_2(world, prog, args, phrase, monkeypat
     assert e.value.code == 2, err
     assert last.startswith("error: ") and phrase in last, err
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(120)  # --tokens 1e20 used to hang, walking range(n_seq) to plan
+@pytest.mark.parametrize("tokens, src", [(10**20, None), (10**18, "src_small")])
+def test_tokens_the_sources_cannot_give_are_refused_at_once_before_a_cache_is_made(
+    world, tokens, src, monkeypatch, capsys
+):
+    import time
+
+    cache = os.path.join(world["d"], f"refused-{tokens}")
+    args = ["run", *TINY, "--source", "corpus", "--cache", cache, "--tokens", str(tokens)]
+    monkeypatch.setattr(sys, "argv", ["python -m harvest", *args, *(["--set", world[src]] if src else [])])
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        run_cli(_group("harvest"), "python -m harvest")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: corpus.tokens = "), err
+    assert time.monotonic() - t0 < 30 and not os.path.exists(cache)
 
 
 def test_a_refused_write_is_one_line_and_keeps_the_source(world, monkeypatch, capsys):
