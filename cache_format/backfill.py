@@ -1,4 +1,5 @@
-"""Adding a layer to rows already committed: one `layer` commit per segment, checked row by row."""
+"""Adding a layer to rows already committed: one `layer` commit per segment, checked row by row,
+and committed only if the segment lacks the layer still (so two processes never add it twice)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import uuid
 
 import numpy as np
 
-from . import layout, provenance
+from . import conflicts, layout, provenance
 from .array_writer import LayerBuffer
 from .commit_unit import CommitUnit
 from .errors import CacheError, UserError
@@ -30,11 +31,13 @@ class LayerBackfill:
         c = self.w.snapshot()
         return [s for s in c.segments if self.layer not in s.layers]
 
-    def segment(self, segment_id: str) -> _BackfillSegment:
-        return _BackfillSegment(self, segment_id)
+    def segment(self, segment_id: str, claim=None) -> _BackfillSegment:
+        """One segment's new layer; `claim` (claims.Claim) is released when it ends."""
+        return _BackfillSegment(self, segment_id, claim)
 
-    def write(self, segment_id: str, residuals, tokens, seq_ids, positions) -> str:
-        with self.segment(segment_id) as s:
+    def write(self, segment_id: str, residuals, tokens, seq_ids, positions, claim=None) -> str | None:
+        """Commit the segment's rows of this layer; None if another writer committed them first."""
+        with self.segment(segment_id, claim) as s:
             s.append(residuals, tokens=tokens, seq_ids=seq_ids, positions=positions)
         return s.committed
 
@@ -42,9 +45,9 @@ class LayerBackfill:
 class _BackfillSegment(CommitUnit):
     """One segment's rows of the new layer, in their own leased backfill directory."""
 
-    def __init__(self, bf: LayerBackfill, segment_id: str):
+    def __init__(self, bf: LayerBackfill, segment_id: str, claim=None):
         w = bf.w
-        self.bf, self.w = bf, w
+        self.bf, self.claim = bf, claim
         self.cache = w.snapshot()
         infos = {s.id: s for s in self.cache.segments}
         if segment_id not in infos:
@@ -54,7 +57,7 @@ class _BackfillSegment(CommitUnit):
             raise UserError(f"segment {segment_id} already has layer {bf.layer}")
         self.stored = {k: self.cache.segment_column(segment_id, k) for k in ("tokens", "seq_ids", "positions")}
         self.part = uuid.uuid4().hex[:12]
-        super().__init__(w.loc, layout.backfill_dir(segment_id, self.part))
+        super().__init__(w, layout.backfill_dir(segment_id, self.part))
         path = layout.layer_array(self.unit, w.root["hook"], bf.layer)
         self.buf = LayerBuffer(self.store, path, bf.layer, w.root, w.root["hook"])
         self.n = 0
@@ -100,4 +103,4 @@ class _BackfillSegment(CommitUnit):
             "entry": entry,
             "provenance": provenance.record(),
         }
-        self._commit_record(record)
+        self._commit_record(record, conflicts.layer_taken(self.w.root, self.info.id, self.bf.layer))

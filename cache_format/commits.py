@@ -62,6 +62,17 @@ class NotACacheError(CacheError):
     """Nothing at the URL is a cache (no zarr.json): a caller may create one there instead."""
 
 
+class UnfinishedCacheError(NotACacheError):
+    """zarr.json but no commit log: a creation was interrupted; creating it again finishes it (creation.py)."""
+
+
+def unfinished(url: str) -> UnfinishedCacheError:
+    return UnfinishedCacheError(
+        f"{url}: its creation was interrupted (zarr.json but no commit log yet); re-run the command "
+        "that created it (harvest, import, sync) to finish it"
+    )
+
+
 def read_root(loc) -> dict:
     """The cache's root attributes, or a one-line CacheError if the URL is not a cache."""
     try:
@@ -132,7 +143,9 @@ def check_log(url: str, root: dict, records: dict, checked: set | None = None) -
     names = list(records)
     checked = checked if checked is not None else set()
     v2 = root.get("format_version", 1) >= 2
-    if v2 and (not names or names[0] != ROOT_RECORD):
+    if v2 and not names:
+        raise unfinished(url)
+    if v2 and names[0] != ROOT_RECORD:
         raise damaged(url, ROOT_RECORD, "the root record is missing")
     pins: dict = {}
     for i, name in enumerate(names):
@@ -230,14 +243,45 @@ def load_records(loc, known: dict, root: dict | None = None, checked: set | None
     return out
 
 
-def commit(loc, record: dict) -> str:
+class Refused(CacheError):
+    """A commit's `refuse` check found that the record would duplicate one before it."""
+
+
+def _name(n: int) -> str:
+    return f"{n:010d}.json"
+
+
+def _read_one(loc, seen: dict, name: str) -> dict:
+    """A record by name, read once (records are immutable) into `seen`."""
+    if name not in seen:
+        try:
+            seen[name] = _parse(loc.url, name, loc.read(f"{COMMITS}/{name}"))
+        except FileNotFoundError:
+            raise damaged(loc.url, name, "a record before the newest one is missing") from None
+    return seen[name]
+
+
+def commit(loc, record: dict, refuse=None, known: dict | None = None) -> str:
     """Create the record at the next free number, chained to the record before it; on a lost
-    race, chain to the winner and try the number after it."""
+    race, chain to the winner and try the number after it.
+
+    `refuse(records)`, if given, sees every record before the number about to be created (name
+    → record, in order) and returns why this record must not follow them, or None; the record
+    is then not created (`Refused`). Checked again at each number tried, so the check is
+    race-free: a conflicting record lies before ours (seen) or after it (its writer sees ours).
+    `known` holds records already read (immutable, so never re-read)."""
     names, _ = list_commits(loc)
     prev_name = names[-1] if names else None
+    first = int(names[0][:10]) if names else 1  # format 1 logs start at 1, format 2 at the root record 0
+    seen = dict(known or {})
     for _ in range(100_000):
-        prev = record_digest(_parse(loc.url, prev_name, loc.read(f"{COMMITS}/{prev_name}"))) if prev_name else None
-        name = f"{int(prev_name[:10]) + 1 if prev_name else 1:010d}.json"
+        upto = int(prev_name[:10]) if prev_name else first - 1
+        if refuse is not None:
+            why = refuse({_name(n): _read_one(loc, seen, _name(n)) for n in range(first, upto + 1)})
+            if why:
+                raise Refused(why)
+        prev = record_digest(_read_one(loc, seen, prev_name)) if prev_name else None
+        name = _name(upto + 1)
         if loc.create_exclusive(f"{COMMITS}/{name}", dumps(seal(record, prev))):
             return name
         prev_name = name

@@ -32,5 +32,7 @@ def open_cache(url, mode: str = "r", storage_options: dict | None = None):
     if mode == "a":
         if not loc.supports_writes:
             raise UserError(f"{loc.url}: HTTP caches are read-only; open with mode='r'")
+        if root.get("format_version", 1) >= 2 and not commits.list_commits(loc)[0]:
+            raise commits.unfinished(loc.url)  # never append record 1 without record 0
         return CacheWriter(loc, root)
     raise UserError(f"open_cache mode {mode!r}: use 'r' to read or 'a' to append")

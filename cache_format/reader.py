@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import commits, integrity
+from . import commits, integrity, seq_ranges
 from .arrays import _ArrayReader
 from .bf16 import bits_to_numpy
 from .errors import CacheError
@@ -37,6 +37,7 @@ class SegmentInfo:
     layers: list[int]
     commit: str = ""
     provenance: dict = field(default_factory=dict)
+    seq_ranges: list | None = None  # runs [a, b) of its rows' seq_ids (seq_ranges.py); None: not recorded
 
 
 class Cache:
@@ -137,6 +138,7 @@ class Cache:
                 sorted(s.layers),
                 s.commit,
                 s.record.get("provenance", {}),
+                seq_ranges.of_record(s.record),
             )
             for i, s in enumerate(self._segs)
         ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from . import commits, integrity, layout, leases, provenance
-from .errors import CacheError, UserError
+from . import commits, creation, integrity, layout, leases, provenance
+from .errors import UserError
 from .opener import open_cache
 from .progress import progress_bar
 from .stores import Location
@@ -43,23 +43,15 @@ def sync(src_url, dst_url, src_options=None, dst_options=None) -> dict:
     if not dloc.supports_writes:
         raise UserError(f"sync: {dst_url} is HTTP (read-only); sync into a local path or s3:// URL")
     root = src.root
-    try:
-        droot = commits.read_root(dloc)
-    except CacheError:
-        if dloc.exists(commits.ROOT_META):
-            raise
-        droot = None
-    if droot is None:
-        for name, want in root.get("tokenizer", {}).items():
-            with progress_bar(0, "tokenizer") as bar:
-                _copy(src.location, dloc, {layout.tokenizer_key(name): want}, bar)
-        doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: root}}
-        try:
-            dloc.create_exclusive(commits.ROOT_META, commits.dumps(doc))
-            dloc.create_exclusive(f"{commits.COMMITS}/{commits.ROOT_RECORD}", commits.dumps(commits.root_record(root)))
-        except OSError as e:
-            raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
-        droot = commits.read_root(dloc)
+
+    def tokenizer_bytes(name: str) -> bytes | None:
+        want = root.get("tokenizer", {}).get(name)
+        return integrity.read_checked(src.location, layout.tokenizer_key(name), want, commits.digest) if want else None
+
+    try:  # a new destination is created crash-safely, or finished if an earlier sync was killed creating it
+        droot, _ = creation.make_root(dloc, root, tokenizer_bytes)
+    except OSError as e:
+        raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
     for k in ("d_model", "hook", "chunk_tokens"):
         if droot[k] != root[k]:
             raise UserError(

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import commits, layout, leases, provenance
+from . import commits, conflicts, creation, layout, leases, provenance, seq_ranges
 from .array_writer import LayerBuffer, write_rows
 from .backfill import LayerBackfill
 from .codecs import check as check_codec
-from .commit_unit import CommitUnit
+from .commit_unit import CommitUnit, discard
 from .errors import CacheError, UserError
 from .layout import ROW_COLUMNS, TOKENIZER_DIR, sequences_table
 from .reader import Cache
@@ -65,12 +65,14 @@ class _ColumnSink:
 class SegmentWriter(CommitUnit):
     """One writer's rows, committed atomically when the `with` block exits cleanly."""
 
-    def __init__(self, writer: CacheWriter, meta: dict | None, turn=None, defer: bool = False):
+    def __init__(
+        self, writer: CacheWriter, meta: dict | None, turn=None, defer: bool = False, once: bool = False, claim=None
+    ):
         check_json(meta or {}, "segment meta")
-        self.w = writer
         self.id = _new_id()
-        super().__init__(writer.loc, layout.segment_dir(self.id))
+        super().__init__(writer, layout.segment_dir(self.id))
         self.turn, self.defer = turn, defer  # an ordering.Turn: commit only after the segments before it
+        self.once, self.claim = once, claim
         self.prepared: dict | None = None  # defer: the record, for CacheWriter.commit_prepared
         self.meta = dict(meta or {})
         self.layers = writer.layers
@@ -134,6 +136,7 @@ class SegmentWriter(CommitUnit):
             "kind": "segment",
             "segment": self.id,
             "n_rows": self.n_rows,
+            "seq_ranges": seq_ranges.ranges_of(cols["seq_ids"]),
             "layers": layers,
             "rows": rows,
             "sequences": seq,
@@ -144,7 +147,7 @@ class SegmentWriter(CommitUnit):
             self.prepared = record
             leases.KEEPER.release_keep(loc, base)
             return None
-        return self._commit_record(record)
+        return self._commit_record(record, self.w.once_check(record) if self.once else None)
 
 
 class CacheWriter:
@@ -159,6 +162,14 @@ class CacheWriter:
     def _replay(self) -> commits.LogState:
         self._records = commits.load_records(self.loc, self._records, self.root, self._checked)
         return commits.replay(self.root, self._records)
+
+    def commit_record(self, record: dict, refuse=None) -> str:
+        """Append one record to the log (commits.commit), checked by `refuse` against every record before it."""
+        return commits.commit(self.loc, record, refuse, self._records)
+
+    def once_check(self, record: dict):
+        """The check that makes a segment commit once: no live segment before it holds any of its sequences."""
+        return conflicts.sequences_taken(self.root, record["seq_ranges"])
 
     @property
     def d_model(self) -> int:
@@ -178,18 +189,29 @@ class CacheWriter:
         self._replay()
         return Cache(self.loc, self.root, records=self._records, checked=self._checked)
 
-    def segment(self, meta: dict | None = None, turn=None, defer: bool = False) -> SegmentWriter:
+    def segment(
+        self, meta: dict | None = None, turn=None, defer: bool = False, once: bool = False, claim=None
+    ) -> SegmentWriter:
         """A new segment. `turn` (ordering.CommitOrder.turn(k)) makes it commit in plan order;
-        `defer` leaves its record in `seg.prepared` for `commit_prepared` (e.g. by a coordinator)."""
-        return SegmentWriter(self, meta, turn, defer)
+        `defer` leaves its record in `seg.prepared` for `commit_prepared` (e.g. by a coordinator);
+        `once` commits it only if no live segment holds any of its sequences yet (else it is
+        abandoned and `seg.refused` says why); `claim` (claims.Claim) is released when it ends."""
+        return SegmentWriter(self, meta, turn, defer, once, claim)
 
     def adopt(self, record: dict) -> None:
         """Keep a prepared segment's lease alive here until `commit_prepared`."""
         leases.hold(self.loc, layout.segment_dir(record["segment"]))
 
-    def commit_prepared(self, record: dict) -> str:
-        name = commits.commit(self.loc, record)
-        leases.release(self.loc, layout.segment_dir(record["segment"]))
+    def commit_prepared(self, record: dict, once: bool = False) -> str | None:
+        """Commit a prepared segment; with `once`, a duplicate is discarded instead (None)."""
+        unit = layout.segment_dir(record["segment"])
+        try:
+            name = self.commit_record(record, self.once_check(record) if once else None)
+        except commits.Refused:
+            leases.release(self.loc, unit)
+            discard(self.loc, unit)
+            return None
+        leases.release(self.loc, unit)
         return name
 
     def add_layer(self, layer: int) -> LayerBackfill:
@@ -198,7 +220,11 @@ class CacheWriter:
         if layer < 0:
             raise UserError(f"layer {layer}: layers are non-negative integers")
         if layer not in self.layers:
-            commits.commit(self.loc, {"kind": "add_layer", "layer": layer, "provenance": provenance.record()})
+            record = {"kind": "add_layer", "layer": layer, "provenance": provenance.record()}
+            try:
+                self.commit_record(record, conflicts.layer_declared(self.root, layer))
+            except commits.Refused:
+                pass  # another process declared it first
         return LayerBackfill(self, layer)
 
     def retract(self, segment_id: str, reason: str = "") -> str:
@@ -240,7 +266,10 @@ def create_cache(
     tokenizer_files=None,
     storage_options: dict | None = None,
 ) -> CacheWriter:
-    """Create an empty cache at `url`; an error if one is already there (append with open_cache(url, mode="a"))."""
+    """Create an empty cache at `url`; an error if one is already there (append with open_cache(url, mode="a")).
+
+    Crash-safe (creation.py): a kill at any point leaves nothing, or an unfinished cache that
+    the same call finishes."""
     if not isinstance(d_model, (int, np.integer)) or d_model <= 0:
         raise UserError(f"d_model must be a positive integer, got {d_model!r}")
     layers = sorted({int(x) for x in layers})
@@ -275,21 +304,8 @@ def create_cache(
         "provenance": provenance.record(),
         "tokenizer": {k: {"size": len(v), commits.DIGEST: commits.digest(v)} for k, v in tok.items()},
     }
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": {provenance.FORMAT_NAME: attrs}}
     try:
-        if loc.exists(commits.ROOT_META):
-            commits.read_root(loc)  # raises "not a cache" for a foreign zarr.json
-            raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
-        if loc.is_nonempty_dir():
-            raise UserError(
-                f"{url} is a non-empty directory that is not a cache; choose a new or empty location "
-                "(nothing there was changed)"
-            )
-        for name, data in tok.items():
-            loc.write(layout.tokenizer_key(name), data)
-        if not loc.create_exclusive(commits.ROOT_META, commits.dumps(doc)):
-            raise UserError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
-        loc.create_exclusive(f"{commits.COMMITS}/{commits.ROOT_RECORD}", commits.dumps(commits.root_record(attrs)))
+        root, status = creation.make_root(loc, attrs, tok.get)
     except UserError:
         raise
     except OSError as e:
@@ -297,4 +313,6 @@ def create_cache(
             f"cannot write to {url} ({type(e).__name__}: {e}); choose a writable location "
             "(for S3: does the bucket exist?)"
         ) from None
-    return CacheWriter(loc, attrs)
+    if status == creation.EXISTED or not creation.same_settings(root, attrs):
+        raise creation.CacheExistsError(f"{url} already holds a cache; append to it with open_cache(url, mode='a')")
+    return CacheWriter(loc, root)  # created, or an interrupted creation of the same cache finished

@@ -13,6 +13,7 @@ import random
 import time
 
 from ..errors import RemoteError, UserError
+from . import faults
 from .base import Location, ObjectInfo, ShortRead
 
 # Retry policy for remote calls; tests shorten it through the environment.
@@ -130,7 +131,9 @@ class FsspecLocation(Location, fallback=True):
     # -- writes ------------------------------------------------------------------------
 
     def write(self, key: str, data: bytes) -> None:
+        faults.point(key, "before")
         self._retry(f"writing {key}", self.fs.pipe_file, self.path(key), data)
+        faults.point(key, "after")
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         # No conditional put: check-then-write (documented race).
@@ -140,8 +143,12 @@ class FsspecLocation(Location, fallback=True):
         return True
 
     def delete(self, keys: list[str]) -> None:
+        for k in keys:
+            faults.point(k, "before")
         if keys:
             self._retry("deleting objects", self.fs.rm, [self.path(k) for k in keys])
+        for k in keys:
+            faults.point(k, "after")
 
     def zarr_store(self, read_only: bool = False):
         from zarr.storage import FsspecStore
@@ -163,6 +170,7 @@ class S3Location(FsspecLocation):
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         bucket, _, path = self.path(key).partition("/")
+        faults.point(key, "before")
 
         def put():
             try:
@@ -176,4 +184,7 @@ class S3Location(FsspecLocation):
                     raise ConnectionError("conditional put conflict; retrying") from e
                 raise
 
-        return self._retry(f"committing {key}", put)
+        created = self._retry(f"committing {key}", put)
+        if created:
+            faults.point(key, "after")
+        return created

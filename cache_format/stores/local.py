@@ -12,6 +12,7 @@ import uuid
 
 from ..atomic import write_atomic
 from ..errors import CacheError, UserError
+from . import faults
 from .base import Location, ObjectInfo
 
 
@@ -98,16 +99,19 @@ class LocalLocation(Location):
         """Via a temporary file and an atomic rename (atomic.py; a failed write leaves no temporary)."""
         p = self.path(key)
         self._mkdirs(os.path.dirname(p))
+        faults.point(key, "before")
         try:
             write_atomic(p, data)
         except OSError as e:
             raise self.write_error(key, e) from None
+        faults.point(key, "after")
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write a temporary file, then `link` it into place (atomic, fails on an existing name,
         and the object is complete when it appears)."""
         p = self.path(key)
         self._mkdirs(os.path.dirname(p))
+        faults.point(key, "before")
         tmp = f"{os.path.dirname(p)}/.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
@@ -119,18 +123,22 @@ class LocalLocation(Location):
             raise self.write_error(key, e) from None
         try:
             os.link(tmp, p)
-            return True
         except FileExistsError:
             return False
         finally:
             _unlink(tmp)
+        faults.point(key, "after")
+        return True
 
     def delete(self, keys: list[str]) -> None:
         for k in keys:
+            faults.point(k, "before")
             _unlink(self.path(k))
+            faults.point(k, "after")
 
     def is_nonempty_dir(self) -> bool:
-        return os.path.isdir(self.root) and bool(os.listdir(self.root))
+        """Something besides the temporaries a killed write leaves (`.tmp-*`, `.NAME.tmp-*`)."""
+        return os.path.isdir(self.root) and any(not (n.startswith(".") and ".tmp-" in n) for n in os.listdir(self.root))
 
     def remove_empty_dirs(self, prefix: str) -> None:
         for dirpath, _, _ in sorted(os.walk(self.path(prefix)), key=lambda t: -len(t[0])):
