@@ -89,17 +89,20 @@ def info(url, as_json, storage_options):
 @click.option("--threads", default=4, show_default=True)
 @so_option
 def verify(url, threads, storage_options):
-    """Re-hash every object against the committed manifests; non-zero exit names each bad one."""
+    """Re-hash every object against the committed manifests and look for rows held twice;
+    non-zero exit names each problem."""
     c = open_cache(url, storage_options=_options(storage_options))
     n, bad = ops.verify(c, threads)
     for key, why in bad:
         click.echo(f"BAD {key}: {why}")
     if bad:
+        objects = [b for b in bad if "/" in b[0]]  # object keys hold a '/'; duplicates name segments
+        what = f"{len(objects)} of {n} objects are bad" if objects else f"{len(bad)} duplicates found"
         raise CacheError(
-            f"verify: {len(bad)} of {n} objects are bad (first: {bad[0][0]}: {bad[0][1]}); "
-            "retract the affected segment or re-sync it from a good copy"
+            f"verify: {what} (first: {bad[0][0]}: {bad[0][1]})"
+            + ("; retract the affected segment or re-sync it from a good copy" if objects else "")
         )
-    click.echo(f"ok: {n} objects in {len(c.segments)} segments match their checksums")
+    click.echo(f"ok: {n} objects in {len(c.segments)} segments match their checksums; no row is held twice")
 
 
 @cli.command()
@@ -203,9 +206,12 @@ def publish(url, storage_options):
 @click.option("--model", default=None, help="Recorded as meta.model.name_or_path.")
 @click.option("--codec", default="blosc-zstd1", show_default=True)
 @click.option("--chunk-tokens", default=4096, show_default=True)
+@click.option("--again", is_flag=True, help="Append a second copy of a dump this cache already holds.")
 @so_option
-def import_(sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, codec, chunk_tokens, storage_options):
-    """Turn an activation dump (safetensors or .npy) into a cache."""
+def import_(
+    sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, codec, chunk_tokens, again, storage_options
+):
+    """Turn an activation dump (safetensors or .npy) into a cache; the same import twice is a no-op."""
     mapping = {}
     for m in maps:
         k, _, v = m.partition("=")
@@ -226,7 +232,14 @@ def import_(sources, url, maps, layer, labels, tokens, seq_ids, seq_len, model, 
         _options(storage_options),
         codec,
         chunk_tokens,
+        again,
     )
+    if "already" in r:
+        click.echo(
+            f"already imported: {url} holds this dump as segment {r['already']} ({r['rows']:,} rows, "
+            f"commit {r['commit']}); nothing was written (pass --again to append a second copy)"
+        )
+        return
     click.echo(
         f"imported {r['rows']:,} rows × {r['d_model']} at layers {r['layers']} "
         f"({r['conversion'] or 'bf16, lossless'})" + ("; sequence ids made up" if r["made_up_seq_ids"] else "")

@@ -1,11 +1,21 @@
-"""`import`: an existing activation dump (safetensors or .npy, like the 000 card's) becomes a cache."""
+"""`import`: an existing activation dump (safetensors or .npy, like the 000 card's) becomes a cache.
+
+An import is identified by the digest of its files and options (`import.digest` in its
+segment's meta), so running the same import again is a no-op that says so, also after a
+crash just after its commit; `again` appends a second copy on purpose, numbered after the
+cache's last sequence so that no (seq_id, position) is held twice. The segment commits only
+if no live segment holds its sequences (conflicts.py), so two imports racing cannot both land.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import numpy as np
 
+from .creation import CacheExistsError
 from .errors import CacheError, UserError
 from .opener import open_cache
 
@@ -76,10 +86,23 @@ def import_dump(
     storage_options: dict | None = None,
     codec: str = "blosc-zstd1",
     chunk_tokens: int = 4096,
+    again: bool = False,
 ) -> dict:
-    """Turn a dump into a new cache (or a new segment of an existing one with the same layers)."""
+    """Turn a dump into a new cache (or a new segment of an existing one with the same layers).
+
+    Returns what was imported, or `{"already": segment id, ...}` if this very import is in the
+    cache already (nothing written; `again=True` appends a second copy)."""
     from .writer import create_cache
 
+    digest = import_digest(paths, [labels, tokens, seq_ids], mapping, layer, seq_len)
+    try:
+        w = open_cache(url, mode="a", storage_options=storage_options)
+    except CacheError:
+        w = None
+    if w is not None and not again:
+        prior = _imported(w, digest)
+        if prior is not None:
+            return prior
     arrays, src_dtype = load_dump(paths, mapping, layer)
     ns = {t.shape[0] for t in arrays.values()}
     ds = {t.shape[1] for t in arrays.values()}
@@ -119,8 +142,9 @@ def import_dump(
     tok = side(tokens, "tokens", np.int32)
     sid = side(seq_ids, "seq_ids", np.int64)
     made_up = sid is None
-    if made_up:  # documented: consecutive blocks of seq_len rows become sequences 0, 1, 2, ...
-        sid = np.arange(n, dtype=np.int64) // seq_len
+    first = _next_seq_id(w) if made_up and w is not None else 0
+    if made_up:  # documented: consecutive blocks of seq_len rows become sequences first, first+1, ...
+        sid = first + np.arange(n, dtype=np.int64) // seq_len
     pos = np.zeros(n, np.int32)
     starts = np.r_[0, np.flatnonzero(np.diff(sid)) + 1]
     for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
@@ -134,21 +158,24 @@ def import_dump(
         else f"{src_dtype} → bfloat16 (round to nearest even): not lossless",
         "made_up_seq_ids": made_up,
         "seq_len": seq_len if made_up else None,
+        "first_seq_id": first if made_up else None,
         "tokens_known": tok is not None,
+        "digest": digest,
     }
-    try:
-        w = open_cache(url, mode="a", storage_options=storage_options)
-    except CacheError:
-        w = create_cache(
-            url,
-            d_model=d,
-            layers=sorted(arrays),
-            meta={**(meta or {}), "import": info_meta},
-            codec=codec,
-            chunk_tokens=chunk_tokens,
-            storage_options=storage_options,
-        )
-    with w.segment(meta={"import": info_meta}) as seg:
+    if w is None:
+        try:  # a new cache (or one whose creation by this same import was interrupted, finished)
+            w = create_cache(
+                url,
+                d_model=d,
+                layers=sorted(arrays),
+                meta={**(meta or {}), "import": info_meta},
+                codec=codec,
+                chunk_tokens=chunk_tokens,
+                storage_options=storage_options,
+            )
+        except CacheExistsError:  # created by another process a moment ago
+            w = open_cache(url, mode="a", storage_options=storage_options)
+    with w.segment(meta={"import": info_meta}, once=True) as seg:
         seg.append(
             residuals=arrays,
             tokens=tok if tok is not None else np.full(n, -1, np.int32),
@@ -162,4 +189,48 @@ def import_dump(
             rec = {"seq_id": int(sid[a]), "token_ids": ids.tolist(), "source": "import"}
             seqs.append(rec)
         seg.add_sequences(seqs)
-    return {"rows": n, "d_model": d, "layers": sorted(arrays), **info_meta}
+    if seg.refused:
+        prior = None if again else _imported(w, digest)
+        if prior is not None:  # the same import, committed by another process meanwhile
+            return prior
+        raise UserError(
+            f"import: not committed: {seg.refused}; a second copy would hold each (seq_id, position) twice. "
+            + ("Leave out --seq-ids to number the copy after the cache's last sequence" if not made_up else "Re-run")
+        )
+    return {"rows": n, "d_model": d, "layers": sorted(arrays), "segment": seg.id, **info_meta}
+
+
+def import_digest(paths: list[str], sides: list[str | None], mapping: dict, layer, seq_len: int) -> str:
+    """What identifies an import: its files' contents and the options that shape the rows."""
+    h = hashlib.blake2b(digest_size=32)
+    for p in [*paths, *sides]:
+        if p is None:
+            h.update(b"-")
+            continue
+        try:
+            with open(p, "rb") as f:
+                h.update(hashlib.file_digest(f, "blake2b").digest())
+        except OSError as e:
+            raise UserError(f"import: cannot read {p} ({e.strerror or e}); check the path") from None
+    h.update(json.dumps([sorted(mapping.items()), layer, seq_len]).encode())
+    return h.hexdigest()
+
+
+def _imported(w, digest: str) -> dict | None:
+    """The live segment this import already made, if any."""
+    for s in w.snapshot().segments:
+        if (s.meta.get("import") or {}).get("digest") == digest:
+            return {"already": s.id, "rows": s.n_rows, "commit": s.commit}
+    return None
+
+
+def _next_seq_id(w) -> int:
+    """One past the highest seq_id the cache holds (made-up ids of a further import start there)."""
+    snap = w.snapshot()
+    top = -1
+    for s in snap.segments:
+        if s.seq_ranges is not None:
+            top = max([top] + [b - 1 for _, b in s.seq_ranges])
+        elif s.n_rows:  # recorded before segments carried their runs
+            top = max(top, int(snap.segment_column(s.id, "seq_ids").max()))
+    return top + 1

@@ -1,10 +1,11 @@
-"""`verify`: re-hash every object the live segments reference against its committed manifest."""
+"""`verify`: re-hash every object the live segments reference against its committed manifest,
+and find duplicated rows and sequence records (duplicates.py)."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from . import commits, layout
+from . import commits, duplicates, layout
 from .errors import RemoteError
 from .progress import progress_bar
 from .reader import Cache
@@ -63,10 +64,12 @@ def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "v
 
 
 def verify(cache: Cache, threads: int = 4) -> tuple[int, list[tuple[str, str]]]:
-    """Re-hash every object the live segments reference; returns (objects checked, problems)."""
+    """Re-hash every object the live segments reference, then look for duplicated rows and
+    sequences (only in a cache whose objects are intact); returns (objects checked, problems)."""
     objects = {}
     for s in cache.committed_segments:
         objects.update(segment_objects(s))
     for name, want in cache.tokenizer_manifest.items():
         objects[layout.tokenizer_key(name)] = want
-    return len(objects), _hash_objects(cache.location, objects, threads)
+    bad = _hash_objects(cache.location, objects, threads)
+    return len(objects), bad or duplicates.full(cache)

@@ -54,16 +54,20 @@ class Spec:
 
 
 def open_cache_or_fail(url: str):
+    """The cache, refused in one line if it is unreadable or holds a row twice (from the log: cheap)."""
     import cache_format as cf
+    from cache_format import duplicates
 
     try:
-        return cf.open_cache(url)
+        cache = cf.open_cache(url)
     except UserError:
         raise
     except Exception as e:
         raise CacheError(
             f"{url} is not a readable cache ({type(e).__name__}: {e}); pass --cache with a harvested cache's URL"
         ) from None
+    duplicates.refuse(cache)
+    return cache
 
 
 def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:

@@ -372,3 +372,23 @@ def test_too_few_heldout_sequences_is_one_line_and_run_json_counts_the_split(mak
     for s in run_json["saes"]:
         assert s["split"]["heldout_sequences"] == len(np.unique(sid[held])) >= 8
         assert s["split"]["heldout_tokens"] == int(held.sum()) and s["split"]["fraction"] == 0.3
+
+
+def test_a_cache_holding_rows_twice_is_refused_in_one_line_naming_retract(make_cache, tmp_path):
+    import cache_format as cf
+    from cache_format.bf16 import BF16
+
+    url, data = make_cache(segments=(400, 400), d_model=16)
+    w = cf.open_cache(url, mode="a")
+    with w.segment() as seg:  # a second copy of sequence 3: what two harvests racing used to leave
+        seg.append(
+            {L: np.ones((10, 16), BF16) for L in w.layers},
+            tokens=np.zeros(10, np.int32),
+            seq_ids=np.full(10, 3),
+            positions=np.arange(10),
+        )
+    r = run([*FAST, "--cache", url, "--out", str(tmp_path / "o"), "--set", "train.training_tokens=512"])
+    msg = str(r.exception)
+    assert isinstance(r.exception, UserError) and "\n" not in msg, repr(r.exception)
+    assert "holds duplicated rows" in msg and f"retract {url} {seg.id}" in msg
+    assert not (tmp_path / "o").exists()
