@@ -1,9 +1,10 @@
 """What a run still has to do: its work units, and which sequences the cache already holds.
 
 A work unit is one segment: `segment_sequences` corpus sequences, or
-`supergpqa.questions_per_unit` rollouts. Which sequences are done is read from the committed
-segments' meta (their `seq_ranges`), so a re-run after a crash or kill plans only what is
-missing and ends with the same set of rows as an uninterrupted run.
+`supergpqa.questions_per_unit` rollouts, in fixed blocks of sequence ids (so every process
+sharing a cache plans the same units). Which sequences are done is read from the committed
+segments' `seq_ranges`, so a re-run after a crash or kill plans only what is missing and
+ends with the same set of rows as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -43,21 +44,11 @@ class Context:
     device: str | None = None
 
 
-def seq_ranges(ids: list[int]) -> list[list[int]]:
-    """[3,4,5,9] -> [[3,6],[9,10]]: compact segment meta for resume."""
-    out: list[list[int]] = []
-    for i in sorted(ids):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
 def done_seq_ids(cache) -> set[int]:
+    """Sequences a live segment holds (the runs every segment record carries)."""
     done: set[int] = set()
     for s in cache.segments:
-        for a, b in s.meta.get("seq_ranges", []):
+        for a, b in s.seq_ranges or []:
             done.update(range(a, b))
     return done
 
@@ -103,10 +94,12 @@ def plan_units(
     qs = data.select_questions(
         data.load_questions(cfg.supergpqa, dataset_commit), cfg.supergpqa.questions, cfg.supergpqa.seed
     )
-    todo: list[tuple[int, Any]] = [(i, q) for i, q in enumerate(qs) if i not in done]
+    blocks: dict[int, list[tuple[int, Any]]] = {}
+    for i, q in enumerate(qs):
+        if i not in done:
+            blocks.setdefault(i // per, []).append((i, q))
     units = []
-    for a in range(0, len(todo), per):
-        part = todo[a : a + per]
+    for part in blocks.values():
         ids = [i for i, _ in part]
         units.append(
             Unit(

@@ -125,26 +125,19 @@ def generate_rollouts(
     cfg: SuperGPQAConfig,
     save: Callable[[list[Rollout]], None],
     progress: bool = True,
+    bar=None,
 ) -> list[Rollout]:
     """Generate (ungraded) rollouts for (seq_id, question) pairs, saving them as they finish.
 
     `save` receives each finished group: a transformers batch, or what vLLM streamed back
-    since the last poll. A progress bar shows questions done, generated tokens/s and an ETA.
+    since the last poll. A progress bar shows questions done, generated tokens/s and an ETA
+    (`bar`: one the caller keeps across several calls).
     """
-    from tqdm import tqdm
-
     prompts = [prompt_ids(tokenizer, q, cfg.enable_thinking, cfg.prompt_format) for _, q in questions]
     made: list[Rollout] = []
     pending: list[Rollout] = []
-    bar = tqdm(
-        total=len(questions),
-        unit="q",
-        desc="generate",
-        disable=not progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=1.0,
-    )
+    own_bar = bar is None
+    bar = bar if bar is not None else generation_bar(len(questions), progress)
     stats = {"tokens": 0, "t0": time.perf_counter(), "saved": time.perf_counter()}
     group = getattr(backend, "batch_size", 8)
 
@@ -172,8 +165,24 @@ def generate_rollouts(
         backend.generate(prompts, cfg.max_new_tokens, stop_ids(tokenizer), on_done)
     finally:
         flush()  # whatever finished before a crash is kept
-        bar.close()
+        if own_bar:
+            bar.close()
     return made
+
+
+def generation_bar(total: int, progress: bool = True):
+    """The generation progress bar: questions done, generated tokens/s, an ETA."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="q",
+        desc="generate",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
 
 
 def force_answer(lm, rollout: Rollout, n_options: int, thinking: bool) -> tuple[str, list[int]]:

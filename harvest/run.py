@@ -19,6 +19,7 @@ import torch
 
 import cache_format as cf
 from cache_format.commits import NotACacheError
+from cache_format.creation import CacheExistsError
 from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
@@ -30,6 +31,7 @@ from .capture import BackgroundWriter
 from .config import PipelineConfig
 from .model import ModelError, describe_model
 from .plan import Context, Unit, done_seq_ids, plan_units, source_selection
+from .shared_work import SharedUnits
 from .unit_rollouts import generate_missing
 from .worker import WORKER, process_unit
 
@@ -40,34 +42,49 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
     url = cfg.harvest.cache
     try:
         w = cf.open_cache(url, mode="a")
-    except NotACacheError:
+    except NotACacheError:  # nothing there, or a creation that was interrupted (create_cache finishes it)
         w = None
     sel = source_selection(cfg)
-    if w is None:
-        meta = {
-            "model": info["provenance"],
-            "source": sel,
-            "harvest": dataclasses.asdict(cfg.harvest),
-            "hook": {
-                "site": HOOK,
-                "meaning": "output of decoder layer N (0-based), the residual stream after it",
-                "module_path": f"{info['provenance']['layers_path']}.N",
-            },
-            "pipeline": cfg.to_dict(),
-        }
-        if cfg.harvest.source == "supergpqa":  # a hub dataset is pinned to its commit at first use
-            meta["dataset_revision"] = revisions.pin_dataset(cfg.supergpqa.dataset, cfg.supergpqa.revision, None)
-        return cf.create_cache(
-            url,
-            d_model=info["d_model"],
-            layers=layers,
-            meta=meta,
-            hook=HOOK,
-            codec=cfg.harvest.codec,
-            chunk_tokens=cfg.harvest.chunk_tokens,
-            shard_mib=cfg.harvest.shard_mib,
-            tokenizer_files=info["tokenizer_files"],
-        ), True
+    if w is not None:
+        return _check_same_run(cfg, info, w, sel), False
+    try:
+        return _create(cfg, info, layers, sel), True
+    except CacheExistsError:  # another process created it a moment ago: share it
+        return _check_same_run(cfg, info, cf.open_cache(url, mode="a"), sel), False
+
+
+def _create(cfg: PipelineConfig, info: dict, layers: list[int], sel: dict):
+    """A new cache for this run (or the same one finished, if creating it was interrupted)."""
+    url = cfg.harvest.cache
+    meta = {
+        "model": info["provenance"],
+        "source": sel,
+        "harvest": dataclasses.asdict(cfg.harvest),
+        "hook": {
+            "site": HOOK,
+            "meaning": "output of decoder layer N (0-based), the residual stream after it",
+            "module_path": f"{info['provenance']['layers_path']}.N",
+        },
+        "pipeline": cfg.to_dict(),
+    }
+    if cfg.harvest.source == "supergpqa":  # a hub dataset is pinned to its commit at first use
+        meta["dataset_revision"] = revisions.pin_dataset(cfg.supergpqa.dataset, cfg.supergpqa.revision, None)
+    return cf.create_cache(
+        url,
+        d_model=info["d_model"],
+        layers=layers,
+        meta=meta,
+        hook=HOOK,
+        codec=cfg.harvest.codec,
+        chunk_tokens=cfg.harvest.chunk_tokens,
+        shard_mib=cfg.harvest.shard_mib,
+        tokenizer_files=info["tokenizer_files"],
+    )
+
+
+def _check_same_run(cfg: PipelineConfig, info: dict, w, sel: dict):
+    """`w` if the cache was harvested with this model and source selection, else one line saying which differs."""
+    url = cfg.harvest.cache
     m = w.snapshot().meta
     old, new = m.get("model", {}), info["provenance"]
     for k in ("name_or_path", "revision", "dtype", "weights_sha256"):
@@ -83,7 +100,7 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
         )
     if w.d_model != info["d_model"]:
         raise UserError(f"{url} has d_model {w.d_model}, the model has {info['d_model']}; use another --cache")
-    return w, False
+    return w
 
 
 def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
@@ -116,28 +133,51 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     backfill = [L for L in snap.declared_layers if L not in snap.layers]  # declared by an interrupted run
     if new_layers or backfill:
         summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
-    done = done_seq_ids(w.snapshot())
     pin = (w.snapshot().meta.get("dataset_revision") or {}) if cfg.harvest.source == "supergpqa" else {}
-    units, total = plan_units(cfg, info["tokenizer"], done, w.snapshot().segments, pin.get("commit"))
-    summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
-    if isinstance(units, corpus_plan.PlannedUnits):  # where the streams restarted: no re-tokenizing before it
-        summary["planned_from_sequence"] = units.resumed_from
-    log(f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; {len(units)} units to run")
     ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
     fanned_out = bool(cfg.harvest.workers or cfg.harvest.scheduler)
-    if units and cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out):
-        # Every pending question is generated first, behind one progress bar: vLLM alone on the
-        # GPU (capture loads after it exits), or this process's model. Dask workers running the
-        # transformers backend generate their own units instead.
-        summary["generated"] = generate_missing(
-            units, cfg, cfg.harvest.cache, lambda: WORKER.model(cfg.model, None), info["tokenizer"], progress
-        )
-    rows = run_units(units, ctx, cfg, progress)
-    if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
-        raise units.error
+    shared = SharedUnits(w)  # other processes on this cache take units too: each is claimed first
+    rows = generated = 0
+    first = True
+    try:
+        while True:  # a pass over what is missing; then wait for units others hold, and plan again
+            snap = w.snapshot()
+            done = done_seq_ids(snap)
+            units, total = plan_units(cfg, info["tokenizer"], done, snap.segments, pin.get("commit"))
+            if first:
+                summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
+                if isinstance(units, corpus_plan.PlannedUnits):  # where the streams restarted
+                    summary["planned_from_sequence"] = units.resumed_from
+                log(
+                    f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; "
+                    f"{len(units)} units to run"
+                )
+                first = False
+            if not len(units):
+                break
+            if cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out):
+                # Every pending question is generated first, behind one progress bar: vLLM alone on the
+                # GPU (capture loads after it exits), or this process's model. Dask workers running the
+                # transformers backend generate their own units instead.
+                generated += generate_missing(
+                    units, cfg, cfg.harvest.cache, lambda: WORKER.model(cfg.model, None), info["tokenizer"], progress
+                )
+            rows += run_units(units, shared, ctx, cfg, progress)
+            if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
+                raise units.error
+            if shared.skipped:
+                log(f"harvest: waiting for {len(shared.skipped)} units that other processes are harvesting")
+            if shared.wait_for_others():
+                log("harvest: taking over units whose process died")
+    finally:
+        shared.release_all()
+    if cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out):
+        summary["generated"] = generated
+    # The summary describes the cache as committed, so every process sharing it prints the same outcome.
     c = cf.open_cache(cfg.harvest.cache)
     summary.update(
         rows_written=rows,
+        units_run_here=shared.run_here,
         n_tokens=c.n_tokens,
         layers=c.layers,
         segments=len(c.segments),
@@ -151,7 +191,8 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     return summary
 
 
-def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bool) -> int:
+def run_units(units, shared: SharedUnits, ctx: Context, cfg: PipelineConfig, progress: bool) -> int:
+    """Run the units this process can claim (`shared`); returns the rows it wrote."""
     from tqdm import tqdm
 
     est = getattr(units, "n_tokens", None) or sum(u.n_tokens for u in units) or None
@@ -172,6 +213,13 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
         dt = max(1e-6, time.time() - state["t0"])
         bar.set_postfix_str(f"{state['bytes'] / dt / 1e6:.1f} MB/s")
 
+    def on_skip(u: Unit):  # another process harvests it: this bar's total shrinks
+        with lock:
+            if bar.total:
+                bar.total = max(bar.n, bar.total - u.n_tokens)
+                bar.refresh()
+
+    claimed = shared.claim(units, on_skip)
     try:
         if not (cfg.harvest.workers or cfg.harvest.scheduler):
             # one thread per in-flight segment (a segment's rows stay in order within its thread)
@@ -181,8 +229,8 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
             ]
             order = CommitOrder()  # writers write in parallel; commits land in plan order
             try:
-                for i, u in enumerate(units):
-                    process_unit(u, ctx, wts[i % len(wts)], on_rows, turn=order.turn(i))
+                for i, (u, claim) in enumerate(claimed):
+                    process_unit(u, ctx, wts[i % len(wts)], on_rows, turn=order.turn(i), claim=claim)
             except BaseException:
                 order.abort()  # units still waiting for their turn abandon: the committed set stays a prefix
                 raise
@@ -196,13 +244,14 @@ def run_units(units: list[Unit], ctx: Context, cfg: PipelineConfig, progress: bo
                 if errors:
                     raise errors[0]
         else:
-            _run_dask(units, ctx, cfg, on_rows)
+            _run_dask(claimed, ctx, cfg, on_rows)
     finally:
         bar.close()
     return state["rows"]
 
 
-def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> None:
+def _run_dask(claimed, ctx: Context, cfg: PipelineConfig, on_rows) -> None:
+    """The claimed (unit, claim) pairs as dask tasks; this process commits them in plan order."""
     from dask.distributed import as_completed
 
     n = cfg.harvest.workers
@@ -223,32 +272,36 @@ def _run_dask(units: list[Unit], ctx: Context, cfg: PipelineConfig, on_rows) -> 
             sizes[f.key] = u.n_tokens
             return f
 
-        # a bounded number of units in flight: corpus units are planned as the run goes
-        todo = iter(units)
+        # a bounded number of units in flight: corpus units are planned (and claimed) as the run goes
         limit = 2 * max(1, len(client.scheduler_info()["workers"]))
         # workers write their segments' objects; this process commits the records in plan order
         w = cf.open_cache(ctx.cache_url, mode="a")
         turn_of: dict[str, int] = {}
-        ready: dict[int, dict] = {}
+        claim_of: dict[str, object] = {}
+        ready: dict[int, tuple] = {}
         next_turn = 0
 
-        def submit_next(u: Unit):
+        def submit_next(item):
+            u, claim = item
             f = submit(u)
             turn_of[f.key] = len(turn_of)
+            claim_of[f.key] = claim
             return f
 
-        running = as_completed([submit_next(u) for u in itertools.islice(todo, limit)])
+        running = as_completed([submit_next(x) for x in itertools.islice(claimed, limit)])
         for f in running:
             res = f.result()
             w.adopt(res["record"])  # keep its lease alive while it waits for its turn
-            ready[turn_of[f.key]] = res["record"]
+            ready[turn_of[f.key]] = (res["record"], claim_of.pop(f.key))
             while next_turn in ready:
-                w.commit_prepared(ready.pop(next_turn))
+                record, claim = ready.pop(next_turn)
+                w.commit_prepared(record, once=True)  # a duplicate (another process was first) is discarded
+                claim.release()
                 next_turn += 1
             on_rows(sizes.pop(f.key) or res["rows"], res["bytes"])
-            u = next(todo, None)
-            if u is not None:
-                running.add(submit_next(u))
+            x = next(claimed, None)
+            if x is not None:
+                running.add(submit_next(x))
 
 
 def _remote_unit(unit: Unit, ctx: Context) -> dict:

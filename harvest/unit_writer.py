@@ -22,7 +22,7 @@ from . import rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
 from .config import PipelineConfig
 from .model import LoadedModel
-from .plan import Unit, seq_ranges
+from .plan import Unit
 from .unit_rollouts import as_rollout, rows_of
 
 
@@ -44,10 +44,12 @@ class UnitWriter:
         on_rows: Callable,
         turn=None,
         defer: bool = False,
+        claim=None,
     ):
-        # turn: commit in plan order (cache_format.ordering); defer: leave the record to the coordinator
+        # turn: commit in plan order (cache_format.ordering); defer: leave the record to the coordinator;
+        # once: never commit sequences another process committed first; claim: released with the segment
         self._open = contextlib.ExitStack()  # holds the segment's `with` block from here until close()
-        self.seg = self._open.enter_context(writer.segment(meta=meta, turn=turn, defer=defer))
+        self.seg = self._open.enter_context(writer.segment(meta=meta, turn=turn, defer=defer, once=True, claim=claim))
         self.unit, self.mix_window, self.mix_seed = unit, mix_window, mix_seed
         self.pending: list[tuple[HostBatch, np.ndarray, np.ndarray]] = []
         self.pending_seqs = 0
@@ -112,6 +114,7 @@ def capture_unit(
     on_rows: Callable = lambda rows, nbytes: None,
     turn=None,
     defer: bool = False,
+    claim=None,
 ) -> dict:
     """Forward the unit's sequences in batches; the writer thread appends and commits its segment.
 
@@ -122,7 +125,6 @@ def capture_unit(
     meta = {
         "unit": unit.key,
         "source": unit.source,
-        "seq_ranges": seq_ranges(unit.seq_ids),
         "writer": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(lm.device)},
         "mix": {
             "window": cfg.harvest.mix_window,
@@ -139,7 +141,9 @@ def capture_unit(
     holder: dict = {}
 
     def open_unit():
-        holder["uw"] = UnitWriter(w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows, turn, defer)
+        holder["uw"] = UnitWriter(
+            w, unit, meta, cfg.harvest.mix_window, cfg.harvest.mix_seed, on_rows, turn, defer, claim
+        )
 
     wt.submit(open_unit)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0

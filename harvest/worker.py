@@ -69,9 +69,12 @@ def process_unit(
     on_rows: Callable = lambda rows, nbytes: None,
     turn=None,
     defer: bool = False,
+    claim=None,
 ) -> dict:
     """Capture one unit and commit it as one segment (in `turn`'s place in the plan; or, with
-    `defer`, return its prepared record for the coordinator to commit). Returns counts for progress."""
+    `defer`, return its prepared record for the coordinator to commit), once: a segment whose
+    sequences another process committed first is dropped. `claim` (the unit's work claim) is
+    released when the segment ends. Returns counts for progress."""
     cfg = ctx.config
     threads = ctx.threads or cfg.harvest.torch_threads
     if threads and torch.get_num_threads() != threads:
@@ -83,7 +86,7 @@ def process_unit(
         w = WORKER.cache_writer(ctx.cache_url)
         if unit.source == "supergpqa" and not unit.token_ids:
             ensure_rollouts([unit], cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
-        holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer)
+        holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer, claim)
     if own_thread:
         wt.close()
     out = {
