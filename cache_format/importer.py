@@ -29,6 +29,11 @@ def _layer_of(key: str, mapping: dict[str, int]) -> int:
     return int(nums[-1])
 
 
+def _check_kind(path: str) -> None:
+    if not path.endswith((".safetensors", ".npy")):
+        raise UserError(f"import: {path}: expected a .safetensors or .npy file")
+
+
 def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = None) -> tuple[dict, str]:
     """Arrays of an activation dump by layer (torch bf16 tensors), and the source dtype."""
     import torch
@@ -67,7 +72,7 @@ def load_dump(paths: list[str], mapping: dict[str, int], layer: int | None = Non
             dtypes.add(str(a.dtype))
             arrays[L] = torch.from_numpy(a.astype(np.float32) if a.dtype not in (np.float16, np.float32) else a)
         else:
-            raise UserError(f"import: {p}: expected a .safetensors or .npy file")
+            _check_kind(p)
     if not arrays:
         raise UserError("import: no (tokens, d_model) arrays found in the dump")
     return {L: t.to(torch.bfloat16) for L, t in arrays.items()}, ",".join(sorted(dtypes))
@@ -94,6 +99,8 @@ def import_dump(
     cache already (nothing written; `again=True` appends a second copy)."""
     from .writer import create_cache
 
+    for p in paths:
+        _check_kind(p)
     digest = import_digest(paths, [labels, tokens, seq_ids], mapping, layer, seq_len)
     try:
         w = open_cache(url, mode="a", storage_options=storage_options)

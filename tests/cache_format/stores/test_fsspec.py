@@ -27,7 +27,7 @@ def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
         seg.append(
             residuals={1: np.ones((3, 16), BF16), 3: np.ones((3, 16), BF16)},
             tokens=np.arange(3),
-            seq_ids=np.arange(3),
+            seq_ids=np.arange(3) + 1000,  # new sequences: rows already held would be duplicates
             positions=np.arange(3),
         )
     assert c.refresh().n_tokens == 68 and c.segments[-1].commit == "0000000003.json"
