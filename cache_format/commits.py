@@ -276,6 +276,11 @@ def commit(loc, record: dict, refuse=None, known: dict | None = None) -> str:
     seen = dict(known or {})
     for _ in range(100_000):
         upto = int(prev_name[:10]) if prev_name else first - 1
+        if prev_name:  # read afresh to chain to: a `known` copy that differs is stale (a recreated cache)
+            fresh = _parse(loc.url, prev_name, loc.read(f"{COMMITS}/{prev_name}"))
+            if seen.get(prev_name, fresh) != fresh:
+                seen = {}
+            seen[prev_name] = fresh
         if refuse is not None:
             why = refuse({_name(n): _read_one(loc, seen, _name(n)) for n in range(first, upto + 1)})
             if why:

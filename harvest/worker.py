@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 import cache_format as cf
+from cache_format.commits import read_root
 
 from . import gpu
 from .capture import BackgroundWriter
@@ -52,8 +53,8 @@ class WorkerState:
         return self.loaded
 
     def cache_writer(self, url: str):
-        """The cache at `url` opened for appending, once per process."""
-        if self.writer is None or self.writer_url != url:
+        """The cache at `url` opened for appending, once per process (again if it was recreated)."""
+        if self.writer is None or self.writer_url != url or read_root(self.writer.loc) != self.writer.root:
             self.writer = cf.open_cache(url, mode="a")
             self.writer_url = url
         return self.writer
