@@ -9,7 +9,8 @@ exclusively at the next number (as commit records are) and renewed like a writer
 - fresh (renewed within STALE_S): another process is computing the unit; skip it and come
   back to it at the end;
 - stale: its holder died; the unit is taken over by creating number n+1 exclusively, so of
-  two processes that both see it stale, exactly one takes it over.
+  two processes that both see it stale, exactly one takes it over. A claim of a process of
+  this host that has exited counts as stale at once (a re-run after kill -9 does not wait).
 
 A claim is a promise to try, not a lock: a holder paused past STALE_S loses its claim
 without knowing it. So the commit itself re-checks (commits.commit's `refuse`, conflicts.py)
@@ -75,10 +76,20 @@ class Claims:
                 found.append((int(m.group(2)), o))
         return sorted(found, key=lambda t: t[0])
 
+    def _live(self, o) -> bool:
+        """Whether the claim object `o` is held by a live process: renewed within STALE_S, and
+        not by a process of this host that has exited."""
+        if not leases.fresh(o.mtime):
+            return False
+        try:
+            return not leases.dead_here(self.loc.read(o.key))
+        except FileNotFoundError:  # released meanwhile
+            return False
+
     def take(self, name: str) -> Claim | None:
         """Claim `name` (free, or its claimant dead); None if a live process holds it."""
         found = self._current(name)
-        if found and leases.fresh(found[-1][1].mtime):
+        if found and self._live(found[-1][1]):
             return None
         n = found[-1][0] + 1 if found else 1
         key = f"{self.prefix}/{safe_name(name)}.{n:06d}.json"
@@ -90,7 +101,7 @@ class Claims:
     def held_elsewhere(self, name: str) -> bool:
         """Whether a live process holds `name` (so waiting for it is worth it)."""
         found = self._current(name)
-        return bool(found) and leases.fresh(found[-1][1].mtime)
+        return bool(found) and self._live(found[-1][1])
 
 
 def wait_for(pending: dict, is_done, claims: Claims, poll_s: float | None = None) -> list:

@@ -112,3 +112,23 @@ def release_key(loc, key: str) -> None:
 
 def fresh(mtime: float, now: float | None = None) -> bool:
     return (now or time.time()) - mtime < STALE_S
+
+
+def dead_here(data: bytes) -> bool:
+    """Whether a lease (or claim) object's holder is provably dead: a process of this host
+    that no longer exists. A re-run after a kill -9 on the same machine then need not wait
+    STALE_S for its own dead claims. (A reused pid reads as alive: the safe side.)"""
+    try:
+        who = json.loads(data)
+        host, pid = who["host"], int(who["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's): alive
+        return False
+    return False

@@ -151,3 +151,24 @@ def _records(url):
     from cache_format import commits
 
     return list(commits.load_records(Location(url), {}).values())
+
+
+def test_a_claim_of_an_exited_process_of_this_host_is_taken_over_at_once(tmp_path):
+    """A re-run after kill -9 on the same machine does not wait STALE_S for its own dead claims."""
+    import json
+    import subprocess
+    import sys
+
+    loc = Location(str(tmp_path / "c"))
+    dead = claims.Claims(loc, "harvest").take("u")
+    leases.KEEPER.release_key(loc, dead.key, delete=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    body = json.loads(loc.read(dead.key))
+    loc.write(dead.key, json.dumps({**body, "pid": int(gone.stdout)}).encode())  # fresh, but its process exited
+    mine = claims.Claims(loc, "harvest")
+    assert not mine.held_elsewhere("u")
+    got = mine.take("u")
+    assert got is not None
+    loc.write(got.key, json.dumps({**body, "host": "another-host", "pid": int(gone.stdout)}).encode())
+    assert claims.Claims(loc, "harvest").take("u") is None  # another host's pid says nothing here: wait for it
+    got.release()
