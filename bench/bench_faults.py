@@ -10,9 +10,13 @@
 4. A flaky HTTP server (Range-capable, loopback) that truncates, drops, returns 500, shortens
    and flips the bytes of a share of its answers at random: full reads and `train run` over it
    against local.
+5. N `harvest run` processes started at once on one cache (new, and seeded with a first part
+   of the run), for N in --concurrent: (seq_id, position) pairs held twice, fingerprint against
+   one uninterrupted process, and wall time against that one process.
 
     python bench/bench_faults.py                       # N=3 kill points each (a few minutes on 2 cores)
     python bench/bench_faults.py --kills 5 --flips 40
+    python bench/bench_faults.py --parts concurrency --concurrent 2,3,4
 """
 
 from __future__ import annotations
@@ -395,6 +399,76 @@ def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int,
     }
 
 
+def _duplicated_rows(url: str) -> int:
+    """(seq_id, position) pairs held more than once (each extra copy counted)."""
+    c = cf.open_cache(url)
+    pairs = np.stack([np.asarray(c.seq_ids[:]), np.asarray(c.positions[:])], axis=1)
+    return int(len(pairs) - len(np.unique(pairs, axis=0)))
+
+
+def concurrent_harvests(tmp: Path, counts: list[int], tokens: int, seed_tokens: int) -> dict:
+    """N harvests started together on one cache, new or seeded: duplicates, fingerprint, wall time."""
+    import shutil
+
+    cmd = [*HARVEST, "--tokens", str(tokens)]
+    ref = str(tmp / "c_ref")
+    t0 = time.time()
+    subprocess.run([*cmd, "--cache", ref], env=ENV, check=True, stderr=subprocess.DEVNULL)
+    one = time.time() - t0
+    want = cf.open_cache(ref).fingerprint
+    seed = str(tmp / "c_seed")
+    subprocess.run(
+        [*HARVEST, "--tokens", str(seed_tokens), "--cache", seed], env=ENV, check=True, stderr=subprocess.DEVNULL
+    )
+    t0 = time.time()
+    seeded_ref = str(tmp / "c_seeded_ref")
+    shutil.copytree(seed, seeded_ref)
+    subprocess.run([*cmd, "--cache", seeded_ref], env=ENV, check=True, stderr=subprocess.DEVNULL)
+    one_seeded = time.time() - t0
+    out = []
+    for n in counts:
+        for start in ("new", "seeded"):
+            url = str(tmp / f"c_{n}_{start}")
+            if start == "seeded":
+                shutil.copytree(seed, url)
+            t0 = time.time()
+            procs = [
+                subprocess.Popen(
+                    [*cmd, "--cache", url, "--json"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                )
+                for _ in range(n)
+            ]
+            summaries = [json.loads(p.communicate()[0]) for p in procs]
+            wall = time.time() - t0
+            c = cf.open_cache(url)
+            row = {
+                "processes": n,
+                "cache": start,
+                "exit_codes": [p.returncode for p in procs],
+                "duplicated_rows": _duplicated_rows(url),
+                "verify_problems": len(ops.verify(c)[1]),
+                "fingerprint_equal": c.fingerprint == want,
+                "summaries_agree": len({(s["n_tokens"], s["fingerprint"]) for s in summaries}) == 1,
+                "units_per_process": [s.get("units_run_here") for s in summaries],  # None: code before claims
+                "wall_s": round(wall, 1),
+                "wall_vs_one_process": round(wall / (one if start == "new" else one_seeded), 2),
+            }
+            out.append(row)
+            print(
+                f"{n} harvests at once on a {start} cache: {row['duplicated_rows']} duplicated rows, fingerprint equal "
+                f"{row['fingerprint_equal']}, summaries agree {row['summaries_agree']}, units per process "
+                f"{row['units_per_process']}, wall {row['wall_s']}s = {row['wall_vs_one_process']}x one process",
+                flush=True,
+            )
+    return {
+        "tokens": tokens,
+        "seed_tokens": seed_tokens,
+        "one_process_s": round(one, 1),
+        "one_process_seeded_s": round(one_seeded, 1),
+        "runs": out,
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=3, help="kill -9 points for harvest and for train")
@@ -404,6 +478,13 @@ def main(argv=None) -> None:
     p.add_argument("--flaky-runs", type=int, default=10)
     p.add_argument("--flaky-train-runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrent", default="2,3", help="numbers of harvests started at once on one cache")
+    p.add_argument("--concurrent-tokens", type=int, default=64 * 64, help="their rows (16 segments)")
+    p.add_argument(
+        "--parts",
+        default="kills,flips,flaky,concurrency",
+        help="which figures to measure (comma-separated: kills, flips, flaky, concurrency)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
@@ -411,14 +492,24 @@ def main(argv=None) -> None:
         "command": " ".join(["python", "bench/bench_faults.py", *(argv or sys.argv[1:])]),
         "load_avg": os.getloadavg()[0],
     }
+    parts = set(a.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result["harvest_kill9"] = harvest_kills(tmp, a.kills, a.tokens, rng)
         cache = str(tmp / "h_ref")
-        result["train_kill9"] = train_kills(tmp, cache, a.kills, a.train_tokens, rng)
-        result["byte_flips"] = flips(tmp, cache, a.flips, rng)
-        rates = {"truncate": 0.05, "flip": 0.01, "drop": 0.01, "500": 0.01, "short": 0.01}
-        result["flaky_http"] = flaky_server(tmp, cache, a.flaky_runs, rates, a.flaky_train_runs, rng)
+        if parts & {"kills", "flips", "flaky"}:
+            result["harvest_kill9"] = harvest_kills(tmp, a.kills, a.tokens, rng)
+        if "kills" in parts:
+            result["train_kill9"] = train_kills(tmp, cache, a.kills, a.train_tokens, rng)
+        if "flips" in parts:
+            result["byte_flips"] = flips(tmp, cache, a.flips, rng)
+        if "flaky" in parts:
+            rates = {"truncate": 0.05, "flip": 0.01, "drop": 0.01, "500": 0.01, "short": 0.01}
+            result["flaky_http"] = flaky_server(tmp, cache, a.flaky_runs, rates, a.flaky_train_runs, rng)
+        if "concurrency" in parts:
+            counts = [int(x) for x in a.concurrent.split(",")]
+            result["concurrent_harvests"] = concurrent_harvests(
+                tmp, counts, a.concurrent_tokens, a.concurrent_tokens // 4
+            )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {a.out}")
