@@ -434,17 +434,20 @@ def concurrent_harvests(tmp: Path, counts: list[int], tokens: int, seed_tokens: 
             t0 = time.time()
             procs = [
                 subprocess.Popen(
-                    [*cmd, "--cache", url, "--json"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                    [*cmd, "--cache", url, "--json"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 )
                 for _ in range(n)
             ]
-            summaries = [json.loads(p.communicate()[0]) for p in procs]
+            done = [p.communicate() for p in procs]
             wall = time.time() - t0
+            summaries = [json.loads(out) for out, _ in done if out.strip()]
+            failures = [(err.strip().splitlines() or [""])[-1] for p, (_, err) in zip(procs, done) if p.returncode]
             c = cf.open_cache(url)
             row = {
                 "processes": n,
                 "cache": start,
                 "exit_codes": [p.returncode for p in procs],
+                "failures": failures,  # the last stderr line of each process that failed
                 "duplicated_rows": _duplicated_rows(url),
                 "verify_problems": len(ops.verify(c)[1]),
                 "fingerprint_equal": c.fingerprint == want,
@@ -455,7 +458,9 @@ def concurrent_harvests(tmp: Path, counts: list[int], tokens: int, seed_tokens: 
             }
             out.append(row)
             print(
-                f"{n} harvests at once on a {start} cache: {row['duplicated_rows']} duplicated rows, fingerprint equal "
+                f"{n} harvests at once on a {start} cache: exit codes {row['exit_codes']}"
+                + (f" ({'; '.join(failures)})" if failures else "")
+                + f", {row['duplicated_rows']} duplicated rows, fingerprint equal "
                 f"{row['fingerprint_equal']}, summaries agree {row['summaries_agree']}, units per process "
                 f"{row['units_per_process']}, wall {row['wall_s']}s = {row['wall_vs_one_process']}x one process",
                 flush=True,
