@@ -115,6 +115,8 @@ def check_record(record: dict) -> None:
         _part(record.get("rows"), "rows", "path", base)
         if record.get("sequences") is not None:
             _file(record["sequences"], "sequences", base)
+        if "seq_ranges" in record and not runs_ok(record["seq_ranges"]):
+            raise LayoutError("seq_ranges is not a sorted list of [first, end) runs of integers")
     elif kind == "layer":
         _int(record.get("layer"), "layer")
         _layer_entry(record.get("entry"), "entry", segment_dir(_name(record.get("segment"), "segment")))
@@ -128,6 +130,20 @@ def check_record(record: dict) -> None:
                 _key(k, "chunks object")
                 if not isinstance(v, list):
                     raise LayoutError(f"chunks[{base!r}][{k!r}] is not a list of digests")
+
+
+def runs_ok(runs) -> bool:
+    """Whether `runs` is a sorted list of disjoint half-open [a, b) integer runs (seq_ranges.py)."""
+    if not isinstance(runs, list):
+        return False
+    end = None
+    for r in runs:
+        if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and r[0] < r[1]):
+            return False
+        if end is not None and r[0] < end:
+            return False
+        end = r[1]
+    return True
 
 
 def check_root(attrs: dict) -> None:

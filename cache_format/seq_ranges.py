@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layout import runs_ok
+
 
 def ranges_of(ids) -> list[list[int]]:
     """[3, 4, 5, 9, 4] → [[3, 6], [9, 10]]."""
@@ -23,11 +25,13 @@ def ranges_of(ids) -> list[list[int]]:
 
 
 def of_record(record: dict) -> list[list[int]] | None:
-    """A segment record's runs (harvest's meta held them before the format did); None if unknown."""
-    r = record.get("seq_ranges")
-    if r is None:
-        r = (record.get("meta") or {}).get("seq_ranges")
-    return r
+    """A segment record's runs (checked by layout.check_record), else harvest's meta's, which held
+    them before the format did (free-form: used only if well formed); None if unknown."""
+    if "seq_ranges" in record:
+        return record["seq_ranges"]
+    meta = record.get("meta")
+    r = meta.get("seq_ranges") if isinstance(meta, dict) else None
+    return r if runs_ok(r) else None
 
 
 def holders(ranges, held: list[tuple[list, object]]) -> list:

@@ -65,12 +65,35 @@ def test_the_quick_check_reads_no_row_when_no_sequences_overlap(make_cache):
         duplicates.full(c)  # verify's check reads them
 
 
+def _forged(url, seq_ranges):
+    """A real segment holding sequences 0..3 again (positions 0..9), committed with a record whose
+    seq_ranges say `seq_ranges` (prepared, edited, then committed: what a crafted cache can hold)."""
+    w = cf.open_cache(url, mode="a")
+    with w.segment(defer=True) as seg:
+        seg.append(
+            {L: np.ones((40, w.d_model), BF16) for L in w.layers},
+            tokens=np.zeros(40, np.int32),
+            seq_ids=np.arange(40) // 10,
+            positions=np.arange(40) % 10,
+        )
+    w.adopt(seg.prepared)
+    w.commit_prepared({**seg.prepared, "seq_ranges": seq_ranges})
+    return seg.id
+
+
 def test_verify_catches_a_record_whose_runs_lie_about_its_rows(make_cache):
     """`quick` trusts the runs each record states; verify checks them against the rows."""
     url, _ = make_cache(segments=(40,))
-    c = cf.open_cache(url)
-    record = dict(c.committed_segments[0].record, seq_ranges=[[1000, 1004]])
-    cf.open_cache(url, mode="a").commit_record({**record, "segment": "forged"})
+    forged = _forged(url, [[1000, 1004]])
+    assert duplicates.quick(cf.open_cache(url)) == []  # the log alone cannot tell
     problems = ops.verify(cf.open_cache(url))[1]
-    assert any("seq_ranges differ from its rows" in why for _, why in problems)
-    assert any("forged" in where for where, _ in problems)  # and its rows are the first segment's twice
+    assert any(forged in where and "seq_ranges differ from its rows" in why for where, why in problems)
+    assert any(forged in where and "both hold 40 rows" in why for where, why in problems)
+
+
+def test_a_record_whose_seq_ranges_are_not_runs_is_refused_in_one_line(make_cache):
+    url, _ = make_cache(segments=(40,))
+    _forged(url, [[5, 2]])
+    with pytest.raises(cf.CacheError, match="seq_ranges is not a sorted list") as e:
+        cf.open_cache(url)
+    assert "\n" not in str(e.value)
