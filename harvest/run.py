@@ -162,9 +162,12 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
                 generated += generate_missing(
                     units, cfg, cfg.harvest.cache, lambda: WORKER.model(cfg.model, None), info["tokenizer"], progress
                 )
+            moved = shared.run_here + shared.found_done
             rows += run_units(units, shared, ctx, cfg, progress)
             if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
                 raise units.error
+            if not shared.skipped and shared.run_here + shared.found_done == moved:
+                break  # nothing was planned that could be run (never loop without progress)
             if shared.skipped:
                 log(f"harvest: waiting for {len(shared.skipped)} units that other processes are harvesting")
             if shared.wait_for_others():
