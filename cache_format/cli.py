@@ -56,6 +56,10 @@ def info(url, as_json, storage_options):
     click.echo(f"fingerprint  {d['fingerprint']}")
     if model:
         click.echo(f"model        {model.get('name_or_path', '?')} ({model.get('dtype', '?')})")
+    if d["copy_of"]:
+        sel = d["copy_of"]
+        segs = "every segment" if sel["segments"] is None else f"{len(sel['segments'])} segments"
+        click.echo(f"copy of      {sel['url']} (root {sel['root'][:12]}): layers {sel['layers']}, {segs}")
     click.echo(
         f"hook         {d['hook']}   d_model {d['d_model']}   codec {d['codec']}   "
         f"chunk {d['chunk_tokens']} rows   shard {d['shard_rows']} rows"
@@ -160,14 +164,44 @@ def stats(url, layers, scheduler, as_json, storage_options):
 @click.option(
     "--dst-options", default=None, metavar="JSON", help="Storage options for DST (default: --storage-options)."
 )
-def sync(src, dst, storage_options, dst_options):
-    """Copy the committed segments DST lacks from SRC, verifying every checksum."""
+@click.option("--layers", default=None, metavar="L[,L…]", help="Copy only these layers (a partial copy).")
+@click.option("--segments", default=None, metavar="A:B", help="Copy only SRC's segments A..B-1, in commit order.")
+@click.option("--tokens", type=int, default=None, metavar="N", help="Copy SRC's first segments, until N rows.")
+@click.option("--dry-run", is_flag=True, help="Print the objects and bytes it would copy, per layer; copy nothing.")
+@click.option("--threads", default=4, show_default=True, help="Objects copied at once.")
+def sync(src, dst, storage_options, dst_options, layers, segments, tokens, dry_run, threads):
+    """Copy the committed segments DST lacks from SRC, verifying every checksum.
+
+    With --layers, --segments or --tokens, DST becomes a partial copy of SRC (a new location,
+    or a partial copy of SRC that this widens)."""
+    from .config import parse_layers
+
     so = _options(storage_options)
-    r = ops.sync(src, dst, so, _options(dst_options) if dst_options else so)
-    fp = open_cache(dst, storage_options=_options(dst_options) if dst_options else so).fingerprint
+    dso = _options(dst_options) if dst_options else so
+    r = ops.sync(
+        src,
+        dst,
+        so,
+        dso,
+        layers=parse_layers(layers),
+        segments=segments,
+        tokens=tokens,
+        dry_run=dry_run,
+        threads=threads,
+    )
+    if dry_run:
+        for part, v in r["plan"].items():
+            name = f"layer {part}" if part.isdigit() else part
+            click.echo(f"{name:<12} {v['objects']:>7,} objects  {v['bytes'] / 2**20:>12,.1f} MiB")
+        click.echo(
+            f"would copy {r['segments']} segments and {r['layers']} layers of segments DST has "
+            f"({r['bytes'] / 2**20:,.1f} MiB); nothing was copied"
+        )
+        return
+    c = open_cache(dst, storage_options=dso)
     click.echo(
-        f"copied {r['segments']} segments and {r['layers']} backfilled layers "
-        f"({r['bytes'] / 2**20:,.1f} MiB); {dst} fingerprint {fp}"
+        f"copied {r['segments']} segments and {r['layers']} layers of segments DST had "
+        f"({r['bytes'] / 2**20:,.1f} MiB); {dst} layers {c.layers}, fingerprint {c.fingerprint}"
     )
 
 

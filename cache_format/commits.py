@@ -10,6 +10,7 @@ come back in commit order and a commit never shifts rows that were visible befor
     add_layer  declares a layer that segments committed from now on must carry
     retract    a tombstone that hides a segment
     root       record 0: the digest of the root attributes (format 2)
+    copy       a partial copy's selection, widened by a later `sync` (docs/cache-format.md, partial copies)
     upgrade    chunk digests for segments written by format 1, and the digests of the records before it
 
 Records are hash-chained (format 2): each carries `prev`, the digest of the record before
@@ -53,9 +54,16 @@ def sha256(data: bytes) -> str:
 DIGEST = "blake2b"  # object checksums: BLAKE2b-256, ~3× sha256's rate on CPUs without SHA extensions
 
 
+def hasher():
+    """A running object checksum (`update` piece by piece; `hexdigest()` equals `digest` of the whole)."""
+    return hashlib.blake2b(digest_size=32)
+
+
 def digest(data) -> str:
     """The checksum of one stored object (bytes or a buffer)."""
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
+    h = hasher()
+    h.update(data)
+    return h.hexdigest()
 
 
 class NotACacheError(CacheError):
@@ -308,11 +316,13 @@ class LogState:
     segments: list  # live SegmentState, commit order
     retracted: list
     declared: list  # sorted layers declared at create time or by add_layer
+    copy_of: dict | None = None  # a partial copy: its source and selection (root `copy_of`, widened by `copy`)
 
 
 def replay(root: dict, records: dict) -> LogState:
     segs: dict[str, SegmentState] = {}
     declared = set(root["layers"])
+    copy_of = root.get("copy_of")
     for name, r in records.items():
         kind = r.get("kind")
         if kind == "segment":
@@ -335,8 +345,10 @@ def replay(root: dict, records: dict) -> LogState:
         elif kind == "upgrade":
             for s in segs.values():
                 _attach_chunks(s, r.get("chunks", {}))
+        elif kind == "copy" and copy_of is not None:
+            copy_of = {**copy_of, "layers": r["layers"], "segments": r["segments"]}
     live = [s for s in segs.values() if not s.retracted]
-    return LogState(live, [s for s in segs.values() if s.retracted], sorted(declared))
+    return LogState(live, [s for s in segs.values() if s.retracted], sorted(declared), copy_of)
 
 
 def _with_chunks(part: dict, key: str, chunks: dict) -> dict:

@@ -45,6 +45,7 @@ def info(cache: Cache) -> dict:
             for L in cache.declared_layers
         },
         "retracted": cache.retracted,
+        "copy_of": cache.copy_of,
         "rows_by_source": rows_by_source(cache),
         "meta": cache.meta,
         "segments": [

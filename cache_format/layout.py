@@ -124,12 +124,29 @@ def check_record(record: dict) -> None:
         _int(record.get("layer"), "layer")
     elif kind == "retract":
         _name(record.get("segment"), "segment")
+    elif kind == "copy":
+        _selection(record, "")
     elif kind == "upgrade":
         for base, objs in _dict(record.get("chunks", {}), "chunks").items():
             for k, v in _dict(objs, f"chunks[{_key(base, 'chunks part')!r}]").items():
                 _key(k, "chunks object")
                 if not isinstance(v, list):
                     raise LayoutError(f"chunks[{base!r}][{k!r}] is not a list of digests")
+
+
+def _selection(sel: dict, what: str) -> None:
+    """A partial copy's selection (`copy` records, the root's `copy_of`): layers, and segment ids or null."""
+    layers = sel.get("layers")
+    if not isinstance(layers, list):
+        raise LayoutError(f"{what}layers is not a list")
+    for L in layers:
+        _int(L, f"{what}layer")
+    segments = sel.get("segments")
+    if segments is not None:
+        if not isinstance(segments, list):
+            raise LayoutError(f"{what}segments is neither null nor a list of segment ids")
+        for sid in segments:
+            _name(sid, f"{what}segment")
 
 
 def runs_ok(runs) -> bool:
@@ -159,6 +176,8 @@ def check_root(attrs: dict) -> None:
         _int(L, "layer")
     for name, want in _dict(attrs.get("tokenizer", {}), "tokenizer").items():
         _object(want, f"tokenizer[{_name(name, 'tokenizer file name')!r}]")
+    if "copy_of" in attrs:
+        _selection(_dict(attrs["copy_of"], "copy_of"), "copy_of.")
 
 
 def tokenizer_key(name: str) -> str:

@@ -166,6 +166,11 @@ class Cache:
         return list(self._segs)
 
     @property
+    def copy_of(self) -> dict | None:
+        """A partial copy's source and selection, {url, root, layers, segments} (see `sync`); None otherwise."""
+        return self._state.copy_of
+
+    @property
     def tokenizer_manifest(self) -> dict[str, dict]:
         """Tokenizer file name → its {size, blake2b} entry in the root."""
         return self._root.get("tokenizer", {})

@@ -7,6 +7,8 @@
   (path + Range) fail, rotating through FAULTS: "500", "drop" (close without a reply),
   "truncate" (full Content-Length, half the body, then close), "short" (a Content-Length and
   body of half the range) and "flip" (one byte changed); the re-request is answered correctly.
+  `http_serve(directory, stall_from=N)` sends every object up to byte N and then hangs (a
+  transfer to kill mid-object); `http_serve.served` counts the body bytes sent per path.
   `serve.requested` lists every request's path, in order.
 - `s3`: one moto ThreadedMotoServer per session on loopback; `s3_bucket` gives a fresh
   bucket per test as `(url, storage_options)`.
@@ -21,6 +23,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -101,13 +104,17 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 return None
             status = 206
         length = end - start + 1
+        stall = counter.get("stall_from")  # a transfer that hangs at that byte (killed by the test)
+        self._stall_after = None if stall is None or end < stall else max(0, stall - start)
         if self._fault == "short" and length > 1:
             end, length = start + length // 2 - 1, length // 2
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(length))
-        self.send_header("Last-Modified", email.utils.formatdate(os.fstat(f.fileno()).st_mtime, usegmt=True))
+        st = os.fstat(f.fileno())
+        self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+        self.send_header("ETag", f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"')
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
@@ -116,22 +123,43 @@ class RangeHandler(SimpleHTTPRequestHandler):
         return f
 
     def copyfile(self, source, outputfile):
+        sent = [0]
+
+        def write(data):
+            outputfile.write(data)
+            sent[0] += len(data)
+
+        try:
+            self._copy_body(source, write, outputfile)
+        finally:
+            counter = self.server.failures
+            with counter["lock"]:
+                counter["served"][self.path] = counter["served"].get(self.path, 0) + sent[0]
+
+    def _copy_body(self, source, write, outputfile):
+        stall = getattr(self, "_stall_after", None)
+        if stall is not None:
+            write(source.read(stall))
+            outputfile.flush()
+            time.sleep(120)
+            self.close_connection = True
+            return
         left = getattr(self, "_remaining", None)
         fault = getattr(self, "_fault", None)
         if fault in ("truncate", "flip") and left:
             body = bytearray(source.read(left))
             if fault == "flip":
                 body[len(body) // 2] ^= 0x20
-                outputfile.write(bytes(body))
+                write(bytes(body))
             else:
-                outputfile.write(bytes(body[: len(body) // 2]))
+                write(bytes(body[: len(body) // 2]))
                 self.close_connection = True
             return
         while left is None or left > 0:
             buf = source.read(1 << 20 if left is None else min(1 << 20, left))
             if not buf:
                 break
-            outputfile.write(buf)
+            write(buf)
             if left is not None:
                 left -= len(buf)
 
@@ -140,7 +168,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
 def http_serve():
     servers = []
 
-    def serve(directory, fail_first: int = 0, faults: tuple = ()) -> str:
+    def serve(directory, fail_first: int = 0, faults: tuple = (), stall_from: int | None = None) -> str:
         server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(directory)))
         server.daemon_threads = True
         server.failures = {
@@ -149,11 +177,14 @@ def http_serve():
             "faults": tuple(faults),
             "seen": set(),
             "injected": {},
+            "served": {},
+            "stall_from": stall_from,
             "requested": [],
         }
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         serve.injected = server.failures["injected"]  # fault kind → how many were injected
+        serve.served = server.failures["served"]  # path → body bytes sent
         serve.requested = server.failures["requested"]
         return f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -171,9 +202,21 @@ class FaultProxy(RangeHandler):
         import http.client
 
         n = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Expect", "").lower() == "100-continue":  # botocore's PUTs wait for it
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
         body = self.rfile.read(n) if n else None
+        part = re.search(r"[?&]partNumber=(\d+)", self.path)
+        stall = self.server.failures.get("stall_part")
+        if part and stall is not None and int(part.group(1)) >= stall:  # an upload that hangs mid-object
+            time.sleep(120)
+            self.close_connection = True
+            return
+        if part:
+            with self.server.failures["lock"]:
+                self.server.failures["part_bytes"] += n
         fault = None
-        if self.command == "GET":
+        if self.command == "GET" and self.server.failures["faults"]:
             counter = self.server.failures
             with counter["lock"]:
                 key = (self.path, self.headers.get("Range"))
@@ -188,7 +231,7 @@ class FaultProxy(RangeHandler):
             self.close_connection = True
             return
         conn = http.client.HTTPConnection(*self.server.target, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "expect")}
         conn.request(self.command, self.path, body=body, headers=headers)
         r = conn.getresponse()
         data = r.read()
@@ -215,18 +258,29 @@ class FaultProxy(RangeHandler):
 
 @pytest.fixture
 def fault_proxy():
-    """fault_proxy("http://host:port", faults) -> the proxy's URL; `.injected` counts the faults."""
+    """fault_proxy("http://host:port", faults, stall_part=None) -> the proxy's URL; `.injected` counts
+    the faults; `stall_part=N` hangs every multipart upload of part N or later (an upload to kill
+    mid-object); `.state["part_bytes"]` counts the part bytes forwarded."""
     servers = []
 
-    def start(target: str, faults: tuple) -> str:
+    def start(target: str, faults: tuple = (), stall_part: int | None = None) -> str:
         host, port = target.split("://", 1)[1].split(":")
         server = ThreadingHTTPServer(("127.0.0.1", 0), FaultProxy)
         server.daemon_threads = True
         server.target = (host, int(port))
-        server.failures = {"left": 0, "lock": threading.Lock(), "faults": tuple(faults), "seen": set(), "injected": {}}
+        server.failures = {
+            "left": 0,
+            "lock": threading.Lock(),
+            "faults": tuple(faults),
+            "seen": set(),
+            "injected": {},
+            "stall_part": stall_part,
+            "part_bytes": 0,
+        }
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         start.injected = server.failures["injected"]
+        start.state = server.failures  # part_bytes: bytes of multipart upload parts forwarded
         return f"http://127.0.0.1:{server.server_address[1]}"
 
     yield start

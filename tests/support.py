@@ -80,6 +80,33 @@ def write_cache(
     return data
 
 
+def write_big_cache(url, shard_mib=24, layers=(1,), segments=1, storage_options=None):
+    """A cache of uncompressed shards of exactly `shard_mib` MiB (one per layer and segment):
+    objects larger than a copy's 8 MiB block, written fast (d_model 1024, 2 MiB chunks)."""
+    import cache_format as cf
+    from cache_format.bf16 import BF16
+
+    d, ct = 1024, 1024
+    rows = shard_mib * 2**20 // (2 * d)
+    w = cf.create_cache(
+        url,
+        d_model=d,
+        layers=list(layers),
+        codec="none",
+        chunk_tokens=ct,
+        shard_mib=shard_mib,
+        storage_options=storage_options,
+        meta={"model": {"name_or_path": "test/big", "dtype": "float32"}},
+    )
+    base = np.arange(rows * d, dtype=np.uint32).reshape(rows, d)
+    for si in range(segments):
+        with w.segment(meta={"unit": si}) as seg:
+            res = {L: ((base * (L + 3) + si) & 0x7F7F).astype(np.uint16).view(BF16) for L in layers}
+            ids = np.arange(rows) + si * rows
+            seg.append(residuals=res, tokens=(ids % 1000).astype(np.int32), seq_ids=ids // 512, positions=ids % 512)
+    return w
+
+
 # -- cache_format tests: reads compared across stores, stored objects edited in place, plain rows --------------------
 
 FAULTS = ("500", "drop", "truncate", "short", "flip")

@@ -1,11 +1,11 @@
 """Where a cache lives, behind one small interface (base.py): a local directory, an fsspec URL
-(S3 and others) or a published cache over HTTP, one backend module each.
+(S3 and others), a published cache over HTTP, one backend module each.
 
 `Location(url, storage_options)` returns the backend for the URL; importing this package
 registers every backend.
 """
 
-from .base import Location, ObjectInfo, ReadOnlyError, ShortRead, key_problem
+from .base import Location, ObjectInfo, ReadOnlyError, ShortRead, Upload, key_problem
 from .fsspec import FsspecLocation, S3Location
 from .http import HttpLocation
 from .local import LocalLocation
@@ -15,6 +15,7 @@ __all__ = [
     "ObjectInfo",
     "ReadOnlyError",
     "ShortRead",
+    "Upload",
     "key_problem",
     "LocalLocation",
     "FsspecLocation",

@@ -10,6 +10,11 @@ Every key reaches a backend through `Location.path`, which refuses a key that co
 root (`key_problem`): this is the one gate that reads, writes, listings and deletes of every
 backend pass, whatever code built the key. The stricter rule for keys a cache's own records
 name (within the format's layout) is `layout.py`'s, applied where records are parsed.
+
+Large objects are copied in pieces (`reader` to read into the copier's buffers, `upload` to
+write), so a copy holds a few blocks in memory whatever the object's size, and an `Upload`
+killed half way resumes at the byte where it stopped (a partial file locally, a multipart
+upload on S3).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import CacheError, UserError
@@ -56,6 +62,81 @@ def key_problem(key) -> str | None:
     if any(p in ("", ".", "..") for p in parts):
         return "it is not normalized (an empty, '.' or '..' part)"
     return None
+
+
+class ObjectReader:
+    """Bytes [start, end) of one object, read in order into the caller's buffers (a copy's
+    reads: no allocation per block). This one asks for each block as a range."""
+
+    def __init__(self, loc: Location, key: str, start: int, end: int):
+        self.loc, self.key, self.pos, self.end = loc, key, start, end
+
+    def readinto(self, buf) -> int:
+        """Fill `buf` (fewer bytes only at the end); returns how many bytes it holds."""
+        n = min(len(buf), self.end - self.pos)
+        if n > 0:
+            buf[:n] = self.loc.read_range(self.key, self.pos, self.pos + n)
+            self.pos += n
+        return max(n, 0)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Upload(ABC):
+    """One object written in pieces, in order; invisible until `commit`.
+
+    `offset` is where the next `append` goes: above 0 when an earlier, killed transfer of the
+    same content left its bytes behind. `resumed` hands those bytes back for checksumming
+    before anything is appended.
+    """
+
+    offset: int = 0
+
+    def resumed(self, read_source: Callable[[int, int], bytes]) -> Iterator[bytes]:
+        """The `offset` bytes already there, in order (`read_source(start, end)` reads the
+        source where the store cannot read them back). Stops early, lowering `offset`, at
+        the first piece that is not the source's."""
+        return iter(())
+
+    @abstractmethod
+    def append(self, data) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Publish the object whole."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Drop what was written (a checksum mismatch: start over)."""
+
+
+class StreamUpload(Upload):
+    """A plain file-like writer (any fsspec store): not resumable, visible when closed."""
+
+    def __init__(self, open_file: Callable[[], object]):
+        self._open, self._f = open_file, None
+
+    def append(self, data) -> None:
+        if self._f is None:
+            self._f = self._open()
+        self._f.write(data)
+        self.offset += len(data)
+
+    def commit(self) -> None:
+        if self._f is None:
+            self._f = self._open()
+        self._f.close()
+
+    def discard(self) -> None:
+        if self._f is not None and hasattr(self._f, "discard"):
+            self._f.discard()
 
 
 def protocol_of(url: str) -> str:
@@ -128,6 +209,10 @@ class Location(ABC):
     def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
         """Bytes [start, end) of an object; thread-safe. A short body is retried like a 5xx."""
 
+    def reader(self, key: str, start: int, end: int) -> ObjectReader:
+        """Bytes [start, end) of an object, read in order into the caller's buffers."""
+        return ObjectReader(self, key, start, end)
+
     @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether `key` is there (HTTP, without listings: a GET of it succeeds)."""
@@ -152,6 +237,16 @@ class Location(ABC):
 
     @abstractmethod
     def delete(self, keys: list[str]) -> None: ...
+
+    @abstractmethod
+    def upload(self, key: str, tag: str, size: int, part: int) -> Upload:
+        """Write `key` (`size` bytes, content named by `tag`, its checksum) in `part`-byte pieces,
+        resuming an earlier transfer of the same content where the backend can."""
+
+    def holds(self, key: str, size: int, tag: str) -> bool:
+        """Whether `key` already holds exactly this content (a copy killed after the object
+        landed but before its commit); False where the backend cannot tell cheaply."""
+        return False
 
     def is_nonempty_dir(self) -> bool:
         """Whether the root is a directory with something in it (object stores have none)."""

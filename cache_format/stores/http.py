@@ -1,19 +1,85 @@
 """A published cache over plain HTTP(S): read-only, and without listings.
 
 Readers take the commit records from the `index.json` that `publish` writes; everything
-else is ranged GETs through fsspec's HTTP filesystem, retried like any remote read.
+else is ranged GETs through fsspec's HTTP filesystem (redirects followed, Range kept),
+retried like any remote read; a copy streams each object through `requests` instead. A web
+page served in an object's place (a login or error page) is refused in one line, not read as
+data.
 """
 
 from __future__ import annotations
 
-from .base import ObjectInfo, ReadOnlyError
+import re
+import threading
+
+from ..errors import RemoteError, UserError
+from .base import ObjectInfo, ReadOnlyError, Upload
 from .fsspec import FsspecLocation
+
+_HTML = re.compile(rb"^\s*<(!doctype\s+html|html[\s>])", re.IGNORECASE)
+
+
+_local = threading.local()
+
+
+def _session():
+    """This thread's requests session (connections are reused, never shared between threads)."""
+    if not hasattr(_local, "session"):
+        import requests
+
+        _local.session = requests.Session()
+    return _local.session
+
+
+class _Body:
+    """A streamed requests response, read into the caller's buffer."""
+
+    def __init__(self, r):
+        self.r = r
+
+    def readinto(self, view) -> int:
+        return self.r.raw.readinto(view)
+
+    def close(self) -> None:
+        self.r.close()
 
 
 class HttpLocation(FsspecLocation):
     protocols = ("http", "https")
     supports_listing = False
     supports_writes = False
+
+    def _checked_body(self, key: str, out: bytes) -> bytes:
+        if _HTML.match(bytes(out[:64])):
+            raise self._web_page(key)
+        return out
+
+    def _web_page(self, key: str) -> UserError:
+        return UserError(
+            f"{self.url}/{key}: the server sent a web page, not the object; check the URL "
+            "(on the Hub, use a /resolve/ URL, not /blob/ or /tree/) and that the cache was uploaded there"
+        )
+
+    def _open_stream(self, key: str, start: int, end: int):
+        """A streamed GET through `requests`, one connection per copying thread: the bytes are
+        received in that thread, beside its checksum, rather than all on fsspec's one event loop."""
+        headers = {**self.fs.kwargs.get("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+        headers["Accept-Encoding"] = "identity"
+        r = _session().get(self.path(key), headers=headers, stream=True, timeout=(30, 300))
+        if r.status_code == 404:
+            r.close()
+            raise FileNotFoundError(self.path(key))
+        r.raise_for_status()  # a 5xx: retried
+        if r.headers.get("Content-Type", "").startswith("text/html"):
+            r.close()
+            raise self._web_page(key)
+        if r.status_code != 206 and not (start == 0 and int(r.headers.get("Content-Length", -1)) == end):
+            r.close()
+            raise RemoteError(
+                f"{self.url}/{key}: the server ignored a range request (status {r.status_code}); serve the "
+                "cache with a server that honours HTTP Range"
+            )
+        return _Body(r)
 
     def exists(self, key: str) -> bool:
         """No listings to ask: a GET of the object (retried like any read) returns a body or a 404."""
@@ -38,4 +104,7 @@ class HttpLocation(FsspecLocation):
         self._refuse_write()
 
     def delete(self, keys: list[str]) -> None:
+        self._refuse_write()
+
+    def upload(self, key: str, tag: str, size: int, part: int) -> Upload:
         self._refuse_write()

@@ -1,0 +1,133 @@
+"""Copying objects between stores in bounded memory, checked as the bytes pass, resumable.
+
+A large object is read in blocks (`BLOCK`, 16 MiB: also the S3 part size) into one of a few
+buffers shared by the process (`BLOCKS`), and each block is hashed and appended to the
+destination's `Upload` (stores/base.py) before the next is read, so copies hold a fixed
+amount of memory whatever the objects' size and the number of threads. The checksum is the
+manifest's (BLAKE2b-256 over the whole object, size included); the object is published
+only when it matches, else the copy starts over once, re-reading from the store, then fails
+in one line naming the object (as integrity.read_checked does for small objects). A copy
+killed half way leaves its upload behind, and the next copy continues at the byte where it
+stopped; the bytes already there are checksummed too. An object the destination already
+holds whole with the same checksum is not copied again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+from . import commits, integrity
+from .stores import Location
+
+BLOCK = 16 << 20
+SMALL = 1 << 20  # objects up to this size are read whole (metadata, stats, small row columns)
+
+
+class _Blocks:
+    """Block buffers shared by every copy in the process, allocated once and reused: a copy's
+    memory is theirs, whatever the number of threads or the size of the objects (a fresh
+    buffer per block would leave one in each thread's malloc arena). A large object's copy
+    holds one from its first byte to its last, so at most that many source streams are open."""
+
+    def __init__(self, n: int):
+        self.sem = threading.BoundedSemaphore(n)
+        self.lock = threading.Lock()
+        self.free: dict[int, list] = {}
+
+    @contextlib.contextmanager
+    def take(self, size: int):
+        with self.sem:
+            with self.lock:
+                free = self.free.setdefault(size, [])
+                buf = free.pop() if free else bytearray(size)
+            try:
+                yield memoryview(buf)
+            finally:
+                with self.lock:
+                    self.free[size].append(buf)
+
+
+BLOCKS = _Blocks(4)  # 64 MiB of blocks, and so four large objects, in flight at most
+
+
+def copy_object(
+    src: Location,
+    dst: Location,
+    key: str,
+    want: dict | None,
+    moved: Callable[[int], None],
+    block: int = BLOCK,
+    present: dict | None = None,
+) -> None:
+    """Copy one object; `want` is its manifest entry {size, blake2b} (None: unmanifested group
+    metadata, a few hundred bytes); `moved(n)` is told of every n bytes that pass. `present`
+    ({key: size} listed at the destination, None: not listed) spares asking about objects
+    that are not there."""
+    if want is None:
+        try:
+            data = src.read(key)
+        except FileNotFoundError:
+            return  # a group the writer did not create: readers never need one
+        dst.write(key, data)
+        moved(len(data))
+        return
+    size, tag = want["size"], want[commits.DIGEST]
+    if size <= SMALL:
+        data = integrity.read_checked(src, key, want, commits.digest)
+        dst.write(key, data)
+        moved(size)
+        return
+    if (present is None or present.get(key) == size) and dst.holds(key, size, tag):
+        moved(size)
+        return
+    for _ in range(2):  # a mismatch is copied once more: a torn transfer is not a bad object
+        passed = _copy_once(src, dst, key, size, tag, moved, block)
+        if passed is None:
+            return
+        moved(-passed)
+    raise integrity.fail(src.url, key, "size or checksum mismatch")
+
+
+def _copy_once(src: Location, dst: Location, key: str, size: int, tag: str, moved, block: int) -> int | None:
+    """One pass over the object: None when it landed, else the bytes that passed (a mismatch)."""
+    if size <= block:  # one block: written whole (an S3 object this size is one PUT)
+        with BLOCKS.take(block) as buf, src.reader(key, 0, size) as r:
+            view = buf[: r.readinto(buf)]
+            moved(len(view))
+            if len(view) == size and commits.digest(view) == tag:
+                dst.write(key, view)
+                return None
+            return len(view)
+    with BLOCKS.take(block) as buf:  # one block for the whole object: streams open only with a block to fill
+        up = dst.upload(key, tag, size, block)
+        h = commits.hasher()
+        passed = 0
+
+        def read_source(a: int, b: int):  # a resumed S3 upload's parts, re-read to be checksummed
+            with src.reader(key, a, b) as r:
+                return buf[: r.readinto(buf[: b - a])]
+
+        for piece in up.resumed(read_source):
+            h.update(piece)
+            passed += len(piece)
+            moved(len(piece))
+        with src.reader(key, up.offset, size) as r:
+            while n := r.readinto(buf):
+                h.update(buf[:n])
+                up.append(buf[:n])
+                passed += n
+                moved(n)
+    if h.hexdigest() == tag:
+        up.commit()
+        return None
+    up.discard()
+    return passed
+
+
+def present(dst: Location, prefix: str) -> dict | None:
+    """{key: size} of the objects under `prefix` at `dst` (one listing), None where it cannot list."""
+    if not dst.supports_listing:
+        return None
+    return {o.key: o.size for o in dst.walk(prefix)}
