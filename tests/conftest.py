@@ -12,6 +12,9 @@
   `serve.requested` lists every request's path, in order.
 - `s3`: one moto ThreadedMotoServer per session on loopback; `s3_bucket` gives a fresh
   bucket per test as `(url, storage_options)`.
+- `hub_serve(fail_every=0, html=False) -> (endpoint, state)`: a stand-in for the Hub's dataset
+  endpoints (API, tree, resolve → 302 → Range-capable storage with ETags and an occasional
+  503), in tests/hub_standin.py.
 - `make_cache(url=None, ...) -> (url, data)`: a small real cache on disk with known
   residuals, rows and labels (`data` holds what was written, for comparisons).
 """
@@ -187,6 +190,38 @@ def http_serve():
         serve.served = server.failures["served"]  # path → body bytes sent
         serve.requested = server.failures["requested"]
         return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture
+def hub_serve():
+    """hub_serve(fail_every=0, html=False) -> (endpoint URL, HubState): a stand-in for the
+    Hugging Face Hub's dataset endpoints (tests/hub_standin.py); `state.push(repo, dir)` adds
+    a commit of `dir` to dataset `repo` and moves `main` to it."""
+    from hub_standin import HubHandler, HubState
+
+    servers = []
+
+    def serve(fail_every: int = 0, html: bool = False):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+        server.daemon_threads = True
+        server.hub = HubState(fail_every, html)
+        server.failures = {
+            "left": 0,
+            "lock": threading.Lock(),
+            "faults": (),
+            "seen": set(),
+            "injected": {},
+            "served": {},
+            "requested": [],
+        }
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server.hub
 
     yield serve
     for s in servers:

@@ -1,5 +1,5 @@
 """Where a cache lives, behind one small interface (base.py): a local directory, an fsspec URL
-(S3 and others), a published cache over HTTP, one backend module each.
+(S3 and others), a published cache over HTTP or on the Hugging Face Hub, one backend module each.
 
 `Location(url, storage_options)` returns the backend for the URL; importing this package
 registers every backend.
@@ -8,6 +8,7 @@ registers every backend.
 from .base import Location, ObjectInfo, ReadOnlyError, ShortRead, Upload, key_problem
 from .fsspec import FsspecLocation, S3Location
 from .http import HttpLocation
+from .hub import HubLocation
 from .local import LocalLocation
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "FsspecLocation",
     "S3Location",
     "HttpLocation",
+    "HubLocation",
 ]

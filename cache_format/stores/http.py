@@ -2,19 +2,22 @@
 
 Readers take the commit records from the `index.json` that `publish` writes; everything
 else is ranged GETs through fsspec's HTTP filesystem (redirects followed, Range kept),
-retried like any remote read; a copy streams each object through `requests` instead. A web
-page served in an object's place (a login or error page) is refused in one line, not read as
-data.
+retried like any remote read; a copy streams each object through `requests` instead. A Hub
+`…/resolve/<revision>/…` URL is pinned to the commit its revision names when it is opened
+(hub_revisions.py). A web page served in an object's place (a login or error page, a `/blob/`
+URL) is refused in one line, not read as data.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 
 from ..errors import RemoteError, UserError
 from .base import ObjectInfo, ReadOnlyError, Upload
 from .fsspec import FsspecLocation
+from .hub_revisions import pin_resolve_url
 
 _HTML = re.compile(rb"^\s*<(!doctype\s+html|html[\s>])", re.IGNORECASE)
 
@@ -48,6 +51,9 @@ class HttpLocation(FsspecLocation):
     protocols = ("http", "https")
     supports_listing = False
     supports_writes = False
+
+    def __init__(self, url, storage_options: dict | None = None):
+        super().__init__(pin_resolve_url(os.fspath(url).rstrip("/")), storage_options)
 
     def _checked_body(self, key: str, out: bytes) -> bytes:
         if _HTML.match(bytes(out[:64])):
