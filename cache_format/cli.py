@@ -1,4 +1,4 @@
-"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|import|upgrade`."""
+"""`python -m cache_format info|verify|gc|stats|sync|retract|publish|card|import|upgrade`."""
 
 from __future__ import annotations
 
@@ -226,6 +226,25 @@ def publish(url, storage_options):
     open_cache(loc)  # must be a cache
     n = ops.publish(loc)
     click.echo(f"published {n} commits to {url}/index.json")
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--repo", default=None, metavar="ORG/NAME", help="The Hub dataset repo (default: from a Hub URL).")
+@click.option("--path", "path_in_repo", default=None, help="The cache's folder in the repo (default: its root).")
+@click.option("--license", "license_", default="other", show_default=True, help="The card's license field.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the card here (default: stdout).")
+@so_option
+def card(url, repo, path_in_repo, license_, out, storage_options):
+    """A Hub dataset card (README.md) from the cache's provenance, for `hf upload-large-folder`."""
+    from .atomic import write_atomic
+
+    text = ops.card(open_cache(url, storage_options=_options(storage_options)), repo, path_in_repo, license_)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    write_atomic(out, text)
+    click.echo(f"wrote {out}", err=True)
 
 
 @cli.command("import")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .card import card
 from .gc import MIN_GRACE_S, gc, parse_age
 from .importer import import_dump, load_dump
 from .info import info, rows_by_source
@@ -12,6 +13,7 @@ from .verify import segment_objects, verify
 
 __all__ = [
     "MIN_GRACE_S",
+    "card",
     "dask_stats",
     "gc",
     "import_dump",
