@@ -173,7 +173,9 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
 
 
 @click.command(
-    "analyze", help="Feature statistics, correctness AUROC and the reverse index for a run's SAEs (or one --sae)."
+    "analyze",
+    help="Feature statistics, correctness AUROC, the reverse index, profiles and decoder neighbours "
+    "for a run's SAEs (or one --sae).",
 )
 @_shared
 @click.option(
@@ -193,7 +195,7 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON on stdout.")
 def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, scheduler, rows, as_json, quiet):
-    from .features import analyze
+    from .features import analyze, write_neighbours
     from .published import load_sae
     from .scan import analysis_client
 
@@ -207,9 +209,11 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
         jobs = [(name, d, d, None) for name, d in run_saes(run_dir)]
     _quiet_dask()
     summaries = {}
+    analyzed = {}
     with analysis_client(scheduler or cfg.analysis.scheduler or None) as client:
         for name, src, dst, sae in jobs:
             sae = sae or load_sae(src, k=k)
+            analyzed[name] = (sae, dst)
             url, lay, split = _where(sae, cfg, cache, layer, src, rows or cfg.analysis.rows)
             res = analyze(
                 sae, url, lay, dst, cfg.analysis, split, client=client, progress=not quiet, device=cfg.train.device
@@ -227,6 +231,9 @@ def analyze_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer
                     f"analyze {name}: {s['tokens']} {split.describe()}, {s['alive']}/{sae.d_sae} alive{extra} → {dst}",
                     file=sys.stderr,
                 )
+    write_neighbours(analyzed, device=cfg.train.device)
+    if not quiet:
+        print(f"analyze: decoder neighbours of {len(analyzed)} SAE(s) → feature_neighbours.parquet", file=sys.stderr)
     if as_json:
         click.echo(json.dumps(summaries))
 

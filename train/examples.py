@@ -1,7 +1,8 @@
-"""The reverse index: each feature's top-activating rows, with their token windows decoded.
+"""The reverse index: each feature's top-activating rows, with their token windows decoded
+and the feature's value on every token of each window.
 
 The windows come from the cache's sequences table and its stored tokenizer, so no base model
-is needed.
+is needed; the values come from the same scan's codes.
 """
 
 from __future__ import annotations
@@ -59,7 +60,22 @@ def contexts(cache, seq_ids: np.ndarray, positions: np.ndarray, tokens: np.ndarr
         for j in np.flatnonzero(np.isin(col_seq, list(wanted))):
             ids = col_tok[int(j)].values.to_numpy(zero_copy_only=False)
             ids_by_seq[int(col_seq[j])] = np.asarray(ids, dtype=np.int64)
-    out = {"context_token_ids": [], "token": [], "context_before": [], "context_after": [], "context": []}
+    out = {
+        "context_token_ids": [],
+        "context_tokens": [],
+        "context_focus": [],
+        "token": [],
+        "context_before": [],
+        "context_after": [],
+        "context": [],
+    }
+    pieces: dict[int, str] = {}  # each token id decoded once: the browser shades tokens one by one
+
+    def piece(i: int) -> str:
+        if i not in pieces:
+            pieces[i] = tok.decode([i], skip_special_tokens=False)
+        return pieces[i]
+
     for s, p, t in zip(seq_ids.tolist(), positions.tolist(), tokens.tolist(), strict=True):
         full = ids_by_seq.get(s)
         if full is None or not 0 <= p < len(full) or int(full[p]) != t:
@@ -74,9 +90,59 @@ def contexts(cache, seq_ids: np.ndarray, positions: np.ndarray, tokens: np.ndarr
             tok.decode([t], skip_special_tokens=False),
             tok.decode(after, skip_special_tokens=False),
         )
-        out["context_token_ids"].append(full[a:b].astype(np.int32).tolist())
+        ids = full[a:b].tolist()
+        out["context_token_ids"].append(ids)
+        out["context_tokens"].append([piece(i) for i in ids])
+        out["context_focus"].append(p - a)
         out["token"].append(tt)
         out["context_before"].append(tb)
         out["context_after"].append(ta)
         out["context"].append(f"{tb}«{tt}»{ta}")
     return out
+
+
+def window_activations(
+    features: np.ndarray,
+    seq_ids: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    scanned: dict[str, np.ndarray],
+    idx: np.ndarray,
+    vals: np.ndarray,
+    block: int = 65536,
+) -> list[np.ndarray]:
+    """Each example's feature value on every token of its window, from the scan's codes.
+
+    Example i is feature `features[i]` over positions `starts[i] : starts[i] + lengths[i]` of
+    sequence `seq_ids[i]`; `scanned` holds the `seq_ids` and `positions` of the scan rows that
+    `idx`/`vals` code. A window token the scan did not cover (another role, the other side of
+    the split) is NaN: its value was never computed, which is not the same as zero.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) == 0:
+        return []
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    offset = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    s_seq = np.asarray(scanned["seq_ids"], np.int64)
+    s_pos = np.asarray(scanned["positions"], np.int64)
+    seqs = np.unique(s_seq)
+    if len(seqs) == 0:
+        return np.split(np.full(len(owner), np.nan, np.float32), np.cumsum(lengths)[:-1])
+    span = int(max(s_pos.max(initial=0), (np.asarray(starts) + lengths).max())) + 1
+    s_key = np.searchsorted(seqs, s_seq) * span + s_pos  # (sequence, position) as one sortable key
+    order = np.argsort(s_key, kind="stable")
+    s_key = s_key[order]
+    w_seq = np.asarray(seq_ids, np.int64)[owner]
+    code = np.minimum(np.searchsorted(seqs, w_seq), len(seqs) - 1)
+    w_key = code * span + np.asarray(starts, np.int64)[owner] + offset
+    at = np.minimum(np.searchsorted(s_key, w_key), len(s_key) - 1)
+    found = (seqs[code] == w_seq) & (s_key[at] == w_key)
+    row = np.where(found, order[at], -1)
+    feat = np.asarray(features, np.int64)[owner]
+    value = np.full(len(owner), np.nan, np.float32)
+    for a in range(0, len(owner), block):  # (block, k) comparisons at a time bound the memory
+        r, f = row[a : a + block], feat[a : a + block]
+        ok = np.flatnonzero(r >= 0)
+        hit = idx[r[ok]] == f[ok, None]
+        value[a + ok] = np.where(hit, vals[r[ok]], 0.0).sum(axis=1)
+    return np.split(value, np.cumsum(lengths)[:-1])

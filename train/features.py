@@ -1,13 +1,16 @@
 """Feature analysis of a trained SAE on a cache's held-out rows, without the base model.
 
 `analyze` runs the whole analysis and writes `feature_metrics.parquet`, `feature_prompts.parquet`,
-`feature_stats.json` (shaped like the `000_*` card's) and `analysis.json` (provenance). Its parts:
+`feature_profiles.parquet`, `feature_stats.json` (shaped like the `000_*` card's) and
+`analysis.json` (provenance). Its parts:
 
 - `scan.scan`: one streaming pass on dask over the rows `analysis_rows.Split` selects, giving
   sparse codes plus mergeable reconstruction metrics;
 - `feature_stats.feature_metrics`: per feature, fire rate, activations and, on rollout caches,
   token- and sequence-level AUROC against correctness with CI, p-value and q-value;
-- `examples`: the reverse index, each feature's top-activating rows with decoded token windows;
+- `examples`: the reverse index, each feature's top-activating rows with decoded token windows
+  and the feature's value on every token of each window;
+- `feature_profiles`: each feature's activation histogram and fire rate by role and position;
 - `analysis_outputs`: the atomic, strict writes of the files.
 """
 
@@ -25,10 +28,14 @@ from cache_format.errors import UserError
 from .analysis_outputs import clean, write_json, write_parquet
 from .analysis_rows import Split
 from .config import AnalysisConfig
-from .examples import contexts, top_examples
+from .examples import contexts, top_examples, window_activations
+from .feature_profiles import feature_profiles
 from .feature_stats import feature_metrics
 from .sae import TopKSAE
 from .scan import scan
+
+PROMPT_ROW_GROUP = 16384  # about 1k features of 16 examples
+PROFILE_ROW_GROUP = 2048
 
 
 def analyze(
@@ -44,7 +51,8 @@ def analyze(
     progress: bool = True,
     device: str | None = "auto",
 ) -> dict[str, Any]:
-    """Scan, compute feature metrics and the reverse index, write the four files; return the summary."""
+    """Scan, compute feature metrics, profiles and the reverse index, write the five files; return
+    analysis.json's contents."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = scan(
@@ -73,6 +81,11 @@ def analyze(
     r = ex["scan_row"]
     cache = cf.open_cache(res.url)
     ctx = contexts(cache, cols["seq_ids"][r], cols["positions"][r], cols["tokens"][r], cfg.context_tokens)
+    lengths = np.fromiter((len(w) for w in ctx["context_token_ids"]), np.int64, len(r))
+    starts = cols["positions"][r].astype(np.int64) - np.asarray(ctx["context_focus"], np.int64)
+    ctx["context_activations"] = window_activations(
+        ex["feature"], cols["seq_ids"][r], starts, lengths, cols, res.idx, res.vals
+    )
     prompts = {
         "feature": ex["feature"],
         "rank": ex["rank"],
@@ -85,8 +98,11 @@ def analyze(
         "role": cols["roles"][r],
         **ctx,
     }
+    profiles, denominators = feature_profiles(res.idx, res.vals, cols["roles"], cols["positions"], sae.d_sae)
     write_parquet(out_dir / "feature_metrics.parquet", fm)
-    write_parquet(out_dir / "feature_prompts.parquet", prompts)
+    # sorted by feature, in row groups of ~1k features: the browser reads one feature's rows
+    write_parquet(out_dir / "feature_prompts.parquet", prompts, row_group_size=PROMPT_ROW_GROUP)
+    write_parquet(out_dir / "feature_profiles.parquet", profiles, row_group_size=PROFILE_ROW_GROUP)
 
     recon = res.metrics.compute() if res.metrics.n else {}
     summary.update({"variance_explained": recon.get("variance_explained"), "l0": recon.get("l0")})
@@ -124,6 +140,7 @@ def analyze(
             "chunks": res.chunks,
             "scan_seconds": res.seconds,
             "stats_seconds": fm_seconds,
+            "profiles": denominators,
             "analysis_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
             "model": meta.get("model"),
             "source": meta.get("source"),
@@ -132,3 +149,14 @@ def analyze(
     )
     write_json(out_dir / "analysis.json", analysis)
     return analysis
+
+
+def write_neighbours(saes: dict[str, tuple[TopKSAE, Path]], device: str | None = "auto") -> None:
+    """`feature_neighbours.parquet` in each SAE's directory: its decoder-cosine neighbours in
+    its own SAE and the best matches in the others (`neighbours.decoder_neighbours`)."""
+    from . import dist
+    from .neighbours import decoder_neighbours
+
+    found = decoder_neighbours({n: sae.W_dec for n, (sae, _) in saes.items()}, device=dist.resolve_device(device))
+    for name, cols in found.items():
+        write_parquet(saes[name][1] / "feature_neighbours.parquet", cols, row_group_size=PROMPT_ROW_GROUP)

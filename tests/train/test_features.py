@@ -78,3 +78,58 @@ def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
         assert top.loc[j, "activation"] == pytest.approx(fm.loc[j, "max_activation"], rel=1e-6)
     stats = json.loads((out / "feature_stats.json").read_text())[f"L{LAYER}"]
     assert len(stats["auroc"]) == 2 * D and stats["auroc"][0] == pytest.approx(1.0)
+
+
+def test_window_values_and_profiles(cache_url, tmp_path):
+    """Every window token's stored value is the feature's activation on that row (relu(x_j) for
+    the ±basis SAE) where the scan covered it, NaN where it did not; the histogram and the fire
+    rates by role and position count the same rows."""
+    from analysis_data import residual
+
+    from train.feature_profiles import POSITION_EDGES, position_bucket
+
+    cfg = AnalysisConfig(top_examples=3, context_tokens=40, bootstrap=0, permutations=0)  # whole sequences
+    out = tmp_path / "a"
+    res = analyze(identity_sae(), cache_url, LAYER, out, cfg, Split(SEED, FRACTION, (2, 3)), progress=False)
+    c, keep, x = _expected_rows(cache_url)
+    seq, pos, roles = c.seq_ids[:], c.positions[:], c.roles[:]
+    scanned = {(int(s), int(p)) for s, p in zip(seq[keep], pos[keep])}
+    correct = {r["seq_id"]: r["correct"] for r in c.sequences().to_pylist()}
+    tok = c.tokenizer()
+    prompts = pq.read_table(out / "feature_prompts.parquet").to_pandas()
+    n_nan = 0
+    for r in prompts.to_dict("records"):
+        ids, vals, focus = list(r["context_token_ids"]), r["context_activations"], r["context_focus"]
+        assert len(vals) == len(ids) == len(r["context_tokens"])
+        assert ids[focus] == r["token_id"] and vals[focus] == pytest.approx(r["activation"], rel=1e-6)
+        assert list(r["context_tokens"]) == [tok.decode([i], skip_special_tokens=False) for i in ids]
+        for j, (t, v) in enumerate(zip(ids, vals)):
+            p = r["position"] - focus + j
+            if (r["seq_id"], p) in scanned:
+                want = max(0.0, residual(t, p, correct[r["seq_id"]])[r["feature"]])
+                assert v == pytest.approx(want, rel=1e-2, abs=1e-6), (r["feature"], r["seq_id"], p)
+            else:
+                assert np.isnan(v)
+                n_nan += 1
+    assert n_nan > 0  # the windows reach prompt rows, which the scan skips
+
+    prof = pq.read_table(out / "feature_profiles.parquet").to_pandas().set_index("feature")
+    xs = x[keep]
+    for j in range(D):
+        on = xs[:, j] > 0
+        assert sum(prof.loc[j, "hist_counts"]) == on.sum()
+        if on.any():
+            assert prof.loc[j, "hist_high"] == pytest.approx(xs[on, j].max(), rel=1e-6)
+        for code, name in ((2, "thinking"), (3, "answer")):
+            rows = roles[keep] == code
+            assert prof.loc[j, f"fire_rate_{name}"] == pytest.approx(on[rows].mean())
+        assert np.isnan(prof.loc[j, "fire_rate_prompt"])  # prompt rows were not analyzed
+        bucket = position_bucket(pos[keep])
+        for b in range(len(POSITION_EDGES)):
+            rate = prof.loc[j, "fire_rate_by_position"][b]
+            if (bucket == b).any():
+                assert rate == pytest.approx(on[bucket == b].mean(), rel=1e-5)
+            else:
+                assert np.isnan(rate)
+    assert res["profiles"]["rows_by_role"]["prompt"] == 0
+    assert pq.ParquetFile(out / "feature_prompts.parquet").metadata.num_columns >= 17
