@@ -1,4 +1,4 @@
-"""`python -m train eval | analyze | report`: the model-free steps after training.
+"""`python -m train eval | analyze | report | browse`: the model-free steps after training.
 
 Registered into train's click group by `register(group)`. Every command takes the shared
 `--config/--profile/--set` flags so that defaults (cache, run directory, [analysis]) come
@@ -252,6 +252,8 @@ def report_cmd(config_path, profile, cache, overrides, out_dir, html_path):
 
 
 def register(group: click.Group) -> None:
-    """Add eval, analyze and report to train's command group."""
-    for cmd in (eval_cmd, analyze_cmd, report_cmd):
+    """Add eval, analyze, report and browse to train's command group."""
+    from .browse import browse_cmd
+
+    for cmd in (eval_cmd, analyze_cmd, report_cmd, browse_cmd):
         group.add_command(cmd)

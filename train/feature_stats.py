@@ -16,6 +16,9 @@ from cache_format.errors import UserError
 from .config import AnalysisConfig
 from .stats import SparseAUROC, benjamini_hochberg, bootstrap_ci, feature_value_order, permutation_pvalue
 
+# The 000 card's "healthy" feature: fires on 0.5% to 30% of the analyzed tokens.
+HEALTHY_FIRE_RATE = (0.005, 0.30)
+
 
 def sparse_entries(idx: np.ndarray, vals: np.ndarray):
     rows = np.repeat(np.arange(idx.shape[0], dtype=np.int64), idx.shape[1])
@@ -23,6 +26,11 @@ def sparse_entries(idx: np.ndarray, vals: np.ndarray):
     v = vals.reshape(-1).astype(np.float64)
     on = v != 0
     return rows[on], feats[on], v[on]
+
+
+def is_healthy(fire_rate: np.ndarray) -> np.ndarray:
+    lo, hi = HEALTHY_FIRE_RATE
+    return (fire_rate >= lo) & (fire_rate <= hi)
 
 
 def feature_metrics(
@@ -58,7 +66,7 @@ def feature_metrics(
         "sequences": int(len(np.unique(seq_ids))),
         "alive": int((fire > 0).sum()),
         "dead_fraction": float((fire == 0).mean()) if d_sae else float("nan"),
-        "healthy_features": int(((out["fire_rate"] >= 0.005) & (out["fire_rate"] <= 0.30)).sum()),
+        "healthy_features": int(is_healthy(out["fire_rate"]).sum()),
     }
 
     lab = np.asarray(labels)

@@ -1,0 +1,251 @@
+"""The feature browser written to files: a static site (`train browse --export DIR`) and the
+SAE-Dashboard / Neuronpedia upload JSON (`--export-dashboard DIR`).
+
+The static site is the server's pages with the data cut into pieces that the page loads only
+when it needs them, so a 200k-feature run opens from any plain HTTP server (or `file://` is
+not enough: browsers refuse `fetch` there) without downloading the whole export:
+
+    index.html, feature.html, compare.html, assets/      the pages, Tabulator
+    data/meta.json                                       SAEs, columns, the first page of the index
+    data/columns/<column>.bin                            one little-endian typed array per index column
+    data/snippets/<block>.json.gz                        top contexts, SNIPPET_BLOCK rows each
+    data/search/tokens.json.gz, rows.bin                 token → features (the text search)
+    data/features/<sae #>/<block>.json.gz                FEATURE_BLOCK feature records each
+
+Sorting and filtering then run in the page over the typed arrays (fetched on the first sort
+or filter); a feature page fetches one block. Pieces are gzip files that the page decompresses
+itself, so any static server will do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cache_format.errors import UserError
+
+from .browse_data import RunIndex
+
+SNIPPET_BLOCK = 4096
+FEATURE_BLOCK = 64
+READ_BLOCK = 1024  # features read from the parquet files at a time (one row group of prompts)
+DTYPES = {"sae": "int16", "layer": "int32", "feature": "int32", "direction": "int8", "healthy": "uint8"}
+
+# SAE-Dashboard's NeuronpediaRunner output (sae_dashboard/neuronpedia/neuronpedia_dashboard.py,
+# sae-dashboard 0.8.0): batch-<n>.json files of NeuronpediaDashboardBatch, 128 features each.
+DASHBOARD_FORMAT = "sae-dashboard 0.8.0 NeuronpediaDashboardBatch"
+DASHBOARD_BATCH = 128
+
+
+def _gz(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), 6, mtime=0))
+
+
+def _fresh_dir(out: Path, marker: str) -> Path:
+    """`out`, empty: a previous export of the same kind is replaced, anything else refused."""
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists()):
+            raise UserError(f"{out} exists and is not a previous export; choose an empty or new directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def _blocks(index: RunIndex, progress: bool, desc: str):
+    """(SAE number, SAE, first feature, records) for every READ_BLOCK features of the run."""
+    from tqdm import tqdm
+
+    with tqdm(total=index.n, unit="feat", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for i, s in enumerate(index.saes):
+            for a in range(0, s.d_sae, READ_BLOCK):
+                recs = index.features(s, a, min(a + READ_BLOCK, s.d_sae))
+                yield i, s, a, recs
+                bar.update(len(recs))
+
+
+def export_site(index: RunIndex, out_dir: str | Path, progress: bool = True) -> Path:
+    """Write the static browser into `out_dir` and return it."""
+    from .browse import PAGES, assets_dir, page_html
+
+    out = _fresh_dir(Path(out_dir), "data/meta.json")
+    for name in PAGES:
+        (out / f"{name}.html").write_text(page_html(name, "static", "./", index.url))
+    src = assets_dir()
+    for sub in ("browse", "tabulator"):
+        dst = out / "assets" / sub
+        dst.mkdir(parents=True)
+        for f in (src / sub).iterdir():
+            if f.is_file() and not f.name.endswith(".html"):  # the pages themselves are rendered above
+                (dst / f.name).write_bytes(f.read_bytes())
+    data = out / "data"
+
+    cols = dict(index.cols, alive=index.alive)
+    specs = []
+    (data / "columns").mkdir(parents=True)
+    for field, arr in cols.items():
+        dtype = DTYPES.get(field, "uint8" if field == "alive" else "float32")
+        arr.astype(np.dtype(dtype).newbyteorder("<")).tofile(data / "columns" / f"{field}.bin")
+        specs.append({"field": field, "dtype": dtype})
+
+    before, token, after = (index.snippet[k].to_pylist() for k in ("before", "token", "after"))
+    for b, a in enumerate(range(0, index.n, SNIPPET_BLOCK)):
+        rows = [[before[r], token[r], after[r]] for r in range(a, min(a + SNIPPET_BLOCK, index.n))]
+        _gz(data / "snippets" / f"{b}.json.gz", rows)
+    _gz(
+        data / "search" / "tokens.json.gz",
+        {"tokens": index.token_dict.to_pylist(), "starts": index.token_starts.tolist()},
+    )
+    index.token_rows.astype("<i4").tofile(data / "search" / "rows.bin")
+
+    for i, _s, a, recs in _blocks(index, progress, "export"):
+        for j in range(0, len(recs), FEATURE_BLOCK):
+            _gz(data / "features" / str(i) / f"{(a + j) // FEATURE_BLOCK}.json.gz", recs[j : j + FEATURE_BLOCK])
+
+    meta = index.meta()
+    first = index.page({"page": 1, "size": 50})
+    meta["static"] = {
+        "columns": specs,
+        "snippet_block": SNIPPET_BLOCK,
+        "feature_block": FEATURE_BLOCK,
+        "first_page": first,
+    }
+    (data / "meta.json").write_text(json.dumps(meta, separators=(",", ":"), allow_nan=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _model_id(index: RunIndex) -> str:
+    """Neuronpedia's model ids are lower-case slugs (`gemma-2-2b`): the model's name, last part."""
+    for s in index.saes:
+        name = ((s.analysis.get("model") or {}).get("name_or_path")) or ""
+        if name:
+            return Path(str(name)).name.lower()
+    return "unknown-model"
+
+
+def dashboard_feature(rec: dict, n_prompts: int, n_tokens: int, dataset: str) -> dict:
+    """One feature in SAE-Dashboard's NeuronpediaDashboardFeature layout (its `to_dict()` keys)."""
+    m = rec["metrics"]
+    le = rec.get("logit_effects") or {}
+    prof = rec.get("profile") or {}
+    hist = prof.get("histogram") or {}
+    counts = hist.get("counts") or []
+    if counts and hist.get("low") is not None:
+        w = (hist["high"] - hist["low"]) / len(counts)
+        centres = [hist["low"] + w * (i + 0.5) for i in range(len(counts))]
+    else:
+        centres, counts = [], []
+    lh = le.get("histogram") or {}
+    max_act = m.get("max_activation") or 0.0
+    return {
+        "feature_index": rec["feature"],
+        # neuron alignment, activation correlations and head attribution are not computed here
+        "neuron_alignment_indices": [],
+        "neuron_alignment_values": [],
+        "neuron_alignment_l1": [],
+        "correlated_neurons_indices": [],
+        "correlated_neurons_l1": [],
+        "correlated_neurons_pearson": [],
+        "correlated_features_indices": [],
+        "correlated_features_l1": [],
+        "correlated_features_pearson": [],
+        "neg_str": [t["token"] for t in le.get("suppressed", [])],
+        "neg_values": [t["value"] for t in le.get("suppressed", [])],
+        "pos_str": [t["token"] for t in le.get("promoted", [])],
+        "pos_values": [t["value"] for t in le.get("promoted", [])],
+        "frac_nonzero": m.get("fire_rate") or 0.0,
+        "freq_hist_data_bar_values": [round(c, 5) for c in centres],
+        "freq_hist_data_bar_heights": [float(c) for c in counts],
+        "logits_hist_data_bar_heights": [float(c) for c in lh.get("counts", [])],
+        "logits_hist_data_bar_values": lh.get("centres", []),
+        "n_prompts_total": n_prompts,
+        "n_tokens_in_prompt": n_tokens,
+        "dataset": dataset,
+        "decoder_weights_dist": [],
+        "activations": [
+            {
+                "bin_min": -1,  # SAE-Dashboard's "TOP ACTIVATIONS" group
+                "bin_max": max_act,
+                "bin_contains": -1,
+                "tokens": ex["tokens"],
+                "values": [0.0 if v is None else v for v in (ex["values"] or [])]
+                or [ex["activation"] if i == ex["focus"] else 0.0 for i in range(len(ex["tokens"]))],
+                "qualifying_token_index": ex["focus"],
+            }
+            for ex in rec["examples"]
+        ],
+        "vector": [],
+    }
+
+
+def export_dashboard(index: RunIndex, out_dir: str | Path, progress: bool = True) -> Path:
+    """Write each SAE's features as SAE-Dashboard `batch-<n>.json` files under `out_dir/<sae>/`,
+    with `skipped_indexes.json` naming the features that never fired (as the runner does)."""
+    out = _fresh_dir(Path(out_dir), "dashboard.json")
+    model_id = _model_id(index)
+    sae_set = Path(str(index.url).rstrip("/")).name or "run"
+    pending: dict[str, list] = {s.name: [] for s in index.saes}
+    batch_no = {s.name: 0 for s in index.saes}
+    skipped: dict[str, list[int]] = {s.name: [] for s in index.saes}
+
+    def flush(s, final=False):
+        while len(pending[s.name]) >= DASHBOARD_BATCH or (final and pending[s.name]):
+            feats, pending[s.name] = pending[s.name][:DASHBOARD_BATCH], pending[s.name][DASHBOARD_BATCH:]
+            batch = {
+                "model_id": model_id,
+                "layer": s.layer,
+                "sae_set": sae_set,
+                "sae_id_suffix": None,
+                "features": feats,
+            }
+            path = out / s.name / f"batch-{batch_no[s.name]}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(batch, allow_nan=False))
+            batch_no[s.name] += 1
+
+    for _i, s, _a, recs in _blocks(index, progress, "dashboard"):
+        summary = s.analysis.get("summary") or {}
+        cfg = s.analysis.get("analysis_config") or {}
+        source = s.analysis.get("source") or {}
+        dataset = str(source.get("dataset") or source.get("name") or s.analysis.get("cache") or "")
+        n_tokens = 2 * int(cfg.get("context_tokens", 8)) + 1
+        for rec in recs:
+            if not rec["metrics"].get("fire_count"):
+                skipped[s.name].append(rec["feature"])
+                continue
+            pending[s.name].append(dashboard_feature(rec, int(summary.get("sequences") or 0), n_tokens, dataset))
+        flush(s)
+    for s in index.saes:
+        flush(s, final=True)
+        (out / s.name).mkdir(parents=True, exist_ok=True)
+        (out / s.name / "skipped_indexes.json").write_text(
+            json.dumps(
+                {
+                    "model_id": model_id,
+                    "layer": str(s.layer),
+                    "sae_set": sae_set,
+                    "log_sparsity": None,
+                    "skipped_indexes": skipped[s.name],
+                }
+            )
+        )
+    (out / "dashboard.json").write_text(
+        json.dumps(
+            {
+                "format": DASHBOARD_FORMAT,
+                "run": index.url,
+                "model_id": model_id,
+                "sae_set": sae_set,
+                "saes": {s.name: {"layer": s.layer, "batches": batch_no[s.name]} for s in index.saes},
+            },
+            indent=2,
+        )
+    )
+    return out
