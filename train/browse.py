@@ -172,7 +172,9 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is in use; pass --port with a free one (or stop what serves there)")
+            raise UserError(
+                f"port {port} on {host} is in use; pass --port with a free one (or stop what serves there)"
+            ) from None
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --host or --port") from None
     return sock
 
