@@ -22,7 +22,7 @@ common = $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)
 	$(if $(CACHE),--cache $(CACHE)) $(if $(LAYERS),--layers $(LAYERS)) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: install gpu-kernels test demo harvest train report vllm-env bench bench-peers-env clean
+.PHONY: install gpu-kernels browser-deps test demo harvest train report browse vllm-env bench bench-peers-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(MAKE) --no-print-directory gpu-kernels
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) browser-deps
+
+# Debian's Chromium and its chromedriver: the browser tests drive them headless (Selenium), and
+# the report's and browser's screenshots come from them. apt-get as root (CI is); else say how.
+CHROMIUM_BINS := /usr/bin/chromium /usr/bin/chromedriver
+browser-deps:
+	@if ! ls $(CHROMIUM_BINS) >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's chromium and chromium-driver"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+		else echo "chromium and chromium-driver are missing: the browser tests need them (apt-get install chromium chromium-driver, as root)"; fi; \
+	fi
 
 # On a CUDA machine (`python -m harvest.gpu detect`; ACTCACHE_CUDA=1|0 overrides it) also the
 # fast Gated DeltaNet kernels: without them 48 of Qwen3.6-27B's 64 layers run torch's reference
@@ -68,6 +80,14 @@ report: install
 	$(PY) -m harvest loss-recovered $(report_args)
 	$(PY) -m train analyze $(report_args) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 	$(PY) -m train report $(report_args)
+
+# The feature browser over a run (OUT=dir or URL; PORT, HOST; EXPORT=dir writes a static site).
+PORT ?= 8765
+HOST ?= 127.0.0.1
+EXPORT ?=
+browse: install
+	$(PY) -m train browse $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)) \
+		$(if $(OUT),--out $(OUT)) --port $(PORT) --host $(HOST) $(if $(EXPORT),--export $(EXPORT))
 
 # The tiny profile's dead threshold (100k tokens) is sized for its 2M-token planted-feature
 # run; the demo trains 60k tokens, so it counts a latent dead after 15k, and AuxK fires.

@@ -17,6 +17,8 @@
   503), in tests/hub_standin.py.
 - `make_cache(url=None, ...) -> (url, data)`: a small real cache on disk with known
   residuals, rows and labels (`data` holds what was written, for comparisons).
+- `chromium`: one headless Debian Chromium per session, driven by Selenium through Debian's
+  chromedriver (`make install` apt-installs both; nothing is downloaded at test time).
 """
 
 from __future__ import annotations
@@ -385,3 +387,21 @@ def run(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """A Selenium WebDriver on Debian's headless Chromium, offline (see support.chromium_flags)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from support import CHROMEDRIVER, chromium_binary, chromium_flags
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium_binary()
+    for flag in chromium_flags(tmp_path_factory.mktemp("chromium-profile")):
+        opts.add_argument(flag)
+    opts.add_argument("--window-size=1400,1000")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -207,3 +208,36 @@ def quick_train_args(url, out, tokens: int = 512) -> list[str]:
     for k, v in sets.items():
         args += ["--set", f"train.{k}={v}"]
     return args
+
+
+# -- pages: Debian's headless Chromium -----------------------------------------------------------------------
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def chromium_binary() -> str:
+    """Debian's chromium (and chromium-driver), which `make install` apt-installs; a test never
+    installs anything itself."""
+    import pytest
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run `make install` (it apt-installs chromium and chromium-driver)")
+    return CHROMIUM
+
+
+def chromium_flags(profile_dir) -> list[str]:
+    """Headless on a closed network: no sandbox (root in CI), no GPU, nothing fetched in the background."""
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile_dir}",
+    ]

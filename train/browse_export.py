@@ -124,7 +124,8 @@ def export_site(index: RunIndex, out_dir: str | Path, progress: bool = True) -> 
 def _model_id(index: RunIndex) -> str:
     """Neuronpedia's model ids are lower-case slugs (`gemma-2-2b`): the model's name, last part."""
     for s in index.saes:
-        name = ((s.analysis.get("model") or {}).get("name_or_path")) or ""
+        model = s.analysis.get("model")
+        name = model.get("name_or_path") if isinstance(model, dict) else model
         if name:
             return Path(str(name)).name.lower()
     return "unknown-model"
@@ -213,8 +214,10 @@ def export_dashboard(index: RunIndex, out_dir: str | Path, progress: bool = True
     for _i, s, _a, recs in _blocks(index, progress, "dashboard"):
         summary = s.analysis.get("summary") or {}
         cfg = s.analysis.get("analysis_config") or {}
-        source = s.analysis.get("source") or {}
-        dataset = str(source.get("dataset") or source.get("name") or s.analysis.get("cache") or "")
+        source = s.analysis.get("source")
+        if isinstance(source, dict):
+            source = source.get("dataset") or source.get("name")
+        dataset = str(source or s.analysis.get("cache") or "")
         n_tokens = 2 * int(cfg.get("context_tokens", 8)) + 1
         for rec in recs:
             if not rec["metrics"].get("fire_count"):

@@ -1,34 +1,18 @@
-"""The HTML report renders in headless Chromium (Debian's package) and is not blank."""
+"""The HTML report renders in headless Chromium (Debian's package, which `make install` installs)
+and is not blank."""
 
 import json
-import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from analysis_data import FRACTION, LAYER, SEED, exported_run
+from support import chromium_binary, chromium_flags
 
 from train.analysis_rows import Split
 from train.config import AnalysisConfig
 from train.features import analyze
 from train.report import render_report
-
-CHROMIUM = "/usr/bin/chromium"
-
-
-def ensure_chromium() -> str:
-    """Install Debian's chromium when missing (the test setup's job; CI runs as root)."""
-    if not Path(CHROMIUM).exists():
-        if shutil.which("apt-get") is None or os.geteuid() != 0:
-            pytest.skip("chromium is missing and cannot be installed here (needs apt-get as root)")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, capture_output=True, timeout=900
-        )
-    return CHROMIUM
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -88,18 +72,10 @@ def test_report_is_self_contained_and_complete(report):
 def test_report_renders_in_headless_chromium(report, tmp_path):
     from matplotlib.image import imread
 
-    exe = ensure_chromium()
     shot = tmp_path / "shot.png"
     cmd = [
-        exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
+        chromium_binary(),
+        *chromium_flags(tmp_path / "profile"),
         "--hide-scrollbars",
         "--window-size=1280,2400",
         f"--screenshot={shot}",
