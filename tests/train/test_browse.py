@@ -120,7 +120,8 @@ def counter(driver):
 
 
 def rows_match(driver, n_rows):
-    return wait(driver, f"return document.querySelector('.tabulator-page-counter').textContent.includes('of {n_rows} rows')")
+    text = "document.querySelector('.tabulator-page-counter').textContent"
+    return wait(driver, f"return {text}.includes('of {n_rows} rows')")
 
 
 def visible(s):

@@ -14,6 +14,7 @@ from train.config import AnalysisConfig
 from train.features import analyze
 from train.report import render_report
 
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     name = "L2_n32_k16"
