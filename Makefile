@@ -71,13 +71,15 @@ harvest: install
 train: install
 	$(PY) -m train run $(common) $(if $(OUT),--out $(OUT))
 
-# report: loss recovered (splices each SAE into the model), then the model-free feature
-# analysis (dask; SCHEDULER=host:port for a cluster) and the one-page HTML report in OUT.
+# report: loss recovered (splices each SAE into the model) and logit effects (decoder rows through
+# the model's final norm and unembedding, for the browser), then the model-free feature analysis
+# (dask; SCHEDULER=host:port for a cluster) and the one-page HTML report in OUT.
 report_args = $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)) \
 	$(if $(CACHE),--cache $(CACHE)) $(if $(OUT),--out $(OUT)) $(foreach s,$(SET),--set $(s))
 
 report: install
 	$(PY) -m harvest loss-recovered $(report_args)
+	$(PY) -m harvest logit-effects $(report_args)
 	$(PY) -m train analyze $(report_args) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 	$(PY) -m train report $(report_args)
 

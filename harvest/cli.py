@@ -138,5 +138,49 @@ def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path
         click.echo(json.dumps(results, default=str))
 
 
+@cli.command(
+    "logit-effects",
+    help="Each SAE feature's promoted and suppressed output tokens (decoder row → final norm → "
+    "unembedding), stored as <sae>/logit_effects.parquet for `train browse`.",
+)
+@config_options(layers=False, cache_help="Unused (kept for the shared flags).")
+@click.option("--out", "out_dir", default=None, metavar="DIR", help="Training run directory (default [train].out).")
+@click.option("--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's.")
+@click.option("--top", type=int, default=None, help="Tokens kept on each side (default 10).")
+@click.option("--chunk", type=int, default=None, help="Features per forward through the head (default 512).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path, top, chunk, quiet):
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from train.published import load_sae
+
+    from .logit_effects import CHUNK, FILENAME, TOP, final_norm_and_head, logit_effects, write_logit_effects
+    from .model import load_model
+    from .splice import sae_targets
+
+    cfg = load_config(config_path, profile, overrides)
+    targets = sae_targets(cfg, sae_path, out_dir)
+    lm = load_model(cfg.model)
+    norm, head = final_norm_and_head(lm.model, lm.layers_path)
+    names: dict[int, str] = {}
+
+    def decode(i: int) -> str:
+        if i not in names:
+            names[i] = lm.tokenizer.decode([i], skip_special_tokens=False)
+        return names[i]
+
+    for name, src, dst in targets:
+        sae = load_sae(src)
+        if sae.d_in != lm.d_model:
+            raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
+        dst = Path(dst if dst is not None else (src if Path(src).is_dir() else Path(src).parent))
+        with tqdm(total=sae.d_sae, unit="feat", desc=f"logits {name}", disable=quiet, dynamic_ncols=True) as bar:
+            cols = logit_effects(norm, head, sae.W_dec.detach(), decode, top or TOP, chunk or CHUNK, progress=bar)
+        write_logit_effects(dst / FILENAME, cols)
+        print(f"logit-effects {name}: {sae.d_sae} features → {dst / FILENAME}", file=sys.stderr)
+
+
 def main() -> None:
     run_cli(cli, "python -m harvest", "interrupted: committed segments are kept; re-run to resume")

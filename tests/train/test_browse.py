@@ -26,6 +26,7 @@ from analysis_data import FRACTION, LAYER, SEED, exported_run
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from harvest.logit_effects import write_logit_effects
 from train.analysis_rows import Split
 from train.browse_data import RunIndex
 from train.config import AnalysisConfig
@@ -48,6 +49,23 @@ def run(tmp_path_factory):
     for name in (A, B):
         analyze(load_sae(out / name), url, LAYER, out / name, cfg, Split(SEED, FRACTION, (2, 3)), progress=False)
     write_neighbours({n: (load_sae(out / n), out / n) for n in (A, B)}, device="cpu")
+    # logit effects for B only (harvest computes them with the model; here, made-up tokens)
+    ids = np.arange(64 * 3, dtype=np.int32).reshape(64, 3)[:32] % 50
+    write_logit_effects(
+        out / B / "logit_effects.parquet",
+        {
+            "feature": np.arange(32, dtype=np.int32),
+            "top_token_ids": ids,
+            "top_tokens": [[f"up{i}" for i in row] for row in ids],
+            "top_values": np.linspace(3, 1, 96, dtype=np.float32).reshape(32, 3),
+            "bottom_token_ids": ids,
+            "bottom_tokens": [[f"down{i}" for i in row] for row in ids],
+            "bottom_values": -np.ones((32, 3), np.float32),
+            "hist_low": np.full(32, -1.0),
+            "hist_high": np.full(32, 3.0),
+            "hist_counts": np.ones((32, 4), np.int32),
+        },
+    )
     return out
 
 
@@ -208,7 +226,12 @@ def exercise_feature(driver, run, back_query):
     assert driver.find_element(By.CSS_SELECTOR, "figure.hist svg")
     other = driver.find_elements(By.CSS_SELECTOR, "figure.other td a")
     assert other and other[0].text == f"{B if sae == A else A} #{fid}"  # the copy's same feature, cosine 1
-    assert "harvest logit-effects" in driver.find_element(By.CSS_SELECTOR, ".missing-logits").text
+    if sae == B:
+        le = parquet(run, B, "logit_effects.parquet").loc[fid]
+        shown = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "figure.promoted td code")]
+        assert shown == list(le["top_tokens"])
+    else:
+        assert "harvest logit-effects" in driver.find_element(By.CSS_SELECTOR, ".missing-logits").text
     back = driver.find_element(By.CSS_SELECTOR, "a.back").get_attribute("href")
     assert back_query in back  # the index's filters are kept
     return sae, fid
@@ -239,6 +262,9 @@ def test_server_index_and_feature_pages(chromium, server, run):
     wait(chromium, "return document.body.dataset.features === '2'")
     assert chromium.find_element(By.CSS_SELECTOR, "#left .fid").text == "9"
     assert chromium.find_element(By.CSS_SELECTOR, "#right .sae").text == B
+    promoted = chromium.find_elements(By.CSS_SELECTOR, "#right figure.promoted td code")
+    assert [c.text for c in promoted] == list(parquet(run, B, "logit_effects.parquet").loc[9, "top_tokens"])
+    assert chromium.find_elements(By.CSS_SELECTOR, "#left .missing-logits")
 
 
 @pytest.mark.slow
