@@ -145,7 +145,9 @@ def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path
 )
 @config_options(layers=False, cache_help="Unused (kept for the shared flags).")
 @click.option("--out", "out_dir", default=None, metavar="DIR", help="Training run directory (default [train].out).")
-@click.option("--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's.")
+@click.option(
+    "--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's."
+)
 @click.option("--top", type=int, default=None, help="Tokens kept on each side (default 10).")
 @click.option("--chunk", type=int, default=None, help="Features per forward through the head (default 512).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -18,26 +18,13 @@ from __future__ import annotations
 import errno
 import socket
 import sys
-from importlib import resources
 from typing import Any
 
 import click
 
 from cache_format.errors import UserError
 
-PAGES = ("index", "feature", "compare")
-
-
-def assets_dir():
-    return resources.files("train") / "assets"
-
-
-def page_html(name: str, mode: str, base: str, title: str) -> str:
-    """One of the pages, for the server (`base` "/") or the static export (`base` "./")."""
-    import html
-
-    text = (assets_dir() / "browse" / f"{name}.html").read_text()
-    return text.replace("%MODE%", mode).replace("%BASE%", base).replace("%TITLE%", html.escape(title))
+from .browse_pages import assets_dir, page_html
 
 
 def parse_query(q) -> dict[str, Any]:

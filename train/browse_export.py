@@ -29,6 +29,7 @@ import numpy as np
 from cache_format.errors import UserError
 
 from .browse_data import RunIndex
+from .browse_pages import PAGES, assets_dir, page_html
 
 SNIPPET_BLOCK = 4096
 FEATURE_BLOCK = 64
@@ -70,8 +71,6 @@ def _blocks(index: RunIndex, progress: bool, desc: str):
 
 def export_site(index: RunIndex, out_dir: str | Path, progress: bool = True) -> Path:
     """Write the static browser into `out_dir` and return it."""
-    from .browse import PAGES, assets_dir, page_html
-
     out = _fresh_dir(Path(out_dir), "data/meta.json")
     for name in PAGES:
         (out / f"{name}.html").write_text(page_html(name, "static", "./", index.url))
