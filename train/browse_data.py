@@ -1,5 +1,6 @@
 """A training run's features as the browser reads them: one columnar index of every feature of
-every SAE, answered page by page, and each feature's full record read on demand.
+every SAE, answered page by page, and each feature's full record (`feature_records`) read on
+demand.
 
 Everything comes from what `train analyze` (and `harvest logit-effects`) left in the run
 directory, local or remote (any URL the cache accepts, read through `cache_format.stores`):
@@ -17,18 +18,17 @@ The same records and pages feed the server (`train.browse`) and the static expor
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
 
 import numpy as np
 
 from cache_format.errors import UserError
 
+from .feature_records import group, records, rounded, scalar
 from .feature_stats import HEALTHY_FIRE_RATE, is_healthy
+from .run_reader import FeatureRows, RunFiles, sae_key
 
 METRICS = "feature_metrics.parquet"
 PROMPTS = "feature_prompts.parquet"
@@ -56,54 +56,6 @@ NUMERIC = tuple(c for c, _, kind in COLUMNS if kind in ("int", "float"))
 FLOATS = tuple(c for c, _, kind in COLUMNS if kind == "float")
 DIRECTIONS = ("", "correct↑", "wrong↑")
 MAX_PAGE_SIZE = 500
-LOGIT_EFFECTS_HOWTO = (
-    "Logit effects need the model: run `python -m harvest logit-effects --out RUN` (or `make report`), "
-    "which stores them in each SAE's logit_effects.parquet."
-)
-
-
-class RunFiles:
-    """The files of a run directory at a local path or URL, through the cache's store backends."""
-
-    def __init__(self, url: str):
-        from cache_format.stores import Location
-
-        self.url = url
-        self.loc = Location(url)
-
-    def read(self, key: str) -> bytes | None:
-        try:
-            return self.loc.read(key)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-
-    def json(self, key: str) -> dict | None:
-        raw = self.read(key)
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{self.url}/{key}: not valid JSON ({e}); re-run the step that wrote it") from None
-
-    def exists(self, key: str) -> bool:
-        return self.loc.exists(key)
-
-    def open(self, key: str):
-        """A seekable binary file: pyarrow reads a parquet file's footer and row groups from it
-        with ranged reads, never the whole object."""
-        if self.loc.fs is None:  # a local directory
-            return open(self.loc.path(key), "rb")
-        return self.loc.fs.open(self.loc.path(key), "rb")
-
-
-def _sae_key(item: dict, name: str) -> str:
-    """Where an SAE's directory is, relative to the run: run.json's relative path, else its name."""
-    path = str(item.get("path") or item.get("dir") or "")
-    p = PurePosixPath(path)
-    if path and not p.is_absolute() and ".." not in p.parts:
-        return str(p.parent) if p.suffix else str(p)
-    return name
 
 
 @dataclass
@@ -116,61 +68,6 @@ class SAEInfo:
     alpha: float  # "significant" means q ≤ alpha
     labels: str | None  # analysis.json's summary.labels
     analysis: dict
-
-
-class FeatureRows:
-    """The rows of one feature in a parquet file sorted by feature, read from the row groups
-    that hold them (a 65k-feature file is never read whole)."""
-
-    def __init__(self, files: RunFiles, key: str):
-        import pyarrow.parquet as pq
-
-        self.key = key
-        self.file = pq.ParquetFile(files.open(key))
-        feats = self.file.read(columns=["feature"]).column("feature").to_numpy()
-        if len(feats) and np.any(np.diff(feats) < 0):
-            raise UserError(f"{files.url}/{key}: rows are not sorted by feature; re-run `python -m train analyze`")
-        self.features = feats
-        md = self.file.metadata
-        self.group_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        self.columns = set(self.file.schema_arrow.names)
-        self.lock = threading.Lock()
-
-    def range(self, first: int, stop: int):
-        """A pyarrow table of the rows of features [first, stop)."""
-        a = int(np.searchsorted(self.features, first, "left"))
-        b = int(np.searchsorted(self.features, stop, "left"))
-        if a == b:
-            return self.file.schema_arrow.empty_table()
-        g0 = int(np.searchsorted(self.group_starts, a, "right")) - 1
-        g1 = int(np.searchsorted(self.group_starts, b, "left"))
-        with self.lock:
-            t = self.file.read_row_groups(list(range(g0, g1)))
-        return t.slice(a - int(self.group_starts[g0]), b - a)
-
-
-def _num(v) -> Any:
-    """A JSON-safe scalar: NaN → None, numpy → Python."""
-    if v is None:
-        return None
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return None if math.isnan(v) else float(v)
-    return v
-
-
-def rounded(values, digits: int = 4) -> list:
-    """Floats to `digits` significant digits (NaN → None): what a page shows, and a smaller export."""
-    v = np.asarray(values, np.float64)
-    out = np.full(v.shape, np.nan)
-    nz = np.isfinite(v) & (v != 0)
-    scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(v[nz]))))
-    out[nz] = np.round(v[nz] * scale) / scale
-    out[v == 0] = 0.0
-    return [None if x != x else x for x in out.tolist()]
 
 
 class RunIndex:
@@ -194,7 +91,7 @@ class RunIndex:
             if not isinstance(item, dict):
                 continue
             name = str(item.get("name") or PurePosixPath(str(item.get("path", ""))).name)
-            key = _sae_key(item, name)
+            key = sae_key(item, name)
             if not self.files.exists(f"{key}/{METRICS}"):
                 continue
             metrics = self._read_metrics(f"{key}/{METRICS}")
@@ -426,7 +323,7 @@ class RunIndex:
             elif kind == "float":
                 cols[c] = rounded(x)
             else:
-                cols[c] = [_num(v) for v in x.tolist()]
+                cols[c] = [scalar(v) for v in x.tolist()]
         out = []
         for i in range(len(rows)):
             r = {c: cols[c][i] for c in cols}
@@ -454,117 +351,16 @@ class RunIndex:
 
     def features(self, s: SAEInfo, first: int, stop: int) -> list[dict]:
         """The records of features [first, stop) of one SAE, reading each file's rows once."""
-        m = self._metrics[s.name].slice(first, stop - first).to_pylist()
         parts = {}
-        for filename in (PROMPTS, PROFILES, NEIGHBOURS, LOGIT_EFFECTS):
+        for part, filename in (
+            ("prompts", PROMPTS),
+            ("profiles", PROFILES),
+            ("neighbours", NEIGHBOURS),
+            ("logit_effects", LOGIT_EFFECTS),
+        ):
             r = self.reader(s, filename)
-            parts[filename] = _group(r.range(first, stop).to_pylist(), first, stop) if r is not None else None
-        prof = s.analysis.get("profiles") or {}
-        out = []
-        for j, f in enumerate(range(first, stop)):
-            metrics = {k: _num(v) for k, v in m[j].items()}
-            rec = {
-                "sae": s.name,
-                "layer": s.layer,
-                "feature": f,
-                "d_sae": s.d_sae,
-                "alpha": s.alpha,
-                "labels": s.labels,
-                "metrics": metrics,
-                "healthy": bool(is_healthy(np.float64(metrics.get("fire_rate") or 0.0))),
-                "prev": f - 1 if f > 0 else None,
-                "next": f + 1 if f + 1 < s.d_sae else None,
-                "examples": _examples(parts[PROMPTS][j]) if parts[PROMPTS] is not None else [],
-                "profile": _profile(parts[PROFILES][j], prof) if parts[PROFILES] is not None else None,
-                "neighbours": _neighbours(parts[NEIGHBOURS][j], s.name) if parts[NEIGHBOURS] is not None else None,
-                "logit_effects": _logits(parts[LOGIT_EFFECTS][j]) if parts[LOGIT_EFFECTS] is not None else None,
-            }
-            missing = {}
-            if rec["profile"] is None or rec["neighbours"] is None or not rec["examples"]:
-                missing["analysis"] = "Re-run `python -m train analyze --out RUN` for profiles and neighbours."
-            if rec["logit_effects"] is None:
-                missing["logit_effects"] = LOGIT_EFFECTS_HOWTO
-            rec["missing"] = missing
-            out.append(rec)
-        return out
-
-
-def _group(rows: list[dict], first: int, stop: int) -> list[list[dict]]:
-    out: list[list[dict]] = [[] for _ in range(stop - first)]
-    for r in rows:
-        out[r["feature"] - first].append(r)
-    return out
-
-
-def _examples(rows: list[dict]) -> list[dict]:
-    """A feature's top contexts: each token with its value (null where the scan did not reach)."""
-    out = []
-    for r in sorted(rows, key=lambda r: r["rank"]):
-        tokens = r.get("context_tokens")
-        if tokens is not None:
-            values = rounded(r["context_activations"]) if r.get("context_activations") is not None else None
-            focus = r["context_focus"]
-        else:  # an analysis from before per-token values: the firing token alone is known
-            tokens = [r["context_before"], r["token"], r["context_after"]]
-            values, focus = None, 1
-        out.append(
-            {
-                "rank": r["rank"],
-                "activation": rounded([r["activation"]])[0],
-                "label": r["label"],
-                "role": r["role"],
-                "seq_id": r["seq_id"],
-                "position": r["position"],
-                "tokens": tokens,
-                "values": values,
-                "focus": focus,
-            }
+            parts[part] = group(r.range(first, stop).to_pylist(), first, stop) if r is not None else None
+        metrics = self._metrics[s.name].slice(first, stop - first).to_pylist()
+        return records(
+            s.name, s.layer, s.d_sae, s.alpha, s.labels, first, metrics, parts, s.analysis.get("profiles") or {}
         )
-    return out
-
-
-def _profile(rows: list[dict], denominators: dict) -> dict | None:
-    if not rows:
-        return None
-    r = rows[0]
-    prefix = "fire_rate_"
-    roles = {k[len(prefix) :]: v for k, v in r.items() if k.startswith(prefix) and k != "fire_rate_by_position"}
-    return {
-        "histogram": {"low": _num(r["hist_low"]), "high": _num(r["hist_high"]), "counts": r["hist_counts"]},
-        "fire_rate_by_role": dict(zip(roles, rounded([np.nan if v is None else v for v in roles.values()]))),
-        "rows_by_role": denominators.get("rows_by_role"),
-        "fire_rate_by_position": rounded(r["fire_rate_by_position"]),
-        "position_edges": denominators.get("position_edges"),
-    }
-
-
-def _neighbours(rows: list[dict], own: str) -> dict:
-    same = [{"feature": r["neighbour"], "cosine": rounded([r["cosine"]])[0]} for r in rows if r["sae"] == own]
-    other = [
-        {"sae": r["sae"], "feature": r["neighbour"], "cosine": rounded([r["cosine"]])[0]}
-        for r in rows
-        if r["sae"] != own
-    ]
-    return {"same": same, "other": other}
-
-
-def _logits(rows: list[dict]) -> dict | None:
-    if not rows:
-        return None
-    r = rows[0]
-
-    def side(kind):
-        return [
-            {"token": t, "token_id": i, "value": v}
-            for t, i, v in zip(r[f"{kind}_tokens"], r[f"{kind}_token_ids"], rounded(r[f"{kind}_values"]))
-        ]
-
-    out = {"promoted": side("top"), "suppressed": side("bottom")}
-    counts = r.get("hist_counts")
-    if counts and r.get("hist_low") is not None:
-        w = (r["hist_high"] - r["hist_low"]) / len(counts)
-        out["histogram"] = {
-            "centres": rounded([r["hist_low"] + w * (i + 0.5) for i in range(len(counts))]),
-            "counts": counts,
-        }
-    return out
