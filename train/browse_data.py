@@ -56,6 +56,23 @@ NUMERIC = tuple(c for c, _, kind in COLUMNS if kind in ("int", "float"))
 FLOATS = tuple(c for c, _, kind in COLUMNS if kind == "float")
 DIRECTIONS = ("", "correct↑", "wrong↑")
 MAX_PAGE_SIZE = 500
+# what a feature's record reads of its examples (the last three only for analyses made before
+# per-token values: then the firing token alone is shaded)
+RECORD_PROMPT_COLUMNS = [
+    "feature",
+    "rank",
+    "activation",
+    "label",
+    "role",
+    "seq_id",
+    "position",
+    "context_tokens",
+    "context_activations",
+    "context_focus",
+    "token",
+    "context_before",
+    "context_after",
+]
 
 
 @dataclass
@@ -120,6 +137,9 @@ class RunIndex:
         self.n = offset
         self._build_columns()
         self._build_search()
+        for info in self.saes:  # opened now, so the first feature page is as quick as the next
+            for filename in (PROMPTS, PROFILES, NEIGHBOURS, LOGIT_EFFECTS):
+                self.reader(info, filename)
         self._orders: dict[tuple[str, bool], np.ndarray] = {}
         self._orders_lock = threading.Lock()
 
@@ -161,25 +181,30 @@ class RunIndex:
 
         before, token, after = [], [], []
         tok_arrays, tok_rows = [], []
+        cols = ["feature", "rank", "token", "context_before", "context_after"]
         for s in self.saes:
             key = f"{s.key}/{PROMPTS}"
-            if not self.files.exists(key):
-                empty = pa.nulls(s.d_sae, pa.string())
-                before.append(empty), token.append(empty), after.append(empty)
-                continue
-            with self.files.open(key) as f:
-                t = pq.read_table(f, columns=["feature", "rank", "token", "context_before", "context_after"])
-            feat = t.column("feature").to_numpy()
-            top = np.flatnonzero(t.column("rank").to_numpy() == 0)
             where = np.full(s.d_sae, -1, np.int64)
-            where[feat[top]] = top
+            parts = {c: [] for c in cols[2:]}
+            if self.files.exists(key):
+                with self.files.open(key) as f:
+                    pf = pq.ParquetFile(f)
+                    n = 0
+                    for g in range(pf.metadata.num_row_groups):  # a row group at a time: bounded memory
+                        t = pf.read_row_group(g, columns=cols)
+                        feat = t.column("feature").to_numpy()
+                        top = np.flatnonzero(t.column("rank").to_numpy() == 0)
+                        where[feat[top]] = n + np.arange(len(top))
+                        n += len(top)
+                        for c in parts:
+                            parts[c].append(t.column(c).combine_chunks().take(pa.array(top)))
+                        tok_arrays.append(t.column("token").combine_chunks())
+                        tok_rows.append(feat.astype(np.int64) + s.offset)
             take = pa.array(np.where(where >= 0, where, 0))
             valid = pa.array(where >= 0)
             for out, col in ((before, "context_before"), (token, "token"), (after, "context_after")):
-                vals = t.column(col).combine_chunks().take(take)
-                out.append(pc.if_else(valid, vals, pa.scalar(None, pa.string())))
-            tok_arrays.append(t.column("token").combine_chunks())
-            tok_rows.append(feat.astype(np.int64) + s.offset)
+                vals = pa.concat_arrays(parts[col]) if parts[col] else pa.array([""], pa.string())
+                out.append(pc.if_else(valid, vals.take(take), pa.scalar(None, pa.string())))
         self.snippet = {
             "before": pa.concat_arrays(before),
             "token": pa.concat_arrays(token),
@@ -359,7 +384,11 @@ class RunIndex:
             ("logit_effects", LOGIT_EFFECTS),
         ):
             r = self.reader(s, filename)
-            parts[part] = group(r.range(first, stop).to_pylist(), first, stop) if r is not None else None
+            cols = None
+            if filename == PROMPTS and r is not None:
+                fallback = "context_tokens" not in r.columns
+                cols = RECORD_PROMPT_COLUMNS if fallback else RECORD_PROMPT_COLUMNS[:-3]
+            parts[part] = group(r.range(first, stop, cols).to_pylist(), first, stop) if r is not None else None
         metrics = self._metrics[s.name].slice(first, stop - first).to_pylist()
         return records(
             s.name, s.layer, s.d_sae, s.alpha, s.labels, first, metrics, parts, s.analysis.get("profiles") or {}

@@ -34,7 +34,7 @@ from .feature_stats import feature_metrics
 from .sae import TopKSAE
 from .scan import scan
 
-PROMPT_ROW_GROUP = 16384  # about 1k features of 16 examples
+PROMPT_ROW_GROUP = 4096  # 256 features of 16 examples: what the browser reads for one
 PROFILE_ROW_GROUP = 2048
 
 
@@ -100,7 +100,7 @@ def analyze(
     }
     profiles, denominators = feature_profiles(res.idx, res.vals, cols["roles"], cols["positions"], sae.d_sae)
     write_parquet(out_dir / "feature_metrics.parquet", fm)
-    # sorted by feature, in row groups of ~1k features: the browser reads one feature's rows
+    # sorted by feature, in small row groups: the browser reads one feature's rows
     write_parquet(out_dir / "feature_prompts.parquet", prompts, row_group_size=PROMPT_ROW_GROUP)
     write_parquet(out_dir / "feature_profiles.parquet", profiles, row_group_size=PROFILE_ROW_GROUP)
 

@@ -70,22 +70,24 @@ class FeatureRows:
         feats = self.file.read(columns=["feature"]).column("feature").to_numpy()
         if len(feats) and np.any(np.diff(feats) < 0):
             raise UserError(f"{files.url}/{key}: rows are not sorted by feature; re-run `python -m train analyze`")
-        self.features = feats
+        # where each feature's rows start (kept instead of the column: 8 bytes a feature, not 4 a row)
+        self.starts = np.searchsorted(feats, np.arange(int(feats.max(initial=-1)) + 2))
         md = self.file.metadata
         self.group_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        self.columns = set(self.file.schema_arrow.names)
+        self.columns = tuple(self.file.schema_arrow.names)
         self.lock = threading.Lock()
 
-    def range(self, first: int, stop: int):
-        """A pyarrow table of the rows of features [first, stop)."""
-        a = int(np.searchsorted(self.features, first, "left"))
-        b = int(np.searchsorted(self.features, stop, "left"))
+    def range(self, first: int, stop: int, columns: list[str] | None = None):
+        """A pyarrow table of the rows of features [first, stop) (of `columns`, those present)."""
+        cols = [c for c in columns if c in self.columns] if columns is not None else None
+        last = len(self.starts) - 1
+        a, b = int(self.starts[min(first, last)]), int(self.starts[min(stop, last)])
         if a == b:
-            return self.file.schema_arrow.empty_table()
+            return self.file.schema_arrow.empty_table().select(cols if cols is not None else list(self.columns))
         g0 = int(np.searchsorted(self.group_starts, a, "right")) - 1
         g1 = int(np.searchsorted(self.group_starts, b, "left"))
         with self.lock:
-            t = self.file.read_row_groups(list(range(g0, g1)))
+            t = self.file.read_row_groups(list(range(g0, g1)), columns=cols)
         return t.slice(a - int(self.group_starts[g0]), b - a)
 
 

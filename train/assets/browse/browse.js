@@ -124,17 +124,30 @@
       return allSnippets;
     }
     function order(c, field, desc) {
+      // Sorted by a native Float64Array sort of packed keys: the value's float32 bits made
+      // order-preserving (32 bits) above the row number (≤ 21 bits), exact in a double; NaN
+      // last either way, ties in run order.
       const k = field + (desc ? ":desc" : ":asc");
       if (!orders[k]) {
-        const x = c[field], n = x.length, o = new Int32Array(n);
-        for (let i = 0; i < n; i++) o[i] = i;
-        const arr = Array.from(o);
-        arr.sort((a, b) => { // NaN last either way; ties in run order
-          const va = x[a], vb = x[b], na = va !== va, nb = vb !== vb;
-          if (na || nb) return na === nb ? a - b : (na ? 1 : -1);
-          return va === vb ? a - b : (desc ? vb - va : va - vb);
-        });
-        orders[k] = Int32Array.from(arr);
+        const x = c[field], n = x.length, bits = Math.max(1, Math.ceil(Math.log2(n + 1)));
+        const f32 = new Float32Array(1), u32 = new Uint32Array(f32.buffer), scale = Math.pow(2, bits);
+        const keys = new Float64Array(n);
+        for (let i = 0; i < n; i++) {
+          const v = x[i];
+          let key;
+          if (v !== v) key = 0xffffffff;
+          else {
+            f32[0] = v;
+            const u = u32[0];
+            key = u & 0x80000000 ? ~u >>> 0 : (u | 0x80000000) >>> 0; // IEEE bits in numeric order
+            if (desc) key = 0xfffffffe - key;
+          }
+          keys[i] = key * scale + i;
+        }
+        keys.sort();
+        const o = new Int32Array(n);
+        for (let i = 0; i < n; i++) o[i] = keys[i] % scale;
+        orders[k] = o;
       }
       return orders[k];
     }
@@ -226,7 +239,7 @@
   function topCell(cell) {
     const t = cell.getValue();
     if (!t || t.token == null) return "";
-    const before = visible(t.before), keep = 28; // the firing token stays in view: long text before it is cut
+    const before = visible(t.before), keep = 20; // the firing token stays in view: long text before it is cut
     const shown = before.length > keep ? "…" + before.slice(before.length - keep) : before;
     return '<span class="snippet">' + esc(shown) + "<mark>" + esc(visible(t.token)) + "</mark>" + esc(visible(t.after)) + "</span>";
   }
