@@ -163,8 +163,8 @@ def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path,
     from .splice import sae_targets
 
     cfg = load_config(config_path, profile, overrides)
-    targets = sae_targets(cfg, sae_path, out_dir)
-    lm = load_model(cfg.model)
+    saes = [(name, load_sae(src), src, dst) for name, src, dst in sae_targets(cfg, sae_path, out_dir)]
+    lm = load_model(cfg.model)  # after the SAEs: a bad path fails before the model loads
     norm, head = final_norm_and_head(lm.model, lm.layers_path)
     names: dict[int, str] = {}
 
@@ -173,8 +173,7 @@ def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path,
             names[i] = lm.tokenizer.decode([i], skip_special_tokens=False)
         return names[i]
 
-    for name, src, dst in targets:
-        sae = load_sae(src)
+    for name, sae, src, dst in saes:
         if sae.d_in != lm.d_model:
             raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
         dst = Path(dst if dst is not None else (src if Path(src).is_dir() else Path(src).parent))

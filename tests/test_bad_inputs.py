@@ -191,6 +191,9 @@ CASES = [
         ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t10", "--set", "train.sweep=[{{d_sae=64}]"],
         "--set train.sweep[0]: missing key 'k'",
     ),
+    ("train", ["browse", "--out", "{d}/nope"], "no run.json here"),
+    ("train", ["browse", "--out", "{cache}"], "no run.json here"),
+    ("harvest", ["logit-effects", *TINY, "--sae", "{d}/nope.pt"], "no such SAE file or directory"),
 ]
 
 
