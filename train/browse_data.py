@@ -26,7 +26,7 @@ import numpy as np
 
 from cache_format.errors import UserError
 
-from .feature_records import group, records, rounded, scalar
+from .feature_records import group, records, rounded, rounded_table, scalar
 from .feature_stats import HEALTHY_FIRE_RATE, is_healthy
 from .run_reader import FeatureRows, RunFiles, sae_key
 
@@ -221,7 +221,8 @@ class RunIndex:
             enc = pa.concat_arrays(tok_arrays).dictionary_encode()
             codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
             rows = np.concatenate(tok_rows)
-            pair = np.unique(codes * (self.n + 1) + rows)  # (token, feature) once each, sorted by token
+            pair = np.sort(codes * (self.n + 1) + rows)  # (token, feature), sorted by token
+            pair = pair[np.r_[True, pair[1:] != pair[:-1]]]  # once each (np.unique hashes: slower here)
             self.token_dict = enc.dictionary
             self.token_rows = (pair % (self.n + 1)).astype(np.int32)
             self.token_starts = np.searchsorted(pair // (self.n + 1), np.arange(len(enc.dictionary) + 1))
@@ -388,7 +389,8 @@ class RunIndex:
             if filename == PROMPTS and r is not None:
                 fallback = "context_tokens" not in r.columns
                 cols = RECORD_PROMPT_COLUMNS if fallback else RECORD_PROMPT_COLUMNS[:-3]
-            parts[part] = group(r.range(first, stop, cols).to_pylist(), first, stop) if r is not None else None
+            rows = rounded_table(r.range(first, stop, cols)).to_pylist() if r is not None else None
+            parts[part] = group(rows, first, stop) if rows is not None else None
         metrics = self._metrics[s.name].slice(first, stop - first).to_pylist()
         return records(
             s.name, s.layer, s.d_sae, s.alpha, s.labels, first, metrics, parts, s.analysis.get("profiles") or {}

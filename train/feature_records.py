@@ -35,13 +35,36 @@ def scalar(v) -> Any:
 
 def rounded(values, digits: int = 4) -> list:
     """Floats to `digits` significant digits (NaN → None): what a page shows, and a smaller export."""
-    v = np.asarray(values, np.float64)
+    out = _round_array(np.asarray(values, np.float64), digits)
+    return [None if x != x else x for x in out.tolist()]
+
+
+def _round_array(v: np.ndarray, digits: int) -> np.ndarray:
     out = np.full(v.shape, np.nan)
     nz = np.isfinite(v) & (v != 0)
     scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(v[nz]))))
     out[nz] = np.round(v[nz] * scale) / scale
     out[v == 0] = 0.0
-    return [None if x != x else x for x in out.tolist()]
+    return out
+
+
+def rounded_table(table, digits: int = 4):
+    """A pyarrow table with its float columns (and lists of floats) rounded as `rounded` does and
+    NaN made null, in one vectorized pass per column: a block of 1,000 features has ~300k values."""
+    import pyarrow as pa
+
+    def fix(arr):
+        t = arr.type
+        if pa.types.is_floating(t):
+            v = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+            r = _round_array(v, digits)
+            return pa.array(r, pa.float64(), mask=np.isnan(r))
+        if pa.types.is_list(t) and pa.types.is_floating(t.value_type):
+            arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+            return pa.ListArray.from_arrays(arr.offsets, fix(arr.flatten()), mask=arr.is_null())
+        return arr
+
+    return pa.table({name: fix(table.column(name)) for name in table.column_names})
 
 
 def records(
@@ -96,13 +119,16 @@ def group(rows: list[dict], first: int, stop: int) -> list[list[dict]]:
     return out
 
 
+# The rows below come through `rounded_table`: floats already rounded, NaN already None.
+
+
 def _examples(rows: list[dict]) -> list[dict]:
     """A feature's top contexts: each token with its value (null where the scan did not reach)."""
     out = []
     for r in sorted(rows, key=lambda r: r["rank"]):
         tokens = r.get("context_tokens")
         if tokens is not None:
-            values = rounded(r["context_activations"]) if r.get("context_activations") is not None else None
+            values = r.get("context_activations")
             focus = r["context_focus"]
         else:  # an analysis from before per-token values: the firing token alone is known
             tokens = [r["context_before"], r["token"], r["context_after"]]
@@ -110,7 +136,7 @@ def _examples(rows: list[dict]) -> list[dict]:
         out.append(
             {
                 "rank": r["rank"],
-                "activation": rounded([r["activation"]])[0],
+                "activation": r["activation"],
                 "label": r["label"],
                 "role": r["role"],
                 "seq_id": r["seq_id"],
@@ -130,21 +156,17 @@ def _profile(rows: list[dict], denominators: dict) -> dict | None:
     prefix = "fire_rate_"
     roles = {k[len(prefix) :]: v for k, v in r.items() if k.startswith(prefix) and k != "fire_rate_by_position"}
     return {
-        "histogram": {"low": scalar(r["hist_low"]), "high": scalar(r["hist_high"]), "counts": r["hist_counts"]},
-        "fire_rate_by_role": dict(zip(roles, rounded([np.nan if v is None else v for v in roles.values()]))),
+        "histogram": {"low": r["hist_low"], "high": r["hist_high"], "counts": r["hist_counts"]},
+        "fire_rate_by_role": roles,
         "rows_by_role": denominators.get("rows_by_role"),
-        "fire_rate_by_position": rounded(r["fire_rate_by_position"]),
+        "fire_rate_by_position": r["fire_rate_by_position"],
         "position_edges": denominators.get("position_edges"),
     }
 
 
 def _neighbours(rows: list[dict], own: str) -> dict:
-    same = [{"feature": r["neighbour"], "cosine": rounded([r["cosine"]])[0]} for r in rows if r["sae"] == own]
-    other = [
-        {"sae": r["sae"], "feature": r["neighbour"], "cosine": rounded([r["cosine"]])[0]}
-        for r in rows
-        if r["sae"] != own
-    ]
+    same = [{"feature": r["neighbour"], "cosine": r["cosine"]} for r in rows if r["sae"] == own]
+    other = [{"sae": r["sae"], "feature": r["neighbour"], "cosine": r["cosine"]} for r in rows if r["sae"] != own]
     return {"same": same, "other": other}
 
 
@@ -156,7 +178,7 @@ def _logits(rows: list[dict]) -> dict | None:
     def side(kind):
         return [
             {"token": t, "token_id": i, "value": v}
-            for t, i, v in zip(r[f"{kind}_tokens"], r[f"{kind}_token_ids"], rounded(r[f"{kind}_values"]))
+            for t, i, v in zip(r[f"{kind}_tokens"], r[f"{kind}_token_ids"], r[f"{kind}_values"])
         ]
 
     out = {"promoted": side("top"), "suppressed": side("bottom")}
