@@ -39,7 +39,13 @@ class RunFiles:
             raise UserError(f"{self.url}/{key}: not valid JSON ({e}); re-run the step that wrote it") from None
 
     def exists(self, key: str) -> bool:
-        return self.loc.exists(key)
+        if self.loc.fs is None:
+            return self.loc.exists(key)
+        # ask the filesystem (a HEAD over HTTP): the store's own check GETs the whole object there
+        try:
+            return bool(self.loc.fs.exists(self.loc.path(key)))
+        except OSError as e:
+            raise UserError(f"{self.url}: cannot reach {key} ({e}); check that the run is reachable") from None
 
     def open(self, key: str):
         """A seekable binary file: pyarrow reads a parquet file's footer and row groups from it
