@@ -8,12 +8,13 @@ not enough: browsers refuse `fetch` there) without downloading the whole export:
     index.html, feature.html, compare.html, assets/      the pages, Tabulator
     data/meta.json                                       SAEs, columns, the first page of the index
     data/columns/<column>.bin                            one little-endian typed array per index column
+    data/orders/<column>.<asc|desc>.bin                  the rows in each column's order (int32)
     data/snippets/<block>.json.gz                        top contexts, SNIPPET_BLOCK rows each
     data/search/tokens.json.gz, rows.bin                 token → features (the text search)
     data/features/<sae #>/<block>.json.gz                FEATURE_BLOCK feature records each
 
 Sorting and filtering then run in the page over the typed arrays (fetched on the first sort
-or filter); a feature page fetches one block. Pieces are gzip files that the page decompresses
+or filter; a sort fetches its order); a feature page fetches one block. Pieces are gzip files that the page decompresses
 itself, so any static server will do.
 """
 
@@ -90,6 +91,12 @@ def export_site(index: RunIndex, out_dir: str | Path, progress: bool = True) -> 
         dtype = DTYPES.get(field, "uint8" if field == "alive" else "float32")
         arr.astype(np.dtype(dtype).newbyteorder("<")).tofile(data / "columns" / f"{field}.bin")
         specs.append({"field": field, "dtype": dtype})
+
+    # every column's order, both ways, as the server sorts (a sort in the page is then one fetch)
+    (data / "orders").mkdir(parents=True)
+    for field in index.cols:
+        for desc in (False, True):
+            index.order(field, desc).astype("<i4").tofile(data / "orders" / f"{field}.{'desc' if desc else 'asc'}.bin")
 
     before, token, after = (index.snippet[k].to_pylist() for k in ("before", "token", "after"))
     for b, a in enumerate(range(0, index.n, SNIPPET_BLOCK)):
