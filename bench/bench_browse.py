@@ -272,7 +272,7 @@ def measure_server(run: Path, tmp: Path) -> dict:
     url = re.search(r"at (http://\S+/) ", line).group(1)
     startup = time.perf_counter() - t0
     out: dict = {"startup_s": round(startup, 2)}
-    d = driver(tmp / "profile-server")
+    d = driver(Path(tempfile.mkdtemp(dir=tmp, prefix="profile-")))  # a fresh browser: nothing cached
     try:
         d.get(url)  # warm: the browser's own first start is not the page's
         out["first_paint_ms"] = [round(page_load(d, url, "window.BROWSE.renderedAt"), 1) for _ in range(3)]
@@ -374,7 +374,7 @@ def measure_static(run: Path, site: Path, tmp: Path, sae: str, d_sae: int) -> di
     httpd.bytes = httpd.files = 0
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    d = driver(tmp / "profile-static")
+    d = driver(Path(tempfile.mkdtemp(dir=tmp, prefix="profile-")))  # a fresh browser: nothing cached
     try:
         out["first_paint_ms"] = round(page_load(d, url + "index.html", "window.BROWSE.renderedAt"), 1)
         out["first_page_fetched_kib"] = round(httpd.bytes / 1024, 1)
