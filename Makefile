@@ -111,7 +111,7 @@ vllm-env:
 # Each script measures one comparison side by side and prints where it wrote its results;
 # docs/benchmarks.md records the numbers. The trainer and SAELens-loader comparisons need
 # `make bench-peers-env` first.
-BENCHES ?= storage harvest loader trainer loader_saelens analysis
+BENCHES ?= storage harvest loader trainer loader_saelens analysis browse
 bench: install
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	set -e; for b in $(BENCHES); do echo "== bench/bench_$$b.py"; $(PY) bench/bench_$$b.py; done
