@@ -93,16 +93,15 @@ def measure(corpus: str, tokens: int, threads: int, mode: str) -> dict:
 
     from harvest import tiny
     from harvest.config import load_config
-    from harvest.corpus_plan import PlannedUnits
-    from harvest.plan import Unit
+    from harvest.corpus import PlannedUnits
 
     tok = AutoTokenizer.from_pretrained(str(tiny.assets()))
     if mode == "per-document":  # what planning did before: one call per document, one thread
-        from harvest import data
         from harvest.config import CorpusSource
+        from harvest.corpus import iter_documents
 
         t0, n = time.perf_counter(), 0
-        for text in data.iter_documents(CorpusSource("gen", corpus), 0):
+        for text in iter_documents(CorpusSource("gen", corpus), 0):
             n += len(list(tok(text, add_special_tokens=False)["input_ids"])) + 1
             if n >= tokens:
                 break
@@ -113,7 +112,7 @@ def measure(corpus: str, tokens: int, threads: int, mode: str) -> dict:
         [f'corpus.sources=[{{name="gen", path="{corpus}"}}]', "corpus.seq_len=1024", "harvest.segment_sequences=64"],
         **{"corpus.tokens": tokens, "corpus.tokenizer_threads": threads, "harvest.source": "corpus"},
     )
-    units = PlannedUnits(cfg, tok, set(), [], Unit)
+    units = PlannedUnits(cfg, tok, set(), [])
     t0, n = time.perf_counter(), 0
     for u in units:
         n += u.n_tokens
@@ -130,8 +129,7 @@ def memory(tokens: int, units: int = 8) -> dict:
 
     from harvest import tiny
     from harvest.config import load_config
-    from harvest.corpus_plan import PlannedUnits
-    from harvest.plan import Unit
+    from harvest.corpus import PlannedUnits
 
     tok = AutoTokenizer.from_pretrained(str(tiny.assets()))
     cfg = load_config(
@@ -139,7 +137,7 @@ def memory(tokens: int, units: int = 8) -> dict:
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # KiB on Linux
     t0 = time.perf_counter()
-    plan = PlannedUnits(cfg, tok, set(), [], Unit)
+    plan = PlannedUnits(cfg, tok, set(), [])
     t1 = time.perf_counter()
     for i, _ in enumerate(plan):
         if i + 1 == units:

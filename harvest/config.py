@@ -1,7 +1,10 @@
 """Harvest's sections of `pipeline.toml`: the model, capture, and the two sources.
 
-Checks sit in each section's `__post_init__`, so a value a run could not use is refused in
-one line before any work, whether it came from the file, a profile, `--set` or code.
+Each default is written once, here; `pipeline.toml` documents the real run and a test keeps
+the two equal. Checks sit in each section's `__post_init__`, so a value a run could not use
+is refused in one line before any work, whether it came from the file, a profile, `--set` or
+code. The keys harvest shares with train (`[harvest].cache`, parts of `[train]` and
+`[analysis]`) are declared in `cache_format.shared_keys`, which both stages may import.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
 
 AUTO_CLASSES = ("auto", "image-text-to-text", "causal-lm")
 MAX_ROWS = 2**63 - 1  # a cache's row indices and seq_ids are int64 (cache_format.layout)
+# The value of model.name_or_path, supergpqa.dataset or a corpus source's path that names the
+# bundled tiny model, questions or corpus (`harvest.tiny`; the files are package data).
+TINY_NAME = "builtin:tiny"
+
+
+def tiny_assets() -> Path:
+    """`harvest/assets/tiny`: the tiny model's config and tokenizer, its questions and corpus."""
+    return Path(__file__).resolve().parent / "assets" / "tiny"
 
 
 @dataclass
@@ -56,7 +67,7 @@ class HarvestConfig(HarvestKeys):
     chunk_tokens: int = 4096  # rows per chunk (the loader's read unit)
     shard_mib: int = 256  # target size of one shard object
     segment_sequences: int = 256  # sequences per segment: the unit of commit and resume
-    mix_window: int = 0  # sequences permuted together at write time; 0 = write in order
+    mix_window: int = 256  # sequences permuted together at write time (the loader needs it to mix); 0 = in order
     mix_seed: int = 0
     queue_depth: int = 8  # batches in flight between the GPU and the writer threads
     writer_threads: int = 2  # segments compressed/committed in parallel (each in its own thread)
@@ -179,8 +190,30 @@ class PipelineConfig(Loaded):
     train: TrainKeys = shared_section(TrainKeys)  # the rest of [train] is train's
     analysis: AnalysisKeys = shared_section(AnalysisKeys)  # the rest of [analysis] is train's
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def source_selection(self) -> dict:
+        """What decides which sequences a run holds: a cache is appended to only with the same."""
+        if self.harvest.source == "supergpqa":
+            s = self.supergpqa
+            return {
+                "name": "supergpqa",
+                "dataset": s.dataset,
+                "revision": s.revision,
+                "split": s.split,
+                "seed": s.seed,
+                "enable_thinking": s.enable_thinking,
+                "max_new_tokens": s.max_new_tokens,
+                "prompt_format": s.prompt_format,
+                "force_answer": s.force_answer,
+            }
+        c = self.corpus
+        # a source's revision is checked against the commit its segments recorded (corpus.pin_revisions)
+        return {
+            "name": "corpus",
+            "seq_len": c.seq_len,
+            "seed": c.seed,
+            "mix": c.mix,
+            "sources": [{k: v for k, v in dataclasses.asdict(s).items() if k != "revision"} for s in c.sources],
+        }
 
 
 def load_config(

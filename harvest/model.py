@@ -20,7 +20,7 @@ import torch
 from cache_format.errors import UserError
 
 from . import tiny
-from .config import ModelConfig
+from .config import TINY_NAME, ModelConfig
 
 # Tried in order when `layers_path` is empty: Qwen3.5 multimodal, then common text stacks.
 LAYER_PATHS = (
@@ -74,7 +74,7 @@ class LoadedModel:
 
 def resolve_path(cfg: ModelConfig) -> tuple[str, dict]:
     """Return (path passed to from_pretrained, provenance extras). Builds the tiny model."""
-    if cfg.name_or_path == tiny.TINY_NAME:
+    if cfg.name_or_path == TINY_NAME:
         d = tiny.tiny_model_dir()
         return str(d), {
             "builtin": "tiny",

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import data
 from .config import SuperGPQAConfig
-from .grading import LETTERS, NO_ANSWER, THINK_END, grade
-from .prompts import prompt_ids
+from .supergpqa import LETTERS, NO_ANSWER, THINK_END, grade, prompt_ids, question_record
 from .vllm_backend import OnDone, VLLMBackend
 
 ANSWER_PREFIX = "Answer:"
@@ -143,7 +141,7 @@ def generate_rollouts(
 
     def on_done(i: int, resp: list, finished: bool) -> None:
         seq_id, q = questions[i]
-        r = Rollout(seq_id, prompts[i], list(resp), bool(finished), {**data.question_record(q)})
+        r = Rollout(seq_id, prompts[i], list(resp), bool(finished), {**question_record(q)})
         pending.append(r)
         made.append(r)
         stats["tokens"] += len(resp)

@@ -24,15 +24,17 @@ from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
 
-from . import corpus_plan, gpu, revisions
+from . import corpus, gpu
 from . import rollouts as ro
 from .backfill import add_layers
 from .capture import BackgroundWriter
 from .config import PipelineConfig
 from .model import ModelError, describe_model
-from .plan import Context, Unit, done_seq_ids, plan_units, source_selection
+from .plan import plan_units
+from .records import pin_dataset
 from .shared_work import SharedUnits
 from .unit_rollouts import generate_missing
+from .units import Context, Unit, done_seq_ids
 from .worker import WORKER, process_unit
 
 HOOK = "resid_post"
@@ -44,7 +46,7 @@ def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
         w = cf.open_cache(url, mode="a")
     except NotACacheError:  # nothing there, or a creation that was interrupted (create_cache finishes it)
         w = None
-    sel = source_selection(cfg)
+    sel = cfg.source_selection()
     if w is not None:
         return _check_same_run(cfg, info, w, sel), False
     try:
@@ -65,10 +67,10 @@ def _create(cfg: PipelineConfig, info: dict, layers: list[int], sel: dict):
             "meaning": "output of decoder layer N (0-based), the residual stream after it",
             "module_path": f"{info['provenance']['layers_path']}.N",
         },
-        "pipeline": cfg.to_dict(),
+        "pipeline": dataclasses.asdict(cfg),
     }
     if cfg.harvest.source == "supergpqa":  # a hub dataset is pinned to its commit at first use
-        meta["dataset_revision"] = revisions.pin_dataset(cfg.supergpqa.dataset, cfg.supergpqa.revision, None)
+        meta["dataset_revision"] = pin_dataset(cfg.supergpqa.dataset, cfg.supergpqa.revision, None)
     return cf.create_cache(
         url,
         d_model=info["d_model"],
@@ -115,7 +117,7 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
     if not layers:
         raise UserError("no layers given; pass --layers 11,31,55")
     if cfg.harvest.source == "corpus":
-        corpus_plan.check_tokens(cfg.corpus)  # before the model loads and the cache is made
+        corpus.check_tokens(cfg.corpus)  # before the model loads and the cache is made
     t0 = time.time()
     if cfg.harvest.torch_threads:
         torch.set_num_threads(cfg.harvest.torch_threads)
@@ -146,7 +148,7 @@ def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] |
             units, total = plan_units(cfg, info["tokenizer"], done, snap.segments, pin.get("commit"))
             if first:
                 summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
-                if isinstance(units, corpus_plan.PlannedUnits):  # where the streams restarted
+                if isinstance(units, corpus.PlannedUnits):  # where the streams restarted
                     summary["planned_from_sequence"] = units.resumed_from
                 log(
                     f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; "

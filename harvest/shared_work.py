@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from cache_format import seq_ranges
 from cache_format.claims import Claim, Claims, wait_for
 
-from .plan import Unit
+from .units import Unit
 
 
 class SharedUnits:

@@ -16,14 +16,13 @@ import json
 import os
 import shutil
 import threading
-from importlib import resources
 from pathlib import Path
 
 from cache_format.atomic import atomic_dir
 
-from .prompts import format_question
+from .config import tiny_assets as assets  # the bundled files; tests and benchmarks read them too
+from .supergpqa import format_question
 
-TINY_NAME = "builtin:tiny"
 SEED = 1234
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -53,10 +52,6 @@ RECIPE = {
     "questions": "even",  # chat renderings of the even-numbered questions only
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-
-def assets() -> Path:
-    return Path(str(resources.files("harvest") / "assets" / "tiny"))
 
 
 def cache_root() -> Path:

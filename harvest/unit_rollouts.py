@@ -20,14 +20,14 @@ from cache_format.stores import Location
 
 from . import rollouts as ro
 from .config import PipelineConfig
-from .plan import Unit, source_selection
 from .rollout_store import load_all_rollouts, save_generated, save_rollouts
+from .units import Unit
 
 
 def rollout_tag(cfg: PipelineConfig) -> str:
     """Sidecar files are keyed by what decides a rollout, so changed settings never reuse them."""
     sel = json.dumps(
-        [source_selection(cfg), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype], sort_keys=True
+        [cfg.source_selection(), cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype], sort_keys=True
     )
     return hashlib.sha256(sel.encode()).hexdigest()[:12]
 

@@ -22,8 +22,8 @@ from . import rollouts as ro
 from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
 from .config import PipelineConfig
 from .model import LoadedModel
-from .plan import Unit
 from .unit_rollouts import as_rollout, rows_of
+from .units import Unit
 
 
 def window_permutation(seed: int, first_seq_id: int, n_rows: int) -> np.ndarray:

@@ -21,9 +21,9 @@ from . import gpu
 from .capture import BackgroundWriter
 from .config import ModelConfig
 from .model import LoadedModel, load_model
-from .plan import Context, Unit
 from .unit_rollouts import ensure_rollouts
 from .unit_writer import capture_unit
+from .units import Context, Unit
 
 
 class WorkerState:

@@ -9,11 +9,11 @@ import pytest
 
 import cache_format as cf
 import harvest.run as hr
-from harvest import data
 from harvest import rollouts as ro
+from harvest import supergpqa
 from harvest.config import SuperGPQAConfig, load_config
 from harvest.model import load_model
-from harvest.prompts import prompt_ids
+from harvest.supergpqa import prompt_ids
 from harvest.vllm_backend import VLLMBackend
 
 STANDIN = str(Path(__file__).parents[1] / "standin")
@@ -64,7 +64,7 @@ def test_vllm_backend_saves_as_it_streams_and_resumes_after_a_crash(tmp_path, lm
     assert len([c for c in calls if c["call"] == "add_request"]) == 2  # the 3 streamed before the crash were kept
     prompts = [
         prompt_ids(lm.tokenizer, q, True, "answer-line")
-        for q in data.select_questions(data.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)
+        for q in supergpqa.select_questions(supergpqa.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)
     ]
     engine = next(c for c in calls if c["call"] == "LLM")
     assert engine["max_model_len"] == max(len(p) for p in prompts[3:]) + 6  # longest pending prompt + budget
@@ -81,7 +81,7 @@ def test_vllm_backend_saves_as_it_streams_and_resumes_after_a_crash(tmp_path, lm
 
 
 def test_transformers_generation_is_saved_batch_by_batch(lm):
-    qs = data.select_questions(data.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)
+    qs = supergpqa.select_questions(supergpqa.load_questions(SuperGPQAConfig(dataset="builtin:tiny")), 5, 100)
     cfg = SuperGPQAConfig(dataset="builtin:tiny", max_new_tokens=4, prompt_format="answer-line")
     saved = []
     made = ro.generate_rollouts(
@@ -100,11 +100,11 @@ def test_transformers_generation_is_saved_batch_by_batch(lm):
 
 
 def test_grading_records_why_an_answer_was_missing_and_that_it_was_forced(lm):
-    q = data.load_questions(SuperGPQAConfig(dataset="builtin:tiny"))[0]
+    q = supergpqa.load_questions(SuperGPQAConfig(dataset="builtin:tiny"))[0]
     prompt = prompt_ids(lm.tokenizer, q, True)
     for text, missing in [("still thinking about it", "thinking_unclosed"), ("hmm</think>\n\nNo idea.", "no_answer")]:
         r = ro.Rollout(
-            0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False, data.question_record(q)
+            0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False, supergpqa.question_record(q)
         )
         ro.grade_rollout(r, lm.tokenizer, SuperGPQAConfig(force_answer=True), lambda: lm)
         rec = r.record
@@ -115,7 +115,7 @@ def test_grading_records_why_an_answer_was_missing_and_that_it_was_forced(lm):
         tail = lm.tokenizer.decode(r.response_ids)
         assert tail.rstrip().endswith(f"Answer: {rec['parsed']}") and tail.count("</think>") == 1
         r2 = ro.Rollout(
-            0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False, data.question_record(q)
+            0, prompt, lm.tokenizer(text, add_special_tokens=False)["input_ids"], False, supergpqa.question_record(q)
         )
         ro.grade_rollout(r2, lm.tokenizer, SuperGPQAConfig(force_answer=False))
         assert r2.record["parsed"] is None and not r2.record["forced"] and not r2.record["correct"]

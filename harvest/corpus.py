@@ -1,11 +1,20 @@
-"""Streaming corpus planning: read, tokenize, mix and pack while the forward runs.
+"""The corpus stage: read → tokenize → mix → pack, streaming, into work units.
 
-Why: tokenizing the whole corpus into lists before the first forward costs ~40 bytes and
-5 µs per token (8 GB and a quarter of an hour at the 001 card's 200M tokens), and it was
-redone on every resume. Here documents are tokenized in batches by a background pool,
-mixed by token share, packed into `seq_len`-token sequences and handed out a unit at a time
-through a bounded queue. Each unit carries the planner's state at its end (the mixer's RNG,
-every source's document position, the document left open at the boundary); its segment
+- **Read.** Every reader streams (nothing holds a whole file) and can skip documents by
+  count: `.txt` (documents separated by blank lines) and `.jsonl` line by line, parquet by
+  record batches of its one text column, hub datasets with `datasets` streaming through a
+  seeded shuffle buffer, `builtin:tiny` cycling. Hub revisions are resolved to a commit at
+  first use and recorded in every segment, so a resume reads the same dataset version.
+- **Tokenize.** Documents are tokenized in batches by a background pool, each followed by
+  the separator (`<|endoftext|>` where the vocabulary has it, else EOS).
+- **Mix.** Weights are token shares (or per-document draw odds), drawn by a seeded generator.
+- **Pack.** Documents fill `seq_len`-token sequences across boundaries, no padding.
+
+Why streaming: tokenizing the whole corpus into lists before the first forward costs ~40
+bytes and 5 µs per token (8 GB and a quarter of an hour at the 001 card's 200M tokens), and
+it was redone on every resume. Here units are handed out one at a time through a bounded
+queue while the forward runs. Each unit carries the planner's state at its end (the mixer's
+RNG, every source's document position, the document left open at the boundary); its segment
 records it, so a re-run restarts from the last committed unit instead of the beginning.
 """
 
@@ -16,17 +25,28 @@ import itertools
 import json
 import os
 import queue
+import random
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from . import data, revisions
-from .config import CorpusConfig, PipelineConfig
+from cache_format.errors import UserError
+
+from .config import TINY_NAME, CorpusConfig, CorpusSource, PipelineConfig, tiny_assets
+from .records import (
+    LOCAL_SUFFIXES,
+    DataError,
+    a_json_type,
+    is_hub_path,
+    json_lines,
+    resolve_revision,
+    utf8_lines,
+)
+from .units import Unit
 
 STATE_KEY = "plan"  # segment meta: the planner state after the unit's last sequence
 ROWS_KEY = "rows_by_source"  # segment meta: {source name: rows}, what `cache_format info` sums into shares
@@ -34,11 +54,206 @@ BATCH_DOCS = 64  # documents per tokenizer call
 MIX_MODES = ("tokens", "documents")
 
 
+# ---------------------------------------------------------------------------------------
+# read: every reader streams and can skip documents by count
+
+
+def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = "") -> Iterator[str]:
+    """Documents of one source after the first `skip`, in a fixed order for the seed.
+
+    Local files keep their order; the hub is streamed through a seeded shuffle buffer, so a
+    resume replays (reads, never tokenizes) the documents it skips; `builtin:tiny` cycles.
+    """
+    if src.path == TINY_NAME:
+        docs = [d.strip() for d in (tiny_assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
+        yield from itertools.islice(_cycle_shuffled(docs, seed), skip, None)
+        return
+    p = Path(src.path).expanduser()
+    if p.suffix in LOCAL_SUFFIXES or p.exists():
+        if not p.is_file():
+            raise DataError(f"corpus source {src.name!r}: file {src.path} does not exist; fix corpus.sources path")
+        if src.revision:
+            raise DataError(
+                f"corpus source {src.name!r}: revision {src.revision!r} applies to hub datasets only; "
+                "remove it for the local file"
+            )
+        if p.suffix == ".parquet":
+            yield from _parquet_texts(p, src, skip)
+        elif p.suffix in (".jsonl", ".json"):
+            yield from itertools.islice(_jsonl_texts(p, src), skip, None)
+        else:
+            yield from itertools.islice(_txt_docs(p), skip, None)
+        return
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(
+            src.path, src.subset or None, split=src.split, streaming=True, revision=revision or src.revision or None
+        )
+        ds = ds.shuffle(seed=seed, buffer_size=10_000)
+    except Exception as e:
+        raise DataError(
+            f"corpus source {src.name!r}: cannot stream {src.path!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "check the id or use a local file"
+        ) from None
+    where = f"corpus source {src.name!r} ({src.path}) record"
+    for i, r in enumerate(itertools.islice(ds, skip, None)):
+        yield _field_text(r, src, f"{where} {skip + i}")
+
+
+MAX_TOKENS_PER_BYTE = 4
+
+
+def token_bound(src: CorpusSource) -> int | None:
+    """The most tokens a local text source can give, from its size alone, so that a --tokens it
+    cannot reach is refused before any planning; None where no size bounds it: `builtin:tiny`
+    cycles, a hub stream's size is unknown before reading it, and parquet's sizes are of its
+    encoding (a dictionary-encoded column is far smaller than its text).
+
+    Why 4 a byte: a byte-level BPE (Qwen's) emits at most one token per byte of its normalized
+    text, NFC normalization at most triples a text's bytes, and each document adds one EOS for
+    at least two bytes of the file (text bytes never exceed the file's, JSON escapes included).
+    Real text gives about 0.25, so this catches only the impossible; a run that asks for more
+    than a source really holds still commits what it gave and ends in one line.
+    """
+    p = Path(src.path).expanduser()
+    if src.path == TINY_NAME or p.suffix == ".parquet" or not p.is_file():
+        return None
+    return MAX_TOKENS_PER_BYTE * p.stat().st_size
+
+
+def _cycle_shuffled(docs: list[str], seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    while True:  # the bundled corpus is small: cycle it in fresh seeded orders
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        for i in order:
+            yield docs[i]
+
+
+def _txt_docs(p: Path) -> Iterator[str]:
+    """Documents separated by blank lines, read line by line."""
+    lines: list[str] = []
+    for _, line in utf8_lines(p):
+        if line.strip("\n"):
+            lines.append(line)
+            continue
+        doc = "".join(lines).strip()
+        lines = []
+        if doc:
+            yield doc
+    doc = "".join(lines).strip()
+    if doc:
+        yield doc
+
+
+def _jsonl_texts(p: Path, src: CorpusSource) -> Iterator[str]:
+    for i, r in json_lines(p):
+        yield _field_text(r, src, f"{p}:{i}")
+
+
+def _parquet_texts(p: Path, src: CorpusSource, skip: int) -> Iterator[str]:
+    """One column in record batches; whole row groups before `skip` are not even read."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(p)
+    if src.text_field not in f.schema_arrow.names:
+        raise DataError(
+            f"corpus source {src.name!r}: {p} has no column {src.text_field!r}; "
+            f"set text_field (columns: {', '.join(f.schema_arrow.names)})"
+        )
+    groups, n = [], 0
+    for g in range(f.num_row_groups):
+        rows = f.metadata.row_group(g).num_rows
+        if n + rows <= skip:
+            n += rows
+            continue
+        groups.append(g)
+    i = n
+    for batch in f.iter_batches(batch_size=1024, row_groups=groups, columns=[src.text_field]):
+        for v in batch.column(0).to_pylist():
+            if i >= skip:
+                yield _field_text({src.text_field: v}, src, f"{p} row {i}")
+            i += 1
+
+
+def _field_text(r: dict, src: CorpusSource, where: str) -> str:
+    """A record's text: its `text_field`, a string (or chat turns, joined). Anything else,
+    null included, is one line naming the record: storing "None" or a number's digits as a
+    document would put text in the cache that the source never held."""
+    if src.text_field not in r:
+        raise DataError(
+            f"{where} has no field {src.text_field!r}; set text_field of corpus source {src.name!r} "
+            f"(fields: {', '.join(sorted(r))})"
+        )
+    v = r[src.text_field]
+    if isinstance(v, list):  # chat-style conversations: join the turns' text
+        turns = []
+        for t in v:
+            text = (t.get("value") or t.get("content") or "") if isinstance(t, dict) else t
+            if not isinstance(text, str):
+                raise DataError(f"{where}: a turn of {src.text_field!r} is {a_json_type(text)}, not text")
+            turns.append(text)
+        v = "\n\n".join(turns)
+    if not isinstance(v, str):
+        raise DataError(f"{where}: {src.text_field!r} is {a_json_type(v)}, not text; give the record text or remove it")
+    return v
+
+
+def corpus_eos(tokenizer) -> int:
+    """The document separator: `<|endoftext|>` where the vocabulary has it (Qwen), else EOS."""
+    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+        return tid
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token to separate packed documents; set model.tokenizer")
+    return int(tokenizer.eos_token_id)
+
+
+# ---------------------------------------------------------------------------------------
+# hub revisions: pinned at first use, kept by a resume
+
+
+def recorded_revisions(segments) -> dict[str, dict]:
+    """{source name: {requested, commit}} from the committed segments (the latest wins)."""
+    out: dict[str, dict] = {}
+    for s in segments:
+        out.update((s.meta.get(STATE_KEY) or {}).get("revisions") or {})
+    return out
+
+
+def pin_revisions(sources: list[CorpusSource], segments) -> dict[int, dict]:
+    """{source index: {requested, commit}} for every hub source; refuses an explicit change."""
+    old = recorded_revisions(segments)
+    out = {}
+    for i, src in enumerate(sources):
+        if not is_hub_path(src.path):
+            continue
+        name = src.name or src.path
+        rec = old.get(name)
+        if rec is None:
+            out[i] = {"requested": src.revision, "commit": resolve_revision(src.path, src.revision)}
+        elif src.revision in ("", rec["requested"], rec["commit"]):
+            out[i] = rec
+        else:
+            raise UserError(
+                f"corpus source {name!r} was harvested at revision {rec['requested'] or 'main'!r} "
+                f"(commit {rec['commit'][:12]}), not {src.revision!r}; drop the revision to resume "
+                "or use another --cache"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# tokenize, mix, pack
+
+
 def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class SourcesExhausted(data.DataError):
+class SourcesExhausted(DataError):
     """Every corpus source ended before the run's --tokens."""
 
 
@@ -108,10 +323,10 @@ class Mixer:
 
     def __init__(self, weights: list[float], mode: str, seed: int, state: dict | None = None):
         if mode not in MIX_MODES:
-            raise data.DataError(f'corpus.mix {mode!r}: use "tokens" (weights are token shares) or "documents"')
+            raise DataError(f'corpus.mix {mode!r}: use "tokens" (weights are token shares) or "documents"')
         w = np.array(weights, dtype=float)
         if not len(w) or (w < 0).any() or w.sum() <= 0:
-            raise data.DataError("corpus.sources weights must be non-negative and not all zero")
+            raise DataError("corpus.sources weights must be non-negative and not all zero")
         self.weights, self.mode = w, mode
         self.rng = np.random.default_rng(seed)
         self.taken = [0] * len(w)
@@ -154,7 +369,7 @@ class CorpusPlanner:
         threads: int = 0,
     ):
         if not cfg.sources:
-            raise data.DataError("corpus.sources is empty; add at least one [[corpus.sources]] table")
+            raise DataError("corpus.sources is empty; add at least one [[corpus.sources]] table")
         st = state or {}
         self.seq_len = cfg.seq_len
         self.names = [s.name or s.path for s in cfg.sources]
@@ -171,7 +386,7 @@ class CorpusPlanner:
         commits = commits or {}
         self.streams = [
             TokenizedStream(
-                data.iter_documents(s, cfg.seed + 1 + i, skips[i], commits.get(i, "")), tokenize, self.pool, depth
+                iter_documents(s, cfg.seed + 1 + i, skips[i], commits.get(i, "")), tokenize, self.pool, depth
             )
             for i, s in enumerate(cfg.sources)
         ]
@@ -227,17 +442,17 @@ class CorpusPlanner:
 
 def check_tokens(c: CorpusConfig) -> None:
     """Refuse, before any planning or writing, a `corpus.tokens` the sources cannot give by their
-    size (`data.token_bound`); a mixture with a source of unknown size is not refused."""
-    bounds = [(s, data.token_bound(s)) for s in c.sources if s.weight > 0]
+    size (`token_bound`); a mixture with a source of unknown size is not refused."""
+    bounds = [(s, token_bound(s)) for s in c.sources if s.weight > 0]
     if not bounds or any(b is None for _, b in bounds):
         return
     most = sum(b for _, b in bounds)
     if c.tokens > most:
         size = sum(Path(s.path).expanduser().stat().st_size for s, _ in bounds)
-        raise data.DataError(
+        raise DataError(
             f"corpus.tokens = {c.tokens:,} is more than the corpus sources can give: "
             f"{', '.join(s.path for s, _ in bounds)} ({size:,} bytes) give at most {most:,} tokens "
-            f"({data.MAX_TOKENS_PER_BYTE} a byte, an upper bound); lower --tokens or add sources"
+            f"({MAX_TOKENS_PER_BYTE} a byte, an upper bound); lower --tokens or add sources"
         )
 
 
@@ -271,8 +486,8 @@ class PlannedUnits:
     """The units a corpus run still needs, planned in a background thread as the run consumes
     them (at most `ahead` units wait). `len()` and `n_tokens` are known without tokenizing."""
 
-    def __init__(self, cfg: PipelineConfig, tokenizer, done: set[int], segments, unit_cls, ahead: int = 2):
-        self.cfg, self.tokenizer, self.unit_cls, self.ahead = cfg, tokenizer, unit_cls, ahead
+    def __init__(self, cfg: PipelineConfig, tokenizer, done: set[int], segments, ahead: int = 2):
+        self.cfg, self.tokenizer, self.ahead = cfg, tokenizer, ahead
         c = cfg.corpus
         self.n_seq = -(-c.tokens // c.seq_len)
         self.per = max(1, cfg.harvest.segment_sequences)
@@ -285,29 +500,27 @@ class PlannedUnits:
         self.n_missing = self.n_seq - sum(held.values())
         self.n_tokens = self.n_missing * c.seq_len
         self.state = resume_state(segments, done) if self.n_missing else None
-        self.pins = revisions.pin(c.sources, segments) if self.n_missing else {}
+        self.pins = pin_revisions(c.sources, segments) if self.n_missing else {}
         self.resumed_from = self.state["next_seq"] if self.state else 0
-        self.error: data.DataError | None = None  # set when the sources ran out or held a bad record
+        self.error: DataError | None = None  # set when the sources ran out or held a bad record
 
     def __len__(self) -> int:
         return self.n_units
 
-    def _generate(self) -> Iterator[Any]:
+    def _generate(self) -> Iterator[Unit]:
         if not self.n_missing:  # a complete cache (or adding a layer to one) reads no source at all
             return
         c = self.cfg.corpus
         left = self.n_missing
         commits = {i: p["commit"] for i, p in self.pins.items()}
         recorded = {c.sources[i].name or c.sources[i].path: p for i, p in self.pins.items()}
-        planner = CorpusPlanner(
-            c, self.tokenizer, data.corpus_eos(self.tokenizer), self.state, commits, c.tokenizer_threads
-        )
+        planner = CorpusPlanner(c, self.tokenizer, corpus_eos(self.tokenizer), self.state, commits, c.tokenizer_threads)
         block: list[PackedSequence] = []
         try:
             while planner.next_seq < self.n_seq:
                 try:
                     s = planner.next_sequence()
-                except data.DataError as e:  # ran out, or a bad record: the run commits what it has, then says so
+                except DataError as e:  # ran out, or a bad record: the run commits what it has, then says so
                     self.error = e
                     return
                 if s.seq_index not in self.done:
@@ -323,12 +536,12 @@ class PlannedUnits:
         finally:
             planner.close()
 
-    def _unit(self, seqs: list[PackedSequence], state: dict):
+    def _unit(self, seqs: list[PackedSequence], state: dict) -> Unit:
         ids = [s.seq_index for s in seqs]
         rows = collections.Counter()
         for s in seqs:
             rows.update(s.rows)
-        return self.unit_cls(
+        return Unit(
             key=f"corpus:{ids[0]}-{ids[-1]}",
             source="corpus",
             seq_ids=ids,
@@ -337,7 +550,8 @@ class PlannedUnits:
             meta={STATE_KEY: state, ROWS_KEY: dict(rows)},
         )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Unit]:
+        # TODO(structure): the producer thread below becomes cache_format.concurrency.QueueThread.producer
         q: queue.Queue = queue.Queue(maxsize=max(1, self.ahead))
         stop = threading.Event()
         end = object()
