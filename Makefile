@@ -47,13 +47,13 @@ browser-deps:
 		else echo "chromium and chromium-driver are missing: the browser tests need them (apt-get install chromium chromium-driver, as root)"; fi; \
 	fi
 
-# On a CUDA machine (`python -m harvest.gpu detect`; ACTCACHE_CUDA=1|0 overrides it) also the
+# On a CUDA machine (`python -m harvest detect-gpu`; ACTCACHE_CUDA=1|0 overrides it) also the
 # fast Gated DeltaNet kernels: without them 48 of Qwen3.6-27B's 64 layers run torch's reference
 # code. causal-conv1d compiles against the installed torch, hence no build isolation.
 GPU_KERNELS ?= flash-linear-attention causal-conv1d
 PIP_GPU ?= $(PY) -m pip install -q --no-build-isolation
 gpu-kernels:
-	@if [ "$$($(PY) -m harvest.gpu detect)" = cuda ]; then \
+	@if [ "$$($(PY) -m harvest detect-gpu)" = cuda ]; then \
 		echo "CUDA found: installing $(GPU_KERNELS)"; \
 		$(PIP_GPU) $(GPU_KERNELS) || echo "could not install $(GPU_KERNELS) (a CUDA compiler or a matching wheel is needed): harvest runs torch's reference kernels"; \
 	else echo "no CUDA here: $(GPU_KERNELS) not installed (torch's reference kernels)"; fi

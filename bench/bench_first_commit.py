@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def committed(url: str) -> bool:
@@ -42,7 +41,8 @@ def committed(url: str) -> bool:
 
 def main() -> None:
     import psutil
-    from support import write_corpus
+
+    from harvest.tiny import write_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=str(ROOT), help="checkout whose harvest runs (its cwd)")

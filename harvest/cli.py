@@ -1,5 +1,6 @@
-"""The harvest command line: `python -m harvest run --layers 11,31,55 [--source ...]`, and
-`python -m harvest loss-recovered` (splice.py), both on the shared config flags."""
+"""The harvest command line, on the shared config flags: `python -m harvest run --layers
+11,31,55 [--source ...]`, `loss-recovered` (splice.py), `logit-effects` (logit_effects.py), and
+`detect-gpu` (what `make install` asks before adding the fast DeltaNet kernels)."""
 
 from __future__ import annotations
 
@@ -181,6 +182,17 @@ def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path,
             cols = logit_effects(norm, head, sae.W_dec.detach(), decode, top or TOP, chunk or CHUNK, progress=bar)
         write_logit_effects(dst / FILENAME, cols)
         print(f"logit-effects {name}: {sae.d_sae} features → {dst / FILENAME}", file=sys.stderr)
+
+
+@cli.command("detect-gpu", help="Print cuda or cpu: whether this machine has a CUDA GPU (ACTCACHE_CUDA=1|0 overrides).")
+def detect_gpu() -> None:
+    from .model import cuda_present
+
+    click.echo("cuda" if cuda_present() else "cpu")
+
+
+# TODO(structure): `python -m harvest config` (the effective merged configuration as TOML, each key
+# with its doc as a comment) goes here, on cache_format.config.render_toml, with run's flags.
 
 
 def main() -> None:

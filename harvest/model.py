@@ -1,16 +1,28 @@
-"""Load the base model and find its decoder layers.
+"""The base model: loading it onto its devices, finding its decoder layers, and which GPU a
+worker takes.
 
 The auto class matters for Qwen3.5/3.6: `AutoModelForImageTextToText` gives
 `Qwen3_5ForConditionalGeneration` (layers at `model.model.language_model.layers`), while
 `AutoModelForCausalLM` gives the text-only `Qwen3_5ForCausalLM` (`model.model.layers`).
 Both are accepted; the class and resolved path go into the cache's provenance so that anyone
 can rebuild the exact hook.
+
+GPU facts harvest acts on: is CUDA here (`python -m harvest detect-gpu` prints `cuda` or
+`cpu`; `make install` adds flash-linear-attention and causal-conv1d there), are the fast
+DeltaNet kernels installed, and which GPU each dask worker takes. Two environment variables
+are the seams that let CI (no GPU) test the decisions: `ACTCACHE_CUDA=1|0` overrides the
+detection, `ACTCACHE_GPU_COUNT=N` the number of GPUs a worker divides its slot by.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,3 +274,61 @@ def _provenance(cfg, path, model, cls, mcfg, layers_path, n_layers, extra) -> di
         "commit": getattr(mcfg, "_commit_hash", None),
         **extra,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# GPUs: detection, the fast kernels, a GPU per worker
+
+# The packages transformers' Qwen3.5 Gated DeltaNet imports for its fast path (else torch's reference code).
+FAST_KERNELS = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+
+
+def cuda_present() -> bool:
+    env = os.environ.get("ACTCACHE_CUDA", "")
+    if env:
+        return env.lower() in ("1", "true", "yes", "cuda")
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+def reference_kernel_note(model, device) -> str | None:
+    """One line when a model with Gated DeltaNet layers will run the reference kernels on a GPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = sum(t == "linear_attention" for t in (getattr(cfg, "layer_types", None) or []))
+    missing = [pip for mod, pip in FAST_KERNELS.items() if importlib.util.find_spec(mod) is None]
+    if not n or not missing:
+        return None
+    return (
+        f"harvest: {n} Gated DeltaNet layers run torch's reference kernels on {device} "
+        f"({' and '.join(missing)} not installed); `make install` on a CUDA machine installs them"
+    )
+
+
+def gpu_count() -> int:
+    env = os.environ.get("ACTCACHE_GPU_COUNT", "")
+    if env:
+        return int(env)
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_slots(workers: dict) -> dict[str, int]:
+    """{worker address: its index among the workers of its host}, ordered by name then address.
+
+    `workers` is dask's `scheduler_info()["workers"]`. Names need not be numbers.
+    """
+    by_host: dict[str, list] = defaultdict(list)
+    for addr, w in workers.items():
+        by_host[w.get("host") or addr.rsplit(":", 1)[0]].append((str(w.get("name", "")), addr))
+    return {addr: i for ws in by_host.values() for i, (_, addr) in enumerate(sorted(ws))}
+
+
+def device_for(slot: int) -> str | None:
+    """A worker's device: its own CUDA_VISIBLE_DEVICES when that names one GPU, else slot mod GPUs."""
+    n = gpu_count()
+    if not n:
+        return None
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return "cuda:0" if len(visible) == 1 else f"cuda:{slot % n}"

@@ -24,12 +24,12 @@ from cache_format.dask_client import dask_client
 from cache_format.errors import UserError
 from cache_format.ordering import CommitOrder
 
-from . import corpus, gpu
+from . import corpus
 from . import rollouts as ro
 from .backfill import add_layers
 from .capture import BackgroundWriter
 from .config import PipelineConfig
-from .model import ModelError, describe_model
+from .model import ModelError, describe_model, device_for, worker_slots
 from .plan import plan_units
 from .records import pin_dataset
 from .shared_work import SharedUnits
@@ -317,18 +317,18 @@ def _remote_unit(unit: Unit, ctx: Context) -> dict:
         worker = get_worker()
         device = getattr(worker, "actcache_device", None)  # set by pin_worker_devices when the run started
         if device is None:  # a worker that joined later: a numeric name is its slot, else slot 0
-            device = gpu.device_for(int(worker.name) if str(worker.name).isdigit() else 0)
+            device = device_for(int(worker.name) if str(worker.name).isdigit() else 0)
         ctx = dataclasses.replace(ctx, device=device)
     return process_unit(unit, ctx, defer=True)  # the coordinator commits it in plan order
 
 
 def _pin_device(slots: dict[str, int], dask_worker=None) -> str | None:
-    dask_worker.actcache_device = gpu.device_for(slots.get(dask_worker.address, 0))
+    dask_worker.actcache_device = device_for(slots.get(dask_worker.address, 0))
     return dask_worker.actcache_device
 
 
 def pin_worker_devices(client) -> dict[str, str | None]:
     """Give every worker of the cluster its own GPU (its slot among the workers of its host),
     whatever the workers' names; a worker started with one GPU in CUDA_VISIBLE_DEVICES keeps it."""
-    slots = gpu.worker_slots(client.scheduler_info()["workers"])
+    slots = worker_slots(client.scheduler_info()["workers"])
     return client.run(_pin_device, slots)

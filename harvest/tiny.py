@@ -1,4 +1,4 @@
-"""The embedded tiny model: a small Qwen3.5-architecture language model built offline.
+"""The embedded tiny model, tokenizer and data: a small Qwen3.5-architecture language model built offline.
 
 `make demo` and the tests need a model of the real architecture class
 (`Qwen3_5ForConditionalGeneration`, Gated DeltaNet + full attention layers) without any
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 import shutil
 import threading
 from pathlib import Path
@@ -206,6 +208,26 @@ def tokenizer_files(path: Path | None = None) -> dict[str, bytes]:
         if (path / name).is_file():
             out[name] = (path / name).read_bytes()
     return out
+
+
+def write_corpus(path, min_tokens: int) -> int:
+    """A corpus file of at least `min_tokens` tokens (EOS not counted) from the bundled documents,
+    for rehearsals and benchmarks at scale: variants of each document (two words prefixed) in
+    seeded shuffled passes, documents separated by blank lines. Returns its token count."""
+    from tokenizers import Tokenizer
+
+    base = [d.strip() for d in (assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
+    words = "amber basalt cedar delta ember fjord garnet harbor indigo juniper kelp lagoon".split()
+    variants = [f"{a} {b}: {d}" for a in words for b in words[:4] for d in base]
+    tok = Tokenizer.from_file(str(assets() / "tokenizer.json"))
+    per_pass = sum(len(e.ids) for e in tok.encode_batch(variants, add_special_tokens=False))
+    passes = math.ceil(min_tokens / per_pass)
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(passes):
+            rng.shuffle(variants)
+            f.write("\n\n".join(variants) + "\n\n")
+    return passes * per_pass
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 1024) -> None:

@@ -17,10 +17,9 @@ import torch
 import cache_format as cf
 from cache_format.commits import read_root
 
-from . import gpu
 from .capture import BackgroundWriter
 from .config import ModelConfig
-from .model import LoadedModel, load_model
+from .model import LoadedModel, load_model, reference_kernel_note
 from .unit_rollouts import ensure_rollouts
 from .unit_writer import capture_unit
 from .units import Context, Unit
@@ -46,7 +45,7 @@ class WorkerState:
             lm = self.loaded = load_model(model_cfg, device=device)
             self.model_key = key
             if not self.kernel_note_said:  # said at the first load, before any generation
-                note = gpu.reference_kernel_note(lm.model, lm.device)
+                note = reference_kernel_note(lm.model, lm.device)
                 if note:
                     self.kernel_note_said = True
                     print(note, file=sys.stderr)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -164,26 +162,6 @@ def shard_path(url, c, layer=1, si=0) -> str:
 def _rows(n, base):
     ids = np.arange(n) + base
     return dict(tokens=ids, seq_ids=ids, positions=np.zeros(n, np.int32))
-
-
-def write_corpus(path, min_tokens: int) -> int:
-    """Variants of the bundled documents in shuffled passes; returns its token count (EOS not counted)."""
-    from tokenizers import Tokenizer
-
-    from harvest import tiny
-
-    base = [d.strip() for d in (tiny.assets() / "corpus.txt").read_text().split("\n\n") if d.strip()]
-    words = "amber basalt cedar delta ember fjord garnet harbor indigo juniper kelp lagoon".split()
-    variants = [f"{a} {b}: {d}" for a in words for b in words[:4] for d in base]
-    tok = Tokenizer.from_file(str(tiny.assets() / "tokenizer.json"))
-    per_pass = sum(len(e.ids) for e in tok.encode_batch(variants, add_special_tokens=False))
-    passes = math.ceil(min_tokens / per_pass)
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(passes):
-            rng.shuffle(variants)
-            f.write("\n\n".join(variants) + "\n\n")
-    return passes * per_pass
 
 
 # -- train tests: a run small enough to finish in seconds on a `write_cache` cache -----------------------------------

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import psutil
 import pytest
-from support import write_corpus
 
 import cache_format as cf
 from harvest import run as hr
 from harvest.config import load_config
+from harvest.tiny import write_corpus
 
 BIG = 50_000_000
 SMALL = 1_000_000
