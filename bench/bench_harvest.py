@@ -4,7 +4,7 @@ Both arms run the same random-init Qwen3.5-architecture model over the same toke
 in one process, interleaved, with fixed threads:
 
 - bare:    the forward truncated at the deepest requested layer (a hook raises there), outputs dropped;
-- harvest: the real path (`harvest.unit_writer.capture_unit`): every requested layer captured in that
+- harvest: the real path (`harvest.units.capture_unit`): every requested layer captured in that
            forward, bf16 rows copied to the host, compressed and written to a real cache by the
            background writer, segments committed; timed until the last commit lands;
 - full:    the untruncated forward with the LM head, for what early stopping saves.
@@ -122,9 +122,8 @@ def main() -> None:
     from harvest.capture import BackgroundWriter, LayerCapture
     from harvest.config import load_config
     from harvest.model import LoadedModel, find_layers
-    from harvest.plan import Unit
     from harvest.tiny import assets
-    from harvest.unit_writer import capture_unit
+    from harvest.units import Unit, capture_unit
 
     layers = [int(x) for x in a.layers.split(",")]
     dtype = getattr(torch, a.dtype)

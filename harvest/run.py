@@ -1,43 +1,180 @@
 """`harvest run`: open or create the cache, add new layers, then capture what is missing.
 
-Units run in this process (one background writer thread per in-flight segment behind a bounded
-queue, so the forward loop never waits on compression or I/O) or as dask tasks, one model per
-worker process, each worker writing its own segments' objects. Either way commits land in plan
-order (cache_format.ordering), so identical runs commit identical logs.
+The run, in order (each step in a section below):
+
+- **Open or create** the cache, refusing one harvested with another model or source selection.
+- **Add layers** asked for after the rows were captured (or declared by an interrupted run):
+  rebuilt per committed segment by a fresh forward over the token ids the cache stores, so the
+  new layer lines up row for row; never regenerates.
+- **Plan** the units still missing (`harvest.units`): SuperGPQA questions by seed
+  (`harvest.supergpqa`; their rollouts generated first, `harvest.rollouts`), corpus units
+  streamed while the run goes (`harvest.corpus`).
+- **Share** them with every other `harvest run` on the same cache: a unit is claimed before
+  it is computed, and a unit a live process holds is waited for at the end.
+- **Run** the units in this process (one background writer thread per in-flight segment behind
+  a bounded queue, so the forward loop never waits on compression or I/O) or as dask tasks,
+  one model per worker process, each worker writing its own segments' objects. Either way
+  commits land in plan order (cache_format.ordering), so identical runs commit identical logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format.commits import NotACacheError
+from cache_format import seq_ranges
+from cache_format.claims import Claim, Claims, wait_for
+from cache_format.commits import NotACacheError, read_root
 from cache_format.creation import CacheExistsError
 from cache_format.dask_client import dask_client
-from cache_format.errors import UserError
+from cache_format.errors import CacheError, UserError
 from cache_format.ordering import CommitOrder
 
-from . import corpus
+from . import corpus, supergpqa
 from . import rollouts as ro
-from .backfill import add_layers
-from .capture import BackgroundWriter
-from .config import PipelineConfig
-from .model import ModelError, describe_model, device_for, worker_slots
-from .plan import plan_units
+from .capture import BackgroundWriter, LayerCapture, capture_batch
+from .config import ModelConfig, PipelineConfig
+from .model import LoadedModel, ModelError, describe_model, device_for, load_model, reference_kernel_note, worker_slots
 from .records import pin_dataset
-from .shared_work import SharedUnits
-from .unit_rollouts import generate_missing
-from .units import Context, Unit, done_seq_ids
-from .worker import WORKER, process_unit
+from .units import Context, Unit, capture_unit, done_seq_ids, fill_rollouts
 
 HOOK = "resid_post"
+
+
+def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """The whole `harvest run`: create or open the cache, add new layers, capture what is missing."""
+    log = log or (lambda s: None)
+    if cfg.harvest.hook != HOOK:
+        raise UserError(
+            f"harvest.hook {cfg.harvest.hook!r}: only {HOOK!r} (the output of decoder layer N) is "
+            'captured so far; set harvest.hook = "resid_post"'
+        )
+    layers = sorted(set(cfg.harvest.layers))
+    if not layers:
+        raise UserError("no layers given; pass --layers 11,31,55")
+    if cfg.harvest.source == "corpus":
+        corpus.check_tokens(cfg.corpus)  # before the model loads and the cache is made
+    t0 = time.time()
+    if cfg.harvest.torch_threads:
+        torch.set_num_threads(cfg.harvest.torch_threads)
+    info = describe_model(cfg.model)
+    bad = [x for x in layers if x >= info["n_layers"]]
+    if bad:
+        raise ModelError(
+            f"layer {bad[0]} is past the model's depth ({info['n_layers']} decoder layers, "
+            f"0..{info['n_layers'] - 1}); pass --layers within that range"
+        )
+    w, created = _open_or_create(cfg, info, layers)
+    summary: dict = {"cache": cfg.harvest.cache, "created": created, "source": cfg.harvest.source}
+    snap = w.snapshot()
+    new_layers = [L for L in layers if L not in snap.declared_layers]
+    backfill = [L for L in snap.declared_layers if L not in snap.layers]  # declared by an interrupted run
+    if new_layers or backfill:
+        summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
+    pin = (w.snapshot().meta.get("dataset_revision") or {}) if cfg.harvest.source == "supergpqa" else {}
+    ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
+    fanned_out = bool(cfg.harvest.workers or cfg.harvest.scheduler)
+    # Every pending question is generated first, behind one progress bar: vLLM alone on the GPU
+    # (capture loads after it exits), or this process's model. Dask workers running the
+    # transformers backend generate their own units instead.
+    generate_first = cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out)
+    shared = SharedUnits(w)  # other processes on this cache take units too: each is claimed first
+    rows = generated = 0
+    first = True
+    try:
+        while True:  # a pass over what is missing; then wait for units others hold, and plan again
+            snap = w.snapshot()
+            done = done_seq_ids(snap)
+            units, total = plan_units(cfg, info["tokenizer"], done, snap.segments, pin.get("commit"))
+            if first:
+                summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
+                if isinstance(units, corpus.PlannedUnits):  # where the streams restarted
+                    summary["planned_from_sequence"] = units.resumed_from
+                log(
+                    f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; "
+                    f"{len(units)} units to run"
+                )
+                first = False
+            if not len(units):
+                break
+            if generate_first:
+                pairs = [(s, q) for u in units for s, q in zip(u.seq_ids, u.questions)]
+                lm_factory = functools.partial(WORKER.model, cfg.model, None)  # loaded only if a rollout is missing
+                generated += ro.generate_missing(pairs, cfg, cfg.harvest.cache, lm_factory, info["tokenizer"], progress)
+            moved = shared.run_here + shared.found_done
+            rows += run_units(units, shared, ctx, cfg, progress)
+            if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
+                raise units.error
+            if not shared.skipped and shared.run_here + shared.found_done == moved:
+                break  # nothing was planned that could be run (never loop without progress)
+            if shared.skipped:
+                log(f"harvest: waiting for {len(shared.skipped)} units that other processes are harvesting")
+            if shared.wait_for_others():
+                log("harvest: taking over units whose process died")
+    finally:
+        shared.release_all()
+    if generate_first:
+        summary["generated"] = generated
+    # The summary describes the cache as committed, so every process sharing it prints the same outcome.
+    c = cf.open_cache(cfg.harvest.cache)
+    summary.update(
+        rows_written=rows,
+        units_run_here=shared.run_here,
+        n_tokens=c.n_tokens,
+        layers=c.layers,
+        segments=len(c.segments),
+        fingerprint=c.fingerprint,
+        seconds=round(time.time() - t0, 2),
+    )
+    if cfg.harvest.source == "supergpqa":
+        summary["outcomes"] = ro.outcome_counts(
+            [r for r in c.sequences().to_pylist() if r.get("source") == "supergpqa"]
+        )
+    return summary
+
+
+def plan_units(
+    cfg: PipelineConfig, tokenizer, done: set[int], segments=(), dataset_commit: str | None = None
+) -> tuple[list[Unit], int]:
+    """Units still to do, and the total number of sequences the run wants.
+
+    Corpus units are planned lazily while they run (`harvest.corpus`), restarting from
+    the planner state the committed `segments` recorded.
+    """
+    if cfg.harvest.source == "corpus":
+        units = corpus.PlannedUnits(cfg, tokenizer, done, segments)
+        return units, units.n_seq
+    per = cfg.supergpqa.questions_per_unit  # rollout units have their own size (corpus: segment_sequences)
+    qs = supergpqa.select_questions(
+        supergpqa.load_questions(cfg.supergpqa, dataset_commit), cfg.supergpqa.questions, cfg.supergpqa.seed
+    )
+    blocks: dict[int, list[tuple[int, Any]]] = {}
+    for i, q in enumerate(qs):
+        if i not in done:
+            blocks.setdefault(i // per, []).append((i, q))
+    units = []
+    for part in blocks.values():
+        ids = [i for i, _ in part]
+        units.append(
+            Unit(
+                key=f"{cfg.harvest.source}:{ids[0]}-{ids[-1]}",
+                source=cfg.harvest.source,
+                seq_ids=ids,
+                questions=[q for _, q in part],
+            )
+        )
+    return units, len(qs)
 
 
 def _open_or_create(cfg: PipelineConfig, info: dict, layers: list[int]):
@@ -105,95 +242,189 @@ def _check_same_run(cfg: PipelineConfig, info: dict, w, sel: dict):
     return w
 
 
-def run(cfg: PipelineConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """The whole `harvest run`: create or open the cache, add new layers, capture what is missing."""
-    log = log or (lambda s: None)
-    if cfg.harvest.hook != HOOK:
-        raise UserError(
-            f"harvest.hook {cfg.harvest.hook!r}: only {HOOK!r} (the output of decoder layer N) is "
-            'captured so far; set harvest.hook = "resid_post"'
-        )
-    layers = sorted(set(cfg.harvest.layers))
-    if not layers:
-        raise UserError("no layers given; pass --layers 11,31,55")
-    if cfg.harvest.source == "corpus":
-        corpus.check_tokens(cfg.corpus)  # before the model loads and the cache is made
-    t0 = time.time()
-    if cfg.harvest.torch_threads:
-        torch.set_num_threads(cfg.harvest.torch_threads)
-    info = describe_model(cfg.model)
-    bad = [x for x in layers if x >= info["n_layers"]]
-    if bad:
-        raise ModelError(
-            f"layer {bad[0]} is past the model's depth ({info['n_layers']} decoder layers, "
-            f"0..{info['n_layers'] - 1}); pass --layers within that range"
-        )
-    w, created = _open_or_create(cfg, info, layers)
-    summary: dict = {"cache": cfg.harvest.cache, "created": created, "source": cfg.harvest.source}
+# ---------------------------------------------------------------------------------------
+# adding layers to the rows already committed, from the stored sequences
+
+
+def add_layers(cfg: PipelineConfig, w, layers: list[int], progress: bool = True) -> list[int]:
+    """Backfill `layers` into every committed segment, from stored sequences: never regenerates.
+
+    Rows are rebuilt in each segment's stored order (write-time mixing included) by locating
+    every (seq_id, position) in a fresh forward over the stored token ids; the tokens are
+    checked against the stored rows before anything is written. Each (segment, layer) is
+    claimed first, so processes sharing the cache split the work; one a live process holds is
+    waited for at the end (and taken over if that process dies).
+    """
+    lm = WORKER.model(cfg.model, None)
+    lm.check_layers(layers)
+    bfs = {L: w.add_layer(L) for L in layers}
+    claims = Claims(w.loc, "backfill")
+    while True:
+        skipped = _backfill_pass(cfg, w, lm, bfs, claims, progress)
+        if not skipped:
+            return layers
+        wait_for(skipped, functools.partial(_committed, w), claims)  # then a pass over what is still pending
+
+
+def _committed(w, items: dict) -> list[str]:
+    """Names of (segment, layer) items whose layer is committed now (or whose segment was retracted)."""
+    live = {s.id: s for s in w.snapshot().segments}
+    return [n for n, (sid, L) in items.items() if sid not in live or L in live[sid].layers]
+
+
+def _backfill_pass(cfg: PipelineConfig, w, lm, bfs: dict, claims: Claims, progress: bool) -> dict:
+    """Backfill every pending (segment, layer) this process can claim; returns those others hold."""
+    from tqdm import tqdm
+
+    layers = sorted(bfs)
+    pending = {L: {s.id for s in bf.pending()} for L, bf in bfs.items()}
     snap = w.snapshot()
-    new_layers = [L for L in layers if L not in snap.declared_layers]
-    backfill = [L for L in snap.declared_layers if L not in snap.layers]  # declared by an interrupted run
-    if new_layers or backfill:
-        summary["added_layers"] = add_layers(cfg, w, sorted(set(new_layers) | set(backfill)), progress)
-    pin = (w.snapshot().meta.get("dataset_revision") or {}) if cfg.harvest.source == "supergpqa" else {}
-    ctx = Context(config=cfg, cache_url=cfg.harvest.cache)
-    fanned_out = bool(cfg.harvest.workers or cfg.harvest.scheduler)
-    shared = SharedUnits(w)  # other processes on this cache take units too: each is claimed first
-    rows = generated = 0
-    first = True
-    try:
-        while True:  # a pass over what is missing; then wait for units others hold, and plan again
-            snap = w.snapshot()
-            done = done_seq_ids(snap)
-            units, total = plan_units(cfg, info["tokenizer"], done, snap.segments, pin.get("commit"))
-            if first:
-                summary.update(sequences_total=total, sequences_done_before=len(done), units=len(units))
-                if isinstance(units, corpus.PlannedUnits):  # where the streams restarted
-                    summary["planned_from_sequence"] = units.resumed_from
-                log(
-                    f"harvest: {len(done)} of {total} sequences already in {cfg.harvest.cache}; "
-                    f"{len(units)} units to run"
-                )
-                first = False
-            if not len(units):
-                break
-            if cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out):
-                # Every pending question is generated first, behind one progress bar: vLLM alone on the
-                # GPU (capture loads after it exits), or this process's model. Dask workers running the
-                # transformers backend generate their own units instead.
-                generated += generate_missing(
-                    units, cfg, cfg.harvest.cache, lambda: WORKER.model(cfg.model, None), info["tokenizer"], progress
-                )
-            moved = shared.run_here + shared.found_done
-            rows += run_units(units, shared, ctx, cfg, progress)
-            if getattr(units, "error", None):  # the corpus ran out: what it filled is committed, then one line
-                raise units.error
-            if not shared.skipped and shared.run_here + shared.found_done == moved:
-                break  # nothing was planned that could be run (never loop without progress)
-            if shared.skipped:
-                log(f"harvest: waiting for {len(shared.skipped)} units that other processes are harvesting")
-            if shared.wait_for_others():
-                log("harvest: taking over units whose process died")
-    finally:
-        shared.release_all()
-    if cfg.harvest.source == "supergpqa" and (cfg.supergpqa.backend == "vllm" or not fanned_out):
-        summary["generated"] = generated
-    # The summary describes the cache as committed, so every process sharing it prints the same outcome.
-    c = cf.open_cache(cfg.harvest.cache)
-    summary.update(
-        rows_written=rows,
-        units_run_here=shared.run_here,
-        n_tokens=c.n_tokens,
-        layers=c.layers,
-        segments=len(c.segments),
-        fingerprint=c.fingerprint,
-        seconds=round(time.time() - t0, 2),
+    todo = [s for s in snap.segments if any(s.id in p for p in pending.values())]
+    if not todo:
+        return {}
+    seqs = snap.sequences()
+    tok_of = dict(zip(seqs.column("seq_id").to_pylist(), seqs.column("token_ids").to_pylist()))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    bs = max(1, cfg.harvest.batch_size)
+    skipped: dict[str, tuple[str, int]] = {}
+    bar = tqdm(
+        total=sum(s.n_rows for s in todo),
+        unit="tok",
+        unit_scale=True,
+        desc=f"add layers {layers}",
+        disable=not progress,
+        dynamic_ncols=True,
     )
-    if cfg.harvest.source == "supergpqa":
-        summary["outcomes"] = ro.outcome_counts(
-            [r for r in c.sequences().to_pylist() if r.get("source") == "supergpqa"]
+    for s in todo:
+        mine = {}
+        for L in layers:
+            if s.id in pending[L]:
+                name = f"{s.id}-layer{L}"
+                c = claims.take(name)
+                if c is None:
+                    skipped[name] = (s.id, L)
+                else:
+                    mine[L] = c
+        live = {x.id: x for x in w.snapshot().segments}  # committed since the pass began? then not again
+        for L in list(mine):
+            if s.id not in live or L in live[s.id].layers:
+                mine.pop(L).release()
+        try:
+            if mine:
+                _backfill_segment(lm, snap, s, tok_of, pad, bs, {L: bfs[L] for L in mine}, mine)
+        finally:
+            for c in mine.values():
+                c.release()  # normally released by its commit already
+        bar.update(s.n_rows)
+    bar.close()
+    return skipped
+
+
+def _backfill_segment(lm, snap, s, tok_of: dict, pad: int, bs: int, bfs: dict, claims: dict) -> None:
+    """One segment's claimed layers: a forward over its stored sequences, rows in its stored order."""
+    a, b = s.row_start, s.row_start + s.n_rows
+    sid = np.asarray(snap.seq_ids[a:b])
+    pos = np.asarray(snap.positions[a:b])
+    tokens = np.asarray(snap.tokens[a:b])
+    uniq = list(dict.fromkeys(sid.tolist()))
+    missing = [x for x in uniq if x not in tok_of]
+    if missing:
+        raise CacheError(f"segment {s.id}: sequence {missing[0]} has no stored token ids; cannot add a layer")
+    layers = sorted(bfs)
+    offsets, parts, off = {}, {L: [] for L in layers}, 0
+    with LayerCapture(lm.layers, layers) as cap:
+        for i in range(0, len(uniq), bs):
+            ids = uniq[i : i + bs]
+            hb = capture_batch(cap, lm.model, [tok_of[x] for x in ids], ids, pad, lm.device).ready()
+            for L in layers:
+                parts[L].append(hb.residuals[L])
+            for x in ids:
+                offsets[x] = off
+                off += len(tok_of[x])
+    index = np.fromiter((offsets[x] for x in sid.tolist()), np.int64, len(sid)) + pos
+    flat_tokens = np.concatenate([np.asarray(tok_of[x], np.int64) for x in uniq])
+    if not np.array_equal(flat_tokens[index], tokens):
+        raise CacheError(
+            f"segment {s.id}: stored sequences do not match its token rows; "
+            "the cache is inconsistent, run `python -m cache_format verify`"
         )
-    return summary
+    t = torch.from_numpy(index)
+    for L in layers:
+        bfs[L].write(
+            s.id, residuals={L: torch.cat(parts[L])[t]}, tokens=tokens, seq_ids=sid, positions=pos, claim=claims[L]
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# units shared with every other `harvest run` on the cache
+#
+# Any number of processes, on one machine or many, pointed at one cache with the same plan,
+# split the work with no coordinator (cache_format.claims): each claims the next free unit, so
+# a second teammate running the same `make harvest` helps the first. A claim is re-checked once
+# taken (the unit may have been committed since the plan was made), and the segment commits
+# only if no live segment holds its sequences yet (`once`), so even a claim lost to a pause
+# cannot commit a row twice. At the end a process waits for the units others hold: they get
+# committed (done), or their claimant dies and the unit is planned again here.
+
+
+class SharedUnits:
+    """One process's side of the sharing: the claims it holds and the units others held."""
+
+    def __init__(self, writer, scope: str = "harvest"):
+        self.w = writer
+        self.claims = Claims(writer.loc, scope)
+        self.skipped: dict[str, list[int]] = {}  # unit key → its seq_ids, held by a live process
+        self.held: list[Claim] = []
+        self.run_here = 0  # units this process claimed and computed
+        self.found_done = 0  # units committed by others between planning and claiming
+
+    def _live_runs(self) -> list:
+        return [(s.seq_ranges or [], s.id) for s in self.w.snapshot().segments]
+
+    def committed(self, seq_ids, live=None) -> bool:
+        """Whether a live segment holds any of `seq_ids` now (from the log: cheap)."""
+        return bool(seq_ranges.holders(seq_ranges.ranges_of(seq_ids), live if live is not None else self._live_runs()))
+
+    def claim(self, units: Iterable[Unit], on_skip=lambda unit: None) -> Iterator[tuple[Unit, Claim]]:
+        """The units this process gets to compute, each with its claim (released when its segment ends)."""
+        for u in units:
+            c = self.claims.take(u.key)
+            if c is None:
+                self.skipped[u.key] = list(u.seq_ids)
+                on_skip(u)
+                continue
+            self.held.append(c)
+            if self.committed(u.seq_ids):
+                c.release()
+                self.found_done += 1
+                on_skip(u)
+                continue
+            self.run_here += 1
+            yield u, c
+
+    def wait_for_others(self) -> bool:
+        """Wait until the units others held are committed, or their claimants died; True if
+        some must be planned again (here)."""
+        if not self.skipped:
+            return False
+
+        def done(items):
+            live = self._live_runs()
+            return [k for k, seq_ids in items.items() if self.committed(seq_ids, live)]
+
+        orphans = wait_for(self.skipped, done, self.claims)
+        self.skipped.clear()
+        return bool(orphans)
+
+    def release_all(self) -> None:
+        """Release every claim still held (a failed or interrupted run: others need not wait for it)."""
+        for c in self.held:
+            c.release()
+        self.held.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# running units: in this process (writer threads) or as dask tasks
 
 
 def run_units(units, shared: SharedUnits, ctx: Context, cfg: PipelineConfig, progress: bool) -> int:
@@ -332,3 +563,85 @@ def pin_worker_devices(client) -> dict[str, str | None]:
     whatever the workers' names; a worker started with one GPU in CUDA_VISIBLE_DEVICES keeps it."""
     slots = worker_slots(client.scheduler_info()["workers"])
     return client.run(_pin_device, slots)
+
+
+# ---------------------------------------------------------------------------------------
+# one process's side: its model and cache writer, reused by every unit it runs
+#
+# A process (this one, or a dask worker) loads the model once and opens the cache once; every
+# unit it is given captures through them, one capture at a time.
+
+
+class WorkerState:
+    """This process's model and cache writer (one of each, kept across units)."""
+
+    def __init__(self):
+        self.model_key: str | None = None
+        self.loaded: LoadedModel | None = None
+        self.writer = None
+        self.writer_url: str | None = None
+        self.kernel_note_said = False
+        # One model per process, hooked by one capture at a time: a dask worker with several threads
+        # (or several in-process workers) would otherwise mix two units' residuals in the same hooks.
+        self.lock = threading.RLock()
+
+    def model(self, model_cfg: ModelConfig, device: str | None) -> LoadedModel:
+        """The model for these settings, loaded on first use (or when the settings change)."""
+        key = repr((dataclasses.asdict(model_cfg), device))
+        if self.model_key != key:
+            lm = self.loaded = load_model(model_cfg, device=device)
+            self.model_key = key
+            if not self.kernel_note_said:  # said at the first load, before any generation
+                note = reference_kernel_note(lm.model, lm.device)
+                if note:
+                    self.kernel_note_said = True
+                    print(note, file=sys.stderr)
+        return self.loaded
+
+    def cache_writer(self, url: str):
+        """The cache at `url` opened for appending, once per process (again if it was recreated)."""
+        if self.writer is None or self.writer_url != url or read_root(self.writer.loc) != self.writer.root:
+            self.writer = cf.open_cache(url, mode="a")
+            self.writer_url = url
+        return self.writer
+
+
+WORKER = WorkerState()  # this process's
+
+
+def process_unit(
+    unit: Unit,
+    ctx: Context,
+    writer_thread: BackgroundWriter | None = None,
+    on_rows: Callable = lambda rows, nbytes: None,
+    turn=None,
+    defer: bool = False,
+    claim=None,
+) -> dict:
+    """Capture one unit and commit it as one segment (in `turn`'s place in the plan; or, with
+    `defer`, return its prepared record for the coordinator to commit), once: a segment whose
+    sequences another process committed first is dropped. `claim` (the unit's work claim) is
+    released when the segment ends. Returns counts for progress."""
+    cfg = ctx.config
+    threads = ctx.threads or cfg.harvest.torch_threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    own_thread = writer_thread is None
+    wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
+    with WORKER.lock:
+        lm = WORKER.model(cfg.model, ctx.device)
+        w = WORKER.cache_writer(ctx.cache_url)
+        if unit.source == "supergpqa" and not unit.token_ids:
+            fill_rollouts(unit, cfg, ctx.cache_url, lambda: lm, lm.tokenizer)
+        holder = capture_unit(lm, w, unit, cfg, wt, on_rows, turn, defer, claim)
+    if own_thread:
+        wt.close()
+    out = {
+        "unit": unit.key,
+        "rows": unit.n_tokens,
+        "sequences": len(unit.seq_ids),
+        "bytes": unit.n_tokens * len(w.layers) * w.d_model * 2,
+    }
+    if defer:
+        out["record"] = holder["uw"].seg.prepared
+    return out

@@ -1,22 +1,31 @@
-"""Rollout generation: saved as it finishes, resumed after a crash, and the vLLM driver's
-file protocol end to end against a stand-in `vllm` module (tests/standin)."""
+"""The rollouts stage: rows of rollouts match an independent forward and carry their roles and
+labels; generation is saved as it finishes, resumed after a crash, never repeated; grading
+records why an answer was missing and that it was forced; and the vLLM driver's file protocol,
+end to end, against a stand-in `vllm` module (tests/standin)."""
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from capture_reference import assert_matches, tiny_cfg
 
 import cache_format as cf
+import harvest
 import harvest.run as hr
 from harvest import rollouts as ro
 from harvest import supergpqa
 from harvest.config import SuperGPQAConfig, load_config
 from harvest.model import load_model
+from harvest.rollouts import VLLMBackend
 from harvest.supergpqa import prompt_ids
-from harvest.vllm_backend import VLLMBackend
 
 STANDIN = str(Path(__file__).parents[1] / "standin")
+DRIVER = str(Path(harvest.__file__).with_name("vllm_generate.py"))
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +128,104 @@ def test_grading_records_why_an_answer_was_missing_and_that_it_was_forced(lm):
         )
         ro.grade_rollout(r2, lm.tokenizer, SuperGPQAConfig(force_answer=False))
         assert r2.record["parsed"] is None and not r2.record["forced"] and not r2.record["correct"]
+
+
+def test_rollout_rows_match_and_carry_roles_and_labels(tmp_path, lm):
+    url = tmp_path / "gpqa"
+    hr.run(tiny_cfg(url, **{"harvest.layers": [2, 4]}), progress=False)
+    c = assert_matches(lm, url, [2, 4])
+    seqs = c.sequences().to_pylist()
+    assert len(seqs) == 6 and all(s["source"] == "supergpqa" for s in seqs)
+    roles, labels, sid = np.asarray(c.roles[:]), np.asarray(c.labels[:]), np.asarray(c.seq_ids[:])
+    pos = np.asarray(c.positions[:])
+    for s in seqs:
+        m = sid == s["seq_id"]
+        order = np.argsort(pos[m], kind="stable")  # rows may be written permuted (mix_window)
+        r, lab = roles[m][order], labels[m][order]
+        assert (r[: s["prompt_len"]] == cf.ROLE_PROMPT).all() and (lab[: s["prompt_len"]] == cf.LABEL_NONE).all()
+        resp = r[s["prompt_len"] :]
+        assert set(resp.tolist()) <= {cf.ROLE_THINKING, cf.ROLE_ANSWER}
+        assert (lab[s["prompt_len"] :] == (cf.LABEL_CORRECT if s["correct"] else cf.LABEL_WRONG)).all()
+        assert s["forced"] == s["truncated"]  # the tiny profile forces exactly the rollouts that did not answer
+        assert s["parsed"] in "ABCDEFGHIJ"[: s["n_options"]] and s["correct"] == (s["parsed"] == s["gold"])
+        assert (resp[-1] == cf.ROLE_ANSWER) and np.all(np.diff(resp) >= 0)  # thinking, then answer
+    # adding a layer later reuses the stored rollouts: nothing is generated again
+    shutil.rmtree(str(url) + ".rollouts")
+    s2 = hr.run(tiny_cfg(url, **{"harvest.layers": [6]}), progress=False)
+    assert s2["units"] == 0
+    assert_matches(lm, url, [2, 4, 6], seed=2)
+
+
+def test_generated_rollouts_are_never_generated_again(tmp_path, lm):
+    url = tmp_path / "gen"
+    flags = {"harvest.layers": [1], "supergpqa.questions": 4}
+    hr.run(tiny_cfg(url, **flags), progress=False)
+    first = cf.open_cache(url).sequences().to_pylist()
+    shutil.rmtree(url)  # as if the process died after generating, before any commit
+    # a backend that cannot run: any generation attempt would fail with a UserError
+    cfg = tiny_cfg(url, **flags, **{"supergpqa.backend": "vllm", "supergpqa.vllm.python": str(tmp_path / "none")})
+    hr.run(cfg, progress=False)
+    again = cf.open_cache(url).sequences().to_pylist()
+    assert [s["token_ids"] for s in again] == [s["token_ids"] for s in first]
+    # changed generation settings do not reuse them
+    cfg = tiny_cfg(
+        tmp_path / "other",
+        **flags,
+        **{"supergpqa.backend": "vllm", "supergpqa.max_new_tokens": 5, "supergpqa.vllm.python": str(tmp_path / "none")},
+    )
+    with pytest.raises(cf.UserError, match="make vllm-env"):
+        hr.run(cfg, progress=False)
+
+
+# -- the vLLM driver (harvest/vllm_generate.py), run as vLLM's interpreter runs it
+
+
+def test_driver_streams_finished_requests_with_stop_ids_and_flags(tmp_path):
+    req, out, log = tmp_path / "req.jsonl", tmp_path / "out.jsonl", tmp_path / "log.jsonl"
+    req.write_text("".join(json.dumps({"id": i, "prompt_ids": [1, 2, 3 + i]}) + "\n" for i in range(3)))
+    params = {
+        "model": "/models/x",
+        "revision": "abc",
+        "dtype": "bfloat16",
+        "max_new_tokens": 5,
+        "stop_ids": [9, 10],
+        "tensor_parallel_size": 2,
+        "max_model_len": 40,
+        "gpu_memory_utilization": 0.8,
+        "max_num_seqs": 0,
+        "enforce_eager": False,
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": STANDIN,
+        "STANDIN_LOG": str(log),
+        "STANDIN_RESPONSE": "[4, 5]",
+        "STANDIN_LENGTH": '["1"]',
+    }
+    subprocess.run(
+        [sys.executable, DRIVER, "--requests", str(req), "--out", str(out), "--params", json.dumps(params)],
+        env=env,
+        check=True,
+    )
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["vllm_version"] == "0.0-standin" and lines[0]["engine"]["tensor_parallel_size"] == 2
+    assert lines[1:] == [
+        {"id": 0, "response_ids": [4, 5, 9], "finished": True},  # the stop id is kept
+        {"id": 1, "response_ids": [7] * 5, "finished": False},  # cut by max_new_tokens
+        {"id": 2, "response_ids": [4, 5, 9], "finished": True},
+    ]
+    calls = _log(log)
+    engine = next(c for c in calls if c["call"] == "LLM")
+    assert engine == {
+        "call": "LLM",
+        "model": "/models/x",
+        "revision": "abc",
+        "dtype": "bfloat16",
+        "seed": 0,
+        "tensor_parallel_size": 2,
+        "max_model_len": 40,
+        "gpu_memory_utilization": 0.8,
+    }  # 0/false: vLLM's own
+    sp = next(c for c in calls if c["call"] == "SamplingParams")
+    assert sp["temperature"] == 0.0 and sp["max_tokens"] == 5 and sp["stop_token_ids"] == [9, 10]
+    assert [c["id"] for c in calls if c["call"] == "add_request"] == ["0", "1", "2"]

@@ -1,5 +1,6 @@
 """Resume after kill -9, and scale-out over a real dask LocalCluster."""
 
+import dataclasses
 import os
 import random
 import signal
@@ -9,10 +10,12 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import cache_format as cf
+from cache_format.stores import faults
 from harvest import run as hr
 from harvest.config import load_config
 
@@ -185,31 +188,34 @@ def test_a_later_unit_that_finishes_first_still_commits_after_the_earlier_one(tm
     assert units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0]))
 
 
-_SECOND_DONE = threading.Event()
+@dataclasses.dataclass
+class HoldFirstUnit(faults.Fault):
+    """A store hook that never fires: it holds the first unit's segment (seq_id 0) after writing its
+    sequences until the second unit's are written, so the coordinator sees the second result first."""
+
+    root: str = ""
+    second_written: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def hit(self, key: str, when: str) -> bool:
+        if when == "after" and key.endswith("/sequences.parquet"):
+            seq_ids = pq.read_table(os.path.join(self.root, key), columns=["seq_id"]).column(0).to_pylist()
+            if 0 in seq_ids:
+                assert self.second_written.wait(60), "the second unit never wrote its sequences"
+                time.sleep(0.3)  # ample time for the second unit's result to reach the coordinator first
+            else:
+                self.second_written.set()
+        return False
 
 
-def _held_remote_unit(unit, ctx):
-    """hr._remote_unit, but the first unit's result waits until the second's has returned
-    (module level so that dask's in-process workers can unpickle it by reference)."""
-    out = _ORIGINAL_REMOTE_UNIT(unit, ctx)
-    if unit.seq_ids[0] == 0:
-        assert _SECOND_DONE.wait(60), "the second unit never finished"
-    else:
-        _SECOND_DONE.set()
-    return out
-
-
-_ORIGINAL_REMOTE_UNIT = hr._remote_unit
-
-
-def test_dask_units_that_finish_out_of_order_still_commit_in_plan_order(tmp_path, monkeypatch):
+def test_dask_units_that_finish_out_of_order_still_commit_in_plan_order(tmp_path):
     """The same race on the dask path: the coordinator sees the second unit's result first."""
     from dask.distributed import LocalCluster
 
-    _SECOND_DONE.clear()
-    monkeypatch.setattr(hr, "_remote_unit", _held_remote_unit)
     url = tmp_path / "raced"
-    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster:
+    with (
+        LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster,
+        faults.armed(HoldFirstUnit(root=str(url))),
+    ):
         hr.run(cfg_for(url, 64 * 8, **{"harvest.scheduler": cluster.scheduler_address}), progress=False)
     units = [s.meta["unit"] for s in cf.open_cache(str(url)).segments]
     assert len(units) == 2 and units == sorted(units, key=lambda u: int(u.split(":")[1].split("-")[0]))

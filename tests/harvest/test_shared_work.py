@@ -1,5 +1,5 @@
 """Several `harvest run` processes on one cache share the work and commit each unit once
-(harvest/shared_work.py, cache_format/claims.py): no (seq_id, position) twice, no rollout
+(harvest/run.py, cache_format/claims.py): no (seq_id, position) twice, no rollout
 generated twice, no layer backfilled twice, and the rows and fingerprint of one uninterrupted run."""
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from cache_format import claims, commits, leases, ops
 from cache_format.stores import Location
 from harvest import run as hr
 from harvest.config import load_config
-from harvest.rollout_store import load_all_rollouts, rollouts_dir
-from harvest.unit_rollouts import rollout_tag
+from harvest.rollouts import load_all_rollouts, rollout_tag, rollouts_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ["corpus.seq_len=64", "harvest.segment_sequences=4", "harvest.batch_size=4", "harvest.chunk_tokens=128"]
