@@ -76,10 +76,9 @@ class PinnedPool:
 class LayerCapture:
     """Hooks that capture resid_post of `layers` and stop after the deepest."""
 
-    def __init__(self, decoder_layers: torch.nn.ModuleList, layers: list[int], stop_early: bool = True):
+    def __init__(self, decoder_layers: torch.nn.ModuleList, layers: list[int]):
         self.decoder_layers = decoder_layers
         self.layers = sorted(set(layers))
-        self.stop_early = stop_early
         self.outputs: dict[int, torch.Tensor] = {}
         self._handles = []
 
@@ -97,7 +96,7 @@ class LayerCapture:
     def _hook(self, layer: int, last: bool) -> Callable:
         def hook(module, args, output):
             self.outputs[layer] = output[0] if isinstance(output, tuple) else output
-            if last and self.stop_early:
+            if last:
                 raise _StopForward
 
         return hook
@@ -179,6 +178,7 @@ def capture_batch(
     return HostBatch(residuals, tokens, sids, positions, event, pool if event is not None else None)
 
 
+# TODO(structure): cache_format.concurrency.QueueThread (its `jobs` side) replaces BackgroundWriter.
 class BackgroundWriter:
     """A thread that runs submitted jobs in order behind a bounded queue (back-pressure).
 

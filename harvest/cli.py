@@ -144,7 +144,10 @@ def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path
     help="Each SAE feature's promoted and suppressed output tokens (decoder row → final norm → "
     "unembedding), stored as <sae>/logit_effects.parquet for `train browse`.",
 )
-@config_options(layers=False, cache_help="Unused (kept for the shared flags).")
+@config_options(
+    layers=False,
+    cache_help="A cache the SAEs were trained on: refused if another model harvested it (default: not checked).",
+)
 @click.option("--out", "out_dir", default=None, metavar="DIR", help="Training run directory (default [train].out).")
 @click.option(
     "--sae", "sae_path", default=None, metavar="PATH", help="One SAE (any supported layout) instead of a run's."
@@ -161,10 +164,14 @@ def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path,
 
     from .logit_effects import CHUNK, FILENAME, TOP, final_norm_and_head, logit_effects, write_logit_effects
     from .model import load_model
-    from .splice import sae_targets
+    from .splice import check_model_matches_cache, sae_targets
 
     cfg = load_config(config_path, profile, overrides)
     saes = [(name, load_sae(src), src, dst) for name, src, dst in sae_targets(cfg, sae_path, out_dir)]
+    if cache:  # the decoder rows mean something only through the model whose residuals they were trained on
+        import cache_format as cf
+
+        check_model_matches_cache(cfg.model.name_or_path, cf.open_cache(cache))
     lm = load_model(cfg.model)  # after the SAEs: a bad path fails before the model loads
     norm, head = final_norm_and_head(lm.model, lm.layers_path)
     names: dict[int, str] = {}

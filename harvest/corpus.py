@@ -72,9 +72,10 @@ def iter_documents(src: CorpusSource, seed: int, skip: int = 0, revision: str = 
     if p.suffix in LOCAL_SUFFIXES or p.exists():
         if not p.is_file():
             raise DataError(f"corpus source {src.name!r}: file {src.path} does not exist; fix corpus.sources path")
-        if src.revision:
+        hub_only = next((k for k in ("revision", "subset") if getattr(src, k)), None)
+        if hub_only:
             raise DataError(
-                f"corpus source {src.name!r}: revision {src.revision!r} applies to hub datasets only; "
+                f"corpus source {src.name!r}: {hub_only} {getattr(src, hub_only)!r} applies to hub datasets only; "
                 "remove it for the local file"
             )
         if p.suffix == ".parquet":

@@ -164,7 +164,7 @@ def loss_recovered(
 
 def heldout_sequences(cache, seed: int, fraction: float, limit: int) -> list[np.ndarray]:
     """Token ids of the first `limit` held-out sequences (the SAE's split), in cache order."""
-    from train.rundir import is_heldout
+    from train.rundir import is_heldout  # TODO(structure): cache_format.split.is_heldout
 
     table = cache.sequences()
     if table.num_rows == 0:

@@ -452,3 +452,11 @@ def test_a_hub_supergpqa_is_pinned_to_its_commit_and_a_local_file_is_not(fake_hu
     local = tmp_path / "q.jsonl"
     local.write_text("")
     assert pin_dataset(str(local), "main", None) is None and pin_dataset("builtin:tiny", "", None) is None
+
+
+def test_hub_only_keys_on_a_local_file_are_refused(tmp_path):
+    """`subset` names a hub dataset's config: on a local file it would be silently ignored."""
+    (tmp_path / "a.txt").write_text("one document.\n\nanother.\n")
+    with pytest.raises(DataError, match="subset 'sample-10BT' applies to hub datasets only"):
+        next(corpus.iter_documents(CorpusSource("a", str(tmp_path / "a.txt"), subset="sample-10BT"), 0))
+    assert list(corpus.iter_documents(CorpusSource("a", str(tmp_path / "a.txt")), 0)) == ["one document.", "another."]

@@ -48,3 +48,17 @@ def test_wrong_width_is_one_line(tmp_path):
     export_sae(sae, tmp_path / "sae", {"d_in": 32, "d_sae": 8, "k": 2, "layer": 1})
     r = CliRunner().invoke(logit_effects_cmd, ["--profile", "tiny", "--sae", str(tmp_path / "sae"), "--quiet"])
     assert r.exit_code != 0 and "d_in=32" in str(r.exception) and "hidden size is 64" in str(r.exception)
+
+
+def test_a_cache_harvested_from_another_model_is_refused(tmp_path):
+    """--cache is checked, not ignored: decoder rows mean something only through the model whose
+    residuals the SAE was trained on."""
+    from support import write_cache
+
+    sae = TopKSAE(64, 8, 2)
+    export_sae(sae, tmp_path / "sae", {"d_in": 64, "d_sae": 8, "k": 2, "layer": 1})
+    write_cache(str(tmp_path / "c"), d_model=64)  # harvested from "test/model"
+    args = ["--profile", "tiny", "--sae", str(tmp_path / "sae"), "--cache", str(tmp_path / "c"), "--quiet"]
+    r = CliRunner().invoke(logit_effects_cmd, args)
+    assert r.exit_code != 0 and "was harvested from 'test/model'" in str(r.exception)
+    assert not (tmp_path / "sae" / "logit_effects.parquet").exists()

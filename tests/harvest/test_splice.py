@@ -82,13 +82,19 @@ def test_zero_output_recovers_nothing(lm, sequences):
     assert out["kl_sae"] == pytest.approx(out["kl_zero"], rel=1e-4)
 
 
-def test_partial_sae_matches_hand_computed(lm, sequences):
+def test_partial_sae_matches_hand_computed(lm, sequences, monkeypatch):
     from harvest import splice
 
     # the decoder stack and the LM head run apart, so logits exist only a chunk of positions at a time
-    assert splice._head(lm.model) is not None
+    monkeypatch.setattr(splice, "POSITION_CHUNK", 4)
+    positions = []  # per call of the LM head
+    head = lm.model.get_output_embeddings().register_forward_hook(lambda m, a, o: positions.append(a[0].shape[1]))
     d, keep = lm.d_model, lm.d_model // 2  # decode only the first half of the dimensions (≈0.48 here)
-    out = loss_recovered(lm.model, lm.layers[LAYER], identity_sae(d, keep=keep), sequences, progress=False)
+    try:
+        out = loss_recovered(lm.model, lm.layers[LAYER], identity_sae(d, keep=keep), sequences, progress=False)
+    finally:
+        head.remove()
+    assert positions and max(positions) <= 4
 
     def keep_first(h):
         h = h.clone()
