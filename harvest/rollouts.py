@@ -507,14 +507,16 @@ def sequence_record(r: Rollout) -> dict:
     }
 
 
-def rows_of(tokenizer, token_ids: list[int], prompt_len: int, correct: bool, thinking: bool) -> tuple:
+def rows_of(
+    tokenizer, token_ids: list[int], prompt_len: int, correct: bool, thinking: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Roles and labels of a rollout's tokens (prompt, then thinking until `</think>`, then answer):
     response tokens carry the rollout's label, prompt tokens none."""
     response = token_ids[prompt_len:]
     n_p, n_r = prompt_len, len(response)
     roles = np.empty(n_p + n_r, np.int8)
     roles[:n_p] = cf.ROLE_PROMPT
-    end = tokenizer.convert_tokens_to_ids("</think>")
+    end = tokenizer.convert_tokens_to_ids(THINK_END)
     split = n_r
     if not thinking:
         split = 0
