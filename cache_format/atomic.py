@@ -3,6 +3,13 @@
 One home for every local file the pipeline publishes (checkpoints, exports, reports, sidecars).
 A failed write removes its temporary file before the error propagates, so a full disk leaves
 nothing behind but what was there before.
+
+Bytes reach the page cache in pieces of at most `PIECE` (`write_at`): a single larger write lets
+Linux (6.x, ext4 and xfs) put it in 2 MiB page-cache folios, and on a VM that hands its free
+memory back to the host (virtio-balloon free page reporting, as on this project's machines)
+each such folio is 2 MiB the host has to fault in afresh. Measured there, 512 MiB written 4 s
+after the last write cost 1.0–2.0 CPU-s/GB of system time in 2 or 16 MiB writes, and 0.2 in
+1 MiB or smaller ones; elsewhere the pieces cost nothing measurable.
 """
 
 from __future__ import annotations
@@ -21,6 +28,20 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+PIECE = 1 << 20
+
+
+def write_at(fd: int, data, offset: int) -> int:
+    """Write all of `data` (bytes or a buffer) at `offset` of the open file `fd`, in pieces of at
+    most `PIECE`; returns the offset after it."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view[:PIECE], offset)
+        offset += n
+        view = view[n:]
+    return offset
+
+
 def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None], *, fsync: bool = False) -> Path:
     """Publish `data` (bytes, text, or a function writing to the open binary file) at `path`."""
     path = Path(path)
@@ -30,7 +51,7 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
             if callable(data):
                 data(f)
             else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                write_at(f.fileno(), data.encode("utf-8") if isinstance(data, str) else data, 0)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

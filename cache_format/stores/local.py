@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-from ..atomic import write_atomic
+from ..atomic import write_at, write_atomic
 from ..commits import hasher
 from ..errors import CacheError, UserError
 from . import faults
@@ -249,12 +249,8 @@ class PartialFile(Upload):
             yield buf[:n]
 
     def append(self, data) -> None:
-        view = memoryview(data).cast("B")
         try:
-            while view:
-                n = os.pwrite(self.fd, view, self.offset)
-                self.offset += n
-                view = view[n:]
+            self.offset = write_at(self.fd, data, self.offset)
         except OSError as e:  # a full disk: the partial file stays, and the next copy continues it
             raise self.loc.write_error(self.key, e) from None
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cache_format.atomic import atomic_dir, atomic_path, write_atomic
+from cache_format.atomic import PIECE, atomic_dir, atomic_path, write_atomic
 
 
 def test_write_atomic_publishes_bytes_text_and_a_writer_function(tmp_path):
@@ -17,6 +17,15 @@ def test_write_atomic_publishes_bytes_text_and_a_writer_function(tmp_path):
     write_atomic(str(p), lambda f: f.write(b"from a function"))
     assert p.read_bytes() == b"from a function"
     assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_bytes_larger_than_a_write_piece_are_written_whole(tmp_path):
+    p = tmp_path / "big.bin"
+    data = os.urandom(PIECE * 5 // 2 + 3)  # pieces of PIECE, PIECE, PIECE // 2 + 3
+    write_atomic(p, data)
+    assert p.read_bytes() == data
+    write_atomic(p, memoryview(bytearray(data))[PIECE - 1 :])  # a view of a buffer, from mid-piece
+    assert p.read_bytes() == data[PIECE - 1 :]
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
