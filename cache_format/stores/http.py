@@ -10,6 +10,7 @@ URL) is refused in one line, not read as data.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import threading
@@ -35,13 +36,17 @@ def _session():
 
 
 class _Body:
-    """A streamed requests response, read into the caller's buffer."""
+    """A streamed requests response, read into the caller's buffer.
+
+    urllib3's `readinto` reads into a new bytes object and copies that over: every byte copied
+    twice, and fresh memory to fault in for every read. The http.client response under it
+    receives into the buffer itself. Either way the body is taken as sent (requests has urllib3
+    leave it undecoded; the request asks for `identity`), and the checksum judges it."""
 
     def __init__(self, r):
         self.r = r
-
-    def readinto(self, view) -> int:
-        return self.r.raw.readinto(view)
+        fp = getattr(r.raw, "_fp", None)  # urllib3 keeps the http.client response there
+        self.readinto = fp.readinto if isinstance(fp, http.client.HTTPResponse) else r.raw.readinto
 
     def close(self) -> None:
         self.r.close()
