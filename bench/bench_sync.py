@@ -9,26 +9,33 @@ peer alternating which goes first:
 
 - local → S3: ours vs s3fs's `put(recursive=True)` of the cache directory;
 - S3 → local: ours vs s3fs's `get(recursive=True)` of the same objects;
-- HTTP → local: ours vs fsspec's HTTPFileSystem `get` of every file's URL.
+- HTTP → local: ours vs fsspec's HTTPFileSystem `get` of every file's URL, from aiohttp's static
+  file server (sendfile: the server costs almost nothing, so this measures the clients' CPU),
+  and again behind a link of each `--links` speed (bench/paced_http.py: one budget of bytes per
+  second shared by every connection, as a remote server's transfers share a network link).
 
-S3 is moto's standalone server and HTTP is aiohttp's static file server (Range, sendfile), each
-in its own process on loopback. s3fs and fsspec are this project's own dependencies, so they run
-in this process (the issue's peers-in-their-own-environment rule is for sae-lens/sparsify).
-Ours does more per byte: it checks every object's size and BLAKE2b as the bytes pass, writes
-through resumable partial files / multipart uploads, and commits the log records; the peers
-copy bytes. Rates are the cache's bytes over wall seconds.
+S3 is moto's standalone server and the HTTP servers are aiohttp, each in its own process on
+loopback. s3fs and fsspec are this project's own dependencies, so they run in this process (the
+issue's peers-in-their-own-environment rule is for sae-lens/sparsify). Ours does more per byte:
+it checks every object's size and BLAKE2b as the bytes pass, writes through resumable partial
+files / multipart uploads, and commits the log records; the peers copy bytes. Rates are the
+cache's bytes over wall seconds; CPU is per GB, of this process (the client) and the server's.
+The BLAKE2b line is the floor of that check: hashlib's BLAKE2b-256 on this machine, CPU-s/GB.
 
     .venv/bin/python bench/bench_sync.py [--segments 1] [--shard-mib 256] [--repeats 3] [--threads 4]
+        [--links 10000,1000] [--only HTTP]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,6 +115,19 @@ def _cpu(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def blake2b_cpu_s_per_gb() -> float:
+    """CPU seconds per GB of hashlib's BLAKE2b-256 (the manifest's checksum) here, best of 3 over 256 MiB."""
+    data = memoryview(bytearray(os.urandom(1 << 20)) * 256)
+    best = float("inf")
+    for _ in range(3):
+        c = _cpu()
+        h = hashlib.blake2b(digest_size=32)
+        for a in range(0, len(data), 16 << 20):
+            h.update(data[a : a + (16 << 20)])
+        best = min(best, _cpu() - c)
+    return best * 1e9 / len(data)
+
+
 def timed(fn, server: int) -> tuple[float, float, float]:
     """(wall s, this process's CPU s, the server's CPU s) of one run."""
     c0, s0, t0 = _cpu(), _cpu(server), time.perf_counter()
@@ -121,6 +141,10 @@ def main(argv=None) -> None:
     ap.add_argument("--shard-mib", type=int, default=256, help="Raw MiB per shard (the format's default).")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument(
+        "--links", default="10000,1000", help="Link speeds (Mbit/s) to repeat the HTTP route behind; '' for none."
+    )
+    ap.add_argument("--only", default=None, help="Run only the routes whose name contains this (e.g. HTTP).")
     ap.add_argument("--json", default=None, help="Also write the results here.")
     args = ap.parse_args(argv)
 
@@ -128,6 +152,9 @@ def main(argv=None) -> None:
     import s3fs
 
     load_before = os.getloadavg()
+    links = [int(x) for x in args.links.split(",") if x.strip()]
+    floor = blake2b_cpu_s_per_gb()
+    print(f"BLAKE2b-256 (hashlib) here: {floor:.2f} CPU-s/GB", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     procs = []
     try:
@@ -153,8 +180,17 @@ def main(argv=None) -> None:
             "print=None, access_log=None)"
         )
         procs.append(subprocess.Popen([sys.executable, "-c", serve, str(tmp / "site"), str(http_port)]))
+        paced = {}  # link Mbit/s → (port, process)
+        script = str(Path(__file__).parent / "paced_http.py")
+        for mbit in links:
+            port = _port()
+            proc = subprocess.Popen([sys.executable, script, str(tmp / "site"), str(port), str(mbit)])
+            paced[mbit] = port, proc
+            procs.append(proc)
         _wait(s3_port, procs[0])
         _wait(http_port, procs[1])
+        for port, proc in paced.values():
+            _wait(port, proc)
         opts = {
             "endpoint_url": f"http://127.0.0.1:{s3_port}",
             "key": "bench",
@@ -165,7 +201,6 @@ def main(argv=None) -> None:
         s3.call_s3("create_bucket", Bucket="bench")
         s3.put(src, "bench/base", recursive=True)  # the S3 source both sides read
         http = fsspec.filesystem("http")
-        base_url = f"http://127.0.0.1:{http_port}/c"
 
         def clear_s3(prefix):
             if s3.exists(f"bench/{prefix}"):
@@ -190,16 +225,26 @@ def main(argv=None) -> None:
                 "s3fs get(recursive=True)",
                 moto_pid,
             ),
-            "HTTP → local": (
+        }
+
+        def http_route(port: int, pid: int):
+            base_url = f"http://127.0.0.1:{port}/c"
+            return (
                 lambda i: ops.sync(base_url, str(tmp / f"ours{i}"), threads=args.threads),
                 lambda i: http.get([f"{base_url}/{k}" for k in objects], [str(tmp / f"peer{i}" / k) for k in objects]),
                 lambda i: (clear_local(f"ours{i}"), clear_local(f"peer{i}")),
                 "fsspec HTTPFileSystem.get",
-                http_pid,
-            ),
-        }
+                pid,
+            )
+
+        routes["HTTP → local"] = http_route(http_port, http_pid)
+        for mbit, (port, proc) in paced.items():
+            routes[f"HTTP → local, {mbit / 1000:g} Gbit/s link"] = http_route(port, proc.pid)
+        if args.only:
+            routes = {k: v for k, v in routes.items() if args.only.lower() in k.lower()}
         results = {}
         for name, (ours, peer, clear, peer_name, server) in routes.items():
+            load = os.getloadavg()[0]
             runs: dict[str, list] = {"ours": [], "peer": []}
             for i in range(args.repeats):
                 pair = [("ours", ours), ("peer", peer)]
@@ -218,20 +263,27 @@ def main(argv=None) -> None:
                 # CPU seconds per GB of the best run: the client (this process) and the server process
                 "ours_cpu_s_per_GB": [round(c * 1e9 / total, 2) for c in best["ours"][1:]],
                 "peer_cpu_s_per_GB": [round(c * 1e9 / total, 2) for c in best["peer"][1:]],
+                # the client's CPU s/GB in the median run by CPU (less sensitive to a busy machine than the best wall)
+                "ours_client_cpu_median": round(statistics.median(r[1] for r in runs["ours"]) * 1e9 / total, 2),
+                "peer_client_cpu_median": round(statistics.median(r[1] for r in runs["peer"]) * 1e9 / total, 2),
                 "ours_s": [round(r[0], 3) for r in runs["ours"]],
                 "peer_s": [round(r[0], 3) for r in runs["peer"]],
+                "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
             }
             cpu = (results[name]["ours_cpu_s_per_GB"][0], results[name]["peer_cpu_s_per_GB"][0])
             print(
-                f"{name:<13} ours {rate['ours']:7.1f} MB/s   {peer_name} {rate['peer']:7.1f} MB/s   "
-                f"ratio {rate['ours'] / rate['peer']:.2f}   client CPU s/GB: ours {cpu[0]}, peer {cpu[1]}",
+                f"{name:<30} ours {rate['ours']:7.1f} MB/s   {peer_name} {rate['peer']:7.1f} MB/s   "
+                f"ratio {rate['ours'] / rate['peer']:.2f}   client CPU s/GB: ours {cpu[0]}, peer {cpu[1]}   "
+                f"load {load:.1f} → {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
 
-        full = ops.sync(src, str(tmp / "full"))["bytes"]
-        one = ops.sync(src, str(tmp / "one"), layers=[3])["bytes"]
-        partial = {"full_bytes": full, "one_layer_bytes": one, "ratio": round(one / full, 3)}
-        print(f"partial: one layer of three moves {one:,} of {full:,} bytes ({one / full:.3f}×)")
+        partial = None
+        if not args.only:
+            full = ops.sync(src, str(tmp / "full"))["bytes"]
+            one = ops.sync(src, str(tmp / "one"), layers=[3])["bytes"]
+            partial = {"full_bytes": full, "one_layer_bytes": one, "ratio": round(one / full, 3)}
+            print(f"partial: one layer of three moves {one:,} of {full:,} bytes ({one / full:.3f}×)")
         out = {
             "segments": args.segments,
             "shard_mib": args.shard_mib,
@@ -241,6 +293,8 @@ def main(argv=None) -> None:
             "bytes": total,
             "threads": args.threads,
             "repeats": args.repeats,
+            "links_mbit_s": links,
+            "blake2b_cpu_s_per_GB": round(floor, 3),
             "routes": results,
             "partial": partial,
             "load_average_before": load_before,
