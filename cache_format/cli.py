@@ -8,7 +8,8 @@ import click
 import numpy as np
 
 from . import ops
-from .errors import CacheError, UserError, run_cli
+from .commandline import parse_layers, run_cli
+from .errors import CacheError, UserError
 from .opener import open_cache
 from .stores import Location
 
@@ -131,7 +132,6 @@ def gc(url, older_than, retracted, dry_run, force, storage_options):
 @so_option
 def stats(url, layers, scheduler, as_json, storage_options):
     """Per-layer mean/std/norm recomputed from the shards with dask (one task per shard)."""
-    from .config import parse_layers
 
     so = _options(storage_options)
     c = open_cache(url, storage_options=so)
@@ -174,7 +174,6 @@ def sync(src, dst, storage_options, dst_options, layers, segments, tokens, dry_r
 
     With --layers, --segments or --tokens, DST becomes a partial copy of SRC (a new location,
     or a partial copy of SRC that this widens)."""
-    from .config import parse_layers
 
     so = _options(storage_options)
     dso = _options(dst_options) if dst_options else so

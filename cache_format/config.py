@@ -1,7 +1,11 @@
-"""The generic machinery of `pipeline.toml`: TOML, profiles, `--set`, unknown keys, types.
+"""The generic machinery of `pipeline.toml`: TOML, profiles, `--set`, unknown keys, types,
+field docs, and the effective configuration printed back as TOML.
 
 Each stage owns the schema of its sections (`harvest.config`, `train.config`) with its checks
-in `__post_init__`; keys that both stages read live in `cache_format.shared_keys`. A stage
+in `__post_init__`; keys that both stages read are declared here, at the end (`HarvestKeys`,
+`TrainKeys`, `AnalysisKeys`), where both may import them. Each field is written
+`name: T = setting(default, "one-line doc")`: the default once, in the schema, and the doc
+where `render_toml` (the stages' `config` commands) and `--help` find it. A stage
 loads the file through `load_sections` with its own schema: a dataclass whose fields are the
 sections it reads. Sections that another stage owns are named in the schema's `OTHER_SECTIONS`
 and left for that stage to check; a section the schema shares (`shared_section`) is checked for
@@ -17,7 +21,7 @@ import dataclasses
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -51,9 +55,41 @@ def check_ranges(section: Any, name: str, ranges: typing.Iterable[tuple[str, flo
             raise OutOfRange(f"{name}.{key}", v, f"at least {low}" if inclusive else f"above {low}")
 
 
-def shared_section(factory: Any) -> Any:
+def setting(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A schema field with its one-line doc: `layers: list[int] = setting([11, 31, 55], "...")`.
+
+    A list, dict or dataclass default is copied for each instance (no shared mutable default);
+    `factory` builds the default instead where it needs code."""
+    metadata = {"doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def shared_section(factory: Any, doc: str = "") -> Any:
     """A schema field for a section another stage owns, of which this stage reads some keys."""
-    return field(default_factory=factory, metadata={"shared": True})
+    return field(default_factory=factory, metadata={"shared": True, "doc": doc})
+
+
+def doc_of(schema: type, key: str) -> str:
+    """The doc of a (dotted) key of `schema`: `doc_of(PipelineConfig, "harvest.layers")`, for `--help`
+    texts and the `config` commands. A section's doc is its class docstring's first line."""
+    cls, parts = schema, key.split(".")
+    for i, part in enumerate(parts):
+        f = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        if f is None:
+            raise KeyError(f"{schema.__name__} has no key {'.'.join(parts[: i + 1])!r}")
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return f.metadata.get("doc") or (_first_line(tp) if dataclasses.is_dataclass(tp) else "")
+        cls = tp
+    return ""  # pragma: no cover
+
+
+def _first_line(cls: type) -> str:
+    return ((cls.__doc__ or "").strip().splitlines() or [""])[0]
 
 
 @dataclass
@@ -344,50 +380,120 @@ def _int_list(value: str | int, where: str) -> list[int]:
         raise ConfigError(f"{where}: expected comma-separated integers, got {value!r}") from None
 
 
-def config_options(f=None, *, layers: bool = True, cache_help: str = "Cache location (path or fsspec URL)."):
-    """The flags every stage's commands take: --config, --profile, --cache, [--layers,] --set.
-
-    Use bare (`@config_options`) or configured (`@config_options(layers=False, cache_help=...)`).
-    """
-    import click
-
-    def wrap(f):
-        f = click.option(
-            "--set",
-            "overrides",
-            multiple=True,
-            metavar="SECTION.KEY=VALUE",
-            help="Override any pipeline.toml key with a TOML literal.",
-        )(f)
-        if layers:
-            f = click.option(
-                "--layers",
-                default=None,
-                metavar="N,N,...",
-                help="Comma-separated layer numbers, as the model counts them.",
-            )(f)
-        f = click.option("--cache", default=None, metavar="URL", help=cache_help)(f)
-        f = click.option("--profile", default=None, help="Apply [profile.NAME] from pipeline.toml (e.g. tiny).")(f)
-        f = click.option(
-            "--config",
-            "config_path",
-            default=None,
-            metavar="PATH",
-            help="pipeline.toml to read (default: ./pipeline.toml, else the packaged copy).",
-        )(f)
-        return f
-
-    return wrap(f) if f is not None else wrap
+# ---------------------------------------------------------------------------------------
+# the effective configuration, as TOML
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """`--layers 11,31,55` → [11, 31, 55]; None stays None (the config decides)."""
-    if text is None or text == "":
-        return None
-    try:
-        layers = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"--layers {text!r}: expected comma-separated integers like 11,31,55") from None
-    if not layers or any(x < 0 for x in layers):
-        raise ConfigError(f"--layers {text!r}: layers are non-negative integers like 11,31,55")
-    return layers
+def as_table(section: Any) -> dict:
+    """A section (a dataclass instance) as the plain TOML table that would load back into it:
+    nested sections as tables, lists of sections as arrays of tables. What `render_toml` prints,
+    and what a test compares pipeline.toml's keys with (`as_table(Section())`: the defaults)."""
+    return {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section) if f.init}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return as_table(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def render_toml(cfg: Any, sections: Iterable[str] | None = None) -> str:
+    """The configuration `cfg` (a stage's loaded schema) as TOML, each key under its doc as a
+    comment; loaded back with `--config` it gives the same configuration.
+
+    `sections` picks and orders the sections (default: every section of the schema). A shared
+    section (`shared_section`) holds only the keys this stage reads; the comment says so."""
+    import tomlkit
+
+    names = [f.name for f in dataclasses.fields(cfg) if f.name not in _LOADED]
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    doc = tomlkit.document()
+    origin = f"from {cfg.source_path}" if getattr(cfg, "source_path", "") else "from the schema defaults"
+    profile = f", profile {cfg.profile}" if getattr(cfg, "profile", "") else ""
+    doc.add(tomlkit.comment(f"the effective configuration ({origin}{profile}, then --set and options)"))
+    for name in sections if sections is not None else names:
+        section = getattr(cfg, name)
+        doc.add(tomlkit.nl())
+        doc.add(tomlkit.comment(fields[name].metadata.get("doc") or _first_line(type(section))))
+        if fields[name].metadata.get("shared"):
+            doc.add(tomlkit.comment("(only the keys this stage reads; the stage that owns the section has the rest)"))
+        doc.add(name, _table(section) if dataclasses.is_dataclass(section) else tomlkit.item(_plain(section)))
+    return tomlkit.dumps(doc)
+
+
+def _table(section: Any):
+    """One section as a tomlkit table, scalars first (TOML puts sub-tables after them)."""
+    import tomlkit
+
+    table = tomlkit.table()
+    later = []
+    for f in dataclasses.fields(section):
+        if not f.init:
+            continue
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value) or (
+            isinstance(value, list) and value and dataclasses.is_dataclass(value[0])
+        ):
+            later.append((f, value))
+            continue
+        if f.metadata.get("doc"):
+            table.add(tomlkit.comment(f.metadata["doc"]))
+        table.add(f.name, tomlkit.item(_plain(value)))
+    for f, value in later:
+        if f.metadata.get("doc"):
+            table.add(tomlkit.comment(f.metadata["doc"]))
+        if isinstance(value, list):
+            aot = tomlkit.aot()
+            for item in value:
+                aot.append(_table(item))
+            table.add(f.name, aot)
+        else:
+            table.add(f.name, _table(value))
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# keys that more than one stage reads
+#
+# Each is the part of another stage's section that a stage needs: train reads where harvest
+# wrote (`[harvest].cache`); harvest's splice finds a run's SAEs, its held-out split and its
+# loss settings (`[train]`, `[analysis]`). The owning stage's section extends these classes,
+# so a key is declared once and has one default.
+
+
+@dataclass
+class HarvestKeys:
+    """`[harvest]` keys train reads."""
+
+    cache: str = setting(
+        "caches/qwen36-27b", "where harvest writes, and train reads unless [train].cache says otherwise"
+    )
+
+
+@dataclass
+class TrainKeys:
+    """`[train]` keys harvest's splice reads (to find the SAEs and their held-out split)."""
+
+    cache: str = setting("", 'the cache train reads; "" = [harvest].cache')
+    out: str = setting("runs/qwen36-27b", "the run directory: checkpoints, exported SAEs, trajectories")
+    heldout_fraction: float = setting(0.01, "share of the sequences held out for validation (by sequence, never token)")
+    split_seed: int = setting(0, "seed of the held-out split's hash of the sequence ids")
+
+    def __post_init__(self):
+        check_ranges(self, "train", [("heldout_fraction", 0, True)])
+        if self.heldout_fraction >= 1:
+            raise OutOfRange(
+                "train.heldout_fraction", self.heldout_fraction, "below 1 (a share of the sequences, e.g. 0.01)"
+            )
+
+
+@dataclass
+class AnalysisKeys:
+    """`[analysis]` keys harvest's splice reads (loss recovered runs the base model)."""
+
+    loss_sequences: int = setting(64, "held-out sequences for loss recovered")
+    loss_batch_size: int = setting(4, "sequences per forward pass of loss recovered")

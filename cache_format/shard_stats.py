@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from .arrays import _ArrayReader
-from .dask_client import dask_client
-from .progress import progress_bar
+from .commandline import dask_client, progress_bar
 from .reader import Cache
 from .stats import RunningStats
 from .stores import Location

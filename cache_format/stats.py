@@ -1,8 +1,9 @@
 """Per-layer running statistics: count, mean, M2 (Welford/Chan) and mean L2 norm.
 
 Computed at append time in float64 over the exact bf16 values, stored per segment, and
-merged across segments with Chan's parallel formula, so that `Cache.stats` costs no data
-pass. `python -m cache_format stats` recomputes them from the shards with dask.
+merged across segments with Chan's parallel formula (`merge_moments`, which train's metrics
+use too), so that `Cache.stats` costs no data pass. `python -m cache_format stats` recomputes
+them from the shards with dask.
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bf16 import bits_to_float32
+
+
+def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's parallel merge of two sets' moments: (count, mean, M2 = sum of squared deviations).
+
+    Written with operators only, so the means and M2s may be numpy arrays, torch tensors or
+    floats (per dimension or summed): `n = na+nb`, `δ = μb−μa`, `μ = μa + δ·nb/n`,
+    `M2 = M2a + M2b + δ²·na·nb/n`. An empty side returns the other as it is."""
+    if n_b == 0:
+        return n_a, mean_a, m2_a
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
 @dataclass
@@ -50,17 +66,12 @@ class RunningStats:
             self.count, self.norm_sum = other.count, other.norm_sum
             self.mean, self.m2 = other.mean.copy(), other.m2.copy()
             return self
-        n = self.count + other.count
         with np.errstate(all="ignore"):
-            self._chan(other, n)
-        self.count = n
-        return self
-
-    def _chan(self, other: RunningStats, n: int) -> None:
-        delta = other.mean - self.mean
-        self.mean = self.mean + delta * (other.count / n)
-        self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+            self.count, self.mean, self.m2 = merge_moments(
+                self.count, self.mean, self.m2, other.count, other.mean, other.m2
+            )
         self.norm_sum += other.norm_sum
+        return self
 
     def to_json(self) -> dict:
         """Vectors as base64 of little-endian float64: compact, exact, and NaN/inf-safe."""

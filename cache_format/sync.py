@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import commits, creation, integrity, layout, leases, provenance
+from .commandline import progress_bar
 from .errors import CacheError, UserError
 from .opener import open_cache
-from .progress import progress_bar
 from .stores import Location
 from .transfer import BLOCK, copy_object, present
 from .verify import part_objects

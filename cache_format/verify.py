@@ -6,8 +6,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from . import commits, duplicates, layout
+from .commandline import progress_bar
 from .errors import RemoteError
-from .progress import progress_bar
 from .reader import Cache
 from .stores import Location, ShortRead
 

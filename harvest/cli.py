@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from cache_format.config import config_options, parse_layers
-from cache_format.errors import UserError, run_cli
+from cache_format.commandline import config_options, parse_layers, run_cli
+from cache_format.errors import UserError
 
 from .config import load_config
 

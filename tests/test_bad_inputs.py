@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from cache_format.errors import run_cli
+from cache_format.commandline import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--profile", "tiny"]

@@ -1,4 +1,4 @@
-from cache_format.errors import run_cli
+from cache_format.commandline import run_cli
 
 from .cli import cli
 

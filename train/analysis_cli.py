@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from cache_format.config import config_options
+from cache_format.commandline import config_options
 from cache_format.errors import UserError
 
 from .config import PipelineConfig, load_config

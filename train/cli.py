@@ -8,7 +8,7 @@ import json
 
 import click
 
-from cache_format.config import config_options, parse_layers
+from cache_format.commandline import config_options, parse_layers
 
 from .config import load_config
 

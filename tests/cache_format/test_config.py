@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from cache_format.config import ConfigError, OutOfRange, build_section, parse_layers
+from cache_format.config import ConfigError, OutOfRange, build_section
 from harvest.config import HarvestConfig
 from harvest.config import load_config as load_harvest
 from train.config import TrainConfig
@@ -47,12 +47,6 @@ def test_set_takes_toml_literals_and_bare_strings_only_for_strings(tmp_path):
         load_config(p, overrides=["train.k=abc"])
     with pytest.raises(ConfigError, match="section"):
         load_config(p, overrides=["k=3"])
-
-
-def test_parse_layers():
-    assert parse_layers("11,31,55") == [11, 31, 55] and parse_layers(None) is None
-    with pytest.raises(ConfigError, match="comma-separated"):
-        parse_layers("11,x")
 
 
 @pytest.mark.parametrize(
@@ -177,3 +171,48 @@ def test_a_wheel_carries_the_one_pipeline_toml_as_package_data(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert z.read("cache_format/pipeline.toml") == (root / "pipeline.toml").read_bytes()
+
+
+def test_a_setting_carries_its_default_once_and_its_doc(tmp_path):
+    import dataclasses
+
+    from cache_format.config import doc_of, setting
+
+    @dataclasses.dataclass
+    class Section:
+        """A section for the test.
+
+        More words."""
+
+        layers: list[int] = setting([1, 2], "which layers")
+        name: str = setting("x", "what it is called")
+        plain: int = 3
+
+    a, b = Section(), Section()
+    a.layers.append(9)
+    assert b.layers == [1, 2]  # a mutable default is copied, never shared
+    assert doc_of(Section, "layers") == "which layers" and doc_of(Section, "plain") == ""
+    from harvest.config import PipelineConfig
+
+    assert "where harvest writes" in doc_of(PipelineConfig, "harvest.cache")
+    assert doc_of(PipelineConfig, "harvest") == "How activations are captured and laid out in the cache."
+    with pytest.raises(KeyError, match="harvest.nope"):
+        doc_of(PipelineConfig, "harvest.nope")
+
+
+def test_render_toml_prints_the_effective_config_with_docs_and_loads_back(tmp_path):
+    from cache_format.config import render_toml
+
+    for load in (load_harvest, load_config):
+        cfg = load(profile="tiny", overrides=["train.split_seed=7"])
+        text = render_toml(cfg)
+        assert "# seed of the held-out split's hash of the sequence ids\nsplit_seed = 7\n" in text
+        p = tmp_path / "effective.toml"
+        p.write_text(text)
+        again = load(p)
+        assert again.keys_set  # it was read from the printed file
+        for f in ("model", "harvest", "supergpqa", "corpus", "train", "analysis", "recipes"):
+            if hasattr(cfg, f):
+                assert getattr(again, f) == getattr(cfg, f), f
+    text = render_toml(load_harvest(profile="tiny"), ["harvest", "corpus"])
+    assert "[harvest]" in text and "[[corpus.sources]]" in text and "[model]" not in text
