@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import tempfile
 import threading
 import time
 from functools import partial
-from http.server import ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))
 os.environ.setdefault("ACTCACHE_BACKOFF_S", "0.02")
 
 import cache_format as cf  # noqa: E402
-from cache_format import integrity, ops  # noqa: E402
+from cache_format import integrity, log, ops  # noqa: E402
 from cache_format.stores import Location  # noqa: E402
 
 HARVEST = [
@@ -249,8 +249,8 @@ def flips(tmp: Path, cache: str, n: int, rng: random.Random) -> dict:
     shutil.copytree(cache, url)
     c = cf.open_cache(url)
     objs = {}
-    for s in c._segs:
-        objs.update(ops.segment_objects(s))
+    for s in c.log.segments:
+        objs.update(log.segment_objects(s))
     keys = sorted(k for k in objs if not k.endswith("zarr.json"))
     kinds = {
         "residual shard": [k for k in keys if "/resid_post/" in k and "/c/" in k],
@@ -321,17 +321,76 @@ def flips(tmp: Path, cache: str, n: int, rng: random.Random) -> dict:
     return {"objects": res, "log_and_root": log_res}
 
 
-def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int, rng: random.Random) -> dict:
-    from conftest import RangeHandler
+class FlakyRangeHandler(SimpleHTTPRequestHandler):
+    """Static files over HTTP with single-range `Range: bytes=a-b | a- | -n` (206 replies), that
+    answers a share of requests badly: 500, a dropped connection, a body cut short ("truncate"),
+    a Content-Length of half the range ("short"), or one flipped bit ("flip"). `choose()` (set
+    per server) draws the fault of each request; `server.failures["injected"]` counts them.
 
-    class Flaky(RangeHandler):
-        def _choose_fault(self, counter):
-            x = rng.random()
-            for kind, p in rates.items():
-                if x < p:
-                    return kind
-                x -= p
+    The bench's own (tests/conftest.py has a richer one for the tests; bench/ and tests/ do not
+    import each other)."""
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        counter = self.server.failures
+        with counter["lock"]:
+            self.fault = self.server.choose()
+            if self.fault:
+                counter["injected"][self.fault] = counter["injected"].get(self.fault, 0) + 1
+        if self.fault == "500":
+            self.send_error(500, "injected failure")
             return None
+        if self.fault == "drop":
+            self.close_connection = True
+            return None
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404, "not found")
+            return None
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+        start, end, status = 0, size - 1, 200
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", (self.headers.get("Range") or "").strip())
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start, end = int(m.group(1)), min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+            else:
+                start = max(0, size - int(m.group(2)))
+            status = 206
+        length = end - start + 1
+        if self.fault == "short" and length > 1:
+            end, length = start + length // 2 - 1, length // 2
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(length))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        f.seek(start)
+        self.remaining = length
+        return f
+
+    def copyfile(self, source, outputfile):
+        body = bytearray(source.read(self.remaining))
+        if self.fault == "flip" and body:
+            body[len(body) // 2] ^= 0x20
+        if self.fault == "truncate":
+            body = body[: len(body) // 2]
+            self.close_connection = True
+        outputfile.write(bytes(body))
+
+
+def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int, rng: random.Random) -> dict:
+    def choose():
+        x = rng.random()
+        for kind, p in rates.items():
+            if x < p:
+                return kind
+            x -= p
+        return None
 
     import shutil
 
@@ -339,9 +398,10 @@ def flaky_server(tmp: Path, cache: str, runs: int, rates: dict, train_runs: int,
     shutil.rmtree(site, ignore_errors=True)
     shutil.copytree(cache, site / "c")
     ops.publish(Location(str(site / "c")))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Flaky, directory=str(site)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(FlakyRangeHandler, directory=str(site)))
     server.daemon_threads = True
-    server.failures = {"left": 0, "lock": threading.Lock(), "injected": {}}
+    server.choose = choose
+    server.failures = {"lock": threading.Lock(), "injected": {}}
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/c"
     local = cf.open_cache(cache)

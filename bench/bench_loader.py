@@ -54,7 +54,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 import cache_format as cf  # noqa: E402
-from cache_format.bf16 import BF16  # noqa: E402
+from cache_format.layout import BF16  # noqa: E402
 from train.loader import ShuffledLoader  # noqa: E402
 
 WIDTH, BUDGET, BATCH = 5120, 8 * 2**30, 4096
@@ -345,6 +345,8 @@ def digest_cost(a, tmp: Path) -> dict:
     import torch
 
     from cache_format import integrity
+    from cache_format.codecs import index_nbytes, parse_index
+    from cache_format.read import ArrayReader
 
     x = np.random.default_rng(1).standard_normal((a.rows, 1024)).astype(np.float32)
     url = str(tmp / "digest")
@@ -368,20 +370,18 @@ def digest_cost(a, tmp: Path) -> dict:
     cost = float(np.median(rounds_cost))
     # The same cost accounted directly, robust to a busy box: thread CPU time of the checks alone
     # (every chunk's XXH3 and its shard's index CRC32C, as a read does them) per row.
-    arr = c.layer_reader(0, 0)
-    blobs = []
+    loc, entry = c.log.loc, c.log.segments[0].layers[0]
+    arr = ArrayReader(loc, entry["array"], entry["objects"])
+    n_idx = index_nbytes(arr.per_shard)
+    tails, blobs = {}, []
     for k in range(arr.n_chunks):
         s, j = divmod(k, arr.per_shard)
-        idx = arr._shard_index(s)
-        blobs.append(c._loc.read_range(f"{arr.path}/{arr.shard_key(s)}", int(idx[j, 0]), int(idx[j, 0] + idx[j, 1])))
-    n_idx = 16 * arr.per_shard + 4
-    tail = bytes(
-        c._loc.read_range(
-            f"{arr.path}/{arr.shard_key(0)}",
-            arr.objects[arr.shard_key(0)]["size"] - n_idx,
-            arr.objects[arr.shard_key(0)]["size"],
-        )
-    )
+        key, size = f"{arr.path}/{arr.shard_key(s)}", arr.objects[arr.shard_key(s)]["size"]
+        if s not in tails:
+            tails[s] = bytes(loc.read_range(key, size - n_idx, size))
+        idx = parse_index(tails[s], arr.per_shard)
+        blobs.append(loc.read_range(key, int(idx[j, 0]), int(idx[j, 0] + idx[j, 1])))
+    tail = tails[0]
     t0 = time.thread_time()
     for _ in range(5):
         for b in blobs:

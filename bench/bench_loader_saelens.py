@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def write_ours(x: np.ndarray, url: str, context: int) -> None:
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     n = x.shape[0]
     seq = np.arange(n) // context

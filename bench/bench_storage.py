@@ -38,6 +38,7 @@ import datasets as bench_data  # noqa: E402
 
 import cache_format as cf  # noqa: E402
 from cache_format.codecs import index_nbytes, parse_index  # noqa: E402
+from cache_format.read import ArrayReader  # noqa: E402
 
 CODECS = ["blosc-zstd1", "blosc-lz4", "zstd3", "none"]
 
@@ -61,14 +62,18 @@ def write(url: str, arrays: dict, codec: str, chunk_tokens: int, batch: int) -> 
     return time.perf_counter() - t0
 
 
+def arrays_of(c: cf.Cache, layer: int) -> list[ArrayReader]:
+    """A reader of each segment's array of `layer`, from the cache's log (the public record-level API)."""
+    return [ArrayReader(c.log.loc, s.layers[layer]["array"], s.layers[layer]["objects"]) for s in c.log.segments]
+
+
 def payloads(c: cf.Cache, layer: int) -> list[tuple[bytes, int]]:
     """The encoded bytes of every chunk of a layer, read straight from the shard files."""
     out = []
-    for si in range(len(c._segs)):
-        r = c.layer_reader(si, layer)
+    for r in arrays_of(c, layer):
         for s in range(-(-r.shape[0] // r.shard_rows)):
             key = f"{r.path}/{r.shard_key(s)}"
-            blob = open(os.path.join(c._loc.root, *key.split("/")), "rb").read()
+            blob = open(os.path.join(c.log.loc.root, *key.split("/")), "rb").read()
             idx = parse_index(blob[-index_nbytes(r.per_shard) :], r.per_shard)
             for off, nb in idx:
                 if off != 2**64 - 1:
@@ -138,10 +143,10 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
         )
         per_layer = {}
         for L in layers:
-            stored = sum(v["size"] for s in c._segs for v in s.layers[L]["objects"].values())
+            stored = sum(v["size"] for s in c.log.segments for v in s.layers[L]["objects"].values())
             per_layer[L] = {"bytes_per_token": stored / n, "ratio_vs_raw": stored / raw}
         jobs = [(L, i) for L in layers for i in range(c.n_chunks)]
-        decode = c.layer_reader(0, layers[0]).decode
+        decode = arrays_of(c, layers[0])[0].decode
         blobs = [p for L in layers for p in payloads(c, L)]
         best = rates(lambda j: c.read_chunk(*j), jobs, lambda p: decode(*p), blobs, args.threads)
         (t_read, cpu_read), (t_dec, cpu_dec) = best["read"], best["decode"]
@@ -182,7 +187,7 @@ def bench_dataset(name: str, arrays: dict, args, tmp: str) -> dict:
 
 def write_breakdown(arrays: dict, args) -> dict:
     """CPU seconds of the writer's parts, each alone, against the whole writer (blosc-zstd1)."""
-    from cache_format import commits
+    from cache_format import log
     from cache_format.stats import RunningStats
 
     enc = encoder("blosc-zstd1")
@@ -194,7 +199,7 @@ def write_breakdown(arrays: dict, args) -> dict:
             for i in range(0, len(b), args.chunk_tokens)
         ],
         "running stats": lambda: [RunningStats(b.shape[1]).update_bits(b) for b in bits],
-        "BLAKE2b": lambda: [commits.digest(b.tobytes()) for b in bits],
+        "BLAKE2b": lambda: [log.digest(b.tobytes()) for b in bits],
     }
     out = {name: timed(fn)[1] for name, fn in parts.items()}
     tmp = tempfile.mkdtemp(prefix="bench-storage-")

@@ -52,6 +52,7 @@ import datasets as bench_data  # noqa: E402
 import cache_format as cf  # noqa: E402
 from cache_format import ops  # noqa: E402
 from cache_format.stores import Location  # noqa: E402
+from cache_format.sync import sync  # noqa: E402
 
 LAYERS = (1, 3, 5)
 REAL_TOKENS = 65536  # MiniLM tokens computed; tiled to the segments' rows
@@ -212,14 +213,14 @@ def main(argv=None) -> None:
         moto_pid, http_pid = procs[0].pid, procs[1].pid
         routes = {
             "local → S3": (
-                lambda i: ops.sync(src, f"s3://bench/ours{i}", None, opts, threads=args.threads),
+                lambda i: sync(src, f"s3://bench/ours{i}", None, opts, threads=args.threads),
                 lambda i: s3.put(src, f"bench/peer{i}", recursive=True),
                 lambda i: (clear_s3(f"ours{i}"), clear_s3(f"peer{i}")),
                 "s3fs put(recursive=True)",
                 moto_pid,
             ),
             "S3 → local": (
-                lambda i: ops.sync("s3://bench/base", str(tmp / f"ours{i}"), opts, None, threads=args.threads),
+                lambda i: sync("s3://bench/base", str(tmp / f"ours{i}"), opts, None, threads=args.threads),
                 lambda i: s3.get("bench/base", str(tmp / f"peer{i}"), recursive=True),
                 lambda i: (clear_local(f"ours{i}"), clear_local(f"peer{i}")),
                 "s3fs get(recursive=True)",
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
         def http_route(port: int, pid: int):
             base_url = f"http://127.0.0.1:{port}/c"
             return (
-                lambda i: ops.sync(base_url, str(tmp / f"ours{i}"), threads=args.threads),
+                lambda i: sync(base_url, str(tmp / f"ours{i}"), threads=args.threads),
                 lambda i: http.get([f"{base_url}/{k}" for k in objects], [str(tmp / f"peer{i}" / k) for k in objects]),
                 lambda i: (clear_local(f"ours{i}"), clear_local(f"peer{i}")),
                 "fsspec HTTPFileSystem.get",
@@ -280,8 +281,8 @@ def main(argv=None) -> None:
 
         partial = None
         if not args.only:
-            full = ops.sync(src, str(tmp / "full"))["bytes"]
-            one = ops.sync(src, str(tmp / "one"), layers=[3])["bytes"]
+            full = sync(src, str(tmp / "full"))["bytes"]
+            one = sync(src, str(tmp / "one"), layers=[3])["bytes"]
             partial = {"full_bytes": full, "one_layer_bytes": one, "ratio": round(one / full, 3)}
             print(f"partial: one layer of three moves {one:,} of {full:,} bytes ({one / full:.3f}×)")
         out = {

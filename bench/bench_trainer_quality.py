@@ -89,7 +89,7 @@ def planted(n: int, d: int, n_features: int, active: int, zipf: float, noise: fl
 
 def write_cache(url: Path, x: np.ndarray, seq_len: int = 128) -> None:
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     n, d = x.shape
     w = cf.create_cache(

@@ -7,10 +7,9 @@ import json
 import click
 import numpy as np
 
-from . import ops
+from . import open_cache, ops
 from .commandline import parse_layers, run_cli
 from .errors import CacheError, UserError
-from .opener import open_cache
 from .stores import Location
 
 
@@ -177,7 +176,9 @@ def sync(src, dst, storage_options, dst_options, layers, segments, tokens, dry_r
 
     so = _options(storage_options)
     dso = _options(dst_options) if dst_options else so
-    r = ops.sync(
+    from .sync import sync as run_sync
+
+    r = run_sync(
         src,
         dst,
         so,
@@ -271,7 +272,9 @@ def import_(
             raise UserError(f"--map {m!r}: expected KEY=LAYER, e.g. --map acts_L11=11")
         mapping[k] = int(v)
     meta = {"model": {"name_or_path": model}} if model else {}
-    r = ops.import_dump(
+    from .importer import import_dump
+
+    r = import_dump(
         list(sources),
         url,
         mapping,
@@ -303,9 +306,7 @@ def import_(
 @so_option
 def upgrade(url, storage_options):
     """Add chunk digests and a chained log to a cache written by format 1 (nothing is rewritten)."""
-    from .upgrade import upgrade as run_upgrade
-
-    r = run_upgrade(Location(url, _options(storage_options)))
+    r = ops.upgrade(Location(url, _options(storage_options)))
     if r["commit"] is None:
         click.echo(f"{url} is up to date: every chunk has a digest and every record is chained")
         return

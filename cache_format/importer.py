@@ -4,7 +4,7 @@ An import is identified by the digest of its files and options (`import.digest` 
 segment's meta), so running the same import again is a no-op that says so, also after a
 crash just after its commit; `again` appends a second copy on purpose, numbered after the
 cache's last sequence so that no (seq_id, position) is held twice. The segment commits only
-if no live segment holds its sequences (conflicts.py), so two imports racing cannot both land.
+if no live segment holds its sequences (`once`, write.py), so two imports racing cannot both land.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import re
 
 import numpy as np
 
-from .creation import CacheExistsError
+from . import open_cache
 from .errors import CacheError, UserError
-from .opener import open_cache
+from .write import CacheExistsError, create_cache
 
 
 def _layer_of(key: str, mapping: dict[str, int]) -> int:
@@ -97,8 +97,6 @@ def import_dump(
 
     Returns what was imported, or `{"already": segment id, ...}` if this very import is in the
     cache already (nothing written; `again=True` appends a second copy)."""
-    from .writer import create_cache
-
     for p in paths:
         _check_kind(p)
     digest = import_digest(paths, [labels, tokens, seq_ids], mapping, layer, seq_len)
@@ -239,5 +237,5 @@ def _next_seq_id(w) -> int:
         if s.seq_ranges is not None:
             top = max([top] + [b - 1 for _, b in s.seq_ranges])
         elif s.n_rows:  # recorded before segments carried their runs
-            top = max(top, int(snap.segment_column(s.id, "seq_ids").max()))
+            top = max(top, int(snap.seq_ids[s.row_start : s.row_start + s.n_rows].max()))
     return top + 1

@@ -1,8 +1,10 @@
-"""The on-disk layout in one place: where each object of a cache lives, and what its codes mean.
+"""The on-disk layout in one place: where each object of a cache lives, and what its bytes and
+codes mean.
 
 Writers, readers, gc, leases, sync and backfill all build object keys here, so a path is
-spelled once; the row columns' dtypes and the role/label codes are the format's contract
-with every reader (train included), so they live beside the paths.
+spelled once; the row columns' dtypes, the role/label codes, the residuals' bfloat16 bit
+patterns and the sequences table are the format's contract with every reader (train
+included), so they live beside the paths.
 
 The same layout bounds what a cache may name: `check_record` and `check_root` refuse a commit
 record or root attributes whose keys leave it (a segment's parts under `segments/<sid>/`,
@@ -13,8 +15,12 @@ with a valid hash chain, cannot point a reader, `verify`, `sync` or `gc` outside
 from __future__ import annotations
 
 import re
+import sys
 
-from .stores.base import key_problem
+import ml_dtypes
+import numpy as np
+
+from .errors import UserError
 
 ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "labels": "int8", "roles": "int8"}
 TOKENIZER_DIR = "tokenizer"
@@ -54,6 +60,8 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 def _key(value, what: str, base: str | None = None) -> str:
     """A relative key of plain parts (under `base/` if given)."""
     if not (isinstance(value, str) and _PLAIN_KEY.fullmatch(value)) or "/./" in f"/{value}/" or "/../" in f"/{value}/":
+        from .stores.base import key_problem  # here, not above: the stores import the log, which imports this
+
         why = key_problem(value) or "its parts are not all plain names (letters, digits, '.', '_', '-')"
         raise LayoutError(f"{what} {value!r}: {why}")
     if base is not None and not value.startswith(f"{base}/"):
@@ -150,7 +158,7 @@ def _selection(sel: dict, what: str) -> None:
 
 
 def runs_ok(runs) -> bool:
-    """Whether `runs` is a sorted list of disjoint half-open [a, b) integer runs (seq_ranges.py)."""
+    """Whether `runs` is a sorted list of disjoint half-open [a, b) integer runs (a record's seq_ranges)."""
     if not isinstance(runs, list):
         return False
     end = None
@@ -236,3 +244,63 @@ def sequences_table(records: list[dict]):
         table.schema.get_field_index("token_ids"), "token_ids", table["token_ids"].cast(pa.list_(pa.int32()))
     )
     return table
+
+
+def sequences_bytes(records: list[dict]) -> bytes:
+    """The per-sequence table as stored: one zstd-compressed parquet object per segment."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(sequences_table(records), buf, compression="zstd")
+    return buf.getvalue().to_pybytes()
+
+
+# ---------------------------------------------------------------------------------------
+# bfloat16 in and out of the cache, bit for bit
+#
+# The arrays store bf16 as its raw 16-bit pattern (zarr `uint16`, tagged
+# `"actcache_dtype": "bfloat16"` in the array attributes), so every zarr reader in every
+# language can open them and no value is ever converted on the way in or out.
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "dtype") and "torch" in sys.modules
+
+
+def to_bits(x, what: str = "residuals") -> np.ndarray:
+    """A bf16 torch tensor or ml_dtypes array → its uint16 bit patterns (no copy where possible)."""
+    if _is_torch(x):
+        import torch
+
+        if x.dtype != torch.bfloat16:
+            raise UserError(f"{what}: expected torch.bfloat16, got {x.dtype}; cast with .to(torch.bfloat16) first")
+        return x.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+    a = np.asarray(x)
+    if a.dtype == BF16:
+        return np.ascontiguousarray(a).view(np.uint16)
+    if a.dtype == np.uint16:
+        return np.ascontiguousarray(a)
+    raise UserError(
+        f"{what}: expected bfloat16 (torch.bfloat16 or ml_dtypes.bfloat16), got {a.dtype}; "
+        "convert explicitly so that any rounding is your choice"
+    )
+
+
+def bits_to_numpy(bits: np.ndarray) -> np.ndarray:
+    return bits.view(BF16)
+
+
+def bits_to_torch(bits: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+
+
+def bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Exact widening: a bf16 pattern is the top half of the float32 with the same value."""
+    out = np.zeros(bits.shape, np.uint32)
+    out.view(np.uint16).reshape(*bits.shape, 2)[..., 1] = bits  # little-endian: high half
+    return out.view(np.float32)

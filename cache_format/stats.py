@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bf16 import bits_to_float32
+from .layout import bits_to_float32
 
 
 def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):

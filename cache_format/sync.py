@@ -21,13 +21,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import commits, creation, integrity, layout, leases, provenance
+from . import concurrency, integrity, layout, log, provenance, write
 from .commandline import progress_bar
 from .errors import CacheError, UserError
-from .opener import open_cache
 from .stores import Location
 from .transfer import BLOCK, copy_object, present
-from .verify import part_objects
 
 WINDOW = 8  # units (segments, layers) copied ahead of the one committing next
 
@@ -99,7 +97,7 @@ def _group_metadata_keys(sid: str, entries, hook: str, with_segment: bool) -> li
 
 
 def _layer_objects(e: dict) -> dict:
-    objs = part_objects(e)
+    objs = log.part_objects(e)
     objs[e["stats"]["path"]] = e["stats"]
     return objs
 
@@ -109,7 +107,7 @@ def _segment_unit(s, layers: list[int], src_url: str, hook: str) -> Unit:
     record = json.loads(json.dumps(r))
     record["layers"] = {str(L): s.layers[L] for L in sorted(layers)}
     record["synced_from"] = {"url": src_url, "commit": s.commit}
-    objs = part_objects(r["rows"])
+    objs = log.part_objects(r["rows"])
     sizes = {"rows": (len(objs), sum(v["size"] for v in objs.values()))}
     if r.get("sequences"):
         objs[r["sequences"]["path"]] = r["sequences"]
@@ -147,20 +145,20 @@ def _source_url(src) -> str:
     return src.url if "://" in src.url else os.path.abspath(src.url)
 
 
-def _check_layers(src, layers, what: str) -> None:
+def _check_layers(src: log.LogSnapshot, layers, what: str) -> None:
     have = src.layers
     for L in layers:
         if L in have:
             continue
-        if L in src.layer_coverage():
+        if L in src.coverage():
             src.check_layer(L)  # "only in k of n segments (backfill pending)"
         listed = ", ".join(map(str, have)) or "none"
         raise UserError(f"sync: layer {L}{what} is not in {src.url} (its layers: {listed}); choose among those")
 
 
-def _selected(src, segments, tokens) -> list[str] | None:
+def _selected(src: log.LogSnapshot, segments, tokens) -> list[str] | None:
     """Ids of the SRC segments a selection names (None: all, as of each sync)."""
-    segs = src.committed_segments
+    segs = src.segments
     if segments is not None:
         a, b = parse_segments(segments) if isinstance(segments, str) else segments
         n = len(segs)
@@ -185,31 +183,31 @@ def _selected(src, segments, tokens) -> list[str] | None:
     return None
 
 
-def _read_dst(dloc: Location) -> tuple[dict | None, commits.LogState | None, bool]:
+def _read_dst(dloc: Location) -> tuple[dict | None, log.LogState | None, bool]:
     """DST's root attributes and replayed log (None, None: nothing there), and whether its
-    creation was interrupted (a root without its log, which this sync finishes: creation.py)."""
+    creation was interrupted (a root without its log, which this sync finishes: write.make_root)."""
     try:
-        root = commits.read_root(dloc)
-    except commits.NotACacheError:
+        root = log.read_root(dloc)
+    except log.NotACacheError:
         return None, None, False
     except CacheError:
-        if dloc.exists(commits.ROOT_META):
+        if dloc.exists(log.ROOT_META):
             raise
         return None, None, False
     try:
-        return root, commits.replay(root, commits.load_records(dloc, {}, root)), False
-    except commits.UnfinishedCacheError:
-        return root, commits.replay(root, {}), True
+        return root, log.replay(root, log.load_records(dloc, {}, root)), False
+    except log.UnfinishedCacheError:
+        return root, log.replay(root, {}), True
 
 
-def plan(src, dloc: Location, layers=None, segments=None, tokens=None) -> Plan:
-    """What `sync` would copy from the open cache `src` into `dloc`, every refusal checked first."""
+def plan(src: log.LogSnapshot, dloc: Location, layers=None, segments=None, tokens=None) -> Plan:
+    """What `sync` would copy from SRC (its log, `src`) into `dloc`, every refusal checked first."""
     root = src.root
     droot, dst_state, unfinished = _read_dst(dloc)
     partial = layers is not None or segments is not None or tokens is not None
     if segments is not None and tokens is not None:
         raise UserError("sync: give --segments or --tokens, not both")
-    src_digest = commits.root_digest(root)
+    src_digest = log.root_digest(root)
     if droot is not None:
         for k in ("d_model", "hook", "chunk_tokens"):
             if droot[k] != root[k]:
@@ -218,7 +216,7 @@ def plan(src, dloc: Location, layers=None, segments=None, tokens=None) -> Plan:
                     "these caches cannot share segments"
                 )
         mine = droot.get("copy_of")
-        if mine is not None and mine.get("root") != src_digest and commits.root_digest(droot) != src_digest:
+        if mine is not None and mine.get("root") != src_digest and log.root_digest(droot) != src_digest:
             raise UserError(
                 f"sync: {dloc.url} is a partial copy of {mine.get('url')} (root {str(mine.get('root'))[:12]}), "
                 f"not of {src.url}; sync into another location"
@@ -238,8 +236,8 @@ def plan(src, dloc: Location, layers=None, segments=None, tokens=None) -> Plan:
     create = droot if unfinished else None
     selection = None
     if not partial:
-        want_layers = src.declared_layers
-        chosen = src.committed_segments
+        want_layers = src.declared
+        chosen = src.segments
         if droot is None:
             create = root
     else:
@@ -253,9 +251,9 @@ def plan(src, dloc: Location, layers=None, segments=None, tokens=None) -> Plan:
             want_ids = old.get("segments")
             if want_ids is not None and sel is not None:
                 ids = set(want_ids) | set(sel)
-                in_src = [s.id for s in src.committed_segments if s.id in ids]
+                in_src = [s.id for s in src.segments if s.id in ids]
                 want_ids = in_src + [i for i in want_ids if i not in set(in_src)]
-        chosen = [s for s in src.committed_segments if want_ids is None or s.id in set(want_ids)]
+        chosen = [s for s in src.segments if want_ids is None or s.id in set(want_ids)]
         if old is None:  # a new partial copy
             create = {
                 **root,
@@ -281,19 +279,18 @@ def plan(src, dloc: Location, layers=None, segments=None, tokens=None) -> Plan:
     return Plan(create, add_layers, selection, units, tokenizer)
 
 
-def _make_root(src, dloc: Location, attrs: dict, dst_url: str) -> None:
-    """Create DST's root crash-safely (creation.py), or finish one an earlier sync was killed creating."""
-    root = src.root
+def _make_root(src: log.LogSnapshot, dloc: Location, attrs: dict, dst_url: str) -> None:
+    """Create DST's root crash-safely (write.make_root), or finish one an earlier sync was killed creating."""
 
     def tokenizer_bytes(name: str) -> bytes | None:
-        want = root.get("tokenizer", {}).get(name)
-        return integrity.read_checked(src.location, layout.tokenizer_key(name), want, commits.digest) if want else None
+        want = src.tokenizer().get(name)
+        return integrity.read_checked(src.loc, layout.tokenizer_key(name), want) if want else None
 
     try:
-        made, status = creation.make_root(dloc, attrs, tokenizer_bytes)
+        made, status = write.make_root(dloc, attrs, tokenizer_bytes)
     except OSError as e:
         raise UserError(f"cannot write to {dst_url} ({e}); choose a writable location") from None
-    if status == creation.EXISTED and commits.root_digest(made) != commits.root_digest(attrs):
+    if status == write.EXISTED and log.root_digest(made) != log.root_digest(attrs):
         raise UserError(f"sync: another command created a cache at {dst_url} meanwhile; re-run sync to see it")
 
 
@@ -312,7 +309,7 @@ def sync(
     """Copy what DST lacks from SRC (see the module docstring); `layers`, `segments` ("A:B" or
     (A, B), in SRC's commit order) or `tokens` (the first segments holding that many rows) make
     a partial copy. Returns {segments, layers, bytes, plan} (`plan`: objects and bytes per part)."""
-    src = open_cache(src_url, storage_options=src_options)
+    src = log.load(Location(src_url, src_options))
     dloc = Location(dst_url, dst_options)
     if not dloc.supports_writes:
         raise UserError(f"sync: {dst_url} is read-only ({dloc.protocol}); sync into a local path or s3:// URL")
@@ -338,10 +335,10 @@ def sync(
             _make_root(src, dloc, p.create, dst_url)
             moved(sum(v["size"] for v in p.tokenizer.values()))
         if p.selection is not None:
-            commits.commit(dloc, p.selection)
+            log.commit(dloc, p.selection)
         for L in p.add_layers:
-            commits.commit(dloc, {"kind": "add_layer", "layer": L, "provenance": provenance.record()})
-        _copy_units(src.location, dloc, p.units, moved, threads, block)
+            log.commit(dloc, {"kind": "add_layer", "layer": L, "provenance": provenance.record()})
+        _copy_units(src.loc, dloc, p.units, moved, threads, block)
     return out
 
 
@@ -357,7 +354,7 @@ def _copy_units(src: Location, dst: Location, units: list, moved, threads: int, 
                     u = next(todo, None)
                     if u is None:
                         break
-                    leases.hold(dst, u.lease)
+                    concurrency.hold(dst, u.lease)
                     there = present(dst, u.lease)
                     fs = [
                         ex.submit(copy_object, src, dst, k, v, moved, block, there)
@@ -370,12 +367,12 @@ def _copy_units(src: Location, dst: Location, units: list, moved, threads: int, 
                 try:
                     for f in fs:
                         f.result()
-                    commits.commit(dst, u.record)
+                    log.commit(dst, u.record)
                 finally:
-                    leases.release(dst, u.lease)
+                    concurrency.release(dst, u.lease)
         except BaseException:
             for u, fs in pending:
                 for f in fs:
                     f.cancel()
-                leases.release(dst, u.lease)
+                concurrency.release(dst, u.lease)
             raise

@@ -26,7 +26,6 @@ from __future__ import annotations
 import email.utils
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -34,16 +33,10 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from support import s3_options, write_cache
+from support import free_port, s3_options, write_cache
 
 os.environ.setdefault("ACTCACHE_RETRIES", "2")
 os.environ.setdefault("ACTCACHE_BACKOFF_S", "0.05")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
@@ -56,7 +49,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
         pass
 
     def _choose_fault(self, counter):
-        """The first answer to each distinct request fails (rotating kinds); bench_faults draws at random."""
+        """The first answer to each distinct request fails (rotating kinds)."""
         faults = counter.get("faults")
         key = (self.command, self.path, self.headers.get("Range"))
         if faults and key not in counter["seen"]:
@@ -338,7 +331,7 @@ def s3():
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         os.environ.setdefault(k, v)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def s3_options(endpoint: str) -> dict:
@@ -31,7 +38,7 @@ def write_cache(
 ):
     """A small cache with deterministic data. Returns `data`: residuals per layer (ml bf16), rows, sequences."""
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     rng = np.random.default_rng(seed)
     w = cf.create_cache(
@@ -83,7 +90,7 @@ def write_big_cache(url, shard_mib=24, layers=(1,), segments=1, storage_options=
     """A cache of uncompressed shards of exactly `shard_mib` MiB (one per layer and segment):
     objects larger than a copy's 8 MiB block, written fast (d_model 1024, 2 MiB chunks)."""
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     d, ct = 1024, 1024
     rows = shard_mib * 2**20 // (2 * d)
@@ -111,7 +118,7 @@ def write_big_cache(url, shard_mib=24, layers=(1,), segments=1, storage_options=
 FAULTS = ("500", "drop", "truncate", "short", "flip")
 
 
-def _everything(c):
+def everything(c):
     out = {
         "tokens": c.tokens[:],
         "seq_ids": c.seq_ids[:],
@@ -129,7 +136,7 @@ def _everything(c):
     return out
 
 
-def _same(a, b):
+def same_cache(a, b):
     assert a.keys() == b.keys()
     for k in a:
         if isinstance(a[k], list) and a[k] and isinstance(a[k][0], np.ndarray):
@@ -155,11 +162,12 @@ def edit_file(path, old: bytes, new: bytes) -> None:
 
 
 def shard_path(url, c, layer=1, si=0) -> str:
-    e = c._segs[si].layers[layer]
+    """The first shard object of segment `si`'s array of `layer`, from the cache's log."""
+    e = c.log.segments[si].layers[layer]
     return os.path.join(url, e["array"], "c", "0", "0")
 
 
-def _rows(n, base):
+def plain_rows(n, base):
     ids = np.arange(n) + base
     return dict(tokens=ids, seq_ids=ids, positions=np.zeros(n, np.int32))
 

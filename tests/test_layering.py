@@ -140,3 +140,99 @@ def test_no_import_circles():
     graph = {module_name(p): project_imports(p, known) for p in paths}
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+# -- private names stay in their module --------------------------------------------------------
+
+SCANNED = ("cache_format", "harvest", "train", "tests", "bench")
+
+
+def test_no_module_imports_a_private_name_from_another():
+    """`from x import _name` couples a module to another's internals: make the name public where
+    it is part of a contract, or keep the caller in the same module."""
+    bad = []
+    for top in SCANNED:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom):
+                    names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    bad += [f"{path.relative_to(ROOT)}: from {node.module or '.'} import {n}" for n in names]
+    assert not bad, "\n".join(bad)
+
+
+# Tests still reading a private attribute of a project object, by file; each helper of the structure
+# issue removes its package's entries (the test then goes through a public interface).
+PRIVATE_READS_LEFT = {
+    "tests/harvest/test_run.py": {"_remote_unit"},
+    "tests/harvest/test_splice.py": {"_head"},
+    "tests/train/test_explog.py": {"_run"},
+    "tests/train/test_loader.py": {"_layout", "_slots"},
+}
+NOT_PROJECT_OBJECTS = {"os"}  # `os._exit` is the standard library's public way out
+
+
+def test_tests_read_no_private_attribute_of_a_project_object():
+    """Tests go through public interfaces: `obj._x` (obj not the test's own `self`) couples a test
+    to a layout of the code that a refactor may change without changing behaviour."""
+    bad = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", *NOT_PROJECT_OBJECTS):
+                continue
+            if node.attr not in PRIVATE_READS_LEFT.get(rel, ()):
+                bad.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)
+
+
+# -- tests and benchmarks stay apart --------------------------------------------------------------
+
+TEST_HELPERS = ("support", "conftest", "planted_data", "analysis_data", "hub_standin")
+# Edges still to cut, by file (the harvest and train helpers of the structure issue remove them).
+TESTS_BENCH_LEFT = {
+    "bench/bench_first_commit.py",  # support.write_corpus: harvest.tiny will write the corpus
+    "tests/train/test_row_filters.py",  # runs bench_loader's stand-in
+    "tests/train/test_export.py",  # runs bench/peers/saelens_export_check.py
+}
+
+
+def _names_dir(path: Path, name: str) -> bool:
+    """Whether code in `path` (docstrings aside) names the directory `name`: "name" or "name/...",
+    a string constant, as in `ROOT / "name"` or `sys.path.insert(0, "name")`."""
+    return any(
+        isinstance(n, ast.Constant) and isinstance(n.value, str) and (n.value == name or n.value.startswith(f"{name}/"))
+        for n in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+    )
+
+
+def test_bench_and_tests_do_not_import_each_other():
+    """A benchmark that imports test helpers measures what the tests happen to build; a test that
+    runs a benchmark fails when a measurement is tuned. Each side has what it needs."""
+    bad = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        uses = {m.split(".")[0] for m in imported_modules(path)} & set(TEST_HELPERS)
+        if (uses or _names_dir(path, "tests")) and rel not in TESTS_BENCH_LEFT:
+            bad.append(f"{rel} imports the tests' helpers ({', '.join(sorted(uses)) or 'tests/ on sys.path'})")
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if path == Path(__file__).resolve():
+            continue  # this guard names both to scan them
+        if (_names_dir(path, "bench") or "bench" in {m.split(".")[0] for m in imported_modules(path)}) and (
+            rel not in TESTS_BENCH_LEFT
+        ):
+            bad.append(f"{rel} uses bench/")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_is_over_800_lines():
+    """One concept per module, whatever its size, but a module past 800 lines holds more than one."""
+    long = [
+        f"{p.relative_to(ROOT)}: {n} lines"
+        for package in FORBIDDEN
+        for p in sources(package)
+        if (n := len(p.read_text().splitlines())) > 800
+    ]
+    assert not long, "\n".join(long)

@@ -15,7 +15,7 @@ def test_an_index_that_marks_a_written_chunk_absent_is_refused_not_read_as_zeros
 
     url, data = make_cache(segments=(40, 25), chunk_tokens=8)
     c = cf.open_cache(url)
-    obj = c._segs[0].layers[1]["objects"]["c/0/0"]
+    obj = c.log.segments[0].layers[1]["objects"]["c/0/0"]
     m = len(obj["chunks"])
     path = shard_path(url, c)
     raw = bytearray(open(path, "rb").read())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 
 
 def test_add_layer_backfill(make_cache):

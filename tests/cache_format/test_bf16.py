@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 
 
 def test_every_bf16_bit_pattern_round_trips(tmp_path):

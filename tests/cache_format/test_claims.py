@@ -1,4 +1,4 @@
-"""Work claims (cache_format/claims.py) and the commit-time check that backs them (conflicts.py)."""
+"""Work claims (cache_format/concurrency.py) and the commit-time check that backs them (conflicts.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import threading
 import time
 
 import numpy as np
-from support import _rows
+from support import plain_rows
 
 import cache_format as cf
-from cache_format import claims, leases
-from cache_format.bf16 import BF16
-from cache_format.ordering import CommitOrder
+from cache_format import concurrency
+from cache_format.concurrency import CommitOrder
+from cache_format.layout import BF16
 from cache_format.stores import Location
 
 
@@ -23,7 +23,7 @@ def _age(path: str, seconds: float) -> None:
 
 def test_a_claim_is_held_once_and_free_again_after_release(tmp_path):
     loc = Location(str(tmp_path / "c"))
-    mine, theirs = claims.Claims(loc, "harvest"), claims.Claims(loc, "harvest")
+    mine, theirs = concurrency.Claims(loc, "harvest"), concurrency.Claims(loc, "harvest")
     c = mine.take("corpus:0-3")
     assert c is not None and theirs.take("corpus:0-3") is None and theirs.held_elsewhere("corpus:0-3")
     assert theirs.take("corpus:4-7") is not None  # another unit is free
@@ -37,10 +37,10 @@ def test_a_claim_is_held_once_and_free_again_after_release(tmp_path):
 
 def test_a_dead_claimants_claim_is_taken_over_by_exactly_one_process(tmp_path):
     loc = Location(str(tmp_path / "c"))
-    dead = claims.Claims(loc, "harvest").take("u")
-    leases.KEEPER.release_key(loc, dead.key, delete=False)  # its process "dies": nobody renews it
-    _age(loc.path(dead.key), leases.STALE_S + 5)
-    a, b = claims.Claims(loc, "harvest"), claims.Claims(loc, "harvest")
+    dead = concurrency.Claims(loc, "harvest").take("u")
+    concurrency.KEEPER.release_key(loc, dead.key, delete=False)  # its process "dies": nobody renews it
+    _age(loc.path(dead.key), concurrency.STALE_S + 5)
+    a, b = concurrency.Claims(loc, "harvest"), concurrency.Claims(loc, "harvest")
     assert a.held_elsewhere("u") is False  # stale: up for taking
     got = a.take("u")
     assert got is not None and got.key != dead.key  # the next number, created exclusively
@@ -50,26 +50,26 @@ def test_a_dead_claimants_claim_is_taken_over_by_exactly_one_process(tmp_path):
 
 
 def test_a_claim_is_renewed_while_held(tmp_path, monkeypatch):
-    monkeypatch.setattr(leases, "RENEW_S", 0.2)
+    monkeypatch.setattr(concurrency, "RENEW_S", 0.2)
     loc = Location(str(tmp_path / "c"))
-    c = claims.Claims(loc, "harvest").take("u")
+    c = concurrency.Claims(loc, "harvest").take("u")
     _age(loc.path(c.key), 3600)
     deadline = time.time() + 10
     while os.stat(loc.path(c.key)).st_mtime < time.time() - 60 and time.time() < deadline:
         time.sleep(0.1)
-    assert claims.Claims(loc, "harvest").held_elsewhere("u")
+    assert concurrency.Claims(loc, "harvest").held_elsewhere("u")
     c.release()
 
 
 def test_wait_for_ends_when_units_are_done_or_their_claimant_dies(tmp_path):
     loc = Location(str(tmp_path / "c"))
-    other = claims.Claims(loc, "harvest")
+    other = concurrency.Claims(loc, "harvest")
     c1, c2 = other.take("a"), other.take("b")
     done: set = set()
     result = {}
     t = threading.Thread(
         target=lambda: result.setdefault(
-            "left", claims.wait_for({"a": 1, "b": 2}, lambda items: [n for n in items if n in done], other, 0.05)
+            "left", concurrency.wait_for({"a": 1, "b": 2}, lambda items: [n for n in items if n in done], other, 0.05)
         )
     )
     t.start()
@@ -77,15 +77,15 @@ def test_wait_for_ends_when_units_are_done_or_their_claimant_dies(tmp_path):
     assert t.is_alive()  # both held by a live process
     done.add("a")
     c1.release()
-    leases.KEEPER.release_key(loc, c2.key, delete=False)  # b's process dies
-    _age(loc.path(c2.key), leases.STALE_S + 5)
+    concurrency.KEEPER.release_key(loc, c2.key, delete=False)  # b's process dies
+    _age(loc.path(c2.key), concurrency.STALE_S + 5)
     t.join(10)
     assert result["left"] == ["b"]  # to take over
 
 
 def _segment(w, base, once=True, turn=None):
     with w.segment(once=once, turn=turn) as seg:
-        seg.append({1: np.ones((4, 8), BF16)}, **_rows(4, base))
+        seg.append({1: np.ones((4, 8), BF16)}, **plain_rows(4, base))
     return seg
 
 
@@ -106,8 +106,9 @@ def test_two_commits_racing_for_consecutive_numbers_cannot_both_land(tmp_path):
     sequences. A's create fails, A moves to N+1: its check must then see B's record."""
     url = str(tmp_path / "c")
     cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4)
-    a, b = cf.open_cache(url, mode="a"), cf.open_cache(url, mode="a")
-    create = a.loc.create_exclusive
+    loc_a = Location(url)
+    a, b = cf.open_cache(loc_a, mode="a"), cf.open_cache(url, mode="a")
+    create = loc_a.create_exclusive
     raced = []
 
     def create_after_b(key, data):
@@ -115,7 +116,7 @@ def test_two_commits_racing_for_consecutive_numbers_cannot_both_land(tmp_path):
             raced.append(_segment(b, 0))  # B lands at the number A is about to take
         return create(key, data)
 
-    a.loc.create_exclusive = create_after_b
+    loc_a.create_exclusive = create_after_b
     seg_a = _segment(a, 0)
     assert raced[0].committed == "0000000001.json"
     assert seg_a.committed is None and raced[0].id in seg_a.refused
@@ -136,7 +137,7 @@ def test_a_layer_is_backfilled_once(tmp_path):
     w = cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4)
     seg = _segment(w, 0)
     a, b = cf.open_cache(url, mode="a").add_layer(2), cf.open_cache(url, mode="a").add_layer(2)
-    rows = _rows(4, 0)
+    rows = plain_rows(4, 0)
     with a.segment(seg.id) as late:  # both begin before either commits
         late.append({2: np.ones((4, 8), BF16)}, **rows)
         with b.segment(seg.id) as early:
@@ -148,9 +149,9 @@ def test_a_layer_is_backfilled_once(tmp_path):
 
 
 def _records(url):
-    from cache_format import commits
+    from cache_format import log
 
-    return list(commits.load_records(Location(url), {}).values())
+    return list(log.load_records(Location(url), {}).values())
 
 
 def test_a_claim_of_an_exited_process_of_this_host_is_taken_over_at_once(tmp_path):
@@ -160,15 +161,15 @@ def test_a_claim_of_an_exited_process_of_this_host_is_taken_over_at_once(tmp_pat
     import sys
 
     loc = Location(str(tmp_path / "c"))
-    dead = claims.Claims(loc, "harvest").take("u")
-    leases.KEEPER.release_key(loc, dead.key, delete=False)
+    dead = concurrency.Claims(loc, "harvest").take("u")
+    concurrency.KEEPER.release_key(loc, dead.key, delete=False)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     body = json.loads(loc.read(dead.key))
     loc.write(dead.key, json.dumps({**body, "pid": int(gone.stdout)}).encode())  # fresh, but its process exited
-    mine = claims.Claims(loc, "harvest")
+    mine = concurrency.Claims(loc, "harvest")
     assert not mine.held_elsewhere("u")
     got = mine.take("u")
     assert got is not None
     loc.write(got.key, json.dumps({**body, "host": "another-host", "pid": int(gone.stdout)}).encode())
-    assert claims.Claims(loc, "harvest").take("u") is None  # another host's pid says nothing here: wait for it
+    assert concurrency.Claims(loc, "harvest").take("u") is None  # another host's pid says nothing here: wait for it
     got.release()

@@ -41,7 +41,7 @@ def test_verify_catches_a_flipped_byte(run, make_cache):
     url, _ = make_cache(segments=(40, 25))
     assert run("verify", url)[0] == 0
     c = cf.open_cache(url)
-    e = c._segs[1].layers[3]
+    e = c.log.segments[1].layers[3]
     shard = next(k for k in e["objects"] if k.startswith("c/"))
     path = f"{url}/{e['array']}/{shard}"
     raw = bytearray(open(path, "rb").read())

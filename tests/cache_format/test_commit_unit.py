@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 
 
 def test_exception_abandons_segment(make_cache):

@@ -1,4 +1,4 @@
-"""The commit log: chained records, edits refused, races, fingerprints (cache_format/commits.py)."""
+"""The commit log: chained records, edits refused, races, fingerprints (cache_format/log.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 from support import edit_file
 
 import cache_format as cf
-from cache_format import commits
+from cache_format import log
+from cache_format.stores import Location
 
 
 def test_fingerprints_are_content_derived(tmp_path):
-    from conftest import write_cache
+    from support import write_cache
 
     write_cache(str(tmp_path / "a"), seed=1)
     write_cache(str(tmp_path / "b"), seed=1)
@@ -41,7 +42,7 @@ def test_any_edit_to_the_log_or_the_root_is_refused_in_one_line(make_cache, run,
         zj = os.path.join(url, "zarr.json")
         edit_file(zj, b'"layers":[1,3]', b'"layers":[1]')
     elif edit == "root_record":
-        os.unlink(os.path.join(commits_dir, commits.ROOT_RECORD))
+        os.unlink(os.path.join(commits_dir, log.ROOT_RECORD))
     with pytest.raises(cf.CacheError, match="commit log is damaged") as e:
         cf.open_cache(url)
     assert "\n" not in str(e.value)
@@ -53,16 +54,16 @@ def test_any_edit_to_the_log_or_the_root_is_refused_in_one_line(make_cache, run,
 
 def test_a_racing_commit_chains_to_the_winner(make_cache):
     url, _ = make_cache(segments=(10,))
-    w = cf.open_cache(url, mode="a")
-    names, _ = commits.list_commits(w.loc)
-    a = commits.commit(w.loc, {"kind": "add_layer", "layer": 7})
-    b = commits.commit(w.loc, {"kind": "add_layer", "layer": 8})
-    recs = commits.load_records(w.loc, {})
+    loc = Location(url)
+    names, _ = log.list_commits(loc)
+    a = log.commit(loc, {"kind": "add_layer", "layer": 7})
+    b = log.commit(loc, {"kind": "add_layer", "layer": 8})
+    recs = log.load_records(loc, {})
     assert list(recs)[-2:] == [a, b] and recs[b]["prev"] == recs[a]["digest"]
 
 
 def test_fingerprints_do_not_depend_on_commit_order(tmp_path):
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     rng = np.random.default_rng(3)
     parts = [(rng.standard_normal((n, 8)).astype(BF16), np.arange(n) + 100 * i) for i, n in enumerate((9, 5, 7))]

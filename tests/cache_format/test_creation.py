@@ -8,13 +8,14 @@ import os
 
 import numpy as np
 import pytest
-from support import _rows
+from support import plain_rows
 
 import cache_format as cf
 from cache_format import ops
-from cache_format.bf16 import BF16
-from cache_format.creation import CacheExistsError
+from cache_format.layout import BF16
 from cache_format.stores import Location, faults
+from cache_format.sync import sync
+from cache_format.write import CacheExistsError
 
 TOKENIZER = {"tokenizer.json": b'{"model": {}}', "tokenizer_config.json": b"{}"}
 CREATE_WRITES = 1 + len(TOKENIZER) + 1  # zarr.json, the tokenizer files, the root commit record
@@ -28,7 +29,7 @@ def _usable(url):
     """A finished cache: it opens, takes a segment, verifies, serves its tokenizer."""
     w = cf.open_cache(url, mode="a")
     with w.segment() as seg:
-        seg.append({1: np.ones((4, 8), BF16)}, **_rows(4, 0))
+        seg.append({1: np.ones((4, 8), BF16)}, **plain_rows(4, 0))
     c = cf.open_cache(url)
     assert c.n_tokens == 4 and ops.verify(c)[1] == [] and c.tokenizer_files == TOKENIZER
     return c
@@ -82,16 +83,16 @@ def test_sync_killed_while_creating_its_destination_is_finished_by_the_same_sync
     src, _ = make_cache(segments=(40, 25), tokenizer_files=TOKENIZER)
     dst = str(tmp_path / "dst")
     with faults.armed(faults.Fault(n=n, when=when)) as f, pytest.raises(faults.Killed):
-        ops.sync(src, dst)
+        sync(src, dst)
     assert f.fired
     if not os.path.exists(os.path.join(dst, "zarr.json")):
         assert not Location(dst).is_nonempty_dir()
     elif not (n == CREATE_WRITES and when == "after"):
         with pytest.raises(cf.CacheError, match="creation was interrupted"):
             cf.open_cache(dst)
-    ops.sync(src, dst)  # the same sync again
+    sync(src, dst)  # the same sync again
     a, b = cf.open_cache(src), cf.open_cache(dst)
-    assert b.fingerprint == a.fingerprint and b.root == a.root and ops.verify(b)[1] == []
+    assert b.fingerprint == a.fingerprint and b.log.root == a.log.root and ops.verify(b)[1] == []
 
 
 def test_a_kill_between_zarr_json_and_the_first_record_no_longer_strands_harvest_sync_info_verify(tmp_path, make_cache):
@@ -99,7 +100,7 @@ def test_a_kill_between_zarr_json_and_the_first_record_no_longer_strands_harvest
     src, _ = make_cache(segments=(40,), tokenizer_files=TOKENIZER)
     dst = str(tmp_path / "dst")
     with faults.armed(faults.Fault(key="commits/0000000000.json", when="before")), pytest.raises(faults.Killed):
-        ops.sync(src, dst)
+        sync(src, dst)
     assert os.path.exists(os.path.join(dst, "zarr.json")) and not os.listdir(os.path.join(dst, "commits"))
-    ops.sync(src, dst)
+    sync(src, dst)
     assert cf.open_cache(dst).fingerprint == cf.open_cache(src).fingerprint

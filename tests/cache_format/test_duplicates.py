@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from cache_format import duplicates, ops
-from cache_format.bf16 import BF16
+from cache_format import ops
+from cache_format.layout import BF16
 
 
 def _append(url, seq_ids, positions, records=None):
@@ -32,7 +32,7 @@ def test_verify_names_both_segments_of_duplicated_rows_and_the_fix(make_cache, r
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"BAD segments {first} and {dup}: both hold 20 rows (first: seq_id 2, position 0)" in out
     assert f"retract {url} {dup}" in err  # the later copy is the one to retract
-    found = duplicates.quick(cf.open_cache(url))
+    found = ops.quick_duplicates(cf.open_cache(url))
     assert len(found) == 1 and first in found[0][0] and dup in found[0][0]
     run("retract", url, dup)
     assert run("verify", url)[0] == 0
@@ -43,7 +43,7 @@ def test_verify_names_a_sequence_recorded_twice(make_cache, run):
     seg = _append(url, np.full(5, 99), np.arange(5), [{"seq_id": 1, "token_ids": [1, 2]}])  # rows are new
     code, out, err = run("verify", url)
     assert code == 2 and "sequence 1 is recorded more than once" in out and seg in out
-    assert duplicates.quick(cf.open_cache(url)) == []  # the quick check looks at rows only
+    assert ops.quick_duplicates(cf.open_cache(url)) == []  # the quick check looks at rows only
 
 
 def test_a_sequence_split_across_segments_is_not_a_duplicate(make_cache):
@@ -51,18 +51,18 @@ def test_a_sequence_split_across_segments_is_not_a_duplicate(make_cache):
     _append(url, np.full(5, 7), np.arange(5))
     _append(url, np.full(5, 7), np.arange(5, 10))  # the same sequence, later positions
     c = cf.open_cache(url)
-    assert duplicates.quick(c) == [] and ops.verify(c)[1] == []
+    assert ops.quick_duplicates(c) == [] and ops.verify(c)[1] == []
 
 
 def test_the_quick_check_reads_no_row_when_no_sequences_overlap(make_cache):
     url, _ = make_cache(segments=(40, 25, 30))
     c = cf.open_cache(url)
-    for s in c.committed_segments:  # without its row columns, any read of them would fail
+    for s in c.log.segments:  # without its row columns, any read of them would fail
         shutil.rmtree(os.path.join(url, s.record["rows"]["path"]))
-    assert duplicates.quick(c) == []
-    duplicates.refuse(c)
+    assert ops.quick_duplicates(c) == []
+    ops.refuse_duplicates(c)
     with pytest.raises(FileNotFoundError):
-        duplicates.full(c)  # verify's check reads them
+        ops.all_duplicates(c)  # verify's check reads them
 
 
 def _forged(url, seq_ranges):
@@ -85,7 +85,7 @@ def test_verify_catches_a_record_whose_runs_lie_about_its_rows(make_cache):
     """`quick` trusts the runs each record states; verify checks them against the rows."""
     url, _ = make_cache(segments=(40,))
     forged = _forged(url, [[1000, 1004]])
-    assert duplicates.quick(cf.open_cache(url)) == []  # the log alone cannot tell
+    assert ops.quick_duplicates(cf.open_cache(url)) == []  # the log alone cannot tell
     problems = ops.verify(cf.open_cache(url))[1]
     assert any(forged in where and "seq_ranges differ from its rows" in why for where, why in problems)
     assert any(forged in where and "both hold 40 rows" in why for where, why in problems)

@@ -6,22 +6,22 @@ import threading
 
 import numpy as np
 import pytest
-from support import _rows
+from support import plain_rows
 
 import cache_format as cf
 from cache_format import ops
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 from cache_format.stores import Location
 
 
 def test_gc_racing_a_commit_never_deletes_what_just_committed(tmp_path, monkeypatch):
-    from cache_format import commits
+    from cache_format import log
 
     url = str(tmp_path / "c")
     w = cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4, shard_mib=1 / 2**15)
     loc = Location(url)
     read_log, committed, doomed = threading.Event(), threading.Event(), []
-    real = commits.load_records
+    real = log.load_records
 
     def load_then_wait(*a, **kw):  # the writer commits (and drops its lease) right after gc read the log
         out = real(*a, **kw)
@@ -30,16 +30,16 @@ def test_gc_racing_a_commit_never_deletes_what_just_committed(tmp_path, monkeypa
             committed.wait(10)
         return out
 
-    monkeypatch.setattr(commits, "load_records", load_then_wait)
+    monkeypatch.setattr(log, "load_records", load_then_wait)
     gc = threading.Thread(target=lambda: doomed.extend(ops.gc(loc, older_than_s=0, force=True)))
     with w.segment() as seg:
-        seg.append({1: np.ones((12, 8), BF16)}, **_rows(12, 0))
+        seg.append({1: np.ones((12, 8), BF16)}, **plain_rows(12, 0))
         seg.buffers[1].wait()
         gc.start()
         read_log.wait(10)
     committed.set()
     gc.join(10)
-    monkeypatch.setattr(commits, "load_records", real)
+    monkeypatch.setattr(log, "load_records", real)
     c = cf.open_cache(url)
     assert doomed == [] and c.n_tokens == 12 and ops.verify(c)[1] == []
 

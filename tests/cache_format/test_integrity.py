@@ -16,7 +16,7 @@ from cache_format.stores import Location
 def test_every_chunk_has_a_digest_and_a_flip_anywhere_in_a_shard_is_caught(make_cache):
     url, data = make_cache(segments=(40, 25), chunk_tokens=8)
     c = cf.open_cache(url)
-    obj = c._segs[0].layers[1]["objects"]["c/0/0"]
+    obj = c.log.segments[0].layers[1]["objects"]["c/0/0"]
     assert len(obj["chunks"]) == 5 and all(isinstance(d, str) and len(d) == 16 for d in obj["chunks"])
     path, size = shard_path(url, c), obj["size"]
     caught = 0
@@ -35,7 +35,7 @@ def test_every_chunk_has_a_digest_and_a_flip_anywhere_in_a_shard_is_caught(make_
 def test_flips_in_rows_stats_sequences_and_array_metadata_are_caught(make_cache, run):
     url, _ = make_cache(segments=(40,), chunk_tokens=8)
     c = cf.open_cache(url)
-    s = c._segs[0]
+    s = c.log.segments[0]
     rows = s.record["rows"]["path"]
     cases = [
         (os.path.join(url, rows, "tokens", "c", "0"), lambda c: c.tokens[:]),
@@ -58,7 +58,7 @@ def test_a_byte_flipped_on_the_server_fails_in_one_line_after_one_re_read(tmp_pa
     write_cache(url, segments=(40,), chunk_tokens=8)
     ops.publish(Location(url))
     c = cf.open_cache(url)
-    e = c._segs[0].layers[3]
+    e = c.log.segments[0].layers[3]
     path = os.path.join(url, e["array"], "c", "0", "0")
     raw = bytearray(open(path, "rb").read())
     raw[20] ^= 1

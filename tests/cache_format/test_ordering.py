@@ -7,11 +7,11 @@ import threading
 import time
 
 import numpy as np
-from support import _rows
+from support import plain_rows
 
 import cache_format as cf
-from cache_format.bf16 import BF16
-from cache_format.ordering import CommitOrder
+from cache_format.concurrency import CommitOrder
+from cache_format.layout import BF16
 
 
 def test_commits_follow_the_plan_although_later_segments_finish_first(tmp_path):
@@ -23,7 +23,7 @@ def test_commits_follow_the_plan_although_later_segments_finish_first(tmp_path):
     def write(k, delay):
         with w.segment(meta={"unit": k}, turn=order.turn(k)) as seg:
             time.sleep(delay)
-            seg.append({1: np.full((3, 8), k, BF16)}, **_rows(3, 10 * k))
+            seg.append({1: np.full((3, 8), k, BF16)}, **plain_rows(3, 10 * k))
             finished.append(k)
 
     ts = [threading.Thread(target=write, args=(k, 0.3 * (3 - k))) for k in range(4)]
@@ -46,7 +46,7 @@ def test_a_failed_turn_stops_later_commits_so_the_committed_set_stays_a_prefix(t
             with w.segment(meta={"unit": k}, turn=order.turn(k)) as seg:
                 if k == 1:
                     raise RuntimeError("unit 1 failed")
-                seg.append({1: np.full((3, 8), k, BF16)}, **_rows(3, 10 * k))
+                seg.append({1: np.full((3, 8), k, BF16)}, **plain_rows(3, 10 * k))
         except Exception as e:
             errors[k] = e
 

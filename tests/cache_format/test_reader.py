@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 
 
 def test_round_trip_rows_sequences_meta_and_chunks(make_cache):

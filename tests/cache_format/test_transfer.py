@@ -13,12 +13,13 @@ import time
 
 import pytest
 import s3fs
-from support import _everything, _same, s3_options, write_big_cache
+from support import everything, s3_options, same_cache, write_big_cache
 
 import cache_format as cf
 from cache_format import ops
 from cache_format.atomic import PIECE
 from cache_format.stores import Location
+from cache_format.sync import sync
 from cache_format.transfer import BLOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,7 +42,7 @@ def _wait_for(pred, proc, timeout=120):
 
 
 def _big_objects(c) -> dict[str, int]:
-    return {k: v["size"] for s in c.committed_segments for e in s.layers.values() for k, v in _objs(e).items()}
+    return {k: v["size"] for s in c.log.segments for e in s.layers.values() for k, v in _objs(e).items()}
 
 
 def _objs(e):
@@ -65,12 +66,12 @@ def test_a_killed_copy_to_disk_resumes_at_the_byte_where_it_stopped(tmp_path, ht
         p.wait()
     assert not cf.open_cache(dst).segments  # nothing committed: the kill left no visible trace
     base = http_serve(tmp_path / "srv")
-    ops.sync(f"{base}/c", str(dst))
+    sync(f"{base}/c", str(dst))
     served = {k.split("/c/", 1)[1]: v for k, v in http_serve.served.items() if k.startswith("/c/")}
     for key, size in big.items():
         assert served[key] == size - BLOCK, (key, served[key])  # only the bytes after the partial file's
     assert not partials()
-    _same(_everything(cf.open_cache(src)), _everything(cf.open_cache(dst)))
+    same_cache(everything(cf.open_cache(src)), everything(cf.open_cache(dst)))
     assert ops.verify(cf.open_cache(dst))[1] == []
 
 
@@ -82,7 +83,7 @@ def test_an_object_that_landed_before_a_kill_is_not_copied_again(tmp_path):
     p = subprocess.run(_sync_cmd(src, dst), env=env, capture_output=True, timeout=300)
     assert p.returncode == -signal.SIGKILL and not cf.open_cache(dst).segments
     landed = os.stat(dst / key)
-    ops.sync(str(src), str(dst))
+    sync(str(src), str(dst))
     again = os.stat(dst / key)
     assert (again.st_ino, again.st_mtime_ns) == (landed.st_ino, landed.st_mtime_ns)  # re-hashed, not re-copied
     assert ops.verify(cf.open_cache(dst))[1] == [] and cf.open_cache(dst).layers == [1, 2]
@@ -111,11 +112,11 @@ def test_a_killed_upload_to_s3_resumes_its_multipart_upload(tmp_path, s3, s3_buc
         p.send_signal(signal.SIGKILL)
         p.wait()
     counted = s3_options(fault_proxy(s3))
-    ops.sync(str(src), f"{url}/c", None, counted)
+    sync(str(src), f"{url}/c", None, counted)
     assert fault_proxy.state["part_bytes"] == size - BLOCK  # parts 2.. only: part 1 was kept
     assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
     dst = cf.open_cache(f"{url}/c", storage_options=opts)
-    _same(_everything(cf.open_cache(src)), _everything(dst))
+    same_cache(everything(cf.open_cache(src)), everything(dst))
     assert ops.verify(dst)[1] == []
 
 
@@ -125,9 +126,9 @@ def test_a_byte_flipped_in_transit_mid_object_is_copied_again(tmp_path, http_ser
     ops.publish(Location(str(src)))
     (key, size), *_ = _big_objects(cf.open_cache(src)).items()
     base = http_serve(tmp_path / "srv", faults=("flip",))  # the first answer to every request has a byte flipped
-    ops.sync(f"{base}/c", str(tmp_path / "copy"))
+    sync(f"{base}/c", str(tmp_path / "copy"))
     assert http_serve.served[f"/c/{key}"] == 2 * size  # the checksum failed as the bytes passed: copied again
-    _same(_everything(cf.open_cache(src)), _everything(cf.open_cache(tmp_path / "copy")))
+    same_cache(everything(cf.open_cache(src)), everything(cf.open_cache(tmp_path / "copy")))
 
 
 @pytest.mark.parametrize("fault", ["500", "drop", "truncate", "short"])
@@ -137,11 +138,11 @@ def test_a_stream_that_breaks_mid_object_is_reopened_where_it_broke(tmp_path, ht
     ops.publish(Location(str(src)))
     (key, size), *_ = _big_objects(cf.open_cache(src)).items()
     base = http_serve(tmp_path / "srv", faults=(fault,))  # the first answer to every request fails so
-    ops.sync(f"{base}/c", str(tmp_path / "copy"))
+    sync(f"{base}/c", str(tmp_path / "copy"))
     assert http_serve.injected[fault] >= 2
     # re-opened at the last whole block, never from the start: under 2 × the object's bytes
     assert http_serve.served[f"/c/{key}"] < 2 * size
-    _same(_everything(cf.open_cache(src)), _everything(cf.open_cache(tmp_path / "copy")))
+    same_cache(everything(cf.open_cache(src)), everything(cf.open_cache(tmp_path / "copy")))
 
 
 def test_a_copy_reaches_the_disk_in_pieces_of_at_most_a_write_piece(tmp_path, monkeypatch):
@@ -154,9 +155,9 @@ def test_a_copy_reaches_the_disk_in_pieces_of_at_most_a_write_piece(tmp_path, mo
     sizes = []
     real = os.pwrite
     monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: sizes.append(len(data)) or real(fd, data, offset))
-    ops.sync(str(src), str(tmp_path / "copy"))
+    sync(str(src), str(tmp_path / "copy"))
     assert sum(sizes) >= sum(big.values()) and max(sizes) <= PIECE
-    _same(_everything(cf.open_cache(src)), _everything(cf.open_cache(tmp_path / "copy")))
+    same_cache(everything(cf.open_cache(src)), everything(cf.open_cache(tmp_path / "copy")))
 
 
 @pytest.mark.slow
@@ -191,7 +192,7 @@ def test_a_full_disk_mid_object_is_one_line_and_the_next_sync_resumes(tmp_path):
     src = tmp_path / "c"
     write_big_cache(str(src), shard_mib=20, layers=(1, 2))
     dst = tmp_path / "copy"
-    ops.sync(str(src), str(dst), layers=[1])
+    sync(str(src), str(dst), layers=[1])
     before = cf.open_cache(dst)
     p = subprocess.run(
         _sync_cmd(src, dst, "--layers", "2"),
@@ -209,7 +210,7 @@ def test_a_full_disk_mid_object_is_one_line_and_the_next_sync_resumes(tmp_path):
     assert ops.verify(after)[1] == []
     (partial,) = glob.glob(f"{dst}/segments/**/.*.partial-*", recursive=True)
     assert os.path.getsize(partial) == 12 << 20  # up to the byte where the disk filled
-    ops.sync(str(src), str(dst), layers=[2])
+    sync(str(src), str(dst), layers=[2])
     done = cf.open_cache(dst)
     assert done.layers == [1, 2] and done.layer_fingerprint(2) == cf.open_cache(src).layer_fingerprint(2)
     assert ops.verify(done)[1] == []

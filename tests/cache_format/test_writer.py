@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 import pytest
-from support import _rows
+from support import plain_rows
 
 import cache_format as cf
-from cache_format import ops
-from cache_format.bf16 import BF16
+from cache_format import log, ops
+from cache_format.layout import BF16
 from cache_format.stores import Location
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WRITER = textwrap.dedent("""
     import sys, numpy as np
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
     url, wid, n_segs, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     w = cf.open_cache(url, mode="a")
     i = 0
@@ -130,7 +130,7 @@ def test_deferred_segments_are_committed_by_a_coordinator_in_its_order(tmp_path)
     prepared = []
     for k in (2, 0, 1):  # workers finish in any order
         with w.segment(meta={"unit": k}, defer=True) as seg:
-            seg.append({1: np.full((3, 8), k, BF16)}, **_rows(3, 10 * k))
+            seg.append({1: np.full((3, 8), k, BF16)}, **plain_rows(3, 10 * k))
         assert seg.committed is None and os.path.exists(f"{url}/segments/{seg.id}/.lease")
         prepared.append(seg.prepared)
         w.adopt(seg.prepared)
@@ -173,7 +173,7 @@ def test_writer_killed_mid_segment_leaves_a_readable_cache(tmp_path, seed):
     for lease in leases:  # ...then it goes stale
         os.utime(lease, (time.time() - 660, time.time() - 660))
     leftovers = ops.gc(loc, older_than_s=0, dry_run=True, force=True)
-    committed = set(ops.segment_objects(c._segs[0]) if segs else {})
+    committed = set(log.segment_objects(c.log.segments[0]) if segs else {})
     assert not committed & set(leftovers)
     if seed == "hang":
         assert len(segs) == 1 and any("/resid_post/2/c/" in k for k in leftovers)  # unreferenced shards

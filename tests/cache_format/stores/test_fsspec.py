@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support import FAULTS, _everything, _same, s3_options, write_cache
+from support import FAULTS, everything, s3_options, same_cache, write_cache
 
 import cache_format as cf
 from cache_format import ops
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 from cache_format.stores import Location
+from cache_format.sync import sync
 
 
 def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
@@ -43,9 +44,9 @@ def test_s3_write_read_append_and_concurrent_commit_numbers(s3_bucket):
 
 
 def test_unreachable_endpoints_give_a_clear_remote_error(tmp_path, make_cache):
-    from conftest import _free_port
+    from support import free_port
 
-    port = _free_port()
+    port = free_port()
     with pytest.raises(cf.RemoteError, match="after 3 attempts.*reachable"):
         cf.open_cache(f"http://127.0.0.1:{port}/c")
     opts = {
@@ -60,7 +61,7 @@ def test_unreachable_endpoints_give_a_clear_remote_error(tmp_path, make_cache):
 
 
 def test_s3_missing_bucket_is_a_clear_error(s3):
-    from conftest import s3_options
+    from support import s3_options
 
     with pytest.raises(cf.UserError, match="cannot write"):
         cf.create_cache("s3://no-such-bucket-here/c", d_model=4, layers=[0], storage_options=s3_options(s3))
@@ -117,8 +118,8 @@ def test_every_read_over_a_faulty_s3_matches_local(tmp_path, s3_bucket, s3, faul
     url, opts = s3_bucket
     local = str(tmp_path / "c")
     write_cache(local, segments=(40, 25), chunk_tokens=8)
-    ops.sync(local, f"{url}/c", None, opts)
+    sync(local, f"{url}/c", None, opts)
     flaky = s3_options(fault_proxy(s3, FAULTS))
     remote = cf.open_cache(f"{url}/c", storage_options=flaky)
-    _same(_everything(cf.open_cache(local)), _everything(remote))
+    same_cache(everything(cf.open_cache(local)), everything(remote))
     assert ops.verify(remote)[1] == [] and sum(fault_proxy.injected.values()) >= 20, fault_proxy.injected

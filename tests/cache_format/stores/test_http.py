@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from support import FAULTS, _everything, _same, write_cache
+from support import FAULTS, everything, same_cache, write_cache
 
 import cache_format as cf
 from cache_format import ops
 from cache_format.stores import Location
+from cache_format.sync import sync
 
 
 def test_http_read_of_published_cache_matches_local(tmp_path, http_serve, make_cache):
@@ -33,7 +34,7 @@ def test_http_read_of_published_cache_matches_local(tmp_path, http_serve, make_c
     with pytest.raises(cf.UserError, match="read-only"):
         cf.open_cache(f"{base}/c", mode="a")
     # An HTTP mirror can be pulled with sync.
-    ops.sync(f"{base}/c", str(tmp_path / "copy"))
+    sync(f"{base}/c", str(tmp_path / "copy"))
     assert cf.open_cache(tmp_path / "copy").fingerprint == local.fingerprint
 
 
@@ -50,7 +51,7 @@ def test_every_read_over_a_faulty_server_matches_local(tmp_path, http_serve):
     ops.publish(Location(url))
     base = http_serve(tmp_path, faults=FAULTS)
     remote = cf.open_cache(f"{base}/c")
-    _same(_everything(cf.open_cache(url)), _everything(remote))
+    same_cache(everything(cf.open_cache(url)), everything(remote))
     assert all(http_serve.injected.get(k, 0) >= 3 for k in FAULTS), http_serve.injected
     assert ops.verify(remote)[1] == []
 

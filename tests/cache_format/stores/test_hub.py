@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from support import _everything, _same, write_cache
+from support import everything, same_cache, write_cache
 
 import cache_format as cf
 from cache_format import ops
 from cache_format.stores import Location
+from cache_format.sync import sync
 
 
 def _repo(tmp_path, name="repo", seed=0, layers=(1, 3)):
@@ -30,7 +31,7 @@ def test_a_resolve_url_opens_pinned_to_a_commit_through_redirects_and_5xx(tmp_pa
     first = hub.push("org/acts", tmp_path / "repo")
     remote = cf.open_cache(f"{endpoint}/datasets/org/acts/resolve/main/cache")
     assert remote.url == f"{endpoint}/datasets/org/acts/resolve/{first}/cache"  # main, pinned
-    _same(_everything(cf.open_cache(local)), _everything(remote))
+    same_cache(everything(cf.open_cache(local)), everything(remote))
     assert ops.verify(remote)[1] == []
     assert hub.failed >= 3  # the occasional 503 was retried
     assert any(p.startswith("/storage/") for _, p in hub.log)  # read through the redirect
@@ -56,7 +57,7 @@ def test_an_hf_url_opens_through_hffilesystem(tmp_path, hub_serve, monkeypatch):
     ):
         c = cf.open_cache(url)
         assert c.url == f"hf://datasets/org/acts@{sha}/cache"
-    _same(_everything(cf.open_cache(local)), _everything(c))
+    same_cache(everything(cf.open_cache(local)), everything(c))
     assert ops.verify(c)[1] == []
     assert set(hub.unserved) <= {"/api/agent-harnesses"}  # HfFileSystem asked for nothing the stand-in lacks
     with pytest.raises(cf.UserError, match="read-only"):
@@ -115,7 +116,7 @@ def test_train_run_from_a_partial_copy_on_the_hub_gives_the_sources_weights(tmp_
     src = str(tmp_path / "src")
     write_planted(src, layers=(2, 3))
     repo = tmp_path / "repo"
-    ops.sync(src, str(repo / "cache"), layers=[3])  # one layer of two
+    sync(src, str(repo / "cache"), layers=[3])  # one layer of two
     ops.publish(Location(str(repo / "cache")))
     endpoint, hub = hub_serve(fail_every=50)
     hub.push("org/acts", repo)
