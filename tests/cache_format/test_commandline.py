@@ -1,11 +1,13 @@
 """What the three command lines share (cache_format/commandline.py): `run_cli`'s one-line errors
-(an OSError's advice follows its errno), `--layers`, and one way to a dask client: a real
-LocalCluster of the asked shape, an existing scheduler by address, one line for an unreachable one."""
+(an OSError's advice follows its errno; a failure in a subprocess, and `--debug`'s traceback),
+`--layers`, and one way to a dask client: a real LocalCluster of the asked shape, an existing
+scheduler by address, one line for an unreachable one."""
 
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import sys
 
 import click
@@ -73,3 +75,39 @@ def test_an_unreachable_scheduler_is_one_line_naming_the_fix():
     msg = str(e.value)
     assert msg.startswith("cannot reach the dask scheduler at tcp://127.0.0.1:9 (") and "\n" not in msg
     assert msg.endswith("); start one with `dask scheduler`")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["info", "{tmp}"], "is not a cache"),
+        (["verify", "{tmp}/nothing"], "is not a cache"),
+        (["gc", "{cache}", "--older-than", "soon"], "--older-than 'soon'"),
+        (["retract", "{cache}", "nope"], "is not a live segment"),
+        (["stats", "{cache}", "--layers", "9"], "layer 9 is not in the cache"),
+        (["info", "{cache}", "-o", "{{bad"], "not valid JSON"),
+    ],
+)
+def test_one_line_errors(run, make_cache, tmp_path, args, needle):
+    url, _ = make_cache(segments=(5,))
+    code, out, err = run(*[a.format(tmp=tmp_path, cache=url) for a in args])
+    assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_subprocess_error_is_one_line_and_debug_shows_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "cache_format", "info", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is not a cache" in p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "cache_format", "info", str(tmp_path), "--debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert p.returncode != 0 and "Traceback" in p.stderr

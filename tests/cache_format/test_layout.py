@@ -1,4 +1,5 @@
-"""A cache's keys stay inside its root and its layout (docs/cache-format.md, *Keys*).
+"""The layout (cache_format/layout.py, codecs.py): bf16 in and out bit for bit, codec names, and a
+cache's keys that stay inside its root and its layout (docs/cache-format.md, *Keys*).
 
 The hash chain has no secret, so these caches are crafted as an attacker would: records and
 root attributes rewritten, then re-sealed from the documented record format (sha256 of the
@@ -16,12 +17,54 @@ import json
 import os
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
+import torch
 from support import write_cache
 
 import cache_format as cf
 from cache_format.errors import CacheError
+from cache_format.layout import BF16
 from cache_format.stores import Location, key_problem
+
+
+def test_every_bf16_bit_pattern_round_trips(tmp_path):
+    bits = np.arange(65536, dtype=np.uint16).reshape(-1, 64)  # NaNs, ±inf, -0.0, subnormals included
+    w = cf.create_cache(tmp_path / "c", d_model=64, layers=[0], chunk_tokens=100, shard_mib=1)
+    with w.segment() as seg:
+        n = len(bits)
+        seg.append(
+            residuals={0: torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.zeros(n, np.int64),
+            positions=np.arange(n),
+        )
+    with w.segment() as seg:  # the numpy ml_dtypes path too
+        seg.append(
+            residuals={0: bits.view(BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.ones(n, np.int64),
+            positions=np.arange(n),
+        )
+    c = cf.open_cache(tmp_path / "c")
+    t = c.residuals(0)[:]
+    assert t.dtype == torch.bfloat16 and t.shape == (2 * n, 64)
+    got = t.view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got[:n], bits) and np.array_equal(got[n:], bits)
+    a = c.residuals(0).numpy(n, 2 * n)
+    assert a.dtype == ml_dtypes.bfloat16 and np.array_equal(a.view(np.uint16), bits)
+    b = c.chunk_bounds()
+    chunks = np.concatenate([c.read_chunk(0, i) for i in range(len(b) - 1)])
+    assert np.array_equal(chunks.view(np.uint16)[:n], bits)
+
+
+def test_codecs_none_and_zstd_round_trip(make_cache):
+    for codec in ("none", "zstd3", "blosc-lz4"):
+        url, data = make_cache(codec=codec)
+        c = cf.open_cache(url)
+        assert np.array_equal(c.residuals(1).numpy().view(np.uint16), data["residuals"][1].view(np.uint16))
+        assert np.array_equal(c.read_chunk(1, 1).view(np.uint16), data["residuals"][1][8:16].view(np.uint16))
 
 
 def _canonical(obj) -> bytes:

@@ -1,5 +1,5 @@
-"""`import` is idempotent: the same import again is a no-op that says so, even after a crash just
-after its commit; `--again` appends a second copy on purpose (cache_format/importer.py)."""
+"""`import` (cache_format/importer.py): an activation dump becomes a cache; the same import again is
+a no-op that says so, even after a crash just after its commit; `--again` appends a second copy."""
 
 from __future__ import annotations
 
@@ -10,9 +10,44 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import cache_format as cf
 from cache_format import ops
+
+
+def test_import_safetensors_with_labels(run, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    acts = {"acts_L11": torch.randn(50, 8, generator=g).half(), "acts_L31": torch.randn(50, 8, generator=g).half()}
+    save_file(acts, tmp_path / "activations.safetensors")
+    labels = np.arange(50) % 3 == 0
+    np.save(tmp_path / "labels.npy", labels)
+    code, out, err = run(
+        "import",
+        tmp_path / "activations.safetensors",
+        "--to",
+        tmp_path / "c",
+        "--labels",
+        tmp_path / "labels.npy",
+        "--seq-len",
+        "20",
+        "--model",
+        "Qwen/Qwen3.6-27B",
+    )
+    assert code == 0, err
+    assert "float16 → bfloat16" in out and "made up" in out
+    c = cf.open_cache(tmp_path / "c")
+    assert c.layers == [11, 31] and c.n_tokens == 50
+    assert torch.equal(c.residuals(11)[:], acts["acts_L11"].to(torch.bfloat16))
+    assert np.array_equal(c.labels[:], labels.astype(np.int8))
+    assert np.array_equal(c.seq_ids[:], np.arange(50) // 20) and np.array_equal(c.positions[:25], np.r_[0:20, 0:5])
+    assert c.segments[0].meta["import"]["lossless"] is False and c.meta["model"]["name_or_path"] == "Qwen/Qwen3.6-27B"
+    np.save(tmp_path / "resid.npy", np.ones((7, 8), np.float32))
+    code, out, err = run("import", tmp_path / "resid.npy", "--layer", "11", "--to", tmp_path / "c")
+    assert code == 2 and "residuals must cover exactly layers [11, 31]" in err
+
 
 ROOT = Path(__file__).resolve().parents[2]
 

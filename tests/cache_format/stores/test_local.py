@@ -1,4 +1,5 @@
-"""Write-then-rename on real files: the target is whole or untouched, no temporary left (cache_format/atomic.py)."""
+"""A local directory: write-then-rename on real files, the target whole or untouched and no
+temporary left (cache_format/atomic.py, to become part of stores/local.py)."""
 
 from __future__ import annotations
 
