@@ -11,6 +11,7 @@ from . import open_cache, ops
 from .commandline import parse_layers, run_cli
 from .errors import CacheError, UserError
 from .stores import Location
+from .write import DEFAULT_CHUNK_TOKENS, DEFAULT_CODEC
 
 
 def _options(text: str | None) -> dict | None:
@@ -257,8 +258,8 @@ def card(url, repo, path_in_repo, license_, out, storage_options):
 @click.option("--seq-ids", default=None, help=".npy of per-row sequence ids (default: made up, see --seq-len).")
 @click.option("--seq-len", default=1024, show_default=True, help="Rows per made-up sequence when --seq-ids is absent.")
 @click.option("--model", default=None, help="Recorded as meta.model.name_or_path.")
-@click.option("--codec", default="blosc-zstd1", show_default=True)
-@click.option("--chunk-tokens", default=4096, show_default=True)
+@click.option("--codec", default=DEFAULT_CODEC, show_default=True)
+@click.option("--chunk-tokens", default=DEFAULT_CHUNK_TOKENS, show_default=True)
 @click.option("--again", is_flag=True, help="Append a second copy of a dump this cache already holds.")
 @so_option
 def import_(

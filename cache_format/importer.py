@@ -17,7 +17,7 @@ import numpy as np
 
 from . import open_cache
 from .errors import CacheError, UserError
-from .write import CacheExistsError, create_cache
+from .write import DEFAULT_CHUNK_TOKENS, DEFAULT_CODEC, CacheExistsError, create_cache
 
 
 def _layer_of(key: str, mapping: dict[str, int]) -> int:
@@ -89,8 +89,8 @@ def import_dump(
     seq_len: int = 1024,
     meta: dict | None = None,
     storage_options: dict | None = None,
-    codec: str = "blosc-zstd1",
-    chunk_tokens: int = 4096,
+    codec: str = DEFAULT_CODEC,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     again: bool = False,
 ) -> dict:
     """Turn a dump into a new cache (or a new segment of an existing one with the same layers).

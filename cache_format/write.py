@@ -56,6 +56,9 @@ from .shards import LayerBuffer, hashing_store, write_rows
 from .stores import Location
 
 __all__ = ["CacheWriter", "SegmentWriter", "LayerBackfill", "create_cache", "CacheExistsError"]
+DEFAULT_CODEC = "blosc-zstd1"  # what create_cache, import and harvest's schema default to (codecs.py says why)
+DEFAULT_CHUNK_TOKENS = 4096  # rows per storage chunk: the loader's read unit
+DEFAULT_SHARD_MIB = 256  # the target size of one shard object
 _LAYER_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="actcache-layer")
 
 
@@ -629,9 +632,9 @@ def create_cache(
     layers,
     meta: dict | None = None,
     hook: str = "resid_post",
-    codec: str = "blosc-zstd1",
-    chunk_tokens: int = 4096,
-    shard_mib: int = 256,
+    codec: str = DEFAULT_CODEC,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    shard_mib: int = DEFAULT_SHARD_MIB,
     tokenizer_files=None,
     storage_options: dict | None = None,
 ) -> CacheWriter:

@@ -216,3 +216,16 @@ def test_render_toml_prints_the_effective_config_with_docs_and_loads_back(tmp_pa
                 assert getattr(again, f) == getattr(cfg, f), f
     text = render_toml(load_harvest(profile="tiny"), ["harvest", "corpus"])
     assert "[harvest]" in text and "[[corpus.sources]]" in text and "[model]" not in text
+
+
+def test_as_table_is_the_table_that_loads_back_into_the_section():
+    """What a test of pipeline.toml against the schema defaults compares with (`as_table(Section())`)."""
+    from cache_format.config import as_table
+    from harvest.config import CorpusConfig, SuperGPQAConfig
+
+    for section, name in ((CorpusConfig(), "corpus"), (SuperGPQAConfig(), "supergpqa"), (TrainConfig(), "train")):
+        table = as_table(section)
+        assert all(not hasattr(v, "__dataclass_fields__") for v in table.values())  # plain TOML values only
+        assert build_section(type(section), table, name) == section
+    sources = as_table(CorpusConfig())["sources"]
+    assert isinstance(sources, list) and sources[0]["name"] == CorpusConfig().sources[0].name
