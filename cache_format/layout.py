@@ -33,6 +33,19 @@ ROLE_CODES = {"text": ROLE_TEXT, "prompt": ROLE_PROMPT, "thinking": ROLE_THINKIN
 ROLE_NAMES = {code: name for name, code in ROLE_CODES.items()}
 
 
+def role_codes(roles) -> tuple[int, ...]:
+    """Role names or codes (["thinking", 3]) as sorted, distinct codes; a one-line error for any other."""
+    out = set()
+    for r in roles:
+        if isinstance(r, str) and r in ROLE_CODES:
+            out.add(ROLE_CODES[r])
+        elif isinstance(r, (int, np.integer)) and not isinstance(r, bool) and int(r) in ROLE_NAMES:
+            out.add(int(r))
+        else:
+            raise UserError(f"role {r!r} is unknown; use text, prompt, thinking or answer")
+    return tuple(sorted(out))
+
+
 class LayoutError(ValueError):
     """A record or the root attributes name a key outside the layout (or are not shaped as the format says)."""
 

@@ -304,3 +304,14 @@ def test_every_store_refuses_a_key_that_leaves_its_root(tmp_path, key, s3_bucket
 def test_plain_keys_pass():
     for key in ["zarr.json", "segments/20260101T000000-abc/resid_post/11/c/0/0", "commits/.tmp-1", "a/b:c"]:
         assert key_problem(key) is None
+
+
+def test_role_names_and_codes_map_once():
+    from cache_format.errors import UserError
+    from cache_format.layout import role_codes
+
+    assert role_codes(["answer", "thinking", 2]) == (cf.ROLE_THINKING, cf.ROLE_ANSWER)
+    assert role_codes([]) == ()
+    for bad in (["reasoning"], [7], [True]):
+        with pytest.raises(UserError, match="is unknown; use text, prompt, thinking or answer"):
+            role_codes(bad)
