@@ -160,11 +160,9 @@ def test_no_module_imports_a_private_name_from_another():
     assert not bad, "\n".join(bad)
 
 
-# Tests still reading a private attribute of a project object, by file; each helper of the structure
-# issue removes its package's entries (the test then goes through a public interface).
+# Tests still reading a private attribute of a project object, by file; train's helper of the
+# structure issue removes these (the test then goes through a public interface).
 PRIVATE_READS_LEFT = {
-    "tests/harvest/test_run.py": {"_remote_unit"},
-    "tests/harvest/test_splice.py": {"_head"},
     "tests/train/test_explog.py": {"_run"},
     "tests/train/test_loader.py": {"_layout", "_slots"},
 }
@@ -190,9 +188,8 @@ def test_tests_read_no_private_attribute_of_a_project_object():
 # -- tests and benchmarks stay apart --------------------------------------------------------------
 
 TEST_HELPERS = ("support", "conftest", "planted_data", "analysis_data", "hub_standin")
-# Edges still to cut, by file (the harvest and train helpers of the structure issue remove them).
+# Edges still to cut, by file (train's helper of the structure issue removes them).
 TESTS_BENCH_LEFT = {
-    "bench/bench_first_commit.py",  # support.write_corpus: harvest.tiny will write the corpus
     "tests/train/test_row_filters.py",  # runs bench_loader's stand-in
     "tests/train/test_export.py",  # runs bench/peers/saelens_export_check.py
 }
