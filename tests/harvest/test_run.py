@@ -86,16 +86,17 @@ def test_resume_after_kill_9_gives_the_rows_of_an_uninterrupted_run(tmp_path):
         *sum((["--set", o] for o in OVERRIDES), []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    delay = random.Random().uniform(0.0, 1.0)
+    rng = random.Random()
+    target, delay = rng.randint(1, 15), rng.uniform(0.0, 0.1)
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait for the first commit, then a random moment more
+    while time.time() < deadline:  # wait for a random number of commits, then a random moment more
         try:
-            if cf.open_cache(str(url)).segments:
+            if len(cf.open_cache(str(url)).segments) >= target:
                 break
         except cf.CacheError:
             pass
         assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.05)
+        time.sleep(0.02)
     time.sleep(delay)
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
     os.kill(proc.pid, signal.SIGKILL)
