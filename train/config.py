@@ -15,13 +15,35 @@ from typing import Any, ClassVar
 from cache_format.config import ConfigError, Loaded, check_ranges, coerce, load_sections, shared_section
 from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
 
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")  # train.sae.KINDS implements them
+# the keys only some architectures read: given to another one, they are refused
+KIND_KEYS = {
+    "k": ("topk", "batchtopk", "matryoshka"),
+    "matryoshka_sizes": ("matryoshka",),
+    "sparsity_coefficient": ("jumprelu", "relu"),
+    "sparsity_warmup_steps": ("jumprelu", "relu"),
+    "jumprelu_bandwidth": ("jumprelu",),
+    "jumprelu_init_threshold": ("jumprelu",),
+}
+
 
 @dataclass
 class SweepSetting:
-    """One extra (d_sae, k) trained per layer from the same batches; both keys are required."""
+    """One more SAE per layer, trained from the same batches. A key left out takes [train]'s
+    value; sparsity_coefficient only from a [train] of the same architecture (jumprelu's is an
+    L0 coefficient, relu's an L1 one: their scales differ)."""
 
-    d_sae: int
-    k: int
+    architecture: str | None = None
+    d_sae: int | None = None
+    k: int | None = None
+    sparsity_coefficient: float | None = None
+    sparsity_warmup_steps: int | None = None
+    jumprelu_bandwidth: float | None = None
+    jumprelu_init_threshold: float | None = None
+    matryoshka_sizes: list[int] | None = None
+
+    def __post_init__(self):
+        _check_kind_values(self, "train.sweep entry's ")
 
 
 AUX_NORMS = ("residual", "total")  # AuxK loss over the residual error's variance (OpenAI) | the total (sparsify)
@@ -31,15 +53,22 @@ LOG_KINDS = ("none", "tensorboard", "wandb")
 
 @dataclass
 class TrainConfig(TrainKeys):
-    """TopK+AuxK SAE training; defaults from the `001_*` card. Key names are stable.
+    """SAE training; defaults from the `001_*` card (TopK + AuxK). Key names are stable.
 
     A recipe (`[recipes.NAME]`) is applied under the keys set in `[train]`: see `recipe`.
     """
 
     recipe: str = "auto"  # auto (by the cache's source: rollouts or corpus) | rollouts | corpus | none
     layers: list[int] = field(default_factory=list)  # [] = every layer in the cache
+    architecture: str = "topk"  # topk | batchtopk | matryoshka | jumprelu | relu (docs/train.md: the kinds)
     d_sae: int = 65536
-    k: int = 128
+    k: int = 128  # topk: per row; batchtopk, matryoshka: per row on average over the batch
+    # jumprelu, relu: SAELens 6's l0_coefficient (jumprelu) or l1_coefficient (relu), same scale and meaning
+    sparsity_coefficient: float = 1.0
+    sparsity_warmup_steps: int = 5000  # jumprelu, relu: the coefficient rises linearly from 0 over these steps
+    jumprelu_bandwidth: float = 0.05  # the straight-through estimator's rectangle width, in pre-activation units
+    jumprelu_init_threshold: float = 0.1  # every latent's threshold at step 0 (learned as its log)
+    matryoshka_sizes: list[int] = field(default_factory=list)  # increasing, last = d_sae; [] = d_sae/8, /4, /2, d_sae
     k_aux: int = 0  # 0 = d_model // 2
     aux_alpha: float = 1 / 32
     dead_tokens: int = 10_000_000  # a latent unseen for this many tokens counts as dead
@@ -82,11 +111,7 @@ class TrainConfig(TrainKeys):
                     f"train.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}"
                     + ("; set --set train.log='none'" if key == "log" else "")
                 )
-        for i, s in enumerate(self.sweep):
-            if not 1 <= s.k < s.d_sae:
-                raise ConfigError(
-                    f"train.sweep[{i}]: k={s.k} must be between 1 and d_sae-1 (d_sae={s.d_sae}); fix that entry"
-                )
+        _check_kind_values(self, "train.")
         if self.recipe not in ("auto", *RECIPES, "none"):
             raise ConfigError(f"train.recipe {self.recipe!r} is unknown; use auto, {', '.join(RECIPES)} or none")
         check_ranges(
@@ -95,6 +120,10 @@ class TrainConfig(TrainKeys):
             [
                 ("d_sae", 1, True),
                 ("k", 1, True),
+                ("sparsity_coefficient", 0, True),
+                ("sparsity_warmup_steps", 0, True),
+                ("jumprelu_bandwidth", 0, False),
+                ("jumprelu_init_threshold", 0, False),
                 ("k_aux", 0, True),
                 ("aux_alpha", 0, True),
                 ("dead_tokens", 1, True),
@@ -116,6 +145,100 @@ class TrainConfig(TrainKeys):
                 ("epochs", 0, True),
             ],
         )
+
+    def saes(self, explicit: typing.Iterable[str] = ()) -> list[SweepSetting]:
+        """Every SAE a layer trains: [train]'s own, then each sweep entry, resolved and checked.
+
+        `explicit` are the [train] keys the user set (file, profile or --set): a kind's key set
+        there for an architecture that does not read it is refused, as in a sweep entry (k
+        excepted in [train]: recipes and profiles set it whatever the architecture).
+        """
+        base = SweepSetting(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SweepSetting)})
+        # k is the one kind key recipes and profiles set for every run, so only sweep entries are held to it
+        unused = [k for k in explicit if k in KIND_KEYS and k != "k" and self.architecture not in KIND_KEYS[k]]
+        if unused:
+            raise ConfigError(
+                f"train.{unused[0]} is not read by train.architecture={self.architecture!r} "
+                f"(only by {', '.join(KIND_KEYS[unused[0]])}); drop it, or set it in a train.sweep entry of that kind"
+            )
+        out = [_resolve(base, base, "train.")]
+        for i, entry in enumerate(self.sweep):
+            kind = entry.architecture or self.architecture
+            given = [f.name for f in dataclasses.fields(entry) if getattr(entry, f.name) is not None]
+            unused = [key for key in given if key in KIND_KEYS and kind not in KIND_KEYS[key]]
+            if unused:
+                raise ConfigError(
+                    f"train.sweep[{i}]: {unused[0]} is not read by architecture {kind!r} "
+                    f"(only by {', '.join(KIND_KEYS[unused[0]])}); drop it from that entry"
+                )
+            inherit = {
+                key: getattr(base, key)
+                for key in given_or_inherited(kind, self.architecture)
+                if getattr(entry, key) is None
+            }
+            out.append(_resolve(dataclasses.replace(entry, architecture=kind, **inherit), base, f"train.sweep[{i}]."))
+        return out
+
+
+def given_or_inherited(kind: str, base_kind: str) -> list[str]:
+    """The keys a sweep entry of `kind` takes from [train] when it leaves them out."""
+    keys = ["d_sae", *KIND_KEYS]
+    return keys if kind == base_kind else [k for k in keys if k != "sparsity_coefficient"]
+
+
+def _resolve(s: SweepSetting, base: SweepSetting, where: str) -> SweepSetting:
+    """One SAE's settings with the kind's defaults filled in and the keys it does not read cleared."""
+    defaults = {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in KIND_KEYS
+    }
+    vals = {
+        key: (getattr(s, key) if getattr(s, key) is not None else defaults.get(key))
+        if s.architecture in kinds
+        else None
+        for key, kinds in KIND_KEYS.items()
+    }
+    d_sae = s.d_sae if s.d_sae is not None else base.d_sae
+    if s.architecture in KIND_KEYS["k"] and not 0 < vals["k"] < d_sae:
+        raise ConfigError(
+            f"{where}k={vals['k']} must be between 1 and d_sae-1 (d_sae={d_sae}); lower {where}k or raise {where}d_sae"
+        )
+    if s.architecture == "matryoshka":
+        sizes = vals["matryoshka_sizes"] or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+        if sizes[0] <= 0 or sizes[-1] != d_sae or any(a >= b for a, b in zip(sizes, sizes[1:])):
+            raise ConfigError(
+                f"{where}matryoshka_sizes={sizes} must increase and end at d_sae={d_sae} "
+                f"(e.g. [{d_sae // 8}, {d_sae // 4}, {d_sae // 2}, {d_sae}]); fix it or leave it out"
+            )
+        vals["matryoshka_sizes"] = list(sizes)
+    return SweepSetting(architecture=s.architecture, d_sae=d_sae, **{k: v for k, v in vals.items()})
+
+
+def _check_kind_values(section: Any, where: str) -> None:
+    """The architecture's name, and for a sweep entry its keys' ranges ([train]'s are checked with
+    the other keys); cross-key checks wait for the effective config (`TrainConfig.saes`)."""
+    kind = section.architecture
+    if kind is not None and kind not in ARCHITECTURES:
+        raise ConfigError(f"{where}architecture {kind!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
+    if not isinstance(section, SweepSetting):
+        return
+    for key, low, strict in SWEEP_RANGES:
+        v = getattr(section, key)
+        if v is not None and (v < low or (strict and v == low)):
+            raise ConfigError(
+                f"{where}{key} = {v} must be {'above' if strict else 'at least'} {low}; fix that train.sweep entry"
+            )
+
+
+SWEEP_RANGES = [
+    ("d_sae", 1, False),
+    ("k", 1, False),
+    ("sparsity_coefficient", 0, False),
+    ("sparsity_warmup_steps", 0, False),
+    ("jumprelu_bandwidth", 0, True),
+    ("jumprelu_init_threshold", 0, True),
+]
 
 
 RECIPES = ("rollouts", "corpus")

@@ -1,5 +1,11 @@
 """Export: per SAE, `OUT/<name>/` in the SAELens 6 layout plus the `000_*` file (run.json: `rundir`).
 
+Each kind is written as SAELens 6 writes its own (`save_inference_model`), so that
+`SAE.load_from_disk` reads it natively: topk as "topk"; batchtopk and matryoshka in their
+inference form, "jumprelu" with the learned threshold for every latent; jumprelu as
+"jumprelu" (its `threshold` tensor); relu as "standard". The metadata block names the kind
+trained (`training_architecture`, SAELens' own names) and its settings.
+
 Normalization is folded into the weights first, so every exported file takes raw residuals.
 The trajectory plot (variance explained and dead latents against tokens) is drawn here too.
 """
@@ -16,28 +22,48 @@ from cache_format.atomic import atomic_path
 from cache_format.errors import UserError
 
 from .out_files import write_out
-from .sae import TopKSAE
+from .sae import SAE, BatchTopKSAE
 
 SAE_LENS_FORMAT = "6.0.0"  # the SAELens config generation cfg.json follows (checked against 6.54)
+# this project's kind -> (SAELens' inference architecture, SAELens' name of the kind trained)
+SAE_LENS_ARCHITECTURE = {
+    "topk": ("topk", "topk"),
+    "batchtopk": ("jumprelu", "batchtopk"),
+    "matryoshka": ("jumprelu", "matryoshka_batchtopk"),
+    "jumprelu": ("jumprelu", "jumprelu"),
+    "relu": ("standard", "standard"),
+}
 
 
-def sae_name(layer: int, d_sae: int, k: int) -> str:
-    return f"L{layer}_n{d_sae}_k{k}"
+def sae_name(layer: int, s) -> str:
+    """An SAE's name in a run: `L11_n4096_k32` for TopK (the `000` card's), the kind before k or
+    the coefficient for the others (`L11_n4096_batchtopk_k32`, `L11_n4096_jumprelu_c0.5`)."""
+    base = f"L{layer}_n{s.d_sae}"
+    if s.architecture == "topk":
+        return f"{base}_k{s.k}"
+    if s.k is not None:
+        return f"{base}_{s.architecture}_k{s.k}"
+    return f"{base}_{s.architecture}_c{s.sparsity_coefficient:g}"
 
 
-def export_sae(sae: TopKSAE, out_dir: Path, cfg: dict) -> dict[str, str]:
-    """Write cfg.json + sae_weights.safetensors + sae_L{layer}_n{d_sae}_k{k}.pt; return the file names."""
-    if not sae.relu:
+def inference_form(sae: SAE) -> SAE:
+    """The SAE as it encodes after training (BatchTopK's and Matryoshka's: a JumpReLU at θ)."""
+    return sae.jumprelu() if isinstance(sae, BatchTopKSAE) else sae
+
+
+def export_sae(sae: SAE, out_dir: Path, cfg: dict) -> dict[str, str]:
+    """Write cfg.json + sae_weights.safetensors + sae_<name>.pt (the directory's name); return the file names."""
+    if not getattr(sae, "relu", True):
         raise UserError(
             f"cannot export {out_dir.name} in the SAELens layout: it has no ReLU, and SAELens' topk "
             "applies one (abstopk ranks by magnitude), so its codes would differ; "
             "keep its .pt file instead"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    folded = sae.folded()
+    folded = inference_form(sae).folded()
     weights = {n: t.detach().float().cpu().contiguous() for n, t in folded.weights().items()}
     write_out(out_dir / "sae_weights.safetensors", save_safetensors(weights))
-    pt_name = f"sae_L{cfg['layer']}_n{sae.d_sae}_k{sae.k}.pt"
+    pt_name = f"sae_{out_dir.name}.pt"
     write_out(out_dir / pt_name, lambda f: torch.save(weights, f))
     write_out(out_dir / "cfg.json", json.dumps(cfg, indent=2, sort_keys=True))
     return {"cfg": "cfg.json", "safetensors": "sae_weights.safetensors", "pt": pt_name}
@@ -63,7 +89,7 @@ def context_size(cache) -> int | None:
 
 
 def sae_lens_cfg(
-    sae: TopKSAE,
+    sae: SAE,
     *,
     layer: int,
     hook: str,
@@ -78,7 +104,7 @@ def sae_lens_cfg(
     source: dict | None = None,
     context: int | None = None,
 ) -> dict:
-    """A SAELens 6.x cfg.json (its TopKSAEConfig fields and `metadata` block) plus this project's provenance.
+    """A SAELens 6.x cfg.json (its config class's fields and `metadata` block) plus this project's provenance.
 
     SAELens reads the top-level fields it knows and the `metadata` block, and ignores the rest,
     so our own keys (layer, fingerprint, split, train_config, ...) ride beside them. Without a
@@ -87,33 +113,41 @@ def sae_lens_cfg(
     """
     cache = absolute_url(cache_url)
     site = "resid_post" if hook in ("", "resid_post") else hook
-    return {
-        # SAELens TopKSAEConfig (architecture "topk": top-k of the pre-activations, then ReLU)
-        "architecture": "topk",
+    arch, trained = SAE_LENS_ARCHITECTURE[sae.architecture]
+    out = {
+        # SAELens' SAEConfig fields (+ TopKSAEConfig's k and rescale flag for topk)
+        "architecture": arch,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "k": sae.k,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": sae.subtract_b_dec,
         "normalize_activations": "none",  # any normalization is folded into the weights
         "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,  # the decoder rows are unit norm
-        "metadata": {
-            "sae_lens_version": SAE_LENS_FORMAT,
-            "sae_lens_training_version": None,  # trained by this project, not by SAELens
-            "model_name": model,
-            "hook_name": f"blocks.{layer}.hook_{site}",
-            "hf_hook_name": hook_module,
-            "prepend_bos": False,
-            "context_size": context,
-            "dataset_path": cache,
-            "exclude_special_tokens": bool(config.get("exclude_special", False)),
-        },
+    }
+    if arch == "topk":  # top-k of the pre-activations, then ReLU
+        out.update(k=sae.k, rescale_acts_by_decoder_norm=False)  # the decoder rows are unit norm
+    metadata = {
+        "sae_lens_version": SAE_LENS_FORMAT,
+        "sae_lens_training_version": None,  # trained by this project, not by SAELens
+        "model_name": model,
+        "hook_name": f"blocks.{layer}.hook_{site}",
+        "hf_hook_name": hook_module,
+        "prepend_bos": False,
+        "context_size": context,
+        "dataset_path": cache,
+        "exclude_special_tokens": bool(config.get("exclude_special", False)),
+    }
+    if sae.architecture != "topk":  # as SAELens records what an inference config was trained as
+        metadata["training_architecture"] = trained
+        metadata["training_architecture_details"] = sae.settings()
+    out["metadata"] = metadata
+    if arch == "topk":
+        out.update(activation_fn="topk", activation_fn_kwargs={"k": sae.k}, relu=sae.relu)
+    return {
+        **out,
         # this project's fields (SAELens ignores them)
-        "activation_fn": "topk",
-        "activation_fn_kwargs": {"k": sae.k},
-        "relu": sae.relu,
+        "kind": sae.architecture,
         "normalization": normalization,
         "hook_site": hook,
         "hook_module": hook_module,

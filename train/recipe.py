@@ -46,8 +46,12 @@ def resolve(cfg: PipelineConfig, cache_meta: dict) -> tuple[TrainConfig, str]:
         merged["epochs"] = 0.0
     merged.update(explicit)
     merged["recipe"] = name
-    merged["sweep"] = [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in merged["sweep"]]
+    merged["sweep"] = [
+        {k: v for k, v in dataclasses.asdict(s).items() if v is not None} if dataclasses.is_dataclass(s) else s
+        for s in merged["sweep"]
+    ]
     tc = build_section(TrainConfig, merged, "train", fix=lambda key: f"fix [recipes.{name}] or use --set {key}=VALUE")
+    tc.saes(explicit)  # the kinds' keys, checked on the effective config before any work
     return tc, name
 
 
@@ -59,12 +63,13 @@ def budget(tc: TrainConfig, train_rows: int) -> int:
 
 
 def fit_to_run(tc: TrainConfig, explicit: list[str], tokens: int) -> tuple[TrainConfig, list[str]]:
-    """Shrink a recipe's warmup and dead threshold that a small cache's run cannot hold.
+    """Shrink a recipe's warmups and dead threshold that a small cache's run cannot hold.
 
     A recipe is sized for its card's run (the 000 card: ~1000 steps). On a smaller cache its
     warmup would outlast the run and no latent could ever count as dead, so AuxK would never
     fire: warmup and the dead threshold are each capped at a quarter of the run (the cards'
-    own runs are well inside that: the 001 card's warmup is 10% of its steps). Keys you set
+    own runs are well inside that: the 001 card's warmup is 10% of its steps); so is the
+    sparsity coefficient's warmup of the jumprelu and relu kinds. Keys you set
     yourself are never changed.
     """
     steps = max(1, math.ceil(tokens / tc.batch_size))
@@ -72,6 +77,10 @@ def fit_to_run(tc: TrainConfig, explicit: list[str], tokens: int) -> tuple[Train
     if "warmup_steps" not in explicit and tc.warmup_steps > steps // 4:
         changes["warmup_steps"] = steps // 4
         notes.append(f"warmup {tc.warmup_steps} -> {steps // 4} steps (the run has {steps})")
+    coefficient = {"jumprelu", "relu"} & {s.architecture for s in tc.saes()}
+    if coefficient and "sparsity_warmup_steps" not in explicit and tc.sparsity_warmup_steps > steps // 4:
+        changes["sparsity_warmup_steps"] = steps // 4
+        notes.append(f"sparsity warmup {tc.sparsity_warmup_steps} -> {steps // 4} steps")
     dead_cap = max(tc.batch_size, tokens // 4)
     if "dead_tokens" not in explicit and tc.dead_tokens > dead_cap:
         changes["dead_tokens"] = dead_cap

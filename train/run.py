@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -30,7 +31,7 @@ from cache_format.errors import CacheError, UserError
 
 from . import dist, recipe
 from .checkpoint import Checkpoints
-from .config import PipelineConfig, TrainConfig
+from .config import PipelineConfig, SweepSetting, TrainConfig
 from .explog import ExperimentLog, check_kind, open_log
 from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
 from .out_files import write_out
@@ -38,19 +39,17 @@ from .out_lease import OutLease
 from .run_data import check_split, heldout_metrics, heldout_rows, init_sample, run_loader
 from .run_state import RunState, run_identity
 from .rundir import read_run, write_run_json
-from .sae import TopKSAE
+from .sae import make_sae
 from .trainer import SAETrainer
 
 
 @dataclass(frozen=True)
 class Spec:
-    layer: int
-    d_sae: int
-    k: int
+    """One SAE of the run: a layer and the resolved settings of its kind."""
 
-    @property
-    def name(self) -> str:
-        return sae_name(self.layer, self.d_sae, self.k)
+    layer: int
+    sae: SweepSetting
+    name: str
 
 
 def open_cache_or_fail(url: str):
@@ -71,16 +70,20 @@ def open_cache_or_fail(url: str):
 
 
 def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:
-    settings = [(tc.d_sae, tc.k)] + [(s.d_sae, s.k) for s in tc.sweep]
-    for d_sae, k in settings:
-        if d_sae <= 0 or k <= 0 or k >= d_sae:
-            raise UserError(f"k={k} must be between 1 and d_sae-1 (d_sae={d_sae}); lower train.k or raise train.d_sae")
-    seen, specs = set(), []
+    """Every (layer, SAE setting) once, named as sae_name says; settings that would share a name
+    (differing in a key the name leaves out) get a short hash of their settings appended."""
+    settings = []
+    for s in tc.saes():
+        if s not in settings:
+            settings.append(s)
+    names = [sae_name(0, s) for s in settings]
+    specs = []
     for layer in layers:
-        for d_sae, k in settings:
-            if (layer, d_sae, k) not in seen:
-                seen.add((layer, d_sae, k))
-                specs.append(Spec(layer, d_sae, k))
+        for s, base in zip(settings, names):
+            name = sae_name(layer, s)
+            if names.count(base) > 1:
+                name += "_" + hashlib.sha256(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:6]
+            specs.append(Spec(layer, s, name))
     return specs
 
 
@@ -129,18 +132,20 @@ class Run:
         trainers = {}
         for s in self.specs:
             torch.manual_seed(tc.seed * 1_000_003 + zlib.crc32(s.name.encode()))
-            sae = TopKSAE(self.cache.d_model, s.d_sae, s.k).to(self.device)
+            sae = make_sae(s.sae, self.cache.d_model).to(self.device)
             trainers[s.name] = SAETrainer(
                 sae,
                 lr=tc.lr,
                 lr_min=tc.lr_min if tc.lr_schedule == "cosine" else None,  # None: hold lr
                 warmup_steps=tc.warmup_steps,
                 total_steps=self.total_steps(),
-                k_aux=tc.k_aux or self.cache.d_model // 2,
+                k_aux=tc.k_aux,
                 aux_alpha=tc.aux_alpha,
                 dead_tokens=tc.dead_tokens,
                 grad_clip=tc.grad_clip,
                 aux_norm=tc.aux_norm,
+                sparsity_coefficient=s.sae.sparsity_coefficient or 0.0,
+                sparsity_warmup_steps=s.sae.sparsity_warmup_steps or 0,
             )
         return trainers
 
@@ -299,7 +304,7 @@ class Run:
                 tr = trainers[s.name]
                 row = {"tokens": tokens, "step": tr.steps, "time": time.time()}
                 if held:
-                    metrics = heldout_metrics(tr.sae, held[s.layer], s.d_sae, self.device)
+                    metrics = heldout_metrics(tr.sae, held[s.layer], self.device)
                     row["eval_tokens"] = metrics.pop("tokens")
                     row.update(metrics)
                     self.explog.heldout(s.name, tr.tokens, metrics)
@@ -395,8 +400,9 @@ class Run:
                         "name": s.name,
                         "path": s.name,
                         "layer": s.layer,
-                        "d_sae": s.d_sae,
-                        "k": s.k,
+                        "architecture": s.sae.architecture,
+                        "d_sae": s.sae.d_sae,
+                        "k": s.sae.k,
                         "hook": hook,
                         "layer_fingerprint": self.fingerprints[s.layer],
                         "tokens": tr.tokens,

@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .loader import ShuffledLoader
 from .metrics import ReconstructionMetrics
 from .row_filters import default_roles
-from .sae import TopKSAE
+from .sae import SAE
 from .split import MIN_HELDOUT_SEQUENCES, split_counts
 
 
@@ -120,9 +120,10 @@ def heldout_rows(out: Path, cache, layers: list[int], tc: TrainConfig) -> tuple[
 
 
 @torch.no_grad()
-def heldout_metrics(sae: TopKSAE, data: np.ndarray, d_sae: int, device: torch.device) -> dict:
-    """The reconstruction metrics of `sae` on one layer's held-out rows (stored bf16 bits)."""
-    m = ReconstructionMetrics(d_sae)
+def heldout_metrics(sae: SAE, data: np.ndarray, device: torch.device) -> dict:
+    """The reconstruction metrics of `sae` on one layer's held-out rows (stored bf16 bits), as it
+    encodes after training (BatchTopK: at its threshold, so L0 is measured)."""
+    m = ReconstructionMetrics(sae.d_sae)
     for i in range(0, len(data), 4096):
         x = bits_to_torch(np.array(data[i : i + 4096])).float().to(device)
         vals, idx = sae.encode(x)

@@ -1,12 +1,14 @@
-"""One SAE's training state and its step: TopK + AuxK, Adam, warmup + cosine, clipping.
+"""One SAE's training state and its step: the kind's loss, Adam, warmup + cosine, clipping.
 
-`SAETrainer.step(x)` is the whole training step on a float32 batch of raw residuals (forward,
-AuxK, backward, cross-rank gradient sum, parallel-gradient removal, clipping, Adam, decoder
-renormalization, dead counters). The run loop (`train.run`) and the benchmarks call it as is.
+`SAETrainer.step(x)` is the whole training step on a float32 batch of raw residuals: the kind's
+loss (`SAE.loss`, a pure function in train.sae), backward, cross-rank gradient sum,
+parallel-gradient removal and decoder renormalization (kinds with unit decoder rows),
+clipping, Adam, the BatchTopK threshold update and the dead counters. The run loop
+(`train.run`) and the benchmarks call it as is.
 
-Loss (per batch): fvu = sum ||x - x_hat||^2 / sum ||x - mean||^2, plus aux_alpha * the AuxK
-loss: the squared error of the residual e = x - x_hat as reconstructed from the top k_aux dead
-latents. `aux_norm` says what that error is divided by:
+AuxK (topk, batchtopk, matryoshka) adds aux_alpha × the squared error of the residual
+e = x - x_hat as reconstructed from the top k_aux dead latents. `aux_norm` says what that error
+is divided by:
 
 - "residual" (default, OpenAI's `sparse_autoencoder`): sum ||e - mean(e)||^2, the variance of
   the error it predicts, so the aux loss stays O(1) however small the residual has become.
@@ -14,9 +16,13 @@ latents. `aux_norm` says what that error is divided by:
   min(n_dead / k_aux, 1). As the fit improves the residual shrinks and so does this loss, so
   dead latents get less and less pull; measured here it recovers fewer planted features.
 
+The coefficient kinds (jumprelu, relu) add sparsity_coefficient × their sparsity term instead,
+the coefficient rising linearly from 0 over `sparsity_warmup_steps` (as SAELens does).
+
 A latent is dead when it has not fired for `dead_tokens` tokens. With several ranks, the
 variances and the gradients are summed across ranks, so N ranks take the step one process
-would on the global batch.
+would on the global batch; BatchTopK selects within each rank's share (as SAELens does per
+device) and averages the threshold's batch statistic across ranks.
 """
 
 from __future__ import annotations
@@ -30,8 +36,7 @@ from cache_format.errors import UserError
 
 from . import dist
 from .config import AUX_NORMS
-from .kernels import topk_autoencode
-from .sae import TopKSAE, geometric_median
+from .sae import SAE, BatchTopKSAE, StepInput, default_k_aux, geometric_median
 
 
 def default_lr(d_sae: int) -> float:
@@ -51,18 +56,20 @@ def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> floa
 class SAETrainer:
     def __init__(
         self,
-        sae: TopKSAE,
+        sae: SAE,
         *,
         lr: float = 0.0,
         lr_min: float | None = None,
         warmup_steps: int = 0,
         total_steps: int = 1,
-        k_aux: int | None = None,
+        k_aux: int = 0,
         aux_alpha: float = 1 / 32,
         dead_tokens: int = 10_000_000,
         grad_clip: float = 1.0,
         low_precision: bool | None = None,
         aux_norm: str = "residual",
+        sparsity_coefficient: float = 0.0,
+        sparsity_warmup_steps: int = 0,
     ):
         if aux_norm not in AUX_NORMS:
             raise ValueError(f"aux_norm={aux_norm!r}: pick one of {AUX_NORMS}")
@@ -70,11 +77,12 @@ class SAETrainer:
         self.peak_lr = lr or default_lr(sae.d_sae)
         self.lr_min = self.peak_lr if lr_min is None else min(lr_min, self.peak_lr)
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
-        self.k_aux = sae.d_in // 2 if not k_aux else k_aux
+        self.k_aux = k_aux or default_k_aux(sae.d_in)
         self.aux_alpha, self.dead_tokens, self.grad_clip = aux_alpha, dead_tokens, grad_clip
+        self.sparsity_coefficient, self.sparsity_warmup_steps = sparsity_coefficient, sparsity_warmup_steps
         dev = sae.W_enc.device
         self.low_precision = dev.type == "cuda" if low_precision is None else low_precision
-        self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+        self.params = sae.trainable()
         self.opt = torch.optim.Adam(
             self.params, lr=self.peak_lr, betas=(0.9, 0.999), eps=1e-8, fused=dev.type in ("cpu", "cuda")
         )
@@ -90,76 +98,75 @@ class SAETrainer:
         if normalize:
             scale = x.norm(dim=1).mean() / math.sqrt(sae.d_in)
             sae.input_scale.fill_(float(scale))
-        xn = (x - sae.input_mean) / sae.input_scale
-        sae.b_dec.copy_(geometric_median(xn))
+        sae.b_dec.copy_(geometric_median(sae.normalize(x)))
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.dead_tokens
 
+    def coefficient(self) -> float:
+        """This step's sparsity coefficient: linear from 0 over the warmup, as SAELens."""
+        warm = self.sparsity_warmup_steps
+        return self.sparsity_coefficient * (min(1.0, self.steps / warm) if warm else 1.0)
+
     def step(self, x: Tensor) -> dict[str, float]:
         """One optimizer step on x (N, d_in) float32 raw residuals; returns the step's scalars."""
         sae = self.sae
-        xn = (x - sae.input_mean) / sae.input_scale
-        n_local = xn.shape[0]
         dead = self.dead_mask().nonzero().squeeze(1)
-        n_dead = int(dead.numel())
-        recon, vals, idx, aux_recon = topk_autoencode(
-            xn,
-            sae.W_enc,
-            sae.b_enc,
-            sae.b_dec,
-            sae.W_dec,
-            sae.k,
-            relu=sae.relu,
-            subtract_b_dec=sae.subtract_b_dec,
-            dead=dead if n_dead else None,
-            k_aux=self.k_aux,
-            low_precision=self.low_precision,
+        coefficient = self.coefficient()
+        out = sae.loss(
+            x,
+            StepInput(
+                dead=dead,
+                k_aux=self.k_aux,
+                aux_alpha=self.aux_alpha,
+                aux_norm=self.aux_norm,
+                sparsity_coefficient=coefficient,
+                low_precision=self.low_precision,
+                variance=self._total_variance,
+            ),
         )
-        err = xn - (recon + sae.b_dec)
-        total_var = self._total_variance(xn.detach())
-        fvu = err.pow(2).sum() / total_var
-        loss = fvu
-        aux = torch.zeros((), device=x.device)
-        if n_dead:
-            e = err.detach()
-            sq = (aux_recon - e).pow(2).sum()
-            if self.aux_norm == "residual":
-                aux = (sq / self._total_variance(e)).nan_to_num(0.0)
-            else:
-                aux = min(n_dead / self.k_aux, 1.0) * sq / total_var
-            loss = loss + self.aux_alpha * aux
-
         for p in self.params:
             p.grad = None
-        loss.backward()
+        out.loss.backward()
         dist.all_reduce_sum([p.grad for p in self.params])
-        sae.remove_parallel_decoder_grad()
+        if sae.unit_decoder:
+            sae.remove_parallel_decoder_grad()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         lr = lr_at(self.steps, self.peak_lr, self.lr_min, self.warmup_steps, self.total_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        sae.set_decoder_norm_to_unit()
+        if sae.unit_decoder:
+            sae.set_decoder_norm_to_unit()
 
         with torch.no_grad():
+            codes = out.codes
+            on = codes.vals > 0
             fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=x.device)
-            fired.index_add_(0, idx.reshape(-1), (vals.reshape(-1) > 0).long())
-            n_global = torch.tensor([n_local], dtype=torch.int64, device=x.device)
-            dist.all_reduce_sum([fired, n_global])
-            n_global = int(n_global)
+            fired.index_add_(0, codes.cols, on.long())
+            counts = torch.tensor([x.shape[0], int(on.sum())], dtype=torch.int64, device=x.device)
+            dist.all_reduce_sum([fired, counts])
+            n_global, active = int(counts[0]), int(counts[1])
             self.since_fired += n_global
             self.since_fired[fired > 0] = 0
+            if isinstance(sae, BatchTopKSAE):
+                sae.update_threshold(self._smallest_selected(codes.vals[on]))
         self.steps += 1
         self.tokens += n_global
-        return {
-            "loss": float(loss.detach()),
-            "fvu": float(fvu.detach()),
-            "aux_loss": float(aux.detach()),
-            "dead": n_dead,
-            "lr": lr,
-        }
+        scalars = {"loss": float(out.loss.detach()), "fvu": float(out.fvu.detach())}
+        if sae.revives_dead:
+            scalars["aux_loss"] = float(out.aux.detach())
+        else:
+            scalars.update(sparsity_loss=float(out.aux.detach()), sparsity_coefficient=coefficient)
+        return {**scalars, "l0": active / n_global, "dead": int(dead.numel()), "lr": lr}
+
+    @staticmethod
+    def _smallest_selected(vals: Tensor) -> float:
+        """The batch's smallest selected activation, averaged over the ranks that selected any."""
+        s = torch.tensor([float(vals.min()) if vals.numel() else 0.0, float(vals.numel() > 0)], dtype=torch.float64)
+        dist.all_reduce_sum([s])
+        return float(s[0] / s[1]) if s[1] else 0.0
 
     @staticmethod
     def _total_variance(xn: Tensor) -> Tensor:
@@ -174,6 +181,7 @@ class SAETrainer:
         return (sq - s.pow(2).sum() / n).squeeze().float()
 
     def state_dict(self) -> dict:
+        """Tensors and plain scalars and strings only (the checkpoint format needs no pickle)."""
         return {
             "sae": self.sae.state_dict(),
             "opt": self.opt.state_dict(),
@@ -182,6 +190,7 @@ class SAETrainer:
             "tokens": self.tokens,
             "peak_lr": self.peak_lr,
             "aux_norm": self.aux_norm,
+            "architecture": self.sae.architecture,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,6 +200,12 @@ class SAETrainer:
             raise UserError(
                 f"this checkpoint was trained with train.aux_norm={saved!r}, not {self.aux_norm!r}; "
                 f"resume with --set train.aux_norm='{saved}' or pass --fresh"
+            )
+        kind = state.get("architecture", "topk")
+        if kind != self.sae.architecture:
+            raise UserError(
+                f"this checkpoint holds a {kind} SAE, not {self.sae.architecture}; "
+                f"resume with --set train.architecture='{kind}' or pass --fresh"
             )
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
