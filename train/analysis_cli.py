@@ -153,7 +153,8 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
     out = {
         **metrics,
         "layer": layer,
-        "k": sae.k,
+        "architecture": sae.architecture,
+        "k": getattr(sae, "k", None),
         "d_sae": sae.d_sae,
         "d_in": sae.d_in,
         "layout": sae.cfg.get("layout"),
@@ -166,7 +167,9 @@ def eval_cmd(config_path, profile, cache, overrides, sae_path, layer, k, max_tok
         click.echo(json.dumps({k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in out.items()}))
     else:
         click.echo(
-            f"{sae_path} @ layer {layer} ({out['layout']}, d_sae {sae.d_sae}, k {sae.k}), "
+            f"{sae_path} @ layer {layer} ({out['layout']}, {sae.architecture}, d_sae {sae.d_sae}"
+            + (f", k {sae.k}" if hasattr(sae, "k") else "")
+            + "), "
             f"{metrics['tokens']} held-out rows of {url}:"
         )
         click.echo("  " + _fmt_metrics({m: metrics[m] for m in METRIC_NAMES}))

@@ -111,7 +111,8 @@ def analyze(
             {
                 "layer": layer,
                 "n_features": sae.d_sae,
-                "k": sae.k,
+                "architecture": sae.architecture,
+                "k": getattr(sae, "k", None),
                 "auroc": fm["auroc"].tolist(),
                 "fire_rate": fm["fire_rate"].tolist(),
                 "direction": fm["direction"].tolist(),

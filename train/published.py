@@ -1,4 +1,4 @@
-"""Load the published SAE layouts of the seed cards into one `TopKSAE`.
+"""Load the published SAE layouts (the seed cards', SAELens') into one of train.sae's kinds.
 
 `load_sae(path, k=None)` detects the layout from the files and tensor shapes:
 
@@ -7,6 +7,9 @@
 - `001` / sae_lens: `cfg.json` + `sae_weights.safetensors` in a directory (also this
   project's exports), or `sae_L11_latest.safetensors` beside `sae_L11_cfg.json`. Same
   orientation and encoding as `000`, unless the config says `apply_b_dec_to_input: false`.
+  Its `architecture` picks the kind: "topk", "jumprelu" (a `threshold` tensor per latent:
+  this project's batchtopk, matryoshka and jumprelu exports, as SAELens' own) or "standard"
+  (ReLU).
   SAELens 6 configs keep hook_name and the rest in a `metadata` block, read as well. With
   `rescale_acts_by_decoder_norm: true` SAELens scales the pre-activations by each decoder
   row's norm before the top-k and divides it out in the decoder; that is folded into the
@@ -25,7 +28,7 @@ always wins: TopK SAEs are often evaluated at another k). Anything ambiguous, mi
 corrupt raises `SAEFormatError` with one line naming the file and the fix.
 
 This module detects the layout and holds one loader per layout; reading and checking the
-tensors and building the `TopKSAE` are in sae_tensors.py, what a file's name says in sae_names.py.
+tensors and building the SAE are in sae_tensors.py, what a file's name says in sae_names.py.
 """
 
 from __future__ import annotations
@@ -34,15 +37,28 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .sae import TopKSAE
+from .sae import SAE, TopKSAE
 from .sae_names import QWEN_SCOPE_NAME, k_from_name, layer_from_name
-from .sae_tensors import SAEFormatError, build_topk, oriented, read_json, read_pt, read_safetensors, weight_tensors
+from .sae_tensors import (
+    SAEFormatError,
+    build_jumprelu,
+    build_relu,
+    build_topk,
+    oriented,
+    read_json,
+    read_pt,
+    read_safetensors,
+    weight_tensors,
+)
+
+# SAELens 6's inference architectures this loader reads -> the kind that encodes like it
+SAE_LENS_KINDS = {"topk": "topk", "top_k": "topk", "jumprelu": "jumprelu", "standard": "relu"}
 
 __all__ = ["load_sae", "detect_layout"]
 
 
-def load_sae(path: str | Path, k: int | None = None, layer: int | None = None) -> TopKSAE:
-    """Any supported layout at `path` (a file or a directory) → a `TopKSAE` on the CPU.
+def load_sae(path: str | Path, k: int | None = None, layer: int | None = None) -> SAE:
+    """Any supported layout at `path` (a file or a directory) → an SAE (train.sae) on the CPU.
 
     `sae.cfg["layout"]` names the layout found; `layer`, the split and the provenance are
     copied into `sae.cfg` when the files record them. A published repository directory with
@@ -144,7 +160,7 @@ def _sibling_cfg(weights: Path) -> Path | None:
 # the layouts
 
 
-def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
+def _load_pt(files: dict[str, Path], k: int | None) -> SAE:
     p = files["weights"]
     raw = read_pt(p)
     w = weight_tensors(p, raw)
@@ -153,7 +169,10 @@ def _load_pt(files: dict[str, Path], k: int | None) -> TopKSAE:
     expect = "qwen_scope" if qs_name else ("000" if k_name else None)
     W_enc, W_dec, orient = oriented(p, w, expect)
     k = k if k is not None else k_from_name(p)
-    if orient == "qwen_scope":
+    if "threshold" in raw and orient != "qwen_scope":  # this project's JumpReLU-form .pt beside its export
+        sae = build_jumprelu(p, w, W_enc, W_dec, raw["threshold"], subtract_b_dec=True)
+        sae.cfg.update(layout="topk_pt")
+    elif orient == "qwen_scope":
         sae = build_topk(p, w, W_enc, W_dec, k, relu=False, subtract_b_dec=False)
         sae.cfg.update(layout="qwen_scope")
     else:
@@ -194,14 +213,17 @@ def _cfg_layer(cfg: dict) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
+def _load_sae_lens(files: dict[str, Path], k: int | None) -> SAE:
     p = files["weights"]
     cfg = read_json(files["cfg"]) if "cfg" in files else {}
     arch = str(cfg.get("architecture") or "").lower()
     act = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "").lower()
-    if (arch and arch not in ("topk", "top_k", "batchtopk")) or (not arch and act and "topk" not in act):
+    if not arch:
+        arch = "topk" if (not act or "topk" in act) else act
+    if arch not in SAE_LENS_KINDS:
         raise SAEFormatError(
-            f"{files['cfg']}: architecture {arch or act!r} is not a TopK SAE; only TopK SAEs are supported"
+            f"{files['cfg']}: architecture {arch!r} is not supported; "
+            f"supported: {', '.join(sorted(SAE_LENS_KINDS))} (SAELens' names)"
         )
     norm = str(cfg.get("normalize_activations", "none") or "none").lower()
     if norm not in ("none", "null"):
@@ -209,28 +231,28 @@ def _load_sae_lens(files: dict[str, Path], k: int | None) -> TopKSAE:
             f"{files['cfg']}: normalize_activations={norm!r} needs statistics the file does not hold; "
             "fold the normalization into the weights first"
         )
-    w = weight_tensors(p, read_safetensors(p))
+    tensors = read_safetensors(p)
+    w = weight_tensors(p, tensors)
     W_enc, W_dec, orient = oriented(p, w, "000")
     for key, have in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])):
         if key in cfg and cfg[key] != have:
             raise SAEFormatError(
                 f"{p}: {key}={have} in the weights but {cfg[key]} in {files.get('cfg')}; the pair is mismatched"
             )
-    k = k if k is not None else (_cfg_k(cfg) or k_from_name(p))
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
-    sae = build_topk(
-        p,
-        w,
-        W_enc,
-        W_dec,
-        k,
-        relu=bool(cfg.get("relu", True)),
-        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", cfg.get("subtract_b_dec", True))),
-    )
+    subtract_b_dec = bool(cfg.get("apply_b_dec_to_input", cfg.get("subtract_b_dec", True)))
+    if SAE_LENS_KINDS[arch] == "jumprelu":
+        sae = build_jumprelu(p, w, W_enc, W_dec, tensors.get("threshold"), subtract_b_dec=subtract_b_dec)
+    elif SAE_LENS_KINDS[arch] == "relu":
+        sae = build_relu(p, w, W_enc, W_dec, subtract_b_dec=subtract_b_dec)
+    else:
+        k = k if k is not None else (_cfg_k(cfg) or k_from_name(p))
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            W_enc, W_dec, w = _fold_decoder_norm(p, W_enc, W_dec, w)
+        sae = build_topk(p, w, W_enc, W_dec, k, relu=bool(cfg.get("relu", True)), subtract_b_dec=subtract_b_dec)
     sae.cfg.update({key: v for key, v in cfg.items() if isinstance(key, str)})
     sae.cfg["layout"] = "sae_lens"
-    sae.cfg["k"] = sae.k
+    if hasattr(sae, "k"):
+        sae.cfg["k"] = sae.k
     layer = _cfg_layer(cfg)
     if layer is None:
         layer = layer_from_name(p)

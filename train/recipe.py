@@ -20,7 +20,7 @@ import math
 
 from cache_format.config import build_section
 
-from .config import PipelineConfig, TrainConfig
+from .config import KIND_KEYS, PipelineConfig, TrainConfig
 
 CARDS = {"rollouts": "the 000 card", "corpus": "the 001 card", "none": "no recipe"}
 SOURCE_RECIPE = {"supergpqa": "rollouts", "corpus": "corpus"}
@@ -98,7 +98,9 @@ def describe(tc: TrainConfig, name: str, train_rows: int, heldout: dict) -> str:
     )
     cap = f" (max_rows {tc.max_rows:,})" if tc.max_rows else ""
     return (
-        f"recipe {name} ({CARDS.get(name, name)}): d_sae {tc.d_sae}, k {tc.k}, lr {tc.lr:g}, "
+        f"recipe {name} ({CARDS.get(name, name)}): {tc.architecture}, d_sae {tc.d_sae}, "
+        + (f"k {tc.k}, " if tc.architecture in KIND_KEYS["k"] else f"sparsity {tc.sparsity_coefficient:g}, ")
+        + f"lr {tc.lr:g}, "
         f"batch {tc.batch_size}, "
         f"{tokens:,} tokens per SAE = {how}{cap}; held out {heldout['heldout_sequences']} of "
         f"{heldout['sequences']} sequences ({heldout['heldout_tokens']:,} rows, fraction {tc.heldout_fraction:g})"

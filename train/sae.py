@@ -362,18 +362,19 @@ class ReLUSAE(SAE):
     architecture = "relu"
     unit_decoder = False
 
-    def __init__(self, d_in: int, d_sae: int, *, decoder_norm: float = 0.1):
-        super().__init__(d_in, d_sae, decoder_norm=decoder_norm)
+    def __init__(self, d_in: int, d_sae: int, *, decoder_norm: float = 0.1, subtract_b_dec: bool = True):
+        super().__init__(d_in, d_sae, subtract_b_dec=subtract_b_dec, decoder_norm=decoder_norm)
 
     def settings(self) -> dict:
-        return {}
+        return {"subtract_b_dec": self.subtract_b_dec}
 
     def activation(self, pre: Tensor) -> Tensor:
         return F.relu(pre)
 
     def loss(self, x: Tensor, step: StepInput) -> Loss:
         xn = self.normalize(x)
-        codes = self._pass(xn, Select("threshold", low_precision=step.low_precision), step)
+        select = Select("threshold", subtract_b_dec=self.subtract_b_dec, low_precision=step.low_precision)
+        codes = self._pass(xn, select, step)
         err = xn - (codes.recon + self.b_dec)
         total_var = step.variance(xn.detach())
         fvu = err.pow(2).sum() / total_var

@@ -1,5 +1,6 @@
-"""Reading a published SAE's tensors and making them one `TopKSAE`: the file readers, the checks on
-the four weights, their orientation read off the bias lengths, and the build with k and the normalizer.
+"""Reading a published SAE's tensors and making them one of train.sae's kinds: the file readers,
+the checks on the four weights, their orientation read off the bias lengths, and the build with
+k or the thresholds and the normalizer.
 
 Shared by every layout loader in published.py, which only decides what to read and how to encode;
 `SAEFormatError` lives here so that run-directory code can raise it without loading the layouts.
@@ -15,7 +16,7 @@ import torch
 
 from cache_format.errors import UserError
 
-from .sae import TopKSAE
+from .sae import SAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
 __all__ = [
     "SAEFormatError",
@@ -26,6 +27,8 @@ __all__ = [
     "weight_tensors",
     "oriented",
     "build_topk",
+    "build_jumprelu",
+    "build_relu",
 ]
 
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -139,10 +142,36 @@ def build_topk(
         raise SAEFormatError(f"{p}: k is not recorded in the file, its config or its name; pass --k K")
     if not 0 < k < d_sae:
         raise SAEFormatError(f"{p}: k={k} must be between 1 and d_sae-1={d_sae - 1}; pass a valid --k")
+    return _filled(p, TopKSAE(d_in, d_sae, k, relu=relu, subtract_b_dec=subtract_b_dec), w, W_enc, W_dec, mean, std)
+
+
+def build_jumprelu(p: Path, w: dict, W_enc, W_dec, threshold, *, subtract_b_dec: bool) -> JumpReLUSAE:
+    """A JumpReLU SAE (SAELens "jumprelu", Gemma Scope): its per-latent `threshold` is required."""
+    d_in, d_sae = W_enc.shape
+    if threshold is None:
+        raise SAEFormatError(f"{p}: a JumpReLU SAE without its threshold tensor; re-export it with the thresholds")
+    t = torch.as_tensor(threshold, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(d_sae)
+    if t.numel() != d_sae or not torch.isfinite(t).all() or (t < 0).any():
+        raise SAEFormatError(f"{p}: threshold has {t.numel()} values, expected {d_sae} finite non-negative ones")
+    sae = _filled(p, JumpReLUSAE(d_in, d_sae, subtract_b_dec=subtract_b_dec), w, W_enc, W_dec)
+    with torch.no_grad():
+        sae.log_threshold.copy_(t.log())  # a threshold of 0 is log 0 = -inf: exp gives it back exactly
+    return sae
+
+
+def build_relu(p: Path, w: dict, W_enc, W_dec, *, subtract_b_dec: bool) -> ReLUSAE:
+    """A ReLU SAE (SAELens "standard")."""
+    d_in, d_sae = W_enc.shape
+    return _filled(p, ReLUSAE(d_in, d_sae, subtract_b_dec=subtract_b_dec), w, W_enc, W_dec)
+
+
+def _filled(p: Path, sae: SAE, w: dict, W_enc, W_dec, mean=None, std=None):
+    d_in = W_enc.shape[0]
     for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", w["b_enc"]), ("b_dec", w["b_dec"])):
         if not torch.isfinite(t).all():
             raise SAEFormatError(f"{p}: {name} holds NaN or inf values; the file is corrupt")
-    sae = TopKSAE(d_in, d_sae, k, relu=relu, subtract_b_dec=subtract_b_dec)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.W_dec.copy_(W_dec)
