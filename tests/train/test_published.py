@@ -241,11 +241,12 @@ def test_corrupt_and_ambiguous_files(tmp_path):
     (mism / "cfg.json").write_text(json.dumps({"d_in": D_IN + 1, "d_sae": D_SAE, "k": K}))
     cases["mismatched"] = mism
 
-    notopk = tmp_path / "jr"
-    notopk.mkdir()
-    save_file(sd, notopk / "sae_weights.safetensors")
-    (notopk / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE}))
-    cases["not a TopK SAE"] = notopk
+    for arch, needle in (("jumprelu", "JumpReLU SAE without its threshold"), ("gated", "'gated' is not supported")):
+        d = tmp_path / arch
+        d.mkdir()
+        save_file(sd, d / "sae_weights.safetensors")  # no threshold tensor
+        (d / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE}))
+        cases[needle] = d
 
     cases["no such SAE"] = tmp_path / "nope.pt"
 
