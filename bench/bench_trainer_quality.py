@@ -1,16 +1,27 @@
-"""Planted-feature recovery and held-out variance explained of `train run`, per AuxK normalization.
+"""Planted-feature recovery and held-out variance explained of `train run`, per SAE kind, against SAELens.
 
 Why: speed means nothing if the SAE does not find the features. This writes a synthetic cache
 whose rows are sparse non-negative mixes of known unit features (the issue's set: d=64, 512
 features, 4 active per token with Zipf(0.8) frequencies, magnitudes U[0.5, 2.5], noise 0.02,
 2.2M tokens in 128-token sequences), then runs `python -m train run --profile tiny` on it as a
-user would, once per `train.aux_norm` (and per `train.dead_tokens` asked for), and reports:
+user would, per architecture (and per `train.aux_norm` / `train.dead_tokens` asked for, for the
+kinds with AuxK; per `sparsity_coefficient`, all in one pass, for jumprelu and relu). With
+`--sides ours,saelens` SAELens trains the same kind (bench/peers/saelens_quality.py, in
+.venv-peers) on the same train-split rows, at the same dictionary size, token budget, batch,
+learning rate, lr warmup and dead window, with its defaults for the rest. Both sides'
+exported SAEs are measured the same way on the same 100k held-out rows:
 
 - recovery: the fraction of true features whose best decoder cosine exceeds 0.9;
-- variance_explained on held-out rows (10% of sequences, as the issue's set).
+- variance_explained and L0 on held-out rows (10% of sequences, as the issue's set).
 
-    python bench/bench_trainer_quality.py                                  # both norms, the profile's dead_tokens
+The coefficient kinds are compared at matched L0: each side's coefficients should bracket
+`--target-l0` (4); the summary interpolates recovery and VE linearly in L0 between the two
+settings around it.
+
+    python bench/bench_trainer_quality.py                                  # topk, both norms
     python bench/bench_trainer_quality.py --dead-tokens 20000,100000,400000 --norms residual
+    python bench/bench_trainer_quality.py --architectures batchtopk,matryoshka,jumprelu,relu \
+        --norms residual --sides ours,saelens --workdir /tmp/q
 """
 
 from __future__ import annotations
@@ -34,7 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    p.add_argument("--norms", default="residual,total", help="train.aux_norm values, comma-separated")
+    p.add_argument("--architectures", default="topk", help="train.architecture values, comma-separated")
+    p.add_argument("--sides", default="ours", help="ours and/or saelens (needs make bench-peers-env)")
+    p.add_argument(
+        "--coefficients-jumprelu", default="0.25,0.5,1,2,4", help="ours: sparsity_coefficient values of jumprelu"
+    )
+    p.add_argument("--coefficients-relu", default="0.25,0.5,1,2,4", help="ours: sparsity_coefficient values of relu")
+    p.add_argument("--saelens-coefficients-jumprelu", default="", help="SAELens' l0_coefficient values ('' = ours)")
+    p.add_argument("--saelens-coefficients-relu", default="", help="SAELens' l1_coefficient values ('' = ours)")
+    p.add_argument("--target-l0", type=float, default=4.0, help="the coefficient kinds are compared at this L0")
+    p.add_argument("--norms", default="residual,total", help="train.aux_norm values, comma-separated (AuxK kinds)")
     p.add_argument("--dead-tokens", default="", help="train.dead_tokens values; '' = the tiny profile's")
     p.add_argument("--seeds", default="0", help="train.seed values (one run each)")
     p.add_argument("--tokens", type=int, default=2_200_000, help="rows in the synthetic cache")
@@ -115,7 +135,47 @@ def recovery(w_dec: np.ndarray, dic: np.ndarray, threshold: float = 0.9) -> floa
     return float(((dic @ w.T).max(axis=1) > threshold).mean())
 
 
-def train(cache: Path, out: Path, sets: dict) -> dict:
+COEFFICIENT_KINDS = ("jumprelu", "relu")
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+PEER = ROOT / "bench" / "peers" / "saelens_quality.py"
+
+
+def split_rows(x: np.ndarray, seq_len: int, fraction: float, seed: int, n_held: int):
+    """(train rows, the first n_held held-out rows), bf16-rounded as the cache stores them."""
+    from cache_format.bf16 import BF16
+    from train.split import is_heldout
+
+    held = is_heldout(np.arange(len(x)) // seq_len, seed, fraction)
+    xb = x.astype(BF16).astype(np.float32)
+    return xb[~held], xb[held][:n_held]
+
+
+def measure(w_dec: np.ndarray, codes_recon, dic: np.ndarray, held: np.ndarray) -> dict:
+    """Recovery from the decoder; VE, L0 and dead fraction on the held-out rows from (codes, recon)."""
+    codes, recon = codes_recon
+    x = held.astype(np.float64)
+    return {
+        "recovery": recovery(w_dec, dic),
+        "variance_explained": 1 - float(((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()),
+        "l0": float((codes != 0).sum(1).mean()),
+        "dead_fraction": 1 - float((codes != 0).any(0).mean()),
+    }
+
+
+def ours_codes(sae_dir: Path, held: np.ndarray):
+    """Our export, loaded as `train eval` loads it, on the held-out rows: (dense codes, recon)."""
+    import torch
+
+    from train.published import load_sae
+
+    sae = load_sae(sae_dir)
+    x = torch.from_numpy(held)
+    with torch.no_grad():
+        return sae.dense(x).numpy(), sae(x).double().numpy()
+
+
+def train(cache: Path, out: Path, sets: dict, held: np.ndarray, dic: np.ndarray) -> list[dict]:
+    """One `train run` (all its sweep's SAEs in one pass); one row per SAE, measured on `held`."""
     from safetensors.numpy import load_file
 
     args = [
@@ -135,22 +195,106 @@ def train(cache: Path, out: Path, sets: dict) -> dict:
         "--fresh",
     ]
     for k, v in sets.items():
-        args += ["--set", f"train.{k}={json.dumps(v)}"]
+        args += ["--set", f"train.{k}={toml_value(v)}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.time()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"train run failed: {proc.stderr.strip()[-400:]}")
     run = json.loads((out / "run.json").read_text())
-    sae = run["saes"][0]
-    w_dec = load_file(str(out / sae["path"] / "sae_weights.safetensors"))["W_dec"]
-    return {
-        "metrics": sae["metrics"],
-        "w_dec": w_dec,
-        "seconds": time.time() - t0,
-        "dead_tokens": run["config"]["dead_tokens"],
-        "aux_norm": run["config"]["aux_norm"],
-    }
+    rows = []
+    for sae in run["saes"]:
+        w_dec = load_file(str(out / sae["path"] / "sae_weights.safetensors"))["W_dec"]
+        cfg = json.loads((out / sae["path"] / "cfg.json").read_text())
+        details = cfg["metadata"].get("training_architecture_details", {})
+        rows.append(
+            {
+                "side": "ours",
+                "architecture": sae["architecture"],
+                "name": sae["name"],
+                "k": sae["k"],
+                "sparsity_coefficient": coefficient_of(sae["name"]),
+                "aux_norm": run["config"]["aux_norm"],
+                "dead_tokens": run["config"]["dead_tokens"],
+                **measure(w_dec, ours_codes(out / sae["path"], held), dic, held),
+                "run_variance_explained": sae["metrics"].get("variance_explained"),
+                "details": details,
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+    return rows
+
+
+def coefficient_of(name: str) -> float | None:
+    """The sparsity coefficient a run's SAE name carries (`L0_n1024_jumprelu_c0.5`), else None."""
+    tail = name.rsplit("_c", 1)
+    return float(tail[1]) if len(tail) == 2 and "_" not in tail[1] else None
+
+
+def toml_value(v) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(i) for i in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(i)}" for k, i in v.items()) + "}"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return json.dumps(v)
+
+
+def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Path], dic: np.ndarray) -> list[dict]:
+    """SAELens' training of the same kind on the same rows (bench/peers/saelens_quality.py)."""
+    args = [
+        str(PEERS_PY),
+        str(PEER),
+        "--arch",
+        arch,
+        "--train",
+        str(files["train"]),
+        "--heldout",
+        str(files["held"]),
+        "--d-sae",
+        str(run["d_sae"]),
+        "--k",
+        str(run["k"]),
+        "--lr",
+        str(run["lr"]),
+        "--warmup",
+        str(run["warmup_steps"]),
+        "--batch",
+        str(run["batch_size"]),
+        "--tokens",
+        str(run["training_tokens"]),
+        "--dead-window",
+        str(max(1, run["dead_tokens"] // run["batch_size"])),
+        "--out-dir",
+        str(files["dir"]),
+    ]
+    if arch == "matryoshka":
+        d = run["d_sae"]
+        args += ["--matryoshka-sizes", ",".join(str(v) for v in [d // 8, d // 4, d // 2, d])]
+    if arch in COEFFICIENT_KINDS:
+        args += ["--coefficients", ",".join(f"{c:g}" for c in coefficients)]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"SAELens {arch} failed: {proc.stderr.strip()[-600:]}")
+    for r in lines:
+        r["recovery"] = recovery(np.load(r["w_dec"]), dic)
+    return lines
+
+
+def at_l0(points: list[dict], target: float) -> dict | None:
+    """Recovery and VE interpolated linearly in L0 between the two settings around `target`."""
+    pts = sorted(points, key=lambda r: r["l0"])
+    for lo, hi in zip(pts, pts[1:]):
+        if lo["l0"] <= target <= hi["l0"]:
+            t = 0.0 if hi["l0"] == lo["l0"] else (target - lo["l0"]) / (hi["l0"] - lo["l0"])
+            return {m: lo[m] + t * (hi[m] - lo[m]) for m in ("recovery", "variance_explained", "l0")} | {
+                "between": [lo.get("sparsity_coefficient"), hi.get("sparsity_coefficient")]
+            }
+    return None
 
 
 def main(argv=None) -> None:
@@ -164,48 +308,103 @@ def main(argv=None) -> None:
     cache = a.workdir / f"planted_d{a.d}_f{a.features}_n{a.tokens}"
     if not (cache / "zarr.json").exists():
         write_cache(cache, x)
-    del x
     base = dict(RUN)
     for item in a.sets:
         k, v = item.split("=", 1)
         base[k.removeprefix("train.")] = json.loads(v) if v[:1] in '0123456789-[{"tf' else v
+    train_rows, held = split_rows(x, 128, base["heldout_fraction"], 0, base["eval_tokens"])
+    del x
+    sides = [v.strip() for v in a.sides.split(",") if v.strip()]
+    files = {"dir": a.workdir, "train": a.workdir / "train_rows.npy", "held": a.workdir / "heldout_rows.npy"}
+    if "saelens" in sides:
+        if not PEERS_PY.exists():
+            raise SystemExit(f"{PEERS_PY} is missing: run make bench-peers-env (or pass --sides ours)")
+        np.save(files["train"], train_rows)
+    np.save(files["held"], held)
+    del train_rows
     dead_list = [int(v) for v in a.dead_tokens.split(",") if v.strip()] or [None]
+    norms = [v.strip() for v in a.norms.split(",") if v.strip()]
     rows = []
-    for norm in [v.strip() for v in a.norms.split(",") if v.strip()]:
-        for dead in dead_list:
-            for seed in [int(v) for v in a.seeds.split(",")]:
-                sets = dict(base, aux_norm=norm, seed=seed, **({"dead_tokens": dead} if dead else {}))
-                tag = f"{norm}_dead{dead or 'profile'}_seed{seed}"
-                r = train(cache, a.workdir / tag, sets)
-                row = {
-                    "aux_norm": r["aux_norm"],
-                    "dead_tokens": r["dead_tokens"],
-                    "seed": seed,
-                    "recovery": recovery(r["w_dec"], dic),
-                    "variance_explained": r["metrics"]["variance_explained"],
-                    "dead_fraction": r["metrics"].get("dead_fraction"),
-                    "seconds": round(r["seconds"], 1),
-                }
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
+    for arch in [v.strip() for v in a.architectures.split(",") if v.strip()]:
+        coefficients = [float(v) for v in getattr(a, f"coefficients_{arch}", "").split(",") if v.strip()]
+        for norm in norms if arch not in COEFFICIENT_KINDS else norms[:1]:
+            for dead in dead_list:
+                for seed in [int(v) for v in a.seeds.split(",")]:
+                    sets = dict(base, architecture=arch, aux_norm=norm, seed=seed)
+                    if dead:
+                        sets["dead_tokens"] = dead
+                    if arch in COEFFICIENT_KINDS:  # every coefficient in one pass over the data
+                        sets["sparsity_coefficient"] = coefficients[0]
+                        sets["sweep"] = [{"sparsity_coefficient": c} for c in coefficients[1:]]
+                    tag = f"{arch}_{norm}_dead{dead or 'profile'}_seed{seed}"
+                    for r in train(cache, a.workdir / tag, sets, held, dic):
+                        rows.append(dict(r, seed=seed))
+                        print(json.dumps({k: v for k, v in rows[-1].items() if k != "details"}), file=sys.stderr)
+        if "saelens" in sides:
+            run = dict(base, dead_tokens=dead_list[0] or rows[-1]["dead_tokens"])
+            peer_c = [float(v) for v in getattr(a, f"saelens_coefficients_{arch}", "").split(",") if v.strip()]
+            for r in saelens(arch, run, peer_c or coefficients, files, dic):
+                rows.append(dict(r, seed=0))
+                print(json.dumps(rows[-1]), file=sys.stderr)
     report = {
         "data": {k: getattr(a, k) for k in ("tokens", "d", "features", "active", "zipf", "noise")},
         "train": base,
         "profile": "tiny",
+        "target_l0": a.target_l0,
         "rows": rows,
+        "summary": summary(rows, a.target_l0),
+        "load_average": os.getloadavg(),
         "command": " ".join(["python", "bench/bench_trainer_quality.py", *(argv or sys.argv[1:])]),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
-    print("| aux_norm | dead_tokens | seed | recovery (cos > 0.9) | held-out VE | held-out dead | s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['aux_norm']} | {r['dead_tokens']:,} | {r['seed']} | {r['recovery']:.3f} | "
-            f"{r['variance_explained']:.3f} | {r['dead_fraction']:.3f} | {r['seconds']:.0f} |"
-        )
+    print(table(report))
     if tmp:
         tmp.cleanup()
+
+
+def summary(rows: list[dict], target: float) -> list[dict]:
+    """Per kind and side: the k kinds' figures (first seed and norm), the others' at matched L0."""
+    out = []
+    for arch in dict.fromkeys(r["architecture"] for r in rows):
+        for side in dict.fromkeys(r["side"] for r in rows if r["architecture"] == arch):
+            mine = [r for r in rows if r["architecture"] == arch and r["side"] == side]
+            if arch in COEFFICIENT_KINDS:
+                hit = at_l0(mine, target)
+                out.append({"architecture": arch, "side": side, "at_l0": target, **(hit or {"bracketed": False})})
+            else:
+                r = mine[0]
+                out.append(
+                    {"architecture": arch, "side": side, **{m: r[m] for m in ("recovery", "variance_explained", "l0")}}
+                )
+    return out
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| side | architecture | k / coefficient | aux_norm | recovery (cos > 0.9) | VE | L0 | held-out dead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        setting = f"k {r['k']}" if r.get("k") else f"c {r.get('sparsity_coefficient'):g}"
+        lines.append(
+            f"| {r['side']} | {r['architecture']} | {setting} | {r.get('aux_norm', '-')} | {r['recovery']:.3f} | "
+            f"{r['variance_explained']:.3f} | {r['l0']:.2f} | {r['dead_fraction']:.3f} |"
+        )
+    lines += [
+        "",
+        f"| architecture | side | recovery | held-out VE | L0 (coefficient kinds: at {report['target_l0']:g}) |",
+        "|---|---|---|---|---|",
+    ]
+    for s in report["summary"]:
+        if "recovery" in s:
+            lines.append(
+                f"| {s['architecture']} | {s['side']} | {s['recovery']:.3f} | "
+                f"{s['variance_explained']:.3f} | {s['l0']:.2f} |"
+            )
+        else:
+            lines.append(f"| {s['architecture']} | {s['side']} | - | - | L0 {report['target_l0']:g} not bracketed |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

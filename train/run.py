@@ -50,6 +50,7 @@ class Spec:
     layer: int
     sae: SweepSetting
     name: str
+    setting: int  # its index in TrainConfig.saes()
 
 
 def open_cache_or_fail(url: str):
@@ -72,18 +73,17 @@ def open_cache_or_fail(url: str):
 def plan_specs(tc: TrainConfig, layers: list[int]) -> list[Spec]:
     """Every (layer, SAE setting) once, named as sae_name says; settings that would share a name
     (differing in a key the name leaves out) get a short hash of their settings appended."""
-    settings = []
-    for s in tc.saes():
-        if s not in settings:
-            settings.append(s)
-    names = [sae_name(0, s) for s in settings]
+    settings = {}  # first index of each distinct setting
+    for i, s in enumerate(tc.saes()):
+        settings.setdefault(json.dumps(dataclasses.asdict(s), sort_keys=True), (i, s))
+    names = [sae_name(0, s) for _, s in settings.values()]
     specs = []
     for layer in layers:
-        for s, base in zip(settings, names):
+        for (key, (i, s)), base in zip(settings.items(), names):
             name = sae_name(layer, s)
             if names.count(base) > 1:
-                name += "_" + hashlib.sha256(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:6]
-            specs.append(Spec(layer, s, name))
+                name += "_" + hashlib.sha256(key.encode()).hexdigest()[:6]
+            specs.append(Spec(layer, s, name, i))
     return specs
 
 
@@ -167,6 +167,9 @@ class Run:
             dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens
         )
         self.tc = tc
+        # the fitted warmups reach each SAE's settings; names (OUT's layout) stay as planned
+        fitted = tc.saes()
+        self.specs = [dataclasses.replace(s, sae=fitted[s.setting]) for s in self.specs]
         self.train_rows = loader.n_rows
         if self.rank == 0:
             fitted = f"; fitted to this cache: {', '.join(notes)}" if notes else ""

@@ -21,8 +21,8 @@ import time
 from importlib.metadata import version
 
 import numpy as np
-import torch
 import sae_lens
+import torch
 from sae_lens import SAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
@@ -78,6 +78,7 @@ def train_one(a: argparse.Namespace, data: np.ndarray, held: torch.Tensor, coeff
         total_training_samples=steps * a.batch,
         train_batch_size_samples=a.batch,
         lr=a.lr,
+        lr_end=a.lr,  # a constant lr after warmup, as the tiny profile's
         lr_warm_up_steps=a.warmup,
         dead_feature_window=a.dead_window,
         device="cpu",
