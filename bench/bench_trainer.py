@@ -1,4 +1,4 @@
-"""One full TopK+AuxK training step, ours against EleutherAI sparsify and SAELens, side by side.
+"""One full training step of each SAE kind, ours against sparsify, SAELens and dictionary_learning.
 
 Every side gets the same batches (one .npy written here), the same shapes, the same thread
 count, the same seed and the same fixed set of dead latents (so AuxK runs on every side at
@@ -11,9 +11,19 @@ renormalization / parallel-gradient removal where the tool does it, and its dead
 bookkeeping. The median over the timed steps (after warmup) gives tokens/s; sides run in
 interleaved, rotated rounds and each keeps its best round (the box is shared with other work).
 
+The other kinds (`--architectures`) run against the peers that train them: SAELens' training
+SAE of the kind through its `SAETrainer.step`, and dictionary_learning's trainer through its
+`update` (installed with `--no-deps`, see bench/peers/dictlearn_step.py); sparsify trains TopK
+only. BatchTopK and Matryoshka run at each dead fraction, as TopK (AuxK on every side). JumpReLU
+and ReLU have no dead-latent handling; they run twice: as initialized (each side's own init,
+mostly dense), and at a trained-like sparsity where every side sets its thresholds or encoder
+bias from the first batch so that each latent fires on k/d_sae of the rows (L0 = k).
+
     python bench/bench_trainer.py                      # 512/8192/32 and 1024/16384/64, batch 4096,
                                                        # 10%, 50% and 90% of the latents dead
     python bench/bench_trainer.py --shapes 512x8192x32 --sides ours,sparsify --dead-fracs 0.5
+    python bench/bench_trainer.py --architectures batchtopk,matryoshka,jumprelu,relu --no-minilm \
+        --sides ours,saelens,dictlearn
 """
 
 from __future__ import annotations
@@ -35,7 +45,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 PEERS = ROOT / "bench" / "peers"
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
-SIDES = {"ours": None, "sparsify": PEERS / "sparsify_step.py", "saelens": PEERS / "saelens_step.py"}
+SIDES = {
+    "ours": None,
+    "sparsify": PEERS / "sparsify_step.py",
+    "saelens": PEERS / "saelens_step.py",
+    "dictlearn": PEERS / "dictlearn_step.py",
+}
+TRAINS = {  # the kinds each peer trains (ours: all)
+    "sparsify": ("topk",),
+    "saelens": ("topk", "batchtopk", "matryoshka", "jumprelu", "relu"),
+    "dictlearn": ("batchtopk", "matryoshka", "jumprelu", "relu"),
+}
+AUXK_KINDS = ("topk", "batchtopk", "matryoshka")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="add a row on real MiniLM hidden states (d=384, n=6144, k=32)",
     )
-    p.add_argument("--sides", default="ours,sparsify,saelens")
+    p.add_argument("--architectures", default="topk", help="SAE kinds, comma-separated")
+    p.add_argument("--sides", default="ours,sparsify,saelens", help="ours, sparsify, saelens, dictlearn")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--n-batches", type=int, default=4, help="distinct batches, cycled")
     p.add_argument("--warmup", type=int, default=2)
@@ -65,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
     p.add_argument("--aux-alpha", type=float, default=1 / 32, help=argparse.SUPPRESS)
+    p.add_argument("--arch", default="topk", help=argparse.SUPPRESS)  # internal: one worker's kind
+    p.add_argument("--l0", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--coefficient", type=float, default=1.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -123,6 +148,12 @@ def run_side(side: str, data: Path, d_sae: int, k: int, a: argparse.Namespace) -
         str(a.threads),
         "--seed",
         str(a.seed),
+        "--arch",
+        a.arch,
+        "--l0",
+        str(a.l0),
+        "--coefficient",
+        str(a.coefficient),
     ]
     if side == "ours":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", *common]
@@ -148,15 +179,31 @@ def ours_worker(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(PEERS))
     sys.path.insert(0, str(ROOT))
     import torch
-    from _common import run, setup
+    from _common import firing_cut, matryoshka_sizes, run, setup
 
-    from train.sae import TopKSAE
+    from train.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
     from train.trainer import SAETrainer
 
     data, dead = setup(a)
-    sae = TopKSAE(data.shape[2], a.d_sae, a.k)
-    trainer = SAETrainer(sae, aux_alpha=a.aux_alpha, warmup_steps=1000, total_steps=10_000)
+    d, n, k = data.shape[2], a.d_sae, a.k
+    sae = {
+        "topk": lambda: TopKSAE(d, n, k),
+        "batchtopk": lambda: BatchTopKSAE(d, n, k),
+        "matryoshka": lambda: MatryoshkaSAE(d, n, k, matryoshka_sizes(n)),
+        "jumprelu": lambda: JumpReLUSAE(d, n),
+        "relu": lambda: ReLUSAE(d, n),
+    }[a.arch]()
+    trainer = SAETrainer(
+        sae, aux_alpha=a.aux_alpha, warmup_steps=1000, total_steps=10_000, sparsity_coefficient=a.coefficient
+    )
     trainer.init_from_sample(torch.from_numpy(np.array(data[0][:4096])))
+    if a.l0:
+        with torch.no_grad():
+            cut = firing_cut(sae.pre_acts(torch.from_numpy(np.array(data[0]))), a.l0)
+            if a.arch == "jumprelu":
+                sae.log_threshold.copy_(cut.clamp_min(1e-6).log())
+            else:
+                sae.b_enc.sub_(cut)
 
     def prepare() -> None:
         trainer.since_fired.zero_()
@@ -186,10 +233,19 @@ def main(argv=None) -> None:
         shapes.append(("minilm", 384, 6144, 32))
 
     fracs = [float(v) for v in a.dead_fracs.split(",") if v.strip()]
+    archs = [v.strip() for v in a.architectures.split(",") if v.strip()]
+    cases = []  # (architecture, shape, dead fraction, L0 set from the first batch: 0 = as initialized)
+    for arch in archs:
+        for shape in shapes:
+            if arch in AUXK_KINDS:
+                cases += [(arch, shape, f, 0.0) for f in fracs]
+            else:
+                cases += [(arch, shape, 0.0, 0.0), (arch, shape, 0.0, float(shape[3]))]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
-        for (dataset, d, n, k), frac in ((s, f) for s in shapes for f in fracs):
-            a.dead_frac = frac
+        for arch, (dataset, d, n, k), frac, l0 in cases:
+            a.dead_frac, a.arch, a.l0 = frac, arch, l0
+            here = [s for s in sides if s == "ours" or arch in TRAINS[s]]
             rows_needed = a.n_batches * a.batch
             path = Path(tmp) / f"{dataset}_{d}.npy"
             if not path.exists():
@@ -200,24 +256,27 @@ def main(argv=None) -> None:
                 )
                 np.save(path, x.reshape(a.n_batches, a.batch, d))
             result = {
+                "architecture": arch,
                 "dataset": dataset,
                 "d_in": d,
                 "d_sae": n,
                 "k": k,
                 "batch": a.batch,
                 "dead_frac": frac,
+                "l0_set": l0,
                 "sides": {},
-                "rounds": {s: [] for s in sides},
+                "rounds": {s: [] for s in here},
             }
+            what = f"dead {frac:.0%}" if arch in AUXK_KINDS else (f"L0 {l0:g}" if l0 else "at init")
             for rnd in range(a.rounds):
                 # interleaved and rotated, so that load from other work hits every side alike
-                order = sides[rnd % len(sides) :] + sides[: rnd % len(sides)]
+                order = here[rnd % len(here) :] + here[: rnd % len(here)]
                 for side in order:
                     t0 = time.time()
                     r = run_side(side, path, n, k, a)
                     result["rounds"][side].append(r)
                     print(
-                        f"{dataset} {d}/{n}/{k} dead {frac:.0%} round {rnd} {side:9s} "
+                        f"{arch} {dataset} {d}/{n}/{k} {what} round {rnd} {side:9s} "
                         f"{r['tokens_per_s']:9.0f} tokens/s "
                         f"{r['tokens_per_cpu_s']:9.0f} tokens/cpu-s ({time.time() - t0:.0f}s wall, "
                         f"load {os.getloadavg()[0]:.1f})",
@@ -235,8 +294,11 @@ def main(argv=None) -> None:
                     for s, v in result["sides"].items()
                     if s != "ours"
                 }
+                if result["ratio"]:  # against the fastest peer that trains this kind
+                    result["ratio_fastest_peer"] = min(result["ratio"].values())
+            result["load_average"] = os.getloadavg()
             rows.append(result)
-            save(a, argv, rows)  # after every shape, so a long run that is stopped keeps its rows
+            save(a, argv, rows)  # after every case, so a long run that is stopped keeps its rows
     print(table(save(a, argv, rows)))
 
 
@@ -274,26 +336,31 @@ def machine() -> str:
 
 
 def table(report: dict) -> str:
-    sides = [s for s in ("ours", "sparsify", "saelens") if any(s in r["sides"] for r in report["rows"])]
-    head = "| data | d_in/d_sae/k | dead | " + " | ".join(f"{s} tok/s" for s in sides)
-    head += " | ours/sparsify | ours/SAELens |" if "ours" in sides else " |"
+    peers = [s for s in ("sparsify", "saelens", "dictlearn") if any(s in r["sides"] for r in report["rows"])]
+    head = "| kind | data | d_in/d_sae/k | dead / L0 | ours tok/s | " + " | ".join(f"{s} tok/s" for s in peers)
+    head += " | " + " | ".join(f"ours/{s}" for s in peers) + " | ours/fastest peer |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["rows"]:
-        cells = [r["dataset"], f"{r['d_in']}/{r['d_sae']}/{r['k']}", f"{r.get('dead_frac', 0.1):.0%}"]
-        cells += [f"{r['sides'][s]['tokens_per_s']:,.0f}" if s in r["sides"] else "-" for s in sides]
-        if "ours" in sides:
-            cells += [
-                f"{r['ratio'][s]:.2f}x ({r['ratio_cpu'][s]:.2f}x cpu)" if s in r.get("ratio", {}) else "-"
-                for s in ("sparsify", "saelens")
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    worst = [(r["ratio"][s], r) for r in report["rows"] for s in ("sparsify",) if s in r.get("ratio", {})]
-    if worst:
-        w, r = min(worst, key=lambda t: t[0])
-        lines.append(
-            f"\nworst ours/sparsify: {w:.2f}x ({r['dataset']} {r['d_in']}/{r['d_sae']}/{r['k']}, "
-            f"{r['dead_frac']:.0%} dead)"
+        arch = r.get("architecture", "topk")
+        what = (
+            f"{r.get('dead_frac', 0.1):.0%} dead"
+            if arch in AUXK_KINDS
+            else (f"L0 {r['l0_set']:g}" if r.get("l0_set") else "at init")
         )
+        cells = [arch, r["dataset"], f"{r['d_in']}/{r['d_sae']}/{r['k']}", what]
+        cells.append(f"{r['sides']['ours']['tokens_per_s']:,.0f}" if "ours" in r["sides"] else "-")
+        cells += [f"{r['sides'][s]['tokens_per_s']:,.0f}" if s in r["sides"] else "-" for s in peers]
+        cells += [
+            f"{r['ratio'][s]:.2f}x ({r['ratio_cpu'][s]:.2f}x cpu)" if s in r.get("ratio", {}) else "-" for s in peers
+        ]
+        cells.append(f"{r['ratio_fastest_peer']:.2f}x" if "ratio_fastest_peer" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    for arch in dict.fromkeys(r.get("architecture", "topk") for r in report["rows"]):
+        worst = [(r["ratio_fastest_peer"], r) for r in report["rows"] if r.get("architecture", "topk") == arch]
+        worst = [(w, r) for w, r in worst if w is not None and "ratio_fastest_peer" in r]
+        if worst:
+            w, r = min(worst, key=lambda t: t[0])
+            lines.append(f"worst {arch}: {w:.2f}x the fastest peer ({r['d_in']}/{r['d_sae']}/{r['k']})")
     return "\n".join(lines)
 
 

@@ -43,6 +43,11 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
 
+# The threshold rule's codes are as dense as the pre-activations make them (half of them early
+# in training); above this share of active entries the pass runs dense matmuls instead.
+DENSE_ABOVE = 0.05
+
+
 class Select(NamedTuple):
     """How a pass picks the active codes, and what else it computes."""
 
@@ -53,11 +58,13 @@ class Select(NamedTuple):
     k_aux: int = 0  # AuxK: the top k_aux dead latents of each row
     groups: tuple[int, ...] = ()  # matryoshka: the prefix sizes below d_sae; one recon block per group
     bandwidth: float = 0.0  # threshold: the STE's rectangle width; 0 = θ gets no gradient
+    dense_above: float = DENSE_ABOVE  # threshold: above this share of active codes, dense matmuls are faster
     low_precision: bool = False  # the encoder matmul in bf16 (GPU autocast's path); grads stay fp32
 
 
 class Codes(NamedTuple):
-    """One pass's output. Entries are grouped by row (by group, then row, for Matryoshka)."""
+    """One pass's output. Entries are grouped by row (by group, then row, for Matryoshka); a
+    threshold pass that ran dense (`DENSE_ABOVE`) has none, its per-latent sums say it all."""
 
     recon: Tensor  # (N, d_in), or (groups, N, d_in) one block per group; without b_dec
     vals: Tensor  # (E,) the active codes
@@ -65,6 +72,7 @@ class Codes(NamedTuple):
     rows: Tensor  # (E,) their rows
     aux_recon: Tensor  # (N, d_in) AuxK's reconstruction of the residual; zeros without dead latents
     l0: Tensor  # (d_sae,) active rows per latent; its gradient reaches θ (threshold rule with a bandwidth)
+    mass: Tensor  # (d_sae,) the sum of each latent's codes over the batch (differentiable: an L1 term)
 
 
 def sparse_autoencode(
@@ -107,16 +115,21 @@ class _SparseAutoencode(torch.autograd.Function):
             rows = torch.arange(n, device=x.device).repeat_interleave(s.k)
         elif s.rule == "batchtopk":
             vals, cols, rows = _batch_topk(pre, s.k * n)
-        elif s.rule == "threshold":
-            u = pre - theta
-            rows, cols = (u > 0).nonzero(as_tuple=True)
+        elif s.rule == "threshold":  # one dense pass finds the active codes and those in the STE's band
+            near = pre > (theta - s.bandwidth / 2 if s.bandwidth else theta)
+            if s.dense_above < 1 and int(near.count_nonzero()) > s.dense_above * near.numel():
+                del near
+                return _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, s)
+            rows, cols = near.nonzero(as_tuple=True)
+            del near
             vals = pre[rows, cols]
             if s.bandwidth:
-                band = u.abs_() < s.bandwidth / 2
-                band_count = band.sum(0)
-                band_rows, band_cols = band.nonzero(as_tuple=True)
-                del band
-            del u
+                t = theta[cols] if theta.dim() else theta
+                band = (vals - t).abs() < s.bandwidth / 2
+                band_rows, band_cols = rows[band], cols[band]
+                band_count = torch.bincount(band_cols, minlength=d_sae)
+                on = vals > t
+                rows, cols, vals = rows[on], cols[on], vals[on]
         else:
             raise ValueError(f"unknown selection rule {s.rule!r}")
         if ka:
@@ -148,15 +161,18 @@ class _SparseAutoencode(torch.autograd.Function):
             F.embedding_bag(aux_cols, W_dec, per_sample_weights=aux_vals, mode="sum") if ka else x.new_zeros(x.shape)
         )
         l0 = torch.bincount(cols[vals > 0], minlength=d_sae).to(x.dtype)
+        mass = torch.bincount(cols, weights=vals, minlength=d_sae).to(x.dtype)
         ctx.save_for_backward(
             x, W_enc, b_dec, W_dec, theta, vals, cols, rows, crow, aux_vals, aux_cols, band_rows, band_cols, band_count
         )
-        ctx.s = s
+        ctx.s, ctx.dense = s, False
         ctx.mark_non_differentiable(cols, rows)
-        return recon, vals, cols, rows, aux_recon, l0
+        return recon, vals, cols, rows, aux_recon, l0, mass
 
     @staticmethod
-    def backward(ctx, g_recon, g_vals, _g_cols, _g_rows, g_aux, g_l0):
+    def backward(ctx, g_recon, g_vals, _g_cols, _g_rows, g_aux, g_l0, g_mass):
+        if ctx.dense:
+            return _dense_backward(ctx, g_recon, g_l0, g_mass)
         x, W_enc, b_dec, W_dec, theta, vals, cols, rows, crow, aux_vals, aux_cols, band_rows, band_cols, band_count = (
             ctx.saved_tensors
         )
@@ -164,6 +180,8 @@ class _SparseAutoencode(torch.autograd.Function):
         n, d_in, d_sae = x.shape[0], x.shape[1], W_enc.shape[1]
         dense = None if g_recon is None else g_recon.reshape(-1, d_in).contiguous()
         gv = torch.zeros_like(vals) if g_vals is None else g_vals.clone()
+        if g_mass is not None:
+            gv += g_mass[cols]
         if dense is not None:
             gv += _entry_dots(crow, cols, dense, W_dec)
         ka = aux_cols.shape[1]
@@ -221,6 +239,44 @@ class _SparseAutoencode(torch.autograd.Function):
             g_W_enc.sub_(torch.outer(b_dec, colsum))
             g_b_dec = -(W_enc @ colsum)
         return None, g_W_enc, colsum, g_b_dec, g_W_dec, g_theta, None, None
+
+
+def _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, s: Select):
+    """The threshold rule with dense codes z = pre · [pre > θ]: five matmuls, as autograd's."""
+    on = pre > theta
+    band = (pre - theta).abs_() < s.bandwidth / 2 if s.bandwidth else on.new_zeros(0)
+    z = pre.mul_(on)  # θ >= 0, so active codes are positive: no separate ReLU
+    recon = z @ W_dec
+    l0, mass = on.sum(0, dtype=x.dtype), z.sum(0)
+    ctx.save_for_backward(x, W_enc, b_dec, W_dec, theta, z, on, band)
+    ctx.s, ctx.dense = s, True
+    empty = x.new_zeros(0, dtype=torch.int64)
+    ctx.mark_non_differentiable(empty)
+    return recon, x.new_zeros(0), empty, empty, x.new_zeros(x.shape), l0, mass
+
+
+def _dense_backward(ctx, g_recon, g_l0, g_mass):
+    x, W_enc, b_dec, W_dec, theta, z, on, band = ctx.saved_tensors
+    s: Select = ctx.s
+    g_z = g_recon @ W_dec.T if g_recon is not None else z.new_zeros(z.shape)
+    if g_mass is not None:
+        g_z += g_mass
+    g_theta = None
+    if s.bandwidth:  # the step's straight-through gradient reaches θ only
+        band = band.to(z.dtype)
+        g_theta = -(theta / s.bandwidth) * (g_z * band).sum(0)
+        if g_l0 is not None:
+            g_theta -= g_l0 * band.sum(0) / s.bandwidth
+        g_theta = g_theta.sum_to_size(theta.shape)
+    g_pre = g_z.mul_(on)
+    colsum = g_pre.sum(0)
+    g_W_enc = x.T @ g_pre
+    g_W_dec = z.T @ g_recon if g_recon is not None else None
+    g_b_dec = None
+    if s.subtract_b_dec:
+        g_W_enc.sub_(torch.outer(b_dec, colsum))
+        g_b_dec = -(W_enc @ colsum)
+    return None, g_W_enc, colsum, g_b_dec, g_W_dec, g_theta, None, None
 
 
 def _bag_of(crow: Tensor) -> Tensor:

@@ -378,7 +378,7 @@ class ReLUSAE(SAE):
         err = xn - (codes.recon + self.b_dec)
         total_var = step.variance(xn.detach())
         fvu = err.pow(2).sum() / total_var
-        l1 = (codes.vals * self.W_dec.norm(dim=1)[codes.cols]).sum()
+        l1 = (codes.mass * self.W_dec.norm(dim=1)).sum()
         sparsity = step.sparsity_coefficient * l1 / total_var
         return Loss(fvu + sparsity, fvu, sparsity, codes)
 

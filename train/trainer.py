@@ -142,16 +142,14 @@ class SAETrainer:
 
         with torch.no_grad():
             codes = out.codes
-            on = codes.vals > 0
-            fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=x.device)
-            fired.index_add_(0, codes.cols, on.long())
-            counts = torch.tensor([x.shape[0], int(on.sum())], dtype=torch.int64, device=x.device)
+            fired = codes.l0.round().long()
+            counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
             dist.all_reduce_sum([fired, counts])
-            n_global, active = int(counts[0]), int(counts[1])
+            n_global, active = int(counts[0]), int(fired.sum())
             self.since_fired += n_global
             self.since_fired[fired > 0] = 0
             if isinstance(sae, BatchTopKSAE):
-                sae.update_threshold(self._smallest_selected(codes.vals[on]))
+                sae.update_threshold(self._smallest_selected(codes.vals[codes.vals > 0]))
         self.steps += 1
         self.tokens += n_global
         scalars = {"loss": float(out.loss.detach()), "fvu": float(out.fvu.detach())}

@@ -22,6 +22,11 @@ import torch
 def parse_args(description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", required=True, help=".npy of shape (n_batches, batch, d_in), float32")
+    p.add_argument("--arch", default="topk", help="topk | batchtopk | matryoshka | jumprelu | relu")
+    p.add_argument("--coefficient", type=float, default=1.0, help="jumprelu, relu: the sparsity coefficient")
+    p.add_argument(
+        "--l0", type=float, default=0.0, help="jumprelu, relu: set each latent to fire at rate l0/d_sae (0 = at init)"
+    )
     p.add_argument("--d-sae", type=int, required=True)
     p.add_argument("--k", type=int, required=True)
     p.add_argument("--aux-alpha", type=float, default=1 / 32)
@@ -47,6 +52,25 @@ def dead_ids(d_sae: int, frac: float, seed: int) -> torch.Tensor:
     return torch.randperm(d_sae, generator=g)[: round(frac * d_sae)].sort().values
 
 
+AUXK_KINDS = ("topk", "batchtopk", "matryoshka")
+
+
+def matryoshka_sizes(d_sae: int) -> list[int]:
+    """The nested prefix sizes every side uses: d_sae/8, /4, /2, d_sae."""
+    return [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+
+
+def firing_cut(pre: torch.Tensor, l0: float) -> torch.Tensor:
+    """Per latent, the pre-activation above which it fires on a share l0/d_sae of these rows.
+
+    Every side sets its threshold (JumpReLU) or shifts its encoder bias (ReLU) by this, computed
+    on its own encoder, so all sides time a step at the same trained-like sparsity.
+    """
+    n, d_sae = pre.shape
+    m = max(1, round(n * l0 / d_sae))
+    return pre.kthvalue(n - m, dim=0).values
+
+
 def batch(data: np.ndarray, i: int) -> torch.Tensor:
     return torch.from_numpy(np.array(data[i % data.shape[0]], dtype=np.float32))
 
@@ -57,8 +81,9 @@ def run(name: str, args, data, prepare, step) -> None:
     Wall time is the measure; process CPU time is recorded beside it because the benchmark
     box is shared, and CPU seconds per step are far less disturbed by other processes.
 
-    `step` returns a dict of floats (losses) from its last call; aux_loss must be > 0 or the
-    comparison would not include AuxK, so that is checked, not assumed.
+    `step` returns a dict of floats (losses) from its last call; for the kinds with AuxK,
+    aux_loss must be > 0 or the comparison would not include AuxK, so that is checked, not
+    assumed. `l0` (the last step's active codes per row) is recorded for the others.
     """
     tokens = data.shape[1]
     times, cpu, out = [], [], {}
@@ -71,13 +96,14 @@ def run(name: str, args, data, prepare, step) -> None:
         if i >= args.warmup:
             times.append(dt)
             cpu.append(dc)
-    if not out.get("aux_loss", 0.0) > 0:
+    if args.arch in AUXK_KINDS and args.dead_frac > 0 and not out.get("aux_loss", 0.0) > 0:
         sys.exit(f"{name}: the aux loss is {out.get('aux_loss')}: AuxK did not run")
     med = statistics.median(times)
     print(
         json.dumps(
             {
                 "side": name,
+                "arch": args.arch,
                 "d_in": int(data.shape[2]),
                 "d_sae": args.d_sae,
                 "k": args.k,
@@ -103,7 +129,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("sae-lens", "eai-sparsify"):
+    for pkg in ("sae-lens", "eai-sparsify", "dictionary-learning"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

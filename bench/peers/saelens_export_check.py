@@ -5,7 +5,8 @@
                                               # (non-unit decoder rows) and its codes on REF.pt's x
 
 `load` checks what SAELens makes of cfg.json (a 6.x config, so no pre-6.0 defaults such as
-prepend_bos=True) and that `SAE.load_from_disk(DIR).encode(x)` equals our codes. Prints ONE
+prepend_bos=True), that it builds the class REF.pt names ("class", TopKSAE by default) and that
+`SAE.load_from_disk(DIR).encode(x)` equals our codes. Prints ONE
 JSON line; exits non-zero on a mismatch. Imports nothing from this repository.
 """
 
@@ -40,7 +41,7 @@ def load(directory: str, ref_path: str) -> dict:
         "recon_max_abs_diff": float((recon - ref["recon"]).abs().max()) if "recon" in ref else None,
     }
     ok = (
-        out["class"] == "TopKSAE"
+        out["class"] == ref.get("class", "TopKSAE")
         and out["prepend_bos"] is False
         and out["codes_max_abs_diff"] < 1e-4
         and (out["recon_max_abs_diff"] is None or out["recon_max_abs_diff"] < 1e-4)

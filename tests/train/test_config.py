@@ -31,3 +31,41 @@ def test_tiny_profile_loads():
     cfg = load_config(profile="tiny")
     assert cfg.profile == "tiny"
     assert cfg.train.k < cfg.train.d_sae
+
+
+def test_pipeline_toml_documents_the_kind_keys_at_their_schema_defaults():
+    """The [train] comment block shows every kind key with its TrainConfig default, so the two cannot drift."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from train.config import KIND_KEYS, TrainConfig
+
+    text = (Path(__file__).resolve().parents[2] / "pipeline.toml").read_text()
+    train = text.split("\n[train]", 1)[1].split("\n[", 1)[0]
+    shown = dict(re.findall(r"^# (\w+) = (.+?)\s+#", train, re.M))
+    assert set(KIND_KEYS) - {"k"} | {"architecture"} <= set(shown)
+    for key, literal in shown.items():
+        assert tomllib.loads(f"v = {literal}")["v"] == getattr(TrainConfig(), key), key
+
+
+def test_sweep_entries_inherit_and_resolve_each_kind():
+    from train.config import SweepSetting, TrainConfig
+
+    tc = TrainConfig(
+        architecture="jumprelu",
+        d_sae=4096,
+        sparsity_coefficient=3.0,
+        sweep=[
+            SweepSetting(architecture="batchtopk", k=32),
+            SweepSetting(architecture="matryoshka", k=16),
+            SweepSetting(architecture="relu"),  # another kind's L1 scale: the default, not [train]'s L0 one
+            SweepSetting(jumprelu_bandwidth=0.2),  # [train]'s kind, its coefficient
+        ],
+    )
+    base, btk, mat, relu, jr = tc.saes()
+    assert (base.architecture, base.d_sae, base.k, base.sparsity_coefficient) == ("jumprelu", 4096, None, 3.0)
+    assert (btk.d_sae, btk.k, btk.sparsity_coefficient, btk.matryoshka_sizes) == (4096, 32, None, None)
+    assert mat.matryoshka_sizes == [512, 1024, 2048, 4096]  # the default nesting: d_sae/8, /4, /2, d_sae
+    assert relu.sparsity_coefficient == 1.0 and relu.jumprelu_bandwidth is None
+    assert (jr.architecture, jr.sparsity_coefficient, jr.jumprelu_bandwidth) == ("jumprelu", 3.0, 0.2)

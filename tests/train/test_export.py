@@ -1,7 +1,9 @@
-"""The export is a SAELens 6 TopK config (checked against a pinned schema of what SAELens reads),
-and SAELens files load with SAELens' own encoding, `rescale_acts_by_decoder_norm` included.
+"""Every kind exports as SAELens 6 saves its own (checked against pinned schemas of what SAELens
+reads: topk as "topk", batchtopk and matryoshka as "jumprelu" with the learned threshold, jumprelu
+as "jumprelu", relu as "standard"), and SAELens files load with SAELens' own encoding,
+`rescale_acts_by_decoder_norm` included.
 
-The schema in fixtures/ was transcribed from sae-lens 6.54's config classes and loader; the
+The schemas in fixtures/ were transcribed from sae-lens 6.54's config classes and loader; the
 bench environment checks the same exports against SAELens itself (bench/bench_trainer_export.py).
 """
 
@@ -16,9 +18,13 @@ from safetensors.torch import load_file, save_file
 from cache_format.errors import UserError
 from train.export import export_sae, sae_lens_cfg
 from train.published import load_sae
-from train.sae import TopKSAE
+from train.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "sae_lens_6_topk_cfg_schema.json").read_text())
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+SCHEMAS = {
+    a: json.loads((FIXTURES / f"sae_lens_6_{a}_cfg_schema.json").read_text()) for a in ("topk", "jumprelu", "standard")
+}
+SCHEMA = SCHEMAS["topk"]
 TYPES = {"int": int, "str": str, "bool": bool}
 
 
@@ -31,12 +37,26 @@ def saelens_reference(w: dict, cfg: dict, x: torch.Tensor) -> tuple[torch.Tensor
     return acts, (acts / norm) @ w["W_dec"] + w["b_dec"]
 
 
-def export(tmp_path, *, relu=True, cache="caches/planted", normalize=False):
+def make(kind):
+    return {
+        "topk": lambda: TopKSAE(16, 64, 4),
+        "batchtopk": lambda: BatchTopKSAE(16, 64, 4),
+        "matryoshka": lambda: MatryoshkaSAE(16, 64, 4, [16, 32, 64]),
+        "jumprelu": lambda: JumpReLUSAE(16, 64, init_threshold=0.5),
+        "relu": lambda: ReLUSAE(16, 64),
+    }[kind]()
+
+
+def export(tmp_path, *, relu=True, cache="caches/planted", normalize=False, kind="topk"):
     torch.manual_seed(0)
-    sae = TopKSAE(16, 64, 4, relu=relu)
+    sae = TopKSAE(16, 64, 4, relu=relu) if kind == "topk" else make(kind)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
+        if kind in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(0.4)
+        if kind == "jumprelu":
+            sae.log_threshold.uniform_(-2, 0.5)
         if normalize:  # folded into the exported weights
             sae.input_mean.normal_()
             sae.input_scale.uniform_(0.5, 2.0)
@@ -55,7 +75,7 @@ def export(tmp_path, *, relu=True, cache="caches/planted", normalize=False):
         source={"name": "corpus", "seq_len": 1024},
         context=1024,
     )
-    out = tmp_path / "L11_n64_k4"
+    out = tmp_path / ("L11_n64_k4" if kind == "topk" else f"L11_n64_{kind}")
     export_sae(sae, out, cfg)
     return sae, out
 
@@ -93,6 +113,43 @@ def test_export_is_a_sae_lens_6_topk_config(tmp_path, monkeypatch):
         back = load_sae(out)
         torch.testing.assert_close(back.dense(x), sae.dense(x), rtol=1e-4, atol=1e-4)
     assert back.cfg["layer"] == 11
+
+
+SAE_LENS_NAMES = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk", "jumprelu": "jumprelu"}
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka", "jumprelu", "relu"])
+def test_every_kind_exports_as_saelens_saves_it(tmp_path, kind):
+    sae, out = export(tmp_path, normalize=True, kind=kind)
+    cfg = json.loads((out / "cfg.json").read_text())
+    arch = "standard" if kind == "relu" else "jumprelu"
+    schema = SCHEMAS[arch]
+    assert cfg["architecture"] == schema["architecture"] == arch and cfg["kind"] == kind
+    for name, field in schema["fields"].items():
+        assert type(cfg[name]) is TYPES[field["type"]], name
+        assert cfg[name] in field.get("choices", [cfg[name]]), name
+    assert "k" not in cfg and "rescale_acts_by_decoder_norm" not in cfg  # fields its config class lacks
+    meta = cfg["metadata"]
+    assert set(meta) <= set(schema["metadata"]["llm_keys"]) and meta["prepend_bos"] is False
+    assert meta["training_architecture"] in schema["training_architectures"]
+    assert meta["training_architecture"] == SAE_LENS_NAMES.get(kind, "standard")
+    w = load_file(str(out / schema["weights"]["file"]))
+    want = {n: d for n, d in schema["weights"].items() if n != "file"}
+    assert set(w) == set(want)  # SAELens loads the state dict strictly
+    for name, dims in want.items():
+        assert tuple(w[name].shape) == tuple(cfg[d] for d in dims), name
+    # the schema's encoding of the exported weights gives our codes on raw residuals
+    x = torch.randn(48, 16) * 3
+    pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
+    acts = pre.relu() * (pre > w["threshold"]) if arch == "jumprelu" else pre.relu()
+    with torch.no_grad():
+        torch.testing.assert_close(acts, sae.dense(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(acts @ w["W_dec"] + w["b_dec"], sae(x), rtol=1e-4, atol=1e-4)
+        assert (acts != 0).any() and (acts == 0).any()
+        back = load_sae(out)  # and `train eval` reads it back as the same kind of codes
+        torch.testing.assert_close(back.dense(x), sae.dense(x), rtol=1e-4, atol=1e-4)
+    pt = torch.load(out / f"sae_{out.name}.pt", weights_only=True)
+    assert set(pt) == set(want)
 
 
 def test_a_url_cache_is_recorded_as_given(tmp_path):
@@ -142,14 +199,16 @@ def test_rescale_acts_by_decoder_norm_is_honoured(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("SAE_LENS_PYTHON"), reason="set SAE_LENS_PYTHON to a python with sae-lens")
-def test_sae_lens_itself_loads_the_export(tmp_path):
-    """Optional: the bench environment's SAELens (`make bench-peers-env`) reads the export."""
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
+def test_sae_lens_itself_loads_the_export(tmp_path, kind):
+    """Optional: the bench environment's SAELens (`make bench-peers-env`) reads every kind's export."""
     import subprocess
 
-    sae, out = export(tmp_path)
-    x = torch.randn(16, 16)
+    sae, out = export(tmp_path, normalize=True, kind=kind)
+    x = torch.randn(16, 16) * 3
+    expect = {"topk": "TopKSAE", "relu": "StandardSAE"}.get(kind, "JumpReLUSAE")
     with torch.no_grad():
-        torch.save({"x": x, "codes": sae.dense(x), "recon": sae(x)}, tmp_path / "ref.pt")
+        torch.save({"x": x, "codes": sae.dense(x), "recon": sae(x), "class": expect}, tmp_path / "ref.pt")
     script = Path(__file__).resolve().parents[2] / "bench" / "peers" / "saelens_export_check.py"
     proc = subprocess.run(
         [os.environ["SAE_LENS_PYTHON"], str(script), "load", str(out), str(tmp_path / "ref.pt")],

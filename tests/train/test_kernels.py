@@ -1,59 +1,143 @@
-"""The training kernels against dense autograd."""
+"""The fused sparse kernel against dense autograd, for every selection rule."""
 
 import pytest
 import torch
 
-from train.kernels import sparse_decode, topk_autoencode
+from train.kernels import Select, sparse_autoencode
+
+N, D, S = 48, 12, 96
 
 
-def dense_reference(x, W, be, bd, Wd, k, relu, sub, dead, k_aux):
-    pre = ((x - bd) if sub else x) @ W + be
-    v, i = pre.topk(k, dim=-1)
-    v = v.relu() if relu else v
-    recon = torch.zeros(x.shape[0], W.shape[1]).scatter(1, i, v) @ Wd + bd
-    mask = torch.full((W.shape[1],), float("-inf"))
+def params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(D, S, generator=g).requires_grad_(),
+        torch.randn(S, generator=g).requires_grad_(),
+        torch.randn(D, generator=g).requires_grad_(),
+        torch.randn(S, D, generator=g).requires_grad_(),
+    ]
+
+
+def pre_acts(x, W, be, bd, sub):
+    return ((x - bd) if sub else x) @ W + be
+
+
+def aux_codes(pre, dead, k_aux, relu):
+    mask = torch.full((pre.shape[1],), float("-inf"))
     mask[dead] = 0
     av, ai = (pre + mask).topk(k_aux, dim=-1)
-    av = av.relu() if relu else av
-    aux = torch.zeros(x.shape[0], W.shape[1]).scatter(1, ai, av) @ Wd
-    return recon, aux
+    return torch.zeros_like(pre).scatter(1, ai, av.relu() if relu else av)
+
+
+def assert_grads_match(loss, ref_loss, inputs):
+    got, want = torch.autograd.grad(loss, inputs), torch.autograd.grad(ref_loss, inputs)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4 * w.abs().max()), (g - w).abs().max()
 
 
 @pytest.mark.parametrize("relu,sub", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("dead_every", [4, 1])  # a quarter dead (compact top-k), all dead (masked top-k)
-def test_sparse_kernels_match_dense_autograd(relu, sub, dead_every):
-    torch.manual_seed(0)
-    N, D, S, K, KA = 48, 12, 96, 4, 6
-    x = torch.randn(N, D)
-    params = [
-        torch.randn(D, S, requires_grad=True),
-        torch.randn(S, requires_grad=True),
-        torch.randn(D, requires_grad=True),
-        torch.randn(S, D, requires_grad=True),
-    ]
-    W, be, bd, Wd = params
+def test_topk_matches_dense_autograd(relu, sub, dead_every):
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    W, be, bd, Wd = p = params()
     dead = torch.arange(1, S, 4) if dead_every > 1 else torch.arange(S)
-    recon, v, i, aux = topk_autoencode(x, W, be, bd, Wd, K, relu=relu, subtract_b_dec=sub, dead=dead, k_aux=KA)
+    c = sparse_autoencode(x, W, be, bd, Wd, Select("topk", 4, relu, sub, k_aux=6), dead=dead)
+    err = x - (c.recon + bd)
+    loss = err.pow(2).sum() + 0.5 * (c.aux_recon - err.detach()).pow(2).sum()
+    pre = pre_acts(x, W, be, bd, sub)
+    v, i = pre.topk(4, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, i, v.relu() if relu else v)
+    r_err = x - (z @ Wd + bd)
+    r_loss = r_err.pow(2).sum() + 0.5 * (aux_codes(pre, dead, 6, relu) @ Wd - r_err.detach()).pow(2).sum()
+    assert_grads_match(loss, r_loss, p)
+    assert c.l0.sum() == (z != 0).sum() and torch.equal(c.rows, torch.arange(N).repeat_interleave(4))
+
+
+@pytest.mark.parametrize("groups", [(), (24, 48)])  # BatchTopK, Matryoshka's nested prefixes
+def test_batchtopk_and_its_prefixes_match_dense_autograd(groups):
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+    W, be, bd, Wd = p = params(1)
+    dead = torch.arange(0, S, 3)
+    c = sparse_autoencode(x, W, be, bd, Wd, Select("batchtopk", 3, k_aux=5, groups=groups), dead=dead)
+    recon = c.recon.cumsum(0) if groups else c.recon[None]
     err = x - (recon + bd)
-    loss = err.pow(2).sum() + 0.5 * (aux - err.detach()).pow(2).sum()
-    got = torch.autograd.grad(loss, params)
-    r_recon, r_aux = dense_reference(x, W, be, bd, Wd, K, relu, sub, dead, KA)
-    r_err = x - r_recon
-    r_loss = r_err.pow(2).sum() + 0.5 * (r_aux - r_err.detach()).pow(2).sum()
-    want = torch.autograd.grad(r_loss, params)
-    assert torch.allclose(loss, r_loss, rtol=1e-5)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4 * w.abs().max())
+    loss = err.pow(2).sum() + 0.5 * (c.aux_recon - err[-1].detach()).pow(2).sum()
+    pre = pre_acts(x, W, be, bd, True)
+    v, i = pre.relu().flatten().topk(3 * N)  # the top k x N of the whole batch
+    z = torch.zeros(N * S).scatter(0, i, v).view(N, S)
+    ends = [*groups, S]
+    r_err = torch.stack([x - (z[:, :e] @ Wd[:e] + bd) for e in ends])
+    r_loss = r_err.pow(2).sum() + 0.5 * (aux_codes(pre, dead, 5, True) @ Wd - r_err[-1].detach()).pow(2).sum()
+    assert_grads_match(loss, r_loss, p)
+    assert len(c.vals) == 3 * N and (c.l0.sum() == (z > 0).sum())
+    assert len(set(c.rows.tolist())) < N or c.rows.bincount().std() > 0  # rows hold different counts
 
 
-def test_sparse_decode_matches_embedding_bag_autograd():
-    torch.manual_seed(0)
-    vals = torch.rand(40, 5, requires_grad=True)
-    idx = torch.randint(0, 64, (40, 5))
-    W = torch.randn(64, 8, requires_grad=True)
-    g = torch.randn(40, 8)
-    got = torch.autograd.grad(sparse_decode(vals, idx, W), [vals, W], g)
-    want = torch.autograd.grad(
-        torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"), [vals, W], g
-    )
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+def test_batchtopk_widens_its_candidates_for_a_row_that_takes_many():
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(3))
+    x[7] *= 50  # one row dominates the batch: it holds far more than its share of the top k x N
+    W, be, bd, Wd = params(2)
+    c = sparse_autoencode(x, W, be, bd, Wd, Select("batchtopk", 2))
+    pre = pre_acts(x, W, be, bd, True).detach()
+    want = pre.flatten().topk(2 * N).values.sort().values
+    assert torch.allclose(c.vals.sort().values, want.relu(), rtol=1e-5) and (c.rows == 7).sum() > 8
+
+
+def jumprelu_reference(pre, theta, eps):
+    """The paper's JumpReLU with straight-through estimators (Rajamanoharan et al. 2024, eq. 11-12)."""
+
+    class Jump(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, p, t):
+            ctx.save_for_backward(p, t)
+            return p * (p > t)
+
+        @staticmethod
+        def backward(ctx, g):
+            p, t = ctx.saved_tensors
+            k = ((p - t).abs() < eps / 2).to(p) / eps
+            return g * (p > t), (-t * k * g).sum(0)
+
+    class Step(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, p, t):
+            ctx.save_for_backward(p, t)
+            return (p > t).to(p)
+
+        @staticmethod
+        def backward(ctx, g):
+            p, t = ctx.saved_tensors
+            return None, (-((p - t).abs() < eps / 2).to(p) / eps * g).sum(0)
+
+    return Jump.apply(pre, theta), Step.apply(pre, theta).sum(0)
+
+
+@pytest.mark.parametrize("dense_above", [1.0, 0.0])  # the sparse path, the dense path
+def test_jumprelu_straight_through_gradients_match_the_paper(dense_above):
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(4))
+    W, be, bd, Wd = params(3)
+    log_t = torch.full((S,), 1.0).add(torch.rand(S, generator=torch.Generator().manual_seed(5))).log()
+    log_t.requires_grad_()
+    eps, c0 = 0.5, 0.3
+    sel = Select("threshold", bandwidth=eps, dense_above=dense_above)
+    c = sparse_autoencode(x, W, be, bd, Wd, sel, theta=log_t.exp())
+    loss = (x - (c.recon + bd)).pow(2).sum() + c0 * c.l0.sum()
+    z, l0 = jumprelu_reference(pre_acts(x, W, be, bd, True), log_t.exp(), eps)
+    r_loss = (x - (z @ Wd + bd)).pow(2).sum() + c0 * l0.sum()
+    assert_grads_match(loss, r_loss, [W, be, bd, Wd, log_t])
+    assert (len(c.vals) == 0) == (dense_above == 0.0)  # the dense path keeps no entries
+    assert torch.equal(c.l0, (z > 0).sum(0).float())
+
+
+@pytest.mark.parametrize("dense_above", [1.0, 0.0])
+def test_relu_with_an_l1_on_the_mass_matches_dense_autograd(dense_above):
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(6))
+    W, be, bd, Wd = p = params(4)
+    with torch.no_grad():
+        be -= 2.0  # a sparse-ish pattern
+    c = sparse_autoencode(x, W, be, bd, Wd, Select("threshold", dense_above=dense_above))
+    loss = (x - (c.recon + bd)).pow(2).sum() + 0.1 * (c.mass * Wd.norm(dim=1)).sum()
+    z = pre_acts(x, W, be, bd, True).relu()
+    r_loss = (x - (z @ Wd + bd)).pow(2).sum() + 0.1 * (z * Wd.norm(dim=1)).sum()
+    assert_grads_match(loss, r_loss, p)

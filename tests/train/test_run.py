@@ -135,11 +135,48 @@ def test_planted_features_are_recovered_and_exported(planted, tmp_path):
         (["--cache", "{planted}", "--set", "train.k=192"], "k=192 must be between"),
         (["--cache", "{planted}", "--set", "train.batch_size=1000000"], "larger than"),
         (["--cache", "{planted}", "--set", "train.learning_rate=1"], "unknown key 'learning_rate'"),
+        # the kinds' keys (docs/train.md: the kinds)
+        (["--cache", "{planted}", "--set", 'train.architecture="gated"'], "architecture 'gated' is unknown"),
+        (
+            [
+                "--cache",
+                "{planted}",
+                "--set",
+                'train.architecture="matryoshka"',
+                "--set",
+                "train.matryoshka_sizes=[96, 48, 192]",
+            ],
+            "matryoshka_sizes=[96, 48, 192] must increase and end at d_sae=192",
+        ),
+        (
+            ["--cache", "{planted}", "--set", 'train.sweep=[{architecture="matryoshka", matryoshka_sizes=[48, 96]}]'],
+            "train.sweep[0].matryoshka_sizes=[48, 96] must increase and end at d_sae=192",
+        ),
+        (
+            ["--cache", "{planted}", "--set", 'train.architecture="relu"', "--set", "train.sparsity_coefficient=-1"],
+            "train.sparsity_coefficient = -1.0 must be at least 0",
+        ),
+        (
+            ["--cache", "{planted}", "--set", 'train.sweep=[{architecture="jumprelu", jumprelu_bandwidth=-0.1}]'],
+            "jumprelu_bandwidth = -0.1 must be above 0",
+        ),
+        (
+            ["--cache", "{planted}", "--set", 'train.sweep=[{architecture="batchtopk", k=500}]'],
+            "train.sweep[0].k=500 must be between 1 and d_sae-1",
+        ),
+        (
+            ["--cache", "{planted}", "--set", "train.matryoshka_sizes=[96, 192]"],
+            "train.matryoshka_sizes is not read by train.architecture='topk'",
+        ),
+        (
+            ["--cache", "{planted}", "--set", 'train.sweep=[{architecture="relu", k=4}]'],
+            "train.sweep[0]: k is not read by architecture 'relu'",
+        ),
     ],
 )
 def test_one_line_user_errors(planted, tmp_path, args, message):
     url, _ = planted
-    args = [a.format(missing=str(tmp_path / "nope"), planted=url) for a in args]
+    args = [a.replace("{missing}", str(tmp_path / "nope")).replace("{planted}", url) for a in args]
     r = run([*FAST, "--out", str(tmp_path / "o"), *args])
     assert isinstance(r.exception, UserError), repr(r.exception)
     assert message in str(r.exception) and "\n" not in str(r.exception)
@@ -165,8 +202,25 @@ def test_error_is_one_line_on_stderr(tmp_path):
     assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
 
 
+# one SAE of every other kind beside the base TopK, trained from the same batches
+KINDS_SWEEP = [
+    "--set",
+    'train.sweep=[{architecture="batchtopk"}, {architecture="matryoshka"}, '
+    '{architecture="jumprelu", sparsity_coefficient=0.5}, {architecture="relu", sparsity_coefficient=0.5}]',
+]
+KIND_NAMES = [
+    "L2_n192_k3",
+    "L2_n192_batchtopk_k3",
+    "L2_n192_matryoshka_k3",
+    "L2_n192_jumprelu_c0.5",
+    "L2_n192_relu_c0.5",
+]
+
+
 @pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, tmp_path):
+    """Every kind: the optimizer, BatchTopK's running threshold, JumpReLU's thresholds and the
+    coefficient warmups all resume exactly."""
     url, _ = planted
     args = [
         *FAST,
@@ -180,6 +234,7 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, 
         "train.checkpoint_every_tokens=2560",
         "--set",
         "train.eval_every_tokens=10240",
+        *KINDS_SWEEP,
     ]
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     p = cli_proc([*args, "--out", str(ref)])
@@ -197,12 +252,15 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_weights(planted, 
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert "resuming" in err
-    a = load_file(str(ref / "L2_n192_k3/sae_weights.safetensors"))
-    b = load_file(str(resumed / "L2_n192_k3/sae_weights.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ta = [json.loads(x) for x in (ref / "L2_n192_k3/trajectory.jsonl").read_text().splitlines()]
-    tb = [json.loads(x) for x in (resumed / "L2_n192_k3/trajectory.jsonl").read_text().splitlines()]
-    assert [t["variance_explained"] for t in ta] == [t["variance_explained"] for t in tb]
+    assert sorted(s["name"] for s in json.loads((ref / "run.json").read_text())["saes"]) == sorted(KIND_NAMES)
+    for name in KIND_NAMES:
+        a = load_file(str(ref / name / "sae_weights.safetensors"))
+        b = load_file(str(resumed / name / "sae_weights.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        ta = [json.loads(x) for x in (ref / name / "trajectory.jsonl").read_text().splitlines()]
+        tb = [json.loads(x) for x in (resumed / name / "trajectory.jsonl").read_text().splitlines()]
+        assert [t["variance_explained"] for t in ta] == [t["variance_explained"] for t in tb], name
+        assert [t["l0"] for t in ta] == [t["l0"] for t in tb], name
     assert len(list((resumed / "checkpoints").glob("tokens_*.safetensors"))) <= 4  # last 2 + best 2
 
 
@@ -221,6 +279,7 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
         "train.checkpoint_every_tokens=6400",
         "--set",
         "train.eval_every_tokens=12800",
+        *KINDS_SWEEP,
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
@@ -269,17 +328,21 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
     for f in [
         *sorted((tmp_path / "crashed/checkpoints").glob("tokens_*"))[2:],
         tmp_path / "crashed/run.json",
-        tmp_path / "crashed/L2_n192_k3/sae_weights.safetensors",
+        *[tmp_path / "crashed" / name / "sae_weights.safetensors" for name in KIND_NAMES],
     ]:
         f.unlink()
     state = json.loads((tmp_path / "crashed/run_state.json").read_text())
     (tmp_path / "crashed/run_state.json").write_text(json.dumps(dict(state, complete=False)))
     assert "resuming" in ddp(tmp_path / "crashed")
-    c = load_file(str(tmp_path / "crashed/L2_n192_k3/sae_weights.safetensors"))
-    assert all(torch.equal(a[k], c[k]) for k in a)
-    ra = json.loads((tmp_path / "ddp/run.json").read_text())["saes"][0]["metrics"]
-    rb = json.loads((tmp_path / "one/run.json").read_text())["saes"][0]["metrics"]
-    assert abs(ra["variance_explained"] - rb["variance_explained"]) < 0.01
+    for name in KIND_NAMES:  # every kind resumes exactly under torchrun too
+        a = load_file(str(tmp_path / "ddp" / name / "sae_weights.safetensors"))
+        c = load_file(str(tmp_path / "crashed" / name / "sae_weights.safetensors"))
+        assert all(torch.equal(a[k], c[k]) for k in a), name
+    ra = {s["name"]: s["metrics"] for s in json.loads((tmp_path / "ddp/run.json").read_text())["saes"]}
+    rb = {s["name"]: s["metrics"] for s in json.loads((tmp_path / "one/run.json").read_text())["saes"]}
+    assert abs(ra["L2_n192_k3"]["variance_explained"] - rb["L2_n192_k3"]["variance_explained"]) < 0.01
+    for name in KIND_NAMES:  # two ranks learn every kind about as well as one process
+        assert abs(ra[name]["variance_explained"] - rb[name]["variance_explained"]) < 0.05, (name, ra[name], rb[name])
 
 
 def test_import_train_pulls_in_neither_transformers_nor_harvest():

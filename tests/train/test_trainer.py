@@ -1,5 +1,6 @@
 """The trainer: AuxK and its normalization, the step, the lr schedule, low-precision steps."""
 
+import copy
 import math
 
 import pytest
@@ -115,3 +116,85 @@ def test_bf16_low_precision_step_tracks_fp32_on_cpu():
         assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=0.05) and a["dead"] == b["dead"] == 32
     cos = torch.nn.functional.cosine_similarity(fp32.sae.W_dec, bf16.sae.W_dec, dim=1)
     assert cos.min() > 0.99, cos.min()
+
+
+def _kinds():
+    from train.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE
+
+    return [
+        TopKSAE(16, 64, 4),
+        BatchTopKSAE(16, 64, 4),
+        MatryoshkaSAE(16, 64, 4, [16, 32, 64]),
+        JumpReLUSAE(16, 64, init_threshold=0.2),
+        ReLUSAE(16, 64),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_every_kind_steps_and_its_state_is_plain(i):
+    """State holds tensors, numbers and strings only (the checkpoint format needs no pickle), and
+    a fresh trainer loaded from it takes the identical next step."""
+    torch.manual_seed(7)
+    sae = _kinds()[i]
+    kw = dict(lr=3e-3, k_aux=8, dead_tokens=256, total_steps=20, sparsity_coefficient=0.5, sparsity_warmup_steps=4)
+    tr = SAETrainer(sae, **kw)
+    xs = [torch.randn(128, 16) * 2 for _ in range(6)]
+    tr.init_from_sample(xs[0])
+    for x in xs[:4]:
+        st = tr.step(x)
+    assert st["l0"] > 0 and ("aux_loss" in st) == sae.revives_dead and ("sparsity_loss" in st) != sae.revives_dead
+    if sae.unit_decoder:
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+
+    def plain(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, (str, int)) and plain(x) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        return v is None or isinstance(v, (torch.Tensor, int, float, str, bool))
+
+    state = tr.state_dict()
+    assert plain(state) and state["architecture"] == sae.architecture
+    twin = SAETrainer(_kinds()[i], **kw)
+    twin.load_state_dict(copy.deepcopy(state))  # as from a file: the live state's tensors are not shared
+    a, b = tr.step(xs[4]), twin.step(xs[4])
+    assert a == b and all(
+        torch.equal(p, q) for p, q in zip(tr.sae.state_dict().values(), twin.sae.state_dict().values())
+    )
+
+
+def test_batchtopk_threshold_tracks_the_smallest_selected_activation():
+    from train.sae import BatchTopKSAE
+
+    torch.manual_seed(8)
+    tr = SAETrainer(BatchTopKSAE(16, 64, 4), lr=1e-3, total_steps=10)
+    mins = []
+    for _ in range(3):
+        x = torch.randn(128, 16)
+        with torch.no_grad():
+            mins.append(float(tr.sae.pre_acts(x).relu().flatten().topk(4 * 128).values.min()))
+        tr.step(x)
+    assert float(tr.sae.threshold) == pytest.approx(sum(mins) / 3, rel=1e-4)  # the mean of the first batches
+    assert int(tr.sae.threshold_batches) == 3
+
+
+def test_sparsity_coefficient_warms_up_linearly_as_saelens():
+    from train.sae import ReLUSAE
+
+    tr = SAETrainer(ReLUSAE(16, 64), lr=1e-3, total_steps=10, sparsity_coefficient=2.0, sparsity_warmup_steps=4)
+    got = [tr.step(torch.randn(32, 16))["sparsity_coefficient"] for _ in range(6)]
+    assert got == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+
+
+def test_relu_keeps_its_decoder_free_and_a_resume_cannot_switch_kind():
+    from cache_format.errors import UserError
+    from train.sae import JumpReLUSAE, ReLUSAE
+
+    torch.manual_seed(9)
+    tr = SAETrainer(ReLUSAE(16, 64), lr=1e-2, total_steps=10, sparsity_coefficient=0.1)
+    assert torch.allclose(tr.sae.W_dec.norm(dim=1), torch.full((64,), 0.1))  # SAELens' decoder_init_norm
+    for _ in range(3):
+        tr.step(torch.randn(64, 16) * 3)
+    assert not torch.allclose(tr.sae.W_dec.norm(dim=1), torch.full((64,), 0.1), atol=1e-3)
+    with pytest.raises(UserError, match="holds a relu SAE, not jumprelu"):
+        SAETrainer(JumpReLUSAE(16, 64), total_steps=10).load_state_dict(tr.state_dict())
