@@ -201,7 +201,7 @@ def ours_worker(a: argparse.Namespace) -> None:
         with torch.no_grad():
             cut = firing_cut(sae.pre_acts(torch.from_numpy(np.array(data[0]))), a.l0)
             if a.arch == "jumprelu":
-                sae.log_threshold.copy_(cut.clamp_min(1e-6).log())
+                sae.threshold.copy_(cut.clamp_min(0.0))
             else:
                 sae.b_enc.sub_(cut)
 

@@ -67,7 +67,7 @@ class TrainConfig(TrainKeys):
     sparsity_coefficient: float = 1.0
     sparsity_warmup_steps: int = 5000  # jumprelu, relu: the coefficient rises linearly from 0 over these steps
     jumprelu_bandwidth: float = 0.05  # the straight-through estimator's rectangle width, in pre-activation units
-    jumprelu_init_threshold: float = 0.1  # every latent's threshold at step 0 (learned as its log)
+    jumprelu_init_threshold: float = 0.01  # every latent's threshold at step 0 (SAELens 6's default)
     matryoshka_sizes: list[int] = field(default_factory=list)  # increasing, last = d_sae; [] = d_sae/8, /4, /2, d_sae
     k_aux: int = 0  # 0 = d_model // 2
     aux_alpha: float = 1 / 32

@@ -132,6 +132,10 @@ class SAE(nn.Module):
         vals, idx = self.encode(x)
         return torch.zeros(vals.shape[0], self.d_sae, dtype=vals.dtype, device=vals.device).scatter_(1, idx, vals)
 
+    def fired(self, codes: Codes) -> Tensor:
+        """(d_sae,) how many rows of a training batch each latent fired on (the dead counters)."""
+        return codes.l0
+
     def trainable(self) -> list[nn.Parameter]:
         """The parameters the optimizer steps, in a fixed order."""
         return [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
@@ -152,6 +156,12 @@ class SAE(nn.Module):
         out.input_mean.zero_()
         out.input_scale.fill_(1.0)
         return out
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """After each optimizer step: restore the kind's constraints (unit decoder rows)."""
+        if self.unit_decoder:
+            self.set_decoder_norm_to_unit()
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
@@ -256,6 +266,12 @@ class BatchTopKSAE(SAE):
         aux = _auxk(err, codes, step, total_var)
         return Loss(fvu + step.aux_alpha * aux, fvu, aux, codes)
 
+    def fired(self, codes: Codes) -> Tensor:
+        """Selected above θ: a latent selected only in batches whose cutoff fell below θ never
+        fires in the exported JumpReLU, so it counts as dead and AuxK revives it."""
+        on = codes.vals > self.threshold.to(codes.vals.dtype)
+        return torch.bincount(codes.cols[on], minlength=self.d_sae).to(codes.l0.dtype)
+
     @torch.no_grad()
     def update_threshold(self, smallest: float) -> None:
         """Fold one batch's smallest selected (positive) activation into θ."""
@@ -269,7 +285,7 @@ class BatchTopKSAE(SAE):
         out.load_state_dict(
             {
                 **{k: v for k, v in self.state_dict().items() if not k.startswith("threshold")},
-                "log_threshold": torch.full((self.d_sae,), float(self.threshold)).log(),
+                "threshold": torch.full((self.d_sae,), float(self.threshold)),
             }
         )
         out.cfg = dict(self.cfg)
@@ -307,12 +323,18 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 
 class JumpReLUSAE(SAE):
-    """JumpReLU: a latent is active where its pre-activation exceeds its own threshold θ,
-    learned as log θ with straight-through estimators through a rectangle kernel of width
-    `bandwidth`; the loss adds sparsity_coefficient × the L0 per row. Also the inference form
-    of BatchTopK and Matryoshka, and of Gemma Scope's SAEs (subtract_b_dec=False)."""
+    """JumpReLU: a latent is active where its pre-activation exceeds its own threshold θ, learned
+    with straight-through estimators of the step function through a rectangle kernel of width
+    `bandwidth` (Rajamanoharan et al. 2024); the loss adds sparsity_coefficient × the L0 per row.
+    Trained as SAELens 6 trains it, which the planted-feature bench bears out
+    (docs/benchmarks.md): θ is learned itself and kept ≥ 0 after each step (the paper's log θ
+    moves multiplicatively, about lr per Adam step, far too slowly from a small start), and the
+    decoder rows are free, initialized at norm `decoder_norm` (unit rows recover half as many
+    features). Also the inference form of BatchTopK and Matryoshka, and of Gemma Scope's SAEs
+    (subtract_b_dec=False)."""
 
     architecture = "jumprelu"
+    unit_decoder = False
 
     def __init__(
         self,
@@ -321,27 +343,29 @@ class JumpReLUSAE(SAE):
         *,
         bandwidth: float = 0.05,
         init_threshold: float = 0.01,
+        decoder_norm: float = 0.1,
         subtract_b_dec: bool = True,
     ):
-        super().__init__(d_in, d_sae, subtract_b_dec=subtract_b_dec)
+        super().__init__(d_in, d_sae, subtract_b_dec=subtract_b_dec, decoder_norm=decoder_norm)
         self.bandwidth = bandwidth
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold)).log())
+        self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold)))
 
     def settings(self) -> dict:
         return {"bandwidth": self.bandwidth, "subtract_b_dec": self.subtract_b_dec}
-
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
 
     def activation(self, pre: Tensor) -> Tensor:
         return F.relu(pre) * (pre > self.threshold.to(pre.dtype))
 
     def trainable(self) -> list[nn.Parameter]:
-        return [*super().trainable(), self.log_threshold]
+        return [*super().trainable(), self.threshold]
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold.detach()}
+
+    @torch.no_grad()
+    def project(self) -> None:
+        super().project()
+        self.threshold.clamp_(min=0.0)  # below 0 the gate would pass negative pre-activations
 
     def loss(self, x: Tensor, step: StepInput) -> Loss:
         xn = self.normalize(x)
@@ -357,7 +381,8 @@ class JumpReLUSAE(SAE):
 class ReLUSAE(SAE):
     """ReLU + L1 (the standard SAE, as Anthropic's April 2024 update trains it): codes relu(pre),
     the loss adds sparsity_coefficient × Σ code × ‖decoder row‖; the decoder rows are free
-    (initialized at norm `decoder_norm`), the L1 weighting is what keeps them from growing."""
+    (initialized at norm `decoder_norm`, SAELens' decoder_init_norm), the L1 weighting is what
+    keeps them from growing."""
 
     architecture = "relu"
     unit_decoder = False

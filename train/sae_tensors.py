@@ -157,7 +157,7 @@ def build_jumprelu(p: Path, w: dict, W_enc, W_dec, threshold, *, subtract_b_dec:
         raise SAEFormatError(f"{p}: threshold has {t.numel()} values, expected {d_sae} finite non-negative ones")
     sae = _filled(p, JumpReLUSAE(d_in, d_sae, subtract_b_dec=subtract_b_dec), w, W_enc, W_dec)
     with torch.no_grad():
-        sae.log_threshold.copy_(t.log())  # a threshold of 0 is log 0 = -inf: exp gives it back exactly
+        sae.threshold.copy_(t)
     return sae
 
 

@@ -137,15 +137,14 @@ class SAETrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        if sae.unit_decoder:
-            sae.set_decoder_norm_to_unit()
+        sae.project()
 
         with torch.no_grad():
             codes = out.codes
-            fired = codes.l0.round().long()
-            counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+            fired = sae.fired(codes).round().long()
+            counts = torch.stack([torch.tensor(x.shape[0], device=x.device), codes.l0.sum().round().long()])
             dist.all_reduce_sum([fired, counts])
-            n_global, active = int(counts[0]), int(fired.sum())
+            n_global, active = int(counts[0]), int(counts[1])
             self.since_fired += n_global
             self.since_fired[fired > 0] = 0
             if isinstance(sae, BatchTopKSAE):

@@ -56,7 +56,7 @@ def export(tmp_path, *, relu=True, cache="caches/planted", normalize=False, kind
         if kind in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.4)
         if kind == "jumprelu":
-            sae.log_threshold.uniform_(-2, 0.5)
+            sae.threshold.uniform_(0.1, 1.5)
         if normalize:  # folded into the exported weights
             sae.input_mean.normal_()
             sae.input_scale.uniform_(0.5, 2.0)
