@@ -69,7 +69,10 @@ def main() -> None:
         aux = getattr(trainer, "pre_norm_auxk_loss", 0.0)
         return {"aux_loss": float(aux) if aux is not None else 0.0}
 
-    run("dictionary_learning", args, data, prepare, step)
+    # its AuxK counts a latent dead only if it did not fire in this batch either (the counter is
+    # reset before the aux loss), so at a random init few held-dead latents qualify: timed as it
+    # runs, with `aux_ran` recorded rather than required
+    run("dictionary_learning", args, data, prepare, step, require_aux=False)
 
 
 if __name__ == "__main__":
