@@ -1,9 +1,10 @@
 """Our SAE files against SAELens' own loader, both ways (needs `make bench-peers-env`).
 
-1. export: a trained-looking SAE (random weights, non-zero biases, a folded input scale) is
-   exported by `train.export` as `train run` does; SAELens (`SAE.load_from_disk`) loads it in
-   `.venv-peers` and encodes the same rows: its class, its metadata (prepend_bos false, hook
-   names, context size, dataset path) and its codes against ours.
+1. export: a trained-looking SAE of every kind (random weights, non-zero biases, thresholds, a
+   folded input scale) is exported by `train.export` as `train run` does; SAELens
+   (`SAE.load_from_disk`) loads it in `.venv-peers` and encodes the same rows: its class
+   (TopKSAE, JumpReLUSAE for batchtopk, matryoshka and jumprelu, StandardSAE for relu), its
+   metadata (prepend_bos false, hook names, context size, dataset path) and its codes against ours.
 2. import: SAELens writes a TopK SAE with `rescale_acts_by_decoder_norm: true` and decoder rows
    far from unit norm (`save_model`), with its codes on the same rows; `train.published.load_sae`
    loads that directory and its codes and reconstruction are compared with SAELens'.
@@ -35,44 +36,62 @@ def peer(mode: str, directory: Path, ref: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def export_one(tmp: Path, kind: str, sae, cls: str, x: torch.Tensor, export_sae, sae_lens_cfg) -> dict:
+    """Export one trained-looking SAE of `kind` and have SAELens load it and encode `x`."""
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.2)
+        sae.input_scale.fill_(2.5)  # train.normalize: folded into the exported weights
+        if kind in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(1.5)
+        if kind == "jumprelu":
+            sae.threshold.uniform_(0.5, 3.0)
+        if kind == "relu":
+            sae.b_enc.sub_(3.0)  # sparse codes, as a trained ReLU SAE's
+    cfg = sae_lens_cfg(
+        sae,
+        layer=31,
+        hook="resid_post",
+        hook_module="model.language_model.layers.31",
+        model="Qwen/Qwen3.6-27B",
+        fingerprint="0" * 16,
+        tokens=1 << 20,
+        split={"seed": 0, "fraction": 0.01},
+        normalization={"kind": "scale", "folded": True},
+        config={"exclude_special": False},
+        cache_url="caches/qwen36-27b",
+        source={"name": "corpus", "seq_len": 1024},
+        context=1024,
+    )
+    out = tmp / f"L31_{kind}"
+    export_sae(sae, out, cfg)
+    with torch.no_grad():
+        torch.save({"x": x, "codes": sae.dense(x), "recon": sae(x), "class": cls}, tmp / f"{kind}.pt")
+    return peer("load", out, tmp / f"{kind}.pt")
+
+
 def main() -> None:
     if not PEERS_PY.exists():
         raise SystemExit(f"{PEERS_PY} is missing: run make bench-peers-env")
     from train.export import export_sae, sae_lens_cfg
     from train.published import load_sae
-    from train.sae import TopKSAE
+    from train.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
 
     torch.manual_seed(0)
     d, n, k = 64, 512, 8
     x = torch.randn(256, d) * 4 + 1
+    kinds = {
+        "topk": (lambda: TopKSAE(d, n, k), "TopKSAE"),
+        "batchtopk": (lambda: BatchTopKSAE(d, n, k), "JumpReLUSAE"),
+        "matryoshka": (lambda: MatryoshkaSAE(d, n, k, [64, 128, 256, 512]), "JumpReLUSAE"),
+        "jumprelu": (lambda: JumpReLUSAE(d, n), "JumpReLUSAE"),
+        "relu": (lambda: ReLUSAE(d, n), "StandardSAE"),
+    }
+    exported = {}
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         tmp = Path(tmp)
-        sae = TopKSAE(d, n, k)
-        with torch.no_grad():
-            sae.b_dec.normal_()
-            sae.b_enc.normal_(std=0.2)
-            sae.input_scale.fill_(2.5)  # train.normalize: folded into the exported weights
-        cfg = sae_lens_cfg(
-            sae,
-            layer=31,
-            hook="resid_post",
-            hook_module="model.language_model.layers.31",
-            model="Qwen/Qwen3.6-27B",
-            fingerprint="0" * 16,
-            tokens=1 << 20,
-            split={"seed": 0, "fraction": 0.01},
-            normalization={"kind": "scale", "folded": True},
-            config={"exclude_special": False},
-            cache_url="caches/qwen36-27b",
-            source={"name": "corpus", "seq_len": 1024},
-            context=1024,
-        )
-        out = tmp / "L31_n512_k8"
-        export_sae(sae, out, cfg)
-        with torch.no_grad():
-            torch.save({"x": x, "codes": sae.dense(x), "recon": sae(x)}, tmp / "ours.pt")
-        exported = peer("load", out, tmp / "ours.pt")
-
+        for kind, (make, cls) in kinds.items():
+            exported[kind] = export_one(tmp, kind, make(), cls, x, export_sae, sae_lens_cfg)
         torch.save({"x": x}, tmp / "theirs.pt")
         peer("save", tmp / "saelens_rescaled", tmp / "theirs.pt")
         ref = torch.load(tmp / "theirs.pt", weights_only=True)
@@ -93,7 +112,7 @@ def main() -> None:
     report = {
         "export_loaded_by_saelens": exported,
         "saelens_rescaled_loaded_by_us": imported,
-        "ok": exported["ok"] and imported["ok"],
+        "ok": all(e["ok"] for e in exported.values()) and imported["ok"],
     }
     print(json.dumps(report, indent=1))
     sys.exit(0 if report["ok"] else 1)
