@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache_format.errors import UserError
-from train.sae import TopKSAE
+from train.sae import SAE
 
 
 @contextlib.contextmanager
@@ -45,7 +45,7 @@ def replace_output(layer_module: torch.nn.Module, fn) -> Iterator[None]:
         handle.remove()
 
 
-def sae_reconstruct(sae: TopKSAE):
+def sae_reconstruct(sae: SAE):
     """A hook function that reconstructs hidden states (B, T, D) through `sae`, in float32."""
 
     def fn(h: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def _ce_and_kl(parts, clean: torch.Tensor, other: torch.Tensor, target: torch.Te
 def loss_recovered(
     model: torch.nn.Module,
     layer_module: torch.nn.Module,
-    sae: TopKSAE,
+    sae: SAE,
     sequences: Iterable[np.ndarray],
     batch_size: int = 4,
     progress: bool = True,

@@ -85,6 +85,7 @@ def exported_run(
     config: dict | None = None,
     trajectory: list[dict],
     metrics: dict,
+    sae=None,
 ) -> tuple[Path, str, TopKSAE]:
     """A training run's OUT as `train run` leaves it, around the identity SAE on a fresh cache:
     the export, its trajectory.jsonl and run.json; (OUT, cache url, sae)."""
@@ -92,7 +93,7 @@ def exported_run(
     from train.rundir import write_run_json
 
     url = make_cache(str(root / "cache"))
-    sae = identity_sae()
+    sae = identity_sae() if sae is None else sae
     cfg = sae_lens_cfg(
         sae,
         layer=LAYER,

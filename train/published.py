@@ -18,6 +18,13 @@
 - `003` Qwen-Scope `layer{n}.sae.pt`: W_enc (d_sae, d_model), W_dec (d_model, d_sae).
   The card encodes topk(x @ W_enc.T + b_enc) and keeps the values as they are (no ReLU,
   no b_dec subtraction); it shows no decoder, so we decode acts @ W_dec.T + b_dec.
+- Gemma Scope `params.npz` (W_enc (d_in, d_sae), W_dec, b_enc, b_dec, threshold): JumpReLU on
+  x itself, relu(pre) where pre > threshold; the layer from a `layer_{n}` directory.
+- `dictionary_learning` `ae.pt` + `config.json` (its `trainer.dict_class` names the kind):
+  BatchTopKSAE and MatryoshkaBatchTopKSAE encode relu(enc(x − b_dec)) above their scalar
+  threshold (a JumpReLU with that threshold for every latent; none estimated yet, -1, is plain
+  ReLU, as their own encode), JumpReluAutoEncoder as Gemma Scope, AutoEncoderTopK as TopK and
+  AutoEncoder (the standard trainer) as ReLU with `bias` subtracted and added back.
 - `004` `model.safetensors` + `model.metadata.json` (no code published; our assumptions):
   keys W_enc/W_dec/b_enc/b_dec, orientation read off the bias lengths, the SAE applied to
   (x − input_mean) / input_std with the output mapped back (the normalizer's vectors come
@@ -37,6 +44,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .sae import SAE, TopKSAE
 from .sae_names import QWEN_SCOPE_NAME, k_from_name, layer_from_name
 from .sae_tensors import (
@@ -46,6 +55,7 @@ from .sae_tensors import (
     build_topk,
     oriented,
     read_json,
+    read_npz,
     read_pt,
     read_safetensors,
     weight_tensors,
@@ -68,7 +78,14 @@ def load_sae(path: str | Path, k: int | None = None, layer: int | None = None) -
     if not p.exists():
         raise SAEFormatError(f"{p}: no such SAE file or directory; pass --sae PATH to a published or exported SAE")
     layout, files = detect_layout(p, layer)
-    loaders = {"topk_pt": _load_pt, "qwen_scope": _load_pt, "sae_lens": _load_sae_lens, "metadata_json": _load_004}
+    loaders = {
+        "topk_pt": _load_pt,
+        "qwen_scope": _load_pt,
+        "sae_lens": _load_sae_lens,
+        "metadata_json": _load_004,
+        "gemma_scope": _load_npz,
+        "dictionary_learning": _load_dictionary_learning,
+    }
     loader = loaders[layout]
     sae = loader(files, k)
     sae.cfg.setdefault("layout", layout)
@@ -83,10 +100,15 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
         found = []
         if (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file():
             found.append(("sae_lens", {"weights": p / "sae_weights.safetensors", "cfg": p / "cfg.json"}))
+        if (p / "ae.pt").is_file() and (p / "config.json").is_file():
+            found.append(("dictionary_learning", {"weights": p / "ae.pt", "cfg": p / "config.json"}))
+        if (p / "params.npz").is_file():
+            found.append(("gemma_scope", {"weights": p / "params.npz"}))
         if (p / "model.safetensors").is_file() and (p / "model.metadata.json").is_file():
             found.append(("metadata_json", {"weights": p / "model.safetensors", "meta": p / "model.metadata.json"}))
         if len(found) > 1:
-            raise SAEFormatError(f"{p}: holds both a sae_lens SAE and a model.safetensors SAE; pass the file you mean")
+            kinds = " and ".join(layout for layout, _ in found)
+            raise SAEFormatError(f"{p}: holds both a {kinds} SAE; pass the file you mean")
         if found:
             return found[0]
         pts = sorted(p.glob("*.pt"))
@@ -114,6 +136,8 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
                 if p.with_name("model.safetensors").exists()
                 else _missing(p, "model.safetensors")
             )
+        if name == "config.json" and p.with_name("ae.pt").is_file():
+            return "dictionary_learning", {"weights": p.with_name("ae.pt"), "cfg": p}
         if name == "cfg.json" or name.endswith("_cfg.json"):
             weights = (
                 p.with_name("sae_weights.safetensors")
@@ -133,9 +157,13 @@ def detect_layout(p: Path, layer: int | None = None) -> tuple[str, dict[str, Pat
             return "metadata_json", {"weights": p, "meta": p.with_name("model.metadata.json")}
         cfg = _sibling_cfg(p)
         return "sae_lens", {"weights": p, **({"cfg": cfg} if cfg else {})}
+    if name.endswith(".npz"):
+        return "gemma_scope", {"weights": p}
+    if name == "ae.pt" and p.with_name("config.json").is_file():
+        return "dictionary_learning", {"weights": p, "cfg": p.with_name("config.json")}
     if name.endswith(".pt") or name.endswith(".pth"):
         return ("qwen_scope" if QWEN_SCOPE_NAME.fullmatch(name) else "topk_pt"), {"weights": p}
-    raise SAEFormatError(f"{p}: unknown SAE file type; expected .pt, .safetensors or a directory of them")
+    raise SAEFormatError(f"{p}: unknown SAE file type; expected .pt, .safetensors, .npz or a directory of them")
 
 
 def _missing(p: Path, what: str):
@@ -299,3 +327,71 @@ def _load_004(files: dict[str, Path], k: int | None) -> TopKSAE:
     if isinstance(layer, int):
         sae.cfg["layer"] = layer
     return sae
+
+
+def _load_npz(files: dict[str, Path], k: int | None) -> SAE:
+    """Gemma Scope's `params.npz`: JumpReLU on the residual itself (no b_dec subtracted)."""
+    p = files["weights"]
+    tensors = read_npz(p)
+    w = weight_tensors(p, tensors)
+    W_enc, W_dec, _ = oriented(p, w, "000")
+    sae = build_jumprelu(p, w, W_enc, W_dec, tensors.get("threshold"), subtract_b_dec=False)
+    sae.cfg["layout"] = "gemma_scope"
+    layer = next((int(m.group(1)) for q in p.parents if (m := GEMMA_SCOPE_LAYER.fullmatch(q.name))), None)
+    if layer is not None:
+        sae.cfg["layer"] = layer
+    return sae
+
+
+GEMMA_SCOPE_LAYER = re.compile(r"layer_(\d+)")
+
+# dictionary_learning's dict_class -> (our kind, b_dec subtracted from the input)
+DICTIONARY_LEARNING_KINDS = {
+    "BatchTopKSAE": ("batchtopk", True),
+    "MatryoshkaBatchTopKSAE": ("batchtopk", True),
+    "AutoEncoderTopK": ("topk", True),
+    "JumpReluAutoEncoder": ("jumprelu", False),
+    "AutoEncoder": ("relu", True),
+}
+
+
+def _load_dictionary_learning(files: dict[str, Path], k: int | None) -> SAE:
+    """`dictionary_learning`'s `ae.pt` (the trainer's state dict) and its `config.json`."""
+    p, cfg_p = files["weights"], files["cfg"]
+    trainer = read_json(cfg_p).get("trainer")
+    cls = trainer.get("dict_class") if isinstance(trainer, dict) else None
+    if cls not in DICTIONARY_LEARNING_KINDS:
+        raise SAEFormatError(
+            f"{cfg_p}: trainer.dict_class {cls!r} is not supported; supported: {', '.join(DICTIONARY_LEARNING_KINDS)}"
+        )
+    kind, subtract_b_dec = DICTIONARY_LEARNING_KINDS[cls]
+    raw = read_pt(p)
+    named = {  # nn.Linear weights are (out, in): the encoder's is W_enc transposed, the decoder's W_dec
+        "W_enc": _transposed(raw["encoder.weight"]) if "encoder.weight" in raw else raw.get("W_enc"),
+        "b_enc": raw.get("encoder.bias", raw.get("b_enc")),
+        "W_dec": _transposed(raw["decoder.weight"]) if "decoder.weight" in raw else raw.get("W_dec"),
+        "b_dec": raw.get("bias", raw.get("b_dec")),
+    }
+    w = weight_tensors(p, {key: v for key, v in named.items() if v is not None})
+    W_enc, W_dec, _ = oriented(p, w, "000")
+    if kind == "batchtopk":
+        if "threshold" not in raw:
+            raise SAEFormatError(f"{p}: a {cls} without its threshold buffer; save the whole state dict")
+        theta = torch.as_tensor(raw["threshold"], dtype=torch.float32).clamp(min=0.0)  # -1: never estimated
+        sae = build_jumprelu(p, w, W_enc, W_dec, theta, subtract_b_dec=True)
+    elif kind == "jumprelu":
+        sae = build_jumprelu(p, w, W_enc, W_dec, raw.get("threshold"), subtract_b_dec=subtract_b_dec)
+    elif kind == "relu":
+        sae = build_relu(p, w, W_enc, W_dec, subtract_b_dec=subtract_b_dec)
+    else:
+        stored = raw.get("k", trainer.get("k"))
+        k = k if k is not None else (int(stored) if stored is not None else None)
+        sae = build_topk(p, w, W_enc, W_dec, k, relu=True, subtract_b_dec=True)
+    sae.cfg.update(layout="dictionary_learning", dict_class=cls)
+    if isinstance(trainer.get("layer"), int):
+        sae.cfg["layer"] = trainer["layer"]
+    return sae
+
+
+def _transposed(t: Any) -> Any:
+    return t.T if isinstance(t, torch.Tensor) and t.ndim == 2 else t

@@ -23,6 +23,7 @@ __all__ = [
     "WEIGHT_KEYS",
     "read_pt",
     "read_safetensors",
+    "read_npz",
     "read_json",
     "weight_tensors",
     "oriented",
@@ -62,6 +63,19 @@ def read_safetensors(p: Path) -> dict[str, torch.Tensor]:
         raise SAEFormatError(
             f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); re-download or re-export it"
         ) from None
+
+
+def read_npz(p: Path) -> dict[str, torch.Tensor]:
+    """A numpy archive of plain arrays (Gemma Scope's params.npz); object arrays are refused, not unpickled."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {key: torch.from_numpy(np.ascontiguousarray(z[key])) for key in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise SAEFormatError(f"{p}: not a readable .npz of plain arrays ({type(e).__name__}); re-download it") from None
 
 
 def read_json(p: Path) -> dict[str, Any]:

@@ -233,10 +233,19 @@ def _combine(url, layer, split, parts: list[ChunkCodes], d_sae: int, seconds: fl
         split=split,
         rows=np.concatenate([r.rows for r in parts]) if parts else np.zeros(0, np.int64),
         columns={k: np.concatenate([r.columns[k] for r in parts]) for k in (parts[0].columns if parts else {})},
-        vals=np.concatenate([r.vals for r in coded]) if coded else None,
-        idx=np.concatenate([r.idx for r in coded]) if coded else None,
+        vals=_padded([r.vals for r in coded]),
+        idx=_padded([r.idx for r in coded]),
         metrics=metrics,
         scanned=sum(r.scanned for r in parts),
         seconds=seconds,
         chunks=len(parts),
     )
+
+
+def _padded(parts: list[np.ndarray]) -> np.ndarray | None:
+    """Chunks' codes stacked; the kinds without a fixed k code each chunk as wide as its busiest
+    row, so narrower chunks are padded with zero codes (value 0 at index 0: no activation)."""
+    if not parts:
+        return None
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])

@@ -10,7 +10,7 @@ from harvest import tiny
 from harvest.config import ModelConfig
 from harvest.model import load_model
 from harvest.splice import loss_recovered
-from train.sae import TopKSAE
+from train.sae import JumpReLUSAE, ReLUSAE, TopKSAE
 
 LAYER = 3
 
@@ -39,6 +39,16 @@ def identity_sae(d: int, keep: int | None = None) -> TopKSAE:
         if keep is not None:
             dec[:, keep:] = 0
         sae.W_dec.copy_(dec)
+        sae.b_dec.zero_()
+    return sae
+
+
+def signed_basis(sae, d: int):
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
 
@@ -111,3 +121,17 @@ def test_partial_sae_matches_hand_computed(lm, sequences, monkeypatch):
     assert out["loss_recovered"] == pytest.approx(want, abs=1e-4)
     # genuinely partial, and in the natural order clean < partial < zero-ablated
     assert ce_clean < ce_part < ce_zero and 0.05 < want < 0.95, (ce_clean, ce_part, ce_zero)
+
+
+def test_every_kind_splices_by_its_own_inference_form(lm, sequences):
+    """ReLU on the ±basis is exact; a JumpReLU with threshold t drops every |h_i| <= t, which the
+    reference applies to the hidden states by hand."""
+    d = lm.d_model
+    out = loss_recovered(lm.model, lm.layers[LAYER], signed_basis(ReLUSAE(d, 2 * d), d), sequences, progress=False)
+    assert out["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    t = 0.3
+    sae = signed_basis(JumpReLUSAE(d, 2 * d, init_threshold=t), d)
+    out = loss_recovered(lm.model, lm.layers[LAYER], sae, sequences, progress=False)
+    want = _direct_ce(lm, sequences, lambda h: (h.float() * (h.float().abs() > t)).to(h.dtype))
+    assert out["ce_sae"] == pytest.approx(want, rel=1e-4)
+    assert 0.0 < out["loss_recovered"] < 1.0

@@ -63,6 +63,27 @@ def test_eval_json_on_export_and_on_a_000_file(run_dir):
     assert m2["layout"] == "topk_pt" and m2["l0"] == pytest.approx(m["l0"]) and m2["alive"] == m["alive"]
 
 
+def test_eval_reads_gemma_scope_npz_and_dictionary_learning_ae_pt(run_dir, tmp_path):
+    """The identity SAE written in both layouts: eval reconstructs the cache exactly from either."""
+    sae = identity_sae()
+    w = {n: getattr(sae, n).detach() for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    gs = tmp_path / f"layer_{LAYER}" / "width_1k"
+    gs.mkdir(parents=True)
+    np.savez(
+        gs / "params.npz", threshold=np.zeros(w["b_enc"].shape, np.float32), **{n: t.numpy() for n, t in w.items()}
+    )
+    dl = tmp_path / "trainer_0"
+    dl.mkdir()
+    sd = {"W_enc": w["W_enc"], "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    torch.save({**sd, "threshold": torch.zeros(w["b_enc"].shape)}, dl / "ae.pt")
+    (dl / "config.json").write_text(json.dumps({"trainer": {"dict_class": "JumpReluAutoEncoder", "layer": LAYER}}))
+    for path, layout in ((gs / "params.npz", "gemma_scope"), (dl, "dictionary_learning")):
+        args = ["--sae", str(path), "--cache", run_dir[1], "--set", f"train.heldout_fraction={FRACTION}"]
+        m = json.loads(_ok(CliRunner().invoke(eval_cmd, [*args, "--json", "--quiet"])).stdout)
+        assert m["layout"] == layout and m["layer"] == LAYER and m["architecture"] == "jumprelu"
+        assert m["variance_explained"] == pytest.approx(1.0, abs=1e-6) and m["l0"] > 0
+
+
 def test_eval_bad_sae_is_one_line(run_dir, tmp_path):
     bad = tmp_path / "sae_L2_n32_k16.pt"
     bad.write_bytes(b"garbage")
@@ -98,6 +119,28 @@ def test_analyze_then_report(run_dir):
     assert "correct↑" in page and "<mark>" in page and NAME in page
     assert "http://" not in page.replace("http://www.w3.org", "")  # self-contained
     assert "all labeled rows" in page  # the report says which rows the statistics cover
+
+
+@pytest.mark.parametrize("kind", ["jumprelu", "relu"])
+def test_analyze_and_report_read_every_kind(tmp_path, kind):
+    """The identity SAE as a JumpReLU (BatchTopK's and Matryoshka's inference form too) and as a
+    ReLU: the same codes as the TopK one, so the same analysis; the report names the kind."""
+    from train.sae import JumpReLUSAE, ReLUSAE
+
+    top = identity_sae()
+    sae = JumpReLUSAE(top.d_in, top.d_sae, init_threshold=0.0) if kind == "jumprelu" else ReLUSAE(top.d_in, top.d_sae)
+    with torch.no_grad():
+        for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, n).copy_(getattr(top, n))
+    traj = [{"tokens": 100, "variance_explained": 0.5, "dead_fraction": 0.5, "l0": 2.5}]
+    metrics = {"variance_explained": 1.0, "mse": 0.0, "l0": 2.5, "dead_fraction": 0.5, "alive": 16}
+    out, _, _ = exported_run(tmp_path, name="L2_n32", trajectory=traj, metrics=metrics, sae=sae)
+    sets = ["--set", "analysis.bootstrap=20", "--set", "analysis.permutations=50"]
+    r = _ok(CliRunner().invoke(analyze_cmd, ["--out", str(out), "--json", "--quiet", *sets]))
+    summary = json.loads(r.stdout)["L2_n32"]
+    assert summary["max_auroc"] == pytest.approx(1.0) and summary["alive"] == 10
+    _ok(CliRunner().invoke(report_cmd, ["--out", str(out)]))
+    assert kind in (out / "report.html").read_text()
 
 
 def test_analyze_rows_default_to_every_labeled_row_on_rollouts(run_dir, tmp_path):

@@ -286,3 +286,110 @@ def test_repository_directory_needs_a_layer(tmp_path):
     _check(sae, acts, xhat, x)
     with pytest.raises(SAEFormatError, match="no SAE file for layer 7"):
         load_sae(repo, layer=7)
+
+
+# --- Gemma Scope and dictionary_learning, against their own encode written from their code ---
+
+
+def gemma_scope_reference(p, x):
+    """Gemma Scope's JumpReLU as its tutorial writes it: no b_dec on the way in."""
+    pre = x @ p["W_enc"] + p["b_enc"]
+    acts = (pre > p["threshold"]) * F.relu(pre)
+    return acts, acts @ p["W_dec"] + p["b_dec"]
+
+
+def test_gemma_scope_params_npz(tmp_path):
+    import numpy as np
+
+    p = _rand(11, {"W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_enc": (D_SAE,), "b_dec": (D_IN,)})
+    p["b_dec"] += 1.0  # subtracting it (wrongly) would change the codes
+    p["threshold"] = torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) * 0.8
+    d = tmp_path / "layer_12" / "width_16k" / "average_l0_82"
+    d.mkdir(parents=True)
+    np.savez(d / "params.npz", **{n: t.numpy() for n, t in p.items()})
+    x = _x()
+    acts, xhat = gemma_scope_reference(p, x)
+    assert ((acts == 0) & (x @ p["W_enc"] + p["b_enc"] > 0)).any()  # the threshold gates some positives
+    for path in (d / "params.npz", d):
+        sae = load_sae(path)
+        assert (sae.architecture, sae.cfg["layout"], sae.cfg["layer"]) == ("jumprelu", "gemma_scope", 12)
+        _check(sae, acts, xhat, x)
+
+
+def test_gemma_scope_without_thresholds_or_with_pickles_is_one_line(tmp_path):
+    import numpy as np
+
+    p = _rand(12, {"W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_enc": (D_SAE,), "b_dec": (D_IN,)})
+    np.savez(tmp_path / "params.npz", **{n: t.numpy() for n, t in p.items()})
+    with pytest.raises(SAEFormatError, match="without its threshold"):
+        load_sae(tmp_path / "params.npz")
+    np.savez(tmp_path / "obj.npz", W_enc=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(SAEFormatError, match="plain arrays"):
+        load_sae(tmp_path / "obj.npz")
+
+
+def _dictionary_learning(tmp_path, dict_class, sd, **trainer):
+    d = tmp_path / dict_class
+    d.mkdir()
+    torch.save(sd, d / "ae.pt")
+    cfg = {"trainer": {"dict_class": dict_class, "activation_dim": D_IN, "dict_size": D_SAE, "layer": 5, **trainer}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _linear_sd(seed, bias_name):
+    w = _rand(seed, {"enc": (D_SAE, D_IN), "dec": (D_IN, D_SAE), "b_enc": (D_SAE,), "b_dec": (D_IN,)})
+    return {"encoder.weight": w["enc"], "encoder.bias": w["b_enc"], "decoder.weight": w["dec"], bias_name: w["b_dec"]}
+
+
+def test_dictionary_learning_batchtopk_and_matryoshka_encode_with_their_threshold(tmp_path):
+    sd = _linear_sd(21, "b_dec")
+    sd.update(k=torch.tensor(K, dtype=torch.int), threshold=torch.tensor(0.35))
+    x = _x()
+    f = F.relu((x - sd["b_dec"]) @ sd["encoder.weight"].T + sd["encoder.bias"])  # their encode(use_threshold)
+    acts = f * (f > sd["threshold"])
+    assert ((f > 0) & (acts == 0)).any()
+    sae = load_sae(_dictionary_learning(tmp_path, "BatchTopKSAE", sd, k=K))
+    assert (sae.architecture, sae.cfg["layout"], sae.cfg["layer"]) == ("jumprelu", "dictionary_learning", 5)
+    _check(sae, acts, acts @ sd["decoder.weight"].T + sd["b_dec"], x)
+
+    m = {"W_enc": sd["encoder.weight"].T, "b_enc": sd["encoder.bias"], "W_dec": sd["decoder.weight"].T}
+    m.update(b_dec=sd["b_dec"], k=sd["k"], threshold=sd["threshold"], group_sizes=torch.tensor([16, 48]))
+    sae = load_sae(_dictionary_learning(tmp_path, "MatryoshkaBatchTopKSAE", m, k=K) / "ae.pt")
+    _check(sae, acts, acts @ m["W_dec"] + m["b_dec"], x)
+
+    sd["threshold"] = torch.tensor(-1.0)  # never estimated: their encode is plain ReLU
+    (tmp_path / "unset").mkdir()
+    sae = load_sae(_dictionary_learning(tmp_path / "unset", "BatchTopKSAE", sd, k=K))
+    _check(sae, f, f @ sd["decoder.weight"].T + sd["b_dec"], x)
+
+
+def test_dictionary_learning_jumprelu_topk_and_standard(tmp_path):
+    x = _x()
+    j = _rand(31, {"W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_enc": (D_SAE,), "b_dec": (D_IN,)})
+    j["threshold"] = torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)) * 0.5
+    pre = x @ j["W_enc"] + j["b_enc"]  # apply_b_dec_to_input is False in what it trains
+    acts = F.relu(pre * (pre > j["threshold"]))
+    sae = load_sae(_dictionary_learning(tmp_path, "JumpReluAutoEncoder", j) / "config.json")
+    _check(sae, acts, acts @ j["W_dec"] + j["b_dec"], x)
+
+    t = _linear_sd(32, "b_dec")
+    t["k"] = torch.tensor(K, dtype=torch.int)
+    pre = (x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"]
+    v, i = F.relu(pre).topk(K, dim=-1)
+    acts = torch.zeros_like(pre).scatter_(-1, i, v)
+    sae = load_sae(_dictionary_learning(tmp_path, "AutoEncoderTopK", t, k=K))
+    assert (sae.architecture, sae.k) == ("topk", K)
+    _check(sae, acts, acts @ t["decoder.weight"].T + t["b_dec"], x)
+
+    s = _linear_sd(33, "bias")
+    acts = F.relu((x - s["bias"]) @ s["encoder.weight"].T + s["encoder.bias"])
+    sae = load_sae(_dictionary_learning(tmp_path, "AutoEncoder", s))
+    assert sae.architecture == "relu"
+    _check(sae, acts, acts @ s["decoder.weight"].T + s["bias"], x)
+
+
+def test_dictionary_learning_unsupported_class_is_one_line(tmp_path):
+    d = _dictionary_learning(tmp_path, "GatedAutoEncoder", _linear_sd(34, "b_dec"))
+    with pytest.raises(SAEFormatError, match="dict_class 'GatedAutoEncoder' is not supported"):
+        load_sae(d)
