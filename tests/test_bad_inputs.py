@@ -188,8 +188,8 @@ CASES = [
     ("train", ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t9", "--set", "train.d_sae=-4"], "train.d_sae = -4"),
     (
         "train",
-        ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t10", "--set", "train.sweep=[{{d_sae=64}]"],
-        "--set train.sweep[0]: missing key 'k'",
+        ["run", *TINY, "--cache", "{cache}", "--out", "{d}/t10", "--set", "train.sweep=[{{matryoshka_sizes=[8]}]"],
+        "train.sweep[0]: matryoshka_sizes is not read by architecture 'topk'",
     ),
     ("train", ["browse", "--out", "{d}/nope"], "no run.json here"),
     ("train", ["browse", "--out", "{cache}"], "no run.json here"),
