@@ -80,7 +80,7 @@ def write_source(url: str, segments: int, shard_mib: int) -> None:
     arrays = bench_data.minilm(REAL_TOKENS, LAYERS)
     d = next(iter(arrays.values())).shape[1]
     w = cf.create_cache(url, d_model=d, layers=list(LAYERS), shard_mib=shard_mib, meta={"bench": "sync"})
-    rows = w.root["shard_rows"]
+    rows = w.snapshot().shard_rows
     for si in range(segments):
         with w.segment() as seg:
             for s in range(0, rows, 8192):

@@ -1,40 +1,6 @@
-"""The commit log: now cache_format.log (transfer.py and stores/local.py still import it here)."""
+"""The commit log: now cache_format.log (transfer.py still imports it here)."""
 
-# shim: removed by the structure issue's last step
-from .log import (
-    COMMITS,
-    DIGEST,
-    INDEX,
-    ROOT_META,
-    ROOT_RECORD,
-    NotACacheError,
-    UnfinishedCacheError,
-    commit,
-    digest,
-    dumps,
-    hasher,
-    list_commits,
-    load_records,
-    read_root,
-    replay,
-    root_digest,
-)
+# shim: removed by the structure issue's last step, once transfer.py imports cache_format.log
+from .log import DIGEST, digest, hasher
 
-__all__ = [
-    "COMMITS",
-    "DIGEST",
-    "INDEX",
-    "ROOT_META",
-    "ROOT_RECORD",
-    "NotACacheError",
-    "UnfinishedCacheError",
-    "commit",
-    "digest",
-    "dumps",
-    "hasher",
-    "list_commits",
-    "load_records",
-    "read_root",
-    "replay",
-    "root_digest",
-]
+__all__ = ["DIGEST", "digest", "hasher"]

@@ -70,7 +70,7 @@ class CorruptObject(IntegrityError):
         )
 
 
-fail = CorruptObject  # shim: removed by the structure issue's last step (transfer.py raises it by this name)
+fail = CorruptObject  # shim: removed by the structure issue's last step, once transfer.py raises CorruptObject
 
 
 def read_checked(loc, key: str, want: dict | None, checksum=digest) -> bytes:

@@ -524,14 +524,6 @@ class CacheWriter:
         self.url = loc.url
         self._log: log.LogSnapshot | None = None  # commit records are immutable: each is read and checked once
 
-    @property
-    def loc(self) -> Location:  # shim: removed by the structure issue's last step (harvest reads it)
-        return self._loc
-
-    @property
-    def root(self) -> dict:  # shim: removed by the structure issue's last step (harvest reads it)
-        return self._root
-
     def _replay(self) -> log.LogSnapshot:
         self._log = log.load(self._loc, self._log, self._root)
         return self._log

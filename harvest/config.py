@@ -4,7 +4,7 @@ Each default is written once, here; `pipeline.toml` documents the real run and a
 the two equal. Checks sit in each section's `__post_init__`, so a value a run could not use
 is refused in one line before any work, whether it came from the file, a profile, `--set` or
 code. The keys harvest shares with train (`[harvest].cache`, parts of `[train]` and
-`[analysis]`) are declared in `cache_format.shared_keys`, which both stages may import.
+`[analysis]`) are declared in `cache_format.config`, which both stages may import.
 """
 
 from __future__ import annotations
@@ -15,8 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cache_format.config import ConfigError, Loaded, OutOfRange, check_ranges, load_sections, shared_section
-from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
+from cache_format.config import (
+    AnalysisKeys,
+    ConfigError,
+    HarvestKeys,
+    Loaded,
+    OutOfRange,
+    TrainKeys,
+    check_ranges,
+    load_sections,
+    shared_section,
+)
 
 AUTO_CLASSES = ("auto", "image-text-to-text", "causal-lm")
 MAX_ROWS = 2**63 - 1  # a cache's row indices and seq_ids are int64 (cache_format.layout)

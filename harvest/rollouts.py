@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format.claims import POLL_S, Claims
+from cache_format.concurrency import POLL_S, Claims
 from cache_format.errors import UserError
 from cache_format.stores import Location
 
@@ -306,7 +306,7 @@ def generate_missing(
     as they finish; returns how many this process generated.
 
     Questions are generated in fixed blocks of `generate_batch_size` seq_ids, each claimed first
-    (cache_format.claims): with several processes on one cache every rollout is generated once,
+    (cache_format.concurrency): with several processes on one cache every rollout is generated once,
     a block another live process holds is left to it, and every batch is the same whichever
     process runs it (so are its greedy outputs). The transformers backend takes a block at a
     time (so a second process helps); vLLM takes every free block at once (one subprocess)."""

@@ -14,7 +14,7 @@ The run, in order (each step in a section below):
 - **Run** the units in this process (one background writer thread per in-flight segment behind
   a bounded queue, so the forward loop never waits on compression or I/O) or as dask tasks,
   one model per worker process, each worker writing its own segments' objects. Either way
-  commits land in plan order (cache_format.ordering), so identical runs commit identical logs.
+  commits land in plan order (cache_format.concurrency), so identical runs commit identical logs.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format import seq_ranges
-from cache_format.claims import Claim, Claims, wait_for
-from cache_format.commits import NotACacheError, read_root
-from cache_format.creation import CacheExistsError
-from cache_format.dask_client import dask_client
+from cache_format import log
+from cache_format.commandline import dask_client
+from cache_format.concurrency import Claim, Claims, CommitOrder, wait_for
 from cache_format.errors import CacheError, UserError
-from cache_format.ordering import CommitOrder
+from cache_format.log import NotACacheError, read_root
+from cache_format.stores import Location
+from cache_format.write import CacheExistsError
 
 from . import corpus, supergpqa
 from . import rollouts as ro
@@ -258,7 +258,7 @@ def add_layers(cfg: PipelineConfig, w, layers: list[int], progress: bool = True)
     lm = WORKER.model(cfg.model, None)
     lm.check_layers(layers)
     bfs = {L: w.add_layer(L) for L in layers}
-    claims = Claims(w.loc, "backfill")
+    claims = Claims(Location(w.url), "backfill")
     while True:
         skipped = _backfill_pass(cfg, w, lm, bfs, claims, progress)
         if not skipped:
@@ -359,7 +359,7 @@ def _backfill_segment(lm, snap, s, tok_of: dict, pad: int, bs: int, bfs: dict, c
 # units shared with every other `harvest run` on the cache
 #
 # Any number of processes, on one machine or many, pointed at one cache with the same plan,
-# split the work with no coordinator (cache_format.claims): each claims the next free unit, so
+# split the work with no coordinator (cache_format.concurrency): each claims the next free unit, so
 # a second teammate running the same `make harvest` helps the first. A claim is re-checked once
 # taken (the unit may have been committed since the plan was made), and the segment commits
 # only if no live segment holds its sequences yet (`once`), so even a claim lost to a pause
@@ -372,7 +372,7 @@ class SharedUnits:
 
     def __init__(self, writer, scope: str = "harvest"):
         self.w = writer
-        self.claims = Claims(writer.loc, scope)
+        self.claims = Claims(Location(writer.url), scope)
         self.skipped: dict[str, list[int]] = {}  # unit key → its seq_ids, held by a live process
         self.held: list[Claim] = []
         self.run_here = 0  # units this process claimed and computed
@@ -383,7 +383,7 @@ class SharedUnits:
 
     def committed(self, seq_ids, live=None) -> bool:
         """Whether a live segment holds any of `seq_ids` now (from the log: cheap)."""
-        return bool(seq_ranges.holders(seq_ranges.ranges_of(seq_ids), live if live is not None else self._live_runs()))
+        return bool(log.holders(log.ranges_of(seq_ids), live if live is not None else self._live_runs()))
 
     def claim(self, units: Iterable[Unit], on_skip=lambda unit: None) -> Iterator[tuple[Unit, Claim]]:
         """The units this process gets to compute, each with its claim (released when its segment ends)."""
@@ -580,6 +580,8 @@ class WorkerState:
         self.loaded: LoadedModel | None = None
         self.writer = None
         self.writer_url: str | None = None
+        self.writer_loc: Location | None = None
+        self.writer_root: dict | None = None  # the root it was opened under: another means the cache was recreated
         self.kernel_note_said = False
         # One model per process, hooked by one capture at a time: a dask worker with several threads
         # (or several in-process workers) would otherwise mix two units' residuals in the same hooks.
@@ -600,9 +602,11 @@ class WorkerState:
 
     def cache_writer(self, url: str):
         """The cache at `url` opened for appending, once per process (again if it was recreated)."""
-        if self.writer is None or self.writer_url != url or read_root(self.writer.loc) != self.writer.root:
-            self.writer = cf.open_cache(url, mode="a")
-            self.writer_url = url
+        if self.writer_url != url:
+            self.writer, self.writer_url, self.writer_loc = None, url, Location(url)
+        root = read_root(self.writer_loc)
+        if self.writer is None or root != self.writer_root:
+            self.writer, self.writer_root = cf.open_cache(self.writer_loc, mode="a"), root
         return self.writer
 
 

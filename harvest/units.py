@@ -10,7 +10,7 @@ Capturing a unit: the forward in batches on the caller's thread (`harvest.captur
 mixed within windows (write-time mixing), appended and committed on a writer thread. The
 writer thread owns the segment for its whole life, so the forward loop never waits on
 compression or I/O; a failure abandons the segment at once, so that later segments waiting
-for their plan-order turn (cache_format.ordering) are not held up by this one.
+for their plan-order turn (cache_format.concurrency) are not held up by this one.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class UnitWriter:
         defer: bool = False,
         claim=None,
     ):
-        # turn: commit in plan order (cache_format.ordering); defer: leave the record to the coordinator;
+        # turn: commit in plan order (cache_format.concurrency); defer: leave the record to the coordinator;
         # once: never commit sequences another process committed first; claim: released with the segment
         self._open = contextlib.ExitStack()  # holds the segment's `with` block from here until close()
         self.seg = self._open.enter_context(writer.segment(meta=meta, turn=turn, defer=defer, once=True, claim=claim))

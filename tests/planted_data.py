@@ -29,7 +29,7 @@ def write_planted(
 ):
     """A corpus-like cache (all roles text unless `roles` says otherwise); returns the dictionary per layer."""
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     w = cf.create_cache(
         url,

@@ -12,8 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cache_format.config import ConfigError, Loaded, check_ranges, coerce, load_sections, shared_section
-from cache_format.shared_keys import AnalysisKeys, HarvestKeys, TrainKeys
+from cache_format.config import (
+    AnalysisKeys,
+    ConfigError,
+    HarvestKeys,
+    Loaded,
+    TrainKeys,
+    check_ranges,
+    coerce,
+    load_sections,
+    shared_section,
+)
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")  # train.sae.KINDS implements them
 # the keys only some architectures read: given to another one, they are refused

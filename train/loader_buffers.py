@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_format.bf16 import bits_to_torch
+from cache_format.layout import bits_to_torch
 
 
 def window_array(shape: tuple[int, int]) -> np.ndarray:

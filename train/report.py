@@ -243,7 +243,7 @@ def _source_shares(url: str | None) -> str | None:
     if not url:
         return None
     try:
-        from cache_format.opener import open_cache
+        from cache_format import open_cache
         from cache_format.ops import rows_by_source
 
         rows = rows_by_source(open_cache(url))

@@ -56,7 +56,7 @@ class Spec:
 def open_cache_or_fail(url: str):
     """The cache, refused in one line if it is unreadable or holds a row twice (from the log: cheap)."""
     import cache_format as cf
-    from cache_format import duplicates
+    from cache_format.ops import refuse_duplicates
 
     try:
         cache = cf.open_cache(url)
@@ -66,7 +66,7 @@ def open_cache_or_fail(url: str):
         raise CacheError(
             f"{url} is not a readable cache ({type(e).__name__}: {e}); pass --cache with a harvested cache's URL"
         ) from None
-    duplicates.refuse(cache)
+    refuse_duplicates(cache)
     return cache
 
 

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from cache_format.atomic import atomic_dir
-from cache_format.bf16 import bits_to_torch
 from cache_format.errors import UserError
-from cache_format.layout import ROLE_CODES
+from cache_format.layout import ROLE_CODES, bits_to_torch
 
 from .config import TrainConfig
 from .loader import ShuffledLoader

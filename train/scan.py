@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format.dask_client import dask_client
+from cache_format.commandline import dask_client
 from cache_format.errors import UserError
 
 from . import dist

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cache_format.bf16 import bits_to_torch
+from cache_format.layout import bits_to_torch
 
 DENSE = 0.5  # decode a chunk whole into the window when at least this share of its rows is eligible
 

@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Iterator
 
 from ..atomic import write_at, write_atomic
-from ..commits import hasher
 from ..errors import CacheError, UserError
+from ..log import hasher
 from . import faults
 from .base import Location, ObjectInfo, ObjectReader, Upload
 

@@ -164,7 +164,7 @@ def test_an_existing_scheduler_runs_the_units(tmp_path):
 def test_a_later_unit_that_finishes_first_still_commits_after_the_earlier_one(tmp_path, monkeypatch):
     """Force the race: unit 0's commit is held until unit 1 is ready to commit, so without the
     plan-order turn unit 1 would take the first commit number."""
-    from cache_format.writer import SegmentWriter
+    from cache_format.write import SegmentWriter
 
     first_unit: list[str] = []
     second_ready = threading.Event()

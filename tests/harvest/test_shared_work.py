@@ -1,5 +1,5 @@
 """Several `harvest run` processes on one cache share the work and commit each unit once
-(harvest/run.py, cache_format/claims.py): no (seq_id, position) twice, no rollout
+(harvest/run.py, cache_format/concurrency.py): no (seq_id, position) twice, no rollout
 generated twice, no layer backfilled twice, and the rows and fingerprint of one uninterrupted run."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from cache_format import claims, commits, leases, ops
+from cache_format import concurrency, log, ops
 from cache_format.stores import Location
 from harvest import run as hr
 from harvest.config import load_config
@@ -66,7 +66,7 @@ def _assert_one_run(url, ref, summaries):
     first = {k: summaries[0].get(k) for k in SAME}
     assert all({k: s.get(k) for k in SAME} == first for s in summaries)  # one outcome, told alike
     assert first["fingerprint"] == r.fingerprint
-    assert not [o.key for o in Location(str(url)).walk(claims.CLAIMS)]  # every claim released
+    assert not [o.key for o in Location(str(url)).walk(concurrency.CLAIMS)]  # every claim released
 
 
 def test_two_harvests_at_once_on_a_new_cache(tmp_path):
@@ -91,7 +91,7 @@ def test_three_harvests_at_once_on_a_seeded_cache_add_a_layer_and_rows_once(tmp_
     summaries = _at_once(url, "corpus", [1, 4], 64 * 40, CORPUS, 3)
     _assert_one_run(url, ref, summaries)
     assert sum(s["units_run_here"] for s in summaries) == 6
-    records = commits.load_records(Location(str(url)), {}).values()
+    records = log.load_records(Location(str(url)), {}).values()
     backfills = Counter((r["segment"], r["layer"]) for r in records if r["kind"] == "layer")
     assert len(backfills) == 4 and set(backfills.values()) == {1}  # each seeded segment got layer 4 once
     assert sum(r["kind"] == "add_layer" for r in records) == 1
@@ -137,7 +137,7 @@ def test_two_rollout_harvests_at_once_on_a_seeded_cache(tmp_path):
 
 def _hold(loc, scope, name):
     """A claim held by "another process" (this test), renewed until released."""
-    c = claims.Claims(loc, scope).take(name)
+    c = concurrency.Claims(loc, scope).take(name)
     assert c is not None
     return c
 
@@ -149,8 +149,8 @@ def test_a_unit_whose_claimant_died_is_taken_over(tmp_path):
     hr.run(_cfg(url, "corpus", [1], 64 * 8, CORPUS), progress=False)  # units 0 and 1
     loc = Location(str(url))
     dead = _hold(loc, "harvest", "corpus:8-11")
-    leases.KEEPER.release_key(loc, dead.key, delete=False)  # its process dies: the claim goes stale
-    old = time.time() - leases.STALE_S - 5
+    concurrency.KEEPER.release_key(loc, dead.key, delete=False)  # its process dies: the claim goes stale
+    old = time.time() - concurrency.STALE_S - 5
     os.utime(loc.path(dead.key), (old, old))
     summary = hr.run(_cfg(url, "corpus", [1], tokens, CORPUS), progress=False)
     assert summary["units_run_here"] == 2 and cf.open_cache(str(url)).fingerprint == cf.open_cache(str(ref)).fingerprint

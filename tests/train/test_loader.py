@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.bf16 import BF16
 from cache_format.errors import UserError
+from cache_format.layout import BF16
 from train.loader import ShuffledLoader
 from train.split import is_heldout
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 import cache_format as cf
-from cache_format.bf16 import BF16
+from cache_format.layout import BF16
 from train.row_filters import RowMetadata, cap_rows
 
 ROOT = Path(__file__).resolve().parents[2]

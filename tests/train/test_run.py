@@ -439,7 +439,7 @@ def test_too_few_heldout_sequences_is_one_line_and_run_json_counts_the_split(mak
 
 def test_a_cache_holding_rows_twice_is_refused_in_one_line_naming_retract(make_cache, tmp_path):
     import cache_format as cf
-    from cache_format.bf16 import BF16
+    from cache_format.layout import BF16
 
     url, data = make_cache(segments=(400, 400), d_model=16)
     w = cf.open_cache(url, mode="a")
