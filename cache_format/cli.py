@@ -238,7 +238,7 @@ def publish(url, storage_options):
 @so_option
 def card(url, repo, path_in_repo, license_, out, storage_options):
     """A Hub dataset card (README.md) from the cache's provenance, for `hf upload-large-folder`."""
-    from .atomic import write_atomic
+    from .stores.local import write_atomic
 
     text = ops.card(open_cache(url, storage_options=_options(storage_options)), repo, path_in_repo, license_)
     if out is None:

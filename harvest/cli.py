@@ -90,7 +90,7 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet):
     import cache_format as cf
-    from cache_format.atomic import write_atomic
+    from cache_format.stores.local import write_atomic
     from train.published import load_sae
     from train.rundir import recorded_cache, recorded_layer, recorded_split
 

@@ -92,7 +92,7 @@ def write_logit_effects(path, cols: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cache_format.atomic import atomic_path
+    from cache_format.stores.local import atomic_path
 
     def lists(values, typ):
         values = np.asarray(values)

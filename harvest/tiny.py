@@ -20,7 +20,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from cache_format.atomic import atomic_dir
+from cache_format.stores.local import atomic_dir
 
 from .config import tiny_assets as assets  # the bundled files; tests and benchmarks read them too
 from .supergpqa import format_question

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_format.atomic import atomic_path, write_atomic
+from cache_format.stores.local import atomic_path, write_atomic
 
 
 def write_parquet(path: Path, columns: dict[str, Any], row_group_size: int | None = None) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from cache_format.atomic import atomic_path
 from cache_format.errors import UserError
+from cache_format.stores.local import atomic_path
 
 from .out_files import write_out
 from .sae import SAE, BatchTopKSAE

@@ -19,9 +19,9 @@ from typing import BinaryIO
 
 from safetensors import SafetensorError
 
-from cache_format.atomic import atomic_path, write_atomic
 from cache_format.errors import UserError
 from cache_format.stores import key_problem
+from cache_format.stores.local import atomic_path, write_atomic
 
 
 def inside(out: str | Path, name, source: str | Path) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_format.atomic import write_atomic
+from cache_format.stores.local import write_atomic
 
 from .metrics import METRIC_NAMES
 from .report_plots import auroc_histogram, fire_rate_histogram, img_tag, trajectory_plot

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_format.atomic import atomic_dir
 from cache_format.errors import UserError
 from cache_format.layout import ROLE_CODES, bits_to_torch
+from cache_format.stores.local import atomic_dir
 
 from .config import TrainConfig
 from .loader import ShuffledLoader

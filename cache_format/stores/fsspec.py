@@ -18,8 +18,7 @@ import time
 from collections.abc import Iterator
 
 from ..errors import RemoteError, UserError
-from . import faults
-from .base import Location, ObjectInfo, ObjectReader, ShortRead, StreamUpload, Upload
+from .base import Location, ObjectInfo, ObjectReader, ShortRead, StreamUpload, Upload, fault_point
 
 CHECKSUM_META = "actcache-blake2b"  # S3 object metadata: the checksum a copy was made against
 
@@ -155,10 +154,10 @@ class FsspecLocation(Location, fallback=True):
     # -- writes ------------------------------------------------------------------------
 
     def write(self, key: str, data: bytes) -> None:
-        faults.point(key, "before")
+        fault_point(key, "before")
         data = bytes(data)  # a view of a copy's buffer: the client wants bytes
         self._retry(f"writing {key}", self.fs.pipe_file, self.path(key), data)
-        faults.point(key, "after")
+        fault_point(key, "after")
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         # No conditional put: check-then-write (documented race).
@@ -169,11 +168,11 @@ class FsspecLocation(Location, fallback=True):
 
     def delete(self, keys: list[str]) -> None:
         for k in keys:
-            faults.point(k, "before")
+            fault_point(k, "before")
         if keys:
             self._retry("deleting objects", self.fs.rm, [self.path(k) for k in keys])
         for k in keys:
-            faults.point(k, "after")
+            fault_point(k, "after")
 
     def upload(self, key: str, tag: str, size: int, part: int) -> Upload:
         return StreamUpload(lambda: self.fs.open(self.path(key), "wb", block_size=max(part, 5 << 20)))
@@ -276,7 +275,7 @@ class S3Location(FsspecLocation):
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         bucket, _, path = self.path(key).partition("/")
-        faults.point(key, "before")
+        fault_point(key, "before")
 
         def put():
             try:
@@ -292,7 +291,7 @@ class S3Location(FsspecLocation):
 
         created = self._retry(f"committing {key}", put)
         if created:
-            faults.point(key, "after")
+            fault_point(key, "after")
         return created
 
     def _open_stream(self, key: str, start: int, end: int):
@@ -412,7 +411,7 @@ class MultipartUpload(Upload):
         self.offset += len(data)
 
     def commit(self) -> None:
-        faults.point(self.key, "before")
+        fault_point(self.key, "before")
         self._call(
             "complete_multipart_upload",
             Bucket=self.bucket,
@@ -420,7 +419,7 @@ class MultipartUpload(Upload):
             UploadId=self.id,
             MultipartUpload={"Parts": self.done},
         )
-        faults.point(self.key, "after")
+        fault_point(self.key, "after")
 
     def discard(self) -> None:
         try:

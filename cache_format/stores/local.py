@@ -1,24 +1,111 @@
-"""A cache in a local directory: the OS directly, atomic renames, `link` for exclusive create.
+"""A cache in a local directory: the OS directly, atomic renames, `link` for exclusive create;
+and the write-to-temporary-then-rename every local file the pipeline publishes goes through.
 
 Shard files are memory-mapped once, so ranged reads are views into the page cache, not copies.
 Copies (`stream`, `upload`) use plain reads and writes instead: a mapping would keep every
 copied byte in the process's resident memory.
+
+Atomic publication (`write_atomic`, `atomic_path`, `atomic_dir`): a reader never sees half a
+file, a crash leaves the old one. One home for every local file the pipeline publishes
+(checkpoints, exports, reports, sidecars). A failed write removes its temporary file before the
+error propagates, so a full disk leaves nothing behind but what was there before.
+
+Bytes reach the page cache in pieces of at most `PIECE` (`write_at`): a single larger write lets
+Linux (6.x, ext4 and xfs) put it in 2 MiB page-cache folios, and on a VM that hands its free
+memory back to the host (virtio-balloon free page reporting, as on this project's machines)
+each such folio is 2 MiB the host has to fault in afresh. Measured there, 512 MiB written 4 s
+after the last write cost 1.0–2.0 CPU-s/GB of system time in 2 or 16 MiB writes, and 0.2 in
+1 MiB or smaller ones; elsewhere the pieces cost nothing measurable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
+import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
 
-from ..atomic import write_at, write_atomic
 from ..errors import CacheError, UserError
 from ..log import hasher
-from . import faults
-from .base import Location, ObjectInfo, ObjectReader, Upload
+from .base import Location, ObjectInfo, ObjectReader, Upload, fault_point
+
+# -- atomic publication of a local file ------------------------------------------------------
+
+
+def _temporary(path: Path) -> Path:
+    # hidden, unique per writer (pid and a random tag), in the same directory so the rename is atomic
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+PIECE = 1 << 20
+
+
+def write_at(fd: int, data, offset: int) -> int:
+    """Write all of `data` (bytes or a buffer) at `offset` of the open file `fd`, in pieces of at
+    most `PIECE`; returns the offset after it."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view[:PIECE], offset)
+        offset += n
+        view = view[n:]
+    return offset
+
+
+def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None], *, fsync: bool = False) -> Path:
+    """Publish `data` (bytes, text, or a function writing to the open binary file) at `path`."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                write_at(f.fileno(), data.encode("utf-8") if isinstance(data, str) else data, 0)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to hand to a library that writes files itself (pyarrow, matplotlib);
+    renamed onto `path` when the block exits cleanly, removed otherwise. Keeps the suffix."""
+    path = Path(path)
+    tmp = _temporary(path).with_suffix(path.suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory filled by the block, then renamed onto `path` (which must not exist)."""
+    path = Path(path)
+    tmp = _temporary(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- the backend -----------------------------------------------------------------------------
 
 
 class LocalLocation(Location):
@@ -104,22 +191,22 @@ class LocalLocation(Location):
     # -- writes ------------------------------------------------------------------------
 
     def write(self, key: str, data: bytes) -> None:
-        """Via a temporary file and an atomic rename (atomic.py; a failed write leaves no temporary)."""
+        """Via a temporary file and an atomic rename (`write_atomic`; a failed write leaves no temporary)."""
         p = self.path(key)
         self._mkdirs(os.path.dirname(p))
-        faults.point(key, "before")
+        fault_point(key, "before")
         try:
             write_atomic(p, data)
         except OSError as e:
             raise self.write_error(key, e) from None
-        faults.point(key, "after")
+        fault_point(key, "after")
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write a temporary file, then `link` it into place (atomic, fails on an existing name,
         and the object is complete when it appears)."""
         p = self.path(key)
         self._mkdirs(os.path.dirname(p))
-        faults.point(key, "before")
+        fault_point(key, "before")
         tmp = f"{os.path.dirname(p)}/.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
@@ -135,14 +222,14 @@ class LocalLocation(Location):
             return False
         finally:
             _unlink(tmp)
-        faults.point(key, "after")
+        fault_point(key, "after")
         return True
 
     def delete(self, keys: list[str]) -> None:
         for k in keys:
-            faults.point(k, "before")
+            fault_point(k, "before")
             _unlink(self.path(k))
-            faults.point(k, "after")
+            fault_point(k, "after")
 
     def upload(self, key: str, tag: str, size: int, part: int) -> Upload:
         p = self.path(key)
@@ -255,12 +342,12 @@ class PartialFile(Upload):
             raise self.loc.write_error(self.key, e) from None
 
     def commit(self) -> None:
-        faults.point(self.key, "before")
+        fault_point(self.key, "before")
         try:
             os.replace(self.tmp, self.final)
         finally:
             os.close(self.fd)
-        faults.point(self.key, "after")
+        fault_point(self.key, "after")
 
     def discard(self) -> None:
         _unlink(self.tmp)

@@ -1,7 +1,7 @@
 """The segment write-and-commit protocol (cache_format/write.py, shards.py): what a writer refuses,
 create and append, a failed block abandoned, deferred and plan-ordered commits, the commit check
 that makes a unit land once, killed and concurrent writers, crash-safe creation (killed at each
-store write by the fault hook, cache_format/stores/faults.py, not by timing), standard zarr arrays."""
+store write by the fault hook, cache_format/stores/base.py, not by timing), standard zarr arrays."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import cache_format as cf
 from cache_format import log, ops
 from cache_format.concurrency import CommitOrder
 from cache_format.layout import BF16
-from cache_format.stores import Location, faults
+from cache_format.stores import Location
+from cache_format.stores.base import Fault, Killed, armed
 from cache_format.sync import sync
 from cache_format.write import CacheExistsError
 
@@ -401,7 +402,7 @@ def _usable(url):
 @pytest.mark.parametrize("n", range(1, CREATE_WRITES + 1))
 def test_create_killed_at_any_write_is_finished_by_the_same_call(tmp_path, run, n, when):
     url = str(tmp_path / "c")
-    with faults.armed(faults.Fault(n=n, when=when)) as f, pytest.raises(faults.Killed):
+    with armed(Fault(n=n, when=when)) as f, pytest.raises(Killed):
         _create(url)
     assert f.fired
     if not os.path.exists(os.path.join(url, "zarr.json")):  # killed before the point of no return
@@ -425,13 +426,13 @@ def test_create_killed_at_any_write_is_finished_by_the_same_call(tmp_path, run, 
 
 def test_an_unfinished_cache_with_other_settings_is_finished_but_not_taken(tmp_path):
     url = str(tmp_path / "c")
-    with faults.armed(faults.Fault(n=2, when="before")), pytest.raises(faults.Killed):
+    with armed(Fault(n=2, when="before")), pytest.raises(Killed):
         _create(url)  # killed after zarr.json
     with pytest.raises(CacheExistsError):  # another command's cache: finished, then refused as existing
         cf.create_cache(url, d_model=8, layers=[1], chunk_tokens=4, meta={"run": 2}, tokenizer_files=TOKENIZER)
     assert cf.open_cache(url).meta["run"] == 1
     url2 = str(tmp_path / "d")
-    with faults.armed(faults.Fault(n=2, when="before")), pytest.raises(faults.Killed):
+    with armed(Fault(n=2, when="before")), pytest.raises(Killed):
         _create(url2)
     with pytest.raises(cf.UserError, match="tokenizer file tokenizer.json was written"):
         cf.create_cache(url2, d_model=8, layers=[1], chunk_tokens=4, tokenizer_files={"tokenizer.json": b"{}"})
@@ -444,7 +445,7 @@ def test_an_unfinished_cache_with_other_settings_is_finished_but_not_taken(tmp_p
 def test_sync_killed_while_creating_its_destination_is_finished_by_the_same_sync(tmp_path, make_cache, n, when):
     src, _ = make_cache(segments=(40, 25), tokenizer_files=TOKENIZER)
     dst = str(tmp_path / "dst")
-    with faults.armed(faults.Fault(n=n, when=when)) as f, pytest.raises(faults.Killed):
+    with armed(Fault(n=n, when=when)) as f, pytest.raises(Killed):
         sync(src, dst)
     assert f.fired
     if not os.path.exists(os.path.join(dst, "zarr.json")):
@@ -461,7 +462,7 @@ def test_a_kill_between_zarr_json_and_the_first_record_no_longer_strands_harvest
     """The issue's case: zarr.json landed, commits/0 did not. `sync` into it finishes it."""
     src, _ = make_cache(segments=(40,), tokenizer_files=TOKENIZER)
     dst = str(tmp_path / "dst")
-    with faults.armed(faults.Fault(key="commits/0000000000.json", when="before")), pytest.raises(faults.Killed):
+    with armed(Fault(key="commits/0000000000.json", when="before")), pytest.raises(Killed):
         sync(src, dst)
     assert os.path.exists(os.path.join(dst, "zarr.json")) and not os.listdir(os.path.join(dst, "commits"))
     sync(src, dst)

@@ -21,9 +21,9 @@ from support import FAULTS, everything, s3_options, same_cache, write_big_cache,
 
 import cache_format as cf
 from cache_format import log, ops
-from cache_format.atomic import PIECE
 from cache_format.layout import BF16
 from cache_format.stores import Location
+from cache_format.stores.local import PIECE
 from cache_format.sync import sync
 from cache_format.transfer import BLOCK
 
@@ -349,7 +349,7 @@ def test_a_stream_that_breaks_mid_object_is_reopened_where_it_broke(tmp_path, ht
 
 def test_a_copy_reaches_the_disk_in_pieces_of_at_most_a_write_piece(tmp_path, monkeypatch):
     # Larger writes land in 2 MiB page-cache folios, which a VM handing free memory back to its
-    # host must fault in afresh: 5-10x the system time per byte there (cache_format/atomic.py).
+    # host must fault in afresh: 5-10x the system time per byte there (cache_format/stores/local.py).
     src = tmp_path / "c"
     write_big_cache(str(src), shard_mib=20, layers=(1,))
     big = _big_objects(cf.open_cache(src))

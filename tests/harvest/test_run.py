@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cache_format as cf
-from cache_format.stores import faults
+from cache_format.stores.base import Fault, armed
 from harvest import run as hr
 from harvest.config import load_config
 
@@ -190,7 +190,7 @@ def test_a_later_unit_that_finishes_first_still_commits_after_the_earlier_one(tm
 
 
 @dataclasses.dataclass
-class HoldFirstUnit(faults.Fault):
+class HoldFirstUnit(Fault):
     """A store hook that never fires: it holds the first unit's segment (seq_id 0) after writing its
     sequences until the second unit's are written, so the coordinator sees the second result first."""
 
@@ -215,7 +215,7 @@ def test_dask_units_that_finish_out_of_order_still_commit_in_plan_order(tmp_path
     url = tmp_path / "raced"
     with (
         LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster,
-        faults.armed(HoldFirstUnit(root=str(url))),
+        armed(HoldFirstUnit(root=str(url))),
     ):
         hr.run(cfg_for(url, 64 * 8, **{"harvest.scheduler": cluster.scheduler_address}), progress=False)
     units = [s.meta["unit"] for s in cf.open_cache(str(url)).segments]

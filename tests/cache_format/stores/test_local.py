@@ -1,5 +1,5 @@
 """A local directory: write-then-rename on real files, the target whole or untouched and no
-temporary left (cache_format/atomic.py, to become part of stores/local.py)."""
+temporary left (the atomic publication in cache_format/stores/local.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cache_format.atomic import PIECE, atomic_dir, atomic_path, write_atomic
+from cache_format.stores.local import PIECE, atomic_dir, atomic_path, write_atomic
 
 
 def test_write_atomic_publishes_bytes_text_and_a_writer_function(tmp_path):
