@@ -76,7 +76,7 @@ fail = CorruptObject  # shim: removed by the structure issue's last step, once t
 def read_checked(loc, key: str, want: dict | None, checksum=digest) -> bytes:
     """A whole small object, checked against its manifest entry {size, blake2b} (re-read once)."""
     for attempt in range(2):
-        data = loc.read(key, fresh=attempt > 0, size=want["size"] if want else None)  # fresh: a re-read
+        data = loc.read(key, reread=attempt > 0, size=want["size"] if want else None)
         if want is None or (len(data) == want["size"] and checksum(data) == want[DIGEST]):
             return data
     raise CorruptObject(loc.url, key, "size or checksum mismatch")

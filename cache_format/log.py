@@ -271,7 +271,7 @@ def load_records(loc, known: dict, root: dict | None = None, checked: set | None
         except CacheError:
             if not loc.transfers_can_tear:
                 raise
-            reread = loc.read(f"{COMMITS}/{n}", fresh=True)  # a torn transfer: once more, from the store
+            reread = loc.read(f"{COMMITS}/{n}", reread=True)  # a torn transfer: once more, from the store
             return n, _parse(loc.url, n, reread)
 
     if missing:

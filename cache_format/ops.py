@@ -94,7 +94,7 @@ def _hash_objects(loc: Location, objects: dict, threads: int = 4, desc: str = "v
             key, want = item
             for attempt in range(2):  # a mismatch is re-read once: a torn transfer is not a bad object
                 try:
-                    data = loc.read(key, fresh=attempt > 0, size=want["size"])  # fresh: a re-read
+                    data = loc.read(key, reread=attempt > 0, size=want["size"])
                 except FileNotFoundError:
                     return key, "missing"
                 except RemoteError as e:
@@ -332,7 +332,7 @@ def gc(
         elif unit in keep_units or any(
             o.key.endswith(f"/{concurrency.LEASE}") and concurrency.live(o.mtime, now) for o in objs
         ):
-            continue  # committed, or a live writer's (its lease is fresh)
+            continue  # committed, or a live writer's (its lease is live)
         elif now - max(o.mtime for o in objs) >= older_than_s:
             doomed += [o.key for o in objs]
     for o in loc.walk(log.COMMITS):

@@ -434,7 +434,7 @@ class ArrayReader:
             n = index_nbytes(self.per_shard)
             for attempt in range(2):
                 tail = self.loc.read_range(
-                    f"{self.path}/{key}", obj["size"] - n, obj["size"], fresh=reread or attempt > 0
+                    f"{self.path}/{key}", obj["size"] - n, obj["size"], reread=reread or attempt > 0
                 )
                 if not integrity.CHECK_READS or integrity.index_ok(tail, self.per_shard):
                     break
@@ -492,7 +492,7 @@ class ArrayReader:
         key = f"{self.path}/{self.shard_key(s)}"
         want = self.objects.get(self.shard_key(s), {}).get("chunks")
         for attempt in range(2):
-            blob = self.loc.read_range(key, off, off + nb, fresh=attempt > 0)
+            blob = self.loc.read_range(key, off, off + nb, reread=attempt > 0)
             if want is None or not integrity.CHECK_READS or (j < len(want) and want[j] == integrity.chunk_digest(blob)):
                 return blob
         raise integrity.CorruptObject(self.loc.url, key, f"inner chunk {j} does not match its digest")

@@ -208,12 +208,12 @@ class Location(ABC):
     # -- reads -------------------------------------------------------------------------
 
     @abstractmethod
-    def read(self, key: str, fresh: bool = False, size: int | None = None) -> bytes:
+    def read(self, key: str, reread: bool = False, size: int | None = None) -> bytes:
         """A whole object. `size` (when the manifest knows it) turns a short body into a retry;
-        `fresh` is a re-read after a failed check (locally: not through a cached mapping)."""
+        `reread`: a re-read after a failed check (locally: not through a cached mapping)."""
 
     @abstractmethod
-    def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
+    def read_range(self, key: str, start: int, end: int, reread: bool = False) -> bytes:
         """Bytes [start, end) of an object; thread-safe. A short body is retried like a 5xx."""
 
     def reader(self, key: str, start: int, end: int) -> ObjectReader:
@@ -226,7 +226,7 @@ class Location(ABC):
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
-        """Names directly under `prefix` (fresh: never from a listings cache)."""
+        """Names directly under `prefix` (never from a listings cache)."""
 
     @abstractmethod
     def walk(self, prefix: str) -> list[ObjectInfo]:

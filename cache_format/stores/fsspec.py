@@ -74,7 +74,7 @@ class FsspecLocation(Location, fallback=True):
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, key: str, fresh: bool = False, size: int | None = None) -> bytes:
+    def read(self, key: str, reread: bool = False, size: int | None = None) -> bytes:
         def cat():
             out = self._checked_body(key, self.fs.cat_file(self.path(key)))
             if size is not None and len(out) < size:
@@ -83,7 +83,7 @@ class FsspecLocation(Location, fallback=True):
 
         return self._retry(f"reading {key}", cat)
 
-    def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
+    def read_range(self, key: str, start: int, end: int, reread: bool = False) -> bytes:
         if end <= start:
             return b""
 

@@ -127,15 +127,15 @@ class LocalLocation(Location):
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, key: str, fresh: bool = False, size: int | None = None) -> bytes:
+    def read(self, key: str, reread: bool = False, size: int | None = None) -> bytes:
         with open(self.path(key), "rb") as f:
             return f.read()
 
-    def read_range(self, key: str, start: int, end: int, fresh: bool = False) -> bytes:
-        """Zero-copy: a view into the mapped (immutable) shard file; `fresh` re-reads the file itself."""
+    def read_range(self, key: str, start: int, end: int, reread: bool = False) -> bytes:
+        """Zero-copy: a view into the mapped (immutable) shard file; `reread` reads the file itself."""
         if end <= start:
             return b""
-        if fresh:  # re-read from the file itself, and map it anew next time
+        if reread:  # re-read from the file itself, and map it anew next time
             with self._mmap_lock:
                 self._mmaps.pop(key, None)
             with open(self.path(key), "rb") as f:
