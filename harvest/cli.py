@@ -1,5 +1,5 @@
 """The harvest command line, on the shared config flags: `python -m harvest run --layers
-11,31,55 [--source ...]`, `loss-recovered` (splice.py), `logit-effects` (logit_effects.py), and
+11,31,55 [--source ...]`, `loss-recovered` and `logit-effects` (splice.py), and
 `detect-gpu` (what `make install` asks before adding the fast DeltaNet kernels)."""
 
 from __future__ import annotations
@@ -162,9 +162,17 @@ def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path,
 
     from train.published import load_sae
 
-    from .logit_effects import CHUNK, FILENAME, TOP, final_norm_and_head, logit_effects, write_logit_effects
     from .model import load_model
-    from .splice import check_model_matches_cache, sae_targets
+    from .splice import (
+        FEATURE_CHUNK,
+        LOGIT_EFFECTS_FILE,
+        LOGIT_TOP,
+        check_model_matches_cache,
+        final_norm_and_head,
+        logit_effects,
+        sae_targets,
+        write_logit_effects,
+    )
 
     cfg = load_config(config_path, profile, overrides)
     saes = [(name, load_sae(src), src, dst) for name, src, dst in sae_targets(cfg, sae_path, out_dir)]
@@ -186,9 +194,11 @@ def logit_effects_cmd(config_path, profile, cache, overrides, out_dir, sae_path,
             raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
         dst = Path(dst if dst is not None else (src if Path(src).is_dir() else Path(src).parent))
         with tqdm(total=sae.d_sae, unit="feat", desc=f"logits {name}", disable=quiet, dynamic_ncols=True) as bar:
-            cols = logit_effects(norm, head, sae.W_dec.detach(), decode, top or TOP, chunk or CHUNK, progress=bar)
-        write_logit_effects(dst / FILENAME, cols)
-        print(f"logit-effects {name}: {sae.d_sae} features → {dst / FILENAME}", file=sys.stderr)
+            cols = logit_effects(
+                norm, head, sae.W_dec.detach(), decode, top or LOGIT_TOP, chunk or FEATURE_CHUNK, progress=bar
+            )
+        write_logit_effects(dst / LOGIT_EFFECTS_FILE, cols)
+        print(f"logit-effects {name}: {sae.d_sae} features → {dst / LOGIT_EFFECTS_FILE}", file=sys.stderr)
 
 
 @cli.command("detect-gpu", help="Print cuda or cpu: whether this machine has a CUDA GPU (ACTCACHE_CUDA=1|0 overrides).")

@@ -15,9 +15,9 @@ from train.sae import TopKSAE
 
 
 def test_logit_effects_command_matches_a_hand_computed_reference(tmp_path, monkeypatch):
-    from harvest import logit_effects
+    from harvest import splice
 
-    monkeypatch.setattr(logit_effects, "CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(splice, "FEATURE_CHUNK", 7)  # several chunks, the last one partial
     d, n = 64, 20
     torch.manual_seed(0)
     sae = TopKSAE(d, n, 4)

@@ -26,7 +26,7 @@ from analysis_data import FRACTION, LAYER, SEED, exported_run
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from harvest.logit_effects import write_logit_effects
+from harvest.splice import write_logit_effects
 from train.analysis_rows import Split
 from train.browse_data import RunIndex
 from train.config import AnalysisConfig
