@@ -119,7 +119,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import cache_format as cf
-    from harvest.capture import BackgroundWriter, LayerCapture
+    from cache_format.concurrency import QueueThread
+    from harvest.capture import LayerCapture
     from harvest.config import load_config
     from harvest.model import LoadedModel, find_layers
     from harvest.tiny import assets
@@ -186,7 +187,7 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         # as harvest.run.run_units: one writer thread per in-flight segment, bounded queues
-        wts = [BackgroundWriter(cfg.harvest.queue_depth) for _ in range(cfg.harvest.writer_threads)]
+        wts = [QueueThread.jobs(cfg.harvest.queue_depth, "harvest-writer") for _ in range(cfg.harvest.writer_threads)]
         for i, unit in enumerate(units):
             capture_unit(lm, w, unit, cfg, wts[i % len(wts)])
         sync()

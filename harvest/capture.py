@@ -9,7 +9,6 @@ event only when a writer thread is about to use the rows.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,40 +175,3 @@ def capture_batch(
     sids = np.concatenate([np.full(len(s), sid, dtype=np.int64) for s, sid in zip(seqs, seq_ids)])
     tokens = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
     return HostBatch(residuals, tokens, sids, positions, event, pool if event is not None else None)
-
-
-# TODO(structure): cache_format.concurrency.QueueThread (its `jobs` side) replaces BackgroundWriter.
-class BackgroundWriter:
-    """A thread that runs submitted jobs in order behind a bounded queue (back-pressure).
-
-    The forward loop only blocks when `depth` jobs are already waiting, i.e. when writing is
-    the bottleneck. The first error stops the thread and is re-raised to the submitter.
-    """
-
-    def __init__(self, depth: int = 8, name: str = "harvest-writer"):
-        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self.q.get()
-            if job is None:
-                return
-            if self.error is None:
-                try:
-                    job()
-                except BaseException as e:  # surfaced by submit()/close()
-                    self.error = e
-
-    def submit(self, job: Callable[[], None]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(job)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error

@@ -24,7 +24,6 @@ import collections
 import itertools
 import json
 import os
-import queue
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache_format.concurrency import QueueThread
 from cache_format.errors import UserError
 
 from .config import TINY_NAME, CorpusConfig, CorpusSource, PipelineConfig, tiny_assets
@@ -552,38 +552,12 @@ class PlannedUnits:
         )
 
     def __iter__(self) -> Iterator[Unit]:
-        # TODO(structure): the producer thread below becomes cache_format.concurrency.QueueThread.producer
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.ahead))
-        stop = threading.Event()
-        end = object()
+        """The units, planned on a thread up to `ahead` units ahead of the consumer."""
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce():
-            try:
-                for u in self._generate():
-                    if not put(u):
-                        return
-                put(end)
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                put(e)
-
-        t = threading.Thread(target=produce, name="harvest-plan", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is end:
+        def produce(qt: QueueThread) -> None:
+            for u in self._generate():
+                if not qt.put(u):
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+
+        with QueueThread.producer(produce, self.ahead, "harvest-plan") as qt:
+            yield from qt

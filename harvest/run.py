@@ -35,7 +35,7 @@ import torch
 import cache_format as cf
 from cache_format import log
 from cache_format.commandline import dask_client
-from cache_format.concurrency import Claim, Claims, CommitOrder, wait_for
+from cache_format.concurrency import Claim, Claims, CommitOrder, QueueThread, wait_for
 from cache_format.errors import CacheError, UserError
 from cache_format.log import NotACacheError, read_root
 from cache_format.stores import Location
@@ -43,7 +43,7 @@ from cache_format.write import CacheExistsError
 
 from . import corpus, supergpqa
 from . import rollouts as ro
-from .capture import BackgroundWriter, LayerCapture, capture_batch
+from .capture import LayerCapture, capture_batch
 from .config import ModelConfig, PipelineConfig
 from .model import LoadedModel, ModelError, describe_model, device_for, load_model, reference_kernel_note, worker_slots
 from .records import pin_dataset
@@ -460,7 +460,7 @@ def run_units(units, shared: SharedUnits, ctx: Context, cfg: PipelineConfig, pro
         if not (cfg.harvest.workers or cfg.harvest.scheduler):
             # one thread per in-flight segment (a segment's rows stay in order within its thread)
             wts = [
-                BackgroundWriter(cfg.harvest.queue_depth, f"harvest-writer-{i}")
+                QueueThread.jobs(cfg.harvest.queue_depth, f"harvest-writer-{i}")
                 for i in range(max(1, cfg.harvest.writer_threads))
             ]
             order = CommitOrder()  # writers write in parallel; commits land in plan order
@@ -616,7 +616,7 @@ WORKER = WorkerState()  # this process's
 def process_unit(
     unit: Unit,
     ctx: Context,
-    writer_thread: BackgroundWriter | None = None,
+    writer_thread: QueueThread | None = None,
     on_rows: Callable = lambda rows, nbytes: None,
     turn=None,
     defer: bool = False,
@@ -631,7 +631,7 @@ def process_unit(
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     own_thread = writer_thread is None
-    wt = writer_thread or BackgroundWriter(cfg.harvest.queue_depth)
+    wt = writer_thread or QueueThread.jobs(cfg.harvest.queue_depth, "harvest-writer")
     with WORKER.lock:
         lm = WORKER.model(cfg.model, ctx.device)
         w = WORKER.cache_writer(ctx.cache_url)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 import cache_format as cf
+from cache_format.concurrency import QueueThread
 
 from . import rollouts as ro
-from .capture import BackgroundWriter, HostBatch, LayerCapture, capture_batch
+from .capture import HostBatch, LayerCapture, capture_batch
 from .config import PipelineConfig
 from .model import LoadedModel
 
@@ -170,7 +171,7 @@ def capture_unit(
     w,
     unit: Unit,
     cfg: PipelineConfig,
-    wt: BackgroundWriter,
+    wt: QueueThread,
     on_rows: Callable = lambda rows, nbytes: None,
     turn=None,
     defer: bool = False,
