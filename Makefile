@@ -22,7 +22,7 @@ common = $(if $(CONFIG),--config $(CONFIG)) $(if $(PROFILE),--profile $(PROFILE)
 	$(if $(CACHE),--cache $(CACHE)) $(if $(LAYERS),--layers $(LAYERS)) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: install gpu-kernels browser-deps test demo harvest train report browse vllm-env bench bench-peers-env clean
+.PHONY: install gpu-kernels browser-deps test demo config harvest train report browse vllm-env bench bench-peers-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,10 +63,17 @@ test: install
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
+harvest_flags = $(if $(SOURCE),--source $(SOURCE)) \
+	$(if $(TOKENS),--tokens $(TOKENS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+
+# config: the effective configuration each stage would run with (pipeline.toml, PROFILE, SET and
+# the variables above merged), as TOML with each key's one-line doc as a comment.
+config: install
+	$(PY) -m harvest config $(common) $(harvest_flags)
+
 harvest: install
-	$(PY) -m harvest run $(common) $(if $(SOURCE),--source $(SOURCE)) \
-		$(if $(TOKENS),--tokens $(TOKENS)) $(if $(QUESTIONS),--questions $(QUESTIONS)) \
-		$(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+	$(PY) -m harvest run $(common) $(harvest_flags)
 
 train: install
 	$(PY) -m train run $(common) $(if $(OUT),--out $(OUT))

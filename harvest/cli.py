@@ -1,6 +1,7 @@
 """The harvest command line, on the shared config flags: `python -m harvest run --layers
 11,31,55 [--source ...]`, `loss-recovered` and `logit-effects` (splice.py), and
-`detect-gpu` (what `make install` asks before adding the fast DeltaNet kernels)."""
+`detect-gpu` (what `make install` asks before adding the fast DeltaNet kernels), and `config`
+(the configuration `run` would use, as TOML with each key's doc)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import sys
 import click
 
 from cache_format.commandline import config_options, parse_layers, run_cli
+from cache_format.config import doc_of, render_toml
 from cache_format.errors import UserError
 
-from .config import load_config
+from .config import PipelineConfig, load_config
 
 
 @click.group(help="Capture residual-stream activations of the base model into an activation cache.")
@@ -20,19 +22,25 @@ def cli() -> None:
     pass
 
 
-@cli.command(help="Harvest SuperGPQA rollouts or packed corpus text into --cache (resumes what is there).")
-@config_options
-@click.option("--source", default=None, help="supergpqa | corpus")
-@click.option("--tokens", type=int, default=None, help="Corpus rows to reach (stops at the first whole sequence).")
-@click.option("--questions", type=int, default=None, help="SuperGPQA questions to roll out.")
-@click.option("--workers", type=int, default=None, help="Fan out to N dask workers (one per GPU).")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="Use an existing dask scheduler.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler, as_json, quiet):
-    from .run import run as do_run
+def _doc(key: str) -> str:
+    """The schema's one-line doc of `key`, as a flag's help (written once, in harvest/config.py)."""
+    doc = doc_of(PipelineConfig, key)
+    return doc + "."
 
-    cfg = load_config(
+
+def run_flags(f):
+    """The flags of `run`, which `config` takes too: it prints what `run` with them would use."""
+    f = click.option("--scheduler", default=None, metavar="ADDRESS", help=_doc("harvest.scheduler"))(f)
+    f = click.option("--workers", type=int, default=None, help=_doc("harvest.workers"))(f)
+    f = click.option("--questions", type=int, default=None, help=_doc("supergpqa.questions"))(f)
+    f = click.option("--tokens", type=int, default=None, help=_doc("corpus.tokens"))(f)
+    f = click.option("--source", default=None, help=_doc("harvest.source"))(f)
+    return config_options(f)
+
+
+def load_run_config(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler):
+    """The configuration `run` uses: pipeline.toml, the profile, --set, then the flags."""
+    return load_config(
         config_path,
         profile,
         overrides,
@@ -46,6 +54,16 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
             "harvest.scheduler": scheduler,
         },
     )
+
+
+@cli.command(help="Harvest SuperGPQA rollouts or packed corpus text into --cache (resumes what is there).")
+@run_flags
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler, as_json, quiet):
+    from .run import run as do_run
+
+    cfg = load_run_config(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler)
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
     summary = do_run(cfg, progress=not quiet, log=log)
     if as_json:
@@ -208,8 +226,15 @@ def detect_gpu() -> None:
     click.echo("cuda" if cuda_present() else "cpu")
 
 
-# TODO(structure): `python -m harvest config` (the effective merged configuration as TOML, each key
-# with its doc as a comment) goes here, on cache_format.config.render_toml, with run's flags.
+@cli.command(
+    "config",
+    help="Print the configuration `run` would use (pipeline.toml, --profile, --set and the flags merged) "
+    "as TOML, each key under its one-line doc; --config on the output gives the same configuration.",
+)
+@run_flags
+def config_cmd(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler):
+    cfg = load_run_config(config_path, profile, cache, layers, overrides, source, tokens, questions, workers, scheduler)
+    click.echo(render_toml(cfg), nl=False)
 
 
 def main() -> None:

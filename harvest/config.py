@@ -24,6 +24,7 @@ from cache_format.config import (
     TrainKeys,
     check_ranges,
     load_sections,
+    setting,
     shared_section,
 )
 
@@ -43,15 +44,19 @@ def tiny_assets() -> Path:
 class ModelConfig:
     """What harvest passes to `from_pretrained`, and where the decoder layers sit."""
 
-    name_or_path: str = "Qwen/Qwen3.6-27B"
-    revision: str = "main"
-    dtype: str = "bfloat16"  # torch dtype name without the "torch." prefix
-    device_map: str = "auto"
-    auto_class: str = "auto"  # auto | image-text-to-text | causal-lm
-    layers_path: str = ""  # dotted path to the decoder layer list; "" resolves it per family
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    tokenizer: str = ""  # "" = the model's own
+    name_or_path: str = setting(
+        "Qwen/Qwen3.6-27B", "hub id or local directory of the base model (builtin:tiny: the bundled tiny model)"
+    )
+    revision: str = setting("main", "hub revision of the model (branch, tag or commit)")
+    dtype: str = setting("bfloat16", "torch dtype name without the 'torch.' prefix")
+    device_map: str = setting("auto", "from_pretrained's device_map (auto spreads the model over the GPUs)")
+    auto_class: str = setting(
+        "auto", "auto | image-text-to-text | causal-lm: the transformers Auto class that loads it"
+    )
+    layers_path: str = setting("", "dotted path to the decoder layer list; empty: resolved per model family")
+    attn_implementation: str = setting("sdpa", "from_pretrained's attn_implementation")
+    trust_remote_code: bool = setting(False, "run the model repo's own code (only for repos you trust)")
+    tokenizer: str = setting("", "tokenizer hub id or directory; empty: the model's own")
 
     def __post_init__(self):
         if self.auto_class not in AUTO_CLASSES:
@@ -68,21 +73,25 @@ SOURCES = ("supergpqa", "corpus")
 class HarvestConfig(HarvestKeys):
     """How activations are captured and laid out in the cache."""
 
-    layers: list[int] = field(default_factory=lambda: [11, 31, 55])
-    source: str = "supergpqa"  # supergpqa | corpus
-    hook: str = "resid_post"
-    batch_size: int = 2  # sequences per forward pass
-    codec: str = "blosc-zstd1"  # see cache_format.codecs; "none" stores raw
-    chunk_tokens: int = 4096  # rows per chunk (the loader's read unit)
-    shard_mib: int = 256  # target size of one shard object
-    segment_sequences: int = 256  # sequences per segment: the unit of commit and resume
-    mix_window: int = 256  # sequences permuted together at write time (the loader needs it to mix); 0 = in order
-    mix_seed: int = 0
-    queue_depth: int = 8  # batches in flight between the GPU and the writer threads
-    writer_threads: int = 2  # segments compressed/committed in parallel (each in its own thread)
-    workers: int = 0  # dask workers (one per GPU); 0 = run in this process
-    scheduler: str = ""  # address of an existing dask scheduler
-    torch_threads: int = 0  # intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)
+    layers: list[int] = setting([11, 31, 55], "decoder layers whose output (resid_post) is cached")
+    source: str = setting("supergpqa", "supergpqa | corpus: what the harvested sequences are")
+    hook: str = setting("resid_post", "where in a layer the rows are taken (resid_post: the decoder layer's output)")
+    batch_size: int = setting(2, "sequences per forward pass")
+    codec: str = setting("blosc-zstd1", "chunk codec (see cache_format.codecs); none stores raw")
+    chunk_tokens: int = setting(4096, "rows per chunk (the loader's read unit)")
+    shard_mib: int = setting(256, "target size of one shard object, in MiB")
+    segment_sequences: int = setting(256, "sequences per segment: the unit of commit and resume")
+    mix_window: int = setting(
+        256, "sequences permuted together at write time (the loader needs it to mix); 0 = in order"
+    )
+    mix_seed: int = setting(0, "seed of the write-time permutation")
+    queue_depth: int = setting(8, "batches in flight between the GPU and the writer threads")
+    writer_threads: int = setting(2, "segments compressed and committed in parallel (each in its own thread)")
+    workers: int = setting(0, "dask workers (one per GPU); 0 = run in this process")
+    scheduler: str = setting("", "address of an existing dask scheduler; empty: none")
+    torch_threads: int = setting(
+        0, "intra-op threads for the forward; 0 = torch's default (dask workers: cores // workers)"
+    )
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -108,12 +117,12 @@ class HarvestConfig(HarvestKeys):
 class VLLMConfig:
     """The vLLM engine's knobs (`[supergpqa.vllm]`), passed through to `vllm.LLM(...)`."""
 
-    python: str = ".venv-vllm/bin/python"  # the interpreter of `make vllm-env`
-    tensor_parallel_size: int = 1  # GPUs one engine spans (27B in bf16 fits one 80 GB GPU)
-    max_model_len: int = 0  # 0 = the longest prompt plus max_new_tokens
-    gpu_memory_utilization: float = 0.9  # share of each GPU vLLM may take (weights + KV cache)
-    max_num_seqs: int = 0  # concurrent sequences; 0 = vLLM's default
-    enforce_eager: bool = False  # skip CUDA graph capture (slower decode, faster start)
+    python: str = setting(".venv-vllm/bin/python", "the interpreter of `make vllm-env`")
+    tensor_parallel_size: int = setting(1, "GPUs one engine spans (27B in bf16 fits one 80 GB GPU)")
+    max_model_len: int = setting(0, "0 = the longest prompt plus max_new_tokens")
+    gpu_memory_utilization: float = setting(0.9, "share of each GPU vLLM may take (weights + KV cache)")
+    max_num_seqs: int = setting(0, "concurrent sequences; 0 = vLLM's default")
+    enforce_eager: bool = setting(False, "skip CUDA graph capture (slower decode, faster start)")
 
 
 PROMPT_FORMATS = ("supergpqa", "answer-line")
@@ -124,19 +133,19 @@ BACKENDS = ("transformers", "vllm")
 class SuperGPQAConfig:
     """Greedy rollouts on SuperGPQA (the `000_*` card: 150 questions, seed 100)."""
 
-    dataset: str = "m-a-p/SuperGPQA"  # hub id, or a local .jsonl/.parquet in its schema
-    revision: str = "main"  # hub revision; resolved to its commit and recorded in the cache
-    split: str = "train"
-    questions: int = 150
-    seed: int = 100
-    max_new_tokens: int = 32768  # SuperGPQA's reasoning-model budget
-    enable_thinking: bool = True
-    prompt_format: str = "supergpqa"  # supergpqa = its official zero-shot prompt; answer-line = the old format
-    backend: str = "transformers"  # transformers | vllm
-    generate_batch_size: int = 8  # transformers backend: prompts per generate() call (and per save)
-    questions_per_unit: int = 16  # rollouts per work unit (segment): the unit of capture, resume and WORKERS
-    force_answer: bool = True  # no answer found: append the answer prefix, take the likeliest valid letter
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    dataset: str = setting("m-a-p/SuperGPQA", "hub id, or a local .jsonl/.parquet in its schema")
+    revision: str = setting("main", "hub revision; resolved to its commit and recorded in the cache")
+    split: str = setting("train", "dataset split")
+    questions: int = setting(150, "questions to roll out")
+    seed: int = setting(100, "seed of the question selection")
+    max_new_tokens: int = setting(32768, "generation budget per rollout (SuperGPQA's reasoning-model budget)")
+    enable_thinking: bool = setting(True, "the chat template's thinking mode")
+    prompt_format: str = setting("supergpqa", "supergpqa = its official zero-shot prompt; answer-line = the old format")
+    backend: str = setting("transformers", "transformers | vllm: what generates the rollouts")
+    generate_batch_size: int = setting(8, "transformers backend: prompts per generate() call (and per save)")
+    questions_per_unit: int = setting(16, "rollouts per work unit (segment): the unit of capture, resume and WORKERS")
+    force_answer: bool = setting(True, "no answer found: append the answer prefix, take the likeliest valid letter")
+    vllm: VLLMConfig = setting(doc="the vLLM engine's knobs (the vllm backend)", factory=VLLMConfig)
 
     def __post_init__(self):
         if self.prompt_format not in PROMPT_FORMATS:
@@ -149,15 +158,15 @@ class SuperGPQAConfig:
 
 @dataclass
 class CorpusSource:
-    name: str = ""
-    path: str = ""  # hub dataset id, or a local .jsonl/.parquet/.txt
-    weight: float = 1.0
-    text_field: str = "text"
-    subset: str = ""  # hub config name
-    split: str = "train"
-    # Hub sources only: a branch, tag or commit; "" = the default branch. Resolved to a commit
-    # at first use and recorded in every segment, so a resume reads the same dataset version.
-    revision: str = ""
+    name: str = setting("", "the source's name in records and row counts")
+    path: str = setting("", "hub dataset id, or a local .jsonl/.parquet/.txt")
+    weight: float = setting(1.0, "its share of the mixture (see corpus.mix)")
+    text_field: str = setting("text", "the record field that holds the text (or the conversation)")
+    subset: str = setting("", "hub config name; empty: none")
+    split: str = setting("train", "dataset split")
+    revision: str = setting(
+        "", "hub sources: branch, tag or commit (empty: the default branch); pinned to a commit at first use"
+    )
 
 
 def _default_corpus_sources() -> list[CorpusSource]:
@@ -173,12 +182,12 @@ def _default_corpus_sources() -> list[CorpusSource]:
 class CorpusConfig:
     """Packed text streams (the `001_*` card: 1024-token sequences, 70/20/10)."""
 
-    sources: list[CorpusSource] = field(default_factory=_default_corpus_sources)
-    seq_len: int = 1024
-    tokens: int = 200_000_000
-    seed: int = 0
-    mix: str = "tokens"  # weights are token shares ("tokens") or per-document draw odds ("documents")
-    tokenizer_threads: int = 0  # background tokenization pool; 0 = min(4, cores)
+    sources: list[CorpusSource] = setting(doc="the text sources and their weights", factory=_default_corpus_sources)
+    seq_len: int = setting(1024, "tokens per packed sequence")
+    tokens: int = setting(200_000_000, "corpus rows to reach (stops at the first whole sequence)")
+    seed: int = setting(0, "seed of the mixture and the document order")
+    mix: str = setting("tokens", "weights are token shares (tokens) or per-document draw odds (documents)")
+    tokenizer_threads: int = setting(0, "background tokenization pool; 0 = min(4, cores)")
 
     def __post_init__(self):
         check_ranges(self, "corpus", [("tokens", 1, True), ("seq_len", 2, True)])
