@@ -5,9 +5,10 @@ thread behind a bounded queue that both stages use.
 directory) from its first object until its commit record lands or it abandons the work. One
 daemon thread per process rewrites every held lease each RENEW_S (60 s); a lease whose object
 is older than STALE_S (10 min) belongs to a dead writer. gc skips every unit with a live lease,
-whatever its `--older-than`. Both are environment knobs (ACTCACHE_LEASE_RENEW_S,
-ACTCACHE_LEASE_STALE_S, read at import: tests shorten them); keep STALE_S several times
-RENEW_S, since a holder that misses renewals for STALE_S is taken for dead.
+whatever its `--older-than`. STALE_S is several times RENEW_S, since a holder that misses
+renewals for STALE_S is taken for dead. Both are constants, not settings: every process sharing
+a cache must agree on STALE_S (one with a shorter one would take a live writer for dead and gc
+its segment), and nothing but a process's own clock tells it another's.
 
 **Work claims.** Any number of processes sharing a cache compute each unit of work once. A
 process claims a unit (a harvest unit, a segment's backfilled layer, a unit's rollouts) before
@@ -54,8 +55,8 @@ from .provenance import now_iso
 # -- leases ---------------------------------------------------------------------------
 
 LEASE = ".lease"
-RENEW_S = float(os.environ.get("ACTCACHE_LEASE_RENEW_S", "60"))  # read at every renewal: tests shorten it
-STALE_S = float(os.environ.get("ACTCACHE_LEASE_STALE_S", "600"))
+RENEW_S = 60.0  # read at every renewal: tests shorten it
+STALE_S = 600.0
 
 
 def body() -> bytes:

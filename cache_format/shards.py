@@ -19,7 +19,7 @@ from . import integrity, log
 from .codecs import zarr_compressors
 from .layout import ROW_COLUMNS
 from .stats import RunningStats
-from .stores import Location
+from .stores import Location, WriteFailed
 
 ROW_CODEC = "zstd3"
 _FLUSH_POOL = ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="actcache-flush")
@@ -178,7 +178,7 @@ def hashing_store(loc: Location):
                 try:
                     await self._store.set(key, value)
                 except OSError as e:  # a full disk: one line naming the object, not zarr's traceback
-                    raise loc.write_error(key, e) from None
+                    raise WriteFailed(loc, key, e) from None
 
         async def set_if_not_exists(self, key, value):
             # Only parent group metadata goes through here; it is shared, so never in a manifest.

@@ -5,7 +5,7 @@
 registers every backend.
 """
 
-from .base import Location, ObjectInfo, ReadOnlyError, ShortRead, Upload, key_problem
+from .base import Location, ObjectInfo, ReadOnlyError, ShortRead, Upload, WriteFailed, key_problem
 from .fsspec import FsspecLocation, S3Location
 from .http import HttpLocation
 from .hub import HubLocation
@@ -17,6 +17,7 @@ __all__ = [
     "ReadOnlyError",
     "ShortRead",
     "Upload",
+    "WriteFailed",
     "key_problem",
     "LocalLocation",
     "FsspecLocation",

@@ -39,6 +39,16 @@ class ReadOnlyError(UserError):
     """A write was attempted on a read-only location (HTTP)."""
 
 
+class WriteFailed(UserError):
+    """A refused or failed local write (a full disk, a read-only mount), in one line."""
+
+    def __init__(self, loc: Location, key: str, e: OSError):
+        super().__init__(
+            f"cannot write {loc.path(key)} ({e.strerror or e}); free some space or choose a "
+            "writable location, then re-run (committed segments are kept)"
+        )
+
+
 class ShortRead(ConnectionError):
     """A body shorter than asked for (truncated response, reset mid-body): transient, retried."""
 
@@ -262,13 +272,6 @@ class Location(ABC):
     def remove_empty_dirs(self, prefix: str) -> None:
         """Directories left empty under `prefix` (object stores have none)."""
         return None
-
-    def write_error(self, key: str, e: OSError) -> UserError:
-        """One line for a refused or failed local write (a full disk, a read-only mount)."""
-        return UserError(
-            f"cannot write {self.path(key)} ({e.strerror or e}); free some space or choose a "
-            "writable location, then re-run (committed segments are kept)"
-        )
 
     # -- zarr --------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from ..errors import CacheError, UserError
 from ..log import hasher
-from .base import Location, ObjectInfo, ObjectReader, Upload, fault_point
+from .base import Location, ObjectInfo, ObjectReader, Upload, WriteFailed, fault_point
 
 # -- atomic publication of a local file ------------------------------------------------------
 
@@ -198,7 +198,7 @@ class LocalLocation(Location):
         try:
             write_atomic(p, data)
         except OSError as e:
-            raise self.write_error(key, e) from None
+            raise WriteFailed(self, key, e) from None
         fault_point(key, "after")
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
@@ -215,7 +215,7 @@ class LocalLocation(Location):
                 os.fsync(f.fileno())
         except OSError as e:
             _unlink(tmp)
-            raise self.write_error(key, e) from None
+            raise WriteFailed(self, key, e) from None
         try:
             os.link(tmp, p)
         except FileExistsError:
@@ -326,7 +326,7 @@ class PartialFile(Upload):
                 os.ftruncate(self.fd, 0)
                 self.offset = 0
         except OSError as e:
-            raise loc.write_error(key, e) from None
+            raise WriteFailed(loc, key, e) from None
 
     def resumed(self, read_source) -> Iterator[bytes]:
         """Read back from the file itself: what is checksummed is what is on the disk."""
@@ -339,7 +339,7 @@ class PartialFile(Upload):
         try:
             self.offset = write_at(self.fd, data, self.offset)
         except OSError as e:  # a full disk: the partial file stays, and the next copy continues it
-            raise self.loc.write_error(self.key, e) from None
+            raise WriteFailed(self.loc, self.key, e) from None
 
     def commit(self) -> None:
         fault_point(self.key, "before")
