@@ -233,3 +233,13 @@ def test_no_module_is_over_800_lines():
         if (n := len(p.read_text().splitlines())) > 800
     ]
     assert not long, "\n".join(long)
+
+
+MAX_MODULES = 65  # the three packages together, __init__ and __main__ included
+
+
+def test_the_packages_hold_at_most_65_modules():
+    """Modules by concept, not by size: a newcomer finds each concept in one file. Counts the
+    actual tree (every .py file of cache_format, harvest and train)."""
+    counts = {package: len(sources(package)) for package in sorted(FORBIDDEN)}
+    assert sum(counts.values()) <= MAX_MODULES, f"{sum(counts.values())} modules > {MAX_MODULES}: {counts}"
