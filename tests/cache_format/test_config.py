@@ -131,14 +131,15 @@ def test_a_message_names_where_the_value_came_from(tmp_path):
 @pytest.mark.parametrize(
     "sweep, message",
     [
-        ("[{d_sae = 64}]", r"\[train\].sweep\[0\]: missing key 'k' \(each entry needs d_sae, k\)"),
-        ("[{d_sae = 64, k = 4}, {k = 4}]", r"\[train\].sweep\[1\]: missing key 'd_sae'"),
-        ("[{d_sae = 64, k = 64}]", r"train.sweep\[0\]: k=64 must be between 1 and d_sae-1 \(d_sae=64\)"),
+        ("[{d_sae = 64, k = 4}, {k = 4, kk = 1}]", r"\[train\].sweep\[1\].kk: unknown key 'kk'"),
+        ("[{d_sae = 64, k = 64}]", r"train.sweep\[0\].k=64 must be between 1 and d_sae-1 \(d_sae=64\)"),
+        ("[{matryoshka_sizes = [8]}]", r"train.sweep\[0\]: matryoshka_sizes is not read by architecture 'topk'"),
     ],
 )
-def test_a_sweep_entry_names_what_it_lacks(tmp_path, sweep, message):
+def test_a_bad_sweep_entry_is_named(tmp_path, sweep, message):
+    """A sweep entry takes what it leaves out from [train]; what it gets wrong names the entry."""
     with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path, f"[train]\nsweep = {sweep}\n"))
+        load_config(write(tmp_path, f"[train]\nsweep = {sweep}\n")).train.saes()
 
 
 def test_without_a_local_file_the_one_shipped_pipeline_toml_is_read(tmp_path, monkeypatch):
