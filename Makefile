@@ -71,6 +71,7 @@ harvest_flags = $(if $(SOURCE),--source $(SOURCE)) \
 # the variables above merged), as TOML with each key's one-line doc as a comment.
 config: install
 	$(PY) -m harvest config $(common) $(harvest_flags)
+	$(PY) -m train config $(common) $(if $(OUT),--out $(OUT))
 
 harvest: install
 	$(PY) -m harvest run $(common) $(harvest_flags)

@@ -1,4 +1,4 @@
-"""Per-feature correctness AUROC: the sparse, sort-once path of train.stats against the obvious
+"""Per-feature correctness AUROC: the sparse, sort-once path of train.analysis.significance against the obvious
 dense one (materialize each feature's column, rank it, Mann-Whitney U), side by side.
 
 Fixed data: N tokens from S rollouts with per-rollout labels, TopK codes with k of d_sae
@@ -53,7 +53,7 @@ def main() -> None:
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from train.stats import SparseAUROC, bootstrap_ci
+    from train.analysis.significance import SparseAUROC, bootstrap_ci
 
     rng = np.random.default_rng(0)
     n, d, k = args.tokens, args.d_sae, args.k

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.features import PROFILE_ROW_GROUP, PROMPT_ROW_GROUP  # noqa: E402
+from train.analysis.features import PROFILE_ROW_GROUP, PROMPT_ROW_GROUP  # noqa: E402
 
 WINDOW = 8  # [analysis].context_tokens: 17-token windows
 EXAMPLES = 16

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import cache_format as cf  # noqa: E402
 from cache_format.layout import BF16  # noqa: E402
 from train.loader import ShuffledLoader  # noqa: E402
+from train.loader_plan import RowMetadata as PlannerReads  # noqa: E402
 
 WIDTH, BUDGET, BATCH = 5120, 8 * 2**30, 4096
 IN_FLIGHT = 4  # batches the loader holds besides its windows: the prefetch queue (2), one being gathered, one out
@@ -105,6 +106,7 @@ def mixing_at_scale(a) -> list[dict]:
     for mix in [int(m) for m in a.mix_windows.split(",")]:
         seq = harvest_order(a.scale_seqs, 1024, mix)
         meta = RowMetadata(seq, 4096)
+        assert isinstance(meta, PlannerReads), "the stand-in lacks what the loader's planner reads"
         t0 = time.perf_counter()
         ld = ShuffledLoader(
             meta, [0], 4096, seed=0, heldout_fraction=0.01, roles=None, window_tokens=WINDOW_TOKENS, announce=False

@@ -143,7 +143,7 @@ PEER = ROOT / "bench" / "peers" / "saelens_quality.py"
 def split_rows(x: np.ndarray, seq_len: int, fraction: float, seed: int, n_held: int):
     """(train rows, the first n_held held-out rows), bf16-rounded as the cache stores them."""
     from cache_format.layout import BF16
-    from train.split import is_heldout
+    from cache_format.split import is_heldout
 
     held = is_heldout(np.arange(len(x)) // seq_len, seed, fraction)
     xb = x.astype(BF16).astype(np.float32)

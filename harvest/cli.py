@@ -108,9 +108,9 @@ def run(config_path, profile, cache, layers, overrides, source, tokens, question
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path, layer, k, sequences, as_json, quiet):
     import cache_format as cf
+    from cache_format.split import Split
     from cache_format.stores.local import write_atomic
-    from train.published import load_sae
-    from train.rundir import recorded_cache, recorded_layer, recorded_split
+    from train.published import load_sae, recorded_cache, recorded_layer
 
     from .model import load_model
     from .splice import check_model_matches_cache, heldout_sequences, loss_recovered, sae_targets
@@ -130,7 +130,8 @@ def loss_recovered_cmd(config_path, profile, cache, overrides, out_dir, sae_path
         lm.check_layers([lay])
         if lm.d_model != sae.d_in:
             raise UserError(f"{src}: the SAE takes d_in={sae.d_in} but the model's hidden size is {lm.d_model}")
-        seed, fraction, _ = recorded_split(sae, cfg.train.split_seed, cfg.train.heldout_fraction)
+        split = Split.from_record((sae.cfg or {}).get("split"), Split(cfg.train.split_seed, cfg.train.heldout_fraction))
+        seed, fraction = split.seed, split.fraction
         seqs = heldout_sequences(c, seed, fraction, sequences or cfg.analysis.loss_sequences)
         res = loss_recovered(
             lm.model, lm.layers[lay], sae, seqs, batch_size=cfg.analysis.loss_batch_size, progress=not quiet

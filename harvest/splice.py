@@ -211,7 +211,7 @@ def sae_targets(cfg, sae_path, out_dir):
 
     if sae_path:
         return [(Path(sae_path).name, Path(sae_path), Path(out_dir) if out_dir else None)]
-    from train.rundir import run_saes
+    from train.outdir import run_saes
 
     run_dir = Path(out_dir or cfg.train.out)
     return [(s["name"], s["dir"], s["dir"]) for s in run_saes(run_dir)]

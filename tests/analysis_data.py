@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer
 
 import cache_format as cf
+from cache_format.split import is_heldout
 from train.sae import TopKSAE
-from train.split import is_heldout
 
 D, LAYER, SEED, FRACTION = 16, 2, 0, 0.5
 TINY = Path(__file__).resolve().parents[1] / "harvest" / "assets" / "tiny"
@@ -90,7 +90,7 @@ def exported_run(
     """A training run's OUT as `train run` leaves it, around the identity SAE on a fresh cache:
     the export, its trajectory.jsonl and run.json; (OUT, cache url, sae)."""
     from train.export import export_sae, sae_lens_cfg
-    from train.rundir import write_run_json
+    from train.outdir import write_run_json
 
     url = make_cache(str(root / "cache"))
     sae = identity_sae() if sae is None else sae

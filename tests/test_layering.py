@@ -17,7 +17,7 @@ FORBIDDEN = {
     "harvest": ("vllm",),  # vLLM runs in its own environment, as a subprocess
 }
 # splicing only: the SAE, loading a published one, and reading the run directory that lists them
-HARVEST_MAY_USE_FROM_TRAIN = ("train.sae", "train.published", "train.rundir")
+HARVEST_MAY_USE_FROM_TRAIN = ("train.sae", "train.published", "train.outdir")
 # Run as a script by the vLLM environment's own interpreter; never imported by harvest.
 VLLM_ENTRY = Path("harvest/vllm_generate.py")
 
@@ -160,12 +160,6 @@ def test_no_module_imports_a_private_name_from_another():
     assert not bad, "\n".join(bad)
 
 
-# Tests still reading a private attribute of a project object, by file; train's helper of the
-# structure issue removes these (the test then goes through a public interface).
-PRIVATE_READS_LEFT = {
-    "tests/train/test_explog.py": {"_run"},
-    "tests/train/test_loader.py": {"_layout", "_slots"},
-}
 NOT_PROJECT_OBJECTS = {"os"}  # `os._exit` is the standard library's public way out
 
 
@@ -180,19 +174,13 @@ def test_tests_read_no_private_attribute_of_a_project_object():
                 continue
             if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", *NOT_PROJECT_OBJECTS):
                 continue
-            if node.attr not in PRIVATE_READS_LEFT.get(rel, ()):
-                bad.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+            bad.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, "\n".join(bad)
 
 
 # -- tests and benchmarks stay apart --------------------------------------------------------------
 
 TEST_HELPERS = ("support", "conftest", "planted_data", "analysis_data", "hub_standin")
-# Edges still to cut, by file (train's helper of the structure issue removes them).
-TESTS_BENCH_LEFT = {
-    "tests/train/test_row_filters.py",  # runs bench_loader's stand-in
-    "tests/train/test_export.py",  # runs bench/peers/saelens_export_check.py
-}
 
 
 def _names_dir(path: Path, name: str) -> bool:
@@ -211,15 +199,13 @@ def test_bench_and_tests_do_not_import_each_other():
     for path in sorted((ROOT / "bench").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
         uses = {m.split(".")[0] for m in imported_modules(path)} & set(TEST_HELPERS)
-        if (uses or _names_dir(path, "tests")) and rel not in TESTS_BENCH_LEFT:
+        if uses or _names_dir(path, "tests"):
             bad.append(f"{rel} imports the tests' helpers ({', '.join(sorted(uses)) or 'tests/ on sys.path'})")
     for path in sorted((ROOT / "tests").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
         if path == Path(__file__).resolve():
             continue  # this guard names both to scan them
-        if (_names_dir(path, "bench") or "bench" in {m.split(".")[0] for m in imported_modules(path)}) and (
-            rel not in TESTS_BENCH_LEFT
-        ):
+        if _names_dir(path, "bench") or "bench" in {m.split(".")[0] for m in imported_modules(path)}:
             bad.append(f"{rel} uses bench/")
     assert not bad, "\n".join(bad)
 

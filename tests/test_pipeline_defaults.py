@@ -11,12 +11,15 @@ import tomllib
 import pytest
 
 import harvest.config
+import train.config
 from cache_format.config import shipped_config
 
 # (stage, its load_config, its schema's defaults, the sections it owns in pipeline.toml)
 HARVEST_SECTIONS = ("model", "harvest", "supergpqa", "corpus")
+TRAIN_SECTIONS = ("train", "recipes", "analysis")
 STAGES = [
     ("harvest", harvest.config.load_config, harvest.config.PipelineConfig(), HARVEST_SECTIONS),
+    ("train", train.config.load_config, train.config.PipelineConfig(), TRAIN_SECTIONS),
 ]
 
 

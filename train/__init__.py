@@ -12,7 +12,6 @@ _LAZY = {
     "TopKSAE": "train.sae",
     "ShuffledLoader": "train.loader",
     "Batch": "train.loader",
-    "is_heldout": "train.split",
     "ReconstructionMetrics": "train.metrics",
     "SAETrainer": "train.trainer",
     "Run": "train.run",

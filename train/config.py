@@ -18,9 +18,11 @@ from cache_format.config import (
     HarvestKeys,
     Loaded,
     TrainKeys,
+    build_section,
     check_ranges,
     coerce,
     load_sections,
+    setting,
     shared_section,
 )
 
@@ -64,11 +66,11 @@ LOG_KINDS = ("none", "tensorboard", "wandb")
 class TrainConfig(TrainKeys):
     """SAE training; defaults from the `001_*` card (TopK + AuxK). Key names are stable.
 
-    A recipe (`[recipes.NAME]`) is applied under the keys set in `[train]`: see `recipe`.
+    A recipe (`[recipes.NAME]`) is applied under the keys set in `[train]`: see `resolve`.
     """
 
-    recipe: str = "auto"  # auto (by the cache's source: rollouts or corpus) | rollouts | corpus | none
-    layers: list[int] = field(default_factory=list)  # [] = every layer in the cache
+    recipe: str = setting("auto", "auto (by the cache's source: rollouts or corpus) | rollouts | corpus | none")
+    layers: list[int] = setting([], "cache layers to train on; [] = every layer in the cache")
     architecture: str = "topk"  # topk | batchtopk | matryoshka | jumprelu | relu (docs/train.md: the kinds)
     d_sae: int = 65536
     k: int = 128  # topk: per row; batchtopk, matryoshka: per row on average over the batch
@@ -79,38 +81,45 @@ class TrainConfig(TrainKeys):
     jumprelu_init_threshold: float = 0.01  # every latent's threshold at step 0 (SAELens 6's default)
     matryoshka_sizes: list[int] = field(default_factory=list)  # increasing, last = d_sae; [] = d_sae/8, /4, /2, d_sae
     k_aux: int = 0  # 0 = d_model // 2
-    aux_alpha: float = 1 / 32
-    dead_tokens: int = 10_000_000  # a latent unseen for this many tokens counts as dead
-    aux_norm: str = "residual"  # AuxK loss over the residual error's variance (OpenAI) | "total" (sparsify's)
-    lr: float = 2e-4  # 0 = scale with width, as sparsify does
-    lr_min: float = 6e-5
-    lr_schedule: str = "cosine"  # after warmup: "cosine" decays to lr_min, "constant" holds lr
-    warmup_steps: int = 5000
-    batch_size: int = 4096  # global across ranks
-    grad_clip: float = 1.0
-    training_tokens: int = 200_000_000
-    # > 0: the budget is epochs × the train split's rows (after max_rows); wins over training_tokens
-    epochs: float = 0.0
-    seed: int = 0
-    checkpoint_every_tokens: int = 10_000_000
-    keep_last: int = 2
-    keep_best: int = 2
-    eval_every_tokens: int = 10_000_000
-    eval_tokens: int = 1_000_000
-    roles: list[str] = field(default_factory=list)  # [] = thinking+answer on rollouts, all on text
-    exclude_position0: bool = False
-    exclude_special: bool = False
-    norm_outlier: float = 0.0  # drop rows with norm > this × median; 0 = keep all
-    normalize: bool = False  # scale inputs to unit mean norm; folded into exported weights
-    geometric_median_samples: int = 16384
-    sweep: list[SweepSetting] = field(default_factory=list)
-    device: str = "auto"
-    loader_threads: int = 0  # decode threads; 0 = the cores this rank may use less one, 1 to 16
-    shuffle_buffer_tokens: int = 262_144
-    torch_threads: int = 0  # intra-op threads for training; 0 = torch's default (1 is fastest for tiny shapes)
-    log: str = "none"  # experiment log of each SAE's trajectory: "none" | "tensorboard" | "wandb"
-    log_dir: str = ""  # where the log writes; "" = OUT/logs (wandb follows WANDB_MODE, e.g. offline)
-    max_rows: int = 0  # cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all
+    aux_alpha: float = setting(1 / 32, "weight of the AuxK loss (the dead latents' reconstruction of the residual)")
+    dead_tokens: int = setting(10_000_000, "a latent unseen for this many tokens counts as dead")
+    aux_norm: str = setting(
+        "residual", "AuxK loss over the residual error's variance (OpenAI) | \"total\" (sparsify's)"
+    )
+    lr: float = setting(2e-4, "peak learning rate; 0 = scale with width, as sparsify does")
+    lr_min: float = setting(6e-5, "the cosine schedule's floor")
+    lr_schedule: str = setting("cosine", 'after warmup: "cosine" decays to lr_min, "constant" holds lr')
+    warmup_steps: int = setting(5000, "linear learning-rate warmup, in steps")
+    batch_size: int = setting(4096, "rows per step, global across ranks")
+    grad_clip: float = setting(1.0, "the gradient's norm is clipped to this")
+    training_tokens: int = setting(200_000_000, "rows each SAE trains on, unless epochs is set")
+    epochs: float = setting(
+        0.0, "> 0: the budget is epochs × the train split's rows (after max_rows); wins over training_tokens"
+    )
+    seed: int = setting(0, "seed of the SAEs' initialisation and the loader's shuffle")
+    checkpoint_every_tokens: int = setting(10_000_000, "a checkpoint every this many tokens, and at the end")
+    keep_last: int = setting(2, "checkpoints kept: the last ones ...")
+    keep_best: int = setting(2, "... and the best ones by held-out variance explained")
+    eval_every_tokens: int = setting(10_000_000, "held-out evaluation every this many tokens, and at the end")
+    eval_tokens: int = setting(1_000_000, "held-out rows evaluated (drawn once into OUT/heldout)")
+    roles: list[str] = setting([], "roles trained on; [] = thinking+answer on rollouts, all on text")
+    exclude_position0: bool = setting(False, "drop the rows at position 0 of each sequence")
+    exclude_special: bool = setting(False, "drop the rows of the tokenizer's special tokens")
+    norm_outlier: float = setting(0.0, "drop rows with norm > this × median; 0 = keep all")
+    normalize: bool = setting(False, "scale inputs to unit mean norm; folded into exported weights")
+    geometric_median_samples: int = setting(
+        16384, "train rows whose geometric median initialises b_dec (and the input scale)"
+    )
+    sweep: list[SweepSetting] = setting(
+        [], 'more SAEs per layer from the same batches: [{architecture = "batchtopk", k = 32}, ...]'
+    )
+    device: str = setting("auto", "auto (cuda when there is one) | cpu | cuda")
+    loader_threads: int = setting(0, "decode threads; 0 = the cores this rank may use less one, 1 to 16")
+    shuffle_buffer_tokens: int = setting(262_144, "the loader's shuffle window, in rows")
+    torch_threads: int = setting(0, "intra-op threads for training; 0 = torch's default (1 is fastest for tiny shapes)")
+    log: str = setting("none", 'experiment log of each SAE\'s trajectory: "none" | "tensorboard" | "wandb"')
+    log_dir: str = setting("", 'where the log writes; "" = OUT/logs (wandb follows WANDB_MODE, e.g. offline)')
+    max_rows: int = setting(0, "cap the train split to a random sample of this many rows (the 000 card: 200k); 0 = all")
 
     def __post_init__(self):
         super().__post_init__()
@@ -279,8 +288,8 @@ def _rollouts_recipe() -> dict[str, Any]:
 class RecipesConfig:
     """Per-source training recipes: partial `[train]` tables, applied under `[train]`'s own keys."""
 
-    rollouts: dict[str, Any] = field(default_factory=_rollouts_recipe)  # SuperGPQA rollouts: the 000 card
-    corpus: dict[str, Any] = field(default_factory=dict)  # packed corpus: the 001 card (= TrainConfig's defaults)
+    rollouts: dict[str, Any] = setting(factory=_rollouts_recipe, doc="SuperGPQA rollouts: the 000 card")
+    corpus: dict[str, Any] = setting({}, "packed corpus: the 001 card (= [train]'s defaults)")
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
@@ -299,16 +308,18 @@ class RecipesConfig:
 class AnalysisConfig(AnalysisKeys):
     """Feature statistics, reverse index and loss recovered after training."""
 
-    top_examples: int = 16  # reverse index: examples kept per feature
-    context_tokens: int = 8  # tokens decoded on each side of an example
-    bootstrap: int = 200  # sequence-bootstrap resamples for the AUROC CI; 0 = skip
-    permutations: int = 200  # label permutations for the p-value; 0 = skip
-    min_fires: int = 5  # features firing fewer times are not tested (no CI, p, q)
-    alpha: float = 0.05  # BH false-discovery rate for "significant"
-    max_tokens: int = 1_000_000  # rows analyzed (the first ones in cache order)
-    rows: str = "auto"  # heldout | train | all; auto = all labeled rows on rollouts (as the 000 card), else heldout
-    report_features: int = 24  # top features shown per SAE in the report
-    scheduler: str = ""  # dask scheduler address; "" = a LocalCluster
+    top_examples: int = setting(16, "reverse index: examples kept per feature")
+    context_tokens: int = setting(8, "tokens decoded on each side of an example")
+    bootstrap: int = setting(200, "sequence-bootstrap resamples for the AUROC CI; 0 = skip")
+    permutations: int = setting(200, "label permutations for the p-value; 0 = skip")
+    min_fires: int = setting(5, "features firing fewer times are not tested (no CI, p, q)")
+    alpha: float = setting(0.05, 'BH false-discovery rate for "significant"')
+    max_tokens: int = setting(1_000_000, "rows analyzed (the first ones in cache order)")
+    rows: str = setting(
+        "auto", "heldout | train | all; auto = all labeled rows on rollouts (as the 000 card), else heldout"
+    )
+    report_features: int = setting(24, "top features shown per SAE in the report")
+    scheduler: str = setting("", 'dask scheduler address; "" = a LocalCluster')
 
 
 @dataclass
@@ -327,12 +338,59 @@ class PipelineConfig(Loaded):
         """[train] keys the toml, profile or flags set: recipes apply under them."""
         return self.keys_set.get("train", [])
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def load_config(
     path: str | Path | None = None, profile: str | None = None, overrides: typing.Iterable[str] = (), **flags: Any
 ) -> PipelineConfig:
     """pipeline.toml for train (see `cache_format.config.load_sections`)."""
     return load_sections(PipelineConfig, path, profile, overrides, **flags)
+
+
+# -- recipes: the effective [train] of a cache --------------------------------------------------------
+#
+# Recipes follow the cache: a rollout cache trains the `000` card's recipe, a corpus cache the
+# `001` card's.
+#
+# The effective `[train]` is built in three layers, each over the one before:
+#
+# 1. `TrainConfig`'s defaults (the `001` card);
+# 2. the recipe's table, `[recipes.rollouts]` or `[recipes.corpus]` in pipeline.toml;
+# 3. every key that pipeline.toml's `[train]`, a profile or `--set train.KEY=...` set.
+#
+# `train.recipe = "auto"` picks by the cache's recorded source: `supergpqa` → rollouts, corpus
+# or an imported dump (no source) → corpus; `none` skips the recipe. Setting `training_tokens`
+# yourself without `epochs` clears the recipe's epoch count, so the budget you typed is the one
+# trained.
+
+
+CARDS = {"rollouts": "the 000 card", "corpus": "the 001 card", "none": "no recipe"}
+SOURCE_RECIPE = {"supergpqa": "rollouts", "corpus": "corpus"}
+
+
+def recipe_for(cfg: PipelineConfig, cache_meta: dict) -> str:
+    """The recipe name `train.recipe` asks for, resolving `auto` by the cache's source."""
+    name = cfg.train.recipe
+    if name == "auto":
+        source = (cache_meta.get("source") or {}).get("name", "")
+        return SOURCE_RECIPE.get(source, "corpus")
+    return name  # one of RECIPES or "none" (TrainConfig checks it)
+
+
+def resolve(cfg: PipelineConfig, cache_meta: dict) -> tuple[TrainConfig, str]:
+    """The `[train]` this cache trains with, and the recipe's name."""
+    name = recipe_for(cfg, cache_meta)
+    merged = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    if name != "none":
+        merged.update(getattr(cfg.recipes, name))
+    explicit = {k: getattr(cfg.train, k) for k in cfg.train_keys_set}
+    if "training_tokens" in explicit and "epochs" not in explicit:
+        merged["epochs"] = 0.0
+    merged.update(explicit)
+    merged["recipe"] = name
+    merged["sweep"] = [
+        {k: v for k, v in dataclasses.asdict(s).items() if v is not None} if dataclasses.is_dataclass(s) else s
+        for s in merged["sweep"]
+    ]
+    tc = build_section(TrainConfig, merged, "train", fix=lambda key: f"fix [recipes.{name}] or use --set {key}=VALUE")
+    tc.saes(explicit)  # the kinds' keys, checked on the effective config before any work
+    return tc, name

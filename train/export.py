@@ -1,4 +1,4 @@
-"""Export: per SAE, `OUT/<name>/` in the SAELens 6 layout plus the `000_*` file (run.json: `rundir`).
+"""Export: per SAE, `OUT/<name>/` in the SAELens 6 layout plus the `000_*` file (run.json: `outdir`).
 
 Each kind is written as SAELens 6 writes its own (`save_inference_model`), so that
 `SAE.load_from_disk` reads it natively: topk as "topk"; batchtopk and matryoshka in their
@@ -7,7 +7,6 @@ inference form, "jumprelu" with the learned threshold for every latent; jumprelu
 trained (`training_architecture`, SAELens' own names) and its settings.
 
 Normalization is folded into the weights first, so every exported file takes raw residuals.
-The trajectory plot (variance explained and dead latents against tokens) is drawn here too.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from cache_format.errors import UserError
-from cache_format.stores.local import atomic_path
 
-from .out_files import write_out
+from .outdir import write_out
 from .sae import SAE, BatchTopKSAE
 
 SAE_LENS_FORMAT = "6.0.0"  # the SAELens config generation cfg.json follows (checked against 6.54)
@@ -161,28 +159,3 @@ def sae_lens_cfg(
         "training_tokens": tokens,
         "train_config": config,
     }
-
-
-def plot_trajectory(rows: list[dict], path: Path, title: str) -> None:
-    """Variance explained and dead latents against tokens (held-out and training-window dead)."""
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = [r["tokens"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(t, [r["variance_explained"] for r in rows], marker="o")
-    a.set(xlabel="tokens", ylabel="held-out variance explained", title=title)
-    a.grid(alpha=0.3)
-    b.plot(t, [r["dead_fraction"] for r in rows], marker="o", label="held-out (never fired)")
-    b.plot(t, [r["train_dead_fraction"] for r in rows], marker="x", label="training window")
-    b.set(xlabel="tokens", ylabel="dead latents (fraction)")
-    b.legend()
-    b.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)

@@ -1,24 +1,32 @@
 """The shuffled loader: cache chunks in random order, through a shuffle window, into batches.
 
-Which rows pass is `row_filters`; which batch holds which rows is `window_plan` (a pure function
-of seed, epoch and ranks, so batches do not depend on thread timing); the memory the rows move
-through is `loader_buffers`; decoding a window and the norm filter are `window_decode`'s, the
-producer thread `prefetch`'s, and the checks on a saved position `loader_state`'s. This module
-runs the plan: background threads decode the chunks of the current and the next window
-(prefetch) straight into two reused buffers per layer, the norm-outlier filter is applied per
-window as the rows are decoded, and each batch is one gather of its shuffled rows out of them.
+Which rows pass and which batch holds which rows is `loader_plan` (a pure function of seed,
+epoch and ranks, so batches do not depend on thread timing). This module runs the plan: a
+producer thread (`cache_format.concurrency.QueueThread`) has a pool of decode threads decode
+the chunks of the current and the next window straight into two reused buffers per layer,
+applies the norm-outlier filter per window as the rows are decoded (the one filter that reads
+residuals, against median norms drawn once from the first chunks of a fixed order), and
+gathers each batch's shuffled rows out of them into arrays of its own, recycled once the
+consumer drops the batch: the one copy the shuffle needs. Batches never view the window
+buffers, so consumers may keep them.
 
 The loader's position is (epoch, window, offset), and resuming re-reads one window: the cost is
 independent of how much was consumed. With N ranks each rank decodes only its own chunks (every
 N-th of the epoch's order), shuffles its share of each window and yields batches of
 batch_size / N rows from it, so a global batch draws from the whole window as one process's
-batch would. The position is per rank; a run resumes exactly with the same number of ranks.
+batch would. The position is per rank; resuming with another number of ranks, another seed or
+another row selection would read other rows, so each is a one-line error.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -26,15 +34,217 @@ from itertools import islice
 import numpy as np
 import torch
 
+from cache_format.concurrency import QueueThread
 from cache_format.errors import UserError
-from cache_format.layout import ROLE_CODES
+from cache_format.layout import bits_to_torch, role_codes
 
-from .loader_buffers import BatchBuilder, DecodingWindow, Recycler, window_array
-from .loader_state import resume_position
-from .prefetch import Prefetcher
-from .row_filters import RowMetadata, cap_rows, chunk_bounds, default_roles, row_mask
-from .window_decode import DENSE, median_norms, start_decode, wait_decoded, within_norm
-from .window_plan import chunk_rows, cut_batches, epoch_windows, window_layout, window_perm
+from .loader_plan import (
+    RowMetadata,
+    cap_rows,
+    chunk_bounds,
+    chunk_rows,
+    cut_batches,
+    default_roles,
+    epoch_windows,
+    row_mask,
+    window_layout,
+    window_perm,
+)
+
+# -- memory: window buffers, recycled batch arrays, the gather ---------------------------------
+
+
+def window_array(shape: tuple[int, int]) -> np.ndarray:
+    """An uninitialized uint16 array on transparent huge pages where the OS offers them (Linux):
+    batches gather rows at random from the whole window, and with 4 KiB pages nearly every row
+    is a TLB miss (a 2 MiB page makes the gather about 15% faster)."""
+    nbytes = shape[0] * shape[1] * 2
+    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < (16 << 20):
+        return np.empty(shape, np.uint16)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, np.uint16).reshape(shape)  # the array keeps the mapping alive
+
+
+@dataclass
+class DecodingWindow:
+    """A window being decoded into its slot's buffers: the eligible rows and their buffer positions."""
+
+    epoch: int
+    window: int
+    buffers: dict[int, np.ndarray]
+    futures: list
+    rows: np.ndarray
+    pos: np.ndarray
+
+
+class Recycler:
+    """Batch arrays handed out again once nothing views them any more: a new 8-40 MiB array costs
+    a page fault and a zeroing per page, about a tenth of a batch's decode. Every user gets its
+    own view of the array and the recycler keeps weak references to those views (reference
+    counts would be a CPython detail)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.entries = keep, []  # [array, weak references to the views lent out]
+
+    def lend(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A view of a free array of this shape and dtype (uninitialized), held until the view dies."""
+        for a, views in self.entries:
+            if a.shape == shape and a.dtype == dtype and all(r() is None for r in views):
+                views.clear()
+                return self.view(a, views)
+        self.entries = self.entries[-(self.keep - 1) :] if self.keep > 1 else []
+        self.entries.append((np.empty(shape, dtype), []))
+        return self.view(*self.entries[-1])
+
+    @staticmethod
+    def view(a: np.ndarray, views: list, dtype=None, rows: slice = slice(None)) -> np.ndarray:
+        v = (a.view(dtype) if dtype is not None else a.view())[rows]
+        views.append(weakref.ref(v))
+        return v
+
+    def keep_for(self, lent: np.ndarray, dtype, rows: slice) -> np.ndarray:
+        """Rows of a lent array as a new view for a consumer (torch keeps exactly this object alive)."""
+        for a, views in self.entries:
+            if lent.base is a:
+                return self.view(a, views, dtype, rows)
+        raise AssertionError("keep_for on an array this recycler did not lend")
+
+
+class BatchBuilder:
+    """A batch being gathered, piece by piece as windows are served."""
+
+    def __init__(
+        self, size: int, d_model: int, layers: list[int], device: torch.device, arrays: Recycler, dtype: torch.dtype
+    ):
+        self.arrays, self.dtype = arrays, dtype
+        shape = (size, d_model)
+        if device.type == "cuda":  # gathered into pinned memory, converted on the GPU
+            self.out = {layer: torch.empty(shape, dtype=torch.bfloat16, pin_memory=True) for layer in layers}
+        else:
+            self.out = {layer: arrays.lend(shape, np.uint16) for layer in layers}
+        self.rows: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, rows: np.ndarray, buffers: dict[int, np.ndarray], pos: np.ndarray) -> None:
+        for layer, buf in buffers.items():
+            out = self.out[layer][self.n : self.n + len(rows)]
+            if isinstance(out, np.ndarray):  # numpy's gather: one thread, no OpenMP pool spinning
+                np.take(buf, pos, axis=0, out=out, mode="clip")  # "raise" would buffer
+            else:
+                torch.index_select(bits_to_torch(buf), 0, torch.from_numpy(pos), out=out)
+        self.rows.append(rows)
+        self.n += len(rows)
+
+    def result(self, epoch: int, state: dict):
+        """The queue item for the rows gathered so far (float32 on the CPU when asked)."""
+        n = self.n
+        out = {}
+        for layer, t in self.out.items():
+            if isinstance(t, np.ndarray):
+                bits = self.arrays.keep_for(t, np.int16, slice(0, n))  # lent to the batch
+                t = torch.from_numpy(bits).view(torch.bfloat16)
+                if self.dtype != torch.bfloat16:
+                    t = torch.from_numpy(self.arrays.lend(tuple(t.shape), np.float32)).copy_(t)
+            else:
+                t = t[:n]
+            out[layer] = t
+        return np.concatenate(self.rows), epoch, state, out
+
+
+# -- decoding a window, and the norm filter ----------------------------------------------------
+
+DENSE = 0.5  # decode a chunk whole into the window when at least this share of its rows is eligible
+
+
+def decode_chunk(cache, layer: int, c: int, dest: np.ndarray, local: np.ndarray | None) -> None:
+    """Chunk c of `layer` into `dest`: whole and in place, or just its `local` rows."""
+    if local is None:
+        cache.read_chunk(layer, c, out=dest)
+    else:
+        dest[:] = cache.read_chunk(layer, c).view(np.uint16)[local]
+
+
+def start_decode(pool: ThreadPoolExecutor, cache, plan: list, n: int, buffers: dict[int, np.ndarray]) -> list[Future]:
+    """Submit every chunk of a window's `plan` (id, buffer offset, local rows) for every layer."""
+    futures = []
+    for layer, buf in buffers.items():
+        for i, (c, at, local) in enumerate(plan):
+            end = plan[i + 1][1] if i + 1 < len(plan) else n
+            futures.append(pool.submit(decode_chunk, cache, layer, c, buf[at:end], local))
+    return futures
+
+
+def wait_decoded(futures: list[Future], stop: threading.Event) -> None:
+    """Wait for a window's decode (a failure raises here), giving up when the loader stops."""
+    for f in futures:
+        while not stop.is_set():
+            try:
+                f.result(timeout=0.05)
+                break
+            except TimeoutError:
+                pass
+
+
+def median_norms(
+    cache, layers: list[int], chunk_counts: np.ndarray, bounds: np.ndarray, chunk_rows: Callable[[int], np.ndarray]
+) -> dict[int, float]:
+    """Median row norm per layer, from the first chunks of a fixed order (seed-independent)."""
+    out = {}
+    for layer in layers:
+        norms, got = [], 0
+        for c in np.flatnonzero(chunk_counts):
+            c = int(c)
+            x = cache.read_chunk(layer, c)[chunk_rows(c) - int(bounds[c])]  # the chunk's eligible rows
+            norms.append(np.linalg.norm(x.astype(np.float32), axis=1))
+            got += len(x)
+            if got >= 16384:
+                break
+        out[layer] = float(np.median(np.concatenate(norms)))
+    return out
+
+
+def within_norm(buffers: dict[int, np.ndarray], pos: np.ndarray, norm_outlier: float, median: dict[int, float]):
+    """Which of the rows at buffer positions `pos` have a norm within norm_outlier x the layer's
+    median in every layer (a bool array)."""
+    keep = np.ones(len(pos), dtype=bool)
+    for layer, buf in buffers.items():
+        t = bits_to_torch(buf)
+        norms = torch.cat([t[a : a + 8192].float().norm(dim=1) for a in range(0, len(t), 8192)])
+        keep &= (norms[torch.from_numpy(pos)] <= norm_outlier * median[layer]).numpy()
+    return keep
+
+
+# -- the saved position ------------------------------------------------------------------------
+
+POSITION = ("epoch", "window", "offset", "batches", "rows")
+
+
+def resume_position(state: dict, *, rank: int, world_size: int, seed: int, n_rows: int) -> dict[str, int]:
+    """This rank's position out of one rank's state or {"ranks": [every rank's state]} (what a
+    data-parallel checkpoint holds)."""
+    if "ranks" in state:
+        if len(state["ranks"]) != world_size:
+            raise UserError(
+                f"the checkpoint was written by {len(state['ranks'])} ranks and this run has "
+                f"{world_size}; resume with the same number of processes "
+                "or start over with --fresh"
+            )
+        state = state["ranks"][rank]
+    if state.get("world_size", 1) != world_size:
+        raise UserError(
+            f"the saved loader state belongs to a run of {state.get('world_size', 1)} ranks, not "
+            f"{world_size}; resume with the same number of processes or start over with --fresh"
+        )
+    if state.get("seed", seed) != seed or state.get("n_rows", n_rows) != n_rows:
+        raise UserError(
+            "the saved loader state belongs to another seed or cache selection; "
+            "re-run with the original settings or start over with --fresh"
+        )
+    return {k: int(state[k]) for k in POSITION}
+
+
+# -- the loader --------------------------------------------------------------------------------
 
 __all__ = ["Batch", "ShuffledLoader", "auto_threads"]
 
@@ -74,7 +284,7 @@ class ShuffledLoader:
         *,
         heldout_fraction: float = 0.01,
         split_seed: int = 0,
-        roles: list[str] | None | str = "auto",
+        roles: list[str | int] | None | str = "auto",  # names or codes; auto = loader_plan.default_roles
         exclude_position0: bool = False,
         exclude_special: bool = False,
         norm_outlier: float = 0.0,
@@ -112,12 +322,8 @@ class ShuffledLoader:
         self.max_epochs, self.drop_last, self.announce = max_epochs, drop_last, announce
         self.norm_outlier = norm_outlier
         self.dtype = dtype  # float32 for training; bfloat16 delivers the stored bits as they are
-        if roles == "auto":
-            roles = default_roles(cache)
-        unknown = [r for r in (roles or []) if r not in ROLE_CODES]
-        if unknown:
-            raise UserError(f"unknown role(s) {unknown}: use {sorted(ROLE_CODES)}")
-        self.roles = roles
+        roles = default_roles(cache) if roles == "auto" else (None if roles is None else role_codes(roles))
+        self.roles = roles  # role codes, None = every role
 
         self.bounds = chunk_bounds(cache)
         if split == "all":
@@ -162,8 +368,10 @@ class ShuffledLoader:
         self._state = {"epoch": 0, "window": 0, "offset": 0, "batches": 0, "rows": 0}
         self._epoch_seen = 0
         self._plans: dict[int, list[np.ndarray]] = {}
-        self._prefetcher: Prefetcher | None = None  # the producer thread, while batches are being made
+        self._prefetcher: QueueThread | None = None  # the producer thread, while batches are being made
+        self._pool: ThreadPoolExecutor | None = None  # its decode threads
         self._slots: dict[int, list[np.ndarray | None]] = {}  # per layer: the two window buffers
+        self._allocations = 0  # window buffers allocated (memory())
         self._arrays = Recycler(keep=(self.prefetch + 3) * len(self.layers) * (2 if dtype != torch.bfloat16 else 1))
 
     # ---- plan ------------------------------------------------------------------------
@@ -241,12 +449,16 @@ class ShuffledLoader:
 
     def __next__(self) -> Batch:
         if self._prefetcher is None:
-            self._prefetcher = Prefetcher(partial(self._produce, dict(self._state)), self.prefetch, self.threads)
-        item = self._prefetcher.queue.get()
-        if isinstance(item, BaseException):
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
+            self._prefetcher = QueueThread.producer(
+                partial(self._produce, dict(self._state)), self.prefetch, name="loader-batches"
+            )
+        try:
+            item = self._prefetcher.get()
+        except BaseException:
             self.close()
-            raise item
-        if item is None:
+            raise
+        if item is QueueThread.END:
             self.close()
             raise StopIteration
         rows, epoch, state, tensors = item
@@ -254,7 +466,7 @@ class ShuffledLoader:
         if epoch > self._epoch_seen and self.announce and self.rank == 0 and (epoch == 1 or (epoch + 1) % 10 == 0):
             more = "; further epochs are announced every 10th" if epoch == 1 else ""
             print(
-                f"loader: epoch {epoch + 1} begins with a fresh permutation (the budget exceeds the "
+                f"loader: epoch {epoch + 1} begins with a new permutation (the budget exceeds the "
                 f"{self.n_rows} rows of the {self.split} split{more})",
                 file=sys.stderr,
             )
@@ -265,6 +477,7 @@ class ShuffledLoader:
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._prefetcher = None
 
     def __enter__(self):
@@ -290,12 +503,19 @@ class ShuffledLoader:
         2 x rows x d_model x 2 bytes, plus the prefetched batches."""
         return max(int(self._chunk_buffer[w].sum()) for w in self.windows(epoch))
 
+    def memory(self) -> dict[str, int]:
+        """The window buffers held now (bytes), and how many were allocated so far: two per layer,
+        grown at most once per epoch (what bench_loader reports against the memory target)."""
+        held = [b for v in self._slots.values() for b in v if b is not None]
+        return {"window_buffer_bytes": sum(b.nbytes for b in held), "window_buffer_allocations": self._allocations}
+
     def _slot(self, layer: int, slot: int, n: int, epoch: int) -> np.ndarray:
         """Rows [0, n) of a layer's reusable buffer `slot`, sized for the largest window of the epoch."""
         slots = self._slots.setdefault(layer, [None, None])
         if slots[slot] is None or len(slots[slot]) < n:
             slots[slot] = None  # let the old one go before the new one is allocated
             slots[slot] = window_array((max(n, self.buffer_rows(epoch)), self.cache.d_model))
+            self._allocations += 1
         return slots[slot][:n]
 
     def _layout(self, epoch: int, window: int):
@@ -303,15 +523,15 @@ class ShuffledLoader:
         rows, and the global rows and buffer positions of the eligible rows in plan order."""
         return window_layout(self.windows(epoch)[window], self.mask, self.bounds, self._chunk_buffer)
 
-    def _decode(self, pf: Prefetcher, epoch: int, window: int, slot: int) -> DecodingWindow:
+    def _decode(self, pf: QueueThread, epoch: int, window: int, slot: int) -> DecodingWindow:
         """Start decoding a window into `slot`'s buffers; the pool's threads do the work."""
         plan, n, rows, pos = self._layout(epoch, window)
         bufs = {layer: self._slot(layer, slot, n, epoch) for layer in self.layers}
-        return DecodingWindow(epoch, window, bufs, start_decode(pf.pool, self.cache, plan, n, bufs), rows, pos)
+        return DecodingWindow(epoch, window, bufs, start_decode(self._pool, self.cache, plan, n, bufs), rows, pos)
 
-    def _serve(self, pf: Prefetcher, win: DecodingWindow) -> tuple[np.ndarray, np.ndarray]:
+    def _serve(self, pf: QueueThread, win: DecodingWindow) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a window's decode, apply the norm filter, and shuffle: (rows, buffer positions)."""
-        wait_decoded(win.futures, pf.stop)
+        wait_decoded(win.futures, pf.stopped)
         rows, pos = win.rows, win.pos
         if self.median_norm is not None:  # the norm filter changes the row count, so the shuffle follows it
             keep = within_norm(win.buffers, pos, self.norm_outlier, self.median_norm)
@@ -321,15 +541,15 @@ class ShuffledLoader:
 
     # ---- the producer thread ---------------------------------------------------------
 
-    def _produce(self, state: dict, pf: Prefetcher) -> None:
-        """Batches from `state` on, into the prefetcher's queue, then None (after max_epochs)."""
+    def _produce(self, state: dict, pf: QueueThread) -> None:
+        """Batches from `state` on, into the producer's queue; returns after max_epochs (the end of the stream)."""
         epoch, window, offset = state["epoch"], state["window"], state["offset"]
         batches, seen = state["batches"], state["rows"]
         B = self.local_batch
         building: BatchBuilder | None = None
         slot = 0
         cur = self._decode(pf, epoch, window, slot)
-        while not pf.stop.is_set():
+        while not pf.stopped.is_set():
             f_epoch, f_window = (epoch, window + 1) if window + 1 < len(self.windows(epoch)) else (epoch + 1, 0)
             last_epoch = self.max_epochs is not None and f_epoch >= self.max_epochs
             # the following window decodes into the other slot while this one is served: every
@@ -337,7 +557,7 @@ class ShuffledLoader:
             nxt = None if last_epoch else self._decode(pf, f_epoch, f_window, 1 - slot)
             rows, pos = self._serve(pf, cur)
             p = offset
-            while p < len(rows) and not pf.stop.is_set():
+            while p < len(rows) and not pf.stopped.is_set():
                 if building is None:
                     building = BatchBuilder(B, self.cache.d_model, self.layers, self.device, self._arrays, self.dtype)
                 take = min(B - building.n, len(rows) - p)
@@ -356,11 +576,10 @@ class ShuffledLoader:
                     building = None
             offset = 0
             if last_epoch:
-                if building is not None and building.n and not self.drop_last and not pf.stop.is_set():
+                if building is not None and building.n and not self.drop_last and not pf.stopped.is_set():
                     n = building.n
                     nstate = {"epoch": f_epoch, "window": 0, "offset": 0, "batches": batches + 1, "rows": seen + n}
                     pf.put(building.result(epoch, nstate))
-                pf.put(None)
                 return
             del rows, pos
             cur, slot = nxt, 1 - slot

@@ -2,11 +2,14 @@
 
 OUT holds: `run_state.json` (which run this is), `checkpoints/`, `heldout/` (the fixed
 held-out evaluation rows, drawn once), `<name>/trajectory.jsonl` + `trajectory.png` per SAE,
-and at the end the exported SAEs and `run.json`. A killed run resumes from its last
-checkpoint and ends with the same weights as an uninterrupted one (on CPU: identical).
+and at the end the exported SAEs and `run.json` (all of it written through `outdir`). A killed
+run resumes from its last checkpoint and ends with the same weights as an uninterrupted one
+(on CPU: identical).
 
-This module is the loop; claiming OUT (`run_state.json`) is `run_state`'s, and the rows a run
-reads besides its batches (split check, held-out set, initial sample) are `run_data`'s.
+In this module, in order: what a run reads besides its training batches (the split check, the
+held-out evaluation rows and the metrics on them, the initialisation sample), all through the
+same loader as training (`run_loader`, built from `[train]`), so the filters and the split are
+the training run's; the budget the recipe sets, fitted to a small cache; then the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 import zlib
@@ -28,19 +32,210 @@ import torch
 from tqdm import tqdm
 
 from cache_format.errors import CacheError, UserError
+from cache_format.layout import ROLE_NAMES, bits_to_torch, role_codes
+from cache_format.split import MIN_HELDOUT_SEQUENCES, Split
+from cache_format.stores.local import atomic_dir
 
-from . import dist, recipe
-from .checkpoint import Checkpoints
-from .config import PipelineConfig, SweepSetting, TrainConfig
+from . import dist
+from .config import CARDS, KIND_KEYS, PipelineConfig, SweepSetting, TrainConfig, resolve
 from .explog import ExperimentLog, check_kind, open_log
-from .export import absolute_url, context_size, export_sae, plot_trajectory, sae_lens_cfg, sae_name
-from .out_files import write_out
-from .out_lease import OutLease
-from .run_data import check_split, heldout_metrics, heldout_rows, init_sample, run_loader
-from .run_state import RunState, run_identity
-from .rundir import read_run, write_run_json
-from .sae import make_sae
+from .export import absolute_url, context_size, export_sae, sae_lens_cfg, sae_name
+from .loader import ShuffledLoader
+from .loader_plan import default_roles
+from .metrics import ReconstructionMetrics
+from .outdir import Checkpoints, OutLease, RunState, read_run, run_identity, write_run_json, write_trajectory
+from .sae import SAE, make_sae
 from .trainer import SAETrainer
+
+# -- what a run reads besides its batches: split check, held-out rows, init sample -------------
+
+
+def run_loader(
+    cache,
+    layers: list[int],
+    tc: TrainConfig,
+    split: str,
+    batch_size: int,
+    seed: int,
+    *,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    local: bool = False,
+    **kw,
+) -> ShuffledLoader:
+    """The training loader; `local` = this process reads whole batches on the CPU (eval, init)."""
+    sharded = split == "train" and not local
+    return ShuffledLoader(
+        cache,
+        layers,
+        batch_size,
+        seed=seed,
+        split=split,
+        heldout_fraction=tc.heldout_fraction,
+        split_seed=tc.split_seed,
+        roles=list(tc.roles) if tc.roles else "auto",
+        exclude_position0=tc.exclude_position0,
+        exclude_special=tc.exclude_special,
+        norm_outlier=tc.norm_outlier,
+        window_tokens=tc.shuffle_buffer_tokens,
+        threads=tc.loader_threads,
+        device="cpu" if local else device,
+        rank=rank if sharded else 0,
+        world_size=world if sharded else 1,
+        max_rows=tc.max_rows if split == "train" else 0,
+        **kw,
+    )
+
+
+def check_split(cache, tc: TrainConfig) -> dict:
+    """Count both sides of the split; too few held-out sequences is a one-line error."""
+    codes = role_codes(tc.roles) if tc.roles else default_roles(cache)
+    counts = Split(tc.split_seed, tc.heldout_fraction).counts(cache, codes)
+    if tc.heldout_fraction > 0 and counts["heldout_sequences"] < MIN_HELDOUT_SEQUENCES:
+        raise UserError(
+            f"only {counts['heldout_sequences']} of {counts['sequences']} sequences are held out "
+            f"(train.heldout_fraction={tc.heldout_fraction:g}, train.split_seed={tc.split_seed}); at least "
+            f"{MIN_HELDOUT_SEQUENCES} are needed to validate: raise train.heldout_fraction"
+        )
+    return counts
+
+
+def heldout_rows(out: Path, cache, layers: list[int], tc: TrainConfig) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The evaluation rows: the first eval_tokens held-out rows of a fixed order, kept in OUT/heldout."""
+    d = out / "heldout"
+    if not (d / "rows.npy").exists():
+        if tc.heldout_fraction <= 0:
+            return np.zeros(0, np.int64), {}
+        n = tc.eval_tokens
+        loader = run_loader(
+            cache,
+            layers,
+            tc,
+            "heldout",
+            min(4096, max(n, 1)),
+            seed=tc.split_seed,
+            local=True,
+            max_epochs=1,
+            drop_last=False,
+            announce=False,
+        )
+        rows, parts = [], {L: [] for L in layers}
+        got = 0
+        for b in loader:
+            take = min(len(b), n - got)
+            rows.append(b.rows[:take])
+            for L in layers:
+                parts[L].append(b.residuals[L][:take].to(torch.bfloat16).view(torch.int16).numpy())
+            got += take
+            if got >= n:
+                break
+        loader.close()
+        for stale in d.parent.glob(f".{d.name}.tmp*"):  # leftovers of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_dir(d) as tmp:
+            for L in layers:
+                np.save(tmp / f"L{L}.npy", np.concatenate(parts[L]))
+            np.save(tmp / "rows.npy", np.concatenate(rows))
+    rows = np.load(d / "rows.npy", allow_pickle=False)  # OUT may come from elsewhere: data only
+    return rows, {L: np.load(d / f"L{L}.npy", mmap_mode="r", allow_pickle=False) for L in layers}
+
+
+@torch.no_grad()
+def heldout_metrics(sae: SAE, data: np.ndarray, device: torch.device) -> dict:
+    """The reconstruction metrics of `sae` on one layer's held-out rows (stored bf16 bits), as it
+    encodes after training (BatchTopK: at its threshold, so L0 is measured)."""
+    m = ReconstructionMetrics(sae.d_sae)
+    for i in range(0, len(data), 4096):
+        x = bits_to_torch(np.array(data[i : i + 4096])).float().to(device)
+        vals, idx = sae.encode(x)
+        m.update(x, sae.decode(vals, idx), vals, idx)
+    return m.compute()
+
+
+def init_sample(cache, layers: list[int], tc: TrainConfig) -> dict[int, torch.Tensor]:
+    """geometric_median_samples train rows (another seed than training's) for b_dec and scale."""
+    n = tc.geometric_median_samples
+    loader = run_loader(
+        cache,
+        layers,
+        tc,
+        "train",
+        min(n, 4096),
+        seed=tc.seed + 7919,
+        local=True,
+        max_epochs=1,
+        drop_last=False,
+        announce=False,
+    )
+    parts = {L: [] for L in layers}
+    got = 0
+    for b in loader:
+        for L in layers:
+            parts[L].append(b.residuals[L])
+        got += len(b)
+        if got >= n:
+            break
+    loader.close()
+    return {L: torch.cat(v)[:n] for L, v in parts.items()}
+
+
+# -- the budget a recipe sets, fitted to this cache --------------------------------------------------
+
+
+def budget(tc: TrainConfig, train_rows: int) -> int:
+    """Rows each SAE trains on: `epochs` × the train split when set, else `training_tokens`."""
+    if tc.epochs > 0:
+        return max(1, math.ceil(tc.epochs * train_rows))
+    return tc.training_tokens
+
+
+def fit_to_run(tc: TrainConfig, explicit: list[str], tokens: int) -> tuple[TrainConfig, list[str]]:
+    """Shrink a recipe's warmups and dead threshold that a small cache's run cannot hold.
+
+    A recipe is sized for its card's run (the 000 card: ~1000 steps). On a smaller cache its
+    warmup would outlast the run and no latent could ever count as dead, so AuxK would never
+    fire: warmup and the dead threshold are each capped at a quarter of the run (the cards'
+    own runs are well inside that: the 001 card's warmup is 10% of its steps); so is the
+    sparsity coefficient's warmup of the jumprelu and relu kinds. Keys you set
+    yourself are never changed.
+    """
+    steps = max(1, math.ceil(tokens / tc.batch_size))
+    notes, changes = [], {}
+    if "warmup_steps" not in explicit and tc.warmup_steps > steps // 4:
+        changes["warmup_steps"] = steps // 4
+        notes.append(f"warmup {tc.warmup_steps} -> {steps // 4} steps (the run has {steps})")
+    coefficient = {"jumprelu", "relu"} & {s.architecture for s in tc.saes()}
+    if coefficient and "sparsity_warmup_steps" not in explicit and tc.sparsity_warmup_steps > steps // 4:
+        changes["sparsity_warmup_steps"] = steps // 4
+        notes.append(f"sparsity warmup {tc.sparsity_warmup_steps} -> {steps // 4} steps")
+    dead_cap = max(tc.batch_size, tokens // 4)
+    if "dead_tokens" not in explicit and tc.dead_tokens > dead_cap:
+        changes["dead_tokens"] = dead_cap
+        notes.append(f"dead_tokens {tc.dead_tokens:,} -> {dead_cap:,} (a quarter of the run, so AuxK can fire)")
+    return dataclasses.replace(tc, **changes), notes
+
+
+def describe(tc: TrainConfig, name: str, train_rows: int, heldout: dict) -> str:
+    """The one line `train run` prints about what it chose."""
+    tokens = tc.training_tokens
+    how = (
+        f"{tc.epochs:g} epochs of {train_rows:,} train rows"
+        if tc.epochs > 0
+        else f"training_tokens, {tokens / max(1, train_rows):.1f} epochs of {train_rows:,} train rows"
+    )
+    cap = f" (max_rows {tc.max_rows:,})" if tc.max_rows else ""
+    return (
+        f"recipe {name} ({CARDS.get(name, name)}): {tc.architecture}, d_sae {tc.d_sae}, "
+        + (f"k {tc.k}, " if tc.architecture in KIND_KEYS["k"] else f"sparsity {tc.sparsity_coefficient:g}, ")
+        + f"lr {tc.lr:g}, "
+        f"batch {tc.batch_size}, "
+        f"{tokens:,} tokens per SAE = {how}{cap}; held out {heldout['heldout_sequences']} of "
+        f"{heldout['sequences']} sequences ({heldout['heldout_tokens']:,} rows, fraction {tc.heldout_fraction:g})"
+    )
+
+
+# -- the run -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -101,7 +296,7 @@ class Run:
         self.cache_url = cache_url
         self.cache = open_cache_or_fail(cache_url)
         self.cfg = cfg
-        self.tc, self.recipe = recipe.resolve(cfg, self.cache.meta or {})
+        self.tc, self.recipe = resolve(cfg, self.cache.meta or {})
         if self.tc.torch_threads > 0:
             torch.set_num_threads(self.tc.torch_threads)
         stored = list(self.cache.layers)
@@ -162,18 +357,17 @@ class Run:
             rank=self.rank,
             world=self.world,
         )
-        tokens = recipe.budget(self.tc, loader.n_rows)
-        tc, notes = recipe.fit_to_run(
-            dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens
-        )
+        tokens = budget(self.tc, loader.n_rows)
+        tc, notes = fit_to_run(dataclasses.replace(self.tc, training_tokens=tokens), self.cfg.train_keys_set, tokens)
         self.tc = tc
         # the fitted warmups reach each SAE's settings; names (OUT's layout) stay as planned
         fitted = tc.saes()
         self.specs = [dataclasses.replace(s, sae=fitted[s.setting]) for s in self.specs]
         self.train_rows = loader.n_rows
+        self.roles = loader.roles  # the role codes trained on, recorded with the split
         if self.rank == 0:
             fitted = f"; fitted to this cache: {', '.join(notes)}" if notes else ""
-            print(f"train: {recipe.describe(tc, self.recipe, loader.n_rows, self.split)}{fitted}", file=sys.stderr)
+            print(f"train: {describe(tc, self.recipe, loader.n_rows, self.split)}{fitted}", file=sys.stderr)
         check_kind(tc.log)  # its package is installed (the kind itself is checked by TrainConfig)
         with self._lease():
             status = self.run_state.claim(self.fresh, self.rank)
@@ -189,7 +383,7 @@ class Run:
 
     @contextlib.contextmanager
     def _lease(self) -> Iterator[None]:
-        """OUT's lease (out_lease.py), taken by rank 0 before OUT is claimed and held to the end;
+        """OUT's lease (`outdir.OutLease`), taken by rank 0 before OUT is claimed and held to the end;
         a refusal reaches every rank, so all of them stop with the same line."""
         lease, refused = None, None
         if self.rank == 0:
@@ -318,11 +512,7 @@ class Run:
         dist.barrier()
 
     def _write_trajectory(self, s: Spec, rows: list[dict]) -> None:
-        d = self.out / s.name
-        d.mkdir(parents=True, exist_ok=True)
-        write_out(d / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        if rows and "variance_explained" in rows[-1]:
-            plot_trajectory(rows, d / "trajectory.png", s.name)
+        write_trajectory(self.out / s.name, rows)
 
     def _checkpoint(self, ckpts, trainers, loader, tokens, history) -> None:
         loader_states = dist.all_gather_object(loader.state_dict())  # every rank reads its own chunks
@@ -351,7 +541,7 @@ class Run:
             "config": dataclasses.asdict(tc),
             "recipe": {
                 "name": self.recipe,
-                "card": recipe.CARDS.get(self.recipe, ""),
+                "card": CARDS.get(self.recipe, ""),
                 "epochs": tc.epochs,
                 "training_tokens": tc.training_tokens,
                 "train_rows": self.train_rows,
@@ -367,9 +557,8 @@ class Run:
             for s in self.specs:
                 tr = trainers[s.name]
                 split = {
-                    "seed": tc.split_seed,
-                    "fraction": tc.heldout_fraction,
-                    "by": "seq_id hash (train.split)",
+                    **Split(tc.split_seed, tc.heldout_fraction).to_record(),
+                    "roles": [ROLE_NAMES[c] for c in self.roles] if self.roles else None,  # None: every role
                     "heldout_sequences": self.split["heldout_sequences"],
                     "heldout_tokens": self.split["heldout_tokens"],
                     "sequences": self.split["sequences"],

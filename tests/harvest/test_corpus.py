@@ -259,7 +259,7 @@ def test_a_70_20_10_harvest_shows_its_measured_token_shares_in_info_and_the_repo
     from cache_format.cli import cli
     from harvest import run as hr
     from harvest.config import load_config
-    from train.report import render_report
+    from train.analysis.report import render_report
 
     srcs = uneven_sources(tmp_path)
     table = ", ".join(f'{{name="{s.name}", path="{s.path}", weight={w}}}' for s, w in zip(srcs, (0.1, 0.7, 0.2)))

@@ -9,7 +9,7 @@ from analysis_data import FRACTION, LAYER, exported_run, identity_sae
 from click.testing import CliRunner
 
 import cache_format as cf
-from train.analysis_cli import analyze_cmd, eval_cmd, report_cmd
+from train.cli import analyze_cmd, eval_cmd, report_cmd
 from train.export import export_sae
 
 NAME = "L2_n32_k16"

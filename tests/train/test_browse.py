@@ -27,12 +27,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from harvest.splice import write_logit_effects
-from train.analysis_rows import Split
-from train.browse_data import RunIndex
+from train.analysis.browse_data import RunIndex
+from train.analysis.features import analyze, write_neighbours
+from train.analysis.scan import RowSelection
 from train.config import AnalysisConfig
-from train.features import analyze, write_neighbours
+from train.outdir import write_run_json
 from train.published import load_sae
-from train.rundir import write_run_json
 
 A, B = "L2_n32_k16", "L2_n32_k16_copy"
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def run(tmp_path_factory):
     write_run_json(out, {"saes": [{"name": n, "path": n, "layer": LAYER} for n in (A, B)]})
     cfg = AnalysisConfig(top_examples=4, context_tokens=4, bootstrap=20, permutations=500)
     for name in (A, B):
-        analyze(load_sae(out / name), url, LAYER, out / name, cfg, Split(SEED, FRACTION, (2, 3)), progress=False)
+        analyze(load_sae(out / name), url, LAYER, out / name, cfg, RowSelection(SEED, FRACTION, (2, 3)), progress=False)
     write_neighbours({n: (load_sae(out / n), out / n) for n in (A, B)}, device="cpu")
     # logit effects for B only (harvest computes them with the model; here, made-up tokens)
     ids = np.arange(64 * 3, dtype=np.int32).reshape(64, 3)[:32] % 50
@@ -334,7 +334,7 @@ def test_bad_input_is_one_line(run, tmp_path, server):
 
 
 def test_dashboard_export_is_sae_dashboard_batches(run, tmp_path):
-    from train.browse_export import export_dashboard
+    from train.analysis.browse import export_dashboard
 
     out = export_dashboard(RunIndex(str(run)), tmp_path / "dash", progress=False)
     ma = parquet(run, A, "feature_metrics.parquet")

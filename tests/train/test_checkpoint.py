@@ -11,8 +11,8 @@ from safetensors import safe_open
 from support import quick_train_args
 
 from cache_format.errors import UserError
-from train.checkpoint import Checkpoints
 from train.cli import cli
+from train.outdir import Checkpoints
 
 
 def run(args):

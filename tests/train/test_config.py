@@ -13,10 +13,10 @@ def write(tmp_path, text):
 
 def test_shipped_config_is_the_real_run(tmp_path):
     cfg = load_config()
-    from train.recipe import resolve
+    from train.config import resolve
 
     corpus, name = resolve(cfg, {"source": {"name": "corpus"}})
-    assert name == "corpus" and (corpus.d_sae, corpus.k, corpus.k_aux) == (65536, 128, 2560)
+    assert name == "corpus" and (corpus.d_sae, corpus.k, corpus.k_aux) == (65536, 128, 0)  # 0: d_model // 2
     assert (corpus.training_tokens, corpus.epochs, corpus.heldout_fraction) == (200_000_000, 0, 0.01)
     rollouts, name = resolve(cfg, {"source": {"name": "supergpqa"}})
     assert name == "rollouts"
@@ -69,3 +69,24 @@ def test_sweep_entries_inherit_and_resolve_each_kind():
     assert mat.matryoshka_sizes == [512, 1024, 2048, 4096]  # the default nesting: d_sae/8, /4, /2, d_sae
     assert relu.sparsity_coefficient == 1.0 and relu.jumprelu_bandwidth is None
     assert (jr.architecture, jr.sparsity_coefficient, jr.jumprelu_bandwidth) == ("jumprelu", 3.0, 0.2)
+
+
+def test_config_command_prints_the_effective_config_with_docs_that_loads_back(tmp_path):
+    import tomllib
+
+    from click.testing import CliRunner
+
+    from train.cli import cli
+
+    r = CliRunner().invoke(cli, ["config", "--profile", "tiny", "--set", "train.k=7", "--layers", "2,4"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    doc = tomllib.loads(r.output)
+    assert doc["train"]["k"] == 7 and doc["train"]["layers"] == [2, 4] and doc["train"]["out"] == "runs/tiny"
+    above_lr = r.output.split("\nlr = ")[0].splitlines()[-1]
+    assert above_lr == "# peak learning rate; 0 = scale with width, as sparsify does"
+    assert set(doc) == {"train", "recipes", "analysis", "harvest"}
+    effective = tmp_path / "effective.toml"
+    effective.write_text(r.output)
+    want = load_config(profile="tiny", overrides=["train.k=7", "train.layers=[2, 4]"])
+    got = load_config(effective)
+    assert (got.train, got.recipes, got.analysis) == (want.train, want.recipes, want.analysis)

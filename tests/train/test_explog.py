@@ -81,7 +81,9 @@ def test_wandb_offline_run_holds_the_trajectory(tmp_path, monkeypatch):
             "L2_n96_k3", 256 * step, {"loss": 1.0 / step, "fvu": 0.5 / step, "aux_loss": 0.1, "dead": 3, "lr": 1e-3}
         )
     log.heldout("L2_n96_k3", 768, {"variance_explained": 0.91, "l0": 3.0})
-    summary = dict(log._run.summary)
+    import wandb
+
+    summary = dict(wandb.run.summary)  # wandb's own public handle on the active run
     log.close()
     assert summary["L2_n96_k3/train/loss"] == pytest.approx(1 / 3) and summary["L2_n96_k3/tokens"] == 768
     assert summary["L2_n96_k3/heldout/variance_explained"] == pytest.approx(0.91)

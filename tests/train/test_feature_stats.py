@@ -8,9 +8,8 @@ from train.config import AnalysisConfig
 
 
 def test_corpus_rows_without_labels_leave_auroc_empty():
-    from train.examples import top_examples
-    from train.feature_stats import feature_metrics
-    from train.report import top_features
+    from train.analysis.features import feature_metrics, top_examples
+    from train.analysis.report import top_features
 
     rng = np.random.default_rng(0)
     n, d, k = 200, 12, 3
@@ -36,7 +35,7 @@ def test_corpus_rows_without_labels_leave_auroc_empty():
 
 def test_rollout_with_mixed_labels_is_refused():
     from cache_format.errors import UserError
-    from train.feature_stats import feature_metrics
+    from train.analysis.features import feature_metrics
 
     idx = np.array([[0], [1], [0], [1]], np.int32)
     vals = np.ones((4, 1), np.float32)

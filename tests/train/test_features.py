@@ -9,10 +9,10 @@ import pytest
 from analysis_data import FRACTION, LAYER, SEED, D, identity_sae, make_cache
 
 import cache_format as cf
-from train.analysis_rows import Split
+from cache_format.split import is_heldout
+from train.analysis.features import analyze
+from train.analysis.scan import RowSelection
 from train.config import AnalysisConfig
-from train.features import analyze
-from train.split import is_heldout
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _expected_rows(url):
 def test_feature_metrics_and_reverse_index(cache_url, tmp_path):
     cfg = AnalysisConfig(top_examples=3, context_tokens=4, bootstrap=50, permutations=500, min_fires=2)
     out = tmp_path / "a"
-    summary = analyze(identity_sae(), cache_url, LAYER, out, cfg, Split(SEED, FRACTION, (2, 3)), progress=False)
+    summary = analyze(identity_sae(), cache_url, LAYER, out, cfg, RowSelection(SEED, FRACTION, (2, 3)), progress=False)
     fm = pq.read_table(out / "feature_metrics.parquet").to_pandas().set_index("feature")
     c, keep, x = _expected_rows(cache_url)
     xs = x[keep]
@@ -86,11 +86,11 @@ def test_window_values_and_profiles(cache_url, tmp_path):
     rates by role and position count the same rows."""
     from analysis_data import residual
 
-    from train.feature_profiles import POSITION_EDGES, position_bucket
+    from train.analysis.features import POSITION_EDGES, position_bucket
 
     cfg = AnalysisConfig(top_examples=3, context_tokens=40, bootstrap=0, permutations=0)  # whole sequences
     out = tmp_path / "a"
-    res = analyze(identity_sae(), cache_url, LAYER, out, cfg, Split(SEED, FRACTION, (2, 3)), progress=False)
+    res = analyze(identity_sae(), cache_url, LAYER, out, cfg, RowSelection(SEED, FRACTION, (2, 3)), progress=False)
     c, keep, x = _expected_rows(cache_url)
     seq, pos, roles = c.seq_ids[:], c.positions[:], c.roles[:]
     scanned = {(int(s), int(p)) for s, p in zip(seq[keep], pos[keep])}

@@ -11,8 +11,8 @@ import torch
 import cache_format as cf
 from cache_format.errors import UserError
 from cache_format.layout import BF16
+from cache_format.split import is_heldout
 from train.loader import ShuffledLoader
-from train.split import is_heldout
 
 
 def write_rows(url, n=3000, d=8, seq_len=50, chunk_tokens=64, layers=(0, 2), roles=None, seed=0):
@@ -261,17 +261,16 @@ def test_batches_own_their_rows_and_two_buffers_per_layer_are_reused(cache, dtyp
     c, res = cache
     kw = dict(seed=5, heldout_fraction=0.0, window_tokens=300, max_epochs=3, dtype=dtype, announce=False)
     ld = ShuffledLoader(c, [0, 2], 100, **kw)
-    buffers = set()
     held = []
     for b in ld:
         held.append(b)
-        buffers |= {id(x) for v in ld._slots.values() for x in v if x is not None}
     assert len(held) == 90 and held[0].residuals[0].dtype == dtype
     for b in held:
         for L in (0, 2):
             assert np.array_equal(b.residuals[L].float().numpy(), res[L][b.rows].astype(np.float32))
     assert len(ld.windows(0)) * 3 * 2 > 50  # 54 windows x layers were served ...
-    assert len(buffers) <= 2 * 2 + 2 * 3  # ... from two buffers per layer, grown at most once per epoch
+    # ... from two buffers per layer, grown at most once per epoch
+    assert ld.memory()["window_buffer_allocations"] <= 2 * 2 + 2 * 3
 
 
 def test_sparse_chunks_are_compacted_and_partial_chunks_decode_right(tmp_path):
@@ -289,8 +288,8 @@ def test_sparse_chunks_are_compacted_and_partial_chunks_decode_right(tmp_path):
         drop_last=False,
         announce=False,
     )
-    plan, n, rows, _ = ld._layout(0, 0)
-    assert all(local is not None for _, _, local in plan) and n == len(rows)  # compacted: the buffer holds only them
+    eligible = [len(ld.window_rows(0, w)) for w in range(len(ld.windows(0)))]
+    assert ld.buffer_rows(0) == max(eligible)  # compacted: a buffer holds only the eligible rows
     got = list(ld)
     for b in got:
         for L in (0, 2):
@@ -301,7 +300,8 @@ def test_sparse_chunks_are_compacted_and_partial_chunks_decode_right(tmp_path):
     train = ShuffledLoader(
         c, [0], 64, heldout_fraction=0.1, window_tokens=3000, max_epochs=1, drop_last=False, announce=False
     )
-    assert all(local is None for _, _, local in train._layout(0, 0)[0])  # dense: decoded whole, in place
+    assert len(train.windows(0)) == 1 and len(train.window_rows(0, 0)) < 3000
+    assert train.buffer_rows(0) == 3000  # dense: every chunk decoded whole, in place
     rows = np.concatenate([b.rows for b in train])
     assert rows.max() >= 2944 and len(rows) == 3000 - len(np.concatenate([b.rows for b in got]))
 

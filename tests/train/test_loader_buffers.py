@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import torch
 
-from train.loader_buffers import BatchBuilder, Recycler, window_array
+from train.loader import BatchBuilder, Recycler, window_array
 
 
 def test_recycler_lends_an_array_again_only_when_its_views_are_gone():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from train import neighbours
-from train.neighbours import decoder_neighbours
+from train.analysis import features as neighbours
+from train.analysis.features import decoder_neighbours
 
 
 def test_neighbours_match_brute_force(monkeypatch):

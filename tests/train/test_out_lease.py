@@ -15,7 +15,7 @@ from support import quick_train_args
 
 from cache_format.errors import UserError
 from train.cli import cli
-from train.out_lease import LEASE, OutLease
+from train.outdir import LEASE, OutLease
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,8 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from train.published import detect_layout, load_sae
-from train.sae_tensors import SAEFormatError
+from train.published import SAEFormatError, detect_layout, load_sae
 
 D_IN, D_SAE, K = 24, 64, 6
 

@@ -18,7 +18,8 @@ def write(tmp_path, text):
 
 
 def test_recipe_keys_yield_to_train_keys_and_set(tmp_path):
-    from train.recipe import budget, fit_to_run, resolve
+    from train.config import resolve
+    from train.run import budget, fit_to_run
 
     p = write(
         tmp_path,

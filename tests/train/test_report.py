@@ -9,10 +9,10 @@ import pytest
 from analysis_data import FRACTION, LAYER, SEED, exported_run
 from support import chromium_binary, chromium_flags
 
-from train.analysis_rows import Split
+from train.analysis.features import analyze
+from train.analysis.report import render_report
+from train.analysis.scan import RowSelection
 from train.config import AnalysisConfig
-from train.features import analyze
-from train.report import render_report
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def report(tmp_path_factory):
         LAYER,
         out / name,
         AnalysisConfig(bootstrap=20, permutations=50),
-        Split(SEED, FRACTION, (2, 3)),
+        RowSelection(SEED, FRACTION, (2, 3)),
         progress=False,
     )
     return render_report(out)
@@ -92,3 +92,34 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     colourful = (img.max(axis=-1) - img.min(axis=-1) > 0.2).mean()
     assert colourful > 0.002, colourful
     shutil.copy(shot, report.parent / "report_screenshot.png")
+
+
+def test_report_cache_option_names_the_cache_the_provenance_shows(report, tmp_path):
+    """`train report --cache URL`: the provenance's cache, source shares and fingerprint are that
+    cache's; without it, the ones the run recorded."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    import cache_format as cf
+    from cache_format.layout import BF16
+    from train.cli import report_cmd
+
+    url = str(tmp_path / "mixture")
+    w = cf.create_cache(url, d_model=4, layers=[LAYER], chunk_tokens=8, shard_mib=1)
+    n = 16
+    with w.segment(meta={"rows_by_source": {"wiki": 12, "code": 4}}) as seg:
+        seg.append(
+            residuals={LAYER: np.zeros((n, 4), BF16)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.arange(n, dtype=np.int64),
+            positions=np.zeros(n, np.int32),
+            labels=np.full(n, -1, np.int8),
+            roles=np.zeros(n, np.int8),
+        )
+    fingerprint = cf.open_cache(url).fingerprint[:16]
+    assert "wiki 75.0%" not in report.read_text() and fingerprint not in report.read_text()
+    page = tmp_path / "report.html"
+    r = CliRunner().invoke(report_cmd, ["--out", str(report.parent), "--cache", url, "--html", str(page)])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    text = page.read_text()
+    assert "wiki 75.0% · code 25.0%" in text and fingerprint in text and url in text

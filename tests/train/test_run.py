@@ -318,7 +318,7 @@ def test_two_process_gloo_run_matches_one_process(planted, tmp_path):
     # process's (same windows, same mixing): the same features, learned as well
     cos = torch.nn.functional.cosine_similarity(a["W_dec"], b["W_dec"], dim=1)
     assert cos.mean() > 0.99
-    from train.checkpoint import Checkpoints
+    from train.outdir import Checkpoints
 
     ckpts = sorted((tmp_path / "ddp/checkpoints").glob("tokens_*.safetensors"))
     ranks = Checkpoints.load(ckpts[0])["loader"]["ranks"]
@@ -393,7 +393,7 @@ def test_normalization_is_folded_into_the_export(planted, tmp_path):
 
 
 def test_too_few_heldout_sequences_is_one_line_and_run_json_counts_the_split(make_cache, tmp_path):
-    from train.split import is_heldout
+    from cache_format.split import is_heldout
 
     url, data = make_cache(segments=(400, 400), d_model=16)  # 80 sequences of 10 rows
     r = run(

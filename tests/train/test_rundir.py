@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cache_format.errors import UserError
-from train.rundir import read_run, run_saes, write_run_json
+from train.outdir import read_run, run_saes, write_run_json
 
 NAME = "L2_n32_k16"
 

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from analysis_data import FRACTION, LAYER, SEED, identity_sae, make_cache
 
-from train.analysis_rows import Split
-from train.scan import scan
+from train.analysis.scan import RowSelection, scan
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +15,8 @@ def cache_url(tmp_path_factory):
 
 def test_scan_is_deterministic_and_truncates(cache_url):
     sae = identity_sae()
-    full = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), progress=False)
-    part = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), max_tokens=50, progress=False)
+    full = scan(cache_url, sae, LAYER, RowSelection(SEED, FRACTION, (2, 3)), progress=False)
+    part = scan(cache_url, sae, LAYER, RowSelection(SEED, FRACTION, (2, 3)), max_tokens=50, progress=False)
     n = len(part.rows)  # whole chunks, in cache order, until at least 50 held-out rows
     assert 50 <= n < len(full.rows) and n - 50 < 64
     np.testing.assert_array_equal(part.rows, full.rows[:n])
@@ -33,10 +32,15 @@ def test_scan_on_an_existing_scheduler_matches_the_local_one(cache_url):
     from dask.distributed import LocalCluster
 
     sae = identity_sae()
-    local = scan(cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), progress=False)
+    local = scan(cache_url, sae, LAYER, RowSelection(SEED, FRACTION, (2, 3)), progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         remote = scan(
-            cache_url, sae, LAYER, Split(SEED, FRACTION, (2, 3)), scheduler=cluster.scheduler_address, progress=False
+            cache_url,
+            sae,
+            LAYER,
+            RowSelection(SEED, FRACTION, (2, 3)),
+            scheduler=cluster.scheduler_address,
+            progress=False,
         )
     np.testing.assert_array_equal(remote.rows, local.rows)
     np.testing.assert_array_equal(remote.vals, local.vals)
@@ -56,7 +60,7 @@ def test_unreachable_scheduler_is_one_line(cache_url):
             cache_url,
             identity_sae(),
             LAYER,
-            Split(SEED, FRACTION, (2, 3)),
+            RowSelection(SEED, FRACTION, (2, 3)),
             scheduler="tcp://127.0.0.1:9",
             progress=False,
         )

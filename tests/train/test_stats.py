@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from train.stats import SparseAUROC, auroc, benjamini_hochberg, bootstrap_ci, permutation_pvalue
+from train.analysis.significance import SparseAUROC, auroc, benjamini_hochberg, bootstrap_ci, permutation_pvalue
 
 
 def test_auroc_hand_cases():
@@ -63,20 +63,30 @@ def test_bootstrap_perfect_separation_is_degenerate():
 
 
 def test_bootstrap_resamples_sequences_not_tokens():
-    # Two sequences of 3 tokens each: whole sequences move together, so the bootstrap
-    # weights are multiples of a sequence's token count.
+    # Three positive sequences of 3, 2 and 4 tokens and two negative ones of 2 and 3: a resample
+    # draws whole sequences within each class, so a row's weight is its sequence's multiplicity.
     seen = []
 
     def stat(pw, nw):
         seen.append((pw.copy(), nw.copy()))
         return np.array([0.0])
 
-    labels_by_seq = np.array([1, 0])
-    row_seq = np.array([0, 0, 0, 1, 1, 1])
-    bootstrap_ci(stat, labels_by_seq, row_seq, n_boot=5, seed=0)
+    labels_by_seq = np.array([1, 1, 1, 0, 0])
+    row_seq = np.repeat(np.arange(5), [3, 2, 4, 2, 3])  # 14 rows
+    starts = np.r_[0, np.cumsum([3, 2, 4, 2])]
+    bootstrap_ci(stat, labels_by_seq, row_seq, n_boot=60, seed=0)
+    assert len(seen) == 60
+    mults = []
     for pw, nw in seen:
-        np.testing.assert_array_equal(pw, [1, 1, 1, 0, 0, 0])
-        np.testing.assert_array_equal(nw, [0, 0, 0, 1, 1, 1])
+        w = pw + nw
+        assert np.all(w == np.round(w)) and np.all(w >= 0)
+        m = w[starts]
+        np.testing.assert_array_equal(w, m[row_seq])  # constant within each sequence
+        assert not np.any(pw[row_seq >= 3]) and not np.any(nw[row_seq < 3])  # each row on its class's side
+        assert m[:3].sum() == 3 and m[3:].sum() == 2  # each class keeps its number of sequences
+        mults.append(tuple(m))
+    assert len(set(mults)) > 1  # the resamples differ ...
+    assert any(0 in m for m in mults) and any(max(m) >= 2 for m in mults)  # ... with replacement
 
 
 def test_permutation_exact_enumeration():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from train.window_plan import chunk_rows, cut_batches, epoch_windows, window_layout, window_perm
+from train.loader_plan import chunk_rows, cut_batches, epoch_windows, window_layout, window_perm
 
 
 def test_epoch_windows_cover_every_eligible_chunk_once_and_are_deterministic():

@@ -3,20 +3,21 @@
 Reads what the other steps left in the run directory and renders whatever is there:
 
 - `run.json` (train's export): the SAEs, their final metrics and config;
-- `<sae>/trajectory.jsonl` and `<sae>/*.png`: training curves;
+- `<sae>/trajectory.jsonl` and `<sae>/*.png`: training curves (the figure is `outdir`'s, the
+  same as the run's own `trajectory.png`);
 - `<sae>/feature_metrics.parquet`, `feature_prompts.parquet`, `analysis.json` (`train analyze`);
 - `<sae>/loss_recovered.json` (`harvest loss-recovered`).
 
 Missing pieces are stated on the page rather than failing the report, so a run can be
-reported before (or without) the model-side step.
-
-The figures are drawn in report_plots.py; this module builds the page around them.
+reported before (or without) the model-side step. The figures are matplotlib drawn off-screen
+(Agg) to base64 PNGs.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 from datetime import UTC, datetime
@@ -25,11 +26,71 @@ from typing import Any
 
 import numpy as np
 
+from cache_format import open_cache
 from cache_format.stores.local import write_atomic
 
-from .metrics import METRIC_NAMES
-from .report_plots import auroc_histogram, fire_rate_histogram, img_tag, trajectory_plot
-from .rundir import read_run
+from ..metrics import METRIC_NAMES
+from ..outdir import read_run, trajectory_figure
+
+# -- the figures -------------------------------------------------------------------------------
+
+__all__ = ["png_base64", "img_tag", "fire_rate_histogram", "auroc_histogram"]
+
+
+def png_base64(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def img_tag(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def fire_rate_histogram(fire_rate: np.ndarray, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    alive = fire_rate[fire_rate > 0]
+    dead = int((fire_rate <= 0).sum())
+    if len(alive):
+        lo = max(alive.min(), 1e-7)
+        bins = np.logspace(np.log10(lo), np.log10(max(alive.max(), lo * 10)), 40)
+        ax.hist(alive, bins=bins, color="#3a6ea5")
+        ax.set_xscale("log")
+    ax.set_xlabel("fire rate (fraction of analyzed tokens)")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title}: fire rate ({dead} never fired)")
+    return png_base64(fig)
+
+
+def auroc_histogram(auroc: np.ndarray, title: str, significant: np.ndarray | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    a = auroc[~np.isnan(auroc)]
+    bins = np.linspace(min(0.0, a.min()) if len(a) else 0, max(1.0, a.max()) if len(a) else 1, 41)
+    ax.hist(a, bins=bins, color="#999999", label="all features")
+    if significant is not None and significant.any():
+        ax.hist(auroc[significant], bins=bins, color="#c0392b", label="BH q ≤ 0.05")
+        ax.legend(fontsize=8)
+    ax.axvline(0.5, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("token-level AUROC vs correctness")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title}: AUROC")
+    return png_base64(fig)
+
+
+# -- the page ----------------------------------------------------------------------------------
 
 REPORT_NAME = "report.html"
 
@@ -118,9 +179,9 @@ def _sae_section(sae: dict, n_features: int) -> str:
     traj_path = d / "trajectory.jsonl"
     if not curves and traj_path.is_file():
         rows = [json.loads(line) for line in traj_path.read_text().splitlines() if line.strip()]
-        drawn = trajectory_plot(rows, name)
-        if drawn:
-            curves.append(img_tag(drawn, "training trajectory"))
+        fig = trajectory_figure(rows, name)
+        if fig is not None:
+            curves.append(img_tag(png_base64(fig), "training trajectory"))
     parts.append("<h3>Training curves</h3>")
     parts.append(
         f'<div class="figs">{"".join(curves)}</div>'
@@ -243,7 +304,6 @@ def _source_shares(url: str | None) -> str | None:
     if not url:
         return None
     try:
-        from cache_format import open_cache
         from cache_format.ops import rows_by_source
 
         rows = rows_by_source(open_cache(url))
@@ -253,9 +313,21 @@ def _source_shares(url: str | None) -> str | None:
     return " · ".join(f"{k} {v / total:.1%}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1])) or None
 
 
-def _provenance_table(run: dict, saes: list[dict]) -> str:
-    """Where the activations came from: model, hook, source and cache, as analysis recorded them."""
+def _cache_fingerprint(url: str) -> str | None:
+    try:
+        return open_cache(url).fingerprint
+    except Exception:  # as _source_shares: the page renders without the cache
+        return None
+
+
+def _provenance_table(run: dict, saes: list[dict], cache: str | None = None) -> str:
+    """Where the activations came from: model, hook, source and cache, as analysis recorded them;
+    `cache` (`train report --cache`) names the cache whose shares and fingerprint are shown instead."""
     a = next((x for x in (_read_json(s["dir"] / "analysis.json") for s in saes) if x), {}) or {}
+    url = cache or a.get("cache") or run.get("cache")
+    fingerprint = (
+        (_cache_fingerprint(cache) if cache else None) or a.get("cache_fingerprint") or run.get("cache_fingerprint")
+    )
     model = a.get("model") if isinstance(a.get("model"), dict) else {}
     source = a.get("source") if isinstance(a.get("source"), dict) else {}
     hook = a.get("hook") if isinstance(a.get("hook"), dict) else {}
@@ -270,9 +342,9 @@ def _provenance_table(run: dict, saes: list[dict]) -> str:
         ("hook", hook.get("meaning") or hook.get("site")),
         ("module path", hook.get("module_path")),
         ("source", " ".join(str(source.get(k)) for k in ("name", "dataset") if source.get(k))),
-        ("cache", a.get("cache") or run.get("cache")),
-        ("source token shares", _source_shares(a.get("cache") or run.get("cache"))),
-        ("cache fingerprint", (a.get("cache_fingerprint") or run.get("cache_fingerprint") or "")[:16]),
+        ("cache", url),
+        ("source token shares", _source_shares(url)),
+        ("cache fingerprint", (fingerprint or "")[:16]),
     ]
     rows = [[f"<b>{html.escape(k)}</b>", _fmt(v)] for k, v in rows if v not in (None, "")]
     return _table(None, rows, raw_cols=(0,)) if rows else ""
@@ -295,8 +367,11 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}
 """
 
 
-def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_features: int = 24) -> Path:
-    """Write `report.html` for the run in `run_dir` and return its path."""
+def render_report(
+    run_dir: str | Path, out_path: str | Path | None = None, n_features: int = 24, cache: str | None = None
+) -> Path:
+    """Write `report.html` for the run in `run_dir` and return its path; `cache` is the cache the
+    provenance shows (default: the one the run and its analysis recorded)."""
     run_dir = Path(run_dir)
     run, saes = read_run(run_dir, need_saes=True)
     rows = []
@@ -330,7 +405,7 @@ def render_report(run_dir: str | Path, out_path: str | Path | None = None, n_fea
             ["SAE", "layer", "d_sae", "k", *METRIC_NAMES, "loss recovered", "KL", "tokens seen"], rows, raw_cols=(0,)
         ),
         "<h2>Config and provenance</h2>",
-        _provenance_table(run, saes),
+        _provenance_table(run, saes, cache),
         _json_block("run.json", run),
     ]
     body += [_sae_section(s, n_features) for s in saes]

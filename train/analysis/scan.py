@@ -1,8 +1,10 @@
 """The streaming pass of feature analysis: encode a cache's rows chunk by chunk on dask.
 
-Chunks are encoded in parallel (a LocalCluster of threads, or `--scheduler ADDRESS` for a real
-cluster) into sparse codes plus mergeable reconstruction metrics; only the chunks completed in
-cache order are kept, so the result does not depend on task timing.
+Which rows are scanned is a `RowSelection`: a side of the sequence split (`cache_format.split`,
+the same hash as training, so analysis sees the held-out rows training never saw), with the
+given roles. Chunks are encoded in parallel (a LocalCluster of threads, or `--scheduler ADDRESS`
+for a real cluster) into sparse codes plus mergeable reconstruction metrics; only the chunks
+completed in cache order are kept, so the result does not depend on task timing.
 """
 
 from __future__ import annotations
@@ -21,11 +23,66 @@ import torch
 import cache_format as cf
 from cache_format.commandline import dask_client
 from cache_format.errors import UserError
+from cache_format.layout import role_codes
+from cache_format.split import Split
 
-from . import dist
-from .analysis_rows import Split
-from .metrics import ReconstructionMetrics
-from .sae import TopKSAE
+from .. import dist
+from ..metrics import ReconstructionMetrics
+from ..sae import SAE, TopKSAE
+
+# -- which rows an analysis scans --------------------------------------------------------------
+
+ROW_SETS = ("heldout", "train", "all")
+
+
+@dataclass
+class RowSelection:
+    """Which rows are scanned: a side of the sequence split (by hash), with the given roles."""
+
+    seed: int = 0
+    fraction: float = 0.01
+    roles: tuple[int, ...] | None = None  # None = every role
+    rows: str = "heldout"  # heldout | train | all: which side of the split
+    labeled: bool = False  # keep only rows with a correctness label (label >= 0)
+
+    @property
+    def split(self) -> Split:
+        return Split(self.seed, self.fraction)
+
+    def keep(self, cols: dict) -> np.ndarray:
+        """Mask of the rows of a chunk's columns that this selection scans."""
+        keep = self.split.side(cols["seq_ids"], self.rows)
+        if self.roles is not None:
+            keep &= np.isin(cols["roles"], self.roles)
+        if self.labeled:
+            keep &= cols["labels"] >= 0
+        return keep
+
+    def describe(self) -> str:
+        """What the rows are, in words (for errors and the report)."""
+        side = {"heldout": "held-out", "train": "train-split", "all": "all"}[self.rows]
+        return f"{side}{' labeled' if self.labeled else ''} rows (split seed {self.seed}, fraction {self.fraction:g})"
+
+    def as_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "fraction": self.fraction,
+            "roles": list(self.roles) if self.roles else None,
+            "rows": self.rows,
+            "labeled": self.labeled,
+        }
+
+    @classmethod
+    def of(cls, sae: SAE, default: Split) -> RowSelection:
+        """The split the SAE recorded (train's export: `split: {seed, fraction, roles}`), else `default`
+        (published SAEs record none)."""
+        record = (sae.cfg or {}).get("split")
+        split = Split.from_record(record, default)
+        roles = record.get("roles") if isinstance(record, dict) else None
+        return cls(split.seed, split.fraction, role_codes(roles) if roles else None)
+
+
+# -- the streaming pass ------------------------------------------------------------------------
 
 ENCODE_BATCH = 4096
 
@@ -75,7 +132,7 @@ def _scan_chunk(
     layer: int,
     i: int,
     sae: TopKSAE,
-    split: Split,
+    split: RowSelection,
     want_codes: bool,
     device: str = "cpu",
     token: str = "",
@@ -118,7 +175,7 @@ def analysis_client(scheduler: str | None = None, workers: int | None = None) ->
 class ScanResult:
     url: str
     layer: int
-    split: Split
+    split: RowSelection
     rows: np.ndarray
     columns: dict[str, np.ndarray]
     vals: np.ndarray | None
@@ -134,7 +191,7 @@ def scan(
     url: str,
     sae: TopKSAE,
     layer: int,
-    split: Split,
+    split: RowSelection,
     *,
     max_tokens: int = 1_000_000,
     want_codes: bool = True,
