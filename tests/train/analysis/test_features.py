@@ -1,16 +1,24 @@
 """The whole analysis (feature statistics and the reverse index) on a real cache whose labels and activations are
-known by construction: an exact ±basis SAE makes feature j's activation equal to x_j."""
+known by construction: an exact ±basis SAE makes feature j's activation equal to x_j.
+
+Per-feature statistics on hand-made codes: no labels or one class leave AUROC empty, mixed
+labels within a rollout are refused.
+
+Decoder-cosine neighbours against a brute-force numpy reference, within and across SAEs.
+"""
 
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from analysis_data import FRACTION, LAYER, SEED, D, identity_sae, make_cache
 
 import cache_format as cf
 from cache_format.split import is_heldout
-from train.analysis.features import analyze
+from train.analysis import features as neighbours
+from train.analysis.features import analyze, decoder_neighbours
 from train.analysis.scan import RowSelection
 from train.config import AnalysisConfig
 
@@ -133,3 +141,61 @@ def test_window_values_and_profiles(cache_url, tmp_path):
                 assert np.isnan(rate)
     assert res["profiles"]["rows_by_role"]["prompt"] == 0
     assert pq.ParquetFile(out / "feature_prompts.parquet").metadata.num_columns >= 17
+
+
+def test_corpus_rows_without_labels_leave_auroc_empty():
+    from train.analysis.features import feature_metrics, top_examples
+    from train.analysis.report import top_features
+
+    rng = np.random.default_rng(0)
+    n, d, k = 200, 12, 3
+    idx = np.stack([rng.choice(d - 2, k, replace=False) for _ in range(n)]).astype(np.int32)  # 10, 11 dead
+    vals = rng.random((n, k)).astype(np.float32) + 0.1
+    seq = np.repeat(np.arange(20), 10)
+    cfg = AnalysisConfig(bootstrap=5, permutations=5)
+    fm, summary = feature_metrics(idx, vals, seq, np.full(n, -1), d, cfg)
+    assert summary["labels"] == "none" and summary["alive"] == d - 2
+    assert np.isnan(fm["auroc"]).all() and np.isnan(fm["q_value"]).all() and (fm["direction"] == "").all()
+    np.testing.assert_allclose(fm["fire_rate"], np.bincount(idx.ravel(), minlength=d) / n)
+    # one class only: still no AUROC, said so
+    _, s1 = feature_metrics(idx, vals, seq, np.ones(n, int), d, cfg)
+    assert s1["labels"] == "one class only"
+    # the report then ranks alive features by their strongest activation
+    import pandas as pd
+
+    top = top_features(pd.DataFrame({k2: v for k2, v in fm.items()}), 3)
+    assert list(top["max_activation"]) == sorted(fm["max_activation"][: d - 2], reverse=True)[:3]
+    ex = top_examples(idx, vals, 2)
+    assert set(ex["feature"]) == set(range(d - 2)) and (np.bincount(ex["feature"]) == 2).all()
+
+
+def test_rollout_with_mixed_labels_is_refused():
+    from cache_format.errors import UserError
+    from train.analysis.features import feature_metrics
+
+    idx = np.array([[0], [1], [0], [1]], np.int32)
+    vals = np.ones((4, 1), np.float32)
+    with pytest.raises(UserError, match="both correct and wrong labels"):
+        feature_metrics(idx, vals, np.array([7, 7, 8, 8]), np.array([1, 0, 1, 1]), 2, AnalysisConfig())
+
+
+def test_neighbours_match_brute_force(monkeypatch):
+    monkeypatch.setattr(neighbours, "BLOCK", 7)  # several blocks, the last one partial
+    g = torch.Generator().manual_seed(0)
+    decs = {"A": torch.randn(30, 8, generator=g) * 3, "B": torch.randn(20, 8, generator=g), "C": torch.randn(5, 4)}
+    out = decoder_neighbours(decs)
+    unit = {k: (v / v.norm(dim=1, keepdim=True)).numpy() for k, v in decs.items()}
+    a = out["A"]
+    assert set(a["sae"]) == {"A", "B"}  # C has another d_in: never compared
+    for f in (0, 13, 29):
+        mine = {s: (a["neighbour"][(a["feature"] == f) & (a["sae"] == s)]) for s in ("A", "B")}
+        cos_a = unit["A"] @ unit["A"][f]
+        cos_a[f] = -np.inf
+        assert mine["A"].tolist() == np.argsort(-cos_a)[: neighbours.SAME_SAE].tolist()
+        cos_b = unit["B"] @ unit["A"][f]
+        assert mine["B"].tolist() == np.argsort(-cos_b)[: neighbours.OTHER_SAE].tolist()
+        got = a["cosine"][(a["feature"] == f) & (a["sae"] == "B")]
+        assert got == pytest.approx(np.sort(cos_b)[::-1][: neighbours.OTHER_SAE], abs=1e-5)
+    rows = a["feature"] == 3
+    assert a["sae"][rows].tolist() == ["A"] * neighbours.SAME_SAE + ["B"] * neighbours.OTHER_SAE  # own SAE first
+    assert out["C"]["sae"].tolist() == ["C"] * 5 * 4  # 5 features, 4 others each (self excluded)
