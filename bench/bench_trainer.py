@@ -356,8 +356,8 @@ def table(report: dict) -> str:
         cells.append(f"{r['ratio_fastest_peer']:.2f}x" if "ratio_fastest_peer" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     for arch in dict.fromkeys(r.get("architecture", "topk") for r in report["rows"]):
-        worst = [(r["ratio_fastest_peer"], r) for r in report["rows"] if r.get("architecture", "topk") == arch]
-        worst = [(w, r) for w, r in worst if w is not None and "ratio_fastest_peer" in r]
+        rows = [r for r in report["rows"] if r.get("architecture", "topk") == arch]
+        worst = [(r["ratio_fastest_peer"], r) for r in rows if r.get("ratio_fastest_peer") is not None]
         if worst:
             w, r = min(worst, key=lambda t: t[0])
             lines.append(f"worst {arch}: {w:.2f}x the fastest peer ({r['d_in']}/{r['d_sae']}/{r['k']})")
