@@ -1,4 +1,4 @@
-"""Sharing a cache (cache_format/sync.py, transfer.py, ops.publish, ops.card): `sync` between local,
+"""Sharing a cache (cache_format/sync.py, ops.publish, ops.card): `sync` between local,
 S3 and a faulty HTTP server keeps the fingerprint; partial copies; objects copied in bounded memory,
 checked as they pass and resumed mid-object; publishing for HTTP; a Hub dataset card."""
 
@@ -24,8 +24,7 @@ from cache_format import log, ops
 from cache_format.layout import BF16
 from cache_format.stores import Location
 from cache_format.stores.local import PIECE
-from cache_format.sync import sync
-from cache_format.transfer import BLOCK
+from cache_format.sync import BLOCK, sync
 
 
 def test_sync_local_s3_local_keeps_the_fingerprint(tmp_path, s3_bucket):
