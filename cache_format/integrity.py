@@ -70,9 +70,6 @@ class CorruptObject(IntegrityError):
         )
 
 
-fail = CorruptObject  # shim: removed by the structure issue's last step, once transfer.py raises CorruptObject
-
-
 def read_checked(loc, key: str, want: dict | None, checksum=digest) -> bytes:
     """A whole small object, checked against its manifest entry {size, blake2b} (re-read once)."""
     for attempt in range(2):
