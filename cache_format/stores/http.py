@@ -4,7 +4,9 @@ Readers take the commit records from the `index.json` that `publish` writes; eve
 else is ranged GETs through fsspec's HTTP filesystem (redirects followed, Range kept),
 retried like any remote read; a copy streams each object through `requests` instead. A Hub
 `…/resolve/<revision>/…` URL is pinned to the commit its revision names when it is opened
-(hub_revisions.py). A web page served in an object's place (a login or error page, a `/blob/`
+(below: `HF_ENDPOINT` is read at call time, since huggingface_hub reads it at import, so a
+mirror or a test server can stand in for huggingface.co; hub.py's `hf://` addresses are pinned
+the same way). A web page served in an object's place (a login or error page, a `/blob/`
 URL) is refused in one line, not read as data.
 """
 
@@ -14,11 +16,11 @@ import http.client
 import os
 import re
 import threading
+from urllib.parse import unquote
 
 from ..errors import RemoteError, UserError
 from .base import ObjectInfo, ReadOnlyError, Upload
 from .fsspec import FsspecLocation
-from .hub_revisions import pin_resolve_url
 
 _HTML = re.compile(rb"^\s*<(!doctype\s+html|html[\s>])", re.IGNORECASE)
 
@@ -119,3 +121,51 @@ class HttpLocation(FsspecLocation):
 
     def upload(self, key: str, tag: str, size: int, part: int) -> Upload:
         self._refuse_write()
+
+
+# Hub dataset revisions: every read of a Hub cache names the commit its revision named when it
+# was opened, so a push to the repo while a loader runs never mixes two versions.
+
+_RESOLVE = re.compile(
+    r"^(?P<origin>https?://[^/]+)/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)(?P<path>/.*)?$"
+)
+
+
+def endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def resolve_revision(repo_id: str, revision: str | None, at: str | None) -> str:
+    """The commit sha of dataset `repo_id` at `revision` (a branch, tag or sha; None: the default
+    branch), asked of the Hub at `at` (None: huggingface.co or HF_ENDPOINT); one line if there is none."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi(endpoint=at or endpoint()).dataset_info(repo_id, revision=revision).sha
+    except RevisionNotFoundError:
+        raise UserError(
+            f"hub dataset {repo_id!r} has no revision {revision!r}; check the branch, tag or commit "
+            "(see the repo's history on the Hub)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"hub dataset {repo_id!r} does not exist, or is private (log in with `hf auth login`); check the URL"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise RemoteError(
+            f"cannot resolve revision {revision or 'main'!r} of hub dataset {repo_id!r} "
+            f"({type(e).__name__}: {first}); check network access and the endpoint"
+        ) from None
+
+
+def pin_resolve_url(url: str) -> str:
+    """A Hub `…/resolve/<revision>/…` URL with its revision replaced by the commit it names now;
+    any other URL as given."""
+    m = _RESOLVE.match(url)
+    if not m:
+        return url
+    rev = unquote(m["rev"])
+    sha = resolve_revision(m["repo"], rev, m["origin"])
+    return f"{m['origin']}/datasets/{m['repo']}/resolve/{sha}{m['path'] or ''}"

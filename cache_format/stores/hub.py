@@ -3,7 +3,8 @@ read through huggingface_hub's own fsspec filesystem (HfFileSystem).
 
 The Hub's other address, `https://huggingface.co/datasets/<org>/<repo>/resolve/<revision>/<path>`,
 is read by the HTTP backend (http.py: the Hub redirects to its storage, which serves Range).
-At both, the revision is pinned to its commit when the cache is opened (hub_revisions.py) and
+At both, the revision is pinned to its commit when the cache is opened (http.py's
+`resolve_revision`) and
 reads go through the published `index.json`, never the Hub's tree listings. The Hub is written
 with its own tools (`hf upload-large-folder`), so both addresses are read-only here.
 """
@@ -15,8 +16,7 @@ import re
 from urllib.parse import unquote
 
 from ..errors import UserError
-from .http import HttpLocation
-from .hub_revisions import endpoint, resolve_revision
+from .http import HttpLocation, endpoint, resolve_revision
 
 _HF = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?P<path>/.*)?$")
 

@@ -1,5 +1,5 @@
 """Caches on the Hugging Face Hub, read through a loopback stand-in for it (cache_format/stores/hub.py,
-hub_revisions.py, and the HTTP backend for resolve URLs; the stand-in is tests/hub_standin.py)."""
+http.py's revision pinning, and the HTTP backend for resolve URLs; the stand-in is tests/hub_standin.py)."""
 
 from __future__ import annotations
 
