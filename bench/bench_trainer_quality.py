@@ -70,7 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="extra train --set KEY=VALUE (default: the issue's d_sae 1024, k 4, lr 5e-3, ...)",
     )
-    p.add_argument("--workdir", type=Path, default=None, help="keep the cache and runs here (reused if present)")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep the cache, the runs and SAELens results here (reused)"
+    )
+    p.add_argument(
+        "--reuse-ours",
+        action="store_true",
+        help="measure our finished runs in --workdir made with the same settings instead of retraining "
+        "(only while train/ is unchanged)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer_quality.json")
     return p.parse_args(argv)
 
@@ -88,6 +96,7 @@ RUN = {
     "checkpoint_every_tokens": 1_000_000,
     "shuffle_buffer_tokens": 262_144,
     "heldout_fraction": 0.1,
+    "sparsity_warmup_steps": 0,  # jumprelu, relu: SAELens' default (l0_ / l1_warm_up_steps), given to both sides
 }
 
 
@@ -174,9 +183,14 @@ def ours_codes(sae_dir: Path, held: np.ndarray):
         return sae.dense(x).numpy(), sae(x).double().numpy()
 
 
-def train(cache: Path, out: Path, sets: dict, held: np.ndarray, dic: np.ndarray) -> list[dict]:
-    """One `train run` (all its sweep's SAEs in one pass); one row per SAE, measured on `held`."""
-    from safetensors.numpy import load_file
+def train(cache: Path, out: Path, sets: dict, held: np.ndarray, dic: np.ndarray, reuse: bool = False) -> list[dict]:
+    """One `train run` (all its sweep's SAEs in one pass); one row per SAE, measured on `held`.
+
+    With `reuse`, a finished run in `out` made with the same settings (bench_sets.json) is
+    measured again instead of retrained: only valid while train/ is unchanged since."""
+    record = out / "bench_sets.json"
+    if reuse and record.exists() and json.loads(record.read_text()) == sets and (out / "run.json").exists():
+        return measure_run(out, held, dic, seconds=None)
 
     args = [
         sys.executable,
@@ -201,6 +215,14 @@ def train(cache: Path, out: Path, sets: dict, held: np.ndarray, dic: np.ndarray)
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"train run failed: {proc.stderr.strip()[-400:]}")
+    record.write_text(json.dumps(sets))
+    return measure_run(out, held, dic, seconds=round(time.time() - t0, 1))
+
+
+def measure_run(out: Path, held: np.ndarray, dic: np.ndarray, seconds: float | None) -> list[dict]:
+    """One row per SAE of the finished run in `out`, measured on `held`."""
+    from safetensors.numpy import load_file
+
     run = json.loads((out / "run.json").read_text())
     rows = []
     for sae in run["saes"]:
@@ -219,7 +241,7 @@ def train(cache: Path, out: Path, sets: dict, held: np.ndarray, dic: np.ndarray)
                 **measure(w_dec, ours_codes(out / sae["path"], held), dic, held),
                 "run_variance_explained": sae["metrics"].get("variance_explained"),
                 "details": details,
-                "seconds": round(time.time() - t0, 1),
+                "seconds": seconds,
             }
         )
     return rows
@@ -244,7 +266,38 @@ def toml_value(v) -> str:
 
 
 def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Path], dic: np.ndarray) -> list[dict]:
-    """SAELens' training of the same kind on the same rows (bench/peers/saelens_quality.py)."""
+    """SAELens' training of the same kind on the same rows (bench/peers/saelens_quality.py).
+
+    Each result is kept in the workdir's saelens_runs.jsonl under the settings that made it (data,
+    kind, sizes, budget, lr, warmups, dead window, coefficient); a later call with the same
+    settings reuses it and trains only what is missing (a SAELens run takes minutes to tens of
+    minutes on a shared CPU box)."""
+    key = {
+        "data": files["cache"],
+        "arch": arch,
+        **{k: run[k] for k in ("d_sae", "k", "lr", "warmup_steps", "batch_size", "training_tokens")},
+        "dead_window": max(1, run["dead_tokens"] // run["batch_size"]),
+        "sparsity_warmup_steps": run["sparsity_warmup_steps"] if arch in COEFFICIENT_KINDS else None,
+    }
+    store = files["dir"] / "saelens_runs.jsonl"
+    done = [json.loads(ln) for ln in store.read_text().splitlines()] if store.exists() else []
+    have = {r["sparsity_coefficient"]: r for r in done if r["key"] == key and Path(r["w_dec"]).exists()}
+    wanted = coefficients if arch in COEFFICIENT_KINDS else [None]
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        for r in train_saelens(arch, run, missing, files):
+            have[r["sparsity_coefficient"]] = r
+            with store.open("a") as f:
+                f.write(json.dumps({"key": key, **r}) + "\n")
+    rows = []
+    for c in wanted:
+        r = {k: v for k, v in have[c].items() if k != "key"}
+        rows.append(dict(r, recovery=recovery(np.load(r["w_dec"]), dic), reused=c not in missing))
+    return rows
+
+
+def train_saelens(arch: str, run: dict, coefficients: list[float | None], files: dict[str, Path]) -> list[dict]:
+    """One call of bench/peers/saelens_quality.py: one JSON row per coefficient (or the k kind's one)."""
     args = [
         str(PEERS_PY),
         str(PEER),
@@ -268,6 +321,8 @@ def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Pa
         str(run["training_tokens"]),
         "--dead-window",
         str(max(1, run["dead_tokens"] // run["batch_size"])),
+        "--sparsity-warmup",
+        str(run["sparsity_warmup_steps"]),
         "--out-dir",
         str(files["dir"]),
     ]
@@ -280,8 +335,6 @@ def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Pa
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise SystemExit(f"SAELens {arch} failed: {proc.stderr.strip()[-600:]}")
-    for r in lines:
-        r["recovery"] = recovery(np.load(r["w_dec"]), dic)
     return lines
 
 
@@ -315,7 +368,12 @@ def main(argv=None) -> None:
     train_rows, held = split_rows(x, 128, base["heldout_fraction"], 0, base["eval_tokens"])
     del x
     sides = [v.strip() for v in a.sides.split(",") if v.strip()]
-    files = {"dir": a.workdir, "train": a.workdir / "train_rows.npy", "held": a.workdir / "heldout_rows.npy"}
+    files = {
+        "dir": a.workdir,
+        "cache": cache.name,
+        "train": a.workdir / "train_rows.npy",
+        "held": a.workdir / "heldout_rows.npy",
+    }
     if "saelens" in sides:
         if not PEERS_PY.exists():
             raise SystemExit(f"{PEERS_PY} is missing: run make bench-peers-env (or pass --sides ours)")
@@ -331,13 +389,15 @@ def main(argv=None) -> None:
             for dead in dead_list:
                 for seed in [int(v) for v in a.seeds.split(",")]:
                     sets = dict(base, architecture=arch, aux_norm=norm, seed=seed)
+                    if arch not in COEFFICIENT_KINDS:  # a key a kind does not read is refused
+                        del sets["sparsity_warmup_steps"]
                     if dead:
                         sets["dead_tokens"] = dead
                     if arch in COEFFICIENT_KINDS:  # every coefficient in one pass over the data
                         sets["sparsity_coefficient"] = coefficients[0]
                         sets["sweep"] = [{"sparsity_coefficient": c} for c in coefficients[1:]]
                     tag = f"{arch}_{norm}_dead{dead or 'profile'}_seed{seed}"
-                    for r in train(cache, a.workdir / tag, sets, held, dic):
+                    for r in train(cache, a.workdir / tag, sets, held, dic, reuse=a.reuse_ours):
                         rows.append(dict(r, seed=seed))
                         print(json.dumps({k: v for k, v in rows[-1].items() if k != "details"}), file=sys.stderr)
         if "saelens" in sides:

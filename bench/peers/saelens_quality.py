@@ -4,8 +4,8 @@ bench/bench_trainer_quality.py writes the training rows and the held-out rows (b
 the cache stores them) to .npy files; this script trains SAELens' training SAE of the kind
 (`BatchTopKTrainingSAE`, `MatryoshkaBatchTopKTrainingSAE`, `JumpReLUTrainingSAE`,
 `StandardTrainingSAE`, `TopKTrainingSAE`) through its own `SAETrainer.step`, at the dictionary
-size, token budget, batch, learning rate, lr warmup and dead window (in steps) it is given, with
-SAELens' defaults for everything else. It saves the inference model as SAELens does
+size, token budget, batch, learning rate, lr warmup, dead window (in steps) and coefficient warmup
+it is given, with SAELens' defaults for everything else. It saves the inference model as SAELens does
 (`save_inference_model`: BatchTopK and Matryoshka become JumpReLU), loads it back with
 `SAE.load_from_disk`, encodes the held-out rows with it and prints ONE JSON line per setting:
 held-out variance explained, L0, dead fraction, and the path of its W_dec (.npy) for recovery.
@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--coefficients", default="", help="jumprelu / relu: comma-separated; one SAE each")
     p.add_argument("--matryoshka-sizes", default="", help="comma-separated, the last = d_sae")
+    p.add_argument("--sparsity-warmup", type=int, default=0, help="jumprelu / relu: l0_ / l1_warm_up_steps")
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--warmup", type=int, default=0, help="lr warmup steps")
     p.add_argument("--batch", type=int, default=4096)
@@ -65,8 +66,10 @@ def build(a: argparse.Namespace, d_in: int, coefficient: float | None):
         kw["matryoshka_widths"] = [int(v) for v in a.matryoshka_sizes.split(",")]
     if a.arch == "jumprelu":
         kw["l0_coefficient"] = coefficient
+        kw["l0_warm_up_steps"] = a.sparsity_warmup
     if a.arch == "relu":
         kw["l1_coefficient"] = coefficient
+        kw["l1_warm_up_steps"] = a.sparsity_warmup
     return sae_cls(cfg_cls(**kw))
 
 
