@@ -80,6 +80,10 @@ class SAE(nn.Module):
     architecture: ClassVar[str]
     unit_decoder: ClassVar[bool] = True  # decoder rows renormalized after every step
     revives_dead: ClassVar[bool] = False  # AuxK on dead latents
+    # grad_clip bounds the gradient of SAELens' per-token objective (the loss here times the
+    # batch's variance per token), as SAELens clips: the coefficient kinds, whose L0 for a given
+    # coefficient depends on the steps taken (train.trainer)
+    clips_per_token_objective: ClassVar[bool] = False
 
     def __init__(self, d_in: int, d_sae: int, *, subtract_b_dec: bool = True, decoder_norm: float = 1.0):
         super().__init__()
@@ -335,6 +339,7 @@ class JumpReLUSAE(SAE):
 
     architecture = "jumprelu"
     unit_decoder = False
+    clips_per_token_objective = True
 
     def __init__(
         self,
@@ -386,6 +391,7 @@ class ReLUSAE(SAE):
 
     architecture = "relu"
     unit_decoder = False
+    clips_per_token_objective = True
 
     def __init__(self, d_in: int, d_sae: int, *, decoder_norm: float = 0.1, subtract_b_dec: bool = True):
         super().__init__(d_in, d_sae, subtract_b_dec=subtract_b_dec, decoder_norm=decoder_norm)
