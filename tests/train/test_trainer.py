@@ -198,3 +198,22 @@ def test_relu_keeps_its_decoder_free_and_a_resume_cannot_switch_kind():
     assert not torch.allclose(tr.sae.W_dec.norm(dim=1), torch.full((64,), 0.1), atol=1e-3)
     with pytest.raises(UserError, match="holds a relu SAE, not jumprelu"):
         SAETrainer(JumpReLUSAE(16, 64), total_steps=10).load_state_dict(tr.state_dict())
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_coefficient_kinds_clip_the_gradient_in_saelens_units(i):
+    """jumprelu and relu clip the gradient of SAELens' per-token objective at grad_clip (their
+    loss is that objective over the batch's variance per token v, so this one's at grad_clip / v);
+    the k kinds clip their own loss's gradient, as before."""
+    torch.manual_seed(10)
+    sae = _kinds()[i]
+    tr = SAETrainer(sae, lr=1e-3, k_aux=8, dead_tokens=64, total_steps=10, sparsity_coefficient=0.5, grad_clip=0.5)
+    x = torch.randn(256, 16) * 10
+    tr.step(x)
+    tr.step(x)  # AuxK on (every latent unseen for 256 tokens > 64 counts dead)
+    norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in sae.trainable()])))
+    v = float((x - x.mean(0)).pow(2).sum()) / len(x)  # ~1600
+    if sae.clips_per_token_objective:
+        assert norm == pytest.approx(0.5 / v, rel=1e-3)  # clipped in SAELens' units
+    else:
+        assert 0.5 / v * 10 < norm <= 0.5 + 1e-6
