@@ -84,6 +84,7 @@ class SAE(nn.Module):
     # batch's variance per token), as SAELens clips: the coefficient kinds, whose L0 for a given
     # coefficient depends on the steps taken (train.trainer)
     clips_per_token_objective: ClassVar[bool] = False
+    median_b_dec: ClassVar[bool] = True  # b_dec starts at the inputs' geometric median (train.trainer)
 
     def __init__(self, d_in: int, d_sae: int, *, subtract_b_dec: bool = True, decoder_norm: float = 1.0):
         super().__init__()
@@ -392,6 +393,7 @@ class ReLUSAE(SAE):
     architecture = "relu"
     unit_decoder = False
     clips_per_token_objective = True
+    median_b_dec = False  # b_dec at 0, as SAELens' and dictionary_learning's standard SAEs
 
     def __init__(self, d_in: int, d_sae: int, *, decoder_norm: float = 0.1, subtract_b_dec: bool = True):
         super().__init__(d_in, d_sae, subtract_b_dec=subtract_b_dec, decoder_norm=decoder_norm)

@@ -93,13 +93,15 @@ class SAETrainer:
 
     @torch.no_grad()
     def init_from_sample(self, x: Tensor, normalize: bool = False) -> None:
-        """b_dec at the geometric median of a sample; optionally a scale to mean norm sqrt(d_in)."""
+        """b_dec at the geometric median of a sample (kinds with `median_b_dec`); optionally a scale
+        to mean norm sqrt(d_in)."""
         sae = self.sae
         x = x.float().to(sae.W_enc.device)
         if normalize:
             scale = x.norm(dim=1).mean() / math.sqrt(sae.d_in)
             sae.input_scale.fill_(float(scale))
-        sae.b_dec.copy_(geometric_median(sae.normalize(x)))
+        if sae.median_b_dec:
+            sae.b_dec.copy_(geometric_median(sae.normalize(x)))
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.dead_tokens

@@ -217,3 +217,17 @@ def test_coefficient_kinds_clip_the_gradient_in_saelens_units(i):
         assert norm == pytest.approx(0.5 / v, rel=1e-3)  # clipped in SAELens' units
     else:
         assert 0.5 / v * 10 < norm <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_b_dec_starts_at_the_median_except_for_relu(i):
+    """relu's b_dec starts at 0, as SAELens' and dictionary_learning's standard SAEs (on the
+    planted-feature bench the median start recovered fewer features at the same L0); the others
+    start at the inputs' geometric median."""
+    sae = _kinds()[i]
+    x = torch.randn(512, 16) + 3.0
+    SAETrainer(sae, total_steps=10).init_from_sample(x)
+    if sae.architecture == "relu":
+        assert torch.equal(sae.b_dec, torch.zeros(16))
+    else:
+        assert torch.allclose(sae.b_dec, torch.full((16,), 3.0), atol=0.3)
