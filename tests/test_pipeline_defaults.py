@@ -50,3 +50,23 @@ def test_the_check_sees_a_drifted_default(tmp_path):
     raw = tomllib.loads(p.read_text())
     got = differences(raw["harvest"], harvest.config.load_config(p).harvest, harvest.config.HarvestConfig(), "harvest")
     assert got == ["[harvest].mix_window: pipeline.toml sets 64, the schema's default is 256"]
+
+
+def undocumented(schema: type, where: str) -> list[str]:
+    """Keys of a stage's schema (nested sections included) without the one-line doc `config` prints."""
+    from cache_format.config import doc_of
+
+    out = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += undocumented(type(default), f"{where}.{f.name}")
+        elif not doc_of(schema, f.name):
+            out.append(f"{where}.{f.name}")
+    return out
+
+
+@pytest.mark.parametrize("stage, load, default, sections", STAGES, ids=[s[0] for s in STAGES])
+def test_every_key_of_a_stage_has_its_doc(stage, load, default, sections):
+    missing = [k for s in sections for k in undocumented(type(getattr(default, s)), s)]
+    assert not missing, f"keys `python -m {stage} config` would print without a doc: {missing}"

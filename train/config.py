@@ -71,16 +71,17 @@ class TrainConfig(TrainKeys):
 
     recipe: str = setting("auto", "auto (by the cache's source: rollouts or corpus) | rollouts | corpus | none")
     layers: list[int] = setting([], "cache layers to train on; [] = every layer in the cache")
-    architecture: str = "topk"  # topk | batchtopk | matryoshka | jumprelu | relu (docs/train.md: the kinds)
-    d_sae: int = 65536
-    k: int = 128  # topk: per row; batchtopk, matryoshka: per row on average over the batch
-    # jumprelu, relu: SAELens 6's l0_coefficient (jumprelu) or l1_coefficient (relu), same scale and meaning
-    sparsity_coefficient: float = 1.0
-    sparsity_warmup_steps: int = 5000  # jumprelu, relu: the coefficient rises linearly from 0 over these steps
-    jumprelu_bandwidth: float = 0.05  # the straight-through estimator's rectangle width, in pre-activation units
-    jumprelu_init_threshold: float = 0.01  # every latent's threshold at step 0 (SAELens 6's default)
-    matryoshka_sizes: list[int] = field(default_factory=list)  # increasing, last = d_sae; [] = d_sae/8, /4, /2, d_sae
-    k_aux: int = 0  # 0 = d_model // 2
+    architecture: str = setting("topk", "topk | batchtopk | matryoshka | jumprelu | relu (docs/train.md: the kinds)")
+    d_sae: int = setting(65536, "latents per SAE")
+    k: int = setting(128, "topk: active latents per row; batchtopk, matryoshka: per row on average over the batch")
+    sparsity_coefficient: float = setting(
+        1.0, "jumprelu, relu: SAELens 6's l0_coefficient (jumprelu) or l1_coefficient (relu), same scale and meaning"
+    )
+    sparsity_warmup_steps: int = setting(5000, "jumprelu, relu: the coefficient rises linearly from 0 over these steps")
+    jumprelu_bandwidth: float = setting(0.05, "the straight-through estimator's rectangle width (pre-activation units)")
+    jumprelu_init_threshold: float = setting(0.01, "every latent's threshold at step 0 (SAELens 6's default)")
+    matryoshka_sizes: list[int] = setting([], "nested prefixes, increasing, last = d_sae; [] = d_sae/8, /4, /2, d_sae")
+    k_aux: int = setting(0, "dead latents in the AuxK reconstruction; 0 = d_model // 2")
     aux_alpha: float = setting(1 / 32, "weight of the AuxK loss (the dead latents' reconstruction of the residual)")
     dead_tokens: int = setting(10_000_000, "a latent unseen for this many tokens counts as dead")
     aux_norm: str = setting(
