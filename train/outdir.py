@@ -556,15 +556,6 @@ class RunFiles:
         return self.loc.fs.open(self.loc.path(key), "rb")
 
 
-def _sae_key(item: dict, name: str) -> str:
-    """Where an SAE's directory is, relative to the run: run.json's relative path, else its name."""
-    path = str(item.get("path") or item.get("dir") or "")
-    p = PurePosixPath(path)
-    if path and not p.is_absolute() and ".." not in p.parts:
-        return str(p.parent) if p.suffix else str(p)
-    return name
-
-
 class FeatureRows:
     """The rows of one feature in a parquet file sorted by feature, read from the row groups
     that hold them (a 65k-feature file is never read whole)."""

@@ -188,6 +188,18 @@ class SAE(nn.Module):
         return sparse_autoencode(xn, self.W_enc, self.b_enc, self.b_dec, self.W_dec, select, theta=theta, dead=dead)
 
 
+def _fvu_and_auxk(sae: SAE, x: Tensor, step: StepInput) -> Loss:
+    """The loss of the kinds that select k codes (TopK per row, BatchTopK per batch): fvu plus
+    `aux_alpha` times AuxK on the dead latents."""
+    xn = sae.normalize(x)
+    codes = sae._pass(xn, sae.select(step), step)
+    err = xn - (codes.recon + sae.b_dec)
+    total_var = step.variance(xn.detach())
+    fvu = err.pow(2).sum() / total_var
+    aux = _auxk(err, codes, step, total_var)
+    return Loss(fvu + step.aux_alpha * aux, fvu, aux, codes)
+
+
 def _auxk(err: Tensor, codes: Codes, step: StepInput, total_var: Tensor) -> Tensor:
     """AuxK: the dead latents' reconstruction of the residual error, normalized by `aux_norm`."""
     n_dead = 0 if step.dead is None else int(step.dead.numel())
@@ -226,14 +238,7 @@ class TopKSAE(SAE):
             "topk", self.k, self.relu, self.subtract_b_dec, k_aux=step.k_aux, low_precision=step.low_precision
         )
 
-    def loss(self, x: Tensor, step: StepInput) -> Loss:
-        xn = self.normalize(x)
-        codes = self._pass(xn, self.select(step), step)
-        err = xn - (codes.recon + self.b_dec)
-        total_var = step.variance(xn.detach())
-        fvu = err.pow(2).sum() / total_var
-        aux = _auxk(err, codes, step, total_var)
-        return Loss(fvu + step.aux_alpha * aux, fvu, aux, codes)
+    loss = _fvu_and_auxk
 
 
 class BatchTopKSAE(SAE):
@@ -262,14 +267,7 @@ class BatchTopKSAE(SAE):
     def select(self, step: StepInput) -> Select:
         return Select("batchtopk", self.k, k_aux=step.k_aux, low_precision=step.low_precision)
 
-    def loss(self, x: Tensor, step: StepInput) -> Loss:
-        xn = self.normalize(x)
-        codes = self._pass(xn, self.select(step), step)
-        err = xn - (codes.recon + self.b_dec)
-        total_var = step.variance(xn.detach())
-        fvu = err.pow(2).sum() / total_var
-        aux = _auxk(err, codes, step, total_var)
-        return Loss(fvu + step.aux_alpha * aux, fvu, aux, codes)
+    loss = _fvu_and_auxk
 
     def fired(self, codes: Codes) -> Tensor:
         """Selected above θ: a latent selected only in batches whose cutoff fell below θ never
