@@ -27,29 +27,24 @@ def sequences(lm):
     return [ids[i : i + 48] for i in range(0, 48 * 5, 48)] + [ids[1000:1033], ids[2000:2033]]
 
 
-def identity_sae(d: int, keep: int | None = None) -> TopKSAE:
-    """d_sae = 2d with ±basis directions and k = d: relu(±x) keeps |x_i| on the right sign, so the
-    decoder returns x exactly. With `keep`, only the first `keep` dimensions are decoded."""
-    sae = TopKSAE(d, 2 * d, d)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.b_enc.zero_()
-        dec = torch.cat([eye, -eye], 0)
-        if keep is not None:
-            dec[:, keep:] = 0
-        sae.W_dec.copy_(dec)
-        sae.b_dec.zero_()
-    return sae
-
-
 def signed_basis(sae, d: int):
+    """±basis directions in W_enc and W_dec, zero biases: relu(±x) keeps |x_i| on the right
+    sign, so the decoder returns x exactly (for any kind that keeps those codes)."""
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
         sae.W_dec.copy_(torch.cat([eye, -eye], 0))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
+    return sae
+
+
+def identity_sae(d: int, keep: int | None = None) -> TopKSAE:
+    """The signed basis as a TopK with k = d. With `keep`, only the first `keep` dimensions are decoded."""
+    sae = signed_basis(TopKSAE(d, 2 * d, d), d)
+    if keep is not None:
+        with torch.no_grad():
+            sae.W_dec[:, keep:] = 0
     return sae
 
 
