@@ -16,7 +16,7 @@ import numpy as np
 import xxhash
 
 from .errors import CacheError
-from .log import DIGEST, digest
+from .log import matches
 
 CHECK_READS = True  # bench/bench_loader.py turns it off to measure what the checks cost; nothing else should
 CHUNK_DIGEST = "xxh3_64"  # name recorded in the format docs; the key in a manifest entry is "chunks"
@@ -70,10 +70,10 @@ class CorruptObject(IntegrityError):
         )
 
 
-def read_checked(loc, key: str, want: dict | None, checksum=digest) -> bytes:
-    """A whole small object, checked against its manifest entry {size, blake2b} (re-read once)."""
+def read_checked(loc, key: str, want: dict | None) -> bytes:
+    """A whole small object, checked against its manifest entry (re-read once)."""
     for attempt in range(2):
         data = loc.read(key, reread=attempt > 0, size=want["size"] if want else None)
-        if want is None or (len(data) == want["size"] and checksum(data) == want[DIGEST]):
+        if want is None or matches(want, data):
             return data
     raise CorruptObject(loc.url, key, "size or checksum mismatch")

@@ -26,6 +26,8 @@ ROW_COLUMNS = {"tokens": "int32", "seq_ids": "int64", "positions": "int32", "lab
 TOKENIZER_DIR = "tokenizer"
 SEGMENTS = "segments"
 BACKFILL_PREFIX = "backfill-"
+# the keys a manifest entry names its checksum by (log.DIGESTS); the last is formats 1-2's
+OBJECT_DIGESTS = ("blake3", "blake2b")
 
 ROLE_TEXT, ROLE_PROMPT, ROLE_THINKING, ROLE_ANSWER = 0, 1, 2, 3
 LABEL_CORRECT, LABEL_WRONG, LABEL_NONE = 1, 0, -1
@@ -95,11 +97,12 @@ def _dict(value, what: str) -> dict:
 
 
 def _object(entry, what: str) -> None:
-    """A manifest entry: {size, blake2b[, chunks]}."""
+    """A manifest entry: {size, <one of OBJECT_DIGESTS>[, chunks]}."""
     _dict(entry, what)
     _int(entry.get("size"), f"{what}.size")
-    if not isinstance(entry.get("blake2b"), str):
-        raise LayoutError(f"{what} carries no blake2b digest")
+    named = [d for d in OBJECT_DIGESTS if d in entry]
+    if len(named) != 1 or not isinstance(entry[named[0]], str):
+        raise LayoutError(f"{what} carries no single object digest (one of {', '.join(OBJECT_DIGESTS)})")
     chunks = entry.get("chunks", [])
     if not isinstance(chunks, list) or not all(c is None or isinstance(c, str) for c in chunks):
         raise LayoutError(f"{what}.chunks is not a list of digests")
@@ -195,6 +198,8 @@ def check_root(attrs: dict) -> None:
         raise LayoutError("layers is not a list")
     for L in layers:
         _int(L, "layer")
+    if attrs.get("object_digest", OBJECT_DIGESTS[-1]) not in OBJECT_DIGESTS:
+        raise LayoutError(f"object_digest {attrs['object_digest']!r} is not one of {', '.join(OBJECT_DIGESTS)}")
     for name, want in _dict(attrs.get("tokenizer", {}), "tokenizer").items():
         _object(want, f"tokenizer[{_name(name, 'tokenizer file name')!r}]")
     if "copy_of" in attrs:

@@ -42,6 +42,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 
 from . import layout
@@ -65,19 +66,62 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-DIGEST = "blake2b"  # object checksums: BLAKE2b-256, ~3× sha256's rate on CPUs without SHA extensions
+# Object checksums. Each manifest entry names its own by its key, so every reader checks
+# every cache; a cache's writers use the one its root names (`object_digest`). Format 3 writes
+# BLAKE3-256: cryptographic like BLAKE2b-256 (formats 1-2, still read and appended to) at
+# about 5× its rate on one core, so that copying or verifying a cache is bound by the disk or
+# the network rather than by the check (docs/benchmarks.md, sync).
+DIGEST, LEGACY_DIGEST = layout.OBJECT_DIGESTS  # what new caches use; what a root without `object_digest` uses
+DIGESTS = {
+    DIGEST: lambda: blake3.blake3(max_threads=1),
+    LEGACY_DIGEST: lambda: hashlib.blake2b(digest_size=32),
+}
 
 
-def hasher():
-    """A running object checksum (`update` piece by piece; `hexdigest()` equals `digest` of the whole)."""
-    return hashlib.blake2b(digest_size=32)
+def object_digest(root: dict) -> str:
+    """The checksum this cache's writers put in new manifest entries."""
+    return root.get("object_digest", LEGACY_DIGEST)
 
 
-def digest(data) -> str:
-    """The checksum of one stored object (bytes or a buffer)."""
-    h = hasher()
+def digest(data, name: str = DIGEST) -> str:
+    """The hex checksum `name` of one stored object (bytes or a buffer)."""
+    h = DIGESTS[name]()
     h.update(data)
     return h.hexdigest()
+
+
+def entry(data, name: str) -> dict:
+    """A manifest entry {size, <name>: hex} for one object's bytes."""
+    return {"size": len(memoryview(data).cast("B")), name: digest(data, name)}
+
+
+def tag(entry: dict) -> str:
+    """The content name of a manifest entry: the BLAKE2b hex alone (as formats 1-2 wrote it in
+    fingerprints and S3 metadata), else `<digest>:<hex>`."""
+    for name in DIGESTS:
+        if name in entry:
+            return entry[name] if name == LEGACY_DIGEST else f"{name}:{entry[name]}"
+    raise KeyError("the manifest entry carries no object digest")
+
+
+def hasher(tag: str):
+    """A running checksum of the kind `tag` names; `tagged(h, tag)` says whether it matches."""
+    name = tag.partition(":")[0] if ":" in tag else LEGACY_DIGEST
+    return DIGESTS[name]()
+
+
+def tagged(h, tag: str) -> bool:
+    return h.hexdigest() == tag.rpartition(":")[2]
+
+
+def matches(entry: dict, data) -> bool:
+    """Whether `data` is the object `entry` describes (size, then checksum)."""
+    t = tag(entry)
+    h = hasher(t)
+    if len(memoryview(data).cast("B")) != entry["size"]:
+        return False
+    h.update(data)
+    return tagged(h, t)
 
 
 class NotACacheError(CacheError):
@@ -404,7 +448,7 @@ def unverified_parts(s: SegmentState) -> int:
 
 def objects_digest(objects: dict) -> str:
     """Digest of a part's objects by relative key: independent of where the part lives."""
-    return sha256("\n".join(f"{k}:{v['size']}:{v[DIGEST]}" for k, v in sorted(objects.items())).encode())
+    return sha256("\n".join(f"{k}:{v['size']}:{tag(v)}" for k, v in sorted(objects.items())).encode())
 
 
 # Fingerprints list the segments sorted by their content, so they do not depend on the order
@@ -437,7 +481,7 @@ def cache_fingerprint(root: dict, segments: list, layers: list) -> str:
             [
                 s.record["n_rows"],
                 objects_digest(s.record["rows"]["objects"]),
-                (s.record.get("sequences") or {}).get(DIGEST) or "",
+                tag(s.record["sequences"]) if s.record.get("sequences") else "",
                 [objects_digest(s.layers[L]["objects"]) for L in layers],
             ]
             for s in segments
@@ -453,7 +497,7 @@ def part_objects(record_or_entry: dict, part_path: str | None = None) -> dict[st
 
 
 def segment_objects(seg: SegmentState) -> dict[str, dict]:
-    """Every object a live segment references (all layers, rows, sequences, stats) → {size, blake2b}."""
+    """Every object a live segment references (all layers, rows, sequences, stats) → its manifest entry."""
     r = seg.record
     out = part_objects(r["rows"])
     for e in seg.layers.values():
@@ -520,7 +564,7 @@ class LogSnapshot:
         return layer_fingerprint(self.root, self.segments, self.check_layer(layer))
 
     def tokenizer(self) -> dict[str, dict]:
-        """Tokenizer file name → its {size, blake2b} entry in the root."""
+        """Tokenizer file name → its manifest entry in the root."""
         return self.root.get("tokenizer", {})
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 
 FORMAT_NAME = "actcache"
-FORMAT_VERSION = 2  # 2: chunk digests, a hash-chained commit log
+FORMAT_VERSION = 3  # 2: chunk digests, a hash-chained commit log; 3: BLAKE3 object digests
 
 
 def now_iso() -> str:

@@ -131,8 +131,8 @@ def write_rows(store, prefix: str, cols: dict, chunk_rows: int) -> dict:
     return {"path": prefix, "objects": {k[len(p) :]: v for k, v in store.written.items() if k.startswith(p)}}
 
 
-def hashing_store(loc: Location):
-    """A zarr store that records (size, BLAKE2b-256) of every object it writes.
+def hashing_store(loc: Location, digest: str):
+    """A zarr store that records the manifest entry (size, checksum `digest`) of every object it writes.
 
     Where the backend allows (`zarr_writes_direct`: a local directory) it writes through zarr's
     own store. Otherwise zarr only sees an in-memory store for metadata and every object is PUT
@@ -155,7 +155,7 @@ def hashing_store(loc: Location):
 
         def _record(self, key, value):
             view = memoryview(np.ascontiguousarray(value.as_numpy_array())).cast("B")
-            entry = {"size": int(view.nbytes), log.DIGEST: log.digest(view)}
+            entry = {"size": int(view.nbytes), digest: log.digest(view, digest)}
             if key.endswith("/zarr.json"):
                 m = integrity.per_shard_of(json.loads(bytes(view)))
                 if m:

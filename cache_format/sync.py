@@ -431,7 +431,7 @@ def _copy_object(
     block: int = BLOCK,
     listed: dict | None = None,
 ) -> None:
-    """Copy one object; `want` is its manifest entry {size, blake2b} (None: unmanifested group
+    """Copy one object; `want` is its manifest entry (None: unmanifested group
     metadata, a few hundred bytes); `moved(n)` is told of every n bytes that pass. `listed`
     ({key: size} at the destination, None: not listed) spares asking about objects that are
     not there."""
@@ -443,9 +443,9 @@ def _copy_object(
         dst.write(key, data)
         moved(len(data))
         return
-    size, tag = want["size"], want[log.DIGEST]
+    size, tag = want["size"], log.tag(want)
     if size <= SMALL:
-        data = integrity.read_checked(src, key, want, log.digest)
+        data = integrity.read_checked(src, key, want)
         dst.write(key, data)
         moved(size)
         return
@@ -466,13 +466,15 @@ def _copy_once(src: Location, dst: Location, key: str, size: int, tag: str, move
         with BLOCKS.take(block) as (buf,), src.reader(key, 0, size) as r:
             view = buf[: r.readinto(buf)]
             moved(len(view))
-            if len(view) == size and log.digest(view) == tag:
+            h = log.hasher(tag)
+            h.update(view)
+            if len(view) == size and log.tagged(h, tag):
                 dst.write(key, view)
                 return None
             return len(view)
     with BLOCKS.take(block, 2) as bufs:  # streams open only with blocks to fill
         up = dst.upload(key, tag, size, block)
-        h = log.hasher()
+        h = log.hasher(tag)
         passed = 0
 
         def read_source(a: int, b: int):  # a resumed S3 upload's parts, re-read to be checksummed
@@ -485,7 +487,7 @@ def _copy_once(src: Location, dst: Location, key: str, size: int, tag: str, move
             moved(len(piece))
         with src.reader(key, up.offset, size) as r:
             passed += _pipeline(r, bufs, h, up, moved)
-    if h.hexdigest() == tag:
+    if log.tagged(h, tag):
         up.commit()
         return None
     up.discard()

@@ -113,12 +113,12 @@ def _write_tokenizer(loc: Location, root: dict, tokenizer_bytes, check_existing:
         key = layout.tokenizer_key(name)
         if check_existing:
             try:
-                if log.digest(loc.read(key)) == want[log.DIGEST]:
+                if log.matches(want, loc.read(key)):
                     continue
             except FileNotFoundError:
                 pass
         data = tokenizer_bytes(name)
-        if data is None or len(data) != want["size"] or log.digest(data) != want[log.DIGEST]:
+        if data is None or not log.matches(want, data):
             raise UserError(
                 f"{loc.url}: its creation stopped before tokenizer file {name} was written, and this command "
                 "has another tokenizer; re-run the command that created it, or delete the unfinished cache"
@@ -236,7 +236,7 @@ class CommitUnit:
 
     def __init__(self, writer: CacheWriter, unit: str):
         self.w, self.loc, self.unit = writer, writer._loc, unit
-        self.store = hashing_store(self.loc)
+        self.store = hashing_store(self.loc, log.object_digest(writer._root))
         self.committed = self.refused = None
 
     def _buffers(self) -> list:
@@ -253,7 +253,7 @@ class CommitUnit:
         stats_key = layout.stats_key(self.unit, buf.layer)
         data = log.dumps(buf.stats.to_json())
         self.loc.write(stats_key, data)
-        entry["stats"] = {"path": stats_key, "size": len(data), log.DIGEST: log.digest(data)}
+        entry["stats"] = {"path": stats_key, **log.entry(data, log.object_digest(self.w._root))}
         return entry
 
     def _commit_record(self, record: dict, refuse=None) -> str | None:
@@ -398,7 +398,7 @@ class SegmentWriter(CommitUnit):
             data = sequences_bytes(self.records)
             key = layout.sequences_key(base)
             loc.write(key, data)
-            seq = {"path": key, "size": len(data), log.DIGEST: log.digest(data), "count": len(self.records)}
+            seq = {"path": key, **log.entry(data, log.object_digest(root)), "count": len(self.records)}
         record = {
             "kind": "segment",
             "segment": self.id,
@@ -666,7 +666,8 @@ def create_cache(
         "row_columns": ROW_COLUMNS,
         "meta": meta,
         "provenance": provenance.record(),
-        "tokenizer": {k: {"size": len(v), log.DIGEST: log.digest(v)} for k, v in tok.items()},
+        "object_digest": log.DIGEST,
+        "tokenizer": {k: log.entry(v, log.DIGEST) for k, v in tok.items()},
     }
     try:
         root, status = make_root(loc, attrs, tok.get)

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from ..errors import RemoteError, UserError
 from .base import Location, ObjectInfo, ObjectReader, ShortRead, StreamUpload, Upload, fault_point
 
-CHECKSUM_META = "actcache-blake2b"  # S3 object metadata: the checksum a copy was made against
+# S3 object metadata: the tag (log.tag) of the entry a copy was made against (named in format 2)
+CHECKSUM_META = "actcache-blake2b"
 
 # Retry policy for remote calls; tests shorten it through the environment.
 RETRIES = int(os.environ.get("ACTCACHE_RETRIES", "5"))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import CacheError, UserError
-from ..log import hasher
+from ..log import hasher, tagged
 from .base import Location, ObjectInfo, ObjectReader, Upload, WriteFailed, fault_point
 
 # -- atomic publication of a local file ------------------------------------------------------
@@ -241,12 +241,12 @@ class LocalLocation(Location):
         try:
             if os.path.getsize(self.path(key)) != size:
                 return False
-            h = hasher()
+            h = hasher(tag)
             buf = memoryview(bytearray(1 << 20))
             with self.reader(key, 0, size) as r:
                 while n := r.readinto(buf):
                     h.update(buf[:n])
-            return h.hexdigest() == tag
+            return tagged(h, tag)
         except (OSError, CacheError):
             return False
 
@@ -312,7 +312,7 @@ class PartialFile(Upload):
     def __init__(self, loc: LocalLocation, key: str, tag: str, size: int):
         self.loc, self.key, self.final = loc, key, loc.path(key)
         d, name = os.path.split(self.final)
-        self.tmp = os.path.join(d, f".{name}.partial-{tag[:16]}")
+        self.tmp = os.path.join(d, f".{name}.partial-{tag.rpartition(':')[2][:16]}")
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -106,6 +106,79 @@ def test_retract_hides_segment_and_changes_fingerprint(make_cache):
     assert c2.retracted == [c.segments[1].id]
 
 
+def downgrade_to_v2(url) -> None:
+    """Make a cache look exactly like format 2 wrote it: BLAKE2b object digests, no `object_digest`,
+    the chain sealed again over the rewritten records."""
+
+    def rehash(entry: dict, key: str) -> None:
+        entry.pop("blake3")
+        entry["blake2b"] = log.digest(open(os.path.join(url, key), "rb").read(), "blake2b")
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if "blake3" in node and "path" in node:
+                rehash(node, node["path"])
+            base = node.get("path") or node.get("array")
+            for k, v in (node.get("objects") or {}).items():
+                rehash(v, f"{base}/{k}")
+            for v in node.values():
+                if isinstance(v, (dict, list)) and v is not node.get("objects"):
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    zj = os.path.join(url, "zarr.json")
+    doc = json.load(open(zj))
+    root = doc["attributes"]["actcache"]
+    root["format_version"] = 2
+    root.pop("object_digest")
+    for name, want in root["tokenizer"].items():
+        rehash(want, f"tokenizer/{name}")
+    open(zj, "wb").write(log.dumps(doc))
+    prev = None
+    for name in sorted(os.listdir(os.path.join(url, "commits"))):
+        p = os.path.join(url, "commits", name)
+        r = json.load(open(p))
+        if r["kind"] == "root":
+            r = log.root_record(root)
+        else:
+            walk(r)
+            r = log.seal(r, prev)
+        open(p, "wb").write(log.dumps(r))
+        prev = log.record_digest(r)
+
+
+def test_a_format_2_cache_is_read_verified_synced_and_appended_to_with_blake2b(make_cache, run, tmp_path):
+    url, data = make_cache(segments=(40, 25), chunk_tokens=8, tokenizer_files={"tokenizer.json": b'{"v": 1}'})
+    assert json.load(open(os.path.join(url, "zarr.json")))["attributes"]["actcache"]["object_digest"] == "blake3"
+    downgrade_to_v2(url)
+    c = cf.open_cache(url)
+    assert np.array_equal(c.residuals(3).numpy(), data["residuals"][3])
+    assert run("verify", url)[0] == 0
+    dst = str(tmp_path / "copy")
+    assert run("sync", url, dst)[0] == 0
+    d = cf.open_cache(dst)
+    assert d.layer_fingerprint(3) == c.layer_fingerprint(3) and run("verify", dst)[0] == 0
+    w = cf.open_cache(dst, mode="a")
+    with w.segment() as seg:
+        n = 10
+        seg.append(
+            residuals={L: np.ones((n, 16), BF16) for L in (1, 3)},
+            tokens=np.zeros(n, np.int32),
+            seq_ids=np.full(n, 1000, np.int64),
+            positions=np.arange(n, dtype=np.int32),
+        )
+    assert run("verify", dst)[0] == 0 and cf.open_cache(dst).n_tokens == 75
+    newest = os.path.join(dst, "commits", sorted(os.listdir(os.path.join(dst, "commits")))[-1])
+    text = open(newest).read()
+    assert '"blake2b"' in text and '"blake3"' not in text  # the cache's own digest: old readers still read it
+    root = json.load(open(os.path.join(dst, "zarr.json")))["attributes"]["actcache"]
+    assert root["format_version"] == 2 and "object_digest" not in root
+    flip(shard_path(dst, cf.open_cache(dst), 3, 0), 5)
+    assert run("verify", dst)[0] != 0
+
+
 def downgrade_to_v1(url) -> None:
     """Make a cache look exactly like format 1 wrote it: no chunk digests, no chain, no root record."""
     zj = os.path.join(url, "zarr.json")

@@ -24,7 +24,7 @@ def test_round_trip_rows_sequences_meta_and_chunks(make_cache):
     c = cf.open_cache(url)
     assert c.d_model == 16 and c.layers == [1, 3] and c.hook == "resid_post" and c.n_tokens == 68
     assert c.meta["model"] == {"name_or_path": "test/model", "dtype": "float32"}
-    assert c.meta["cache_format"]["format"]["version"] == 2 and "zarr" in c.meta["cache_format"]["packages"]
+    assert c.meta["cache_format"]["format"]["version"] == 3 and "zarr" in c.meta["cache_format"]["packages"]
     for L in c.layers:
         assert np.array_equal(c.residuals(L).numpy().view(np.uint16), data["residuals"][L].view(np.uint16))
         assert np.array_equal(
