@@ -86,8 +86,10 @@ def sparse_autoencode(
     theta: Tensor | None = None,
     dead: Tensor | None = None,
 ) -> Codes:
-    """The codes of normalized rows x and their decoding, differentiable in every weight (and θ)."""
-    if theta is None:
+    """The codes of normalized rows x and their decoding, differentiable in every weight (and θ).
+
+    The threshold rule without θ is plain ReLU (θ = 0, no straight-through band)."""
+    if theta is None and (select.rule != "threshold" or select.bandwidth):
         theta = x.new_zeros(())
     return Codes(*_SparseAutoencode.apply(x, W_enc, b_enc, b_dec, W_dec, theta, select, dead))
 
@@ -115,11 +117,22 @@ class _SparseAutoencode(torch.autograd.Function):
             rows = torch.arange(n, device=x.device).repeat_interleave(s.k)
         elif s.rule == "batchtopk":
             vals, cols, rows = _batch_topk(pre, s.k * n)
+        elif s.rule == "threshold" and theta is None:  # plain ReLU: the codes are pre, clipped in place
+            z = pre.relu_()
+            if s.dense_above < 1:
+                on = torch.sign(z)  # the active mask as 0/1 floats (see _dense_forward)
+                l0 = x.new_ones(n) @ on
+                if float(l0.sum()) > s.dense_above * on.numel():
+                    return _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, z, on, s, l0=l0)
+                del on
+            rows, cols = z.nonzero(as_tuple=True)
+            vals = z[rows, cols]
         elif s.rule == "threshold":  # one dense pass finds the active codes and those in the STE's band
             near = pre > (theta - s.bandwidth / 2 if s.bandwidth else theta)
             if s.dense_above < 1 and int(near.count_nonzero()) > s.dense_above * near.numel():
                 del near
-                return _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, s)
+                on = torch.gt(pre, theta, out=torch.empty_like(pre))
+                return _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, on, s)
             rows, cols = near.nonzero(as_tuple=True)
             del near
             vals = pre[rows, cols]
@@ -226,8 +239,7 @@ class _SparseAutoencode(torch.autograd.Function):
             all_cols, g_all, w_all, token, row_of = cols, gv, vals, rows, _bag_of(crow)
         order, offsets = _by_latent(all_cols, d_sae)
         colsum = torch.zeros(d_sae, device=x.device, dtype=gv.dtype).index_add_(0, all_cols, g_all)
-        g_W_enc = F.embedding_bag(token[order], x, offsets, mode="sum", per_sample_weights=g_all[order])
-        g_W_enc = g_W_enc.T.contiguous()  # (d_in, d_sae)
+        g_enc_t = F.embedding_bag(token[order], x, offsets, mode="sum", per_sample_weights=g_all[order])
         g_W_dec = None
         if dense is not None or ka:
             rows_dense = dense if dense is not None else x.new_zeros(n, d_in)
@@ -235,19 +247,28 @@ class _SparseAutoencode(torch.autograd.Function):
                 rows_dense = torch.cat([rows_dense, g_aux])
             g_W_dec = F.embedding_bag(row_of[order], rows_dense, offsets, mode="sum", per_sample_weights=w_all[order])
         g_b_dec = None
-        if s.subtract_b_dec:
-            g_W_enc.sub_(torch.outer(b_dec, colsum))
+        if s.subtract_b_dec:  # W_enc multiplies x - b_dec
+            g_enc_t.sub_(torch.outer(colsum, b_dec))
             g_b_dec = -(W_enc @ colsum)
+        g_W_enc = g_enc_t.T if g_enc_t.T.stride() == W_enc.stride() else g_enc_t.T.contiguous()
         return None, g_W_enc, colsum, g_b_dec, g_W_dec, g_theta, None, None
 
 
-def _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, s: Select):
-    """The threshold rule with dense codes z = pre · [pre > θ]: five matmuls, as autograd's."""
-    on = pre > theta
-    band = (pre - theta).abs_() < s.bandwidth / 2 if s.bandwidth else on.new_zeros(0)
-    z = pre.mul_(on)  # θ >= 0, so active codes are positive: no separate ReLU
+def _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, on, s: Select, l0=None):
+    """The threshold rule with dense codes z = pre · on (on: 1.0 where pre > θ): five matmuls, as
+    autograd's, and a few passes over the (N, d_sae) codes. The masks are floats, not booleans:
+    multiplying or summing by a boolean mask converts it to a float copy first (on a CPU each
+    such pass costs several of these), and the per-latent sums are products with a ones vector
+    (a matrix-vector product reads the codes once, at the speed of the memory)."""
+    ones = x.new_ones(x.shape[0])
+    band = None
+    if s.bandwidth:
+        band = (pre - theta).abs_()
+        torch.lt(band, s.bandwidth / 2, out=band)
+    z = pre.mul_(on) if theta is not None else pre  # θ >= 0, so active codes are positive: no separate ReLU
     recon = z @ W_dec
-    l0, mass = on.sum(0, dtype=x.dtype), z.sum(0)
+    l0 = ones @ on if l0 is None else l0
+    mass = ones @ z
     ctx.save_for_backward(x, W_enc, b_dec, W_dec, theta, z, on, band)
     ctx.s, ctx.dense = s, True
     empty = x.new_zeros(0, dtype=torch.int64)
@@ -258,24 +279,24 @@ def _dense_forward(ctx, x, W_enc, b_dec, W_dec, theta, pre, s: Select):
 def _dense_backward(ctx, g_recon, g_l0, g_mass):
     x, W_enc, b_dec, W_dec, theta, z, on, band = ctx.saved_tensors
     s: Select = ctx.s
-    g_z = g_recon @ W_dec.T if g_recon is not None else z.new_zeros(z.shape)
-    if g_mass is not None:
-        g_z += g_mass
+    ones = x.new_ones(x.shape[0])
+    if g_recon is None:
+        g_z = z.new_zeros(z.shape) if g_mass is None else g_mass.expand(z.shape).clone()
+    else:  # the L1 term's gradient rides in as the product's bias: no extra pass
+        g_z = g_recon @ W_dec.T if g_mass is None else torch.addmm(g_mass, g_recon, W_dec.T)
     g_theta = None
     if s.bandwidth:  # the step's straight-through gradient reaches θ only
-        band = band.to(z.dtype)
-        g_theta = -(theta / s.bandwidth) * (g_z * band).sum(0)
+        band_count = ones @ band
+        g_theta = -(theta / s.bandwidth) * (ones @ band.mul_(g_z))  # band is not needed again
         if g_l0 is not None:
-            g_theta -= g_l0 * band.sum(0) / s.bandwidth
+            g_theta -= g_l0 * band_count / s.bandwidth
         g_theta = g_theta.sum_to_size(theta.shape)
     g_pre = g_z.mul_(on)
-    colsum = g_pre.sum(0)
-    g_W_enc = x.T @ g_pre
+    colsum = ones @ g_pre
+    xc = x - b_dec if s.subtract_b_dec else x  # what W_enc multiplies
+    g_W_enc = xc.T @ g_pre if W_enc.stride(1) == 1 else (g_pre.T @ xc).T  # in W_enc's layout
     g_W_dec = z.T @ g_recon if g_recon is not None else None
-    g_b_dec = None
-    if s.subtract_b_dec:
-        g_W_enc.sub_(torch.outer(b_dec, colsum))
-        g_b_dec = -(W_enc @ colsum)
+    g_b_dec = -(W_enc @ colsum) if s.subtract_b_dec else None
     return None, g_W_enc, colsum, g_b_dec, g_W_dec, g_theta, None, None
 
 

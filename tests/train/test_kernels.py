@@ -131,9 +131,12 @@ def test_jumprelu_straight_through_gradients_match_the_paper(dense_above):
 
 
 @pytest.mark.parametrize("dense_above", [1.0, 0.0])
-def test_relu_with_an_l1_on_the_mass_matches_dense_autograd(dense_above):
+@pytest.mark.parametrize("column_major", [False, True])  # the SAEs store W_enc as W_dec.T
+def test_relu_with_an_l1_on_the_mass_matches_dense_autograd(dense_above, column_major):
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(6))
     W, be, bd, Wd = p = params(4)
+    if column_major:
+        W = p[0] = W.detach().T.contiguous().T.requires_grad_()
     with torch.no_grad():
         be -= 2.0  # a sparse-ish pattern
     c = sparse_autoencode(x, W, be, bd, Wd, Select("threshold", dense_above=dense_above))
