@@ -367,10 +367,10 @@ _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"  # JSON has no 
 def encode(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """`obj` as JSON, its tensors moved into `tensors` under their path in the state.
 
-    A tensor is stored in its memory order: one laid out transposed (W_enc; Adam's moments
-    follow their parameter's layout, and the fused step relies on it) is stored as the
-    contiguous permutation of itself, `{"__tensor__": [name, dims]}`, and comes back with its
-    own strides, so a resumed run steps exactly as an uninterrupted one."""
+    A tensor is stored in its memory order: one laid out transposed (W_enc and its Adam moments
+    in runs from before W_enc was stored row-major) is stored as the contiguous permutation of
+    itself, `{"__tensor__": [name, dims]}`, and comes back with its own strides, so a resumed
+    run steps exactly as an uninterrupted one."""
     if isinstance(obj, torch.Tensor):
         key, n = path.lstrip("/") or "tensor", 1
         while key in tensors:

@@ -210,6 +210,16 @@ class SAETrainer:
             "architecture": self.sae.architecture,
         }
 
+    @torch.no_grad()
+    def _moments_in_parameter_layout(self) -> None:
+        """Lay Adam's moments out as their parameters: the fused step pairs the three element by
+        element in memory, so a moment that comes back transposed (a checkpoint of a run whose
+        W_enc was stored column-major) would be applied to the wrong weights."""
+        for p in self.params:
+            for k, v in self.opt.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    self.opt.state[p][k] = torch.empty_like(p).copy_(v)
+
     def load_state_dict(self, state: dict) -> None:
         """Refuses a state trained with another AuxK normalization (older states were "total")."""
         saved = state.get("aux_norm", "total")
@@ -226,5 +236,6 @@ class SAETrainer:
             )
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
+        self._moments_in_parameter_layout()
         self.since_fired.copy_(state["since_fired"])
         self.steps, self.tokens = int(state["steps"]), int(state["tokens"])

@@ -163,6 +163,27 @@ def test_every_kind_steps_and_its_state_is_plain(i):
     )
 
 
+def test_a_resume_steps_the_same_whatever_the_moments_memory_layout():
+    """A checkpoint may hold Adam's moments in another memory layout than the live parameter
+    (runs before W_enc was stored row-major kept it, and its moments, transposed); CPU's fused
+    step pairs parameter and moments by memory position, so the load must relayout them."""
+    torch.manual_seed(10)
+    tr = SAETrainer(TopKSAE(16, 64, 4), lr=1e-2, total_steps=10)
+    xs = [torch.randn(128, 16) for _ in range(3)]
+    for x in xs[:2]:
+        tr.step(x)
+    state = copy.deepcopy(tr.state_dict())
+    for v in state["opt"]["state"].values():
+        v["exp_avg"], v["exp_avg_sq"] = (
+            v[k].T.contiguous().T if v[k].dim() == 2 else v[k] for k in ("exp_avg", "exp_avg_sq")
+        )
+    twin = SAETrainer(TopKSAE(16, 64, 4), lr=1e-2, total_steps=10)
+    twin.load_state_dict(state)
+    tr.step(xs[2])
+    twin.step(xs[2])
+    assert torch.equal(tr.sae.W_enc, twin.sae.W_enc) and torch.equal(tr.sae.W_dec, twin.sae.W_dec)
+
+
 def test_batchtopk_threshold_tracks_the_smallest_selected_activation():
     from train.sae import BatchTopKSAE
 
