@@ -247,6 +247,10 @@ def measure_run(out: Path, held: np.ndarray, dic: np.ndarray, seconds: float | N
     return rows
 
 
+# train keys given to SAELens too when --set: its SAETrainerConfig's field of the same meaning
+PEER_EXTRAS = {"lr_decay_steps": "--lr-decay-steps"}
+
+
 def coefficient_of(name: str) -> float | None:
     """The sparsity coefficient a run's SAE name carries (`L0_n1024_jumprelu_c0.5`), else None."""
     tail = name.rsplit("_c", 1)
@@ -279,6 +283,9 @@ def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Pa
         "dead_window": max(1, run["dead_tokens"] // run["batch_size"]),
         "sparsity_warmup_steps": run["sparsity_warmup_steps"] if arch in COEFFICIENT_KINDS else None,
     }
+    for name in PEER_EXTRAS:  # only when set, so that results stored before these keys still match
+        if run.get(name) is not None:
+            key[name] = run[name]
     store = files["dir"] / "saelens_runs.jsonl"
     done = [json.loads(ln) for ln in store.read_text().splitlines()] if store.exists() else []
     have = {r["sparsity_coefficient"]: r for r in done if r["key"] == key and Path(r["w_dec"]).exists()}
@@ -326,6 +333,9 @@ def train_saelens(arch: str, run: dict, coefficients: list[float | None], files:
         "--out-dir",
         str(files["dir"]),
     ]
+    for name, flag in PEER_EXTRAS.items():
+        if run.get(name) is not None:
+            args += [flag, str(run[name])]
     if arch == "matryoshka":
         d = run["d_sae"]
         args += ["--matryoshka-sizes", ",".join(str(v) for v in [d // 8, d // 4, d // 2, d])]

@@ -90,6 +90,7 @@ class TrainConfig(TrainKeys):
     lr: float = setting(2e-4, "peak learning rate; 0 = scale with width, as sparsify does")
     lr_min: float = setting(6e-5, "the cosine schedule's floor")
     lr_schedule: str = setting("cosine", 'after warmup: "cosine" decays to lr_min, "constant" holds lr')
+    lr_decay_steps: int = setting(0, "the last this many steps the lr falls linearly to 0 (SAELens' lr_decay_steps)")
     warmup_steps: int = setting(5000, "linear learning-rate warmup, in steps")
     batch_size: int = setting(4096, "rows per step, global across ranks")
     grad_clip: float = setting(1.0, "the gradient's norm is clipped to this")
@@ -148,6 +149,7 @@ class TrainConfig(TrainKeys):
                 ("dead_tokens", 1, True),
                 ("lr", 0, True),
                 ("lr_min", 0, True),
+                ("lr_decay_steps", 0, True),
                 ("warmup_steps", 0, True),
                 ("batch_size", 1, True),
                 ("grad_clip", 0, True),

@@ -334,6 +334,7 @@ class Run:
                 lr_min=tc.lr_min if tc.lr_schedule == "cosine" else None,  # None: hold lr
                 warmup_steps=tc.warmup_steps,
                 total_steps=self.total_steps(),
+                lr_decay_steps=tc.lr_decay_steps,
                 k_aux=tc.k_aux,
                 aux_alpha=tc.aux_alpha,
                 dead_tokens=tc.dead_tokens,

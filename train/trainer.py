@@ -45,13 +45,17 @@ def default_lr(d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
-def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
-    """Linear warmup to `peak`, then cosine decay to `floor` at `total` steps."""
+def lr_at(step: int, peak: float, floor: float, warmup: int, total: int, decay: int = 0) -> float:
+    """Linear warmup to `peak`, cosine decay to `floor` by step `total - decay`, then (SAELens'
+    `lr_decay_steps`) linear to 0 over the last `decay` steps: settling the weights at the end
+    of a short run at a high lr lifts its held-out VE."""
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
-    span = max(total - warmup, 1)
+    end = total - decay
+    span = max(end - warmup, 1)
     t = min(max(step - warmup, 0) / span, 1.0)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+    lr = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+    return lr * min(1.0, (total - step) / decay) if decay else lr
 
 
 class SAETrainer:
@@ -63,6 +67,7 @@ class SAETrainer:
         lr_min: float | None = None,
         warmup_steps: int = 0,
         total_steps: int = 1,
+        lr_decay_steps: int = 0,
         k_aux: int = 0,
         aux_alpha: float = 1 / 32,
         dead_tokens: int = 10_000_000,
@@ -78,6 +83,7 @@ class SAETrainer:
         self.peak_lr = lr or default_lr(sae.d_sae)
         self.lr_min = self.peak_lr if lr_min is None else min(lr_min, self.peak_lr)
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+        self.lr_decay_steps = lr_decay_steps
         self.k_aux = k_aux or default_k_aux(sae.d_in)
         self.aux_alpha, self.dead_tokens, self.grad_clip = aux_alpha, dead_tokens, grad_clip
         self.sparsity_coefficient, self.sparsity_warmup_steps = sparsity_coefficient, sparsity_warmup_steps
@@ -142,7 +148,7 @@ class SAETrainer:
             sae.remove_parallel_decoder_grad()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self._max_grad_norm(x, variances), foreach=True)
-        lr = lr_at(self.steps, self.peak_lr, self.lr_min, self.warmup_steps, self.total_steps)
+        lr = lr_at(self.steps, self.peak_lr, self.lr_min, self.warmup_steps, self.total_steps, self.lr_decay_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()

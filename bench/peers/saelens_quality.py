@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sparsity-warmup", type=int, default=0, help="jumprelu / relu: l0_ / l1_warm_up_steps")
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--warmup", type=int, default=0, help="lr warmup steps")
+    p.add_argument("--lr-decay-steps", type=int, default=0, help="the last steps, lr linear to 0 (lr_decay_steps)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--dead-window", type=int, default=1000, help="SAETrainerConfig.dead_feature_window, steps")
@@ -83,6 +84,7 @@ def train_one(a: argparse.Namespace, data: np.ndarray, held: torch.Tensor, coeff
         lr=a.lr,
         lr_end=a.lr,  # a constant lr after warmup, as the tiny profile's
         lr_warm_up_steps=a.warmup,
+        lr_decay_steps=a.lr_decay_steps,
         dead_feature_window=a.dead_window,
         device="cpu",
     )
@@ -108,7 +110,8 @@ def train_one(a: argparse.Namespace, data: np.ndarray, held: torch.Tensor, coeff
     ve = 1 - float((x - recon.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     fired = (codes != 0).any(0)
     tag = f"{a.arch}_c{coefficient:g}" if coefficient is not None else f"{a.arch}_k{a.k}"
-    w_path = f"{a.out_dir}/saelens_{tag}_W_dec.npy"
+    tag += f"_lr{a.lr:g}_w{a.warmup}" + (f"_decay{a.lr_decay_steps}" if a.lr_decay_steps else "")
+    w_path = f"{a.out_dir}/saelens_{tag}_W_dec.npy"  # one file per setting: the workdir keeps them all
     np.save(w_path, inference.W_dec.detach().float().numpy())
     return {
         "side": "saelens",

@@ -47,6 +47,22 @@ def test_schedule_and_width_scaled_lr():
     assert SAETrainer(TopKSAE(4, 16, 2), lr=0).peak_lr == pytest.approx(2e-4 / math.sqrt(16 / 2**14))
 
 
+def test_lr_decay_steps_fall_linearly_to_zero_as_saelens():
+    # SAELens' constant schedule with lr_decay_steps 4 of 10: LinearLR from 1 to 0, one factor per step
+    assert [lr_at(s, 1e-3, 1e-3, 0, 10, 4) for s in range(10)] == pytest.approx([1e-3] * 7 + [7.5e-4, 5e-4, 2.5e-4])
+    # the cosine reaches its floor where the decay starts; 0 steps leaves the schedule as it was
+    assert lr_at(6, 1e-3, 1e-4, 0, 10, 4) == pytest.approx(1e-4)
+    assert [lr_at(s, 1e-3, 1e-4, 2, 10, 0) for s in range(10)] == [lr_at(s, 1e-3, 1e-4, 2, 10) for s in range(10)]
+    # the trainer steps with it: Adam's lr at each step
+    torch.manual_seed(0)
+    tr = SAETrainer(TopKSAE(16, 64, 4), lr=1e-2, total_steps=4, lr_decay_steps=2)
+    seen = []
+    for _ in range(4):
+        tr.step(torch.randn(50, 16))
+        seen.append(tr.opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3])
+
+
 def _pair(aux_norm_a, aux_norm_b, **kw):
     torch.manual_seed(3)
     a = SAETrainer(TopKSAE(16, 64, 4), aux_norm=aux_norm_a, **kw)
