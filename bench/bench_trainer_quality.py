@@ -248,7 +248,7 @@ def measure_run(out: Path, held: np.ndarray, dic: np.ndarray, seconds: float | N
 
 
 # train keys given to SAELens too when --set: its SAETrainerConfig's field of the same meaning
-PEER_EXTRAS = {"lr_decay_steps": "--lr-decay-steps"}
+PEER_EXTRAS = {"lr_decay_steps": "--lr-decay-steps", "adam_beta1": "--adam-beta1", "adam_beta2": "--adam-beta2"}
 
 
 def coefficient_of(name: str) -> float | None:

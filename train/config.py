@@ -17,6 +17,7 @@ from cache_format.config import (
     ConfigError,
     HarvestKeys,
     Loaded,
+    OutOfRange,
     TrainKeys,
     build_section,
     check_ranges,
@@ -91,6 +92,8 @@ class TrainConfig(TrainKeys):
     lr_min: float = setting(6e-5, "the cosine schedule's floor")
     lr_schedule: str = setting("cosine", 'after warmup: "cosine" decays to lr_min, "constant" holds lr')
     lr_decay_steps: int = setting(0, "the last this many steps the lr falls linearly to 0 (SAELens' lr_decay_steps)")
+    adam_beta1: float = setting(0.9, "Adam's first-moment decay (SAELens' adam_beta1)")
+    adam_beta2: float = setting(0.999, "Adam's second-moment decay (SAELens' adam_beta2)")
     warmup_steps: int = setting(5000, "linear learning-rate warmup, in steps")
     batch_size: int = setting(4096, "rows per step, global across ranks")
     grad_clip: float = setting(1.0, "the gradient's norm is clipped to this")
@@ -132,6 +135,9 @@ class TrainConfig(TrainKeys):
                     + ("; set --set train.log='none'" if key == "log" else "")
                 )
         _check_kind_values(self, "train.")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise OutOfRange(f"train.{key}", getattr(self, key), "in [0, 1)")
         if self.recipe not in ("auto", *RECIPES, "none"):
             raise ConfigError(f"train.recipe {self.recipe!r} is unknown; use auto, {', '.join(RECIPES)} or none")
         check_ranges(

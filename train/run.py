@@ -335,6 +335,7 @@ class Run:
                 warmup_steps=tc.warmup_steps,
                 total_steps=self.total_steps(),
                 lr_decay_steps=tc.lr_decay_steps,
+                adam_betas=(tc.adam_beta1, tc.adam_beta2),
                 k_aux=tc.k_aux,
                 aux_alpha=tc.aux_alpha,
                 dead_tokens=tc.dead_tokens,

@@ -68,6 +68,7 @@ class SAETrainer:
         warmup_steps: int = 0,
         total_steps: int = 1,
         lr_decay_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
         k_aux: int = 0,
         aux_alpha: float = 1 / 32,
         dead_tokens: int = 10_000_000,
@@ -91,7 +92,7 @@ class SAETrainer:
         self.low_precision = dev.type == "cuda" if low_precision is None else low_precision
         self.params = sae.trainable()
         self.opt = torch.optim.Adam(
-            self.params, lr=self.peak_lr, betas=(0.9, 0.999), eps=1e-8, fused=dev.type in ("cpu", "cuda")
+            self.params, lr=self.peak_lr, betas=adam_betas, eps=1e-8, fused=dev.type in ("cpu", "cuda")
         )
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=dev)  # tokens since last fired
         self.steps = 0

@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--warmup", type=int, default=0, help="lr warmup steps")
     p.add_argument("--lr-decay-steps", type=int, default=0, help="the last steps, lr linear to 0 (lr_decay_steps)")
+    p.add_argument("--adam-beta1", type=float, default=0.9, help="SAETrainerConfig.adam_beta1 (its default)")
+    p.add_argument("--adam-beta2", type=float, default=0.999, help="SAETrainerConfig.adam_beta2 (its default)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--dead-window", type=int, default=1000, help="SAETrainerConfig.dead_feature_window, steps")
@@ -85,6 +87,8 @@ def train_one(a: argparse.Namespace, data: np.ndarray, held: torch.Tensor, coeff
         lr_end=a.lr,  # a constant lr after warmup, as the tiny profile's
         lr_warm_up_steps=a.warmup,
         lr_decay_steps=a.lr_decay_steps,
+        adam_beta1=a.adam_beta1,
+        adam_beta2=a.adam_beta2,
         dead_feature_window=a.dead_window,
         device="cpu",
     )
@@ -111,6 +115,7 @@ def train_one(a: argparse.Namespace, data: np.ndarray, held: torch.Tensor, coeff
     fired = (codes != 0).any(0)
     tag = f"{a.arch}_c{coefficient:g}" if coefficient is not None else f"{a.arch}_k{a.k}"
     tag += f"_lr{a.lr:g}_w{a.warmup}" + (f"_decay{a.lr_decay_steps}" if a.lr_decay_steps else "")
+    tag += f"_b{a.adam_beta1:g}-{a.adam_beta2:g}" if (a.adam_beta1, a.adam_beta2) != (0.9, 0.999) else ""
     w_path = f"{a.out_dir}/saelens_{tag}_W_dec.npy"  # one file per setting: the workdir keeps them all
     np.save(w_path, inference.W_dec.detach().float().numpy())
     return {

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from cache_format.config import ConfigError
+from train.config import TrainConfig
 from train.sae import TopKSAE
 from train.trainer import SAETrainer, default_lr, lr_at
 
@@ -61,6 +63,13 @@ def test_lr_decay_steps_fall_linearly_to_zero_as_saelens():
         tr.step(torch.randn(50, 16))
         seen.append(tr.opt.param_groups[0]["lr"])
     assert seen == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3])
+
+
+def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
+    assert SAETrainer(TopKSAE(4, 16, 2), adam_betas=(0.0, 0.99)).opt.param_groups[0]["betas"] == (0.0, 0.99)
+    assert TrainConfig().adam_beta1 == 0.9 and TrainConfig().adam_beta2 == 0.999
+    with pytest.raises(ConfigError, match=r"train.adam_beta2 = 1.0 must be in \[0, 1\)"):
+        TrainConfig(adam_beta2=1.0)
 
 
 def _pair(aux_norm_a, aux_norm_b, **kw):
