@@ -8,7 +8,8 @@ user would, per architecture (and per `train.aux_norm` / `train.dead_tokens` ask
 kinds with AuxK; per `sparsity_coefficient`, all in one pass, for jumprelu and relu). With
 `--sides ours,saelens` SAELens trains the same kind (bench/peers/saelens_quality.py, in
 .venv-peers) on the same train-split rows, at the same dictionary size, token budget, batch,
-learning rate, lr warmup and dead window, with its defaults for the rest. Both sides'
+learning rate, lr warmup and dead window (and, when --set, `lr_decay_steps`, `adam_beta1`,
+`adam_beta2`: PEER_EXTRAS), with its defaults for the rest. Both sides'
 exported SAEs are measured the same way on the same 100k held-out rows:
 
 - recovery: the fraction of true features whose best decoder cosine exceeds 0.9;
