@@ -148,27 +148,29 @@ def test_relu_with_an_l1_on_the_mass_matches_dense_autograd(dense_above, column_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines)")
 @pytest.mark.parametrize(
-    "select",
+    "select, with_theta",
     [
-        Select("topk", 4, k_aux=6),
-        Select("batchtopk", 3, k_aux=5, groups=(24, 48)),
-        Select("threshold", bandwidth=0.5, dense_above=1.0),
-        Select("threshold", bandwidth=0.5, dense_above=0.0),
-        Select("threshold", dense_above=1.0),
+        (Select("topk", 4, k_aux=6), True),
+        (Select("batchtopk", 3, k_aux=5, groups=(24, 48)), True),
+        (Select("threshold", bandwidth=0.5, dense_above=1.0), True),
+        (Select("threshold", bandwidth=0.5, dense_above=0.0), True),
+        (Select("threshold", dense_above=1.0), True),
+        (Select("threshold", dense_above=1.0), False),  # relu: the dense pass
+        (Select("threshold", dense_above=0.0), False),  # relu: the sparse pass
     ],
 )
-def test_every_rule_runs_on_cuda_as_on_cpu(select):
+def test_every_rule_runs_on_cuda_as_on_cpu(select, with_theta):
     """The same pass on a GPU gives the CPU's loss and gradients (fp32; the bf16 path is the trainer's)."""
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(7))
     out = {}
     for dev in ("cpu", "cuda"):
         W, be, bd, Wd = p = [t.detach().to(dev).requires_grad_() for t in params(6)]
-        theta = torch.full((S,), 1.2, device=dev, requires_grad=True)
+        theta = torch.full((S,), 1.2, device=dev, requires_grad=True) if with_theta else None
         dead = torch.arange(0, S, 3, device=dev)
         c = sparse_autoencode(x.to(dev), W, be, bd, Wd, select, theta=theta, dead=dead)
         recon = c.recon.sum(0) if c.recon.dim() == 3 else c.recon
         loss = (x.to(dev) - recon - bd).pow(2).sum() + c.aux_recon.pow(2).sum() + 0.3 * c.l0.sum() + 0.1 * c.mass.sum()
-        grads = torch.autograd.grad(loss, [*p, theta], allow_unused=True)
+        grads = torch.autograd.grad(loss, [*p] + ([theta] if with_theta else []), allow_unused=True)
         out[dev] = (loss.detach().cpu(), [None if g is None else g.cpu() for g in grads])
     assert torch.allclose(out["cpu"][0], out["cuda"][0], rtol=1e-4)
     for a, b in zip(out["cpu"][1], out["cuda"][1]):
