@@ -270,7 +270,9 @@ def toml_value(v) -> str:
     return json.dumps(v)
 
 
-def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Path], dic: np.ndarray) -> list[dict]:
+def saelens(
+    arch: str, run: dict, coefficients: list[float], files: dict[str, Path], dic: np.ndarray, seed: int = 0
+) -> list[dict]:
     """SAELens' training of the same kind on the same rows (bench/peers/saelens_quality.py).
 
     Each result is kept in the workdir's saelens_runs.jsonl under the settings that made it (data,
@@ -287,13 +289,15 @@ def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Pa
     for name in PEER_EXTRAS:  # only when set, so that results stored before these keys still match
         if run.get(name) is not None:
             key[name] = run[name]
+    if seed:
+        key["seed"] = seed
     store = files["dir"] / "saelens_runs.jsonl"
     done = [json.loads(ln) for ln in store.read_text().splitlines()] if store.exists() else []
     have = {r["sparsity_coefficient"]: r for r in done if r["key"] == key and Path(r["w_dec"]).exists()}
     wanted = coefficients if arch in COEFFICIENT_KINDS else [None]
     missing = [c for c in wanted if c not in have]
     if missing:
-        for r in train_saelens(arch, run, missing, files):
+        for r in train_saelens(arch, run, missing, files, seed):
             have[r["sparsity_coefficient"]] = r
             with store.open("a") as f:
                 f.write(json.dumps({"key": key, **r}) + "\n")
@@ -304,7 +308,9 @@ def saelens(arch: str, run: dict, coefficients: list[float], files: dict[str, Pa
     return rows
 
 
-def train_saelens(arch: str, run: dict, coefficients: list[float | None], files: dict[str, Path]) -> list[dict]:
+def train_saelens(
+    arch: str, run: dict, coefficients: list[float | None], files: dict[str, Path], seed: int = 0
+) -> list[dict]:
     """One call of bench/peers/saelens_quality.py: one JSON row per coefficient (or the k kind's one)."""
     args = [
         str(PEERS_PY),
@@ -333,6 +339,8 @@ def train_saelens(arch: str, run: dict, coefficients: list[float | None], files:
         str(run["sparsity_warmup_steps"]),
         "--out-dir",
         str(files["dir"]),
+        "--seed",
+        str(seed),
     ]
     for name, flag in PEER_EXTRAS.items():
         if run.get(name) is not None:
@@ -414,9 +422,10 @@ def main(argv=None) -> None:
         if "saelens" in sides:
             run = dict(base, dead_tokens=dead_list[0] or rows[-1]["dead_tokens"])
             peer_c = [float(v) for v in getattr(a, f"saelens_coefficients_{arch}", "").split(",") if v.strip()]
-            for r in saelens(arch, run, peer_c or coefficients, files, dic):
-                rows.append(dict(r, seed=0))
-                print(json.dumps(rows[-1]), file=sys.stderr)
+            for seed in [int(v) for v in a.seeds.split(",")]:
+                for r in saelens(arch, run, peer_c or coefficients, files, dic, seed):
+                    rows.append(dict(r, seed=seed))
+                    print(json.dumps(rows[-1]), file=sys.stderr)
     report = {
         "data": {k: getattr(a, k) for k in ("tokens", "d", "features", "active", "zipf", "noise")},
         "train": base,
@@ -435,19 +444,26 @@ def main(argv=None) -> None:
 
 
 def summary(rows: list[dict], target: float) -> list[dict]:
-    """Per kind and side: the k kinds' figures (first seed and norm), the others' at matched L0."""
+    """Per kind and side, the mean over seeds: the k kinds' figures (first norm), the others' at
+    matched L0 (each seed's sweep interpolated, then averaged); `per_seed` keeps each seed's."""
+    metrics = ("recovery", "variance_explained", "l0")
     out = []
     for arch in dict.fromkeys(r["architecture"] for r in rows):
         for side in dict.fromkeys(r["side"] for r in rows if r["architecture"] == arch):
             mine = [r for r in rows if r["architecture"] == arch and r["side"] == side]
-            if arch in COEFFICIENT_KINDS:
-                hit = at_l0(mine, target)
-                out.append({"architecture": arch, "side": side, "at_l0": target, **(hit or {"bracketed": False})})
-            else:
-                r = mine[0]
-                out.append(
-                    {"architecture": arch, "side": side, **{m: r[m] for m in ("recovery", "variance_explained", "l0")}}
-                )
+            norm = mine[0].get("aux_norm")
+            per_seed = {}
+            for seed in dict.fromkeys(r.get("seed", 0) for r in mine):
+                runs = [r for r in mine if r.get("seed", 0) == seed and r.get("aux_norm") == norm]
+                hit = at_l0(runs, target) if arch in COEFFICIENT_KINDS else {m: runs[0][m] for m in metrics}
+                if hit:
+                    per_seed[seed] = {m: hit[m] for m in metrics}
+            head = {"architecture": arch, "side": side} | ({"at_l0": target} if arch in COEFFICIENT_KINDS else {})
+            if not per_seed:
+                out.append(head | {"bracketed": False})
+                continue
+            mean = {m: float(np.mean([v[m] for v in per_seed.values()])) for m in metrics}
+            out.append(head | mean | {"seeds": len(per_seed), "per_seed": per_seed})
     return out
 
 
@@ -464,17 +480,19 @@ def table(report: dict) -> str:
         )
     lines += [
         "",
-        f"| architecture | side | recovery | held-out VE | L0 (coefficient kinds: at {report['target_l0']:g}) |",
-        "|---|---|---|---|---|",
+        "| architecture | side | seeds | recovery | held-out VE | "
+        f"L0 (coefficient kinds: at {report['target_l0']:g}) |",
+        "|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         if "recovery" in s:
             lines.append(
-                f"| {s['architecture']} | {s['side']} | {s['recovery']:.3f} | "
+                f"| {s['architecture']} | {s['side']} | {s['seeds']} | {s['recovery']:.3f} | "
                 f"{s['variance_explained']:.3f} | {s['l0']:.2f} |"
             )
         else:
-            lines.append(f"| {s['architecture']} | {s['side']} | - | - | L0 {report['target_l0']:g} not bracketed |")
+            at = f"L0 {report['target_l0']:g} not bracketed"
+            lines.append(f"| {s['architecture']} | {s['side']} | - | - | - | {at} |")
     return "\n".join(lines)
 
 

@@ -116,6 +116,7 @@ def train_one(a: argparse.Namespace, data: np.ndarray, held: torch.Tensor, coeff
     tag = f"{a.arch}_c{coefficient:g}" if coefficient is not None else f"{a.arch}_k{a.k}"
     tag += f"_lr{a.lr:g}_w{a.warmup}" + (f"_decay{a.lr_decay_steps}" if a.lr_decay_steps else "")
     tag += f"_b{a.adam_beta1:g}-{a.adam_beta2:g}" if (a.adam_beta1, a.adam_beta2) != (0.9, 0.999) else ""
+    tag += f"_seed{a.seed}" if a.seed else ""
     w_path = f"{a.out_dir}/saelens_{tag}_W_dec.npy"  # one file per setting: the workdir keeps them all
     np.save(w_path, inference.W_dec.detach().float().numpy())
     return {
