@@ -116,10 +116,10 @@ def tagged(h, tag: str) -> bool:
 
 def matches(entry: dict, data) -> bool:
     """Whether `data` is the object `entry` describes (size, then checksum)."""
-    t = tag(entry)
-    h = hasher(t)
     if len(memoryview(data).cast("B")) != entry["size"]:
         return False
+    t = tag(entry)
+    h = hasher(t)
     h.update(data)
     return tagged(h, t)
 

@@ -155,7 +155,7 @@ def hashing_store(loc: Location, digest: str):
 
         def _record(self, key, value):
             view = memoryview(np.ascontiguousarray(value.as_numpy_array())).cast("B")
-            entry = {"size": int(view.nbytes), digest: log.digest(view, digest)}
+            entry = log.entry(view, digest)
             if key.endswith("/zarr.json"):
                 m = integrity.per_shard_of(json.loads(bytes(view)))
                 if m:
