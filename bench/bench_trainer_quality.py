@@ -345,6 +345,8 @@ def train_saelens(
     for name, flag in PEER_EXTRAS.items():
         if run.get(name) is not None:
             args += [flag, str(run[name])]
+    if run.get("torch_threads"):  # the same threads as ours; changes the run time, not the result
+        args += ["--threads", str(run["torch_threads"])]
     if arch == "matryoshka":
         d = run["d_sae"]
         args += ["--matryoshka-sizes", ",".join(str(v) for v in [d // 8, d // 4, d // 2, d])]
