@@ -335,7 +335,7 @@ def _batch_topk(pre: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
     the batch, cost little more.
     """
     n, m = pre.shape
-    c = min(m, 4 * math.ceil(K / n))
+    c = min(m, 4 * math.ceil(K / max(n, 1)))  # an empty batch (a rank's empty share) selects nothing
     cv, ci = pre.topk(c, dim=-1, sorted=False)
     vals, pos = cv.reshape(-1).topk(K, sorted=False)
     rows = torch.div(pos, c, rounding_mode="floor")

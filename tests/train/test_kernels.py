@@ -84,6 +84,15 @@ def test_batchtopk_widens_its_candidates_for_a_row_that_takes_many():
     assert torch.allclose(c.vals.sort().values, want.relu(), rtol=1e-5) and (c.rows == 7).sum() > 8
 
 
+@pytest.mark.parametrize("select", [Select("topk", 2), Select("batchtopk", 2), Select("threshold")])
+def test_an_empty_batch_gives_no_codes_and_zero_gradients(select):
+    W, be, bd, Wd = params(2)
+    c = sparse_autoencode(torch.zeros(0, D), W, be, bd, Wd, select)
+    assert c.recon.shape == (0, D) and len(c.vals) == 0
+    c.recon.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in (W, be, bd, Wd))
+
+
 def jumprelu_reference(pre, theta, eps):
     """The paper's JumpReLU with straight-through estimators (Rajamanoharan et al. 2024, eq. 11-12)."""
 
