@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_trainer_quality import RUN, planted, split_rows  # noqa: E402
+from bench_trainer_quality import parse_args as quality_args  # noqa: E402
 
 from train.published import load_sae  # noqa: E402
 
@@ -42,7 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("sae", nargs="+", type=Path, help="exported SAE directories (cfg.json + sae_weights.safetensors)")
     p.add_argument("--k", type=int, default=RUN["k"], help="the per-row count the readouts are compared at")
-    p.add_argument("--tokens", type=int, default=2_200_000, help="rows of the planted set (the quality bench's)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="train further at the one-threshold form")
     p.add_argument("--finetune-lr", type=float, default=5e-3)
     p.add_argument("--finetune-batch", type=int, default=RUN["batch_size"])
@@ -156,7 +156,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    x, _ = planted(a.tokens, 64, 512, RUN["k"], 0.8, 0.02)
+    q = quality_args([])  # the quality bench's planted set, as its defaults write it
+    x, _ = planted(q.tokens, q.d, q.features, q.active, q.zipf, q.noise)
     train_rows, held_np = split_rows(x, 128, RUN["heldout_fraction"], 0, RUN["eval_tokens"])
     del x
     held = torch.from_numpy(held_np)
@@ -182,7 +183,7 @@ def main(argv=None) -> None:
     for r in report["saes"]:
         g = r["global_threshold"]
         ft = r.get("finetune", {}).get("trace", [])
-        tail = f"{ft[-1]['ve']:.3f} after {ft[-1]['tokens'] / 1e6:.1f}M tokens" if ft else "-"
+        tail = f"{ft[-1]['ve']:.3f} after {ft[-1]['tokens']:,} tokens" if ft else "-"
         print(
             f"| {r['kind']} | {r['exported']['ve']:.3f} / {r['exported']['l0']:.2f} "
             f"| {g['at_l0_k']['ve']:.3f} | {g['best']['ve']:.3f} ({g['best']['l0']:.2f}) "
