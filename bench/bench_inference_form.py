@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_trainer_quality import RUN, planted, split_rows  # noqa: E402
+from bench_trainer_quality import RUN, measure, planted, split_rows  # noqa: E402
 from bench_trainer_quality import parse_args as quality_args  # noqa: E402
 
 from train.published import load_sae  # noqa: E402
@@ -52,43 +52,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def variance_explained(x: torch.Tensor, recon: torch.Tensor) -> float:
-    x, recon = x.double(), recon.double()
-    return float(1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+def score(sae, held: np.ndarray, dic: np.ndarray, z: torch.Tensor) -> dict:
+    """Held-out VE and L0 of dense codes z, decoded by the SAE itself and measured as the
+    quality bench measures (its `measure`)."""
+    m = max(1, int((z != 0).sum(1).max()))
+    recon = sae.decode(*z.topk(m, dim=1, sorted=False))
+    r = measure(sae.W_dec.detach().numpy(), (z.numpy(), recon.double().numpy()), dic, held)
+    return {"ve": r["variance_explained"], "l0": r["l0"]}
 
 
-def decode(sae, codes: torch.Tensor) -> torch.Tensor:
-    """Dense codes → reconstruction in the input space (undoing any input normalization)."""
-    return (codes @ sae.W_dec + sae.b_dec) * sae.input_scale + sae.input_mean
+def gate(pre: torch.Tensor, theta: float) -> torch.Tensor:
+    """The one-threshold form: pre-activations above θ, zero elsewhere (θ ≥ 0)."""
+    return pre.clamp_min(0) * (pre > theta)
 
 
-def readouts(sae, held: torch.Tensor, k: int) -> dict:
+def readouts(sae, held: np.ndarray, dic: np.ndarray, k: int) -> dict:
     """VE and L0 of the exported form, of one global θ (swept), and of a per-row top-k."""
     with torch.no_grad():
-        pre = sae.pre_acts(held)
-
-        def ve(codes):
-            return variance_explained(held, decode(sae, codes))
-
-        codes = sae.dense(held)
-        out = {"exported": {"ve": ve(codes), "l0": float((codes != 0).sum(1).float().mean())}}
+        x = torch.from_numpy(held)
+        pre = sae.pre_acts(x)
+        out = {"exported": score(sae, held, dic, sae.dense(x))}
         positive = pre.clamp_min(0)
         at_k = float(positive.flatten().kthvalue(positive.numel() - k * len(held)).values)
         sweep = []
         for theta in sorted({round(at_k * f, 4) for f in np.linspace(0.5, 1.5, 21)} | {at_k}):
-            c = positive * (pre > theta)
-            sweep.append({"theta": theta, "ve": ve(c), "l0": float((c != 0).sum(1).float().mean())})
+            sweep.append({"theta": theta, **score(sae, held, dic, gate(pre, theta))})
         out["global_threshold"] = {
             "at_l0_k": next(s for s in sweep if s["theta"] == at_k),
             "best": max(sweep, key=lambda s: s["ve"]),
             "sweep": sweep,
         }
         vals, idx = positive.topk(k, dim=1)
-        out["per_row_topk"] = {"ve": ve(torch.zeros_like(pre).scatter_(1, idx, vals)), "l0": float(k)}
+        out["per_row_topk"] = score(sae, held, dic, torch.zeros_like(pre).scatter_(1, idx, vals))
         return out
 
 
-def finetune(sae, train_rows: np.ndarray, held: torch.Tensor, theta: float, a) -> list[dict]:
+def finetune(sae, train_rows: np.ndarray, held: np.ndarray, dic: np.ndarray, theta: float, a) -> list[dict]:
     """Train the weights further at the one-threshold form; held-out VE every 2M tokens."""
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     for p in params:
@@ -99,22 +98,16 @@ def finetune(sae, train_rows: np.ndarray, held: torch.Tensor, theta: float, a) -
     rows = torch.from_numpy(train_rows)
     trace, every = [], max(1, 2_000_000 // a.finetune_batch)
 
-    def measure(step):
+    def checkpoint(step):
         with torch.no_grad():
-            pre = sae.pre_acts(held)
-            c = pre.clamp_min(0) * (pre > theta)
-            return {
-                "tokens": step * a.finetune_batch,
-                "ve": variance_explained(held, decode(sae, c)),
-                "l0": float((c != 0).sum(1).float().mean()),
-            }
+            z = gate(sae.pre_acts(torch.from_numpy(held)), theta)
+            return {"tokens": step * a.finetune_batch, **score(sae, held, dic, z)}
 
-    trace.append(measure(0))
+    trace.append(checkpoint(0))
     for step in range(steps):
         x = rows[torch.randint(0, len(rows), (a.finetune_batch,), generator=gen)]
-        pre = sae.pre_acts(x)
-        c = pre.clamp_min(0) * (pre > theta)
-        loss = ((x - decode(sae, c)) ** 2).sum(1).mean()
+        z = gate(sae.pre_acts(x), theta)
+        loss = ((sae.normalize(x) - (z @ sae.W_dec + sae.b_dec)) ** 2).sum(1).mean()  # in the SAE's own space
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad()
@@ -123,7 +116,7 @@ def finetune(sae, train_rows: np.ndarray, held: torch.Tensor, theta: float, a) -
         opt.step()
         sae.set_decoder_norm_to_unit()
         if (step + 1) % every == 0 or step + 1 == steps:
-            trace.append(measure(step + 1))
+            trace.append(checkpoint(step + 1))
             print(json.dumps(trace[-1]), file=sys.stderr, flush=True)
     return trace
 
@@ -136,11 +129,20 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r, color in zip(report["saes"], plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for i, (r, color) in enumerate(zip(report["saes"], plt.rcParams["axes.prop_cycle"].by_key()["color"])):
         name = r["kind"]
         sweep = r["global_threshold"]["sweep"]
         ax.plot([s["l0"] for s in sweep], [s["ve"] for s in sweep], color=color, label=f"{name}: one θ, swept")
-        ax.scatter([report["k"]], [r["per_row_topk"]["ve"]], color=color, marker="s", label=f"{name}: per-row top-k")
+        ax.scatter(  # hollow and shrinking, so that squares at the same VE stay visible inside each other
+            [report["k"]],
+            [r["per_row_topk"]["ve"]],
+            s=110 - 30 * i,
+            marker="s",
+            facecolors="none",
+            edgecolors=color,
+            linewidths=1.5,
+            label=f"{name}: per-row top-k",
+        )
         if "finetune" in r:
             end = r["finetune"]["trace"][-1]
             ax.scatter([end["l0"]], [end["ve"]], color=color, marker="*", s=120, label=f"{name}: trained at one θ")
@@ -157,21 +159,21 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     q = quality_args([])  # the quality bench's planted set, as its defaults write it
-    x, _ = planted(q.tokens, q.d, q.features, q.active, q.zipf, q.noise)
-    train_rows, held_np = split_rows(x, 128, RUN["heldout_fraction"], 0, RUN["eval_tokens"])
+    x, dic = planted(q.tokens, q.d, q.features, q.active, q.zipf, q.noise)
+    train_rows, held = split_rows(x, 128, RUN["heldout_fraction"], 0, RUN["eval_tokens"])
     del x
-    held = torch.from_numpy(held_np)
     report = {"k": a.k, "saes": []}
     for path in a.sae:
         sae = load_sae(path)
         kind = sae.cfg.get("kind") or sae.cfg.get("architecture") or path.name  # the kind trained, not exported
-        r = {"sae": str(path), "kind": kind, **readouts(sae, held, a.k)}
+        r = {"sae": str(path), "kind": kind, **readouts(sae, held, dic, a.k)}
         if a.finetune_tokens:
             theta = r["global_threshold"]["at_l0_k"]["theta"]
             thresholds = getattr(sae, "threshold", None)
             if thresholds is not None and bool((thresholds == thresholds.flatten()[0]).all()):
                 theta = float(thresholds.detach().flatten()[0])  # one θ exported (BatchTopK, Matryoshka): keep it
-            r["finetune"] = {"theta": theta, "lr": a.finetune_lr, "trace": finetune(sae, train_rows, held, theta, a)}
+            trace = finetune(sae, train_rows, held, dic, theta, a)
+            r["finetune"] = {"theta": theta, "lr": a.finetune_lr, "trace": trace}
         report["saes"].append(r)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
